@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Builds the VM rig's guest kernel + initramfs from the cached Debian kernel package.
+# Prints two lines: the vmlinuz path and the initramfs path. Cached by the inputs' hash;
+# concurrent callers serialise on a lock.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE="${P2PNVMF_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/p2pnvmf-vm}"
+die() { echo "tests/vm/build-initramfs.sh: $*" >&2; exit 1; }
+
+# Modules the scenarios load; their dependencies come from modules.dep.
+MODULES=(virtio_net 9pnet_virtio 9p configfs rdma_rxe crc32_generic crc32c_generic ib_uverbs
+         rdma_ucm nvme nvme_rdma nvme_tcp nvmet nvmet_rdma nvmet_tcp brd null_blk vfio_pci
+         vfio_iommu_type1 uio_pci_generic)
+
+for tool in dpkg depmod modprobe xz cpio; do
+    command -v "$tool" >/dev/null || die "missing '$tool' (run tests/vm/deps.sh)"
+done
+[[ -x /bin/busybox ]] || die "missing /bin/busybox (package busybox-static; run tests/vm/deps.sh)"
+deb=$(ls "$CACHE"/linux-image-6.12*-unsigned_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+[[ -n $deb ]] || die "no linux-image-6.12 unsigned package in $CACHE (run tests/vm/deps.sh)"
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build.lock"
+flock 9
+
+key=$(cat "$deb.sha256" 2>/dev/null || { sha256sum "$deb" | cut -c1-64 | tee "$deb.sha256"; })
+key=$(printf '%s %s %s' "$key" "$(sha256sum "$HERE/guest/init" "$0" | cut -c1-64)" "${MODULES[*]}" \
+      | sha256sum | cut -c1-16)
+out="$CACHE/build-$key"
+if [[ ! -f $out/initramfs.cpio ]]; then
+    kx="$CACHE/kernel-$(basename "$deb" .deb)"
+    if [[ ! -f $kx/.ok ]]; then
+        rm -rf "$kx"
+        dpkg -x "$deb" "$kx"
+        depmod -b "$kx" "$(ls "$kx/lib/modules")"
+        touch "$kx/.ok"
+    fi
+    kver=$(ls "$kx/lib/modules")
+    rm -rf "$out.tmp" && mkdir -p "$out.tmp/root"
+    root="$out.tmp/root"
+    mkdir -p "$root"/{bin,sbin,proc,sys,dev,host,run,tmp,etc} "$root/lib/modules/$kver"
+    cp /bin/busybox "$root/bin/busybox"
+    for applet in $(/bin/busybox --list); do
+        [[ -e $root/bin/$applet ]] || ln -s busybox "$root/bin/$applet"
+    done
+    for m in "${MODULES[@]}"; do
+        modprobe -d "$kx" -S "$kver" --show-depends "$m" | awk '$1=="insmod"{print $2}'
+    done | sort -u | while read -r ko; do
+        rel=${ko#"$kx/lib/modules/$kver/"}
+        mkdir -p "$root/lib/modules/$kver/$(dirname "$rel")"
+        xz -dc "$ko" > "$root/lib/modules/$kver/${rel%.xz}"
+    done
+    cp "$kx/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/" 2>/dev/null || true
+    depmod -b "$root" "$kver"
+    install -m 0755 "$HERE/guest/init" "$root/init"
+    (cd "$root" && find . | cpio -o -H newc --quiet) > "$out.tmp/initramfs.cpio"
+    cp "$kx/boot/vmlinuz-$kver" "$out.tmp/vmlinuz"
+    rm -rf "$root" "$out"
+    mv "$out.tmp" "$out"
+fi
+echo "$out/vmlinuz"
+echo "$out/initramfs.cpio"

@@ -1,0 +1,79 @@
+# Helpers for guest scenarios (bash, in the chroot of the host root). Sourced by scenario.sh.
+
+GUEST_IP=10.0.2.15
+HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:5c1f0a52-6d5e-4c3b-9d7a-0b0e3f2a9c41
+HOSTID=5c1f0a52-6d5e-4c3b-9d7a-0b0e3f2a9c41
+
+# The guest's modules are bound under /tmp/rig (the host has none of its own).
+modprobe() { /sbin/modprobe -d /tmp/rig "$@"; }
+
+_t0=$(date +%s.%N)
+step() { awk -v t0="$_t0" -v now="$(date +%s.%N)" -v msg="$*" 'BEGIN { printf "step [%6.2fs] %s\n", now - t0, msg }'; }
+die() { echo "FAIL: $*" >&2; exit 1; }
+
+# Kernel nvmet through configfs: nvmet_kernel_subsys NQN DEVICE
+nvmet_kernel_subsys() {
+    local s=/sys/kernel/config/nvmet/subsystems/$1
+    mkdir "$s"
+    echo 1 > "$s/attr_allow_any_host"
+    mkdir "$s/namespaces/1"
+    echo -n "$2" > "$s/namespaces/1/device_path"
+    echo 1 > "$s/namespaces/1/enable"
+}
+
+# nvmet_kernel_port ID TRANSPORT PORT NQN
+nvmet_kernel_port() {
+    local p=/sys/kernel/config/nvmet/ports/$1
+    mkdir "$p"
+    echo "$2" > "$p/addr_trtype"
+    echo ipv4 > "$p/addr_adrfam"
+    echo "$GUEST_IP" > "$p/addr_traddr"
+    echo "$3" > "$p/addr_trsvcid"
+    ln -s "/sys/kernel/config/nvmet/subsystems/$4" "$p/subsystems/$4"
+}
+
+nvme_host_args() { echo "--hostnqn=$HOSTNQN --hostid=$HOSTID"; }
+
+# nvme_discover_expect TRANSPORT PORT NQN: the discovery log must list NQN on TRANSPORT.
+nvme_discover_expect() {
+    local out
+    out=$(nvme discover -t "$1" -a "$GUEST_IP" -s "$2" $(nvme_host_args)) || die "nvme discover -t $1 -s $2 failed"
+    echo "$out"
+    grep -q "subnqn: *$3" <<<"$out" || die "discovery log over $1 lacks $3"
+    grep -q "trtype: *$1" <<<"$out" || die "discovery log lacks trtype $1"
+}
+
+# nvme_connect_dev TRANSPORT PORT NQN [extra args]: connects and prints the new namespace block
+# device (nvmeXnY; the hidden multipath paths nvmeXcYnZ have no device node).
+nvme_connect_dev() {
+    local t=$1 port=$2 nqn=$3; shift 3
+    local before after dev i
+    before=$(ls /sys/block)
+    nvme connect -t "$t" -a "$GUEST_IP" -s "$port" -n "$nqn" $(nvme_host_args) "$@" >&2 \
+        || die "nvme connect -t $t -s $port -n $nqn failed"
+    for i in $(seq 100); do
+        after=$(ls /sys/block)
+        dev=$(comm -13 <(echo "$before" | sort) <(echo "$after" | sort) | grep -E '^nvme[0-9]+n[0-9]+$' | head -n1 || true)
+        [[ -n $dev && -b /dev/$dev ]] && { echo "/dev/$dev"; return; }
+        sleep 0.1
+    done
+    die "no block device appeared after connecting to $nqn over $t"
+}
+
+# verify_rw DEVICE MIB: writes MIB of random data with O_DIRECT, reads it back, compares.
+verify_rw() {
+    local dev=$1 mib=$2
+    [[ -b $dev ]] || die "$dev is not a block device"
+    head -c "$((mib << 20))" /dev/urandom > /tmp/pattern
+    dd if=/tmp/pattern of="$dev" bs=1M count="$mib" oflag=direct status=none || die "write to $dev failed"
+    dd if="$dev" of=/tmp/readback bs=1M count="$mib" iflag=direct status=none || die "read from $dev failed"
+    cmp /tmp/pattern /tmp/readback || die "data read back from $dev differs from what was written"
+    rm -f /tmp/pattern /tmp/readback
+}
+
+nvme_disconnect_nqn() {
+    local out
+    out=$(nvme disconnect -n "$1") || die "nvme disconnect -n $1 failed"
+    echo "$out"
+    grep -q "disconnected 1 controller" <<<"$out" || die "disconnect of $1: $out"
+}

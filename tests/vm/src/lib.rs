@@ -1,0 +1,612 @@
+//! The soft-RoCE VM rig every end-to-end test runs on.
+//!
+//! A [`Scenario`] is a PCIe [`Topology`] plus a guest shell script. [`Scenario::run`] boots
+//! Debian's 6.12 kernel under qemu (q35, TCG) with an initramfs built by
+//! `tests/vm/build-initramfs.sh`; the guest mounts the host's root read-only over virtio-9p,
+//! brings up rxe0 on eth0 and runs the script in a chroot of the host root, so nvme-cli, fio and
+//! our own `p2pnvmf` run as host binaries. The run directory (shared read-write as `/tmp/scn`
+//! in the guest) keeps the console log and anything the scenario writes.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Address of the guest's eth0 (and so of rxe0). qemu's user network runs with `restrict=on`:
+/// nothing leaves the VM.
+pub const GUEST_IP: &str = "10.0.2.15";
+
+/// Where a device plugs in: the root complex or a named port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bus {
+    Root,
+    Port(String),
+}
+
+impl Bus {
+    fn qemu_name(&self) -> &str {
+        match self {
+            Bus::Root => "pcie.0",
+            Bus::Port(p) => p,
+        }
+    }
+}
+
+impl From<&str> for Bus {
+    fn from(s: &str) -> Self {
+        if s == "pcie.0" {
+            Bus::Root
+        } else {
+            Bus::Port(s.to_string())
+        }
+    }
+}
+
+/// An emulated NVMe controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nvme {
+    pub serial: String,
+    pub size_mib: u64,
+    /// Controller Memory Buffer size; qemu puts it in BAR2 (64-bit, prefetchable).
+    pub cmb_mib: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Device {
+    RootPort { id: String, chassis: u32 },
+    SwitchUpstream { id: String, bus: Bus },
+    SwitchDownstream { id: String, bus: Bus, chassis: u32 },
+    Nvme { id: String, bus: Bus, nvme: Nvme },
+    Nic { bus: Bus },
+}
+
+/// The guest's PCIe layout, as data. Device ids name ports for later devices' `on`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Topology {
+    devices: Vec<Device>,
+    iommu: bool,
+    chassis: u32,
+}
+
+impl Topology {
+    /// An empty topology: add at least a NIC before booting.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The smallest useful topology: the virtio NIC (for rxe0 and TCP) on the root complex.
+    pub fn nic_only() -> Self {
+        Self::new().nic("pcie.0")
+    }
+
+    fn next_chassis(&mut self) -> u32 {
+        self.chassis += 1;
+        self.chassis
+    }
+
+    pub fn root_port(mut self, id: &str) -> Self {
+        let chassis = self.next_chassis();
+        self.devices.push(Device::RootPort {
+            id: id.into(),
+            chassis,
+        });
+        self
+    }
+
+    /// A PCIe switch (x3130 upstream port) on `on`, with one xio3130 downstream port per name.
+    pub fn switch(mut self, id: &str, on: &str, downstream: &[&str]) -> Self {
+        self.devices.push(Device::SwitchUpstream {
+            id: id.into(),
+            bus: on.into(),
+        });
+        for d in downstream {
+            let chassis = self.next_chassis();
+            self.devices.push(Device::SwitchDownstream {
+                id: (*d).into(),
+                bus: id.into(),
+                chassis,
+            });
+        }
+        self
+    }
+
+    pub fn nvme(mut self, id: &str, on: &str, nvme: Nvme) -> Self {
+        self.devices.push(Device::Nvme {
+            id: id.into(),
+            bus: on.into(),
+            nvme,
+        });
+        self
+    }
+
+    pub fn nic(mut self, on: &str) -> Self {
+        self.devices.push(Device::Nic { bus: on.into() });
+        self
+    }
+
+    /// A guest IOMMU (intel-iommu with interrupt remapping), for VFIO.
+    pub fn iommu(mut self) -> Self {
+        self.iommu = true;
+        self
+    }
+
+    /// The kernel command line this topology needs beyond the rig's own.
+    pub fn kernel_args(&self) -> &'static str {
+        if self.iommu { "intel_iommu=on" } else { "" }
+    }
+
+    /// The qemu device arguments; disk images are created in `run_dir`.
+    pub fn qemu_args(&self, run_dir: &Path) -> Result<Vec<String>, RigError> {
+        let mut args = Vec::new();
+        let mut push = |a: &str, b: String| {
+            args.push(a.to_string());
+            args.push(b);
+        };
+        if self.iommu {
+            push("-device", "intel-iommu,intremap=on".into());
+        }
+        let mut nics = 0;
+        for dev in &self.devices {
+            match dev {
+                Device::RootPort { id, chassis } => push(
+                    "-device",
+                    format!("pcie-root-port,id={id},bus=pcie.0,chassis={chassis},slot={chassis}"),
+                ),
+                Device::SwitchUpstream { id, bus } => push(
+                    "-device",
+                    format!("x3130-upstream,id={id},bus={}", bus.qemu_name()),
+                ),
+                Device::SwitchDownstream { id, bus, chassis } => push(
+                    "-device",
+                    format!(
+                        "xio3130-downstream,id={id},bus={},chassis={chassis},slot={chassis}",
+                        bus.qemu_name()
+                    ),
+                ),
+                Device::Nvme { id, bus, nvme } => {
+                    let img = run_dir.join(format!("{id}.img"));
+                    let f = std::fs::File::create(&img).map_err(|e| RigError::io(&img, e))?;
+                    f.set_len(nvme.size_mib << 20)
+                        .map_err(|e| RigError::io(&img, e))?;
+                    push(
+                        "-drive",
+                        format!("file={},if=none,id=drv-{id},format=raw", img.display()),
+                    );
+                    let mut d = format!(
+                        "nvme,id={id},bus={},serial={},drive=drv-{id}",
+                        bus.qemu_name(),
+                        nvme.serial
+                    );
+                    if let Some(cmb) = nvme.cmb_mib {
+                        let _ = write!(d, ",cmb_size_mb={cmb}");
+                    }
+                    push("-device", d);
+                }
+                Device::Nic { bus } => {
+                    push("-netdev", format!("user,id=net{nics},restrict=on"));
+                    push(
+                        "-device",
+                        format!("virtio-net-pci,netdev=net{nics},bus={}", bus.qemu_name()),
+                    );
+                    nics += 1;
+                }
+            }
+        }
+        if nics != 1 {
+            return Err(RigError::Topology(format!(
+                "a topology needs exactly one NIC (the guest's eth0), found {nics}"
+            )));
+        }
+        Ok(args)
+    }
+}
+
+/// A guest script to run on a topology, with a time bound.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub topology: Topology,
+    /// Path of the guest script, relative to `tests/vm/scenarios/`.
+    pub script: String,
+    /// Extra environment for the script.
+    pub env: Vec<(String, String)>,
+    /// The whole run, boot included; past it qemu is killed and the run fails.
+    pub timeout: Duration,
+    pub memory_mib: u32,
+}
+
+/// What a run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The script's exit code; `None` when the guest never reported one (timeout, panic).
+    pub exit_code: Option<i32>,
+    pub timed_out: bool,
+    pub console: String,
+    pub run_dir: PathBuf,
+    /// Seconds from kernel start to "rig: ready", as the guest measured it.
+    pub boot_secs: Option<f64>,
+    pub elapsed: Duration,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.exit_code == Some(0) && !self.timed_out
+    }
+
+    /// The last `n` lines of the guest console.
+    pub fn console_tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RigError {
+    #[error("VM rig prerequisite missing: {0}")]
+    Missing(String),
+    #[error("building the guest kernel/initramfs failed: {0}")]
+    Build(String),
+    #[error("bad topology: {0}")]
+    Topology(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl RigError {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        RigError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// The repository root (this crate lives in `tests/vm`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root exists")
+}
+
+struct Artifacts {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+/// Builds (or finds cached) the guest kernel and initramfs once per process.
+fn artifacts() -> Result<&'static Artifacts, RigError> {
+    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    let built = ARTIFACTS.get_or_init(|| {
+        let script = repo_root().join("tests/vm/build-initramfs.sh");
+        let out = Command::new(&script)
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("{}: {e}", script.display()))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut lines = stdout.lines();
+        match (lines.next(), lines.next()) {
+            (Some(k), Some(i)) => Ok(Artifacts {
+                kernel: k.into(),
+                initramfs: i.into(),
+            }),
+            _ => Err(format!(
+                "unexpected output from {}: {stdout}",
+                script.display()
+            )),
+        }
+    });
+    built.as_ref().map_err(|e| {
+        if e.contains("missing") || e.contains("no linux-image") {
+            RigError::Missing(e.clone())
+        } else {
+            RigError::Build(e.clone())
+        }
+    })
+}
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// Finds `name` in a PATH-style list, or says which package brings it.
+fn find_in_path(name: &str, path: &std::ffi::OsStr, package: &str) -> Result<PathBuf, RigError> {
+    std::env::split_paths(path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            RigError::Missing(format!(
+                "{name} not found in PATH (package {package}; run tests/vm/deps.sh)"
+            ))
+        })
+}
+
+/// Single-quotes a value for the guest's bash.
+fn shell_quote(v: &str) -> String {
+    format!("'{}'", v.replace('\'', r"'\''"))
+}
+
+impl Scenario {
+    pub fn new(name: &str, topology: Topology, script: &str) -> Self {
+        Scenario {
+            name: name.into(),
+            topology,
+            script: script.into(),
+            env: Vec::new(),
+            timeout: Duration::from_secs(180),
+            memory_mib: 2048,
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// The guest entry point: environment, the helper library, then the scenario script.
+    fn guest_entry(&self, repo: &Path) -> String {
+        let mut s = String::from("set -euo pipefail\n");
+        let _ = writeln!(
+            s,
+            "export RIG_REPO={}",
+            shell_quote(&repo.display().to_string())
+        );
+        for (k, v) in &self.env {
+            let _ = writeln!(s, "export {k}={}", shell_quote(v));
+        }
+        let _ = writeln!(s, "source \"$RIG_REPO/tests/vm/guest/lib.sh\"");
+        let _ = writeln!(s, "source \"$RIG_REPO/tests/vm/scenarios/{}\"", self.script);
+        s
+    }
+
+    /// Boots the VM, runs the scenario and returns what happened. Errors are the rig's own
+    /// (missing prerequisites, build failures); a failing scenario is an `Outcome`.
+    pub fn run(&self) -> Result<Outcome, RigError> {
+        let qemu = find_in_path(
+            QEMU,
+            &std::env::var_os("PATH").unwrap_or_default(),
+            "qemu-system-x86",
+        )?;
+        let art = artifacts()?;
+        let repo = repo_root();
+        let run_dir = repo.join("target/vm-runs").join(&self.name);
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir).map_err(|e| RigError::io(&run_dir, e))?;
+        let entry = run_dir.join("scenario.sh");
+        std::fs::write(&entry, self.guest_entry(&repo)).map_err(|e| RigError::io(&entry, e))?;
+        let console_path = run_dir.join("console.log");
+
+        let mut cmd = Command::new(qemu);
+        cmd.args(["-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2"])
+            .args(["-m", &self.memory_mib.to_string()])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", console_path.display()))
+            .arg("-kernel")
+            .arg(&art.kernel)
+            .arg("-initrd")
+            .arg(&art.initramfs)
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 loglevel=4 {}",
+                self.topology.kernel_args()
+            ))
+            .args([
+                "-virtfs",
+                "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+                "-virtfs",
+            ])
+            .arg(format!(
+                "local,path={},mount_tag=run,security_model=none",
+                run_dir.display()
+            ))
+            .args(self.topology.qemu_args(&run_dir)?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+
+        let start = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| RigError::io(Path::new(QEMU), e))?;
+        let mut timed_out = false;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if start.elapsed() > self.timeout => {
+                    timed_out = true;
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => return Err(RigError::io(Path::new(QEMU), e)),
+            }
+        }
+        let elapsed = start.elapsed();
+        let mut console = std::fs::read_to_string(&console_path).unwrap_or_default();
+        if let Some(mut err) = child.stderr.take() {
+            let mut qemu_err = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut qemu_err);
+            if !qemu_err.trim().is_empty() {
+                let _ = write!(console, "\n[qemu stderr]\n{qemu_err}");
+            }
+        }
+        let exit_code = std::fs::read_to_string(run_dir.join("rc"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
+        let boot_secs = console
+            .lines()
+            .find_map(|l| l.strip_prefix("rig: ready after "))
+            .and_then(|s| s.trim_end_matches('s').parse().ok());
+        Ok(Outcome {
+            exit_code,
+            timed_out,
+            console,
+            run_dir,
+            boot_secs,
+            elapsed,
+        })
+    }
+
+    /// Runs the scenario and panics with the console tail unless it passed: the form tests use.
+    pub fn run_ok(&self) -> Outcome {
+        let out = match self.run() {
+            Ok(out) => out,
+            Err(e) => panic!("scenario {}: {e}", self.name),
+        };
+        eprintln!(
+            "scenario {}: exit {:?}, boot {:?}s, {:.1}s in all (logs in {})",
+            self.name,
+            out.exit_code,
+            out.boot_secs,
+            out.elapsed.as_secs_f64(),
+            out.run_dir.display()
+        );
+        if !out.passed() {
+            panic!(
+                "scenario {} failed ({}); console tail:\n{}",
+                self.name,
+                if out.timed_out {
+                    format!("timed out after {:?}", self.timeout)
+                } else {
+                    format!("exit code {:?}", out.exit_code)
+                },
+                out.console_tail(60)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switch_topology_renders_ports_in_order() {
+        let dir = std::env::temp_dir().join("p2pnvmf-vmrig-unit");
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Topology::new()
+            .root_port("rp1")
+            .switch("up1", "rp1", &["dn1", "dn2"])
+            .nvme(
+                "cmb",
+                "dn1",
+                Nvme {
+                    serial: "CMB1".into(),
+                    size_mib: 1,
+                    cmb_mib: Some(64),
+                },
+            )
+            .nic("dn2")
+            .root_port("rp2")
+            .nvme(
+                "other",
+                "rp2",
+                Nvme {
+                    serial: "N2".into(),
+                    size_mib: 1,
+                    cmb_mib: None,
+                },
+            )
+            .iommu();
+        let args = t.qemu_args(&dir).unwrap();
+        let devices: Vec<&str> = args
+            .chunks(2)
+            .filter(|c| c[0] == "-device")
+            .map(|c| c[1].as_str())
+            .collect();
+        assert_eq!(devices[0], "intel-iommu,intremap=on");
+        assert_eq!(
+            devices[1],
+            "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"
+        );
+        assert_eq!(devices[2], "x3130-upstream,id=up1,bus=rp1");
+        assert_eq!(
+            devices[3],
+            "xio3130-downstream,id=dn1,bus=up1,chassis=2,slot=2"
+        );
+        assert_eq!(
+            devices[4],
+            "xio3130-downstream,id=dn2,bus=up1,chassis=3,slot=3"
+        );
+        assert!(devices[5].starts_with("nvme,id=cmb,bus=dn1,serial=CMB1,drive=drv-cmb"));
+        assert!(devices[5].ends_with(",cmb_size_mb=64"));
+        assert_eq!(devices[6], "virtio-net-pci,netdev=net0,bus=dn2");
+        assert_eq!(
+            devices[8],
+            "nvme,id=other,bus=rp2,serial=N2,drive=drv-other"
+        );
+        assert_eq!(t.kernel_args(), "intel_iommu=on");
+        assert_eq!(
+            std::fs::metadata(dir.join("cmb.img")).unwrap().len(),
+            1 << 20
+        );
+    }
+
+    #[test]
+    fn missing_qemu_is_named_with_its_package() {
+        let err = find_in_path(
+            QEMU,
+            std::ffi::OsStr::new("/nonexistent"),
+            "qemu-system-x86",
+        )
+        .unwrap_err();
+        assert!(matches!(err, RigError::Missing(_)));
+        assert!(
+            err.to_string()
+                .contains("qemu-system-x86_64 not found in PATH (package qemu-system-x86"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_kernel_package_fails_fast_with_a_message() {
+        let cache =
+            std::env::temp_dir().join(format!("p2pnvmf-empty-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&cache).unwrap();
+        let start = Instant::now();
+        let out = Command::new(repo_root().join("tests/vm/build-initramfs.sh"))
+            .env("P2PNVMF_VM_CACHE", &cache)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&cache);
+        assert!(!out.status.success());
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            start.elapsed()
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("no linux-image-6.12 unsigned package in"),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn topology_without_a_nic_is_refused() {
+        let err = Topology::new()
+            .root_port("rp1")
+            .qemu_args(Path::new("/tmp"))
+            .unwrap_err();
+        assert!(err.to_string().contains("exactly one NIC"), "{err}");
+    }
+
+    #[test]
+    fn guest_entry_quotes_environment() {
+        let s = Scenario::new("x", Topology::nic_only(), "a.sh").env("NQN", "it's");
+        let entry = s.guest_entry(Path::new("/repo"));
+        assert!(entry.contains(r"export NQN='it'\''s'"), "{entry}");
+        assert!(entry.ends_with("source \"$RIG_REPO/tests/vm/scenarios/a.sh\"\n"));
+    }
+}
