@@ -1,1 +1,110 @@
-//! config
+//! The TOML configuration: a raw serde layer that keeps spans, and a validated model whose
+//! errors name the file, line and key.
+#![forbid(unsafe_code)]
+
+mod raw;
+mod size;
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+pub use size::parse_size;
+
+/// The embedded default configuration (`deploy/default.toml`).
+pub const DEFAULT: &str = include_str!("../../deploy/default.toml");
+
+/// A configuration error with its location.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Rdma,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub transport: Transport,
+    pub address: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Sparse RAM of `size` bytes.
+    Ram { size: u64 },
+    /// A regular file (created or extended to `size` when given) or a block device.
+    File { path: PathBuf, size: Option<u64> },
+}
+
+/// Where a namespace's I/O buffers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Buffers {
+    /// Peer-to-peer memory where the NIC and backend can use it, host memory otherwise.
+    Auto,
+    Host,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub nsid: u32,
+    pub backend: Backend,
+    pub buffers: Buffers,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subsystem {
+    pub nqn: String,
+    pub serial: String,
+    pub model: String,
+    pub allow_any_host: bool,
+    pub hosts: Vec<String>,
+    /// Names of the listeners it is exposed on; `None` for all.
+    pub listeners: Option<Vec<String>>,
+    pub namespaces: Vec<Namespace>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    pub subsystems: Vec<Subsystem>,
+}
+
+impl Config {
+    /// Parses and validates `src`; `file` names it in errors.
+    pub fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+        raw::parse(src, file)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, LoadError> {
+        let src = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Config::parse(&src, &path.display().to_string())?)
+    }
+
+    /// The embedded default.
+    pub fn default_config() -> Config {
+        Config::parse(DEFAULT, "<embedded default>").expect("the embedded default is valid")
+    }
+}

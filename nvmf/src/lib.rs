@@ -1,1 +1,23 @@
-//! nvmf
+//! The transport-agnostic NVMe-oF target core: subsystems, namespaces, controllers, the
+//! discovery subsystem, and fabrics, admin and I/O command execution.
+//!
+//! Transports turn wire capsules into an [`wire::Sqe`] plus a data buffer, call
+//! [`Queue::execute`], and send back the data and the [`wire::Cqe`] from [`Queue::cqe`].
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod ctrl;
+pub mod io;
+pub mod ns;
+pub mod queue;
+mod status;
+pub mod subsystem;
+pub mod target;
+pub mod wire;
+
+pub use ctrl::Controller;
+pub use ns::{Backend, Namespace};
+pub use queue::{Direction, Exec, Queue, Response};
+pub use status::{Status, sct};
+pub use subsystem::{DISCOVERY_NQN, IoStats, Port, Subsystem, TrType, TransportParams};
+pub use target::Target;

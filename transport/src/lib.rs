@@ -1,1 +1,5 @@
-//! transport
+//! NVMe-oF transports. [`tcp`] serves NVMe/TCP; RDMA follows the same shape.
+#![forbid(unsafe_code)]
+
+pub mod crc32c;
+pub mod tcp;

@@ -77,3 +77,66 @@ nvme_disconnect_nqn() {
     echo "$out"
     grep -q "disconnected 1 controller" <<<"$out" || die "disconnect of $1: $out"
 }
+
+# --- our target -------------------------------------------------------------------------
+TARGET_LOG=/tmp/scn/target.log
+TARGET_PID=
+
+# start_target CONFIG [PORT]: runs $P2PNVMF_BIN serve in the background, waits for the port.
+start_target() {
+    local cfg=$1 port=${2:-4420} i
+    RUST_LOG=${RUST_LOG:-info} "$P2PNVMF_BIN" serve --config "$cfg" >>"$TARGET_LOG" 2>&1 &
+    TARGET_PID=$!
+    for i in $(seq 200); do
+        (exec 3<>"/dev/tcp/$GUEST_IP/$port") 2>/dev/null && return 0
+        kill -0 "$TARGET_PID" 2>/dev/null || { tail -n 20 "$TARGET_LOG" >&2; die "p2pnvmf exited at start-up"; }
+        sleep 0.05
+    done
+    die "p2pnvmf did not listen on $GUEST_IP:$port"
+}
+
+# stop_target: SIGTERM, and the target must exit 0 within 10 s.
+stop_target() {
+    local rc=0 i
+    kill -TERM "$TARGET_PID"
+    for i in $(seq 100); do kill -0 "$TARGET_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$TARGET_PID" 2>/dev/null && die "p2pnvmf still running 10 s after SIGTERM"
+    wait "$TARGET_PID" || rc=$?
+    TARGET_PID=
+    [[ $rc -eq 0 ]] || die "p2pnvmf exited with $rc after SIGTERM"
+}
+
+# On failure, show what the target logged.
+_on_exit() {
+    local rc=$?
+    if [[ $rc -ne 0 && -s $TARGET_LOG ]]; then
+        echo "--- last lines of the target log ---"
+        tail -n 40 "$TARGET_LOG"
+    fi
+    [[ -n $TARGET_PID ]] && kill -KILL "$TARGET_PID" 2>/dev/null
+    return $rc
+}
+trap _on_exit EXIT
+
+# tcp_config FILE NQN [extra subsystem lines]: a config with one TCP listener on the guest IP
+# and one 256 MiB RAM namespace.
+tcp_config() {
+    cat >"$1" <<CFG
+[[listener]]
+name = "tcp0"
+transport = "tcp"
+address = "$GUEST_IP"
+port = 4420
+
+[[subsystem]]
+nqn = "$2"
+serial = "P2PTEST1"
+model = "p2pnvmf test"
+${3:-allow_any_host = true}
+
+[[subsystem.namespace]]
+nsid = 1
+backend = "ram"
+size = "256MiB"
+CFG
+}

@@ -1,0 +1,301 @@
+//! Admin commands (NVMe Base 2.0, 5): Identify, Get Log Page, Get/Set Features, Async Event
+//! Request, Keep Alive, Abort. Discovery controllers accept the subset NVMe-oF 1.1, 5 allows.
+
+use std::sync::Arc;
+
+use crate::ctrl::{AERL, Controller, MAX_QUEUE_ENTRIES, VERSION, feat};
+use crate::queue::{Exec, Response};
+use crate::subsystem::Subsystem;
+use crate::target::Target;
+use crate::wire::{Sqe, put_str};
+use crate::{Status, io};
+
+pub mod opcode {
+    pub const GET_LOG_PAGE: u8 = 0x02;
+    pub const IDENTIFY: u8 = 0x06;
+    pub const ABORT: u8 = 0x08;
+    pub const SET_FEATURES: u8 = 0x09;
+    pub const GET_FEATURES: u8 = 0x0a;
+    pub const ASYNC_EVENT_REQUEST: u8 = 0x0c;
+    pub const KEEP_ALIVE: u8 = 0x18;
+}
+
+/// Log page identifiers (NVMe Base 2.0, Figure 202; NVMe-oF 1.1, 5.3).
+pub mod lid {
+    pub const ERROR: u8 = 0x01;
+    pub const SMART: u8 = 0x02;
+    pub const FIRMWARE_SLOT: u8 = 0x03;
+    pub const CHANGED_NS_LIST: u8 = 0x04;
+    pub const COMMAND_EFFECTS: u8 = 0x05;
+    pub const DISCOVERY: u8 = 0x70;
+}
+
+/// Firmware revision reported in Identify and the firmware slot log.
+pub const FIRMWARE_REVISION: &str = env!("CARGO_PKG_VERSION");
+
+const PAGE: usize = 4096;
+
+pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, sqe: &Sqe, data: &mut [u8]) -> Exec {
+    let r = match sqe.opcode {
+        opcode::IDENTIFY => identify(ctrl, sqe, data),
+        opcode::GET_LOG_PAGE => get_log_page(target, ctrl, sqe, data),
+        opcode::SET_FEATURES => {
+            if sqe.cdw10.get() & (1 << 31) != 0 {
+                return Status::FEATURE_NOT_SAVEABLE.dnr().into();
+            }
+            match ctrl.set_feature(sqe.cdw10.get() as u8, sqe.cdw11.get()) {
+                Ok(dw0) => Response::result(dw0.into()),
+                Err(s) => Response::status(s),
+            }
+        }
+        opcode::GET_FEATURES => get_features(ctrl, sqe, data),
+        opcode::ASYNC_EVENT_REQUEST => {
+            return match ctrl.push_aer(sqe.cid.get()) {
+                Ok(()) => Exec::Deferred,
+                Err(s) => s.into(),
+            };
+        }
+        opcode::KEEP_ALIVE => Response::ok(),
+        // Commands complete quickly and in order per queue: report "not aborted" (DW0 bit 0).
+        opcode::ABORT if !ctrl.is_discovery() => Response::result(1),
+        _ => Response::status(Status::INVALID_OPCODE.dnr()),
+    };
+    r.into()
+}
+
+fn put16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Copies a built page into the host's buffer, as much as both hold.
+fn reply(page: &[u8], data: &mut [u8]) -> Response {
+    let n = page.len().min(data.len());
+    data[..n].copy_from_slice(&page[..n]);
+    Response::data(n)
+}
+
+mod cns {
+    pub const NAMESPACE: u8 = 0x00;
+    pub const CONTROLLER: u8 = 0x01;
+    pub const ACTIVE_NS_LIST: u8 = 0x02;
+    pub const NS_DESCRIPTORS: u8 = 0x03;
+}
+
+fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
+    let cns = sqe.cdw10.get() as u8;
+    let mut page = [0u8; PAGE];
+    let subsys = match (&ctrl.subsys, cns) {
+        (_, cns::CONTROLLER) => {
+            identify_controller(ctrl, &mut page);
+            return reply(&page, data);
+        }
+        (Some(s), _) => s,
+        (None, _) => return Response::status(Status::INVALID_FIELD.dnr()),
+    };
+    let nsid = sqe.nsid.get();
+    match cns {
+        cns::NAMESPACE => {
+            if nsid == 0 || nsid == u32::MAX {
+                return Response::status(Status::INVALID_NAMESPACE.dnr());
+            }
+            // An inactive NSID reads as zeroes (NVMe Base 2.0, 5.17.2.1).
+            if let Some(ns) = subsys.ns(nsid) {
+                let blocks = ns.blocks();
+                put64(&mut page, 0, blocks); // NSZE
+                put64(&mut page, 8, blocks); // NCAP
+                put64(&mut page, 16, blocks); // NUSE
+                page[24] = 1 << 2; // NSFEAT: DAE (deallocated or unwritten error) supported
+                page[33] = 1 | 1 << 3; // DLFEAT: deallocated blocks read as zeroes; WZ dealloc
+                page[104..120].copy_from_slice(&ns.nguid);
+                put32(&mut page, 128, (ns.lba_shift) << 16); // LBAF0: LBADS
+            }
+            reply(&page, data)
+        }
+        cns::ACTIVE_NS_LIST => {
+            for (i, ns) in subsys
+                .namespaces
+                .iter()
+                .filter(|n| n.nsid > nsid)
+                .take(1024)
+                .enumerate()
+            {
+                put32(&mut page, i * 4, ns.nsid);
+            }
+            reply(&page, data)
+        }
+        cns::NS_DESCRIPTORS => {
+            let Some(ns) = subsys.ns(nsid) else {
+                return Response::status(Status::INVALID_NAMESPACE.dnr());
+            };
+            // NIDT 2 = NGUID, 3 = UUID, 4 = CSI (NVMe Base 2.0, Figure 277).
+            page[..4].copy_from_slice(&[2, 16, 0, 0]);
+            page[4..20].copy_from_slice(&ns.nguid);
+            page[20..24].copy_from_slice(&[3, 16, 0, 0]);
+            page[24..40].copy_from_slice(&ns.uuid);
+            page[40..44].copy_from_slice(&[4, 1, 0, 0]);
+            page[44] = 0; // NVM command set
+            reply(&page, data)
+        }
+        _ => Response::status(Status::INVALID_FIELD.dnr()),
+    }
+}
+
+/// Identify Controller (NVMe Base 2.0, Figure 275; fabrics fields NVMe-oF 1.1, Figure 28).
+fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
+    let (serial, model) = match &ctrl.subsys {
+        Some(s) => (s.serial.as_str(), s.model.as_str()),
+        None => ("", "p2pnvmf discovery"),
+    };
+    put_str(&mut page[4..24], serial, b' ');
+    put_str(&mut page[24..64], model, b' ');
+    put_str(&mut page[64..72], FIRMWARE_REVISION, b' ');
+    page[72] = 6; // RAB
+    page[76] = 1 << 1; // CMIC: may be accessed by several controllers
+    let params = ctrl.port.params;
+    // MDTS in units of the 4 KiB minimum page size, as a power of two.
+    page[77] = (params.max_xfer / 4096).max(1).ilog2() as u8;
+    put16(page, 78, ctrl.cntlid);
+    put32(page, 80, VERSION);
+    put32(page, 92, if ctrl.is_discovery() { 1 << 31 } else { 1 << 8 }); // OAES
+    page[111] = if ctrl.is_discovery() { 2 } else { 1 }; // CNTRLTYPE
+    page[258] = AERL;
+    page[260] = 1 << 1 | 1; // FRMW: one slot, slot 1 read-only
+    page[261] = 1 << 1 | 1 << 2; // LPA: command effects log, extended data for Get Log Page
+    page[263] = 0; // NPSS
+    put16(page, 320, 10); // KAS: keep-alive granularity 10 × 100 ms
+    page[512] = 6 << 4 | 6; // SQES
+    page[513] = 4 << 4 | 4; // CQES
+    put16(page, 514, MAX_QUEUE_ENTRIES); // MAXCMD
+    if let Some(s) = &ctrl.subsys {
+        put32(page, 516, s.namespaces.last().map_or(0, |n| n.nsid)); // NN
+        // ONCS: Compare, Dataset Management, Write Zeroes.
+        put16(page, 520, 1 | 1 << 2 | 1 << 3);
+        page[525] = s
+            .namespaces
+            .iter()
+            .any(|n| n.backend.volatile_write_cache())
+            .into(); // VWC
+        put32(page, 540, s.namespaces.len() as u32); // MNAN
+    }
+    // SGLS: supported; keyed data blocks (bit 2) on RDMA; offsets in SGL data blocks (bit 20).
+    let keyed = if params.keyed_sgls { 1 << 2 } else { 0 };
+    put32(page, 536, 1 | keyed | 1 << 20);
+    put_str(&mut page[768..1024], ctrl.subnqn(), 0);
+    put32(page, 1792, params.ioccsz); // IOCCSZ
+    put32(page, 1796, 1); // IORCSZ: 16-byte response capsules
+    put16(page, 1800, 0); // ICDOFF
+    page[1802] = 0; // FCATT: dynamic controller model
+    page[1803] = params.msdbd;
+}
+
+fn get_log_page(target: &Target, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
+    let lid = sqe.cdw10.get() as u8;
+    let numd = (sqe.cdw10.get() >> 16) | (sqe.cdw11.get() & 0xffff) << 16;
+    let len = (u64::from(numd) + 1) * 4;
+    let offset = u64::from(sqe.cdw12.get()) | u64::from(sqe.cdw13.get()) << 32;
+    if len > data.len() as u64 {
+        return Response::status(Status::DATA_SGL_LENGTH_INVALID.dnr());
+    }
+    let mut page = [0u8; PAGE];
+    let built: &[u8] = match (lid, &ctrl.subsys) {
+        (lid::DISCOVERY, None) => {
+            let log = target.discovery_log(&ctrl.hostnqn);
+            return copy_log(&log, offset, len, data);
+        }
+        (lid::ERROR, _) => &page[..64], // ELPE 0: one entry, error count 0 = empty
+        (lid::SMART, Some(s)) => {
+            smart_log(s, &mut page);
+            &page[..512]
+        }
+        (lid::FIRMWARE_SLOT, Some(_)) => {
+            page[0] = 1; // AFI: slot 1 active
+            put_str(&mut page[8..16], FIRMWARE_REVISION, b' ');
+            &page[..512]
+        }
+        (lid::CHANGED_NS_LIST, Some(_)) => &page[..],
+        (lid::COMMAND_EFFECTS, Some(_)) => {
+            command_effects(&mut page);
+            &page[..]
+        }
+        _ => return Response::status(Status::INVALID_LOG_PAGE.dnr()),
+    };
+    copy_log(built, offset, len, data)
+}
+
+fn copy_log(log: &[u8], offset: u64, len: u64, data: &mut [u8]) -> Response {
+    if !offset.is_multiple_of(4) || offset > log.len() as u64 {
+        return Response::status(Status::INVALID_FIELD.dnr());
+    }
+    let tail = &log[offset as usize..];
+    let n = tail.len().min(len as usize);
+    data[..n].copy_from_slice(&tail[..n]);
+    // Past the end of the page the host reads zeroes.
+    data[n..len as usize].fill(0);
+    Response::data(len as usize)
+}
+
+/// SMART / Health Information (NVMe Base 2.0, Figure 207) with the subsystem's I/O counters.
+fn smart_log(s: &Subsystem, page: &mut [u8; PAGE]) {
+    put16(page, 1, 293); // composite temperature, kelvin
+    page[3] = 100; // available spare
+    page[4] = 10; // available spare threshold
+    let st = &s.stats;
+    let (rd, wr) = (st.bytes_read(), st.bytes_written());
+    // Data units are thousands of 512-byte units, rounded up.
+    page[32..48].copy_from_slice(&u128::from(rd.div_ceil(512_000)).to_le_bytes());
+    page[48..64].copy_from_slice(&u128::from(wr.div_ceil(512_000)).to_le_bytes());
+    page[64..80].copy_from_slice(&u128::from(st.reads()).to_le_bytes());
+    page[80..96].copy_from_slice(&u128::from(st.writes()).to_le_bytes());
+}
+
+/// Commands Supported and Effects (NVMe Base 2.0, Figure 210): CSUPP, and LBCC for writes.
+fn command_effects(page: &mut [u8; PAGE]) {
+    const CSUPP: u32 = 1;
+    const LBCC: u32 = 1 << 1;
+    for op in [
+        opcode::GET_LOG_PAGE,
+        opcode::IDENTIFY,
+        opcode::ABORT,
+        opcode::SET_FEATURES,
+        opcode::GET_FEATURES,
+        opcode::ASYNC_EVENT_REQUEST,
+        opcode::KEEP_ALIVE,
+    ] {
+        put32(page, usize::from(op) * 4, CSUPP);
+    }
+    for op in io::opcode::ALL {
+        let lbcc = if io::opcode::changes_content(op) {
+            LBCC
+        } else {
+            0
+        };
+        put32(page, 1024 + usize::from(op) * 4, CSUPP | lbcc);
+    }
+}
+
+fn get_features(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
+    let fid = sqe.cdw10.get() as u8;
+    let sel = (sqe.cdw10.get() >> 8) & 7;
+    if sel == 3 {
+        // Supported capabilities: nothing saveable, nothing namespace-specific.
+        return Response::result(0);
+    }
+    if fid == feat::HOST_IDENTIFIER {
+        // Fabrics use the 128-bit host identifier only (EXHID must be set).
+        if sqe.cdw11.get() & 1 == 0 || data.len() < 16 {
+            return Response::status(Status::INVALID_FIELD.dnr());
+        }
+        data[..16].copy_from_slice(&ctrl.hostid);
+        return Response::data(16);
+    }
+    match ctrl.get_feature(fid) {
+        Ok(v) => Response::result(v.into()),
+        Err(s) => Response::status(s),
+    }
+}

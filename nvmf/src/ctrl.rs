@@ -1,0 +1,288 @@
+//! Controllers: registers (via Fabrics Property Get/Set), features, async event requests,
+//! keep-alive, and teardown.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::Status;
+use crate::subsystem::{Port, Subsystem};
+
+/// Largest queue size we accept (CAP.MQES + 1).
+pub const MAX_QUEUE_ENTRIES: u16 = 128;
+/// Largest number of I/O queues a controller may have.
+pub const MAX_IO_QUEUES: u16 = 64;
+/// Async Event Request Limit, 0-based (AERL): four outstanding requests.
+pub const AERL: u8 = 3;
+
+/// Controller register offsets (NVMe Base 2.0, Figure 33; NVMe-oF 1.1, Figure 7).
+pub mod reg {
+    pub const CAP: u32 = 0x00;
+    pub const VS: u32 = 0x08;
+    pub const CC: u32 = 0x14;
+    pub const CSTS: u32 = 0x1c;
+}
+
+/// NVMe 1.3.0, as the features we implement match it.
+pub const VERSION: u32 = 0x0001_0300;
+
+const CC_EN: u32 = 1;
+const CC_SHN_MASK: u32 = 0x3 << 14;
+const CSTS_RDY: u32 = 1;
+const CSTS_CFS: u32 = 1 << 1;
+const CSTS_SHST_COMPLETE: u32 = 0x2 << 2;
+
+#[derive(Debug, Default)]
+struct State {
+    cc: u32,
+    csts: u32,
+    kato_ms: u32,
+    /// Number of I/O queues granted (Set Features 07h), 0-based as reported; None until set.
+    queues: Option<u16>,
+    async_event_config: u32,
+    write_cache: bool,
+    /// CIDs of outstanding Async Event Requests.
+    aers: Vec<u16>,
+    io_qids: BTreeSet<u16>,
+}
+
+/// One host's association with a subsystem (or with the discovery subsystem).
+#[derive(Debug)]
+pub struct Controller {
+    pub cntlid: u16,
+    /// `None` for a discovery controller.
+    pub subsys: Option<Arc<Subsystem>>,
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    pub port: Port,
+    state: Mutex<State>,
+    born: Instant,
+    last_seen_ms: AtomicU64,
+    dead: watch::Sender<Option<&'static str>>,
+}
+
+impl Controller {
+    pub(crate) fn new(
+        cntlid: u16,
+        subsys: Option<Arc<Subsystem>>,
+        hostnqn: String,
+        hostid: [u8; 16],
+        port: Port,
+        kato_ms: u32,
+    ) -> Self {
+        let write_cache = subsys.as_ref().is_some_and(|s| {
+            s.namespaces
+                .iter()
+                .any(|n| n.backend.volatile_write_cache())
+        });
+        Controller {
+            cntlid,
+            subsys,
+            hostnqn,
+            hostid,
+            port,
+            state: Mutex::new(State {
+                kato_ms,
+                write_cache,
+                ..State::default()
+            }),
+            born: Instant::now(),
+            last_seen_ms: AtomicU64::new(0),
+            dead: watch::channel(None).0,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_discovery(&self) -> bool {
+        self.subsys.is_none()
+    }
+
+    pub fn subnqn(&self) -> &str {
+        self.subsys
+            .as_ref()
+            .map_or(crate::DISCOVERY_NQN, |s| &s.nqn)
+    }
+
+    /// Records host activity for the keep-alive timer (any command counts, as with TBKAS).
+    pub fn touch(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.last_seen_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn kato(&self) -> Duration {
+        Duration::from_millis(self.state().kato_ms.into())
+    }
+
+    /// Tears the controller down: every queue watching [`Controller::watch_dead`] closes.
+    pub fn kill(&self, reason: &'static str) {
+        self.dead.send_if_modified(|r| {
+            if r.is_none() {
+                *r = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn dead_reason(&self) -> Option<&'static str> {
+        *self.dead.borrow()
+    }
+
+    pub fn watch_dead(&self) -> watch::Receiver<Option<&'static str>> {
+        self.dead.subscribe()
+    }
+
+    /// Waits until the keep-alive timer expires (returns) or the controller dies (returns too).
+    pub(crate) async fn keep_alive_expired(&self) {
+        let mut dead = self.watch_dead();
+        loop {
+            let kato = self.kato();
+            if kato.is_zero() {
+                // Keep-alive disabled (or changed later by Set Features): poll for changes.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = dead.changed() => return,
+                }
+            }
+            let last = Duration::from_millis(self.last_seen_ms.load(Ordering::Relaxed));
+            let idle = self.born.elapsed().saturating_sub(last);
+            if idle >= kato {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(kato - idle) => {}
+                _ = dead.changed() => return,
+            }
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.state().csts & CSTS_RDY != 0
+    }
+
+    /// CAP (NVMe Base 2.0, Figure 36): MQES, CQR, TO = 7.5 s, CSS = NVM, MPSMIN = MPSMAX = 4 KiB.
+    pub fn cap(&self) -> u64 {
+        u64::from(MAX_QUEUE_ENTRIES - 1) | 1 << 16 | 15 << 24 | 1 << 37
+    }
+
+    /// Fabrics Property Get.
+    pub fn property_get(&self, offset: u32, eight: bool) -> Result<u64, Status> {
+        let st = self.state();
+        match (offset, eight) {
+            (reg::CAP, true) => Ok(self.cap()),
+            (reg::VS, false) => Ok(VERSION.into()),
+            (reg::CC, false) => Ok(st.cc.into()),
+            (reg::CSTS, false) => Ok(st.csts.into()),
+            _ => Err(Status::INVALID_FIELD.dnr()),
+        }
+    }
+
+    /// Fabrics Property Set: only CC is writable.
+    pub fn property_set(&self, offset: u32, eight: bool, value: u64) -> Result<(), Status> {
+        if (offset, eight) != (reg::CC, false) {
+            return Err(Status::INVALID_FIELD.dnr());
+        }
+        let cc = value as u32;
+        let mut st = self.state();
+        let was = st.cc;
+        st.cc = cc;
+        if cc & CC_EN != 0 && was & CC_EN == 0 {
+            // I/O controllers need 64-byte SQEs and 16-byte CQEs (IOSQES 6, IOCQES 4).
+            let (sqes, cqes) = ((cc >> 16) & 0xf, (cc >> 20) & 0xf);
+            if !self.is_discovery() && (sqes != 6 || cqes != 4) {
+                st.csts = CSTS_CFS;
+            } else {
+                st.csts = CSTS_RDY;
+            }
+        } else if cc & CC_EN == 0 && was & CC_EN != 0 {
+            st.csts &= !CSTS_RDY;
+        }
+        if cc & CC_SHN_MASK != 0 {
+            st.csts |= CSTS_SHST_COMPLETE;
+        }
+        Ok(())
+    }
+
+    /// Records a newly connected I/O queue; refuses a qid already in use or out of range.
+    pub(crate) fn add_io_queue(&self, qid: u16) -> bool {
+        let mut st = self.state();
+        let max = st.queues.map_or(MAX_IO_QUEUES, |q| q + 1);
+        qid <= max && st.io_qids.insert(qid)
+    }
+
+    pub(crate) fn remove_io_queue(&self, qid: u16) {
+        self.state().io_qids.remove(&qid);
+    }
+
+    /// Set Features (NVMe Base 2.0, 5.27.1). Returns the completion's DW0.
+    pub fn set_feature(&self, fid: u8, cdw11: u32) -> Result<u32, Status> {
+        let mut st = self.state();
+        match fid {
+            feat::NUMBER_OF_QUEUES if !self.is_discovery() => {
+                let (nsq, ncq) = (cdw11 as u16, (cdw11 >> 16) as u16);
+                if nsq == u16::MAX || ncq == u16::MAX {
+                    return Err(Status::INVALID_FIELD.dnr());
+                }
+                let granted = nsq.min(ncq).min(MAX_IO_QUEUES - 1);
+                st.queues = Some(granted);
+                Ok(u32::from(granted) | u32::from(granted) << 16)
+            }
+            feat::KEEP_ALIVE_TIMER => {
+                st.kato_ms = cdw11;
+                Ok(0)
+            }
+            feat::ASYNC_EVENT_CONFIG => {
+                st.async_event_config = cdw11;
+                Ok(0)
+            }
+            feat::VOLATILE_WRITE_CACHE if !self.is_discovery() => {
+                st.write_cache = cdw11 & 1 != 0;
+                Ok(0)
+            }
+            // Fabrics set the host identifier at Connect (NVMe-oF 1.1, 3.3).
+            feat::HOST_IDENTIFIER => Err(Status::COMMAND_SEQUENCE_ERROR.dnr()),
+            _ => Err(Status::INVALID_FIELD.dnr()),
+        }
+    }
+
+    /// Get Features (current values). Host Identifier is returned as data by the caller.
+    pub fn get_feature(&self, fid: u8) -> Result<u32, Status> {
+        let st = self.state();
+        match fid {
+            feat::NUMBER_OF_QUEUES if !self.is_discovery() => {
+                let q = u32::from(st.queues.unwrap_or(MAX_IO_QUEUES - 1));
+                Ok(q | q << 16)
+            }
+            feat::KEEP_ALIVE_TIMER => Ok(st.kato_ms),
+            feat::ASYNC_EVENT_CONFIG => Ok(st.async_event_config),
+            feat::VOLATILE_WRITE_CACHE if !self.is_discovery() => Ok(st.write_cache.into()),
+            _ => Err(Status::INVALID_FIELD.dnr()),
+        }
+    }
+
+    /// Holds an Async Event Request; refused past the limit (AERL + 1 outstanding).
+    pub fn push_aer(&self, cid: u16) -> Result<(), Status> {
+        let mut st = self.state();
+        if st.aers.len() > usize::from(AERL) {
+            return Err(Status::ASYNC_EVENT_LIMIT_EXCEEDED.dnr());
+        }
+        st.aers.push(cid);
+        Ok(())
+    }
+}
+
+/// Feature identifiers (NVMe Base 2.0, Figure 319).
+pub mod feat {
+    pub const VOLATILE_WRITE_CACHE: u8 = 0x06;
+    pub const NUMBER_OF_QUEUES: u8 = 0x07;
+    pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
+    pub const KEEP_ALIVE_TIMER: u8 = 0x0f;
+    pub const HOST_IDENTIFIER: u8 = 0x81;
+}

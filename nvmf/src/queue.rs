@@ -1,0 +1,272 @@
+//! One NVMe-oF queue as the core sees it: the first command must be Connect; afterwards
+//! commands are parsed by queue type (admin or I/O) and executed. Transports own the bytes on
+//! the wire; this owns what they mean.
+
+use std::sync::Arc;
+
+use tracing::{debug, warn};
+
+use crate::ctrl::{Controller, MAX_QUEUE_ENTRIES};
+use crate::subsystem::Port;
+use crate::target::{ConnectError, Target, parse_connect_data};
+use crate::wire::{Cqe, Sqe};
+use crate::{Status, admin, io};
+
+/// Fabrics command opcode and command types (NVMe-oF 1.1, Figure 9).
+pub const FABRICS_OPCODE: u8 = 0x7f;
+pub mod fctype {
+    pub const PROPERTY_SET: u8 = 0x00;
+    pub const CONNECT: u8 = 0x01;
+    pub const PROPERTY_GET: u8 = 0x04;
+}
+
+/// Which way a command's data moves, from the opcode's (or fctype's) low two bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    None,
+    HostToController,
+    ControllerToHost,
+    Bidirectional,
+}
+
+impl Direction {
+    pub fn of(sqe: &Sqe) -> Self {
+        let bits = if sqe.opcode == FABRICS_OPCODE {
+            sqe.fctype()
+        } else {
+            sqe.opcode
+        };
+        match bits & 3 {
+            0 => Direction::None,
+            1 => Direction::HostToController,
+            2 => Direction::ControllerToHost,
+            _ => Direction::Bidirectional,
+        }
+    }
+}
+
+/// A finished command: status, DW0/DW1, and how many bytes of the buffer go back to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Response {
+    pub status: Status,
+    pub result: u64,
+    pub data_len: u32,
+}
+
+impl Response {
+    pub fn status(status: Status) -> Self {
+        Response {
+            status,
+            ..Default::default()
+        }
+    }
+
+    pub fn ok() -> Self {
+        Response::default()
+    }
+
+    pub fn data(len: usize) -> Self {
+        Response {
+            data_len: len as u32,
+            ..Default::default()
+        }
+    }
+
+    pub fn result(result: u64) -> Self {
+        Response {
+            result,
+            ..Default::default()
+        }
+    }
+}
+
+/// What executing a command produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exec {
+    Done(Response),
+    /// Completed later (an Async Event Request); the transport keeps the command slot free.
+    Deferred,
+}
+
+impl From<Response> for Exec {
+    fn from(r: Response) -> Self {
+        Exec::Done(r)
+    }
+}
+
+impl From<Status> for Exec {
+    fn from(s: Status) -> Self {
+        Exec::Done(Response::status(s))
+    }
+}
+
+/// A queue's command context.
+#[derive(Debug)]
+pub struct Queue {
+    target: Arc<Target>,
+    port: Port,
+    qid: u16,
+    /// Entries in the submission queue (SQSIZE + 1).
+    entries: u16,
+    sqhd: u16,
+    ctrl: Option<Arc<Controller>>,
+    sq_flow_disabled: bool,
+}
+
+impl Queue {
+    pub fn new(target: Arc<Target>, port: Port) -> Self {
+        Queue {
+            target,
+            port,
+            qid: 0,
+            entries: 1,
+            sqhd: 0,
+            ctrl: None,
+            sq_flow_disabled: false,
+        }
+    }
+
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    pub fn controller(&self) -> Option<&Arc<Controller>> {
+        self.ctrl.as_ref()
+    }
+
+    /// Entries in the queue once connected (the host's SQSIZE + 1).
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+
+    /// Whether the host disabled SQ flow control at Connect (SQHD then need not be reported).
+    pub fn sq_flow_disabled(&self) -> bool {
+        self.sq_flow_disabled
+    }
+
+    /// Executes one command. `data` holds the host's data for host-to-controller commands and
+    /// receives the data for controller-to-host ones; its length is the SGL's.
+    pub fn execute(&mut self, sqe: &Sqe, data: &mut [u8]) -> Exec {
+        if let Some(c) = &self.ctrl {
+            c.touch();
+        }
+        if sqe.psdt() == 0 && Direction::of(sqe) != Direction::None {
+            // Fabrics carry data by SGL only (NVMe-oF 1.1, 2.2).
+            return Status::INVALID_FIELD.dnr().into();
+        }
+        if sqe.opcode == FABRICS_OPCODE {
+            return self.fabrics(sqe, data).into();
+        }
+        let Some(ctrl) = self.ctrl.clone() else {
+            debug!(opcode = sqe.opcode, "command before Connect");
+            return Status::COMMAND_SEQUENCE_ERROR.dnr().into();
+        };
+        if !ctrl.enabled() {
+            return Status::COMMAND_SEQUENCE_ERROR.dnr().into();
+        }
+        if self.qid == 0 {
+            admin::execute(&self.target, &ctrl, sqe, data)
+        } else {
+            io::execute(&ctrl, sqe, data).into()
+        }
+    }
+
+    fn fabrics(&mut self, sqe: &Sqe, data: &mut [u8]) -> Response {
+        match (sqe.fctype(), &self.ctrl) {
+            (fctype::CONNECT, None) => self.connect(sqe, data),
+            (fctype::CONNECT, Some(_)) => Response::status(Status::COMMAND_SEQUENCE_ERROR.dnr()),
+            (fctype::PROPERTY_GET | fctype::PROPERTY_SET, Some(_)) if self.qid != 0 => {
+                Response::status(Status::INVALID_OPCODE.dnr())
+            }
+            (fctype::PROPERTY_GET, Some(c)) => {
+                // ATTRIB bits 2:0: 0 = 4 bytes, 1 = 8 bytes (NVMe-oF 1.1, Figure 26).
+                let eight = sqe.cdw10.get() & 7 == 1;
+                match c.property_get(sqe.cdw11.get(), eight) {
+                    Ok(v) => Response::result(v),
+                    Err(s) => Response::status(s),
+                }
+            }
+            (fctype::PROPERTY_SET, Some(c)) => {
+                let eight = sqe.cdw10.get() & 7 == 1;
+                let value = u64::from(sqe.cdw12.get()) | u64::from(sqe.cdw13.get()) << 32;
+                match c.property_set(sqe.cdw11.get(), eight, value) {
+                    Ok(()) => Response::ok(),
+                    Err(s) => Response::status(s),
+                }
+            }
+            (fctype::PROPERTY_GET | fctype::PROPERTY_SET, None) => {
+                Response::status(Status::COMMAND_SEQUENCE_ERROR.dnr())
+            }
+            _ => Response::status(Status::INVALID_OPCODE.dnr()),
+        }
+    }
+
+    /// Connect (NVMe-oF 1.1, 3.3): RECFMT, QID, SQSIZE, CATTR, KATO in the SQE; NQNs in data.
+    fn connect(&mut self, sqe: &Sqe, data: &[u8]) -> Response {
+        let refuse = |e: ConnectError| Response {
+            status: e.status,
+            result: e.result.into(),
+            data_len: 0,
+        };
+        let recfmt = sqe.cdw10.get() as u16;
+        let qid = (sqe.cdw10.get() >> 16) as u16;
+        let sqsize = sqe.cdw11.get() as u16;
+        let cattr = (sqe.cdw11.get() >> 16) as u8;
+        let kato = sqe.cdw12.get();
+        if recfmt != 0 {
+            return Response::status(Status::CONNECT_INCOMPATIBLE_FORMAT.dnr());
+        }
+        if sqsize == 0 || sqsize >= MAX_QUEUE_ENTRIES {
+            return refuse(ConnectError::sqe_param(44));
+        }
+        let cd = match parse_connect_data(data) {
+            Ok(cd) => cd,
+            Err(s) => return Response::status(s),
+        };
+        let ctrl = if qid == 0 {
+            self.target.connect_admin(&self.port, &cd, kato)
+        } else {
+            self.target.connect_io(&self.port, &cd, qid)
+        };
+        match ctrl {
+            Ok(c) => {
+                debug!(cntlid = c.cntlid, qid, sqsize, "queue connected");
+                self.qid = qid;
+                self.entries = sqsize + 1;
+                self.sq_flow_disabled = cattr & (1 << 2) != 0;
+                let cntlid = c.cntlid;
+                self.ctrl = Some(c);
+                Response::result(cntlid.into())
+            }
+            Err(e) => {
+                warn!(qid, status = %e.status, port = self.port.id, "connect refused");
+                refuse(e)
+            }
+        }
+    }
+
+    /// Builds the CQE for a finished command and advances the SQ head.
+    pub fn cqe(&mut self, cid: u16, r: &Response) -> Cqe {
+        self.sqhd = (self.sqhd + 1) % self.entries;
+        Cqe {
+            result: r.result.into(),
+            sqhd: self.sqhd.into(),
+            sqid: self.qid.into(),
+            cid: cid.into(),
+            status: r.status.to_cqe_field().into(),
+        }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        if let Some(c) = self.ctrl.take() {
+            if self.qid == 0 {
+                // Losing the admin queue ends the association (as in Linux nvmet).
+                self.target.remove_controller(c.cntlid);
+            } else {
+                c.remove_io_queue(self.qid);
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! The target: subsystems, ports, the controller registry and the discovery log.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tracing::{info, warn};
+use zerocopy::IntoBytes;
+
+use crate::Status;
+use crate::ctrl::Controller;
+use crate::subsystem::{DISCOVERY_NQN, Port, Subsystem, TrType};
+use crate::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, get_str, put_str};
+
+/// A Connect refusal: the status and, for Connect Invalid Parameters, the IATTR/IPO in DW0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectError {
+    pub status: Status,
+    pub result: u32,
+}
+
+impl ConnectError {
+    fn new(status: Status) -> Self {
+        ConnectError {
+            status: status.dnr(),
+            result: 0,
+        }
+    }
+
+    /// Invalid parameter at byte `offset` of the Connect data (IATTR = 1, NVMe-oF 1.1 Fig. 21).
+    fn data_param(offset: usize) -> Self {
+        ConnectError {
+            status: Status::CONNECT_INVALID_PARAMETERS.dnr(),
+            result: 1 << 16 | offset as u32,
+        }
+    }
+
+    /// Invalid parameter at byte `offset` of the Connect SQE (IATTR = 0).
+    pub fn sqe_param(offset: usize) -> Self {
+        ConnectError {
+            status: Status::CONNECT_INVALID_PARAMETERS.dnr(),
+            result: offset as u32,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    ctrls: HashMap<u16, Arc<Controller>>,
+    next: u16,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub subsystems: Vec<Arc<Subsystem>>,
+    pub ports: Vec<Port>,
+    registry: Mutex<Registry>,
+    genctr: AtomicU64,
+}
+
+/// Dynamic controller IDs range over 1..=0xffef (NVMe Base 2.0, Figure 275, CNTLID).
+const MAX_CNTLID: u16 = 0xffef;
+
+impl Target {
+    pub fn new(subsystems: Vec<Subsystem>, ports: Vec<Port>) -> Arc<Self> {
+        Arc::new(Target {
+            subsystems: subsystems.into_iter().map(Arc::new).collect(),
+            ports,
+            registry: Mutex::new(Registry {
+                next: 1,
+                ..Registry::default()
+            }),
+            genctr: AtomicU64::new(1),
+        })
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn port(&self, id: u16) -> Option<&Port> {
+        self.ports.iter().find(|p| p.id == id)
+    }
+
+    pub fn controller(&self, cntlid: u16) -> Option<Arc<Controller>> {
+        self.registry().ctrls.get(&cntlid).cloned()
+    }
+
+    pub fn controller_count(&self) -> usize {
+        self.registry().ctrls.len()
+    }
+
+    /// Admin queue Connect: checks the NQNs and the host allow-list, creates a controller
+    /// and starts its keep-alive timer.
+    pub fn connect_admin(
+        self: &Arc<Self>,
+        port: &Port,
+        data: &ConnectData,
+        kato_ms: u32,
+    ) -> Result<Arc<Controller>, ConnectError> {
+        let (subnqn, hostnqn) = self.connect_nqns(data)?;
+        if data.cntlid.get() != 0xffff {
+            // Only the dynamic controller model is offered.
+            return Err(ConnectError::data_param(std::mem::offset_of!(
+                ConnectData,
+                cntlid
+            )));
+        }
+        let subsys = if subnqn == DISCOVERY_NQN {
+            None
+        } else {
+            let s = self.subsystem_for(subnqn, port)?;
+            if !s.host_allowed(hostnqn) {
+                warn!(subnqn, hostnqn, "host not in the subsystem's allow-list");
+                return Err(ConnectError::new(Status::CONNECT_INVALID_HOST));
+            }
+            Some(s)
+        };
+        let mut reg = self.registry();
+        let cntlid = (0..MAX_CNTLID)
+            .map(|i| (reg.next - 1 + i) % MAX_CNTLID + 1)
+            .find(|id| !reg.ctrls.contains_key(id))
+            .ok_or(ConnectError::new(Status::CONNECT_CONTROLLER_BUSY))?;
+        reg.next = cntlid % MAX_CNTLID + 1;
+        let ctrl = Arc::new(Controller::new(
+            cntlid,
+            subsys,
+            hostnqn.to_string(),
+            data.hostid,
+            port.clone(),
+            kato_ms,
+        ));
+        reg.ctrls.insert(cntlid, ctrl.clone());
+        drop(reg);
+        ctrl.touch();
+        info!(
+            cntlid,
+            subnqn,
+            hostnqn,
+            port = port.id,
+            kato_ms,
+            "controller created"
+        );
+        let (target, c) = (Arc::clone(self), ctrl.clone());
+        tokio::spawn(async move {
+            c.keep_alive_expired().await;
+            if c.dead_reason().is_none() {
+                warn!(cntlid = c.cntlid, subnqn = c.subnqn(), hostnqn = %c.hostnqn,
+                      kato_ms = c.kato().as_millis() as u64, "keep-alive timeout: tearing the controller down");
+                c.kill("keep-alive timeout");
+            }
+            target.remove_controller(c.cntlid);
+        });
+        Ok(ctrl)
+    }
+
+    /// I/O queue Connect: the controller must exist, be enabled and belong to this host.
+    pub fn connect_io(
+        &self,
+        port: &Port,
+        data: &ConnectData,
+        qid: u16,
+    ) -> Result<Arc<Controller>, ConnectError> {
+        let (subnqn, hostnqn) = self.connect_nqns(data)?;
+        let cntlid_off = std::mem::offset_of!(ConnectData, cntlid);
+        let ctrl = self
+            .controller(data.cntlid.get())
+            .ok_or(ConnectError::data_param(cntlid_off))?;
+        if ctrl.subnqn() != subnqn || ctrl.hostnqn != hostnqn || ctrl.port.id != port.id {
+            return Err(ConnectError::data_param(cntlid_off));
+        }
+        if ctrl.is_discovery() || !ctrl.enabled() {
+            return Err(ConnectError::new(Status::COMMAND_SEQUENCE_ERROR));
+        }
+        if !ctrl.add_io_queue(qid) {
+            return Err(ConnectError::sqe_param(42));
+        }
+        ctrl.touch();
+        Ok(ctrl)
+    }
+
+    fn connect_nqns<'a>(&self, data: &'a ConnectData) -> Result<(&'a str, &'a str), ConnectError> {
+        let subnqn =
+            get_str(&data.subnqn)
+                .filter(|s| !s.is_empty())
+                .ok_or(ConnectError::data_param(std::mem::offset_of!(
+                    ConnectData,
+                    subnqn
+                )))?;
+        let hostnqn =
+            get_str(&data.hostnqn)
+                .filter(|s| !s.is_empty())
+                .ok_or(ConnectError::data_param(std::mem::offset_of!(
+                    ConnectData,
+                    hostnqn
+                )))?;
+        Ok((subnqn, hostnqn))
+    }
+
+    fn subsystem_for(&self, subnqn: &str, port: &Port) -> Result<Arc<Subsystem>, ConnectError> {
+        self.subsystems
+            .iter()
+            .find(|s| s.nqn == subnqn && s.on_port(port.id))
+            .cloned()
+            .ok_or(ConnectError::data_param(std::mem::offset_of!(
+                ConnectData,
+                subnqn
+            )))
+    }
+
+    pub fn remove_controller(&self, cntlid: u16) {
+        if let Some(c) = self.registry().ctrls.remove(&cntlid) {
+            c.kill("controller removed");
+            info!(cntlid, subnqn = c.subnqn(), hostnqn = %c.hostnqn, "controller removed");
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.genctr.load(Ordering::Relaxed)
+    }
+
+    /// The discovery log page (NVMe-oF 1.1, 5.3): one entry per port × subsystem the host may
+    /// see.
+    pub fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
+        let mut entries = Vec::new();
+        for port in &self.ports {
+            for s in self
+                .subsystems
+                .iter()
+                .filter(|s| s.on_port(port.id) && s.host_allowed(hostnqn))
+            {
+                entries.push(discovery_entry(port, &s.nqn));
+            }
+        }
+        let header = DiscoveryLogHeader {
+            genctr: self.generation().into(),
+            numrec: (entries.len() as u64).into(),
+            recfmt: 0.into(),
+            rsvd: [0; 1006],
+        };
+        let mut log = header.as_bytes().to_vec();
+        for e in &entries {
+            log.extend_from_slice(e.as_bytes());
+        }
+        log
+    }
+}
+
+fn discovery_entry(port: &Port, subnqn: &str) -> DiscoveryLogEntry {
+    let mut e = DiscoveryLogEntry {
+        trtype: port.trtype as u8,
+        adrfam: if port.traddr.contains(':') { 2 } else { 1 },
+        subtype: 2, // NVM subsystem
+        treq: 0,
+        portid: port.id.into(),
+        cntlid: 0xffff.into(),
+        asqsz: crate::ctrl::MAX_QUEUE_ENTRIES.into(),
+        eflags: 0.into(),
+        rsvd1: [0; 20],
+        trsvcid: [0; 32],
+        rsvd2: [0; 192],
+        subnqn: [0; 256],
+        traddr: [0; 256],
+        tsas: [0; 256],
+    };
+    put_str(&mut e.trsvcid, &port.trsvcid, b' ');
+    put_str(&mut e.subnqn, subnqn, 0);
+    put_str(&mut e.traddr, &port.traddr, b' ');
+    if port.trtype == TrType::Rdma {
+        // RDMA_QPTYPE connected, RDMA_PRTYPE not specified, RDMA_CMS rdma_cm (Figure 32).
+        e.tsas[..3].copy_from_slice(&[1, 1, 1]);
+    }
+    e
+}
+
+/// Parses the Connect data of a capsule.
+pub fn parse_connect_data(data: &[u8]) -> Result<ConnectData, Status> {
+    use zerocopy::FromBytes;
+    let bytes = data
+        .get(..1024)
+        .ok_or(Status::DATA_SGL_LENGTH_INVALID.dnr())?;
+    ConnectData::read_from_bytes(bytes).map_err(|_| Status::INTERNAL_ERROR)
+}

@@ -1,0 +1,14 @@
+//! Our target over NVMe/TCP, driven by the Linux kernel host (nvme-cli, fio) in the VM.
+
+use p2pnvmf_vmrig::{Scenario, Topology};
+
+fn tcp_scenario(name: &str, script: &str) -> Scenario {
+    Scenario::new(name, Topology::nic_only(), script)
+        .env("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_smoke() {
+    tcp_scenario("tcp-smoke", "tcp-smoke.sh").run_ok();
+}

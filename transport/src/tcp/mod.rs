@@ -1,0 +1,85 @@
+//! NVMe/TCP transport (NVMe/TCP Transport Specification 1.0).
+
+mod conn;
+pub mod pdu;
+
+use std::sync::Arc;
+
+use p2pnvmf_nvmf::{Port, Target, TransportParams};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+/// Per-listener NVMe/TCP settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpParams {
+    /// In-capsule data accepted on any queue (the Linux host sends up to 8 KiB on admin).
+    pub max_icd: u32,
+    /// Largest transfer of one command.
+    pub max_xfer: u32,
+    /// MAXH2CDATA announced in ICResp.
+    pub maxh2cdata: u32,
+}
+
+impl Default for TcpParams {
+    fn default() -> Self {
+        TcpParams {
+            max_icd: 8192,
+            max_xfer: 1 << 20,
+            maxh2cdata: 1 << 20,
+        }
+    }
+}
+
+impl TcpParams {
+    /// What the core advertises for this transport (IOCCSZ covers the SQE plus ICD).
+    pub fn transport_params(&self) -> TransportParams {
+        TransportParams {
+            ioccsz: (64 + self.max_icd) / 16,
+            max_xfer: self.max_xfer,
+            msdbd: 1,
+            keyed_sgls: false,
+        }
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Accepts connections on `listener` until `shutdown` turns true, then waits for every
+/// connection task to finish.
+pub async fn serve(
+    listener: TcpListener,
+    target: Arc<Target>,
+    port: Port,
+    params: TcpParams,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    conns.spawn(conn::run(stream, peer, target.clone(), port.clone(), params, shutdown.clone()));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(port = port.id, "accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stopped(&mut stop) => break,
+        }
+    }
+    info!(
+        port = port.id,
+        connections = conns.len(),
+        "listener stopping"
+    );
+    while conns.join_next().await.is_some() {}
+}
