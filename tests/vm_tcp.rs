@@ -12,3 +12,17 @@ fn tcp_scenario(name: &str, script: &str) -> Scenario {
 fn vm_tcp_smoke() {
     tcp_scenario("tcp-smoke", "tcp-smoke.sh").run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_io() {
+    tcp_scenario("tcp-io", "tcp-io.sh")
+        .timeout(std::time::Duration::from_secs(420))
+        .run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_keepalive_restart() {
+    tcp_scenario("tcp-keepalive-restart", "tcp-keepalive-restart.sh").run_ok();
+}

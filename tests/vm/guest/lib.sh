@@ -140,3 +140,25 @@ backend = "ram"
 size = "256MiB"
 CFG
 }
+
+# fio_verify DEV BS: 64 MiB random write then crc32c verify at queue depth 32; fails on any
+# verify error.
+fio_verify() {
+    local dev=$1 bs=$2 out
+    out=$(fio --name="verify-$bs" --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite \
+        --bs="$bs" --size=64M --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --verify_dump=0 --output-format=terse --terse-version=3 2>&1) || { echo "$out"; die "fio verify at $bs on $dev failed"; }
+    # terse v3: field 5 is the error, 6 and 8 read KiB and IOPS, 47 and 49 write KiB and IOPS.
+    awk -F';' -v bs="$bs" '$5 != 0 || $47 != 65536 || $6 != 65536 { exit 1 }
+        { printf "fio %s: wrote %s KiB (%s IOPS), verified %s KiB (%s IOPS)\n", bs, $47, $49, $6, $8 }' <<<"$out" \
+        || { echo "$out"; die "fio reported an error at $bs"; }
+}
+
+# ctrl_of_nqn NQN: the /sys/class/nvme/nvmeX directory of the controller connected to NQN.
+ctrl_of_nqn() {
+    local c
+    for c in /sys/class/nvme/nvme*; do
+        [[ $(cat "$c/subsysnqn" 2>/dev/null) == "$1" ]] && { echo "$c"; return; }
+    done
+    die "no controller connected to $1"
+}
