@@ -5,6 +5,7 @@ use p2pnvmf_vmrig::{Scenario, Topology};
 fn tcp_scenario(name: &str, script: &str) -> Scenario {
     Scenario::new(name, Topology::nic_only(), script)
         .env("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .env("P2PNVMF_PROBE", env!("CARGO_BIN_EXE_nvmf-tcp-probe"))
 }
 
 #[test]
@@ -25,4 +26,10 @@ fn vm_tcp_io() {
 #[ignore = "boots a VM: run by tests/run.sh"]
 fn vm_tcp_keepalive_restart() {
     tcp_scenario("tcp-keepalive-restart", "tcp-keepalive-restart.sh").run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_bad_input_beside_fio() {
+    tcp_scenario("tcp-bad-input", "tcp-bad-input.sh").run_ok();
 }

@@ -20,6 +20,17 @@ pub mod opcode {
     pub const KEEP_ALIVE: u8 = 0x18;
 }
 
+/// Whether the admin opcode is one this controller type implements.
+pub fn supported(op: u8, discovery: bool) -> bool {
+    use opcode::*;
+    match op {
+        IDENTIFY | GET_LOG_PAGE | SET_FEATURES | GET_FEATURES | ASYNC_EVENT_REQUEST
+        | KEEP_ALIVE => true,
+        ABORT => !discovery,
+        _ => false,
+    }
+}
+
 /// Log page identifiers (NVMe Base 2.0, Figure 202; NVMe-oF 1.1, 5.3).
 pub mod lid {
     pub const ERROR: u8 = 0x01;
@@ -57,7 +68,7 @@ pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, sqe: &Sqe, data: 
         }
         opcode::KEEP_ALIVE => Response::ok(),
         // Commands complete quickly and in order per queue: report "not aborted" (DW0 bit 0).
-        opcode::ABORT if !ctrl.is_discovery() => Response::result(1),
+        opcode::ABORT => Response::result(1),
         _ => Response::status(Status::INVALID_OPCODE.dnr()),
     };
     r.into()
@@ -258,15 +269,7 @@ fn smart_log(s: &Subsystem, page: &mut [u8; PAGE]) {
 fn command_effects(page: &mut [u8; PAGE]) {
     const CSUPP: u32 = 1;
     const LBCC: u32 = 1 << 1;
-    for op in [
-        opcode::GET_LOG_PAGE,
-        opcode::IDENTIFY,
-        opcode::ABORT,
-        opcode::SET_FEATURES,
-        opcode::GET_FEATURES,
-        opcode::ASYNC_EVENT_REQUEST,
-        opcode::KEEP_ALIVE,
-    ] {
+    for op in (0..=u8::MAX).filter(|&op| supported(op, false)) {
         put32(page, usize::from(op) * 4, CSUPP);
     }
     for op in io::opcode::ALL {

@@ -144,26 +144,58 @@ impl Queue {
         self.sq_flow_disabled
     }
 
+    /// Checks that this queue, in its current state, accepts the command at all: queue state
+    /// and opcode come before any data transfer (as nvmet parses before mapping data).
+    pub fn admit(&self, sqe: &Sqe) -> Result<(), Status> {
+        if sqe.psdt() == 0 && Direction::of(sqe) != Direction::None {
+            // Fabrics carry data by SGL only (NVMe-oF 1.1, 2.2).
+            return Err(Status::INVALID_FIELD.dnr());
+        }
+        if sqe.opcode == FABRICS_OPCODE {
+            return match (sqe.fctype(), &self.ctrl) {
+                (fctype::CONNECT, None) => Ok(()),
+                (fctype::PROPERTY_GET | fctype::PROPERTY_SET, Some(_)) if self.qid == 0 => Ok(()),
+                (fctype::CONNECT | fctype::PROPERTY_GET | fctype::PROPERTY_SET, _) => {
+                    Err(Status::COMMAND_SEQUENCE_ERROR.dnr())
+                }
+                _ => Err(Status::INVALID_OPCODE.dnr()),
+            };
+        }
+        let Some(ctrl) = &self.ctrl else {
+            return Err(Status::COMMAND_SEQUENCE_ERROR.dnr());
+        };
+        if !ctrl.enabled() {
+            return Err(Status::COMMAND_SEQUENCE_ERROR.dnr());
+        }
+        let known = if self.qid == 0 {
+            admin::supported(sqe.opcode, ctrl.is_discovery())
+        } else {
+            io::opcode::ALL.contains(&sqe.opcode) && !ctrl.is_discovery()
+        };
+        if known {
+            Ok(())
+        } else {
+            Err(Status::INVALID_OPCODE.dnr())
+        }
+    }
+
     /// Executes one command. `data` holds the host's data for host-to-controller commands and
     /// receives the data for controller-to-host ones; its length is the SGL's.
     pub fn execute(&mut self, sqe: &Sqe, data: &mut [u8]) -> Exec {
         if let Some(c) = &self.ctrl {
             c.touch();
         }
-        if sqe.psdt() == 0 && Direction::of(sqe) != Direction::None {
-            // Fabrics carry data by SGL only (NVMe-oF 1.1, 2.2).
-            return Status::INVALID_FIELD.dnr().into();
+        if let Err(s) = self.admit(sqe) {
+            debug!(opcode = sqe.opcode, qid = self.qid, %s, "command refused");
+            return s.into();
         }
         if sqe.opcode == FABRICS_OPCODE {
             return self.fabrics(sqe, data).into();
         }
-        let Some(ctrl) = self.ctrl.clone() else {
-            debug!(opcode = sqe.opcode, "command before Connect");
-            return Status::COMMAND_SEQUENCE_ERROR.dnr().into();
-        };
-        if !ctrl.enabled() {
-            return Status::COMMAND_SEQUENCE_ERROR.dnr().into();
-        }
+        let ctrl = self
+            .ctrl
+            .clone()
+            .expect("admitted commands have a controller");
         if self.qid == 0 {
             admin::execute(&self.target, &ctrl, sqe, data)
         } else {
@@ -172,32 +204,21 @@ impl Queue {
     }
 
     fn fabrics(&mut self, sqe: &Sqe, data: &mut [u8]) -> Response {
+        // ATTRIB bits 2:0: 0 = 4 bytes, 1 = 8 bytes (NVMe-oF 1.1, Figure 26).
+        let eight = sqe.cdw10.get() & 7 == 1;
         match (sqe.fctype(), &self.ctrl) {
-            (fctype::CONNECT, None) => self.connect(sqe, data),
-            (fctype::CONNECT, Some(_)) => Response::status(Status::COMMAND_SEQUENCE_ERROR.dnr()),
-            (fctype::PROPERTY_GET | fctype::PROPERTY_SET, Some(_)) if self.qid != 0 => {
-                Response::status(Status::INVALID_OPCODE.dnr())
-            }
-            (fctype::PROPERTY_GET, Some(c)) => {
-                // ATTRIB bits 2:0: 0 = 4 bytes, 1 = 8 bytes (NVMe-oF 1.1, Figure 26).
-                let eight = sqe.cdw10.get() & 7 == 1;
-                match c.property_get(sqe.cdw11.get(), eight) {
-                    Ok(v) => Response::result(v),
-                    Err(s) => Response::status(s),
-                }
-            }
+            (fctype::PROPERTY_GET, Some(c)) => match c.property_get(sqe.cdw11.get(), eight) {
+                Ok(v) => Response::result(v),
+                Err(s) => Response::status(s),
+            },
             (fctype::PROPERTY_SET, Some(c)) => {
-                let eight = sqe.cdw10.get() & 7 == 1;
                 let value = u64::from(sqe.cdw12.get()) | u64::from(sqe.cdw13.get()) << 32;
                 match c.property_set(sqe.cdw11.get(), eight, value) {
                     Ok(()) => Response::ok(),
                     Err(s) => Response::status(s),
                 }
             }
-            (fctype::PROPERTY_GET | fctype::PROPERTY_SET, None) => {
-                Response::status(Status::COMMAND_SEQUENCE_ERROR.dnr())
-            }
-            _ => Response::status(Status::INVALID_OPCODE.dnr()),
+            _ => self.connect(sqe, data),
         }
     }
 

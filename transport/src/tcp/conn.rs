@@ -279,7 +279,10 @@ impl Conn {
         let cid = sqe.cid.get();
         let mut icd = std::mem::take(&mut self.scratch);
         let digest_ok = self.wire.read_data(l, sized(&mut icd, l.data_len)).await;
-        let plan = self.plan(&sqe, l.data_len);
+        let plan = self
+            .queue
+            .admit(&sqe)
+            .and_then(|()| self.plan(&sqe, l.data_len));
         let result = match (digest_ok, plan) {
             (Err(e), _) => Err(e),
             (Ok(false), _) => {

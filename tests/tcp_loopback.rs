@@ -1,0 +1,168 @@
+//! `p2pnvmf serve` on loopback, checked by `nvmf-tcp-probe` (malformed input gets the spec's
+//! answer; a well-formed host still gets its data back) and by a clean SIGTERM shutdown.
+//! The Linux host over the same transport is exercised in the VM suite (`vm_tcp`).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(args: &[&str], port: u16) -> Served {
+    let child = Command::new(env!("CARGO_BIN_EXE_p2pnvmf"))
+        .arg("serve")
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn p2pnvmf");
+    let served = Served(child);
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "p2pnvmf did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    served
+}
+
+fn probe(port: u16, nqn: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_nvmf-tcp-probe"))
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(nqn)
+        .output()
+        .expect("run nvmf-tcp-probe");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "probe failed:\n{text}");
+    text
+}
+
+/// SIGTERM must stop the target within 10 s with exit code 0.
+fn terminate(mut s: Served) -> String {
+    let pid = s.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(st) = s.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no exit 10 s after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log: Vec<String> = BufReader::new(s.0.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        log.join("\n")
+    );
+    log.join("\n")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn embedded_default_serves_and_survives_bad_input() {
+    let s = serve(&[], 4420);
+    let report = probe(4420, "nqn.2026-11.io.p2pnvmf:default");
+    assert!(report.contains(" 0 failed"), "{report}");
+    let log = terminate(s);
+    assert!(log.contains("SIGTERM: shutting down"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn configured_subsystem_with_allow_list() {
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("p2pnvmf-loopback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("t.toml");
+    let host = "nqn.2014-08.org.nvmexpress:uuid:0b0e3f2a-9c41-4c3b-9d7a-5c1f0a526d5e";
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[listener]]\ntransport = \"tcp\"\naddress = \"127.0.0.1\"\nport = {port}\n\n\
+             [[subsystem]]\nnqn = \"nqn.2026-11.io.p2pnvmf:t\"\nhosts = [\"{host}\"]\n\n\
+             [[subsystem.namespace]]\nnsid = 1\nbackend = \"file\"\npath = \"{}\"\nsize = \"4MiB\"\n",
+            dir.join("ns.img").display()
+        ),
+    )
+    .unwrap();
+    let s = serve(&["--config", cfg.to_str().unwrap()], port);
+    probe(port, "nqn.2026-11.io.p2pnvmf:t");
+    terminate(s);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_config_names_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("p2pnvmf-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[listener]]\ntransport = \"tcp\"\naddress = \"127.0.0.1\"\nport = 70000\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf"))
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:4:8: listener[0].port: 70000 is not a TCP port",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let good = dir.join("good.toml");
+    std::fs::write(&good, p2pnvmf_config_default()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf"))
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("ok (1 listener(s), 1 subsystem(s), 1 namespace(s))")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn p2pnvmf_config_default() -> &'static str {
+    include_str!("../deploy/default.toml")
+}
