@@ -29,6 +29,9 @@ struct Args {
 
 type R<T> = Result<T, String>;
 
+/// A named check against the target.
+type Case<'a> = (&'static str, Box<dyn Fn() -> R<()> + 'a>);
+
 struct Pdu {
     ty: u8,
     raw: Vec<u8>,
@@ -234,7 +237,7 @@ impl Probe {
         }
     }
 
-    fn cases(&self) -> Vec<(&'static str, Box<dyn Fn() -> R<()> + '_>)> {
+    fn cases(&self) -> Vec<Case<'_>> {
         let a = self.args.addr;
         vec![
             (
