@@ -16,9 +16,11 @@ fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc
     Ok(match cfg {
         BackendCfg::Ram { size } => Arc::new(RamBackend::new(*size)),
         BackendCfg::File { path, size } => {
-            Arc::new(FileBackend::open(path, *size).with_context(|| {
+            let f = FileBackend::open(path, *size).with_context(|| {
                 format!("{subnqn} namespace {nsid}: opening {}", path.display())
-            })?)
+            })?;
+            info!(subnqn, nsid, path = %path.display(), engine = ?f.engine(), o_direct = f.has_direct(), "file backend open");
+            Arc::new(f)
         }
     })
 }

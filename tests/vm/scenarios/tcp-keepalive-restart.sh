@@ -1,8 +1,9 @@
 # Keep-alive and persistence over NVMe/TCP: a connection idle past its keep-alive timeout is
-# still alive (the host's Keep Alive commands are honoured); a file-backed namespace keeps
-# its data across a target restart after a flush.
+# still alive (the host's Keep Alive commands are honoured); a namespace on a block device
+# (brd, through io_uring with O_DIRECT) keeps its data across a target restart after a flush.
 NQN=nqn.2026-11.io.p2pnvmf:file
-IMG=/tmp/ns-file.img
+modprobe brd rd_nr=1 rd_size=65536
+IMG=/dev/ram0
 cat >/tmp/scn/target.toml <<CFG
 [[listener]]
 transport = "tcp"
@@ -16,9 +17,9 @@ allow_any_host = true
 nsid = 1
 backend = "file"
 path = "$IMG"
-size = "64MiB"
 CFG
 start_target /tmp/scn/target.toml
+grep -q 'file backend open .*engine=IoUring o_direct=true' "$TARGET_LOG" || die "$IMG is not served through io_uring with O_DIRECT"
 
 step "connect with a 2 s keep-alive timeout, then idle 8 s"
 dev=$(nvme_connect_dev tcp 4420 "$NQN" --keep-alive-tmo=2)

@@ -134,23 +134,32 @@ struct Slot {
     len: usize,
     received: usize,
     digest_error: bool,
-    buf: Vec<u8>,
+    buf: DataBuf,
 }
 
-/// Slot buffers grow to the largest transfer seen and are reused: no allocation per I/O once
-/// warm.
-fn sized(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
-    if buf.len() < len {
-        buf.resize(len, 0);
+/// Page alignment lets O_DIRECT backends use the buffer as it is.
+const ALIGN: usize = 4096;
+
+/// A reusable data buffer: grows to the largest transfer seen, then serves every command
+/// without allocating; its window starts page-aligned.
+#[derive(Debug, Default)]
+struct DataBuf(Vec<u8>);
+
+impl DataBuf {
+    fn window(&mut self, len: usize) -> &mut [u8] {
+        if self.0.len() < len + ALIGN {
+            self.0.resize(len + ALIGN, 0);
+        }
+        let off = self.0.as_ptr().align_offset(ALIGN);
+        &mut self.0[off..off + len]
     }
-    &mut buf[..len]
 }
 
 struct Conn {
     wire: Wire,
     queue: Queue,
     params: TcpParams,
-    scratch: Vec<u8>,
+    scratch: DataBuf,
     slots: Vec<Slot>,
 }
 
@@ -181,7 +190,7 @@ pub async fn run(
         },
         queue: Queue::new(target, port),
         params,
-        scratch: Vec::new(),
+        scratch: DataBuf::default(),
         slots: Vec::new(),
     };
     let result = tokio::select! {
@@ -278,7 +287,7 @@ impl Conn {
         let sqe = cmd.sqe;
         let cid = sqe.cid.get();
         let mut icd = std::mem::take(&mut self.scratch);
-        let digest_ok = self.wire.read_data(l, sized(&mut icd, l.data_len)).await;
+        let digest_ok = self.wire.read_data(l, icd.window(l.data_len)).await;
         let plan = self
             .queue
             .admit(&sqe)
@@ -302,7 +311,7 @@ impl Conn {
                     .await?;
                 Ok(())
             }
-            (Ok(true), Ok(Plan::Now(len))) => self.execute(&sqe, sized(&mut icd, len)).await,
+            (Ok(true), Ok(Plan::Now(len))) => self.execute(&sqe, icd.window(len)).await,
             (Ok(true), Ok(Plan::R2t(len))) => self.request_data(sqe, len).await,
         };
         self.scratch = icd;
@@ -382,14 +391,8 @@ impl Conn {
             }
         };
         let slot = &mut self.slots[ttag];
-        sized(&mut slot.buf, len);
-        *slot = Slot {
-            sqe: Some(sqe),
-            len,
-            received: 0,
-            digest_error: false,
-            buf: std::mem::take(&mut slot.buf),
-        };
+        slot.buf.window(len);
+        (slot.sqe, slot.len, slot.received, slot.digest_error) = (Some(sqe), len, 0, false);
         let r2t = pdu::r2t(
             sqe.cid.get(),
             ttag as u16,
@@ -425,8 +428,12 @@ impl Conn {
         if off != slot.received || off + n > slot.len {
             return Err(out_of_range("H2CData outside the R2T").into());
         }
+        let len = slot.len;
         let mut buf = std::mem::take(&mut slot.buf);
-        let ok = self.wire.read_data(l, &mut buf[off..off + n]).await;
+        let ok = self
+            .wire
+            .read_data(l, &mut buf.window(len)[off..off + n])
+            .await;
         let slot = &mut self.slots[ttag];
         slot.buf = buf;
         slot.digest_error |= !ok?;
@@ -447,7 +454,7 @@ impl Conn {
                 .await
                 .map_err(ConnError::from)
         } else {
-            self.execute(&sqe, &mut buf[..len]).await
+            self.execute(&sqe, buf.window(len)).await
         };
         self.slots[ttag].buf = buf;
         r
