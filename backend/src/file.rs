@@ -107,9 +107,9 @@ impl FileBackend {
     fn fd_for(&self, ptr: usize, offset: u64, len: usize) -> &File {
         match &self.direct {
             Some(d)
-                if ptr % DIRECT_MEM_ALIGN == 0
-                    && offset % DIRECT_IO_ALIGN == 0
-                    && (len as u64) % DIRECT_IO_ALIGN == 0 =>
+                if ptr.is_multiple_of(DIRECT_MEM_ALIGN)
+                    && offset.is_multiple_of(DIRECT_IO_ALIGN)
+                    && (len as u64).is_multiple_of(DIRECT_IO_ALIGN) =>
             {
                 d
             }
