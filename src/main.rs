@@ -19,7 +19,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the configured subsystems (the embedded default without --config).
+    /// Serve the configured subsystems (the embedded default without --config); SIGHUP
+    /// reloads the subsystems from the file.
     Serve {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -48,7 +49,7 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;
-            rt.block_on(serve::run(cfg))
+            rt.block_on(serve::run(cfg, config))
         }
         Command::CheckConfig { file } => {
             let cfg = p2pnvmf_config::Config::load(&file)?;

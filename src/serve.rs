@@ -1,6 +1,8 @@
-//! `p2pnvmf serve`: builds the target from the configuration, starts the listeners and
-//! shuts down cleanly on SIGINT/SIGTERM.
+//! `p2pnvmf serve`: builds the target from the configuration, starts the listeners, reloads
+//! subsystems on SIGHUP and shuts down cleanly on SIGINT/SIGTERM.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -10,7 +12,7 @@ use p2pnvmf_nvmf::{Backend, IoStats, Namespace, Port, Subsystem, Target, TrType}
 use p2pnvmf_transport::tcp::{self, TcpParams};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{error, info, warn};
 
 fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc<dyn Backend>> {
     Ok(match cfg {
@@ -25,10 +27,77 @@ fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc
     })
 }
 
-/// Builds the core's view of the configuration: ports numbered from 1 in listener order.
-fn build_target(cfg: &Config, params: &TcpParams) -> anyhow::Result<Arc<Target>> {
-    let ports: Vec<Port> = cfg
-        .listeners
+/// The live subsystems by NQN, with the configuration each was built from, so a reload keeps
+/// what did not change (a RAM namespace keeps its data, a file stays open, counters go on).
+#[derive(Default)]
+struct Live {
+    subsystems: HashMap<String, (p2pnvmf_config::Subsystem, Arc<Subsystem>)>,
+}
+
+impl Live {
+    /// Builds the subsystems of `cfg`, reusing unchanged subsystems and namespaces of `self`.
+    fn build(&self, cfg: &Config) -> anyhow::Result<Live> {
+        let port_id = |name: &str| {
+            cfg.listeners
+                .iter()
+                .position(|l| l.name == name)
+                .map(|i| i as u16 + 1)
+                .expect("validated")
+        };
+        let mut next = Live::default();
+        for s in &cfg.subsystems {
+            let old = self.subsystems.get(&s.nqn);
+            if let Some((old_cfg, live)) = old.filter(|(c, _)| c == s) {
+                next.subsystems
+                    .insert(s.nqn.clone(), (old_cfg.clone(), live.clone()));
+                continue;
+            }
+            let mut namespaces = Vec::new();
+            for n in &s.namespaces {
+                let reused = old.and_then(|(c, live)| {
+                    let was = c.namespaces.iter().find(|m| m.nsid == n.nsid)?;
+                    (was.backend == n.backend)
+                        .then(|| live.ns(n.nsid).cloned())
+                        .flatten()
+                });
+                let ns = match reused {
+                    Some(ns) => ns,
+                    None => {
+                        let backend = open_backend(&s.nqn, n.nsid, &n.backend)?;
+                        info!(subnqn = %s.nqn, nsid = n.nsid, size = backend.size_bytes(), backend = ?n.backend, "namespace ready");
+                        Namespace::new(&s.nqn, n.nsid, backend)
+                    }
+                };
+                namespaces.push(ns);
+            }
+            let live = Arc::new(Subsystem {
+                nqn: s.nqn.clone(),
+                serial: s.serial.clone(),
+                model: s.model.clone(),
+                allow_any_host: s.allow_any_host,
+                hosts: s.hosts.clone(),
+                ports: s
+                    .listeners
+                    .as_ref()
+                    .map(|l| l.iter().map(|n| port_id(n)).collect()),
+                namespaces,
+                stats: IoStats::default(),
+            });
+            info!(subnqn = %s.nqn, namespaces = live.namespaces.len(), allow_any_host = s.allow_any_host, hosts = s.hosts.len(), "subsystem ready");
+            next.subsystems.insert(s.nqn.clone(), (s.clone(), live));
+        }
+        Ok(next)
+    }
+
+    fn list(&self) -> Vec<Arc<Subsystem>> {
+        let mut v: Vec<_> = self.subsystems.values().map(|(_, s)| s.clone()).collect();
+        v.sort_by(|a, b| a.nqn.cmp(&b.nqn));
+        v
+    }
+}
+
+fn ports(cfg: &Config, params: &TcpParams) -> Vec<Port> {
+    cfg.listeners
         .iter()
         .enumerate()
         .map(|(i, l)| Port {
@@ -41,52 +110,48 @@ fn build_target(cfg: &Config, params: &TcpParams) -> anyhow::Result<Arc<Target>>
             trsvcid: l.port.to_string(),
             params: params.transport_params(),
         })
-        .collect();
-    let port_id = |name: &str| {
-        cfg.listeners
-            .iter()
-            .position(|l| l.name == name)
-            .map(|i| i as u16 + 1)
-            .expect("validated")
-    };
-    let mut subsystems = Vec::new();
-    for s in &cfg.subsystems {
-        let mut namespaces = Vec::new();
-        for n in &s.namespaces {
-            let backend = open_backend(&s.nqn, n.nsid, &n.backend)?;
-            info!(subnqn = %s.nqn, nsid = n.nsid, size = backend.size_bytes(), backend = ?n.backend, "namespace ready");
-            namespaces.push(Namespace::new(&s.nqn, n.nsid, backend));
-        }
-        subsystems.push(Subsystem {
-            nqn: s.nqn.clone(),
-            serial: s.serial.clone(),
-            model: s.model.clone(),
-            allow_any_host: s.allow_any_host,
-            hosts: s.hosts.clone(),
-            ports: s
-                .listeners
-                .as_ref()
-                .map(|l| l.iter().map(|n| port_id(n)).collect()),
-            namespaces,
-            stats: IoStats::default(),
-        });
-    }
-    Ok(Target::new(subsystems, ports))
+        .collect()
 }
 
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+/// SIGHUP: re-reads the configuration file and applies subsystem changes. Listener changes
+/// need a restart; an invalid file changes nothing. Both are logged with the reason.
+fn reload(path: &PathBuf, cfg: &mut Config, live: &mut Live, target: &Target) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return error!("SIGHUP: reload refused, configuration unchanged: {e}"),
+    };
+    if new.listeners != cfg.listeners {
+        return error!(
+            "SIGHUP: reload refused: [[listener]] changed in {}; restart to apply",
+            path.display()
+        );
+    }
+    if new.subsystems == cfg.subsystems {
+        return info!("SIGHUP: {} unchanged", path.display());
+    }
+    match live.build(&new) {
+        Ok(next) => {
+            target.reconfigure(next.list());
+            *live = next;
+            *cfg = new;
+            info!("SIGHUP: {} applied", path.display());
+        }
+        Err(e) => error!("SIGHUP: reload refused, configuration unchanged: {e:#}"),
+    }
+}
+
+pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let params = TcpParams::default();
-    let target = build_target(&cfg, &params)?;
+    let mut live = Live::default().build(&cfg)?;
+    let target = Target::new(live.list(), ports(&cfg, &params));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();
     for port in target.ports.clone() {
         let addr = std::net::SocketAddr::new(port.traddr.parse()?, port.trsvcid.parse()?);
-        let sock = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "listener {}: binding NVMe/TCP on {addr}",
-                cfg.listeners[usize::from(port.id) - 1].name
-            )
-        })?;
+        let name = &cfg.listeners[usize::from(port.id) - 1].name;
+        let sock = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listener {name}: binding NVMe/TCP on {addr}"))?;
         info!(%addr, port = port.id, "NVMe/TCP listener ready");
         listeners.spawn(tcp::serve(
             sock,
@@ -96,20 +161,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             stop_rx.clone(),
         ));
     }
-    for s in &target.subsystems {
-        info!(subnqn = %s.nqn, namespaces = s.namespaces.len(), allow_any_host = s.allow_any_host, "subsystem ready");
-    }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-        _ = term.recv() => info!("SIGTERM: shutting down"),
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break info!("SIGINT: shutting down"),
+            _ = term.recv() => break info!("SIGTERM: shutting down"),
+            _ = hup.recv() => match &path {
+                Some(p) => reload(p, &mut cfg, &mut live, &target),
+                None => warn!("SIGHUP: serving the embedded default, no file to reload"),
+            },
+        }
     }
     let _ = stop_tx.send(true);
     while listeners.join_next().await.is_some() {}
-    for s in &target.subsystems {
+    for s in target.subsystems() {
         for ns in &s.namespaces {
             if let Err(e) = ns.backend.flush() {
-                tracing::warn!(subnqn = %s.nqn, nsid = ns.nsid, "flush at shutdown failed: {e}");
+                warn!(subnqn = %s.nqn, nsid = ns.nsid, "flush at shutdown failed: {e}");
             }
         }
     }

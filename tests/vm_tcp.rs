@@ -33,3 +33,9 @@ fn vm_tcp_keepalive_restart() {
 fn vm_tcp_bad_input_beside_fio() {
     tcp_scenario("tcp-bad-input", "tcp-bad-input.sh").run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_persistent_discovery_aen() {
+    tcp_scenario("tcp-discovery-aen", "tcp-discovery-aen.sh").run_ok();
+}

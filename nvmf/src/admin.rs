@@ -62,7 +62,8 @@ pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, sqe: &Sqe, data: 
         opcode::GET_FEATURES => get_features(ctrl, sqe, data),
         opcode::ASYNC_EVENT_REQUEST => {
             return match ctrl.push_aer(sqe.cid.get()) {
-                Ok(()) => Exec::Deferred,
+                Ok(None) => Exec::Deferred,
+                Ok(Some(event)) => Response::result(event.into()).into(),
                 Err(s) => s.into(),
             };
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::Status;
 use crate::subsystem::{Port, Subsystem};
@@ -19,6 +19,12 @@ pub const MAX_QUEUE_ENTRIES: u16 = 128;
 pub const MAX_IO_QUEUES: u16 = 64;
 /// Async Event Request Limit, 0-based (AERL): four outstanding requests.
 pub const AERL: u8 = 3;
+
+/// Completion DW0 of a Discovery Log Page Change notice (NVMe Base 2.0, Figure 151): type 2
+/// (notice), information F0h, log page 70h.
+pub const AEN_DISCOVERY_LOG_CHANGE: u32 = 0x02 | 0xf0 << 8 | 0x70 << 16;
+/// Async Event Configuration bit enabling discovery log change notices (Figure 326).
+const AEC_DISCOVERY_LOG_CHANGE: u32 = 1 << 31;
 
 /// Controller register offsets (NVMe Base 2.0, Figure 33; NVMe-oF 1.1, Figure 7).
 pub mod reg {
@@ -48,6 +54,8 @@ struct State {
     write_cache: bool,
     /// CIDs of outstanding Async Event Requests.
     aers: Vec<u16>,
+    /// Events waiting for an Async Event Request.
+    events: Vec<u32>,
     io_qids: BTreeSet<u16>,
 }
 
@@ -64,6 +72,7 @@ pub struct Controller {
     born: Instant,
     last_seen_ms: AtomicU64,
     dead: watch::Sender<Option<&'static str>>,
+    event_ready: Notify,
 }
 
 impl Controller {
@@ -94,6 +103,7 @@ impl Controller {
             born: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             dead: watch::channel(None).0,
+            event_ready: Notify::new(),
         }
     }
 
@@ -269,14 +279,47 @@ impl Controller {
         }
     }
 
-    /// Holds an Async Event Request; refused past the limit (AERL + 1 outstanding).
-    pub fn push_aer(&self, cid: u16) -> Result<(), Status> {
+    /// An Async Event Request: completes at once with a waiting event (`Some(dw0)`), or is held
+    /// (`None`); refused past the limit (AERL + 1 outstanding).
+    pub fn push_aer(&self, cid: u16) -> Result<Option<u32>, Status> {
         let mut st = self.state();
+        if !st.events.is_empty() {
+            return Ok(Some(st.events.remove(0)));
+        }
         if st.aers.len() > usize::from(AERL) {
             return Err(Status::ASYNC_EVENT_LIMIT_EXCEEDED.dnr());
         }
         st.aers.push(cid);
-        Ok(())
+        Ok(None)
+    }
+
+    /// Raises an asynchronous event if the host enabled it; the admin queue's transport is
+    /// woken to complete a held request with it.
+    pub fn notify(&self, event: u32) {
+        let mut st = self.state();
+        let enabled = match event {
+            AEN_DISCOVERY_LOG_CHANGE => st.async_event_config & AEC_DISCOVERY_LOG_CHANGE != 0,
+            _ => true,
+        };
+        // One of a kind is enough: the host reads the log page to learn what changed.
+        if enabled && !st.events.contains(&event) {
+            st.events.push(event);
+            drop(st);
+            self.event_ready.notify_one();
+        }
+    }
+
+    /// Waits until an event may complete a held Async Event Request.
+    pub async fn event_ready(&self) {
+        self.event_ready.notified().await;
+    }
+
+    /// Pairs held requests with waiting events: (CID, DW0) completions to send.
+    pub fn take_async_completions(&self) -> Vec<(u16, u32)> {
+        let mut st = self.state();
+        let n = st.aers.len().min(st.events.len());
+        let cids: Vec<u16> = st.aers.drain(..n).collect();
+        cids.into_iter().zip(st.events.drain(..n)).collect()
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tracing::{info, warn};
 use zerocopy::IntoBytes;
@@ -52,7 +52,7 @@ struct Registry {
 
 #[derive(Debug)]
 pub struct Target {
-    pub subsystems: Vec<Arc<Subsystem>>,
+    subsystems: RwLock<Vec<Arc<Subsystem>>>,
     pub ports: Vec<Port>,
     registry: Mutex<Registry>,
     genctr: AtomicU64,
@@ -62,9 +62,9 @@ pub struct Target {
 const MAX_CNTLID: u16 = 0xffef;
 
 impl Target {
-    pub fn new(subsystems: Vec<Subsystem>, ports: Vec<Port>) -> Arc<Self> {
+    pub fn new(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>) -> Arc<Self> {
         Arc::new(Target {
-            subsystems: subsystems.into_iter().map(Arc::new).collect(),
+            subsystems: RwLock::new(subsystems),
             ports,
             registry: Mutex::new(Registry {
                 next: 1,
@@ -76,6 +76,41 @@ impl Target {
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current subsystems (a snapshot: a reconfiguration may replace them).
+    pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
+        self.subsystems
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the subsystems (a configuration reload): controllers of subsystems that are
+    /// gone, or of hosts no longer allowed, are torn down; the discovery log generation moves
+    /// on and discovery controllers get a Discovery Log Page Change notice.
+    pub fn reconfigure(&self, subsystems: Vec<Arc<Subsystem>>) {
+        *self.subsystems.write().unwrap_or_else(|e| e.into_inner()) = subsystems.clone();
+        let ctrls: Vec<Arc<Controller>> = self.registry().ctrls.values().cloned().collect();
+        for c in &ctrls {
+            let Some(old) = &c.subsys else { continue };
+            let still = subsystems
+                .iter()
+                .any(|s| s.nqn == old.nqn && s.host_allowed(&c.hostnqn) && s.on_port(c.port.id));
+            if !still {
+                warn!(cntlid = c.cntlid, subnqn = %old.nqn, hostnqn = %c.hostnqn, "reconfigured: host may no longer use this subsystem; tearing the controller down");
+                self.remove_controller(c.cntlid);
+            }
+        }
+        let generation = self.genctr.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(
+            generation,
+            subsystems = subsystems.len(),
+            "discovery log changed"
+        );
+        for c in ctrls.iter().filter(|c| c.is_discovery()) {
+            c.notify(crate::ctrl::AEN_DISCOVERY_LOG_CHANGE);
+        }
     }
 
     pub fn port(&self, id: u16) -> Option<&Port> {
@@ -198,10 +233,9 @@ impl Target {
     }
 
     fn subsystem_for(&self, subnqn: &str, port: &Port) -> Result<Arc<Subsystem>, ConnectError> {
-        self.subsystems
-            .iter()
+        self.subsystems()
+            .into_iter()
             .find(|s| s.nqn == subnqn && s.on_port(port.id))
-            .cloned()
             .ok_or(ConnectError::data_param(std::mem::offset_of!(
                 ConnectData,
                 subnqn
@@ -223,9 +257,9 @@ impl Target {
     /// see.
     pub fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
         let mut entries = Vec::new();
+        let subsystems = self.subsystems();
         for port in &self.ports {
-            for s in self
-                .subsystems
+            for s in subsystems
                 .iter()
                 .filter(|s| s.on_port(port.id) && s.host_allowed(hostnqn))
             {

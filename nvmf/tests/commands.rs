@@ -65,9 +65,9 @@ fn port(id: u16) -> Port {
     }
 }
 
-fn subsystem(nqn: &str, any: bool, ports: Option<Vec<u16>>) -> Subsystem {
+fn subsystem(nqn: &str, any: bool, ports: Option<Vec<u16>>) -> Arc<Subsystem> {
     let ns = Namespace::new(nqn, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]))));
-    Subsystem {
+    Arc::new(Subsystem {
         nqn: nqn.into(),
         serial: "SN1".into(),
         model: "model".into(),
@@ -76,7 +76,7 @@ fn subsystem(nqn: &str, any: bool, ports: Option<Vec<u16>>) -> Subsystem {
         ports,
         namespaces: vec![ns],
         stats: IoStats::default(),
-    }
+    })
 }
 
 fn target() -> Arc<Target> {
@@ -553,4 +553,54 @@ async fn keep_alive_timeout_tears_the_controller_down() {
     assert_eq!(ctrl.dead_reason(), Some("keep-alive timeout"));
     tokio::task::yield_now().await;
     assert!(t.controller(cntlid).is_none());
+}
+
+#[tokio::test]
+async fn reconfiguration_notifies_discovery_controllers() {
+    let t = target();
+    let mut disc = Queue::new(t.clone(), port(1));
+    connect(&mut disc, 0, DISCOVERY_NQN, HOST, 0xffff);
+    prop_set(&mut disc, 0x14, 1);
+    // Enable discovery log change notices (AEC bit 31) and post one request.
+    let mut set = sqe(0x09);
+    set.cdw10 = 0x0b.into();
+    set.cdw11 = (1u32 << 31).into();
+    assert!(done(disc.execute(&set, &mut [])).status.is_success());
+    let mut aer = sqe(0x0c);
+    aer.cid = 77.into();
+    assert_eq!(disc.execute(&aer, &mut []), Exec::Deferred);
+    let (_open, open_id) = admin(&t, 1, OPEN);
+    let gen_before = t.generation();
+    let dctrl = disc.controller().unwrap().clone();
+    let woken = tokio::spawn(async move {
+        dctrl.event_ready().await;
+        dctrl.take_async_completions()
+    });
+    // OPEN goes away, a new subsystem comes.
+    t.reconfigure(vec![
+        subsystem(LOCKED, false, Some(vec![2])),
+        subsystem("nqn.2026-11.io.p2pnvmf:new", true, None),
+    ]);
+    assert_eq!(t.generation(), gen_before + 1);
+    assert_eq!(woken.await.unwrap(), vec![(77, 0x70_f002)]);
+    assert!(
+        t.controller(open_id).is_none(),
+        "controller of a removed subsystem is torn down"
+    );
+    // A later change with no request held is kept until the host posts one.
+    t.reconfigure(t.subsystems());
+    assert_eq!(done(disc.execute(&aer, &mut [])).result, 0x70_f002);
+    // A controller that did not enable the notice gets none.
+    let mut quiet = Queue::new(t.clone(), port(1));
+    connect(&mut quiet, 0, DISCOVERY_NQN, HOST, 0xffff);
+    prop_set(&mut quiet, 0x14, 1);
+    t.reconfigure(t.subsystems());
+    assert_eq!(quiet.execute(&aer, &mut []), Exec::Deferred);
+    assert!(
+        quiet
+            .controller()
+            .unwrap()
+            .take_async_completions()
+            .is_empty()
+    );
 }

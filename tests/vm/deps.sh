@@ -5,7 +5,7 @@ set -euo pipefail
 
 CACHE="${P2PNVMF_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/p2pnvmf-vm}"
 PKGS=(qemu-system-x86 busybox-static nvme-cli rdma-core ibverbs-providers ibverbs-utils
-      libibverbs-dev librdmacm-dev fio pciutils kmod cpio xz-utils iproute2 zstd)
+      libibverbs-dev librdmacm-dev fio pciutils kmod cpio xz-utils iproute2 udev)
 
 die() { echo "tests/vm/deps.sh: $*" >&2; exit 1; }
 

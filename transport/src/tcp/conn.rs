@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use p2pnvmf_nvmf::wire::{Sqe, sgl};
 use p2pnvmf_nvmf::{Direction, Exec, Port, Queue, Response, Status, Target};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
@@ -225,9 +225,20 @@ impl Conn {
             if dead.is_none() {
                 dead = self.queue.controller().map(|c| c.watch_dead());
             }
-            let mut ch = [0u8; 8];
+            // Async events complete on the admin queue only.
+            let events = self
+                .queue
+                .controller()
+                .filter(|_| self.queue.qid() == 0)
+                .cloned();
+            // Wait for input without consuming it (cancel-safe), for a dead controller, or for
+            // an async event; only then read the PDU.
             tokio::select! {
-                r = self.wire.rd.read_exact(&mut ch) => { r?; }
+                r = self.wire.rd.fill_buf() => {
+                    if r?.is_empty() {
+                        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                    }
+                }
                 reason = async {
                     match dead.as_mut() {
                         Some(rx) => rx.wait_for(|r| r.is_some()).await.map(|r| *r).ok().flatten(),
@@ -237,7 +248,23 @@ impl Conn {
                     info!(qid = self.queue.qid(), reason, "controller gone: closing its queue");
                     return Ok(());
                 }
+                () = async {
+                    match &events {
+                        Some(c) => c.event_ready().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let c = events.expect("branch runs with a controller");
+                    for (cid, dw0) in c.take_async_completions() {
+                        info!(cntlid = c.cntlid, cid, dw0 = format_args!("{dw0:#x}"), "async event completed");
+                        self.wire.send_response(&mut self.queue, cid, &Response::result(dw0.into())).await?;
+                    }
+                    self.wire.wr.flush().await?;
+                    continue;
+                }
             }
+            let mut ch = [0u8; 8];
+            self.wire.rd.read_exact(&mut ch).await?;
             self.wire.hdr[..8].copy_from_slice(&ch);
             let ch = CommonHeader::read_from_bytes(&ch).expect("8 bytes");
             let layout = pdu::check(&ch, &self.wire.lim)?;
