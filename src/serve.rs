@@ -2,7 +2,7 @@
 //! subsystems on SIGHUP and shuts down cleanly on SIGINT/SIGTERM.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -115,7 +115,7 @@ fn ports(cfg: &Config, params: &TcpParams) -> Vec<Port> {
 
 /// SIGHUP: re-reads the configuration file and applies subsystem changes. Listener changes
 /// need a restart; an invalid file changes nothing. Both are logged with the reason.
-fn reload(path: &PathBuf, cfg: &mut Config, live: &mut Live, target: &Target) {
+fn reload(path: &Path, cfg: &mut Config, live: &mut Live, target: &Target) {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => return error!("SIGHUP: reload refused, configuration unchanged: {e}"),
