@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::ctrl::{Controller, MAX_QUEUE_ENTRIES};
 use crate::subsystem::Port;
@@ -251,10 +251,10 @@ impl Queue {
         };
         match ctrl {
             Ok(c) => {
-                debug!(cntlid = c.cntlid, qid, sqsize, "queue connected");
                 self.qid = qid;
                 self.entries = sqsize + 1;
                 self.sq_flow_disabled = cattr & (1 << 2) != 0;
+                info!(cntlid = c.cntlid, qid, sqsize, sq_flow_disabled = self.sq_flow_disabled, "queue connected");
                 let cntlid = c.cntlid;
                 self.ctrl = Some(c);
                 Response::result(cntlid.into())

@@ -42,6 +42,12 @@ verify_rw "$dev" 8
 fio_verify "$dev" 128k
 nvme_disconnect_nqn "$NQN"
 
+step "reconnect with SQ flow control disabled: reads complete by C2HData SUCCESS"
+dev=$(nvme_connect_dev tcp 4420 "$NQN" --disable-sqflow)
+grep -q "qid=1 .*sq_flow_disabled=true" "$TARGET_LOG" || die "the host did not disable SQ flow control"
+fio_verify "$dev" 4k
+nvme_disconnect_nqn "$NQN"
+
 step "a host outside the allow-list is refused"
 dmesg -C
 if nvme connect -t tcp -a "$GUEST_IP" -s 4420 -n "$NQN" \
