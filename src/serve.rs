@@ -9,6 +9,7 @@ use anyhow::Context;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Config, Transport};
 use p2pnvmf_nvmf::{Backend, IoStats, Namespace, Port, Subsystem, Target, TrType};
+use p2pnvmf_transport::rdma::{self, RdmaParams};
 use p2pnvmf_transport::tcp::{self, TcpParams};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
@@ -96,19 +97,22 @@ impl Live {
     }
 }
 
-fn ports(cfg: &Config, params: &TcpParams) -> Vec<Port> {
+fn ports(cfg: &Config) -> Vec<Port> {
     cfg.listeners
         .iter()
         .enumerate()
-        .map(|(i, l)| Port {
-            id: i as u16 + 1,
-            trtype: match l.transport {
-                Transport::Tcp => TrType::Tcp,
-                Transport::Rdma => TrType::Rdma,
-            },
-            traddr: l.address.to_string(),
-            trsvcid: l.port.to_string(),
-            params: params.transport_params(),
+        .map(|(i, l)| {
+            let (trtype, params) = match l.transport {
+                Transport::Tcp => (TrType::Tcp, TcpParams::default().transport_params()),
+                Transport::Rdma => (TrType::Rdma, RdmaParams::default().transport_params()),
+            };
+            Port {
+                id: i as u16 + 1,
+                trtype,
+                traddr: l.address.to_string(),
+                trsvcid: l.port.to_string(),
+                params,
+            }
         })
         .collect()
 }
@@ -141,25 +145,44 @@ fn reload(path: &Path, cfg: &mut Config, live: &mut Live, target: &Target) {
 }
 
 pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    let params = TcpParams::default();
     let mut live = Live::default().build(&cfg)?;
-    let target = Target::new(live.list(), ports(&cfg, &params));
+    let target = Target::new(live.list(), ports(&cfg));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();
     for port in target.ports.clone() {
         let addr = std::net::SocketAddr::new(port.traddr.parse()?, port.trsvcid.parse()?);
         let name = &cfg.listeners[usize::from(port.id) - 1].name;
-        let sock = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("listener {name}: binding NVMe/TCP on {addr}"))?;
-        info!(%addr, port = port.id, "NVMe/TCP listener ready");
-        listeners.spawn(tcp::serve(
-            sock,
-            target.clone(),
-            port,
-            params,
-            stop_rx.clone(),
-        ));
+        match port.trtype {
+            TrType::Tcp => {
+                let sock = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("listener {name}: binding NVMe/TCP on {addr}"))?;
+                info!(%addr, port = port.id, "NVMe/TCP listener ready");
+                listeners.spawn(tcp::serve(
+                    sock,
+                    target.clone(),
+                    port,
+                    TcpParams::default(),
+                    stop_rx.clone(),
+                ));
+            }
+            TrType::Rdma => {
+                // Fail at start-up, naming the library, when rdma-core is missing.
+                rdma::available()
+                    .map_err(|e| anyhow::anyhow!("listener {name}: NVMe/RDMA on {addr}: {e}"))?;
+                let listener = rdma::Listener::bind(addr)
+                    .with_context(|| format!("listener {name}: binding NVMe/RDMA on {addr}"))?;
+                info!(%addr, port = port.id, "NVMe/RDMA listener ready");
+                let (target, stop, name) = (target.clone(), stop_rx.clone(), name.clone());
+                listeners.spawn(async move {
+                    if let Err(e) =
+                        rdma::serve(listener, target, port, RdmaParams::default(), stop).await
+                    {
+                        error!("listener {name}: NVMe/RDMA on {addr}: {e}");
+                    }
+                });
+            }
+        }
     }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

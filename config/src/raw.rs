@@ -120,12 +120,7 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
     let r = l.get_ref();
     let transport = match r.transport.get_ref().as_str() {
         "tcp" => Transport::Tcp,
-        "rdma" => {
-            return Err(cx.err(
-                r.transport.span(),
-                format!("listener[{i}].transport: \"rdma\" is not implemented yet; use \"tcp\""),
-            ));
-        }
+        "rdma" => Transport::Rdma,
         t => {
             return Err(cx.err(
                 r.transport.span(),
@@ -437,8 +432,8 @@ mod tests {
 
     #[test]
     fn not_yet_implemented_is_refused_not_ignored() {
-        let e = err("[[listener]]\ntransport = \"rdma\"\naddress = \"10.0.0.1\"\n");
-        assert!(e.message.contains("\"rdma\" is not implemented yet"), "{e}");
+        let e = err("[[listener]]\ntransport = \"iwarp\"\naddress = \"10.0.0.1\"\n");
+        assert!(e.message.contains("unknown transport 'iwarp'"), "{e}");
         let e = err(&format!(
             "{LISTENER}[[p2p.provider]]\npci = \"0000:01:00.0\"\nkind = \"nvme-cmb\"\n"
         ));

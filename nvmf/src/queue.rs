@@ -254,7 +254,13 @@ impl Queue {
                 self.qid = qid;
                 self.entries = sqsize + 1;
                 self.sq_flow_disabled = cattr & (1 << 2) != 0;
-                info!(cntlid = c.cntlid, qid, sqsize, sq_flow_disabled = self.sq_flow_disabled, "queue connected");
+                info!(
+                    cntlid = c.cntlid,
+                    qid,
+                    sqsize,
+                    sq_flow_disabled = self.sq_flow_disabled,
+                    "queue connected"
+                );
                 let cntlid = c.cntlid;
                 self.ctrl = Some(c);
                 Response::result(cntlid.into())

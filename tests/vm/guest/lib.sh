@@ -162,3 +162,30 @@ ctrl_of_nqn() {
     done
     die "no controller connected to $1"
 }
+
+# rdma_config FILE NQN: one RDMA listener on rxe0's address (port 4420), one TCP listener
+# (port 4421), and one 256 MiB RAM namespace any host may use.
+rdma_config() {
+    cat >"$1" <<CFG
+[[listener]]
+name = "rdma0"
+transport = "rdma"
+address = "$GUEST_IP"
+port = 4420
+
+[[listener]]
+name = "tcp0"
+transport = "tcp"
+address = "$GUEST_IP"
+port = 4421
+
+[[subsystem]]
+nqn = "$2"
+allow_any_host = true
+
+[[subsystem.namespace]]
+nsid = 1
+backend = "ram"
+size = "256MiB"
+CFG
+}

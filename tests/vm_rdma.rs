@@ -1,0 +1,15 @@
+//! Our target over NVMe/RDMA (soft-RoCE, rxe0), driven by the Linux kernel host in the VM.
+
+use p2pnvmf_vmrig::{Scenario, Topology};
+
+fn rdma_scenario(name: &str, script: &str) -> Scenario {
+    Scenario::new(name, Topology::nic_only(), script)
+        .env("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .env("P2PNVMF_PROBE", env!("CARGO_BIN_EXE_nvmf-tcp-probe"))
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_rdma_smoke() {
+    rdma_scenario("rdma-smoke", "rdma-smoke.sh").run_ok();
+}
