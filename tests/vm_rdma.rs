@@ -13,3 +13,11 @@ fn rdma_scenario(name: &str, script: &str) -> Scenario {
 fn vm_rdma_smoke() {
     rdma_scenario("rdma-smoke", "rdma-smoke.sh").run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_rdma_io() {
+    rdma_scenario("rdma-io", "rdma-io.sh")
+        .timeout(std::time::Duration::from_secs(480))
+        .run_ok();
+}

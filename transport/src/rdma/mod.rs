@@ -324,8 +324,8 @@ struct Conn {
     cq: *mut sys::IbvCq,
     mr: *mut sys::IbvMr,
     qp_created: bool,
-    /// Receive capsules, then data buffers, then response capsules; never reallocated.
-    mem: Vec<u8>,
+    /// Receive capsules, then data buffers, then response capsules.
+    mem: sys::Region,
     depth: usize,
     capsule: usize,
     max_xfer: usize,
@@ -412,7 +412,12 @@ fn accept(
         cq: ptr::null_mut(),
         mr: ptr::null_mut(),
         qp_created: false,
-        mem: vec![0u8; mem_len],
+        mem: sys::Region::new(mem_len).map_err(|e| {
+            (
+                RejectStatus::NoResources,
+                format!("{mem_len} bytes of queue memory: {e}"),
+            )
+        })?,
         depth,
         capsule,
         max_xfer,
@@ -443,7 +448,7 @@ fn accept(
             | sys::IBV_ACCESS_REMOTE_WRITE;
         c.mr = sys::check_ptr(
             "ibv_reg_mr",
-            (api.ibv_reg_mr)(c.pd, c.mem.as_mut_ptr().cast(), mem_len, access),
+            (api.ibv_reg_mr)(c.pd, c.mem.as_ptr().cast(), mem_len, access),
         )
         .map_err(no_res)?;
         let mut init = sys::IbvQpInitAttr {
@@ -608,7 +613,7 @@ impl Conn {
     ) -> io::Result<()> {
         let cqe: Cqe = self.queue.cqe(cid, r);
         let off = self.rsp_off(rsp);
-        self.mem[off..off + 16].copy_from_slice(cqe.as_bytes());
+        self.mem.slice_mut(off, 16).copy_from_slice(cqe.as_bytes());
         let mut rsp_sge = self.sge(off, 16);
         let mut send = Self::send_wr(
             wr::SEND | rsp as u64,
@@ -648,7 +653,7 @@ impl Conn {
                 format!("capsule of {byte_len} bytes (< 64)"),
             ));
         }
-        let sqe = Sqe::read_from_bytes(&self.mem[off..off + 64]).expect("64 bytes");
+        let sqe = Sqe::read_from_bytes(self.mem.slice(off, 64)).expect("64 bytes");
         let cid = sqe.cid.get();
         let plan = self
             .queue
@@ -719,9 +724,7 @@ impl Conn {
             DataAt::Slot(len) => (self.data_off(slot), len),
             DataAt::Capsule(o, len) => (self.recv_off(slot) + 64 + o, len),
         };
-        let mut mem = std::mem::take(&mut self.mem);
-        let exec = self.queue.execute(sqe, &mut mem[start..start + len]);
-        self.mem = mem;
+        let exec = self.queue.execute(sqe, self.mem.slice_mut(start, len));
         match exec {
             Exec::Done(r) => {
                 let r = match at {

@@ -1,0 +1,51 @@
+# Our target over NVMe/RDMA (rxe) against the Linux host: connect with 2 I/O queues, fio
+# write-then-verify at 4k and 128k (QD32, 2 jobs, 64 MiB), disconnect and reconnect, 50
+# connect/disconnect cycles without growth in open fds or RSS, and the target killed under a
+# connected host and restarted: the host reconnects and I/O resumes.
+NQN=nqn.2026-11.io.p2pnvmf:rdma
+rdma_config /tmp/scn/target.toml "$NQN"
+start_target /tmp/scn/target.toml 4421
+
+step "discover and connect -i 2"
+nvme_discover_expect rdma 4420 "$NQN"
+dev=$(nvme_connect_dev rdma 4420 "$NQN" -i 2)
+grep -c "RDMA queue accepted qid=[12]" "$TARGET_LOG" | grep -qx 2 || die "expected 2 RDMA I/O queues"
+step "fio verify 4k, 2 jobs"
+fio_verify "$dev" 4k 2
+step "fio verify 128k, 2 jobs"
+fio_verify "$dev" 128k 2
+step "disconnect and reconnect"
+nvme_disconnect_nqn "$NQN"
+dev=$(nvme_connect_dev rdma 4420 "$NQN" -i 2)
+verify_rw "$dev" 4
+nvme_disconnect_nqn "$NQN"
+
+step "50 connect/disconnect cycles"
+# Two warm-up cycles first: allocator and provider caches settle.
+for i in 1 2; do nvme_connect_dev rdma 4420 "$NQN" -i 2 >/dev/null; nvme_disconnect_nqn "$NQN" >/dev/null; done
+read -r fd0 rss0 < <(target_usage)
+for i in $(seq 50); do
+    nvme_connect_dev rdma 4420 "$NQN" -i 2 >/dev/null
+    nvme_disconnect_nqn "$NQN" >/dev/null
+done
+sleep 1
+read -r fd1 rss1 < <(target_usage)
+echo "after 50 cycles: open fds $fd0 -> $fd1, RSS $rss0 kB -> $rss1 kB"
+[[ $fd1 -le $fd0 ]] || die "open fds grew from $fd0 to $fd1 over 50 cycles"
+(( rss1 - rss0 < 16384 )) || die "RSS grew by $((rss1 - rss0)) kB over 50 cycles"
+
+step "kill the target under a connected host, restart it"
+dev=$(nvme_connect_dev rdma 4420 "$NQN" --reconnect-delay=1 --ctrl-loss-tmo=60)
+ctrl=$(ctrl_of_nqn "$NQN")
+verify_rw "$dev" 2
+kill -KILL "$TARGET_PID"; wait "$TARGET_PID" 2>/dev/null || true; TARGET_PID=
+sleep 2
+state=$(cat "$ctrl/state")
+echo "host controller state with the target gone: $state"
+start_target /tmp/scn/target.toml 4421
+wait_live "$ctrl" 30
+step "reconnected: I/O resumes"
+verify_rw "$dev" 4
+nvme_disconnect_nqn "$NQN"
+stop_target
+step "done"
