@@ -255,10 +255,12 @@ macro_rules! api {
         }
 
         impl Api {
-            fn load() -> Result<Api, String> {
+            /// Loads the libraries; `rename` maps each default file name (for tests).
+            pub fn load_with(rename: impl Fn(&'static str) -> String) -> Result<Api, String> {
                 let mut libs = Vec::new();
                 $(
-                    let name = concat!(stringify!($lib), ".so.1");
+                    let name = rename(concat!(stringify!($lib), ".so.1"));
+                    let name = name.as_str();
                     // SAFETY: loading rdma-core runs its constructors, which only register
                     // providers; we resolve plain C functions from it below.
                     let lib = unsafe { Library::new(name) }.map_err(|e| {
@@ -311,7 +313,9 @@ api! {
 /// The loaded libraries, once per process; the error names the library that is missing.
 pub fn api() -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    API.get_or_init(Api::load).as_ref().map_err(Clone::clone)
+    API.get_or_init(|| Api::load_with(String::from))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 /// Maps a C return value (-1/errno or non-zero) to an io::Error naming the call.
