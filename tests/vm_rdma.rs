@@ -5,7 +5,7 @@ use p2pnvmf_vmrig::{Scenario, Topology};
 fn rdma_scenario(name: &str, script: &str) -> Scenario {
     Scenario::new(name, Topology::nic_only(), script)
         .env("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
-        .env("P2PNVMF_PROBE", env!("CARGO_BIN_EXE_nvmf-tcp-probe"))
+        .env("P2PNVMF_RDMA_PROBE", env!("CARGO_BIN_EXE_nvmf-rdma-probe"))
 }
 
 #[test]
@@ -20,4 +20,10 @@ fn vm_rdma_io() {
     rdma_scenario("rdma-io", "rdma-io.sh")
         .timeout(std::time::Duration::from_secs(480))
         .run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_rdma_bad_input_beside_fio() {
+    rdma_scenario("rdma-bad-input", "rdma-bad-input.sh").run_ok();
 }

@@ -65,7 +65,8 @@ pub fn available() -> Result<(), String> {
     sys::api().map(drop)
 }
 
-fn sockaddr(addr: SocketAddr) -> io::Result<libc::sockaddr_in> {
+/// `addr` as the sockaddr_in librdmacm takes (IPv4 only for now).
+pub fn sockaddr(addr: SocketAddr) -> io::Result<libc::sockaddr_in> {
     match addr {
         SocketAddr::V4(a) => Ok(libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,

@@ -221,7 +221,10 @@ pub struct RdmaCmEvent {
 }
 
 pub mod cm_event {
+    pub const ADDR_RESOLVED: u32 = 0;
+    pub const ROUTE_RESOLVED: u32 = 2;
     pub const CONNECT_REQUEST: u32 = 4;
+    pub const REJECTED: u32 = 8;
     pub const CONNECT_ERROR: u32 = 6;
     pub const ESTABLISHED: u32 = 9;
     pub const DISCONNECTED: u32 = 10;
@@ -307,6 +310,9 @@ api! {
         rdma_disconnect: fn(*mut RdmaCmId) -> c_int;
         rdma_create_qp: fn(*mut RdmaCmId, *mut IbvPd, *mut IbvQpInitAttr) -> c_int;
         rdma_destroy_qp: fn(*mut RdmaCmId) -> ();
+        rdma_resolve_addr: fn(*mut RdmaCmId, *const libc::sockaddr, *const libc::sockaddr, c_int) -> c_int;
+        rdma_resolve_route: fn(*mut RdmaCmId, c_int) -> c_int;
+        rdma_connect: fn(*mut RdmaCmId, *mut RdmaConnParam) -> c_int;
     }
 }
 
