@@ -21,6 +21,9 @@ struct Args {
 
 type R<T> = Result<T, String>;
 
+/// A named check against the target.
+type Case = (&'static str, Box<dyn Fn() -> R<()>>);
+
 /// One client connection attempt: its own event channel and CM id, freed on drop.
 struct Client {
     api: &'static Api,
@@ -65,8 +68,9 @@ impl Client {
     /// Waits up to 5 s for the next CM event.
     fn event(&self) -> R<Ev> {
         // SAFETY: the channel lives as long as self.
+        let fd = unsafe { (*self.ch).fd };
         let mut pfd = libc::pollfd {
-            fd: unsafe { (*self.ch).fd },
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
@@ -291,7 +295,7 @@ fn main() {
     };
     let a = args.addr;
     use wire::RejectStatus::*;
-    let cases: Vec<(&str, Box<dyn Fn() -> R<()>>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "connect with RECFMT 1",
             Box::new(move || rejected(api, a, &request(1, 0, 32, 31), InvalidRecfmt)),
