@@ -97,6 +97,14 @@ impl Live {
     }
 }
 
+fn rdma_params(l: &p2pnvmf_config::Listener) -> RdmaParams {
+    RdmaParams {
+        max_icd: l.inline_data_size,
+        busy_poll: l.busy_poll,
+        ..RdmaParams::default()
+    }
+}
+
 fn ports(cfg: &Config) -> Vec<Port> {
     cfg.listeners
         .iter()
@@ -104,7 +112,7 @@ fn ports(cfg: &Config) -> Vec<Port> {
         .map(|(i, l)| {
             let (trtype, params) = match l.transport {
                 Transport::Tcp => (TrType::Tcp, TcpParams::default().transport_params()),
-                Transport::Rdma => (TrType::Rdma, RdmaParams::default().transport_params()),
+                Transport::Rdma => (TrType::Rdma, rdma_params(l).transport_params()),
             };
             Port {
                 id: i as u16 + 1,
@@ -151,7 +159,8 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     let mut listeners = tokio::task::JoinSet::new();
     for port in target.ports.clone() {
         let addr = std::net::SocketAddr::new(port.traddr.parse()?, port.trsvcid.parse()?);
-        let name = &cfg.listeners[usize::from(port.id) - 1].name;
+        let lcfg = &cfg.listeners[usize::from(port.id) - 1];
+        let name = &lcfg.name;
         match port.trtype {
             TrType::Tcp => {
                 let sock = tokio::net::TcpListener::bind(addr)
@@ -173,11 +182,14 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 let listener = rdma::Listener::bind(addr)
                     .with_context(|| format!("listener {name}: binding NVMe/RDMA on {addr}"))?;
                 info!(%addr, port = port.id, "NVMe/RDMA listener ready");
-                let (target, stop, name) = (target.clone(), stop_rx.clone(), name.clone());
+                let (target, stop, name, params) = (
+                    target.clone(),
+                    stop_rx.clone(),
+                    name.clone(),
+                    rdma_params(lcfg),
+                );
                 listeners.spawn(async move {
-                    if let Err(e) =
-                        rdma::serve(listener, target, port, RdmaParams::default(), stop).await
-                    {
+                    if let Err(e) = rdma::serve(listener, target, port, params, stop).await {
                         error!("listener {name}: NVMe/RDMA on {addr}: {e}");
                     }
                 });

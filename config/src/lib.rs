@@ -46,7 +46,15 @@ pub struct Listener {
     pub transport: Transport,
     pub address: IpAddr,
     pub port: u16,
+    /// RDMA: in-capsule data accepted on I/O queues (advertised as IOCCSZ).
+    pub inline_data_size: u32,
+    /// RDMA: poll completion queues instead of waiting on completion channels.
+    pub busy_poll: bool,
 }
+
+/// Default and largest RDMA in-capsule data size.
+pub const DEFAULT_INLINE_DATA: u32 = 8192;
+pub const MAX_INLINE_DATA: u32 = 16384;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {

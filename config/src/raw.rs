@@ -25,6 +25,8 @@ struct RawListener {
     transport: Spanned<String>,
     address: Spanned<String>,
     port: Option<Spanned<i64>>,
+    inline_data_size: Option<Spanned<i64>>,
+    busy_poll: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -153,11 +155,44 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
         .name
         .as_ref()
         .map_or_else(|| format!("listener{i}"), |n| n.get_ref().clone());
+    if transport == Transport::Tcp {
+        let span = r
+            .inline_data_size
+            .as_ref()
+            .map(|v| (v.span(), "inline_data_size"));
+        if let Some((span, key)) =
+            span.or_else(|| r.busy_poll.as_ref().map(|v| (v.span(), "busy_poll")))
+        {
+            return Err(cx.err(
+                span,
+                format!("listener[{i}].{key}: applies to rdma listeners only"),
+            ));
+        }
+    }
+    let inline_data_size = match &r.inline_data_size {
+        None => crate::DEFAULT_INLINE_DATA,
+        Some(v) => u32::try_from(*v.get_ref())
+            .ok()
+            .filter(|n| *n <= crate::MAX_INLINE_DATA && n % 16 == 0)
+            .ok_or_else(|| {
+                cx.err(
+                    v.span(),
+                    format!(
+                        "listener[{i}].inline_data_size: {} must be a multiple of 16 from 0 to {}",
+                        v.get_ref(),
+                        crate::MAX_INLINE_DATA
+                    ),
+                )
+            })?,
+    };
+    let busy_poll = r.busy_poll.as_ref().is_some_and(|b| *b.get_ref());
     Ok(Listener {
         name,
         transport,
         address,
         port,
+        inline_data_size,
+        busy_poll,
     })
 }
 
@@ -446,6 +481,37 @@ mod tests {
                 .message
                 .contains("buffers: \"p2p\" is not implemented yet")
         );
+    }
+
+    #[test]
+    fn rdma_listener_options() {
+        let rdma = "[[listener]]\ntransport = \"rdma\"\naddress = \"10.0.0.1\"\n";
+        let c = parse(
+            &format!("{rdma}inline_data_size = 16384\nbusy_poll = true\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.listeners[0].inline_data_size, c.listeners[0].busy_poll),
+            (16384, true)
+        );
+        assert_eq!(
+            parse(rdma, "t").unwrap().listeners[0].inline_data_size,
+            8192
+        );
+        let e = err(&format!("{rdma}inline_data_size = 16400\n"));
+        assert!(
+            e.message
+                .contains("inline_data_size: 16400 must be a multiple of 16 from 0 to 16384"),
+            "{e}"
+        );
+        let e = err(&format!("{LISTENER}busy_poll = true\n"));
+        assert!(
+            e.message
+                .contains("listener[0].busy_poll: applies to rdma listeners only"),
+            "{e}"
+        );
+        assert_eq!(e.line, 5);
     }
 
     #[test]

@@ -10,4 +10,15 @@ step "verify 16 MiB on $dev"
 verify_rw "$dev" 16
 nvme_disconnect_nqn "$NQN"
 stop_target
+
+step "16 KiB in-capsule data and busy-polled completions"
+sed -i 's/^port = 4420$/port = 4420\ninline_data_size = 16384\nbusy_poll = true/' /tmp/scn/target.toml
+start_target /tmp/scn/target.toml 4421
+dev=$(nvme_connect_dev rdma 4420 "$NQN")
+grep -q "RDMA queue accepted qid=1 .*busy_poll=true" "$TARGET_LOG" || die "I/O queue not in busy-poll mode"
+nvme id-ctrl "$dev" | grep "^ioccsz *: 1028" || die "IOCCSZ is not 1028 (16 KiB in-capsule data)"
+verify_rw "$dev" 8
+fio_verify "$dev" 4k
+nvme_disconnect_nqn "$NQN"
+stop_target
 step "done"

@@ -38,6 +38,8 @@ pub struct RdmaParams {
     pub max_icd: u32,
     /// Largest transfer of one command.
     pub max_xfer: u32,
+    /// Poll completion queues (for dedicated cores) instead of sleeping on completion channels.
+    pub busy_poll: bool,
 }
 
 impl Default for RdmaParams {
@@ -45,6 +47,7 @@ impl Default for RdmaParams {
         RdmaParams {
             max_icd: 8192,
             max_xfer: 128 << 10,
+            busy_poll: false,
         }
     }
 }
@@ -333,6 +336,7 @@ struct Conn {
     /// For each slot, the command waiting for its RDMA READ.
     reading: Vec<Option<(Sqe, Keyed)>>,
     free_event_rsps: Vec<usize>,
+    busy_poll: bool,
     queue: Queue,
     peer: String,
 }
@@ -424,6 +428,7 @@ fn accept(
         max_xfer,
         reading: vec![None; depth],
         free_event_rsps: (depth..depth + EVENT_RSPS).collect(),
+        busy_poll: params.busy_poll,
         queue: Queue::new(target.clone(), port.clone()),
         peer: format!("qid {} (cm id {:p})", req.qid, ev.id),
     };
@@ -505,6 +510,7 @@ fn accept(
         hrqsize = req.hrqsize,
         ord,
         ird,
+        busy_poll = params.busy_poll,
         "RDMA queue accepted"
     );
     Ok(c)
@@ -774,23 +780,25 @@ impl Conn {
         Ok(())
     }
 
-    /// Drains the completion queue and re-arms it.
+    /// Drains the completion queue; in channel mode, takes the channel's events and re-arms
+    /// the CQ first so no completion is missed.
     fn poll(&mut self) -> io::Result<()> {
-        let mut cq: *mut sys::IbvCq = ptr::null_mut();
-        let mut ctx: *mut c_void = ptr::null_mut();
-        // SAFETY: non-blocking channel; one event acked per event taken.
-        unsafe {
-            while (self.api.ibv_get_cq_event)(self.channel, &mut cq, &mut ctx) == 0 {
-                (self.api.ibv_ack_cq_events)(cq, 1);
-            }
-        }
         let ops = self.ctx_ops();
         let (poll_cq, notify) = match (ops.poll_cq, ops.req_notify_cq) {
             (Some(p), Some(n)) => (p, n),
             _ => return Err(io::Error::other("provider lacks poll_cq/req_notify_cq")),
         };
-        // SAFETY: our CQ; re-armed before the final poll so no completion is missed.
-        sys::check("ibv_req_notify_cq", unsafe { notify(self.cq, 0) })?;
+        if !self.busy_poll {
+            let mut cq: *mut sys::IbvCq = ptr::null_mut();
+            let mut ctx: *mut c_void = ptr::null_mut();
+            // SAFETY: non-blocking channel; one event acked per event taken; our CQ re-armed.
+            unsafe {
+                while (self.api.ibv_get_cq_event)(self.channel, &mut cq, &mut ctx) == 0 {
+                    (self.api.ibv_ack_cq_events)(cq, 1);
+                }
+                sys::check("ibv_req_notify_cq", notify(self.cq, 0))?;
+            }
+        }
         let mut wcs = [sys::IbvWc::default(); 32];
         loop {
             // SAFETY: `wcs` has room for 32 entries.
@@ -838,7 +846,13 @@ impl Conn {
             let mut dead = ctrl.as_ref().map(|c| c.watch_dead());
             let events = ctrl.as_ref().filter(|_| self.queue.qid() == 0).cloned();
             tokio::select! {
-                guard = afd.readable() => {
+                // Busy-poll mode: poll between every other readiness check.
+                () = tokio::task::yield_now(), if self.busy_poll => {
+                    if let Err(e) = self.poll() {
+                        break format!("{e}");
+                    }
+                }
+                guard = afd.readable(), if !self.busy_poll => {
                     match guard {
                         Ok(mut g) => {
                             g.clear_ready();
