@@ -9,11 +9,7 @@ fn main() {
         .env("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .timeout(std::time::Duration::from_secs(900))
         .run_ok();
-    for line in out
-        .console
-        .lines()
-        .filter(|l| l.starts_with("bench ") || l.starts_with("ratio "))
-    {
+    for line in out.console.lines().filter(|l| l.starts_with("bench ") || l.starts_with("ratio ")) {
         println!("{line}");
     }
 }

@@ -8,10 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    about = "User-space NVMe-over-Fabrics target with peer-to-peer PCIe buffers"
-)]
+#[command(version, about = "User-space NVMe-over-Fabrics target with peer-to-peer PCIe buffers")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

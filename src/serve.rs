@@ -19,9 +19,8 @@ fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc
     Ok(match cfg {
         BackendCfg::Ram { size } => Arc::new(RamBackend::new(*size)),
         BackendCfg::File { path, size } => {
-            let f = FileBackend::open(path, *size).with_context(|| {
-                format!("{subnqn} namespace {nsid}: opening {}", path.display())
-            })?;
+            let f = FileBackend::open(path, *size)
+                .with_context(|| format!("{subnqn} namespace {nsid}: opening {}", path.display()))?;
             info!(subnqn, nsid, path = %path.display(), engine = ?f.engine(), o_direct = f.has_direct(), "file backend open");
             Arc::new(f)
         }
@@ -38,28 +37,20 @@ struct Live {
 impl Live {
     /// Builds the subsystems of `cfg`, reusing unchanged subsystems and namespaces of `self`.
     fn build(&self, cfg: &Config) -> anyhow::Result<Live> {
-        let port_id = |name: &str| {
-            cfg.listeners
-                .iter()
-                .position(|l| l.name == name)
-                .map(|i| i as u16 + 1)
-                .expect("validated")
-        };
+        let port_id =
+            |name: &str| cfg.listeners.iter().position(|l| l.name == name).map(|i| i as u16 + 1).expect("validated");
         let mut next = Live::default();
         for s in &cfg.subsystems {
             let old = self.subsystems.get(&s.nqn);
             if let Some((old_cfg, live)) = old.filter(|(c, _)| c == s) {
-                next.subsystems
-                    .insert(s.nqn.clone(), (old_cfg.clone(), live.clone()));
+                next.subsystems.insert(s.nqn.clone(), (old_cfg.clone(), live.clone()));
                 continue;
             }
             let mut namespaces = Vec::new();
             for n in &s.namespaces {
                 let reused = old.and_then(|(c, live)| {
                     let was = c.namespaces.iter().find(|m| m.nsid == n.nsid)?;
-                    (was.backend == n.backend)
-                        .then(|| live.ns(n.nsid).cloned())
-                        .flatten()
+                    (was.backend == n.backend).then(|| live.ns(n.nsid).cloned()).flatten()
                 });
                 let ns = match reused {
                     Some(ns) => ns,
@@ -77,10 +68,7 @@ impl Live {
                 model: s.model.clone(),
                 allow_any_host: s.allow_any_host,
                 hosts: s.hosts.clone(),
-                ports: s
-                    .listeners
-                    .as_ref()
-                    .map(|l| l.iter().map(|n| port_id(n)).collect()),
+                ports: s.listeners.as_ref().map(|l| l.iter().map(|n| port_id(n)).collect()),
                 namespaces,
                 stats: IoStats::default(),
             });
@@ -98,11 +86,7 @@ impl Live {
 }
 
 fn rdma_params(l: &p2pnvmf_config::Listener) -> RdmaParams {
-    RdmaParams {
-        max_icd: l.inline_data_size,
-        busy_poll: l.busy_poll,
-        ..RdmaParams::default()
-    }
+    RdmaParams { max_icd: l.inline_data_size, busy_poll: l.busy_poll, ..RdmaParams::default() }
 }
 
 fn ports(cfg: &Config) -> Vec<Port> {
@@ -114,13 +98,7 @@ fn ports(cfg: &Config) -> Vec<Port> {
                 Transport::Tcp => (TrType::Tcp, TcpParams::default().transport_params()),
                 Transport::Rdma => (TrType::Rdma, rdma_params(l).transport_params()),
             };
-            Port {
-                id: i as u16 + 1,
-                trtype,
-                traddr: l.address.to_string(),
-                trsvcid: l.port.to_string(),
-                params,
-            }
+            Port { id: i as u16 + 1, trtype, traddr: l.address.to_string(), trsvcid: l.port.to_string(), params }
         })
         .collect()
 }
@@ -133,10 +111,7 @@ fn reload(path: &Path, cfg: &mut Config, live: &mut Live, target: &Target) {
         Err(e) => return error!("SIGHUP: reload refused, configuration unchanged: {e}"),
     };
     if new.listeners != cfg.listeners {
-        return error!(
-            "SIGHUP: reload refused: [[listener]] changed in {}; restart to apply",
-            path.display()
-        );
+        return error!("SIGHUP: reload refused: [[listener]] changed in {}; restart to apply", path.display());
     }
     if new.subsystems == cfg.subsystems {
         return info!("SIGHUP: {} unchanged", path.display());
@@ -167,27 +142,15 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("listener {name}: binding NVMe/TCP on {addr}"))?;
                 info!(%addr, port = port.id, "NVMe/TCP listener ready");
-                listeners.spawn(tcp::serve(
-                    sock,
-                    target.clone(),
-                    port,
-                    TcpParams::default(),
-                    stop_rx.clone(),
-                ));
+                listeners.spawn(tcp::serve(sock, target.clone(), port, TcpParams::default(), stop_rx.clone()));
             }
             TrType::Rdma => {
                 // Fail at start-up, naming the library, when rdma-core is missing.
-                rdma::available()
-                    .map_err(|e| anyhow::anyhow!("listener {name}: NVMe/RDMA on {addr}: {e}"))?;
+                rdma::available().map_err(|e| anyhow::anyhow!("listener {name}: NVMe/RDMA on {addr}: {e}"))?;
                 let listener = rdma::Listener::bind(addr)
                     .with_context(|| format!("listener {name}: binding NVMe/RDMA on {addr}"))?;
                 info!(%addr, port = port.id, "NVMe/RDMA listener ready");
-                let (target, stop, name, params) = (
-                    target.clone(),
-                    stop_rx.clone(),
-                    name.clone(),
-                    rdma_params(lcfg),
-                );
+                let (target, stop, name, params) = (target.clone(), stop_rx.clone(), name.clone(), rdma_params(lcfg));
                 listeners.spawn(async move {
                     if let Err(e) = rdma::serve(listener, target, port, params, stop).await {
                         error!("listener {name}: NVMe/RDMA on {addr}: {e}");

@@ -26,10 +26,7 @@ fn serve(args: &[&str], port: u16) -> Served {
     let served = Served(child);
     let start = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "p2pnvmf did not listen on {port}"
-        );
+        assert!(start.elapsed() < Duration::from_secs(10), "p2pnvmf did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
     served
@@ -49,42 +46,22 @@ fn probe(port: u16, nqn: &str) -> String {
 /// SIGTERM must stop the target within 10 s with exit code 0.
 fn terminate(mut s: Served) -> String {
     let pid = s.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let start = Instant::now();
     let status = loop {
         if let Some(st) = s.0.try_wait().unwrap() {
             break st;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no exit 10 s after SIGTERM"
-        );
+        assert!(start.elapsed() < Duration::from_secs(10), "no exit 10 s after SIGTERM");
         std::thread::sleep(Duration::from_millis(20));
     };
-    let log: Vec<String> = BufReader::new(s.0.stderr.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .collect();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        log.join("\n")
-    );
+    let log: Vec<String> = BufReader::new(s.0.stderr.take().unwrap()).lines().map_while(Result::ok).collect();
+    assert!(status.success(), "exit status {status}; log:\n{}", log.join("\n"));
     log.join("\n")
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -125,41 +102,16 @@ fn check_config_names_file_line_and_key() {
     let dir = std::env::temp_dir().join(format!("p2pnvmf-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[[listener]]\ntransport = \"tcp\"\naddress = \"127.0.0.1\"\nport = 70000\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf"))
-        .arg("check-config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    std::fs::write(&bad, "[[listener]]\ntransport = \"tcp\"\naddress = \"127.0.0.1\"\nport = 70000\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf")).arg("check-config").arg(&bad).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(&format!(
-            "{}:4:8: listener[0].port: 70000 is not a TCP port",
-            bad.display()
-        )),
-        "{err}"
-    );
+    assert!(err.contains(&format!("{}:4:8: listener[0].port: 70000 is not a TCP port", bad.display())), "{err}");
     let good = dir.join("good.toml");
     std::fs::write(&good, p2pnvmf_config_default()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf"))
-        .arg("check-config")
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout)
-            .contains("ok (1 listener(s), 1 subsystem(s), 1 namespace(s))")
-    );
+    let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf")).arg("check-config").arg(&good).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 listener(s), 1 subsystem(s), 1 namespace(s))"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -4,13 +4,9 @@
 use p2pnvmf_vmrig::{Scenario, Topology};
 
 fn kernel_target(transport: &str) {
-    Scenario::new(
-        &format!("kernel-target-{transport}"),
-        Topology::nic_only(),
-        "kernel-target.sh",
-    )
-    .env("TRANSPORT", transport)
-    .run_ok();
+    Scenario::new(&format!("kernel-target-{transport}"), Topology::nic_only(), "kernel-target.sh")
+        .env("TRANSPORT", transport)
+        .run_ok();
 }
 
 #[test]

@@ -17,9 +17,7 @@ fn vm_tcp_smoke() {
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
 fn vm_tcp_io() {
-    tcp_scenario("tcp-io", "tcp-io.sh")
-        .timeout(std::time::Duration::from_secs(420))
-        .run_ok();
+    tcp_scenario("tcp-io", "tcp-io.sh").timeout(std::time::Duration::from_secs(420)).run_ok();
 }
 
 #[test]

@@ -51,11 +51,7 @@ impl FileBackend {
     }
 
     pub fn open_with(path: &Path, size: Option<u64>, engine: Engine) -> io::Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(size.is_some())
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(true).create(size.is_some()).open(path)?;
         let meta = file.metadata()?;
         let size = if meta.file_type().is_block_device() {
             (&file).seek(SeekFrom::End(0))?
@@ -69,12 +65,7 @@ impl FileBackend {
                 None => meta.len(),
             }
         };
-        let direct = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
+        let direct = match OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
             Ok(f) => Some(f),
             Err(e) => {
                 // tmpfs and some network filesystems refuse O_DIRECT.
@@ -82,13 +73,7 @@ impl FileBackend {
                 None
             }
         };
-        Ok(FileBackend {
-            path: path.to_path_buf(),
-            file,
-            direct,
-            size,
-            engine,
-        })
+        Ok(FileBackend { path: path.to_path_buf(), file, direct, size, engine })
     }
 
     pub fn path(&self) -> &Path {
@@ -182,8 +167,7 @@ mod tests {
     }
 
     fn roundtrip(engine: Engine) {
-        let path =
-            std::env::temp_dir().join(format!("p2pnvmf-file-{engine:?}-{}", std::process::id()));
+        let path = std::env::temp_dir().join(format!("p2pnvmf-file-{engine:?}-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         {
             let f = FileBackend::open_with(&path, Some(1 << 20), engine).unwrap();

@@ -19,19 +19,12 @@ pub struct RamBackend {
 impl RamBackend {
     pub fn new(size: u64) -> Self {
         let n = size.div_ceil(CHUNK as u64) as usize;
-        RamBackend {
-            size,
-            chunks: (0..n).map(|_| RwLock::new(None)).collect(),
-        }
+        RamBackend { size, chunks: (0..n).map(|_| RwLock::new(None)).collect() }
     }
 
     /// Bytes of memory actually allocated.
     pub fn resident_bytes(&self) -> u64 {
-        let used = self
-            .chunks
-            .iter()
-            .filter(|c| c.read().is_ok_and(|c| c.is_some()))
-            .count();
+        let used = self.chunks.iter().filter(|c| c.read().is_ok_and(|c| c.is_some())).count();
         (used * CHUNK) as u64
     }
 

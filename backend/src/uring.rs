@@ -30,31 +30,17 @@ fn submit(fd: RawFd, offset: u64, op: &mut Op<'_>) -> io::Result<usize> {
         }
         let ring = slot.as_mut().expect("ring created above");
         let entry = match op {
-            Op::Read(b) => opcode::Read::new(types::Fd(fd), b.as_mut_ptr(), b.len() as u32)
-                .offset(offset)
-                .build(),
-            Op::Write(b) => opcode::Write::new(types::Fd(fd), b.as_ptr(), b.len() as u32)
-                .offset(offset)
-                .build(),
-            Op::Fsync => opcode::Fsync::new(types::Fd(fd))
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            Op::Read(b) => opcode::Read::new(types::Fd(fd), b.as_mut_ptr(), b.len() as u32).offset(offset).build(),
+            Op::Write(b) => opcode::Write::new(types::Fd(fd), b.as_ptr(), b.len() as u32).offset(offset).build(),
+            Op::Fsync => opcode::Fsync::new(types::Fd(fd)).flags(types::FsyncFlags::DATASYNC).build(),
         };
         // SAFETY: the buffer behind `entry` is borrowed by `op` for this whole call, and the call
         // waits for the completion below before returning, so the kernel never touches it after.
-        unsafe { ring.submission().push(&entry) }
-            .map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        unsafe { ring.submission().push(&entry) }.map_err(|_| io::Error::other("io_uring submission queue full"))?;
         ring.submit_and_wait(1)?;
-        let cqe = ring
-            .completion()
-            .next()
-            .ok_or_else(|| io::Error::other("io_uring: no completion"))?;
+        let cqe = ring.completion().next().ok_or_else(|| io::Error::other("io_uring: no completion"))?;
         let res = cqe.result();
-        if res < 0 {
-            Err(io::Error::from_raw_os_error(-res))
-        } else {
-            Ok(res as usize)
-        }
+        if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res as usize) }
     })
 }
 

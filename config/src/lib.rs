@@ -26,10 +26,7 @@ pub struct ConfigError {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Invalid(#[from] ConfigError),
 }
@@ -104,10 +101,8 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, LoadError> {
-        let src = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let src =
+            std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
         Ok(Config::parse(&src, &path.display().to_string())?)
     }
 

@@ -65,36 +65,23 @@ impl Ctx<'_> {
         let before = &self.src[..span.start.min(self.src.len())];
         let line = before.matches('\n').count() + 1;
         let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-        ConfigError {
-            file: self.file.to_string(),
-            line,
-            column,
-            message,
-        }
+        ConfigError { file: self.file.to_string(), line, column, message }
     }
 }
 
 pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
     let cx = Ctx { src, file };
-    let raw: RawConfig = toml::from_str(src)
-        .map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().trim().to_string()))?;
+    let raw: RawConfig =
+        toml::from_str(src).map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().trim().to_string()))?;
     if raw.p2p.is_some() {
         // Spans of tables are not kept by toml's Value: point at the section header.
-        let at = src
-            .find("[p2p")
-            .or_else(|| src.find("[[p2p"))
-            .or_else(|| src.find("p2p"))
-            .unwrap_or(0);
-        return Err(cx.err(
-            at..at,
-            "p2p: peer-to-peer providers are not implemented yet; remove the [p2p] section".into(),
-        ));
+        let at = src.find("[p2p").or_else(|| src.find("[[p2p")).or_else(|| src.find("p2p")).unwrap_or(0);
+        return Err(
+            cx.err(at..at, "p2p: peer-to-peer providers are not implemented yet; remove the [p2p] section".into())
+        );
     }
     if raw.listener.is_empty() {
-        return Err(cx.err(
-            0..0,
-            "no [[listener]]: the target would serve nothing".into(),
-        ));
+        return Err(cx.err(0..0, "no [[listener]]: the target would serve nothing".into()));
     }
     let mut listeners = Vec::new();
     for (i, l) in raw.listener.iter().enumerate() {
@@ -105,17 +92,11 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
     for (i, s) in raw.subsystem.iter().enumerate() {
         let sub = subsystem(&cx, i, s, &listeners)?;
         if !nqns.insert(sub.nqn.clone()) {
-            return Err(cx.err(
-                s.get_ref().nqn.span(),
-                format!("subsystem[{i}].nqn: '{}' is defined twice", sub.nqn),
-            ));
+            return Err(cx.err(s.get_ref().nqn.span(), format!("subsystem[{i}].nqn: '{}' is defined twice", sub.nqn)));
         }
         subsystems.push(sub);
     }
-    Ok(Config {
-        listeners,
-        subsystems,
-    })
+    Ok(Config { listeners, subsystems })
 }
 
 fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, ConfigError> {
@@ -131,42 +112,20 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
         }
     };
     let address = r.address.get_ref().parse().map_err(|_| {
-        cx.err(
-            r.address.span(),
-            format!(
-                "listener[{i}].address: '{}' is not an IP address",
-                r.address.get_ref()
-            ),
-        )
+        cx.err(r.address.span(), format!("listener[{i}].address: '{}' is not an IP address", r.address.get_ref()))
     })?;
     let port = match &r.port {
         None => 4420,
         Some(p) => u16::try_from(*p.get_ref())
             .ok()
             .filter(|&p| p != 0)
-            .ok_or_else(|| {
-                cx.err(
-                    p.span(),
-                    format!("listener[{i}].port: {} is not a TCP port", p.get_ref()),
-                )
-            })?,
+            .ok_or_else(|| cx.err(p.span(), format!("listener[{i}].port: {} is not a TCP port", p.get_ref())))?,
     };
-    let name = r
-        .name
-        .as_ref()
-        .map_or_else(|| format!("listener{i}"), |n| n.get_ref().clone());
+    let name = r.name.as_ref().map_or_else(|| format!("listener{i}"), |n| n.get_ref().clone());
     if transport == Transport::Tcp {
-        let span = r
-            .inline_data_size
-            .as_ref()
-            .map(|v| (v.span(), "inline_data_size"));
-        if let Some((span, key)) =
-            span.or_else(|| r.busy_poll.as_ref().map(|v| (v.span(), "busy_poll")))
-        {
-            return Err(cx.err(
-                span,
-                format!("listener[{i}].{key}: applies to rdma listeners only"),
-            ));
+        let span = r.inline_data_size.as_ref().map(|v| (v.span(), "inline_data_size"));
+        if let Some((span, key)) = span.or_else(|| r.busy_poll.as_ref().map(|v| (v.span(), "busy_poll"))) {
+            return Err(cx.err(span, format!("listener[{i}].{key}: applies to rdma listeners only")));
         }
     }
     let inline_data_size = match &r.inline_data_size {
@@ -186,28 +145,13 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
             })?,
     };
     let busy_poll = r.busy_poll.as_ref().is_some_and(|b| *b.get_ref());
-    Ok(Listener {
-        name,
-        transport,
-        address,
-        port,
-        inline_data_size,
-        busy_poll,
-    })
+    Ok(Listener { name, transport, address, port, inline_data_size, busy_poll })
 }
 
-fn ascii_field(
-    cx: &Ctx,
-    key: &str,
-    v: &Spanned<String>,
-    max: usize,
-) -> Result<String, ConfigError> {
+fn ascii_field(cx: &Ctx, key: &str, v: &Spanned<String>, max: usize) -> Result<String, ConfigError> {
     let s = v.get_ref();
     if s.is_empty() || s.len() > max || !s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return Err(cx.err(
-            v.span(),
-            format!("{key}: '{s}' must be 1 to {max} printable ASCII characters"),
-        ));
+        return Err(cx.err(v.span(), format!("{key}: '{s}' must be 1 to {max} printable ASCII characters")));
     }
     Ok(s.clone())
 }
@@ -216,28 +160,17 @@ fn nqn_field(cx: &Ctx, key: &str, v: &Spanned<String>) -> Result<String, ConfigE
     let s = v.get_ref();
     // NVMe Base 2.0, 4.5: "nqn." prefix, at most 223 bytes of UTF-8.
     if !s.starts_with("nqn.") || s.len() > 223 {
-        return Err(cx.err(
-            v.span(),
-            format!("{key}: '{s}' is not an NQN (\"nqn.\" prefix, at most 223 bytes)"),
-        ));
+        return Err(cx.err(v.span(), format!("{key}: '{s}' is not an NQN (\"nqn.\" prefix, at most 223 bytes)")));
     }
     Ok(s.clone())
 }
 
-fn subsystem(
-    cx: &Ctx,
-    i: usize,
-    s: &Spanned<RawSubsystem>,
-    listeners: &[Listener],
-) -> Result<Subsystem, ConfigError> {
+fn subsystem(cx: &Ctx, i: usize, s: &Spanned<RawSubsystem>, listeners: &[Listener]) -> Result<Subsystem, ConfigError> {
     let r = s.get_ref();
     let key = format!("subsystem[{i}]");
     let nqn = nqn_field(cx, &format!("{key}.nqn"), &r.nqn)?;
     if nqn == "nqn.2014-08.org.nvmexpress.discovery" {
-        return Err(cx.err(
-            r.nqn.span(),
-            format!("{key}.nqn: the discovery NQN is reserved"),
-        ));
+        return Err(cx.err(r.nqn.span(), format!("{key}.nqn: the discovery NQN is reserved")));
     }
     let serial = match &r.serial {
         Some(v) => ascii_field(cx, &format!("{key}.serial"), v, 20)?,
@@ -261,44 +194,24 @@ fn subsystem(
     }
     let listeners = match &r.listeners {
         None => None,
-        Some(v) => Some(listener_refs(
-            cx,
-            &format!("{key}.listeners"),
-            v,
-            listeners,
-        )?)
-        .filter(|l| !l.is_empty()),
+        Some(v) => Some(listener_refs(cx, &format!("{key}.listeners"), v, listeners)?).filter(|l| !l.is_empty()),
     };
     let mut namespaces = Vec::new();
     for (j, n) in r.namespace.iter().enumerate() {
         let ns = namespace(cx, &format!("{key}.namespace[{j}]"), n)?;
         if namespaces.iter().any(|m: &Namespace| m.nsid == ns.nsid) {
-            return Err(cx.err(
-                n.get_ref().nsid.span(),
-                format!("{key}.namespace[{j}].nsid: {} is used twice", ns.nsid),
-            ));
+            return Err(
+                cx.err(n.get_ref().nsid.span(), format!("{key}.namespace[{j}].nsid: {} is used twice", ns.nsid))
+            );
         }
         namespaces.push(ns);
     }
     namespaces.sort_by_key(|n| n.nsid);
-    Ok(Subsystem {
-        nqn,
-        serial,
-        model,
-        allow_any_host: r.allow_any_host,
-        hosts,
-        listeners,
-        namespaces,
-    })
+    Ok(Subsystem { nqn, serial, model, allow_any_host: r.allow_any_host, hosts, listeners, namespaces })
 }
 
 /// `listeners = "all"` or a list of listener names; `Some(vec![])` never escapes (means all).
-fn listener_refs(
-    cx: &Ctx,
-    key: &str,
-    v: &Spanned<toml::Value>,
-    all: &[Listener],
-) -> Result<Vec<String>, ConfigError> {
+fn listener_refs(cx: &Ctx, key: &str, v: &Spanned<toml::Value>, all: &[Listener]) -> Result<Vec<String>, ConfigError> {
     match v.get_ref() {
         toml::Value::String(s) if s == "all" => Ok(Vec::new()),
         toml::Value::Array(items) => items
@@ -306,87 +219,53 @@ fn listener_refs(
             .map(|item| match item.as_str() {
                 Some(n) if all.iter().any(|l| l.name == n) => Ok(n.to_string()),
                 Some(n) => Err(cx.err(v.span(), format!("{key}: no listener named '{n}'"))),
-                None => Err(cx.err(
-                    v.span(),
-                    format!("{key}: expected listener names (strings)"),
-                )),
+                None => Err(cx.err(v.span(), format!("{key}: expected listener names (strings)"))),
             })
             .collect(),
-        _ => Err(cx.err(
-            v.span(),
-            format!("{key}: expected \"all\" or a list of listener names"),
-        )),
+        _ => Err(cx.err(v.span(), format!("{key}: expected \"all\" or a list of listener names"))),
     }
 }
 
 fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace, ConfigError> {
     let r = n.get_ref();
-    let nsid = u32::try_from(*r.nsid.get_ref())
-        .ok()
-        .filter(|&id| id != 0 && id != u32::MAX)
-        .ok_or_else(|| {
-            cx.err(
-                r.nsid.span(),
-                format!(
-                    "{key}.nsid: {} is not a valid NSID (1 to 4294967294)",
-                    r.nsid.get_ref()
-                ),
-            )
-        })?;
+    let nsid = u32::try_from(*r.nsid.get_ref()).ok().filter(|&id| id != 0 && id != u32::MAX).ok_or_else(|| {
+        cx.err(r.nsid.span(), format!("{key}.nsid: {} is not a valid NSID (1 to 4294967294)", r.nsid.get_ref()))
+    })?;
     let size = match &r.size {
         None => None,
         Some(v) => {
             let bytes = match v.get_ref() {
-                toml::Value::Integer(i) => {
-                    u64::try_from(*i).map_err(|_| format!("{i} is negative"))
-                }
+                toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| format!("{i} is negative")),
                 toml::Value::String(s) => crate::parse_size(s),
                 _ => Err("expected a number of bytes or a string like \"1GiB\"".into()),
             }
             .map_err(|m| cx.err(v.span(), format!("{key}.size: {m}")))?;
             if bytes == 0 || bytes % 512 != 0 {
-                return Err(cx.err(
-                    v.span(),
-                    format!("{key}.size: {bytes} is not a positive multiple of 512 bytes"),
-                ));
+                return Err(cx.err(v.span(), format!("{key}.size: {bytes} is not a positive multiple of 512 bytes")));
             }
             Some((bytes, v.span()))
         }
     };
     if let Some(p) = &r.pci {
-        return Err(cx.err(
-            p.span(),
-            format!("{key}.pci: only the \"nvme-vfio\" backend takes a PCI address"),
-        ));
+        return Err(cx.err(p.span(), format!("{key}.pci: only the \"nvme-vfio\" backend takes a PCI address")));
     }
     let backend = match r.backend.get_ref().as_str() {
         "ram" => {
-            let (size, _) =
-                size.ok_or_else(|| cx.err(n.span(), format!("{key}: backend \"ram\" needs size")))?;
+            let (size, _) = size.ok_or_else(|| cx.err(n.span(), format!("{key}: backend \"ram\" needs size")))?;
             if let Some(p) = &r.path {
-                return Err(cx.err(
-                    p.span(),
-                    format!("{key}.path: backend \"ram\" takes no path"),
-                ));
+                return Err(cx.err(p.span(), format!("{key}.path: backend \"ram\" takes no path")));
             }
             Backend::Ram { size }
         }
         "file" => {
-            let path = r
-                .path
-                .as_ref()
-                .ok_or_else(|| cx.err(n.span(), format!("{key}: backend \"file\" needs path")))?;
-            Backend::File {
-                path: path.get_ref().into(),
-                size: size.map(|(s, _)| s),
-            }
+            let path =
+                r.path.as_ref().ok_or_else(|| cx.err(n.span(), format!("{key}: backend \"file\" needs path")))?;
+            Backend::File { path: path.get_ref().into(), size: size.map(|(s, _)| s) }
         }
         "nvme-vfio" => {
             return Err(cx.err(
                 r.backend.span(),
-                format!(
-                    "{key}.backend: \"nvme-vfio\" is not implemented yet; use \"ram\" or \"file\""
-                ),
+                format!("{key}.backend: \"nvme-vfio\" is not implemented yet; use \"ram\" or \"file\""),
             ));
         }
         b => {
@@ -400,25 +279,17 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
         None | Some(("auto", _)) => Buffers::Auto,
         Some(("host", _)) => Buffers::Host,
         Some(("p2p", span)) => {
-            return Err(cx.err(
-                span,
-                format!("{key}.buffers: \"p2p\" is not implemented yet; use \"auto\" or \"host\""),
-            ));
+            return Err(
+                cx.err(span, format!("{key}.buffers: \"p2p\" is not implemented yet; use \"auto\" or \"host\""))
+            );
         }
         Some((b, span)) => {
-            return Err(cx.err(
-                span,
-                format!(
-                    "{key}.buffers: unknown value '{b}' (expected \"auto\", \"host\" or \"p2p\")"
-                ),
-            ));
+            return Err(
+                cx.err(span, format!("{key}.buffers: unknown value '{b}' (expected \"auto\", \"host\" or \"p2p\")"))
+            );
         }
     };
-    Ok(Namespace {
-        nsid,
-        backend,
-        buffers,
-    })
+    Ok(Namespace { nsid, backend, buffers })
 }
 
 #[cfg(test)]
@@ -426,8 +297,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const LISTENER: &str =
-        "[[listener]]\nname = \"t\"\ntransport = \"tcp\"\naddress = \"127.0.0.1\"\n";
+    const LISTENER: &str = "[[listener]]\nname = \"t\"\ntransport = \"tcp\"\naddress = \"127.0.0.1\"\n";
 
     fn err(src: &str) -> ConfigError {
         parse(src, "t.toml").unwrap_err()
@@ -438,10 +308,7 @@ mod tests {
         let c = Config::default_config();
         assert_eq!(c.listeners[0].port, 4420);
         assert_eq!(c.subsystems[0].nqn, "nqn.2026-11.io.p2pnvmf:default");
-        assert_eq!(
-            c.subsystems[0].namespaces[0].backend,
-            Backend::Ram { size: 1 << 30 }
-        );
+        assert_eq!(c.subsystems[0].namespaces[0].backend, Backend::Ram { size: 1 << 30 });
     }
 
     #[test]
@@ -458,59 +325,31 @@ mod tests {
         );
         let e = err(&src);
         assert_eq!(e.line, 13, "{e}");
-        assert!(
-            e.message
-                .starts_with("subsystem[0].namespace[0].size: unknown size unit"),
-            "{e}"
-        );
+        assert!(e.message.starts_with("subsystem[0].namespace[0].size: unknown size unit"), "{e}");
     }
 
     #[test]
     fn not_yet_implemented_is_refused_not_ignored() {
         let e = err("[[listener]]\ntransport = \"iwarp\"\naddress = \"10.0.0.1\"\n");
         assert!(e.message.contains("unknown transport 'iwarp'"), "{e}");
-        let e = err(&format!(
-            "{LISTENER}[[p2p.provider]]\npci = \"0000:01:00.0\"\nkind = \"nvme-cmb\"\n"
-        ));
+        let e = err(&format!("{LISTENER}[[p2p.provider]]\npci = \"0000:01:00.0\"\nkind = \"nvme-cmb\"\n"));
         assert!(e.message.contains("p2p"), "{e}");
         let src = format!(
             "{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbackend = \"ram\"\nsize = 4096\nbuffers = \"p2p\"\n"
         );
-        assert!(
-            err(&src)
-                .message
-                .contains("buffers: \"p2p\" is not implemented yet")
-        );
+        assert!(err(&src).message.contains("buffers: \"p2p\" is not implemented yet"));
     }
 
     #[test]
     fn rdma_listener_options() {
         let rdma = "[[listener]]\ntransport = \"rdma\"\naddress = \"10.0.0.1\"\n";
-        let c = parse(
-            &format!("{rdma}inline_data_size = 16384\nbusy_poll = true\n"),
-            "t",
-        )
-        .unwrap();
-        assert_eq!(
-            (c.listeners[0].inline_data_size, c.listeners[0].busy_poll),
-            (16384, true)
-        );
-        assert_eq!(
-            parse(rdma, "t").unwrap().listeners[0].inline_data_size,
-            8192
-        );
+        let c = parse(&format!("{rdma}inline_data_size = 16384\nbusy_poll = true\n"), "t").unwrap();
+        assert_eq!((c.listeners[0].inline_data_size, c.listeners[0].busy_poll), (16384, true));
+        assert_eq!(parse(rdma, "t").unwrap().listeners[0].inline_data_size, 8192);
         let e = err(&format!("{rdma}inline_data_size = 16400\n"));
-        assert!(
-            e.message
-                .contains("inline_data_size: 16400 must be a multiple of 16 from 0 to 16384"),
-            "{e}"
-        );
+        assert!(e.message.contains("inline_data_size: 16400 must be a multiple of 16 from 0 to 16384"), "{e}");
         let e = err(&format!("{LISTENER}busy_poll = true\n"));
-        assert!(
-            e.message
-                .contains("listener[0].busy_poll: applies to rdma listeners only"),
-            "{e}"
-        );
+        assert!(e.message.contains("listener[0].busy_poll: applies to rdma listeners only"), "{e}");
         assert_eq!(e.line, 5);
     }
 
@@ -518,15 +357,16 @@ mod tests {
     fn access_and_references() {
         let e = err(&format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\n"));
         assert!(e.message.contains("no host may connect"), "{e}");
-        let e = err(&format!(
-            "{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\nlisteners = [\"nope\"]\n"
-        ));
+        let e =
+            err(&format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\nlisteners = [\"nope\"]\n"));
         assert!(e.message.contains("no listener named 'nope'"), "{e}");
-        let e = err(&format!(
-            "{LISTENER}[[subsystem]]\nnqn = \"x\"\nallow_any_host = true\n"
-        ));
+        let e = err(&format!("{LISTENER}[[subsystem]]\nnqn = \"x\"\nallow_any_host = true\n"));
         assert!(e.message.contains("is not an NQN"), "{e}");
-        let c = parse(&format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nhosts = [\"nqn.h\"]\nlisteners = [\"t\"]\n"), "t").unwrap();
+        let c = parse(
+            &format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nhosts = [\"nqn.h\"]\nlisteners = [\"t\"]\n"),
+            "t",
+        )
+        .unwrap();
         assert_eq!(c.subsystems[0].listeners, Some(vec!["t".to_string()]));
         assert_eq!(c.subsystems[0].hosts, vec!["nqn.h".to_string()]);
     }
@@ -534,8 +374,7 @@ mod tests {
     #[test]
     fn duplicate_nsid_and_file_backend() {
         let ns = "[[subsystem.namespace]]\nnsid = 1\nbackend = \"file\"\npath = \"/tmp/x\"\n";
-        let src =
-            format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\n{ns}{ns}");
+        let src = format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\n{ns}{ns}");
         let e = err(&src);
         assert!(e.message.contains("nsid: 1 is used twice"), "{e}");
         assert_eq!(e.line, 13);

@@ -5,9 +5,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 4096, \"512MiB\", \"1GiB\")"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 4096, \"512MiB\", \"1GiB\")"))?;
     let shift = match unit.trim() {
         "" | "B" => 0,
         "K" | "KiB" => 10,
@@ -15,13 +13,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "G" | "GiB" => 30,
         "T" | "TiB" => 40,
         u => {
-            return Err(format!(
-                "unknown size unit '{u}' in '{s}' (use KiB, MiB, GiB or TiB)"
-            ));
+            return Err(format!("unknown size unit '{u}' in '{s}' (use KiB, MiB, GiB or TiB)"));
         }
     };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size '{s}' does not fit in 64 bits"))
+    n.checked_mul(1 << shift).ok_or_else(|| format!("size '{s}' does not fit in 64 bits"))
 }
 
 #[cfg(test)]
@@ -35,17 +30,9 @@ mod tests {
         assert_eq!(parse_size("1GiB"), Ok(1 << 30));
         assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
         assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert!(
-            parse_size("1GB")
-                .unwrap_err()
-                .contains("unknown size unit 'GB'")
-        );
+        assert!(parse_size("1GB").unwrap_err().contains("unknown size unit 'GB'"));
         assert!(parse_size("GiB").is_err());
-        assert!(
-            parse_size("99999999999TiB")
-                .unwrap_err()
-                .contains("64 bits")
-        );
+        assert!(parse_size("99999999999TiB").unwrap_err().contains("64 bits"));
     }
 
     proptest! {

@@ -24,8 +24,7 @@ pub mod opcode {
 pub fn supported(op: u8, discovery: bool) -> bool {
     use opcode::*;
     match op {
-        IDENTIFY | GET_LOG_PAGE | SET_FEATURES | GET_FEATURES | ASYNC_EVENT_REQUEST
-        | KEEP_ALIVE => true,
+        IDENTIFY | GET_LOG_PAGE | SET_FEATURES | GET_FEATURES | ASYNC_EVENT_REQUEST | KEEP_ALIVE => true,
         ABORT => !discovery,
         _ => false,
     }
@@ -130,13 +129,7 @@ fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
             reply(&page, data)
         }
         cns::ACTIVE_NS_LIST => {
-            for (i, ns) in subsys
-                .namespaces
-                .iter()
-                .filter(|n| n.nsid > nsid)
-                .take(1024)
-                .enumerate()
-            {
+            for (i, ns) in subsys.namespaces.iter().filter(|n| n.nsid > nsid).take(1024).enumerate() {
                 put32(&mut page, i * 4, ns.nsid);
             }
             reply(&page, data)
@@ -188,11 +181,7 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
         put32(page, 516, s.namespaces.last().map_or(0, |n| n.nsid)); // NN
         // ONCS: Compare, Dataset Management, Write Zeroes.
         put16(page, 520, 1 | 1 << 2 | 1 << 3);
-        page[525] = s
-            .namespaces
-            .iter()
-            .any(|n| n.backend.volatile_write_cache())
-            .into(); // VWC
+        page[525] = s.namespaces.iter().any(|n| n.backend.volatile_write_cache()).into(); // VWC
         put32(page, 540, s.namespaces.len() as u32); // MNAN
     }
     // SGLS: supported; keyed data blocks (bit 2) on RDMA; offsets in SGL data blocks (bit 20).
@@ -274,11 +263,7 @@ fn command_effects(page: &mut [u8; PAGE]) {
         put32(page, usize::from(op) * 4, CSUPP);
     }
     for op in io::opcode::ALL {
-        let lbcc = if io::opcode::changes_content(op) {
-            LBCC
-        } else {
-            0
-        };
+        let lbcc = if io::opcode::changes_content(op) { LBCC } else { 0 };
         put32(page, 1024 + usize::from(op) * 4, CSUPP | lbcc);
     }
 }

@@ -84,22 +84,15 @@ impl Controller {
         port: Port,
         kato_ms: u32,
     ) -> Self {
-        let write_cache = subsys.as_ref().is_some_and(|s| {
-            s.namespaces
-                .iter()
-                .any(|n| n.backend.volatile_write_cache())
-        });
+        let write_cache =
+            subsys.as_ref().is_some_and(|s| s.namespaces.iter().any(|n| n.backend.volatile_write_cache()));
         Controller {
             cntlid,
             subsys,
             hostnqn,
             hostid,
             port,
-            state: Mutex::new(State {
-                kato_ms,
-                write_cache,
-                ..State::default()
-            }),
+            state: Mutex::new(State { kato_ms, write_cache, ..State::default() }),
             born: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             dead: watch::channel(None).0,
@@ -116,9 +109,7 @@ impl Controller {
     }
 
     pub fn subnqn(&self) -> &str {
-        self.subsys
-            .as_ref()
-            .map_or(crate::DISCOVERY_NQN, |s| &s.nqn)
+        self.subsys.as_ref().map_or(crate::DISCOVERY_NQN, |s| &s.nqn)
     }
 
     /// Records host activity for the keep-alive timer (any command counts, as with TBKAS).

@@ -15,14 +15,7 @@ pub mod opcode {
     pub const COMPARE: u8 = 0x05;
     pub const WRITE_ZEROES: u8 = 0x08;
     pub const DATASET_MANAGEMENT: u8 = 0x09;
-    pub const ALL: [u8; 6] = [
-        FLUSH,
-        WRITE,
-        READ,
-        COMPARE,
-        WRITE_ZEROES,
-        DATASET_MANAGEMENT,
-    ];
+    pub const ALL: [u8; 6] = [FLUSH, WRITE, READ, COMPARE, WRITE_ZEROES, DATASET_MANAGEMENT];
 
     pub fn changes_content(op: u8) -> bool {
         matches!(op, WRITE | WRITE_ZEROES | DATASET_MANAGEMENT)
@@ -96,9 +89,7 @@ fn compare(ns: &Namespace, off: u64, host: &[u8]) -> Result<Response, Status> {
     let mut chunk = [0u8; 64 << 10];
     for (i, want) in host.chunks(chunk.len()).enumerate() {
         let have = &mut chunk[..want.len()];
-        ns.backend
-            .read(off + (i * (64 << 10)) as u64, have)
-            .map_err(|e| io_error_status(&e))?;
+        ns.backend.read(off + (i * (64 << 10)) as u64, have).map_err(|e| io_error_status(&e))?;
         if have != want {
             return Err(Status::COMPARE_FAILURE.dnr());
         }
@@ -110,9 +101,7 @@ fn compare(ns: &Namespace, off: u64, host: &[u8]) -> Result<Response, Status> {
 /// length in blocks, starting LBA); only Deallocate (AD, CDW11 bit 2) has an effect.
 fn dataset_management(ns: &Namespace, sqe: &Sqe, data: &[u8]) -> Result<Response, Status> {
     let nr = (sqe.cdw10.get() & 0xff) as usize + 1;
-    let ranges = data
-        .get(..nr * 16)
-        .ok_or(Status::DATA_SGL_LENGTH_INVALID.dnr())?;
+    let ranges = data.get(..nr * 16).ok_or(Status::DATA_SGL_LENGTH_INVALID.dnr())?;
     if sqe.cdw11.get() & (1 << 2) == 0 {
         return Ok(Response::ok());
     }
@@ -130,9 +119,7 @@ fn dataset_management(ns: &Namespace, sqe: &Sqe, data: &[u8]) -> Result<Response
     // All ranges are checked first so an invalid one changes nothing.
     for &(off, len) in &checked[..nr] {
         if len != 0 {
-            ns.backend
-                .deallocate(off, len)
-                .map_err(|e| io_error_status(&e))?;
+            ns.backend.deallocate(off, len).map_err(|e| io_error_status(&e))?;
         }
     }
     Ok(Response::ok())

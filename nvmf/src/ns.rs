@@ -39,13 +39,7 @@ impl Namespace {
         // RFC 4122 version 8 (custom), variant 10.
         uuid[6] = (uuid[6] & 0x0f) | 0x80;
         uuid[8] = (uuid[8] & 0x3f) | 0x80;
-        Namespace {
-            nsid,
-            backend,
-            lba_shift: 9,
-            nguid,
-            uuid,
-        }
+        Namespace { nsid, backend, lba_shift: 9, nguid, uuid }
     }
 
     pub fn block_size(&self) -> u32 {
@@ -132,9 +126,6 @@ mod tests {
     fn errno_mapping() {
         let s = io_error_status(&io::Error::from_raw_os_error(28));
         assert_eq!(s, crate::Status::CAPACITY_EXCEEDED.dnr());
-        assert_eq!(
-            io_error_status(&io::Error::other("x")),
-            crate::Status::INTERNAL_ERROR
-        );
+        assert_eq!(io_error_status(&io::Error::other("x")), crate::Status::INTERNAL_ERROR);
     }
 }

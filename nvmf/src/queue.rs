@@ -31,11 +31,7 @@ pub enum Direction {
 
 impl Direction {
     pub fn of(sqe: &Sqe) -> Self {
-        let bits = if sqe.opcode == FABRICS_OPCODE {
-            sqe.fctype()
-        } else {
-            sqe.opcode
-        };
+        let bits = if sqe.opcode == FABRICS_OPCODE { sqe.fctype() } else { sqe.opcode };
         match bits & 3 {
             0 => Direction::None,
             1 => Direction::HostToController,
@@ -55,10 +51,7 @@ pub struct Response {
 
 impl Response {
     pub fn status(status: Status) -> Self {
-        Response {
-            status,
-            ..Default::default()
-        }
+        Response { status, ..Default::default() }
     }
 
     pub fn ok() -> Self {
@@ -66,17 +59,11 @@ impl Response {
     }
 
     pub fn data(len: usize) -> Self {
-        Response {
-            data_len: len as u32,
-            ..Default::default()
-        }
+        Response { data_len: len as u32, ..Default::default() }
     }
 
     pub fn result(result: u64) -> Self {
-        Response {
-            result,
-            ..Default::default()
-        }
+        Response { result, ..Default::default() }
     }
 }
 
@@ -115,15 +102,7 @@ pub struct Queue {
 
 impl Queue {
     pub fn new(target: Arc<Target>, port: Port) -> Self {
-        Queue {
-            target,
-            port,
-            qid: 0,
-            entries: 1,
-            sqhd: 0,
-            ctrl: None,
-            sq_flow_disabled: false,
-        }
+        Queue { target, port, qid: 0, entries: 1, sqhd: 0, ctrl: None, sq_flow_disabled: false }
     }
 
     pub fn qid(&self) -> u16 {
@@ -172,11 +151,7 @@ impl Queue {
         } else {
             io::opcode::ALL.contains(&sqe.opcode) && !ctrl.is_discovery()
         };
-        if known {
-            Ok(())
-        } else {
-            Err(Status::INVALID_OPCODE.dnr())
-        }
+        if known { Ok(()) } else { Err(Status::INVALID_OPCODE.dnr()) }
     }
 
     /// Executes one command. `data` holds the host's data for host-to-controller commands and
@@ -192,10 +167,7 @@ impl Queue {
         if sqe.opcode == FABRICS_OPCODE {
             return self.fabrics(sqe, data).into();
         }
-        let ctrl = self
-            .ctrl
-            .clone()
-            .expect("admitted commands have a controller");
+        let ctrl = self.ctrl.clone().expect("admitted commands have a controller");
         if self.qid == 0 {
             admin::execute(&self.target, &ctrl, sqe, data)
         } else {
@@ -224,11 +196,7 @@ impl Queue {
 
     /// Connect (NVMe-oF 1.1, 3.3): RECFMT, QID, SQSIZE, CATTR, KATO in the SQE; NQNs in data.
     fn connect(&mut self, sqe: &Sqe, data: &[u8]) -> Response {
-        let refuse = |e: ConnectError| Response {
-            status: e.status,
-            result: e.result.into(),
-            data_len: 0,
-        };
+        let refuse = |e: ConnectError| Response { status: e.status, result: e.result.into(), data_len: 0 };
         let recfmt = sqe.cdw10.get() as u16;
         let qid = (sqe.cdw10.get() >> 16) as u16;
         let sqsize = sqe.cdw11.get() as u16;
@@ -254,13 +222,7 @@ impl Queue {
                 self.qid = qid;
                 self.entries = sqsize + 1;
                 self.sq_flow_disabled = cattr & (1 << 2) != 0;
-                info!(
-                    cntlid = c.cntlid,
-                    qid,
-                    sqsize,
-                    sq_flow_disabled = self.sq_flow_disabled,
-                    "queue connected"
-                );
+                info!(cntlid = c.cntlid, qid, sqsize, sq_flow_disabled = self.sq_flow_disabled, "queue connected");
                 let cntlid = c.cntlid;
                 self.ctrl = Some(c);
                 Response::result(cntlid.into())

@@ -99,9 +99,6 @@ impl Subsystem {
     }
 
     pub fn ns(&self, nsid: u32) -> Option<&Namespace> {
-        self.namespaces
-            .binary_search_by_key(&nsid, |n| n.nsid)
-            .ok()
-            .map(|i| &self.namespaces[i])
+        self.namespaces.binary_search_by_key(&nsid, |n| n.nsid).ok().map(|i| &self.namespaces[i])
     }
 }

@@ -21,26 +21,17 @@ pub struct ConnectError {
 
 impl ConnectError {
     fn new(status: Status) -> Self {
-        ConnectError {
-            status: status.dnr(),
-            result: 0,
-        }
+        ConnectError { status: status.dnr(), result: 0 }
     }
 
     /// Invalid parameter at byte `offset` of the Connect data (IATTR = 1, NVMe-oF 1.1 Fig. 21).
     fn data_param(offset: usize) -> Self {
-        ConnectError {
-            status: Status::CONNECT_INVALID_PARAMETERS.dnr(),
-            result: 1 << 16 | offset as u32,
-        }
+        ConnectError { status: Status::CONNECT_INVALID_PARAMETERS.dnr(), result: 1 << 16 | offset as u32 }
     }
 
     /// Invalid parameter at byte `offset` of the Connect SQE (IATTR = 0).
     pub fn sqe_param(offset: usize) -> Self {
-        ConnectError {
-            status: Status::CONNECT_INVALID_PARAMETERS.dnr(),
-            result: offset as u32,
-        }
+        ConnectError { status: Status::CONNECT_INVALID_PARAMETERS.dnr(), result: offset as u32 }
     }
 }
 
@@ -66,10 +57,7 @@ impl Target {
         Arc::new(Target {
             subsystems: RwLock::new(subsystems),
             ports,
-            registry: Mutex::new(Registry {
-                next: 1,
-                ..Registry::default()
-            }),
+            registry: Mutex::new(Registry { next: 1, ..Registry::default() }),
             genctr: AtomicU64::new(1),
         })
     }
@@ -80,10 +68,7 @@ impl Target {
 
     /// The current subsystems (a snapshot: a reconfiguration may replace them).
     pub fn subsystems(&self) -> Vec<Arc<Subsystem>> {
-        self.subsystems
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.subsystems.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Replaces the subsystems (a configuration reload): controllers of subsystems that are
@@ -94,20 +79,15 @@ impl Target {
         let ctrls: Vec<Arc<Controller>> = self.registry().ctrls.values().cloned().collect();
         for c in &ctrls {
             let Some(old) = &c.subsys else { continue };
-            let still = subsystems
-                .iter()
-                .any(|s| s.nqn == old.nqn && s.host_allowed(&c.hostnqn) && s.on_port(c.port.id));
+            let still =
+                subsystems.iter().any(|s| s.nqn == old.nqn && s.host_allowed(&c.hostnqn) && s.on_port(c.port.id));
             if !still {
                 warn!(cntlid = c.cntlid, subnqn = %old.nqn, hostnqn = %c.hostnqn, "reconfigured: host may no longer use this subsystem; tearing the controller down");
                 self.remove_controller(c.cntlid);
             }
         }
         let generation = self.genctr.fetch_add(1, Ordering::Relaxed) + 1;
-        info!(
-            generation,
-            subsystems = subsystems.len(),
-            "discovery log changed"
-        );
+        info!(generation, subsystems = subsystems.len(), "discovery log changed");
         for c in ctrls.iter().filter(|c| c.is_discovery()) {
             c.notify(crate::ctrl::AEN_DISCOVERY_LOG_CHANGE);
         }
@@ -136,10 +116,7 @@ impl Target {
         let (subnqn, hostnqn) = self.connect_nqns(data)?;
         if data.cntlid.get() != 0xffff {
             // Only the dynamic controller model is offered.
-            return Err(ConnectError::data_param(std::mem::offset_of!(
-                ConnectData,
-                cntlid
-            )));
+            return Err(ConnectError::data_param(std::mem::offset_of!(ConnectData, cntlid)));
         }
         let subsys = if subnqn == DISCOVERY_NQN {
             None
@@ -157,25 +134,11 @@ impl Target {
             .find(|id| !reg.ctrls.contains_key(id))
             .ok_or(ConnectError::new(Status::CONNECT_CONTROLLER_BUSY))?;
         reg.next = cntlid % MAX_CNTLID + 1;
-        let ctrl = Arc::new(Controller::new(
-            cntlid,
-            subsys,
-            hostnqn.to_string(),
-            data.hostid,
-            port.clone(),
-            kato_ms,
-        ));
+        let ctrl = Arc::new(Controller::new(cntlid, subsys, hostnqn.to_string(), data.hostid, port.clone(), kato_ms));
         reg.ctrls.insert(cntlid, ctrl.clone());
         drop(reg);
         ctrl.touch();
-        info!(
-            cntlid,
-            subnqn,
-            hostnqn,
-            port = port.id,
-            kato_ms,
-            "controller created"
-        );
+        info!(cntlid, subnqn, hostnqn, port = port.id, kato_ms, "controller created");
         let (target, c) = (Arc::clone(self), ctrl.clone());
         tokio::spawn(async move {
             c.keep_alive_expired().await;
@@ -190,17 +153,10 @@ impl Target {
     }
 
     /// I/O queue Connect: the controller must exist, be enabled and belong to this host.
-    pub fn connect_io(
-        &self,
-        port: &Port,
-        data: &ConnectData,
-        qid: u16,
-    ) -> Result<Arc<Controller>, ConnectError> {
+    pub fn connect_io(&self, port: &Port, data: &ConnectData, qid: u16) -> Result<Arc<Controller>, ConnectError> {
         let (subnqn, hostnqn) = self.connect_nqns(data)?;
         let cntlid_off = std::mem::offset_of!(ConnectData, cntlid);
-        let ctrl = self
-            .controller(data.cntlid.get())
-            .ok_or(ConnectError::data_param(cntlid_off))?;
+        let ctrl = self.controller(data.cntlid.get()).ok_or(ConnectError::data_param(cntlid_off))?;
         if ctrl.subnqn() != subnqn || ctrl.hostnqn != hostnqn || ctrl.port.id != port.id {
             return Err(ConnectError::data_param(cntlid_off));
         }
@@ -215,20 +171,12 @@ impl Target {
     }
 
     fn connect_nqns<'a>(&self, data: &'a ConnectData) -> Result<(&'a str, &'a str), ConnectError> {
-        let subnqn =
-            get_str(&data.subnqn)
-                .filter(|s| !s.is_empty())
-                .ok_or(ConnectError::data_param(std::mem::offset_of!(
-                    ConnectData,
-                    subnqn
-                )))?;
-        let hostnqn =
-            get_str(&data.hostnqn)
-                .filter(|s| !s.is_empty())
-                .ok_or(ConnectError::data_param(std::mem::offset_of!(
-                    ConnectData,
-                    hostnqn
-                )))?;
+        let subnqn = get_str(&data.subnqn)
+            .filter(|s| !s.is_empty())
+            .ok_or(ConnectError::data_param(std::mem::offset_of!(ConnectData, subnqn)))?;
+        let hostnqn = get_str(&data.hostnqn)
+            .filter(|s| !s.is_empty())
+            .ok_or(ConnectError::data_param(std::mem::offset_of!(ConnectData, hostnqn)))?;
         Ok((subnqn, hostnqn))
     }
 
@@ -236,10 +184,7 @@ impl Target {
         self.subsystems()
             .into_iter()
             .find(|s| s.nqn == subnqn && s.on_port(port.id))
-            .ok_or(ConnectError::data_param(std::mem::offset_of!(
-                ConnectData,
-                subnqn
-            )))
+            .ok_or(ConnectError::data_param(std::mem::offset_of!(ConnectData, subnqn)))
     }
 
     pub fn remove_controller(&self, cntlid: u16) {
@@ -259,10 +204,7 @@ impl Target {
         let mut entries = Vec::new();
         let subsystems = self.subsystems();
         for port in &self.ports {
-            for s in subsystems
-                .iter()
-                .filter(|s| s.on_port(port.id) && s.host_allowed(hostnqn))
-            {
+            for s in subsystems.iter().filter(|s| s.on_port(port.id) && s.host_allowed(hostnqn)) {
                 entries.push(discovery_entry(port, &s.nqn));
             }
         }
@@ -310,8 +252,6 @@ fn discovery_entry(port: &Port, subnqn: &str) -> DiscoveryLogEntry {
 /// Parses the Connect data of a capsule.
 pub fn parse_connect_data(data: &[u8]) -> Result<ConnectData, Status> {
     use zerocopy::FromBytes;
-    let bytes = data
-        .get(..1024)
-        .ok_or(Status::DATA_SGL_LENGTH_INVALID.dnr())?;
+    let bytes = data.get(..1024).ok_or(Status::DATA_SGL_LENGTH_INVALID.dnr())?;
     ConnectData::read_from_bytes(bytes).map_err(|_| Status::INTERNAL_ERROR)
 }

@@ -37,9 +37,7 @@ impl Sqe {
 }
 
 /// Completion queue entry, 16 bytes (NVMe Base 2.0, Figure 90).
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 pub struct Cqe {
     pub result: U64,

@@ -58,10 +58,8 @@ impl Client {
             buf: vec![0; 64],
         };
         // SAFETY: valid channel; `c.id` receives the id.
-        sys::check("rdma_create_id", unsafe {
-            (api.rdma_create_id)(ch, &mut c.id, ptr::null_mut(), sys::RDMA_PS_TCP)
-        })
-        .map_err(|e| e.to_string())?;
+        sys::check("rdma_create_id", unsafe { (api.rdma_create_id)(ch, &mut c.id, ptr::null_mut(), sys::RDMA_PS_TCP) })
+            .map_err(|e| e.to_string())?;
         Ok(c)
     }
 
@@ -69,11 +67,7 @@ impl Client {
     fn event(&self) -> R<Ev> {
         // SAFETY: the channel lives as long as self.
         let fd = unsafe { (*self.ch).fd };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut pfd, 1, 5000) } != 1 {
             return Err("no RDMA CM event within 5 s".into());
@@ -81,25 +75,16 @@ impl Client {
         let mut ev: *mut sys::RdmaCmEvent = ptr::null_mut();
         // SAFETY: readable channel; the event is copied, then acked.
         unsafe {
-            sys::check(
-                "rdma_get_cm_event",
-                (self.api.rdma_get_cm_event)(self.ch, &mut ev),
-            )
-            .map_err(|e| e.to_string())?;
+            sys::check("rdma_get_cm_event", (self.api.rdma_get_cm_event)(self.ch, &mut ev))
+                .map_err(|e| e.to_string())?;
             let r = &*ev;
             let private = if r.conn.private_data.is_null() {
                 Vec::new()
             } else {
-                std::slice::from_raw_parts(
-                    r.conn.private_data.cast::<u8>(),
-                    usize::from(r.conn.private_data_len),
-                )
-                .to_vec()
+                std::slice::from_raw_parts(r.conn.private_data.cast::<u8>(), usize::from(r.conn.private_data_len))
+                    .to_vec()
             };
-            let e = Ev {
-                kind: r.event,
-                private,
-            };
+            let e = Ev { kind: r.event, private };
             (self.api.rdma_ack_cm_event)(ev);
             Ok(e)
         }
@@ -119,39 +104,24 @@ impl Client {
         let sin = sockaddr(addr).map_err(|e| e.to_string())?;
         // SAFETY: `sin` outlives the call.
         sys::check("rdma_resolve_addr", unsafe {
-            (api.rdma_resolve_addr)(
-                self.id,
-                ptr::null(),
-                (&sin as *const libc::sockaddr_in).cast(),
-                2000,
-            )
+            (api.rdma_resolve_addr)(self.id, ptr::null(), (&sin as *const libc::sockaddr_in).cast(), 2000)
         })
         .map_err(|e| e.to_string())?;
         self.expect(cm_event::ADDR_RESOLVED)?;
         // SAFETY: address resolved.
-        sys::check("rdma_resolve_route", unsafe {
-            (api.rdma_resolve_route)(self.id, 2000)
-        })
-        .map_err(|e| e.to_string())?;
+        sys::check("rdma_resolve_route", unsafe { (api.rdma_resolve_route)(self.id, 2000) })
+            .map_err(|e| e.to_string())?;
         self.expect(cm_event::ROUTE_RESOLVED)?;
         // SAFETY: the route is resolved, so the id has a device context; results checked.
         unsafe {
             let verbs = (*self.id).verbs;
-            self.pd = sys::check_ptr("ibv_alloc_pd", (api.ibv_alloc_pd)(verbs))
-                .map_err(|e| e.to_string())?;
-            self.cq = sys::check_ptr(
-                "ibv_create_cq",
-                (api.ibv_create_cq)(verbs, 16, ptr::null_mut(), ptr::null_mut(), 0),
-            )
-            .map_err(|e| e.to_string())?;
+            self.pd = sys::check_ptr("ibv_alloc_pd", (api.ibv_alloc_pd)(verbs)).map_err(|e| e.to_string())?;
+            self.cq =
+                sys::check_ptr("ibv_create_cq", (api.ibv_create_cq)(verbs, 16, ptr::null_mut(), ptr::null_mut(), 0))
+                    .map_err(|e| e.to_string())?;
             self.mr = sys::check_ptr(
                 "ibv_reg_mr",
-                (api.ibv_reg_mr)(
-                    self.pd,
-                    self.buf.as_mut_ptr().cast(),
-                    self.buf.len(),
-                    sys::IBV_ACCESS_LOCAL_WRITE,
-                ),
+                (api.ibv_reg_mr)(self.pd, self.buf.as_mut_ptr().cast(), self.buf.len(), sys::IBV_ACCESS_LOCAL_WRITE),
             )
             .map_err(|e| e.to_string())?;
             let mut init = sys::IbvQpInitAttr {
@@ -169,11 +139,8 @@ impl Client {
                 qp_type: sys::IBV_QPT_RC,
                 sq_sig_all: 1,
             };
-            sys::check(
-                "rdma_create_qp",
-                (api.rdma_create_qp)(self.id, self.pd, &mut init),
-            )
-            .map_err(|e| e.to_string())?;
+            sys::check("rdma_create_qp", (api.rdma_create_qp)(self.id, self.pd, &mut init))
+                .map_err(|e| e.to_string())?;
             let mut param = sys::RdmaConnParam {
                 private_data: private.as_ptr().cast::<c_void>(),
                 private_data_len: private.len() as u8,
@@ -185,19 +152,14 @@ impl Client {
                 srq: 0,
                 qp_num: 0,
             };
-            sys::check("rdma_connect", (api.rdma_connect)(self.id, &mut param))
-                .map_err(|e| e.to_string())?;
+            sys::check("rdma_connect", (api.rdma_connect)(self.id, &mut param)).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
 
     /// Sends the first `len` bytes of the buffer as one capsule.
     fn send(&mut self, len: usize) -> R<()> {
-        let mut sge = sys::IbvSge {
-            addr: self.buf.as_ptr() as u64,
-            length: len as u32,
-            lkey: 0,
-        };
+        let mut sge = sys::IbvSge { addr: self.buf.as_ptr() as u64, length: len as u32, lkey: 0 };
         // SAFETY: `mr` registered in connect(); the QP is connected; WR and SGE outlive the post.
         unsafe {
             sge.lkey = (*self.mr).lkey;
@@ -214,9 +176,7 @@ impl Client {
                 rest: [0; 76],
             };
             let qp = (*self.id).qp;
-            let post = (*(*self.id).verbs)
-                .post_send
-                .ok_or("provider has no post_send")?;
+            let post = (*(*self.id).verbs).post_send.ok_or("provider has no post_send")?;
             let mut bad = ptr::null_mut();
             sys::check("ibv_post_send", post(qp, &mut wr, &mut bad)).map_err(|e| e.to_string())
         }
@@ -261,25 +221,13 @@ fn request(recfmt: u16, qid: u16, hrqsize: u16, hsqsize: u16) -> Vec<u8> {
 }
 
 /// A connect request the target must reject with `want` in its private data.
-fn rejected(
-    api: &'static Api,
-    addr: SocketAddr,
-    private: &[u8],
-    want: wire::RejectStatus,
-) -> R<()> {
+fn rejected(api: &'static Api, addr: SocketAddr, private: &[u8], want: wire::RejectStatus) -> R<()> {
     let mut c = Client::new(api)?;
     c.connect(addr, private)?;
     let e = c.expect(cm_event::REJECTED)?;
-    let rej =
-        wire::Reject::read_from_bytes(e.private.get(..4).ok_or("reject without private data")?)
-            .expect("4 bytes");
+    let rej = wire::Reject::read_from_bytes(e.private.get(..4).ok_or("reject without private data")?).expect("4 bytes");
     if (rej.recfmt.get(), rej.sts.get()) != (0, want as u16) {
-        return Err(format!(
-            "reject status {} (recfmt {}), expected {}",
-            rej.sts.get(),
-            rej.recfmt.get(),
-            want as u16
-        ));
+        return Err(format!("reject status {} (recfmt {}), expected {}", rej.sts.get(), rej.recfmt.get(), want as u16));
     }
     Ok(())
 }
@@ -296,18 +244,9 @@ fn main() {
     let a = args.addr;
     use wire::RejectStatus::*;
     let cases: Vec<Case> = vec![
-        (
-            "connect with RECFMT 1",
-            Box::new(move || rejected(api, a, &request(1, 0, 32, 31), InvalidRecfmt)),
-        ),
-        (
-            "connect to QID 1000",
-            Box::new(move || rejected(api, a, &request(0, 1000, 32, 31), InvalidQid)),
-        ),
-        (
-            "connect with HSQSIZE 0",
-            Box::new(move || rejected(api, a, &request(0, 1, 32, 0), InvalidHsqsize)),
-        ),
+        ("connect with RECFMT 1", Box::new(move || rejected(api, a, &request(1, 0, 32, 31), InvalidRecfmt))),
+        ("connect to QID 1000", Box::new(move || rejected(api, a, &request(0, 1000, 32, 31), InvalidQid))),
+        ("connect with HSQSIZE 0", Box::new(move || rejected(api, a, &request(0, 1, 32, 0), InvalidHsqsize))),
         (
             "admin connect with HSQSIZE 7 (< 32 entries)",
             Box::new(move || rejected(api, a, &request(0, 0, 8, 7), InvalidHsqsize)),
@@ -322,10 +261,8 @@ fn main() {
                 let mut c = Client::new(api)?;
                 c.connect(a, &request(0, 0, 32, 31))?;
                 let e = c.expect(cm_event::ESTABLISHED)?;
-                let rep = wire::Accept::read_from_bytes(
-                    e.private.get(..32).ok_or("accept without private data")?,
-                )
-                .expect("32 bytes");
+                let rep = wire::Accept::read_from_bytes(e.private.get(..32).ok_or("accept without private data")?)
+                    .expect("32 bytes");
                 if rep.crqsize.get() != 32 {
                     return Err(format!("accept CRQSIZE {}, expected 32", rep.crqsize.get()));
                 }

@@ -20,10 +20,7 @@ struct Args {
     addr: SocketAddr,
     /// Subsystem NQN with a namespace 1 of at least 1 MiB that this host may use.
     subnqn: String,
-    #[arg(
-        long,
-        default_value = "nqn.2014-08.org.nvmexpress:uuid:0b0e3f2a-9c41-4c3b-9d7a-5c1f0a526d5e"
-    )]
+    #[arg(long, default_value = "nqn.2014-08.org.nvmexpress:uuid:0b0e3f2a-9c41-4c3b-9d7a-5c1f0a526d5e")]
     hostnqn: String,
 }
 
@@ -45,10 +42,9 @@ const CID: u16 = 0x1234;
 
 impl Host {
     fn open(addr: SocketAddr) -> R<Host> {
-        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
+        let s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
         s.set_nodelay(true).map_err(|e| e.to_string())?;
         Ok(Host { s })
     }
@@ -70,9 +66,7 @@ impl Host {
 
     fn recv(&mut self) -> R<Pdu> {
         let mut ch = [0u8; 8];
-        self.s
-            .read_exact(&mut ch)
-            .map_err(|e| format!("receive: {e}"))?;
+        self.s.read_exact(&mut ch).map_err(|e| format!("receive: {e}"))?;
         let h = CommonHeader::read_from_bytes(&ch).expect("8 bytes");
         let plen = h.plen.get() as usize;
         if !(8..=(16 << 20)).contains(&plen) {
@@ -80,13 +74,8 @@ impl Host {
         }
         let mut raw = vec![0u8; plen];
         raw[..8].copy_from_slice(&ch);
-        self.s
-            .read_exact(&mut raw[8..])
-            .map_err(|e| format!("receive: {e}"))?;
-        Ok(Pdu {
-            ty: h.pdu_type,
-            raw,
-        })
+        self.s.read_exact(&mut raw[8..]).map_err(|e| format!("receive: {e}"))?;
+        Ok(Pdu { ty: h.pdu_type, raw })
     }
 
     fn capsule(&mut self, sqe: &Sqe, icd: &[u8]) -> R<()> {
@@ -179,11 +168,7 @@ fn rw(opcode: u8, nsid: u32, slba: u64, nlb: u32, len: u32, in_capsule: bool) ->
     s.cdw11 = ((slba >> 32) as u32).into();
     s.cdw12 = (nlb - 1).into();
     s.dptr.length = len.into();
-    s.dptr.id = if in_capsule {
-        sgl::DATA_BLOCK_OFFSET
-    } else {
-        sgl::TRANSPORT_DATA_BLOCK
-    };
+    s.dptr.id = if in_capsule { sgl::DATA_BLOCK_OFFSET } else { sgl::TRANSPORT_DATA_BLOCK };
     s
 }
 
@@ -195,10 +180,8 @@ impl Probe {
     /// An admin queue connected and enabled; returns the host and its controller ID.
     fn admin(&self) -> R<(Host, u16)> {
         let mut h = Host::ready(self.args.addr)?;
-        let (st, cqe, _) = h.command(
-            &connect_sqe(0, 0),
-            &connect_data(&self.args.subnqn, &self.args.hostnqn, 0xffff),
-        )?;
+        let (st, cqe, _) =
+            h.command(&connect_sqe(0, 0), &connect_data(&self.args.subnqn, &self.args.hostnqn, 0xffff))?;
         if !st.is_success() {
             return Err(format!("admin Connect failed: {st}"));
         }
@@ -219,10 +202,7 @@ impl Probe {
     fn io(&self) -> R<(Host, Host)> {
         let (admin, cntlid) = self.admin()?;
         let mut h = Host::ready(self.args.addr)?;
-        let (st, _, _) = h.command(
-            &connect_sqe(1, 0),
-            &connect_data(&self.args.subnqn, &self.args.hostnqn, cntlid),
-        )?;
+        let (st, _, _) = h.command(&connect_sqe(1, 0), &connect_data(&self.args.subnqn, &self.args.hostnqn, cntlid))?;
         if !st.is_success() {
             return Err(format!("I/O Connect failed: {st}"));
         }
@@ -230,11 +210,7 @@ impl Probe {
     }
 
     fn expect_status(&self, got: Status, want: Status) -> R<()> {
-        if got == want {
-            Ok(())
-        } else {
-            Err(format!("status {got}, expected {want}"))
-        }
+        if got == want { Ok(()) } else { Err(format!("status {got}, expected {want}")) }
     }
 
     fn cases(&self) -> Vec<Case<'_>> {
@@ -260,9 +236,7 @@ impl Probe {
                 "capsule with a wrong HLEN",
                 Box::new(move || {
                     let mut h = Host::ready(a)?;
-                    let mut b = pdu::common(pdu_type::CAPSULE_CMD, 0, 70, 0, 72)
-                        .as_bytes()
-                        .to_vec();
+                    let mut b = pdu::common(pdu_type::CAPSULE_CMD, 0, 70, 0, 72).as_bytes().to_vec();
                     b.extend_from_slice(&[0u8; 64]);
                     h.send(&b)?;
                     h.expect_term(fes::INVALID_HEADER_FIELD)
@@ -272,9 +246,7 @@ impl Probe {
                 "capsule longer than the in-capsule limit",
                 Box::new(move || {
                     let mut h = Host::ready(a)?;
-                    h.send(
-                        pdu::common(pdu_type::CAPSULE_CMD, 0, 72, 72, 72 + (64 << 20)).as_bytes(),
-                    )?;
+                    h.send(pdu::common(pdu_type::CAPSULE_CMD, 0, 72, 72, 72 + (64 << 20)).as_bytes())?;
                     h.expect_term(fes::DATA_LIMIT_EXCEEDED)
                 }),
             ),
@@ -308,10 +280,8 @@ impl Probe {
                 "Connect with an unknown RECFMT",
                 Box::new(move || {
                     let mut h = Host::ready(a)?;
-                    let (st, _, _) = h.command(
-                        &connect_sqe(0, 7),
-                        &connect_data(&self.args.subnqn, &self.args.hostnqn, 0xffff),
-                    )?;
+                    let (st, _, _) =
+                        h.command(&connect_sqe(0, 7), &connect_data(&self.args.subnqn, &self.args.hostnqn, 0xffff))?;
                     self.expect_status(st, Status::CONNECT_INCOMPATIBLE_FORMAT.dnr())
                 }),
             ),
@@ -436,9 +406,7 @@ impl Probe {
                         return Err(format!("expected R2T, got PDU type {:#x}", r2t.ty));
                     }
                     let ttag = u16::from_le_bytes([r2t.raw[10], r2t.raw[11]]);
-                    let mut b = pdu::common(pdu_type::H2C_DATA, 0, 24, 24, 24 + 4096)
-                        .as_bytes()
-                        .to_vec();
+                    let mut b = pdu::common(pdu_type::H2C_DATA, 0, 24, 24, 24 + 4096).as_bytes().to_vec();
                     b.extend_from_slice(&CID.to_le_bytes());
                     b.extend_from_slice(&ttag.to_le_bytes());
                     b.extend_from_slice(&0u32.to_le_bytes());
@@ -470,9 +438,7 @@ impl Probe {
 }
 
 fn main() {
-    let probe = Probe {
-        args: Args::parse(),
-    };
+    let probe = Probe { args: Args::parse() };
     let (mut passed, mut failed) = (0, 0);
     for (name, case) in probe.cases() {
         match case() {

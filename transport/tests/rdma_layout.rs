@@ -24,6 +24,8 @@ int main(void) {
     O(ibv_qp_init_attr, cap, "init.cap"); O(ibv_qp_init_attr, qp_type, "init.qp_type");
     O(ibv_context, ops.poll_cq, "ctx.poll_cq"); O(ibv_context, ops.req_notify_cq, "ctx.req_notify_cq");
     O(ibv_context, ops.post_send, "ctx.post_send"); O(ibv_context, ops.post_recv, "ctx.post_recv");
+    O(ibv_context, ops.post_srq_recv, "ctx.post_srq_recv"); S(ibv_srq_init_attr);
+    O(ibv_srq_init_attr, attr.max_wr, "srq_init.max_wr");
     O(ibv_qp, qp_num, "qp.qp_num"); O(ibv_mr, lkey, "mr.lkey"); O(ibv_mr, rkey, "mr.rkey");
     O(ibv_comp_channel, fd, "comp_channel.fd");
     O(ibv_device_attr, max_qp_wr, "dev.max_qp_wr"); O(ibv_device_attr, max_cqe, "dev.max_cqe");
@@ -46,10 +48,7 @@ int main(void) {
 "#;
 
 fn c_values() -> Vec<(String, usize)> {
-    for h in [
-        "/usr/include/infiniband/verbs.h",
-        "/usr/include/rdma/rdma_cma.h",
-    ] {
+    for h in ["/usr/include/infiniband/verbs.h", "/usr/include/rdma/rdma_cma.h"] {
         assert!(
             std::path::Path::new(h).exists(),
             "{h} is missing: install libibverbs-dev and librdmacm-dev (tests/vm/deps.sh does)"
@@ -59,17 +58,8 @@ fn c_values() -> Vec<(String, usize)> {
     std::fs::create_dir_all(&dir).unwrap();
     let (src, exe) = (dir.join("probe.c"), dir.join("probe"));
     std::fs::write(&src, PROBE).unwrap();
-    let cc = Command::new("cc")
-        .arg("-o")
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .expect("a C compiler (cc)");
-    assert!(
-        cc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    let cc = Command::new("cc").arg("-o").arg(&exe).arg(&src).output().expect("a C compiler (cc)");
+    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
     let out = Command::new(&exe).output().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     String::from_utf8(out.stdout)
@@ -95,14 +85,8 @@ fn layouts_match_the_installed_headers() {
         ("sizeof_rdma_conn_param", size_of::<RdmaConnParam>()),
         ("send_wr.opcode", offset_of!(IbvSendWr, opcode)),
         ("send_wr.send_flags", offset_of!(IbvSendWr, send_flags)),
-        (
-            "send_wr.invalidate_rkey",
-            offset_of!(IbvSendWr, invalidate_rkey),
-        ),
-        (
-            "send_wr.remote_addr",
-            offset_of!(IbvSendWr, rdma_remote_addr),
-        ),
+        ("send_wr.invalidate_rkey", offset_of!(IbvSendWr, invalidate_rkey)),
+        ("send_wr.remote_addr", offset_of!(IbvSendWr, rdma_remote_addr)),
         ("send_wr.rkey", offset_of!(IbvSendWr, rdma_rkey)),
         ("wc.status", offset_of!(IbvWc, status)),
         ("wc.byte_len", offset_of!(IbvWc, byte_len)),
@@ -113,70 +97,39 @@ fn layouts_match_the_installed_headers() {
         ("ctx.req_notify_cq", offset_of!(IbvContext, req_notify_cq)),
         ("ctx.post_send", offset_of!(IbvContext, post_send)),
         ("ctx.post_recv", offset_of!(IbvContext, post_recv)),
+        ("ctx.post_srq_recv", offset_of!(IbvContext, post_srq_recv)),
+        ("sizeof_ibv_srq_init_attr", size_of::<IbvSrqInitAttr>()),
+        ("srq_init.max_wr", offset_of!(IbvSrqInitAttr, max_wr)),
         ("qp.qp_num", offset_of!(IbvQp, qp_num)),
         ("mr.lkey", offset_of!(IbvMr, lkey)),
         ("mr.rkey", offset_of!(IbvMr, rkey)),
         ("comp_channel.fd", offset_of!(IbvCompChannel, fd)),
         ("dev.max_qp_wr", offset_of!(IbvDeviceAttr, max_qp_wr)),
         ("dev.max_cqe", offset_of!(IbvDeviceAttr, max_cqe)),
-        (
-            "dev.max_qp_rd_atom",
-            offset_of!(IbvDeviceAttr, max_qp_rd_atom),
-        ),
-        (
-            "dev.max_qp_init_rd_atom",
-            offset_of!(IbvDeviceAttr, max_qp_init_rd_atom),
-        ),
+        ("dev.max_qp_rd_atom", offset_of!(IbvDeviceAttr, max_qp_rd_atom)),
+        ("dev.max_qp_init_rd_atom", offset_of!(IbvDeviceAttr, max_qp_init_rd_atom)),
         ("cm_id.verbs", offset_of!(RdmaCmId, verbs)),
         ("cm_id.qp", offset_of!(RdmaCmId, qp)),
         ("cm_event.event", offset_of!(RdmaCmEvent, event)),
         ("cm_event.status", offset_of!(RdmaCmEvent, status)),
         ("cm_event.conn", offset_of!(RdmaCmEvent, conn)),
-        (
-            "conn.private_data_len",
-            offset_of!(RdmaConnParam, private_data_len),
-        ),
-        (
-            "conn.initiator_depth",
-            offset_of!(RdmaConnParam, initiator_depth),
-        ),
-        (
-            "conn.rnr_retry_count",
-            offset_of!(RdmaConnParam, rnr_retry_count),
-        ),
+        ("conn.private_data_len", offset_of!(RdmaConnParam, private_data_len)),
+        ("conn.initiator_depth", offset_of!(RdmaConnParam, initiator_depth)),
+        ("conn.rnr_retry_count", offset_of!(RdmaConnParam, rnr_retry_count)),
         ("conn.qp_num", offset_of!(RdmaConnParam, qp_num)),
         ("RDMA_PS_TCP", RDMA_PS_TCP as usize),
         ("IBV_QPT_RC", IBV_QPT_RC as usize),
         ("IBV_WR_SEND_WITH_INV", wr_opcode::SEND_WITH_INV as usize),
         ("IBV_WR_RDMA_READ", wr_opcode::RDMA_READ as usize),
-        (
-            "RDMA_CM_EVENT_CONNECT_REQUEST",
-            cm_event::CONNECT_REQUEST as usize,
-        ),
+        ("RDMA_CM_EVENT_CONNECT_REQUEST", cm_event::CONNECT_REQUEST as usize),
         ("RDMA_CM_EVENT_ESTABLISHED", cm_event::ESTABLISHED as usize),
-        (
-            "RDMA_CM_EVENT_DISCONNECTED",
-            cm_event::DISCONNECTED as usize,
-        ),
-        (
-            "RDMA_CM_EVENT_TIMEWAIT_EXIT",
-            cm_event::TIMEWAIT_EXIT as usize,
-        ),
+        ("RDMA_CM_EVENT_DISCONNECTED", cm_event::DISCONNECTED as usize),
+        ("RDMA_CM_EVENT_TIMEWAIT_EXIT", cm_event::TIMEWAIT_EXIT as usize),
     ];
     let theirs = c_values();
-    assert_eq!(
-        theirs.len(),
-        ours.len(),
-        "probe printed {} values, we check {}",
-        theirs.len(),
-        ours.len()
-    );
+    assert_eq!(theirs.len(), ours.len(), "probe printed {} values, we check {}", theirs.len(), ours.len());
     for (name, v) in &ours {
-        let c = theirs
-            .iter()
-            .find(|(k, _)| k == name)
-            .unwrap_or_else(|| panic!("probe lacks {name}"))
-            .1;
+        let c = theirs.iter().find(|(k, _)| k == name).unwrap_or_else(|| panic!("probe lacks {name}")).1;
         assert_eq!(*v, c, "{name}: ours {v}, C headers {c}");
     }
 }
@@ -185,20 +138,8 @@ fn layouts_match_the_installed_headers() {
 fn libraries_load_and_a_missing_one_is_named() {
     // rdma-core is installed by tests/vm/deps.sh.
     p2pnvmf_transport::rdma::available().expect("rdma-core installed");
-    let e = Api::load_with(|n| {
-        if n.starts_with("librdmacm") {
-            "librdmacm-absent.so.1".into()
-        } else {
-            n.into()
-        }
-    })
-    .unwrap_err();
-    assert!(
-        e.starts_with("librdmacm-absent.so.1 could not be loaded"),
-        "{e}"
-    );
-    assert!(
-        e.ends_with("install rdma-core and ibverbs-providers"),
-        "{e}"
-    );
+    let e = Api::load_with(|n| if n.starts_with("librdmacm") { "librdmacm-absent.so.1".into() } else { n.into() })
+        .unwrap_err();
+    assert!(e.starts_with("librdmacm-absent.so.1 could not be loaded"), "{e}");
+    assert!(e.ends_with("install rdma-core and ibverbs-providers"), "{e}");
 }

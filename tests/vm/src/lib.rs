@@ -35,11 +35,7 @@ impl Bus {
 
 impl From<&str> for Bus {
     fn from(s: &str) -> Self {
-        if s == "pcie.0" {
-            Bus::Root
-        } else {
-            Bus::Port(s.to_string())
-        }
+        if s == "pcie.0" { Bus::Root } else { Bus::Port(s.to_string()) }
     }
 }
 
@@ -87,36 +83,22 @@ impl Topology {
 
     pub fn root_port(mut self, id: &str) -> Self {
         let chassis = self.next_chassis();
-        self.devices.push(Device::RootPort {
-            id: id.into(),
-            chassis,
-        });
+        self.devices.push(Device::RootPort { id: id.into(), chassis });
         self
     }
 
     /// A PCIe switch (x3130 upstream port) on `on`, with one xio3130 downstream port per name.
     pub fn switch(mut self, id: &str, on: &str, downstream: &[&str]) -> Self {
-        self.devices.push(Device::SwitchUpstream {
-            id: id.into(),
-            bus: on.into(),
-        });
+        self.devices.push(Device::SwitchUpstream { id: id.into(), bus: on.into() });
         for d in downstream {
             let chassis = self.next_chassis();
-            self.devices.push(Device::SwitchDownstream {
-                id: (*d).into(),
-                bus: id.into(),
-                chassis,
-            });
+            self.devices.push(Device::SwitchDownstream { id: (*d).into(), bus: id.into(), chassis });
         }
         self
     }
 
     pub fn nvme(mut self, id: &str, on: &str, nvme: Nvme) -> Self {
-        self.devices.push(Device::Nvme {
-            id: id.into(),
-            bus: on.into(),
-            nvme,
-        });
+        self.devices.push(Device::Nvme { id: id.into(), bus: on.into(), nvme });
         self
     }
 
@@ -149,35 +131,22 @@ impl Topology {
         let mut nics = 0;
         for dev in &self.devices {
             match dev {
-                Device::RootPort { id, chassis } => push(
-                    "-device",
-                    format!("pcie-root-port,id={id},bus=pcie.0,chassis={chassis},slot={chassis}"),
-                ),
-                Device::SwitchUpstream { id, bus } => push(
-                    "-device",
-                    format!("x3130-upstream,id={id},bus={}", bus.qemu_name()),
-                ),
+                Device::RootPort { id, chassis } => {
+                    push("-device", format!("pcie-root-port,id={id},bus=pcie.0,chassis={chassis},slot={chassis}"))
+                }
+                Device::SwitchUpstream { id, bus } => {
+                    push("-device", format!("x3130-upstream,id={id},bus={}", bus.qemu_name()))
+                }
                 Device::SwitchDownstream { id, bus, chassis } => push(
                     "-device",
-                    format!(
-                        "xio3130-downstream,id={id},bus={},chassis={chassis},slot={chassis}",
-                        bus.qemu_name()
-                    ),
+                    format!("xio3130-downstream,id={id},bus={},chassis={chassis},slot={chassis}", bus.qemu_name()),
                 ),
                 Device::Nvme { id, bus, nvme } => {
                     let img = run_dir.join(format!("{id}.img"));
                     let f = std::fs::File::create(&img).map_err(|e| RigError::io(&img, e))?;
-                    f.set_len(nvme.size_mib << 20)
-                        .map_err(|e| RigError::io(&img, e))?;
-                    push(
-                        "-drive",
-                        format!("file={},if=none,id=drv-{id},format=raw", img.display()),
-                    );
-                    let mut d = format!(
-                        "nvme,id={id},bus={},serial={},drive=drv-{id}",
-                        bus.qemu_name(),
-                        nvme.serial
-                    );
+                    f.set_len(nvme.size_mib << 20).map_err(|e| RigError::io(&img, e))?;
+                    push("-drive", format!("file={},if=none,id=drv-{id},format=raw", img.display()));
+                    let mut d = format!("nvme,id={id},bus={},serial={},drive=drv-{id}", bus.qemu_name(), nvme.serial);
                     if let Some(cmb) = nvme.cmb_mib {
                         let _ = write!(d, ",cmb_size_mb={cmb}");
                     }
@@ -185,10 +154,7 @@ impl Topology {
                 }
                 Device::Nic { bus } => {
                     push("-netdev", format!("user,id=net{nics},restrict=on"));
-                    push(
-                        "-device",
-                        format!("virtio-net-pci,netdev=net{nics},bus={}", bus.qemu_name()),
-                    );
+                    push("-device", format!("virtio-net-pci,netdev=net{nics},bus={}", bus.qemu_name()));
                     nics += 1;
                 }
             }
@@ -250,27 +216,18 @@ pub enum RigError {
     #[error("bad topology: {0}")]
     Topology(String),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 impl RigError {
     fn io(path: &Path, source: std::io::Error) -> Self {
-        RigError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
+        RigError::Io { path: path.to_path_buf(), source }
     }
 }
 
 /// The repository root (this crate lives in `tests/vm`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("repo root exists")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root exists")
 }
 
 struct Artifacts {
@@ -283,24 +240,16 @@ fn artifacts() -> Result<&'static Artifacts, RigError> {
     static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
     let built = ARTIFACTS.get_or_init(|| {
         let script = repo_root().join("tests/vm/build-initramfs.sh");
-        let out = Command::new(&script)
-            .stderr(Stdio::piped())
-            .output()
-            .map_err(|e| format!("{}: {e}", script.display()))?;
+        let out =
+            Command::new(&script).stderr(Stdio::piped()).output().map_err(|e| format!("{}: {e}", script.display()))?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let mut lines = stdout.lines();
         match (lines.next(), lines.next()) {
-            (Some(k), Some(i)) => Ok(Artifacts {
-                kernel: k.into(),
-                initramfs: i.into(),
-            }),
-            _ => Err(format!(
-                "unexpected output from {}: {stdout}",
-                script.display()
-            )),
+            (Some(k), Some(i)) => Ok(Artifacts { kernel: k.into(), initramfs: i.into() }),
+            _ => Err(format!("unexpected output from {}: {stdout}", script.display())),
         }
     });
     built.as_ref().map_err(|e| {
@@ -319,11 +268,7 @@ fn find_in_path(name: &str, path: &std::ffi::OsStr, package: &str) -> Result<Pat
     std::env::split_paths(path)
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .ok_or_else(|| {
-            RigError::Missing(format!(
-                "{name} not found in PATH (package {package}; run tests/vm/deps.sh)"
-            ))
-        })
+        .ok_or_else(|| RigError::Missing(format!("{name} not found in PATH (package {package}; run tests/vm/deps.sh)")))
 }
 
 /// Single-quotes a value for the guest's bash.
@@ -356,11 +301,7 @@ impl Scenario {
     /// The guest entry point: environment, the helper library, then the scenario script.
     fn guest_entry(&self, repo: &Path) -> String {
         let mut s = String::from("set -euo pipefail\n");
-        let _ = writeln!(
-            s,
-            "export RIG_REPO={}",
-            shell_quote(&repo.display().to_string())
-        );
+        let _ = writeln!(s, "export RIG_REPO={}", shell_quote(&repo.display().to_string()));
         for (k, v) in &self.env {
             let _ = writeln!(s, "export {k}={}", shell_quote(v));
         }
@@ -372,11 +313,7 @@ impl Scenario {
     /// Boots the VM, runs the scenario and returns what happened. Errors are the rig's own
     /// (missing prerequisites, build failures); a failing scenario is an `Outcome`.
     pub fn run(&self) -> Result<Outcome, RigError> {
-        let qemu = find_in_path(
-            QEMU,
-            &std::env::var_os("PATH").unwrap_or_default(),
-            "qemu-system-x86",
-        )?;
+        let qemu = find_in_path(QEMU, &std::env::var_os("PATH").unwrap_or_default(), "qemu-system-x86")?;
         let art = artifacts()?;
         let repo = repo_root();
         let run_dir = repo.join("target/vm-runs").join(&self.name);
@@ -397,19 +334,13 @@ impl Scenario {
             .arg("-initrd")
             .arg(&art.initramfs)
             .arg("-append")
-            .arg(format!(
-                "console=ttyS0 panic=-1 loglevel=4 {}",
-                self.topology.kernel_args()
-            ))
+            .arg(format!("console=ttyS0 panic=-1 loglevel=4 {}", self.topology.kernel_args()))
             .args([
                 "-virtfs",
                 "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
                 "-virtfs",
             ])
-            .arg(format!(
-                "local,path={},mount_tag=run,security_model=none",
-                run_dir.display()
-            ))
+            .arg(format!("local,path={},mount_tag=run,security_model=none", run_dir.display()))
             .args(self.topology.qemu_args(&run_dir)?)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -440,21 +371,12 @@ impl Scenario {
                 let _ = write!(console, "\n[qemu stderr]\n{qemu_err}");
             }
         }
-        let exit_code = std::fs::read_to_string(run_dir.join("rc"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok());
+        let exit_code = std::fs::read_to_string(run_dir.join("rc")).ok().and_then(|s| s.trim().parse().ok());
         let boot_secs = console
             .lines()
             .find_map(|l| l.strip_prefix("rig: ready after "))
             .and_then(|s| s.trim_end_matches('s').parse().ok());
-        Ok(Outcome {
-            exit_code,
-            timed_out,
-            console,
-            run_dir,
-            boot_secs,
-            elapsed,
-        })
+        Ok(Outcome { exit_code, timed_out, console, run_dir, boot_secs, elapsed })
     }
 
     /// Runs the scenario and panics with the console tail unless it passed: the form tests use.
@@ -498,81 +420,36 @@ mod tests {
         let t = Topology::new()
             .root_port("rp1")
             .switch("up1", "rp1", &["dn1", "dn2"])
-            .nvme(
-                "cmb",
-                "dn1",
-                Nvme {
-                    serial: "CMB1".into(),
-                    size_mib: 1,
-                    cmb_mib: Some(64),
-                },
-            )
+            .nvme("cmb", "dn1", Nvme { serial: "CMB1".into(), size_mib: 1, cmb_mib: Some(64) })
             .nic("dn2")
             .root_port("rp2")
-            .nvme(
-                "other",
-                "rp2",
-                Nvme {
-                    serial: "N2".into(),
-                    size_mib: 1,
-                    cmb_mib: None,
-                },
-            )
+            .nvme("other", "rp2", Nvme { serial: "N2".into(), size_mib: 1, cmb_mib: None })
             .iommu();
         let args = t.qemu_args(&dir).unwrap();
-        let devices: Vec<&str> = args
-            .chunks(2)
-            .filter(|c| c[0] == "-device")
-            .map(|c| c[1].as_str())
-            .collect();
+        let devices: Vec<&str> = args.chunks(2).filter(|c| c[0] == "-device").map(|c| c[1].as_str()).collect();
         assert_eq!(devices[0], "intel-iommu,intremap=on");
-        assert_eq!(
-            devices[1],
-            "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1"
-        );
+        assert_eq!(devices[1], "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1");
         assert_eq!(devices[2], "x3130-upstream,id=up1,bus=rp1");
-        assert_eq!(
-            devices[3],
-            "xio3130-downstream,id=dn1,bus=up1,chassis=2,slot=2"
-        );
-        assert_eq!(
-            devices[4],
-            "xio3130-downstream,id=dn2,bus=up1,chassis=3,slot=3"
-        );
+        assert_eq!(devices[3], "xio3130-downstream,id=dn1,bus=up1,chassis=2,slot=2");
+        assert_eq!(devices[4], "xio3130-downstream,id=dn2,bus=up1,chassis=3,slot=3");
         assert!(devices[5].starts_with("nvme,id=cmb,bus=dn1,serial=CMB1,drive=drv-cmb"));
         assert!(devices[5].ends_with(",cmb_size_mb=64"));
         assert_eq!(devices[6], "virtio-net-pci,netdev=net0,bus=dn2");
-        assert_eq!(
-            devices[8],
-            "nvme,id=other,bus=rp2,serial=N2,drive=drv-other"
-        );
+        assert_eq!(devices[8], "nvme,id=other,bus=rp2,serial=N2,drive=drv-other");
         assert_eq!(t.kernel_args(), "intel_iommu=on");
-        assert_eq!(
-            std::fs::metadata(dir.join("cmb.img")).unwrap().len(),
-            1 << 20
-        );
+        assert_eq!(std::fs::metadata(dir.join("cmb.img")).unwrap().len(), 1 << 20);
     }
 
     #[test]
     fn missing_qemu_is_named_with_its_package() {
-        let err = find_in_path(
-            QEMU,
-            std::ffi::OsStr::new("/nonexistent"),
-            "qemu-system-x86",
-        )
-        .unwrap_err();
+        let err = find_in_path(QEMU, std::ffi::OsStr::new("/nonexistent"), "qemu-system-x86").unwrap_err();
         assert!(matches!(err, RigError::Missing(_)));
-        assert!(
-            err.to_string()
-                .contains("qemu-system-x86_64 not found in PATH (package qemu-system-x86"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("qemu-system-x86_64 not found in PATH (package qemu-system-x86"), "{err}");
     }
 
     #[test]
     fn missing_kernel_package_fails_fast_with_a_message() {
-        let cache =
-            std::env::temp_dir().join(format!("p2pnvmf-empty-cache-{}", std::process::id()));
+        let cache = std::env::temp_dir().join(format!("p2pnvmf-empty-cache-{}", std::process::id()));
         std::fs::create_dir_all(&cache).unwrap();
         let start = Instant::now();
         let out = Command::new(repo_root().join("tests/vm/build-initramfs.sh"))
@@ -581,24 +458,14 @@ mod tests {
             .unwrap();
         let _ = std::fs::remove_dir_all(&cache);
         assert!(!out.status.success());
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("no linux-image-6.12 unsigned package in"),
-            "{stderr}"
-        );
+        assert!(stderr.contains("no linux-image-6.12 unsigned package in"), "{stderr}");
     }
 
     #[test]
     fn topology_without_a_nic_is_refused() {
-        let err = Topology::new()
-            .root_port("rp1")
-            .qemu_args(Path::new("/tmp"))
-            .unwrap_err();
+        let err = Topology::new().root_port("rp1").qemu_args(Path::new("/tmp")).unwrap_err();
         assert!(err.to_string().contains("exactly one NIC"), "{err}");
     }
 

@@ -19,9 +19,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
-use p2pnvmf_nvmf::{
-    Controller, Direction, Exec, Port, Queue, Response, Status, Target, TransportParams,
-};
+use p2pnvmf_nvmf::{Controller, Direction, Exec, Port, Queue, Response, Status, Target, TransportParams};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -44,22 +42,13 @@ pub struct RdmaParams {
 
 impl Default for RdmaParams {
     fn default() -> Self {
-        RdmaParams {
-            max_icd: 8192,
-            max_xfer: 128 << 10,
-            busy_poll: false,
-        }
+        RdmaParams { max_icd: 8192, max_xfer: 128 << 10, busy_poll: false }
     }
 }
 
 impl RdmaParams {
     pub fn transport_params(&self) -> TransportParams {
-        TransportParams {
-            ioccsz: (64 + self.max_icd) / 16,
-            max_xfer: self.max_xfer,
-            msdbd: 1,
-            keyed_sgls: true,
-        }
+        TransportParams { ioccsz: (64 + self.max_icd) / 16, max_xfer: self.max_xfer, msdbd: 1, keyed_sgls: true }
     }
 }
 
@@ -74,15 +63,12 @@ pub fn sockaddr(addr: SocketAddr) -> io::Result<libc::sockaddr_in> {
         SocketAddr::V4(a) => Ok(libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
             sin_zero: [0; 8],
         }),
-        SocketAddr::V6(_) => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "IPv6 RDMA listeners are not supported yet",
-        )),
+        SocketAddr::V6(_) => {
+            Err(io::Error::new(io::ErrorKind::Unsupported, "IPv6 RDMA listeners are not supported yet"))
+        }
     }
 }
 
@@ -116,14 +102,8 @@ impl Listener {
     pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
         let api = sys::api().map_err(io::Error::other)?;
         // SAFETY: plain constructor; NULL is checked.
-        let channel = sys::check_ptr("rdma_create_event_channel", unsafe {
-            (api.rdma_create_event_channel)()
-        })?;
-        let mut l = Listener {
-            api,
-            channel,
-            id: ptr::null_mut(),
-        };
+        let channel = sys::check_ptr("rdma_create_event_channel", unsafe { (api.rdma_create_event_channel)() })?;
+        let mut l = Listener { api, channel, id: ptr::null_mut() };
         // SAFETY: `channel` is valid; `l.id` receives the new id.
         sys::check("rdma_create_id", unsafe {
             (api.rdma_create_id)(channel, &mut l.id, ptr::null_mut(), sys::RDMA_PS_TCP)
@@ -191,11 +171,7 @@ pub async fn serve(
             _ = stop.wait_for(|s| *s) => break,
         }
     }
-    info!(
-        port = port.id,
-        queues = tasks.len(),
-        "RDMA listener stopping"
-    );
+    info!(port = port.id, queues = tasks.len(), "RDMA listener stopping");
     // Queues see the shutdown too and disconnect; their CM events are no longer needed.
     while tasks.join_next().await.is_some() {}
     drop(afd);
@@ -225,11 +201,7 @@ fn next_event(l: &Listener) -> Option<Event> {
         let private = if r.conn.private_data.is_null() {
             Vec::new()
         } else {
-            std::slice::from_raw_parts(
-                r.conn.private_data.cast::<u8>(),
-                usize::from(r.conn.private_data_len),
-            )
-            .to_vec()
+            std::slice::from_raw_parts(r.conn.private_data.cast::<u8>(), usize::from(r.conn.private_data_len)).to_vec()
         };
         let e = Event {
             kind: r.event,
@@ -273,19 +245,11 @@ fn handle_event(
                 tasks.spawn(conn.run(rx, shutdown.clone()));
             }
             Err((status, why)) => {
-                warn!(
-                    port = port.id,
-                    ?status,
-                    "RDMA connect request rejected: {why}"
-                );
+                warn!(port = port.id, ?status, "RDMA connect request rejected: {why}");
                 let rej = status.private_data();
                 // SAFETY: the id of a connect request we have not accepted; the event is acked.
                 unsafe {
-                    (l.api.rdma_reject)(
-                        ev.id,
-                        rej.as_bytes().as_ptr().cast(),
-                        rej.as_bytes().len() as u8,
-                    );
+                    (l.api.rdma_reject)(ev.id, rej.as_bytes().as_ptr().cast(), rej.as_bytes().len() as u8);
                     (l.api.rdma_destroy_id)(ev.id);
                 }
             }
@@ -378,33 +342,25 @@ fn accept(
     port: &Port,
     params: &RdmaParams,
 ) -> Result<Conn, Refusal> {
-    let req = wire::parse_request(&ev.private)
-        .map_err(|s| (s, format!("private data {:02x?}", ev.private)))?;
+    let req = wire::parse_request(&ev.private).map_err(|s| (s, format!("private data {:02x?}", ev.private)))?;
     let no_res = |e: io::Error| (RejectStatus::NoResources, e.to_string());
     // SAFETY: the id of a connect request carries its device context.
     let verbs = unsafe { (*ev.id).verbs };
     // SAFETY: zeroed is a valid ibv_device_attr to be filled in.
     let mut attr: sys::IbvDeviceAttr = unsafe { std::mem::zeroed() };
     // SAFETY: `verbs` is a live context; `attr` is writable.
-    sys::check("ibv_query_device", unsafe {
-        (api.ibv_query_device)(verbs, &mut attr)
-    })
-    .map_err(no_res)?;
-    let (ord, ird) = wire::negotiate_rd(
-        ev.initiator_depth,
-        ev.responder_resources,
-        attr.max_qp_init_rd_atom,
-        attr.max_qp_rd_atom,
-    )
-    .map_err(|s| {
-        (
-            s,
-            format!(
-                "host offers initiator depth {} and responder resources {}",
-                ev.initiator_depth, ev.responder_resources
-            ),
-        )
-    })?;
+    sys::check("ibv_query_device", unsafe { (api.ibv_query_device)(verbs, &mut attr) }).map_err(no_res)?;
+    let (ord, ird) =
+        wire::negotiate_rd(ev.initiator_depth, ev.responder_resources, attr.max_qp_init_rd_atom, attr.max_qp_rd_atom)
+            .map_err(|s| {
+            (
+                s,
+                format!(
+                    "host offers initiator depth {} and responder resources {}",
+                    ev.initiator_depth, ev.responder_resources
+                ),
+            )
+        })?;
     let depth = usize::from(req.depth);
     let capsule = 64 + params.max_icd as usize;
     let max_xfer = params.max_xfer as usize;
@@ -417,12 +373,8 @@ fn accept(
         cq: ptr::null_mut(),
         mr: ptr::null_mut(),
         qp_created: false,
-        mem: sys::Region::new(mem_len).map_err(|e| {
-            (
-                RejectStatus::NoResources,
-                format!("{mem_len} bytes of queue memory: {e}"),
-            )
-        })?,
+        mem: sys::Region::new(mem_len)
+            .map_err(|e| (RejectStatus::NoResources, format!("{mem_len} bytes of queue memory: {e}")))?,
         depth,
         capsule,
         max_xfer,
@@ -437,26 +389,14 @@ fn accept(
     // whatever was created if a later step fails.
     unsafe {
         c.pd = sys::check_ptr("ibv_alloc_pd", (api.ibv_alloc_pd)(verbs)).map_err(no_res)?;
-        c.channel = sys::check_ptr(
-            "ibv_create_comp_channel",
-            (api.ibv_create_comp_channel)(verbs),
-        )
-        .map_err(no_res)?;
+        c.channel = sys::check_ptr("ibv_create_comp_channel", (api.ibv_create_comp_channel)(verbs)).map_err(no_res)?;
         sys::set_nonblocking((*c.channel).fd).map_err(no_res)?;
         let cqe = (depth + send_wrs) as i32;
-        c.cq = sys::check_ptr(
-            "ibv_create_cq",
-            (api.ibv_create_cq)(verbs, cqe, ptr::null_mut(), c.channel, 0),
-        )
-        .map_err(no_res)?;
-        let access = sys::IBV_ACCESS_LOCAL_WRITE
-            | sys::IBV_ACCESS_REMOTE_READ
-            | sys::IBV_ACCESS_REMOTE_WRITE;
-        c.mr = sys::check_ptr(
-            "ibv_reg_mr",
-            (api.ibv_reg_mr)(c.pd, c.mem.as_ptr().cast(), mem_len, access),
-        )
-        .map_err(no_res)?;
+        c.cq = sys::check_ptr("ibv_create_cq", (api.ibv_create_cq)(verbs, cqe, ptr::null_mut(), c.channel, 0))
+            .map_err(no_res)?;
+        let access = sys::IBV_ACCESS_LOCAL_WRITE | sys::IBV_ACCESS_REMOTE_READ | sys::IBV_ACCESS_REMOTE_WRITE;
+        c.mr = sys::check_ptr("ibv_reg_mr", (api.ibv_reg_mr)(c.pd, c.mem.as_ptr().cast(), mem_len, access))
+            .map_err(no_res)?;
         let mut init = sys::IbvQpInitAttr {
             qp_context: ptr::null_mut(),
             send_cq: c.cq,
@@ -472,17 +412,9 @@ fn accept(
             qp_type: sys::IBV_QPT_RC,
             sq_sig_all: 0,
         };
-        sys::check(
-            "rdma_create_qp",
-            (api.rdma_create_qp)(c.id, c.pd, &mut init),
-        )
-        .map_err(no_res)?;
+        sys::check("rdma_create_qp", (api.rdma_create_qp)(c.id, c.pd, &mut init)).map_err(no_res)?;
         c.qp_created = true;
-        sys::check(
-            "ibv_req_notify_cq",
-            c.ctx_ops().req_notify_cq.map_or(-1, |f| f(c.cq, 0)),
-        )
-        .map_err(no_res)?;
+        sys::check("ibv_req_notify_cq", c.ctx_ops().req_notify_cq.map_or(-1, |f| f(c.cq, 0))).map_err(no_res)?;
     }
     for slot in 0..depth {
         c.post_recv(slot).map_err(no_res)?;
@@ -500,19 +432,8 @@ fn accept(
         qp_num: 0,
     };
     // SAFETY: the QP exists and `param`/`rep` outlive the call.
-    sys::check("rdma_accept", unsafe {
-        (api.rdma_accept)(c.id, &mut param)
-    })
-    .map_err(no_res)?;
-    info!(
-        qid = req.qid,
-        depth,
-        hrqsize = req.hrqsize,
-        ord,
-        ird,
-        busy_poll = params.busy_poll,
-        "RDMA queue accepted"
-    );
+    sys::check("rdma_accept", unsafe { (api.rdma_accept)(c.id, &mut param) }).map_err(no_res)?;
+    info!(qid = req.qid, depth, hrqsize = req.hrqsize, ord, ird, busy_poll = params.busy_poll, "RDMA queue accepted");
     Ok(c)
 }
 
@@ -545,26 +466,15 @@ impl Conn {
     }
 
     fn sge(&self, off: usize, len: usize) -> sys::IbvSge {
-        sys::IbvSge {
-            addr: self.mem.as_ptr() as u64 + off as u64,
-            length: len as u32,
-            lkey: self.lkey(),
-        }
+        sys::IbvSge { addr: self.mem.as_ptr() as u64 + off as u64, length: len as u32, lkey: self.lkey() }
     }
 
     fn post_recv(&mut self, slot: usize) -> io::Result<()> {
         let mut sge = self.sge(self.recv_off(slot), self.capsule);
-        let mut wr = sys::IbvRecvWr {
-            wr_id: wr::RECV | slot as u64,
-            next: ptr::null_mut(),
-            sg_list: &mut sge,
-            num_sge: 1,
-        };
+        let mut wr =
+            sys::IbvRecvWr { wr_id: wr::RECV | slot as u64, next: ptr::null_mut(), sg_list: &mut sge, num_sge: 1 };
         let mut bad = ptr::null_mut();
-        let f = self
-            .ctx_ops()
-            .post_recv
-            .ok_or_else(|| io::Error::other("provider has no post_recv"))?;
+        let f = self.ctx_ops().post_recv.ok_or_else(|| io::Error::other("provider has no post_recv"))?;
         // SAFETY: the SGE points into our registered memory; the WR is copied by the provider.
         sys::check("ibv_post_recv", unsafe { f(self.qp(), &mut wr, &mut bad) })
     }
@@ -586,10 +496,7 @@ impl Conn {
 
     fn post_send(&self, wr: &mut sys::IbvSendWr) -> io::Result<()> {
         let mut bad = ptr::null_mut();
-        let f = self
-            .ctx_ops()
-            .post_send
-            .ok_or_else(|| io::Error::other("provider has no post_send"))?;
+        let f = self.ctx_ops().post_send.ok_or_else(|| io::Error::other("provider has no post_send"))?;
         // SAFETY: every SGE in the chain points into registered memory and lives on the
         // caller's stack until this returns; providers copy WRs at post time.
         sys::check("ibv_post_send", unsafe { f(self.qp(), wr, &mut bad) })
@@ -597,12 +504,7 @@ impl Conn {
 
     fn post_read(&self, slot: usize, k: &Keyed) -> io::Result<()> {
         let mut sge = self.sge(self.data_off(slot), k.len);
-        let mut w = Self::send_wr(
-            wr::READ | slot as u64,
-            sys::wr_opcode::RDMA_READ,
-            &mut sge,
-            true,
-        );
+        let mut w = Self::send_wr(wr::READ | slot as u64, sys::wr_opcode::RDMA_READ, &mut sge, true);
         w.rdma_remote_addr = k.addr;
         w.rdma_rkey = k.key;
         self.post_send(&mut w)
@@ -610,24 +512,12 @@ impl Conn {
 
     /// Sends the response capsule in `rsp`, after an RDMA WRITE of `write` bytes of the slot's
     /// data when the host reads.
-    fn respond(
-        &mut self,
-        rsp: usize,
-        slot: usize,
-        cid: u16,
-        r: &Response,
-        keyed: Option<Keyed>,
-    ) -> io::Result<()> {
+    fn respond(&mut self, rsp: usize, slot: usize, cid: u16, r: &Response, keyed: Option<Keyed>) -> io::Result<()> {
         let cqe: Cqe = self.queue.cqe(cid, r);
         let off = self.rsp_off(rsp);
         self.mem.slice_mut(off, 16).copy_from_slice(cqe.as_bytes());
         let mut rsp_sge = self.sge(off, 16);
-        let mut send = Self::send_wr(
-            wr::SEND | rsp as u64,
-            sys::wr_opcode::SEND,
-            &mut rsp_sge,
-            true,
-        );
+        let mut send = Self::send_wr(wr::SEND | rsp as u64, sys::wr_opcode::SEND, &mut rsp_sge, true);
         if let Some(k) = keyed.filter(|k| k.invalidate) {
             send.opcode = sys::wr_opcode::SEND_WITH_INV;
             send.invalidate_rkey = k.key;
@@ -655,22 +545,14 @@ impl Conn {
             if let Some(c) = self.queue.controller() {
                 c.kill("capsule shorter than 64 bytes");
             }
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("capsule of {byte_len} bytes (< 64)"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("capsule of {byte_len} bytes (< 64)")));
         }
         let sqe = Sqe::read_from_bytes(self.mem.slice(off, 64)).expect("64 bytes");
         let cid = sqe.cid.get();
-        let plan = self
-            .queue
-            .admit(&sqe)
-            .and_then(|()| self.plan(&sqe, byte_len - 64));
+        let plan = self.queue.admit(&sqe).and_then(|()| self.plan(&sqe, byte_len - 64));
         match plan {
             Err(status) => self.respond(slot, slot, cid, &Response::status(status), None),
-            Ok(Plan::Keyed(k))
-                if Direction::of(&sqe) == Direction::HostToController && k.len > 0 =>
-            {
+            Ok(Plan::Keyed(k)) if Direction::of(&sqe) == Direction::HostToController && k.len > 0 => {
                 self.reading[slot] = Some((sqe, k));
                 self.post_read(slot, &k)
             }
@@ -694,10 +576,8 @@ impl Conn {
                 // Keyed data block: 3-byte length, then a 4-byte key (NVMe Base 2.0, Fig. 118).
                 let raw = d.length.get();
                 let len = (raw & 0x00ff_ffff) as usize;
-                let key = raw >> 24
-                    | u32::from(d.rsvd[0]) << 8
-                    | u32::from(d.rsvd[1]) << 16
-                    | u32::from(d.rsvd[2]) << 24;
+                let key =
+                    raw >> 24 | u32::from(d.rsvd[0]) << 8 | u32::from(d.rsvd[1]) << 16 | u32::from(d.rsvd[2]) << 24;
                 if len > self.max_xfer {
                     return Err(Status::DATA_SGL_LENGTH_INVALID.dnr());
                 }
@@ -720,13 +600,7 @@ impl Conn {
         }
     }
 
-    fn execute(
-        &mut self,
-        slot: usize,
-        sqe: &Sqe,
-        at: DataAt,
-        keyed: Option<Keyed>,
-    ) -> io::Result<()> {
+    fn execute(&mut self, slot: usize, sqe: &Sqe, at: DataAt, keyed: Option<Keyed>) -> io::Result<()> {
         let (start, len) = match at {
             DataAt::Slot(len) => (self.data_off(slot), len),
             DataAt::Capsule(o, len) => (self.recv_off(slot) + 64 + o, len),
@@ -756,25 +630,17 @@ impl Conn {
     }
 
     fn on_read_done(&mut self, slot: usize) -> io::Result<()> {
-        let (sqe, k) = self.reading[slot]
-            .take()
-            .ok_or_else(|| io::Error::other("RDMA READ completion for an idle slot"))?;
+        let (sqe, k) =
+            self.reading[slot].take().ok_or_else(|| io::Error::other("RDMA READ completion for an idle slot"))?;
         self.execute(slot, &sqe, DataAt::Slot(k.len), None)
     }
 
     /// Completes held Async Event Requests with the controller's events.
     fn send_events(&mut self, ctrl: &Controller) -> io::Result<()> {
         for (cid, dw0) in ctrl.take_async_completions() {
-            let rsp = self
-                .free_event_rsps
-                .pop()
-                .ok_or_else(|| io::Error::other("no response buffer for an async event"))?;
-            info!(
-                cntlid = ctrl.cntlid,
-                cid,
-                dw0 = format_args!("{dw0:#x}"),
-                "async event completed"
-            );
+            let rsp =
+                self.free_event_rsps.pop().ok_or_else(|| io::Error::other("no response buffer for an async event"))?;
+            info!(cntlid = ctrl.cntlid, cid, dw0 = format_args!("{dw0:#x}"), "async event completed");
             self.respond(rsp, 0, cid, &Response::result(dw0.into()), None)?;
         }
         Ok(())
@@ -829,11 +695,7 @@ impl Conn {
         }
     }
 
-    async fn run(
-        mut self,
-        mut notes: mpsc::UnboundedReceiver<CmNote>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn run(mut self, mut notes: mpsc::UnboundedReceiver<CmNote>, mut shutdown: watch::Receiver<bool>) {
         // SAFETY: the completion channel fd stays open until `self` drops, after `afd`.
         let afd = match unsafe { AsyncFd::register(Fd((*self.channel).fd)) } {
             Ok(a) => a,
@@ -888,10 +750,7 @@ impl Conn {
                 _ = shutdown.wait_for(|s| *s) => break "target shutting down".to_string(),
             }
         };
-        let who = self
-            .queue
-            .controller()
-            .map(|c| (c.cntlid, c.subnqn().to_string()));
+        let who = self.queue.controller().map(|c| (c.cntlid, c.subnqn().to_string()));
         info!(peer = %self.peer, ?who, qid = self.queue.qid(), "RDMA queue closing: {why}");
         // SAFETY: our connected id; disconnecting twice is harmless.
         unsafe { (self.api.rdma_disconnect)(self.id) };

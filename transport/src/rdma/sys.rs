@@ -48,10 +48,11 @@ type PollCq = unsafe extern "C" fn(*mut IbvCq, c_int, *mut IbvWc) -> c_int;
 type ReqNotifyCq = unsafe extern "C" fn(*mut IbvCq, c_int) -> c_int;
 type PostSend = unsafe extern "C" fn(*mut IbvQp, *mut IbvSendWr, *mut *mut IbvSendWr) -> c_int;
 type PostRecv = unsafe extern "C" fn(*mut IbvQp, *mut IbvRecvWr, *mut *mut IbvRecvWr) -> c_int;
+type PostSrqRecv = unsafe extern "C" fn(*mut IbvSrq, *mut IbvRecvWr, *mut *mut IbvRecvWr) -> c_int;
 
 /// The head of `struct ibv_context` through the data-path entries of `ops` (which verbs.h
-/// calls through as static inlines: poll_cq at 96, req_notify_cq 104, post_send 208,
-/// post_recv 216).
+/// calls through as static inlines: poll_cq at 96, req_notify_cq 104, post_srq_recv 168,
+/// post_send 208, post_recv 216).
 #[repr(C)]
 #[derive(Debug)]
 pub struct IbvContext {
@@ -59,7 +60,9 @@ pub struct IbvContext {
     pub ops_head: [*mut c_void; 11],
     pub poll_cq: Option<PollCq>,
     pub req_notify_cq: Option<ReqNotifyCq>,
-    pub ops_mid: [*mut c_void; 12],
+    pub ops_mid1: [*mut c_void; 7],
+    pub post_srq_recv: Option<PostSrqRecv>,
+    pub ops_mid2: [*mut c_void; 4],
     pub post_send: Option<PostSend>,
     pub post_recv: Option<PostRecv>,
 }
@@ -152,6 +155,16 @@ pub struct IbvQpCap {
     pub max_send_sge: u32,
     pub max_recv_sge: u32,
     pub max_inline_data: u32,
+}
+
+/// `struct ibv_srq_init_attr` (24 bytes): context, then `struct ibv_srq_attr`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct IbvSrqInitAttr {
+    pub srq_context: *mut c_void,
+    pub max_wr: u32,
+    pub max_sge: u32,
+    pub srq_limit: u32,
 }
 
 /// `struct ibv_qp_init_attr` (64 bytes).
@@ -295,6 +308,8 @@ api! {
         ibv_get_cq_event: fn(*mut IbvCompChannel, *mut *mut IbvCq, *mut *mut c_void) -> c_int;
         ibv_ack_cq_events: fn(*mut IbvCq, c_uint) -> ();
         ibv_query_device: fn(*mut IbvContext, *mut IbvDeviceAttr) -> c_int;
+        ibv_create_srq: fn(*mut IbvPd, *mut IbvSrqInitAttr) -> *mut IbvSrq;
+        ibv_destroy_srq: fn(*mut IbvSrq) -> c_int;
     }
     librdmacm {
         rdma_create_event_channel: fn() -> *mut RdmaEventChannel;
@@ -319,9 +334,7 @@ api! {
 /// The loaded libraries, once per process; the error names the library that is missing.
 pub fn api() -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
-    API.get_or_init(|| Api::load_with(String::from))
-        .as_ref()
-        .map_err(Clone::clone)
+    API.get_or_init(|| Api::load_with(String::from)).as_ref().map_err(Clone::clone)
 }
 
 /// Maps a C return value (-1/errno or non-zero) to an io::Error naming the call.
@@ -329,11 +342,7 @@ pub fn check(what: &str, rc: c_int) -> io::Result<()> {
     if rc == 0 {
         return Ok(());
     }
-    let e = if rc < 0 {
-        io::Error::last_os_error()
-    } else {
-        io::Error::from_raw_os_error(rc)
-    };
+    let e = if rc < 0 { io::Error::last_os_error() } else { io::Error::from_raw_os_error(rc) };
     Err(io::Error::new(e.kind(), format!("{what}: {e}")))
 }
 

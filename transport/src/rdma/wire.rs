@@ -50,10 +50,7 @@ pub enum RejectStatus {
 
 impl RejectStatus {
     pub fn private_data(self) -> Reject {
-        Reject {
-            recfmt: 0.into(),
-            sts: (self as u16).into(),
-        }
+        Reject { recfmt: 0.into(), sts: (self as u16).into() }
     }
 }
 
@@ -87,19 +84,11 @@ pub fn parse_request(data: &[u8]) -> Result<QueueRequest, RejectStatus> {
     if hrqsize < hsqsize + 1 || hrqsize > MAX_QUEUE_ENTRIES + 1 {
         return Err(RejectStatus::InvalidHrqsize);
     }
-    Ok(QueueRequest {
-        qid,
-        depth: hsqsize + 1,
-        hrqsize,
-    })
+    Ok(QueueRequest { qid, depth: hsqsize + 1, hrqsize })
 }
 
 pub fn accept(crqsize: u16) -> Accept {
-    Accept {
-        recfmt: 0.into(),
-        crqsize: crqsize.into(),
-        rsvd: [0; 28],
-    }
+    Accept { recfmt: 0.into(), crqsize: crqsize.into(), rsvd: [0; 28] }
 }
 
 /// RDMA READ depth (ORD) and responder resources (IRD) for the accept: what the host offers
@@ -111,12 +100,8 @@ pub fn negotiate_rd(
     dev_max_init_rd_atom: i32,
     dev_max_rd_atom: i32,
 ) -> Result<(u8, u8), RejectStatus> {
-    let ord = i32::from(host_initiator_depth)
-        .min(dev_max_init_rd_atom)
-        .clamp(0, 255) as u8;
-    let ird = i32::from(host_responder_resources)
-        .min(dev_max_rd_atom)
-        .clamp(0, 255) as u8;
+    let ord = i32::from(host_initiator_depth).min(dev_max_init_rd_atom).clamp(0, 255) as u8;
+    let ird = i32::from(host_responder_resources).min(dev_max_rd_atom).clamp(0, 255) as u8;
     if ord == 0 {
         return Err(RejectStatus::InvalidOrd);
     }
@@ -147,53 +132,25 @@ mod tests {
         assert_eq!(size_of::<ConnectRequest>(), 32);
         assert_eq!(size_of::<Accept>(), 32);
         assert_eq!(size_of::<Reject>(), 4);
-        assert_eq!(
-            RejectStatus::NoResources.private_data().as_bytes(),
-            &[0, 0, 6, 0]
-        );
+        assert_eq!(RejectStatus::NoResources.private_data().as_bytes(), &[0, 0, 6, 0]);
     }
 
     #[test]
     fn linux_admin_request() {
         // As seen from the Linux host over rxe: qid 0, hrqsize 32, hsqsize 31.
-        assert_eq!(
-            parse_request(&req(0, 0, 32, 31)),
-            Ok(QueueRequest {
-                qid: 0,
-                depth: 32,
-                hrqsize: 32
-            })
-        );
+        assert_eq!(parse_request(&req(0, 0, 32, 31)), Ok(QueueRequest { qid: 0, depth: 32, hrqsize: 32 }));
         assert_eq!(parse_request(&req(0, 1, 128, 127)).unwrap().depth, 128);
     }
 
     #[test]
     fn each_field_has_its_reject_code() {
         assert_eq!(parse_request(&[0; 16]), Err(RejectStatus::InvalidLength));
-        assert_eq!(
-            parse_request(&req(1, 0, 32, 31)),
-            Err(RejectStatus::InvalidRecfmt)
-        );
-        assert_eq!(
-            parse_request(&req(0, 65, 32, 31)),
-            Err(RejectStatus::InvalidQid)
-        );
-        assert_eq!(
-            parse_request(&req(0, 1, 32, 0)),
-            Err(RejectStatus::InvalidHsqsize)
-        );
-        assert_eq!(
-            parse_request(&req(0, 0, 32, 15)),
-            Err(RejectStatus::InvalidHsqsize)
-        );
-        assert_eq!(
-            parse_request(&req(0, 1, 300, 200)),
-            Err(RejectStatus::InvalidHsqsize)
-        );
-        assert_eq!(
-            parse_request(&req(0, 1, 10, 31)),
-            Err(RejectStatus::InvalidHrqsize)
-        );
+        assert_eq!(parse_request(&req(1, 0, 32, 31)), Err(RejectStatus::InvalidRecfmt));
+        assert_eq!(parse_request(&req(0, 65, 32, 31)), Err(RejectStatus::InvalidQid));
+        assert_eq!(parse_request(&req(0, 1, 32, 0)), Err(RejectStatus::InvalidHsqsize));
+        assert_eq!(parse_request(&req(0, 0, 32, 15)), Err(RejectStatus::InvalidHsqsize));
+        assert_eq!(parse_request(&req(0, 1, 300, 200)), Err(RejectStatus::InvalidHsqsize));
+        assert_eq!(parse_request(&req(0, 1, 10, 31)), Err(RejectStatus::InvalidHrqsize));
     }
 
     #[test]

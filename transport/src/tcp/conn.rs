@@ -14,9 +14,7 @@ use tracing::{debug, info, warn};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::TcpParams;
-use super::pdu::{
-    self, CapsuleCmd, CommonHeader, DataHeader, Fatal, IcReq, Layout, Limits, pdu_type,
-};
+use super::pdu::{self, CapsuleCmd, CommonHeader, DataHeader, Fatal, IcReq, Layout, Limits, pdu_type};
 use crate::crc32c::crc32c;
 
 /// Why a connection ended, for the log.
@@ -54,19 +52,10 @@ impl Wire {
 
     /// Flushes unless more input is already buffered: pipelined commands share one send.
     async fn maybe_flush(&mut self) -> std::io::Result<()> {
-        if self.rd.buffer().is_empty() {
-            self.wr.flush().await
-        } else {
-            Ok(())
-        }
+        if self.rd.buffer().is_empty() { self.wr.flush().await } else { Ok(()) }
     }
 
-    async fn send_response(
-        &mut self,
-        queue: &mut Queue,
-        cid: u16,
-        r: &Response,
-    ) -> std::io::Result<()> {
+    async fn send_response(&mut self, queue: &mut Queue, cid: u16, r: &Response) -> std::io::Result<()> {
         let resp = pdu::capsule_resp(queue.cqe(cid, r), self.lim.hdgst);
         let hdgst = self.lim.hdgst;
         self.write_pdu(resp.as_bytes(), hdgst).await
@@ -91,12 +80,7 @@ impl Wire {
         if l.hdgst {
             let want = u32::from_le_bytes(self.hdr[l.hlen..end].try_into().expect("4 bytes"));
             if crc32c(&self.hdr[..l.hlen]) != want {
-                return Err(Fatal {
-                    fes: pdu::fes::HEADER_DIGEST_ERROR,
-                    fei: 0,
-                    why: "header digest mismatch",
-                }
-                .into());
+                return Err(Fatal { fes: pdu::fes::HEADER_DIGEST_ERROR, fei: 0, why: "header digest mismatch" }.into());
             }
         }
         let mut pad = [0u8; 256];
@@ -175,12 +159,7 @@ pub async fn run(
 ) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let lim = Limits {
-        hdgst: false,
-        ddgst: false,
-        max_icd: params.max_icd,
-        maxh2cdata: params.maxh2cdata,
-    };
+    let lim = Limits { hdgst: false, ddgst: false, max_icd: params.max_icd, maxh2cdata: params.maxh2cdata };
     let mut conn = Conn {
         wire: Wire {
             rd: BufReader::with_capacity(64 << 10, rd),
@@ -197,10 +176,7 @@ pub async fn run(
         r = conn.serve() => r,
         _ = super::stopped(&mut shutdown) => Ok(()),
     };
-    let who = conn
-        .queue
-        .controller()
-        .map(|c| (c.cntlid, c.subnqn().to_string()));
+    let who = conn.queue.controller().map(|c| (c.cntlid, c.subnqn().to_string()));
     match result {
         Ok(()) => debug!(%peer, ?who, qid = conn.queue.qid(), "connection closed"),
         Err(ConnError::Protocol(f)) => {
@@ -226,11 +202,7 @@ impl Conn {
                 dead = self.queue.controller().map(|c| c.watch_dead());
             }
             // Async events complete on the admin queue only.
-            let events = self
-                .queue
-                .controller()
-                .filter(|_| self.queue.qid() == 0)
-                .cloned();
+            let events = self.queue.controller().filter(|_| self.queue.qid() == 0).cloned();
             // Wait for input without consuming it (cancel-safe), for a dead controller, or for
             // an async event; only then read the PDU.
             tokio::select! {
@@ -275,10 +247,7 @@ impl Conn {
                 pdu_type::H2C_TERM_REQ => {
                     self.wire.discard(layout.data_len).await?;
                     let fes = u16::from_le_bytes([self.wire.hdr[8], self.wire.hdr[9]]);
-                    info!(
-                        qid = self.queue.qid(),
-                        fes, "host terminated the connection (H2CTermReq)"
-                    );
+                    info!(qid = self.queue.qid(), fes, "host terminated the connection (H2CTermReq)");
                     return Ok(());
                 }
                 _ => return Err(Fatal::sequence("ICReq after connection set-up").into()),
@@ -315,27 +284,16 @@ impl Conn {
         let cid = sqe.cid.get();
         let mut icd = std::mem::take(&mut self.scratch);
         let digest_ok = self.wire.read_data(l, icd.window(l.data_len)).await;
-        let plan = self
-            .queue
-            .admit(&sqe)
-            .and_then(|()| self.plan(&sqe, l.data_len));
+        let plan = self.queue.admit(&sqe).and_then(|()| self.plan(&sqe, l.data_len));
         let result = match (digest_ok, plan) {
             (Err(e), _) => Err(e),
             (Ok(false), _) => {
-                self.wire
-                    .send_response(
-                        &mut self.queue,
-                        cid,
-                        &Response::status(Status::DATA_TRANSFER_ERROR),
-                    )
-                    .await?;
+                self.wire.send_response(&mut self.queue, cid, &Response::status(Status::DATA_TRANSFER_ERROR)).await?;
                 Ok(())
             }
             (Ok(true), Err(status)) => {
                 debug!(cid, opcode = sqe.opcode, %status, "command refused at transport level");
-                self.wire
-                    .send_response(&mut self.queue, cid, &Response::status(status))
-                    .await?;
+                self.wire.send_response(&mut self.queue, cid, &Response::status(status)).await?;
                 Ok(())
             }
             (Ok(true), Ok(Plan::Now(len))) => self.execute(&sqe, icd.window(len)).await,
@@ -386,15 +344,10 @@ impl Conn {
             Exec::Deferred => return Ok(()),
             Exec::Done(r) => r,
         };
-        if Direction::of(sqe) == Direction::ControllerToHost
-            && r.data_len > 0
-            && r.status.is_success()
-        {
+        if Direction::of(sqe) == Direction::ControllerToHost && r.data_len > 0 && r.status.is_success() {
             // SUCCESS only when the host disabled SQ flow control: else it needs SQHD.
             let success = self.queue.sq_flow_disabled();
-            self.wire
-                .send_c2h(cid, &buf[..r.data_len as usize], success)
-                .await?;
+            self.wire.send_c2h(cid, &buf[..r.data_len as usize], success).await?;
             if success {
                 return Ok(());
             }
@@ -412,21 +365,13 @@ impl Conn {
                 self.slots.len() - 1
             }
             None => {
-                return Err(
-                    Fatal::sequence("more commands outstanding than the queue holds").into(),
-                );
+                return Err(Fatal::sequence("more commands outstanding than the queue holds").into());
             }
         };
         let slot = &mut self.slots[ttag];
         slot.buf.window(len);
         (slot.sqe, slot.len, slot.received, slot.digest_error) = (Some(sqe), len, 0, false);
-        let r2t = pdu::r2t(
-            sqe.cid.get(),
-            ttag as u16,
-            0,
-            len as u32,
-            self.wire.lim.hdgst,
-        );
+        let r2t = pdu::r2t(sqe.cid.get(), ttag as u16, 0, len as u32, self.wire.lim.hdgst);
         let hdgst = self.wire.lim.hdgst;
         self.wire.write_pdu(r2t.as_bytes(), hdgst).await?;
         self.wire.wr.flush().await?;
@@ -437,16 +382,8 @@ impl Conn {
         let h = DataHeader::read_from_bytes(&self.wire.hdr[..24]).expect("24 bytes");
         let ttag = usize::from(h.ttag.get());
         let (off, n) = (h.datao.get() as usize, h.datal.get() as usize);
-        let out_of_range = |why| Fatal {
-            fes: pdu::fes::DATA_OUT_OF_RANGE,
-            fei: 0,
-            why,
-        };
-        let Some(slot) = self
-            .slots
-            .get_mut(ttag)
-            .filter(|s| s.sqe.is_some_and(|q| q.cid == h.cccid))
-        else {
+        let out_of_range = |why| Fatal { fes: pdu::fes::DATA_OUT_OF_RANGE, fei: 0, why };
+        let Some(slot) = self.slots.get_mut(ttag).filter(|s| s.sqe.is_some_and(|q| q.cid == h.cccid)) else {
             return Err(Fatal::header(10, "H2CData for an unknown transfer tag").into());
         };
         if n != l.data_len {
@@ -457,10 +394,7 @@ impl Conn {
         }
         let len = slot.len;
         let mut buf = std::mem::take(&mut slot.buf);
-        let ok = self
-            .wire
-            .read_data(l, &mut buf.window(len)[off..off + n])
-            .await;
+        let ok = self.wire.read_data(l, &mut buf.window(len)[off..off + n]).await;
         let slot = &mut self.slots[ttag];
         slot.buf = buf;
         slot.digest_error |= !ok?;
@@ -473,11 +407,7 @@ impl Conn {
         let mut buf = std::mem::take(&mut slot.buf);
         let r = if digest_error {
             self.wire
-                .send_response(
-                    &mut self.queue,
-                    sqe.cid.get(),
-                    &Response::status(Status::DATA_TRANSFER_ERROR),
-                )
+                .send_response(&mut self.queue, sqe.cid.get(), &Response::status(Status::DATA_TRANSFER_ERROR))
                 .await
                 .map_err(ConnError::from)
         } else {

@@ -24,23 +24,14 @@ pub struct TcpParams {
 
 impl Default for TcpParams {
     fn default() -> Self {
-        TcpParams {
-            max_icd: 8192,
-            max_xfer: 1 << 20,
-            maxh2cdata: 1 << 20,
-        }
+        TcpParams { max_icd: 8192, max_xfer: 1 << 20, maxh2cdata: 1 << 20 }
     }
 }
 
 impl TcpParams {
     /// What the core advertises for this transport (IOCCSZ covers the SQE plus ICD).
     pub fn transport_params(&self) -> TransportParams {
-        TransportParams {
-            ioccsz: (64 + self.max_icd) / 16,
-            max_xfer: self.max_xfer,
-            msdbd: 1,
-            keyed_sgls: false,
-        }
+        TransportParams { ioccsz: (64 + self.max_icd) / 16, max_xfer: self.max_xfer, msdbd: 1, keyed_sgls: false }
     }
 }
 
@@ -76,10 +67,6 @@ pub async fn serve(
             _ = stopped(&mut stop) => break,
         }
     }
-    info!(
-        port = port.id,
-        connections = conns.len(),
-        "listener stopping"
-    );
+    info!(port = port.id, connections = conns.len(), "listener stopping");
     while conns.join_next().await.is_some() {}
 }

@@ -132,18 +132,10 @@ pub struct Fatal {
 
 impl Fatal {
     pub fn header(offset: u32, why: &'static str) -> Self {
-        Fatal {
-            fes: fes::INVALID_HEADER_FIELD,
-            fei: offset,
-            why,
-        }
+        Fatal { fes: fes::INVALID_HEADER_FIELD, fei: offset, why }
     }
     pub fn sequence(why: &'static str) -> Self {
-        Fatal {
-            fes: fes::PDU_SEQUENCE_ERROR,
-            fei: 0,
-            why,
-        }
+        Fatal { fes: fes::PDU_SEQUENCE_ERROR, fei: 0, why }
     }
 }
 
@@ -174,11 +166,7 @@ pub struct Layout {
 impl Layout {
     /// Bytes still to read after the 8-byte common header.
     pub fn rest(&self) -> usize {
-        self.hlen - 8
-            + self.digest_len(self.hdgst)
-            + self.pad
-            + self.data_len
-            + self.digest_len(self.ddgst)
+        self.hlen - 8 + self.digest_len(self.hdgst) + self.pad + self.data_len + self.digest_len(self.ddgst)
     }
 
     fn digest_len(&self, on: bool) -> usize {
@@ -204,10 +192,7 @@ pub fn check(ch: &CommonHeader, lim: &Limits) -> Result<Layout, Fatal> {
     }
     let hdgst = digests && lim.hdgst;
     if digests && (ch.flags & flags::HDGSTF != 0) != lim.hdgst {
-        return Err(Fatal::header(
-            1,
-            "HDGSTF does not match the negotiated header digest",
-        ));
+        return Err(Fatal::header(1, "HDGSTF does not match the negotiated header digest"));
     }
     let plen = ch.plen.get() as usize;
     let head = want_hlen + if hdgst { 4 } else { 0 };
@@ -224,14 +209,7 @@ pub fn check(ch: &CommonHeader, lim: &Limits) -> Result<Layout, Fatal> {
         _ => lim.maxh2cdata as usize,
     };
     if plen == head {
-        return Ok(Layout {
-            pdu_type: ch.pdu_type,
-            hlen: want_hlen,
-            hdgst,
-            pad: 0,
-            data_len: 0,
-            ddgst: false,
-        });
+        return Ok(Layout { pdu_type: ch.pdu_type, hlen: want_hlen, hdgst, pad: 0, data_len: 0, ddgst: false });
     }
     if ch.pdu_type == pdu_type::H2C_TERM_REQ {
         // Terminations carry the offending header as plain data, without PDO or digests.
@@ -239,14 +217,7 @@ pub fn check(ch: &CommonHeader, lim: &Limits) -> Result<Layout, Fatal> {
         if data_len > max_data {
             return Err(Fatal::header(CH_PLEN, "termination request too long"));
         }
-        return Ok(Layout {
-            pdu_type: ch.pdu_type,
-            hlen: want_hlen,
-            hdgst,
-            pad: 0,
-            data_len,
-            ddgst: false,
-        });
+        return Ok(Layout { pdu_type: ch.pdu_type, hlen: want_hlen, hdgst, pad: 0, data_len, ddgst: false });
     }
     let pdo = usize::from(ch.pdo);
     if pdo < head || pdo > plen {
@@ -254,39 +225,21 @@ pub fn check(ch: &CommonHeader, lim: &Limits) -> Result<Layout, Fatal> {
     }
     let ddgst = digests && lim.ddgst;
     if digests && (ch.flags & flags::DDGSTF != 0) != lim.ddgst {
-        return Err(Fatal::header(
-            1,
-            "DDGSTF does not match the negotiated data digest",
-        ));
+        return Err(Fatal::header(1, "DDGSTF does not match the negotiated data digest"));
     }
     let data_len = (plen - pdo)
         .checked_sub(if ddgst { 4 } else { 0 })
         .ok_or(Fatal::header(CH_PLEN, "PLEN too short for the data digest"))?;
     if data_len > max_data {
-        return Err(Fatal {
-            fes: fes::DATA_LIMIT_EXCEEDED,
-            fei: 0,
-            why: "data longer than the negotiated limit",
-        });
+        return Err(Fatal { fes: fes::DATA_LIMIT_EXCEEDED, fei: 0, why: "data longer than the negotiated limit" });
     }
-    Ok(Layout {
-        pdu_type: ch.pdu_type,
-        hlen: want_hlen,
-        hdgst,
-        pad: pdo - head,
-        data_len,
-        ddgst,
-    })
+    Ok(Layout { pdu_type: ch.pdu_type, hlen: want_hlen, hdgst, pad: pdo - head, data_len, ddgst })
 }
 
 /// ICReq checks (Figure 20): PFV 0, HPDA ≤ 31, DGST bits only.
 pub fn check_icreq(req: &IcReq) -> Result<(bool, bool), Fatal> {
     if req.pfv.get() != 0 {
-        return Err(Fatal {
-            fes: fes::UNSUPPORTED_PARAMETER,
-            fei: 8,
-            why: "unsupported PDU format version",
-        });
+        return Err(Fatal { fes: fes::UNSUPPORTED_PARAMETER, fei: 8, why: "unsupported PDU format version" });
     }
     if req.hpda > 31 {
         return Err(Fatal::header(10, "HPDA out of range"));
@@ -298,13 +251,7 @@ pub fn check_icreq(req: &IcReq) -> Result<(bool, bool), Fatal> {
 }
 
 pub fn common(pdu_type: u8, flags: u8, hlen: u8, pdo: u8, plen: usize) -> CommonHeader {
-    CommonHeader {
-        pdu_type,
-        flags,
-        hlen,
-        pdo,
-        plen: (plen as u32).into(),
-    }
+    CommonHeader { pdu_type, flags, hlen, pdo, plen: (plen as u32).into() }
 }
 
 pub fn ic_resp(hdgst: bool, ddgst: bool, maxh2cdata: u32) -> IcResp {
@@ -324,16 +271,7 @@ fn digest_flags(hdgst: bool, ddgst: bool) -> u8 {
 
 pub fn capsule_resp(cqe: Cqe, hdgst: bool) -> CapsuleResp {
     let plen = 24 + if hdgst { 4 } else { 0 };
-    CapsuleResp {
-        ch: common(
-            pdu_type::CAPSULE_RESP,
-            digest_flags(hdgst, false),
-            24,
-            0,
-            plen,
-        ),
-        cqe,
-    }
+    CapsuleResp { ch: common(pdu_type::CAPSULE_RESP, digest_flags(hdgst, false), 24, 0, plen), cqe }
 }
 
 pub fn r2t(cccid: u16, ttag: u16, offset: u32, len: u32, hdgst: bool) -> R2t {
@@ -349,14 +287,7 @@ pub fn r2t(cccid: u16, ttag: u16, offset: u32, len: u32, hdgst: bool) -> R2t {
 }
 
 /// C2HData header for `len` bytes at `offset`; `last`/`success` set the flags of Figure 25.
-pub fn c2h_data(
-    cccid: u16,
-    offset: u32,
-    len: usize,
-    last: bool,
-    success: bool,
-    lim: &Limits,
-) -> DataHeader {
+pub fn c2h_data(cccid: u16, offset: u32, len: usize, last: bool, success: bool, lim: &Limits) -> DataHeader {
     let head = 24 + if lim.hdgst { 4 } else { 0 };
     let plen = head + len + if lim.ddgst { 4 } else { 0 };
     let mut f = digest_flags(lim.hdgst, lim.ddgst);
@@ -396,12 +327,7 @@ mod tests {
     use proptest::prelude::*;
     use std::mem::size_of;
 
-    const LIM: Limits = Limits {
-        hdgst: false,
-        ddgst: false,
-        max_icd: 8192,
-        maxh2cdata: 131072,
-    };
+    const LIM: Limits = Limits { hdgst: false, ddgst: false, max_icd: 8192, maxh2cdata: 131072 };
 
     #[test]
     fn layouts() {
@@ -425,23 +351,10 @@ mod tests {
 
     #[test]
     fn digests_are_counted() {
-        let lim = Limits {
-            hdgst: true,
-            ddgst: true,
-            ..LIM
-        };
-        let ch = common(
-            pdu_type::H2C_DATA,
-            flags::HDGSTF | flags::DDGSTF,
-            24,
-            28,
-            28 + 4096 + 4,
-        );
+        let lim = Limits { hdgst: true, ddgst: true, ..LIM };
+        let ch = common(pdu_type::H2C_DATA, flags::HDGSTF | flags::DDGSTF, 24, 28, 28 + 4096 + 4);
         let l = check(&ch, &lim).unwrap();
-        assert_eq!(
-            (l.data_len, l.hdgst, l.ddgst, l.rest()),
-            (4096, true, true, 16 + 4 + 4096 + 4)
-        );
+        assert_eq!((l.data_len, l.hdgst, l.ddgst, l.rest()), (4096, true, true, 16 + 4 + 4096 + 4));
         // Header digest negotiated but the flag missing.
         let bad = common(pdu_type::H2C_DATA, flags::DDGSTF, 24, 28, 28 + 4096 + 4);
         assert_eq!(check(&bad, &lim).unwrap_err().fei, 1);
@@ -450,41 +363,13 @@ mod tests {
     #[test]
     fn rejects_what_a_host_may_not_send() {
         for (ch, fes_, fei) in [
-            (
-                common(pdu_type::CAPSULE_RESP, 0, 24, 0, 24),
-                fes::INVALID_HEADER_FIELD,
-                0,
-            ),
-            (
-                common(pdu_type::CAPSULE_CMD, 0, 70, 0, 72),
-                fes::INVALID_HEADER_FIELD,
-                2,
-            ),
-            (
-                common(pdu_type::CAPSULE_CMD, 0, 72, 0, 40),
-                fes::INVALID_HEADER_FIELD,
-                4,
-            ),
-            (
-                common(pdu_type::CAPSULE_CMD, 0, 72, 10, 100),
-                fes::INVALID_HEADER_FIELD,
-                3,
-            ),
-            (
-                common(pdu_type::CAPSULE_CMD, 0, 72, 72, 72 + 8193),
-                fes::DATA_LIMIT_EXCEEDED,
-                0,
-            ),
-            (
-                common(pdu_type::H2C_DATA, 0, 24, 24, 24 + 131073),
-                fes::DATA_LIMIT_EXCEEDED,
-                0,
-            ),
-            (
-                common(pdu_type::IC_REQ, 0, 128, 0, 129),
-                fes::INVALID_HEADER_FIELD,
-                4,
-            ),
+            (common(pdu_type::CAPSULE_RESP, 0, 24, 0, 24), fes::INVALID_HEADER_FIELD, 0),
+            (common(pdu_type::CAPSULE_CMD, 0, 70, 0, 72), fes::INVALID_HEADER_FIELD, 2),
+            (common(pdu_type::CAPSULE_CMD, 0, 72, 0, 40), fes::INVALID_HEADER_FIELD, 4),
+            (common(pdu_type::CAPSULE_CMD, 0, 72, 10, 100), fes::INVALID_HEADER_FIELD, 3),
+            (common(pdu_type::CAPSULE_CMD, 0, 72, 72, 72 + 8193), fes::DATA_LIMIT_EXCEEDED, 0),
+            (common(pdu_type::H2C_DATA, 0, 24, 24, 24 + 131073), fes::DATA_LIMIT_EXCEEDED, 0),
+            (common(pdu_type::IC_REQ, 0, 128, 0, 129), fes::INVALID_HEADER_FIELD, 4),
         ] {
             let e = check(&ch, &LIM).unwrap_err();
             assert_eq!((e.fes, e.fei), (fes_, fei), "{ch:?}: {}", e.why);
@@ -497,24 +382,14 @@ mod tests {
         req.dgst = 3;
         assert_eq!(check_icreq(&req), Ok((true, true)));
         req.pfv = 1.into();
-        assert_eq!(
-            check_icreq(&req).unwrap_err().fes,
-            fes::UNSUPPORTED_PARAMETER
-        );
+        assert_eq!(check_icreq(&req).unwrap_err().fes, fes::UNSUPPORTED_PARAMETER);
     }
 
     #[test]
     fn c2h_flags_and_lengths() {
-        let lim = Limits {
-            hdgst: true,
-            ddgst: true,
-            ..LIM
-        };
+        let lim = Limits { hdgst: true, ddgst: true, ..LIM };
         let h = c2h_data(7, 0, 4096, true, true, &lim);
-        assert_eq!(
-            h.ch.flags,
-            flags::HDGSTF | flags::DDGSTF | flags::DATA_LAST | flags::DATA_SUCCESS
-        );
+        assert_eq!(h.ch.flags, flags::HDGSTF | flags::DDGSTF | flags::DATA_LAST | flags::DATA_SUCCESS);
         assert_eq!((h.ch.pdo, h.ch.plen.get()), (28, 28 + 4096 + 4));
         let t = c2h_term_req(&Fatal::header(2, "x"), &[1; 200]);
         assert_eq!(t.len(), 24 + 128);
