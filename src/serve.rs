@@ -86,7 +86,12 @@ impl Live {
 }
 
 fn rdma_params(l: &p2pnvmf_config::Listener) -> RdmaParams {
-    RdmaParams { max_icd: l.inline_data_size, busy_poll: l.busy_poll, ..RdmaParams::default() }
+    RdmaParams {
+        max_icd: l.inline_data_size,
+        busy_poll: l.busy_poll,
+        srq: l.srq_size.map(|n| n as usize),
+        ..RdmaParams::default()
+    }
 }
 
 fn ports(cfg: &Config) -> Vec<Port> {

@@ -47,6 +47,8 @@ pub struct Listener {
     pub inline_data_size: u32,
     /// RDMA: poll completion queues instead of waiting on completion channels.
     pub busy_poll: bool,
+    /// RDMA: receive through one shared receive queue per device, of this many capsules.
+    pub srq_size: Option<u32>,
 }
 
 /// Default and largest RDMA in-capsule data size.

@@ -27,6 +27,7 @@ struct RawListener {
     port: Option<Spanned<i64>>,
     inline_data_size: Option<Spanned<i64>>,
     busy_poll: Option<Spanned<bool>>,
+    srq_size: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -124,6 +125,7 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
     let name = r.name.as_ref().map_or_else(|| format!("listener{i}"), |n| n.get_ref().clone());
     if transport == Transport::Tcp {
         let span = r.inline_data_size.as_ref().map(|v| (v.span(), "inline_data_size"));
+        let span = span.or_else(|| r.srq_size.as_ref().map(|v| (v.span(), "srq_size")));
         if let Some((span, key)) = span.or_else(|| r.busy_poll.as_ref().map(|v| (v.span(), "busy_poll"))) {
             return Err(cx.err(span, format!("listener[{i}].{key}: applies to rdma listeners only")));
         }
@@ -145,7 +147,13 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
             })?,
     };
     let busy_poll = r.busy_poll.as_ref().is_some_and(|b| *b.get_ref());
-    Ok(Listener { name, transport, address, port, inline_data_size, busy_poll })
+    let srq_size = match &r.srq_size {
+        None => None,
+        Some(v) => Some(u32::try_from(*v.get_ref()).ok().filter(|n| (16..=16384).contains(n)).ok_or_else(|| {
+            cx.err(v.span(), format!("listener[{i}].srq_size: {} is not from 16 to 16384 capsules", v.get_ref()))
+        })?),
+    };
+    Ok(Listener { name, transport, address, port, inline_data_size, busy_poll, srq_size })
 }
 
 fn ascii_field(cx: &Ctx, key: &str, v: &Spanned<String>, max: usize) -> Result<String, ConfigError> {
@@ -346,6 +354,9 @@ mod tests {
         let c = parse(&format!("{rdma}inline_data_size = 16384\nbusy_poll = true\n"), "t").unwrap();
         assert_eq!((c.listeners[0].inline_data_size, c.listeners[0].busy_poll), (16384, true));
         assert_eq!(parse(rdma, "t").unwrap().listeners[0].inline_data_size, 8192);
+        let c = parse(&format!("{rdma}srq_size = 256\n"), "t").unwrap();
+        assert_eq!(c.listeners[0].srq_size, Some(256));
+        assert!(err(&format!("{rdma}srq_size = 8\n")).message.contains("srq_size: 8 is not from 16 to 16384"));
         let e = err(&format!("{rdma}inline_data_size = 16400\n"));
         assert!(e.message.contains("inline_data_size: 16400 must be a multiple of 16 from 0 to 16384"), "{e}");
         let e = err(&format!("{LISTENER}busy_poll = true\n"));

@@ -21,4 +21,17 @@ verify_rw "$dev" 8
 fio_verify "$dev" 4k
 nvme_disconnect_nqn "$NQN"
 stop_target
+
+step "one shared receive queue of 512 capsules for all queues"
+sed -i 's/^busy_poll = true$/srq_size = 512/' /tmp/scn/target.toml
+start_target /tmp/scn/target.toml 4421
+dev=$(nvme_connect_dev rdma 4420 "$NQN" -i 2)
+grep -q "shared receive queue created entries=512" "$TARGET_LOG" || die "no shared receive queue"
+[[ $(grep -c "shared receive queue created" "$TARGET_LOG") -eq 1 ]] || die "more than one SRQ for one device"
+fio_verify "$dev" 4k 2
+nvme_disconnect_nqn "$NQN"
+dev=$(nvme_connect_dev rdma 4420 "$NQN" -i 2)
+verify_rw "$dev" 4
+nvme_disconnect_nqn "$NQN"
+stop_target
 step "done"

@@ -6,6 +6,7 @@
 //! Host writes are fetched with RDMA READ; host reads go out as RDMA WRITE chained with the
 //! SEND of the response (SEND_WITH_INV when the host asks for invalidation).
 
+mod srq;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod wire;
@@ -38,11 +39,13 @@ pub struct RdmaParams {
     pub max_xfer: u32,
     /// Poll completion queues (for dedicated cores) instead of sleeping on completion channels.
     pub busy_poll: bool,
+    /// Receive capsules through one shared receive queue per device, of this many entries.
+    pub srq: Option<usize>,
 }
 
 impl Default for RdmaParams {
     fn default() -> Self {
-        RdmaParams { max_icd: 8192, max_xfer: 128 << 10, busy_poll: false }
+        RdmaParams { max_icd: 8192, max_xfer: 128 << 10, busy_poll: false, srq: None }
     }
 }
 
@@ -157,13 +160,15 @@ pub async fn serve(
     let afd = unsafe { AsyncFd::register(Fd(listener.fd())) }.map_err(|e| e.into_parts().1)?;
     let mut conns: HashMap<usize, mpsc::UnboundedSender<CmNote>> = HashMap::new();
     let mut tasks = JoinSet::new();
+    // Dropped before the listener, after every queue (each holds a reference) has closed.
+    let mut srqs: HashMap<usize, Arc<srq::SharedRecv>> = HashMap::new();
     let mut stop = shutdown.clone();
     loop {
         tokio::select! {
             guard = afd.readable() => {
                 let mut guard = guard?;
                 while let Some(ev) = next_event(&listener) {
-                    handle_event(&listener, ev, &target, &port, &params, &shutdown, &mut conns, &mut tasks);
+                    handle_event(&listener, ev, &target, &port, &params, &shutdown, &mut conns, &mut tasks, &mut srqs);
                 }
                 guard.clear_ready();
             }
@@ -227,6 +232,7 @@ fn handle_event(
     shutdown: &watch::Receiver<bool>,
     conns: &mut HashMap<usize, mpsc::UnboundedSender<CmNote>>,
     tasks: &mut JoinSet<()>,
+    srqs: &mut HashMap<usize, Arc<srq::SharedRecv>>,
 ) {
     let key = ev.id as usize;
     let note = |conns: &mut HashMap<usize, mpsc::UnboundedSender<CmNote>>, n: CmNote| {
@@ -238,7 +244,7 @@ fn handle_event(
         }
     };
     match ev.kind {
-        cm_event::CONNECT_REQUEST => match accept(l.api, &ev, target, port, params) {
+        cm_event::CONNECT_REQUEST => match accept(l.api, &ev, target, port, params, srqs) {
             Ok(conn) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 conns.insert(key, tx);
@@ -282,17 +288,29 @@ struct Keyed {
     invalidate: bool,
 }
 
+/// Where a queue's receive capsules live.
+enum Recv {
+    /// Its own: capsule `i` is at the start of `mem`, and slot `i` is command `i`.
+    Own,
+    /// A device's SRQ: a command slot holds the SRQ buffer its capsule arrived in.
+    Shared { srq: Arc<srq::SharedRecv>, free: Vec<usize>, held: Vec<Option<usize>> },
+}
+
 /// One queue pair and everything registered for it. Dropping it tears it all down, in the
 /// order verbs require.
 struct Conn {
     api: &'static Api,
     id: *mut sys::RdmaCmId,
+    /// Ours to free unless it is the shared receive queue's.
     pd: *mut sys::IbvPd,
+    recv: Recv,
+    /// Bytes of `mem` holding our own receive capsules (0 with a shared receive queue).
+    recv_area: usize,
     channel: *mut sys::IbvCompChannel,
     cq: *mut sys::IbvCq,
     mr: *mut sys::IbvMr,
     qp_created: bool,
-    /// Receive capsules, then data buffers, then response capsules.
+    /// Own receive capsules, then data buffers, then response capsules.
     mem: sys::Region,
     depth: usize,
     capsule: usize,
@@ -324,10 +342,18 @@ impl Drop for Conn {
             if !self.channel.is_null() {
                 (self.api.ibv_destroy_comp_channel)(self.channel);
             }
-            if !self.pd.is_null() {
+            if !self.pd.is_null() && matches!(self.recv, Recv::Own) {
                 (self.api.ibv_dealloc_pd)(self.pd);
             }
             (self.api.rdma_destroy_id)(self.id);
+        }
+        // Shared capsules this queue still held go back to the device's SRQ.
+        if let Recv::Shared { srq, held, .. } = &mut self.recv {
+            for idx in held.iter_mut().filter_map(Option::take) {
+                if let Err(e) = srq.post(idx) {
+                    warn!("returning SRQ buffer {idx}: {e}");
+                }
+            }
         }
     }
 }
@@ -341,6 +367,7 @@ fn accept(
     target: &Arc<Target>,
     port: &Port,
     params: &RdmaParams,
+    srqs: &mut HashMap<usize, Arc<srq::SharedRecv>>,
 ) -> Result<Conn, Refusal> {
     let req = wire::parse_request(&ev.private).map_err(|s| (s, format!("private data {:02x?}", ev.private)))?;
     let no_res = |e: io::Error| (RejectStatus::NoResources, e.to_string());
@@ -364,11 +391,29 @@ fn accept(
     let depth = usize::from(req.depth);
     let capsule = 64 + params.max_icd as usize;
     let max_xfer = params.max_xfer as usize;
-    let mem_len = depth * capsule + depth * max_xfer + (depth + EVENT_RSPS) * 16;
+    let shared = match params.srq {
+        Some(n) => Some(match srqs.get(&(verbs as usize)) {
+            Some(s) => s.clone(),
+            None => {
+                let s = Arc::new(srq::SharedRecv::new(api, verbs, n, capsule).map_err(no_res)?);
+                info!(entries = s.count(), capsule, "shared receive queue created");
+                srqs.insert(verbs as usize, s.clone());
+                s
+            }
+        }),
+        None => None,
+    };
+    let recv_area = if shared.is_some() { 0 } else { depth * capsule };
+    let mem_len = recv_area + depth * max_xfer + (depth + EVENT_RSPS) * 16;
     let mut c = Conn {
         api,
         id: ev.id,
-        pd: ptr::null_mut(),
+        pd: shared.as_ref().map_or(ptr::null_mut(), |s| s.pd),
+        recv: match &shared {
+            Some(s) => Recv::Shared { srq: s.clone(), free: (0..depth).rev().collect(), held: vec![None; depth] },
+            None => Recv::Own,
+        },
+        recv_area,
         channel: ptr::null_mut(),
         cq: ptr::null_mut(),
         mr: ptr::null_mut(),
@@ -388,7 +433,9 @@ fn accept(
     // SAFETY: each constructor gets live parents; NULL results are checked, and `c` frees
     // whatever was created if a later step fails.
     unsafe {
-        c.pd = sys::check_ptr("ibv_alloc_pd", (api.ibv_alloc_pd)(verbs)).map_err(no_res)?;
+        if shared.is_none() {
+            c.pd = sys::check_ptr("ibv_alloc_pd", (api.ibv_alloc_pd)(verbs)).map_err(no_res)?;
+        }
         c.channel = sys::check_ptr("ibv_create_comp_channel", (api.ibv_create_comp_channel)(verbs)).map_err(no_res)?;
         sys::set_nonblocking((*c.channel).fd).map_err(no_res)?;
         let cqe = (depth + send_wrs) as i32;
@@ -401,10 +448,10 @@ fn accept(
             qp_context: ptr::null_mut(),
             send_cq: c.cq,
             recv_cq: c.cq,
-            srq: ptr::null_mut(),
+            srq: shared.as_ref().map_or(ptr::null_mut(), |s| s.srq),
             cap: sys::IbvQpCap {
                 max_send_wr: send_wrs as u32,
-                max_recv_wr: depth as u32,
+                max_recv_wr: if shared.is_some() { 0 } else { depth as u32 },
                 max_send_sge: 1,
                 max_recv_sge: 1,
                 max_inline_data: 0,
@@ -416,8 +463,10 @@ fn accept(
         c.qp_created = true;
         sys::check("ibv_req_notify_cq", c.ctx_ops().req_notify_cq.map_or(-1, |f| f(c.cq, 0))).map_err(no_res)?;
     }
-    for slot in 0..depth {
-        c.post_recv(slot).map_err(no_res)?;
+    if shared.is_none() {
+        for slot in 0..depth {
+            c.post_recv(slot).map_err(no_res)?;
+        }
     }
     let rep = wire::accept(req.depth);
     let mut param = sys::RdmaConnParam {
@@ -458,11 +507,38 @@ impl Conn {
     }
 
     fn data_off(&self, slot: usize) -> usize {
-        self.depth * self.capsule + slot * self.max_xfer
+        self.recv_area + slot * self.max_xfer
     }
 
     fn rsp_off(&self, rsp: usize) -> usize {
-        self.depth * (self.capsule + self.max_xfer) + rsp * 16
+        self.recv_area + self.depth * self.max_xfer + rsp * 16
+    }
+
+    /// The capsule of the command in `slot` (its own receive buffer, or the SRQ buffer it
+    /// holds).
+    fn capsule_mut(&mut self, slot: usize) -> &mut [u8] {
+        match &self.recv {
+            Recv::Own => {
+                let off = slot * self.capsule;
+                self.mem.slice_mut(off, self.capsule)
+            }
+            Recv::Shared { srq, held, .. } => {
+                let idx = held[slot].expect("slot holds an SRQ buffer");
+                // SAFETY: this queue took `idx` from a receive completion and has not posted
+                // it back; no one else uses it until release().
+                unsafe { srq.capsule_mut(idx) }
+            }
+        }
+    }
+
+    /// Gives a finished command's receive buffer back (to our QP or to the SRQ).
+    fn release(&mut self, slot: usize) -> io::Result<()> {
+        if let Recv::Shared { srq, free, held } = &mut self.recv {
+            let idx = held[slot].take().expect("slot holds an SRQ buffer");
+            free.push(slot);
+            return srq.post(idx);
+        }
+        self.post_recv(slot)
     }
 
     fn sge(&self, off: usize, len: usize) -> sys::IbvSge {
@@ -537,8 +613,20 @@ impl Conn {
     }
 
     /// A received capsule: checks, then executes now or after fetching data.
-    fn on_recv(&mut self, slot: usize, byte_len: usize) -> io::Result<()> {
-        let off = self.recv_off(slot);
+    fn on_recv(&mut self, idx: usize, byte_len: usize) -> io::Result<()> {
+        let slot = match &mut self.recv {
+            Recv::Own => idx,
+            Recv::Shared { srq, free, held } => match free.pop() {
+                Some(slot) => {
+                    held[slot] = Some(idx);
+                    slot
+                }
+                None => {
+                    srq.post(idx)?;
+                    return Err(io::Error::other("host sent more commands than its queue holds"));
+                }
+            },
+        };
         if byte_len < 64 {
             // A capsule shorter than an SQE has no CID to answer: a fatal controller error
             // (as nvmet-rdma does).
@@ -547,7 +635,7 @@ impl Conn {
             }
             return Err(io::Error::new(io::ErrorKind::InvalidData, format!("capsule of {byte_len} bytes (< 64)")));
         }
-        let sqe = Sqe::read_from_bytes(self.mem.slice(off, 64)).expect("64 bytes");
+        let sqe = Sqe::read_from_bytes(&self.capsule_mut(slot)[..64]).expect("64 bytes");
         let cid = sqe.cid.get();
         let plan = self.queue.admit(&sqe).and_then(|()| self.plan(&sqe, byte_len - 64));
         match plan {
@@ -601,11 +689,20 @@ impl Conn {
     }
 
     fn execute(&mut self, slot: usize, sqe: &Sqe, at: DataAt, keyed: Option<Keyed>) -> io::Result<()> {
-        let (start, len) = match at {
-            DataAt::Slot(len) => (self.data_off(slot), len),
-            DataAt::Capsule(o, len) => (self.recv_off(slot) + 64 + o, len),
+        let data_off = self.data_off(slot);
+        let buf: &mut [u8] = match at {
+            DataAt::Slot(len) => self.mem.slice_mut(data_off, len),
+            DataAt::Capsule(o, len) => match &self.recv {
+                Recv::Own => self.mem.slice_mut(slot * self.capsule + 64 + o, len),
+                Recv::Shared { srq, held, .. } => {
+                    let idx = held[slot].expect("slot holds an SRQ buffer");
+                    // SAFETY: as in capsule_mut(): the buffer is this queue's until release().
+                    let capsule = unsafe { srq.capsule_mut(idx) };
+                    &mut capsule[64 + o..64 + o + len]
+                }
+            },
         };
-        let exec = self.queue.execute(sqe, self.mem.slice_mut(start, len));
+        let exec = self.queue.execute(sqe, buf);
         match exec {
             Exec::Done(r) => {
                 let r = match at {
@@ -616,13 +713,13 @@ impl Conn {
                 self.respond(slot, slot, sqe.cid.get(), &r, keyed)
             }
             // Held by the controller: the receive buffer is free again.
-            Exec::Deferred => self.post_recv(slot),
+            Exec::Deferred => self.release(slot),
         }
     }
 
     fn on_send_done(&mut self, rsp: usize) -> io::Result<()> {
         if rsp < self.depth {
-            self.post_recv(rsp)
+            self.release(rsp)
         } else {
             self.free_event_rsps.push(rsp);
             Ok(())

@@ -29,11 +29,21 @@ impl SharedRecv {
     /// Creates the SRQ on `verbs` with `count` capsules of `capsule` bytes, all posted.
     pub fn new(api: &'static Api, verbs: *mut sys::IbvContext, count: usize, capsule: usize) -> io::Result<SharedRecv> {
         let mem = sys::Region::new(count * capsule)?;
-        let mut s = SharedRecv { api, verbs, pd: ptr::null_mut(), srq: ptr::null_mut(), mr: ptr::null_mut(), mem, capsule, count };
+        let mut s = SharedRecv {
+            api,
+            verbs,
+            pd: ptr::null_mut(),
+            srq: ptr::null_mut(),
+            mr: ptr::null_mut(),
+            mem,
+            capsule,
+            count,
+        };
         // SAFETY: live device context; results checked; `s` frees what exists on error.
         unsafe {
             s.pd = sys::check_ptr("ibv_alloc_pd", (api.ibv_alloc_pd)(verbs))?;
-            let mut attr = sys::IbvSrqInitAttr { srq_context: ptr::null_mut(), max_wr: count as u32, max_sge: 1, srq_limit: 0 };
+            let mut attr =
+                sys::IbvSrqInitAttr { srq_context: ptr::null_mut(), max_wr: count as u32, max_sge: 1, srq_limit: 0 };
             s.srq = sys::check_ptr("ibv_create_srq", (api.ibv_create_srq)(s.pd, &mut attr))?;
             s.mr = sys::check_ptr(
                 "ibv_reg_mr",
@@ -46,10 +56,6 @@ impl SharedRecv {
         Ok(s)
     }
 
-    pub fn verbs(&self) -> *mut sys::IbvContext {
-        self.verbs
-    }
-
     pub fn count(&self) -> usize {
         self.count
     }
@@ -59,7 +65,11 @@ impl SharedRecv {
         // SAFETY: `mr` registered in new(); `verbs` outlives the SRQ.
         let (lkey, f) = unsafe { ((*self.mr).lkey, (*self.verbs).post_srq_recv) };
         let f = f.ok_or_else(|| io::Error::other("provider has no post_srq_recv"))?;
-        let mut sge = sys::IbvSge { addr: self.mem.as_ptr() as u64 + (idx * self.capsule) as u64, length: self.capsule as u32, lkey };
+        let mut sge = sys::IbvSge {
+            addr: self.mem.as_ptr() as u64 + (idx * self.capsule) as u64,
+            length: self.capsule as u32,
+            lkey,
+        };
         let mut wr = sys::IbvRecvWr { wr_id: idx as u64, next: ptr::null_mut(), sg_list: &mut sge, num_sge: 1 };
         let mut bad = ptr::null_mut();
         // SAFETY: the SGE points into our registered region; the provider copies the WR.
