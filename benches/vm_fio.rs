@@ -6,7 +6,7 @@ use p2pnvmf_vmrig::{Scenario, Topology};
 
 fn main() {
     let out = Scenario::new("bench-fio", Topology::nic_only(), "bench-fio.sh")
-        .env("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .timeout(std::time::Duration::from_secs(900))
         .run_ok();
     for line in out.console.lines().filter(|l| l.starts_with("bench ") || l.starts_with("ratio ")) {

@@ -4,8 +4,8 @@ use p2pnvmf_vmrig::{Scenario, Topology};
 
 fn rdma_scenario(name: &str, script: &str) -> Scenario {
     Scenario::new(name, Topology::nic_only(), script)
-        .env("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
-        .env("P2PNVMF_RDMA_PROBE", env!("CARGO_BIN_EXE_nvmf-rdma-probe"))
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .binary("P2PNVMF_RDMA_PROBE", env!("CARGO_BIN_EXE_nvmf-rdma-probe"))
 }
 
 #[test]

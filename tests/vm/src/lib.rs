@@ -3,9 +3,10 @@
 //! A [`Scenario`] is a PCIe [`Topology`] plus a guest shell script. [`Scenario::run`] boots
 //! Debian's 6.12 kernel under qemu (q35, TCG) with an initramfs built by
 //! `tests/vm/build-initramfs.sh`; the guest mounts the host's root read-only over virtio-9p,
-//! brings up rxe0 on eth0 and runs the script in a chroot of the host root, so nvme-cli, fio and
-//! our own `p2pnvmf` run as host binaries. The run directory (shared read-write as `/tmp/scn`
-//! in the guest) keeps the console log and anything the scenario writes.
+//! brings up rxe0 on eth0 and runs the script in a chroot of the host root, so nvme-cli and fio
+//! run as host binaries. The run directory, shared read-write as `/tmp/scn` in the guest,
+//! holds the scripts and our binaries (the guest's tmpfs on /tmp hides the host's /tmp, so
+//! nothing is run from its host path), the console log and anything the scenario writes.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,9 @@ use std::time::{Duration, Instant};
 /// Address of the guest's eth0 (and so of rxe0). qemu's user network runs with `restrict=on`:
 /// nothing leaves the VM.
 pub const GUEST_IP: &str = "10.0.2.15";
+
+/// Where the run directory appears in the guest.
+const GUEST_RUN_DIR: &str = "/tmp/scn";
 
 /// Where a device plugs in: the root complex or a named port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,6 +181,8 @@ pub struct Scenario {
     pub script: String,
     /// Extra environment for the script.
     pub env: Vec<(String, String)>,
+    /// Host binaries made available in the guest, by environment variable.
+    pub binaries: Vec<(String, PathBuf)>,
     /// The whole run, boot included; past it qemu is killed and the run fails.
     pub timeout: Duration,
     pub memory_mib: u32,
@@ -283,6 +289,7 @@ impl Scenario {
             topology,
             script: script.into(),
             env: Vec::new(),
+            binaries: Vec::new(),
             timeout: Duration::from_secs(180),
             memory_mib: 2048,
         }
@@ -293,21 +300,52 @@ impl Scenario {
         self
     }
 
+    /// Makes the host binary `path` runnable in the guest as `$key`.
+    pub fn binary(mut self, key: &str, path: impl Into<PathBuf>) -> Self {
+        self.binaries.push((key.into(), path.into()));
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self
     }
 
-    /// The guest entry point: environment, the helper library, then the scenario script.
-    fn guest_entry(&self, repo: &Path) -> String {
+    /// The guest entry point: environment, the helper library, then the scenario script, all
+    /// from the run directory (`/tmp/scn` in the guest).
+    fn guest_entry(&self) -> String {
         let mut s = String::from("set -euo pipefail\n");
-        let _ = writeln!(s, "export RIG_REPO={}", shell_quote(&repo.display().to_string()));
         for (k, v) in &self.env {
             let _ = writeln!(s, "export {k}={}", shell_quote(v));
         }
-        let _ = writeln!(s, "source \"$RIG_REPO/tests/vm/guest/lib.sh\"");
-        let _ = writeln!(s, "source \"$RIG_REPO/tests/vm/scenarios/{}\"", self.script);
+        for (k, path) in &self.binaries {
+            let name = path.file_name().map_or_else(|| k.clone(), |n| n.to_string_lossy().into_owned());
+            let _ = writeln!(s, "export {k}={}", shell_quote(&format!("{GUEST_RUN_DIR}/bin/{name}")));
+        }
+        let _ = writeln!(s, "source {GUEST_RUN_DIR}/lib.sh");
+        let _ = writeln!(s, "source {GUEST_RUN_DIR}/{}", self.script);
         s
+    }
+
+    /// Fills the run directory: scripts, binaries (hard-linked where possible), entry point.
+    fn stage(&self, repo: &Path, run_dir: &Path) -> Result<(), RigError> {
+        let copy = |from: &Path, to: &Path| -> Result<(), RigError> {
+            if std::fs::hard_link(from, to).is_err() {
+                std::fs::copy(from, to).map_err(|e| RigError::io(from, e))?;
+            }
+            Ok(())
+        };
+        copy(&repo.join("tests/vm/guest/lib.sh"), &run_dir.join("lib.sh"))?;
+        copy(&repo.join("tests/vm/scenarios").join(&self.script), &run_dir.join(&self.script))?;
+        let bin = run_dir.join("bin");
+        std::fs::create_dir_all(&bin).map_err(|e| RigError::io(&bin, e))?;
+        for (k, path) in &self.binaries {
+            let name =
+                path.file_name().ok_or_else(|| RigError::Topology(format!("{k}: {} is not a file", path.display())))?;
+            copy(path, &bin.join(name))?;
+        }
+        let entry = run_dir.join("scenario.sh");
+        std::fs::write(&entry, self.guest_entry()).map_err(|e| RigError::io(&entry, e))
     }
 
     /// Boots the VM, runs the scenario and returns what happened. Errors are the rig's own
@@ -319,8 +357,7 @@ impl Scenario {
         let run_dir = repo.join("target/vm-runs").join(&self.name);
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).map_err(|e| RigError::io(&run_dir, e))?;
-        let entry = run_dir.join("scenario.sh");
-        std::fs::write(&entry, self.guest_entry(&repo)).map_err(|e| RigError::io(&entry, e))?;
+        self.stage(&repo, &run_dir)?;
         let console_path = run_dir.join("console.log");
 
         let mut cmd = Command::new(qemu);
@@ -471,9 +508,10 @@ mod tests {
 
     #[test]
     fn guest_entry_quotes_environment() {
-        let s = Scenario::new("x", Topology::nic_only(), "a.sh").env("NQN", "it's");
-        let entry = s.guest_entry(Path::new("/repo"));
+        let s = Scenario::new("x", Topology::nic_only(), "a.sh").env("NQN", "it's").binary("BIN", "/t/debug/p2pnvmf");
+        let entry = s.guest_entry();
         assert!(entry.contains(r"export NQN='it'\''s'"), "{entry}");
-        assert!(entry.ends_with("source \"$RIG_REPO/tests/vm/scenarios/a.sh\"\n"));
+        assert!(entry.contains("export BIN='/tmp/scn/bin/p2pnvmf'"), "{entry}");
+        assert!(entry.ends_with("source /tmp/scn/lib.sh\nsource /tmp/scn/a.sh\n"), "{entry}");
     }
 }
