@@ -47,5 +47,18 @@ wait_live "$ctrl" 30
 step "reconnected: I/O resumes"
 verify_rw "$dev" 4
 nvme_disconnect_nqn "$NQN"
+
+step "the RDMA device disappears under a connected host"
+dev=$(nvme_connect_dev rdma 4420 "$NQN" -i 2)
+# Removal completes only once every user of the device is gone: run it in the background.
+rdma link delete rxe0 &
+del=$!
+for i in $(seq 200); do grep -q "RDMA device removed under the listener" "$TARGET_LOG" && break; sleep 0.1; done
+grep -q "RDMA device removed under the listener" "$TARGET_LOG" || die "the listener did not see DEVICE_REMOVAL"
+for i in $(seq 100); do [[ -e $dev ]] || break; sleep 0.1; done
+[[ ! -e $dev ]] || die "the host kept $dev after the device went away"
 stop_target
+for i in $(seq 100); do kill -0 "$del" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$del" 2>/dev/null && die "rxe0 removal still blocked after the target exited"
+wait "$del" || die "rdma link delete rxe0 failed"
 step "done"

@@ -24,7 +24,7 @@ use p2pnvmf_nvmf::{Controller, Direction, Exec, Port, Queue, Response, Status, T
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use zerocopy::{FromBytes, IntoBytes};
 
 use sys::{Api, cm_event};
@@ -163,11 +163,16 @@ pub async fn serve(
     // Dropped before the listener, after every queue (each holds a reference) has closed.
     let mut srqs: HashMap<usize, Arc<srq::SharedRecv>> = HashMap::new();
     let mut stop = shutdown.clone();
-    loop {
+    'events: loop {
         tokio::select! {
             guard = afd.readable() => {
                 let mut guard = guard?;
                 while let Some(ev) = next_event(&listener) {
+                    if ev.id == listener.id && ev.kind == cm_event::DEVICE_REMOVAL {
+                        // The kernel waits for every id on the device to be destroyed, ours too.
+                        error!(port = port.id, "RDMA device removed under the listener: it stops; rdma-core keeps the device open until the target exits, so restart it once the device is back");
+                        break 'events;
+                    }
                     handle_event(&listener, ev, &target, &port, &params, &shutdown, &mut conns, &mut tasks, &mut srqs);
                 }
                 guard.clear_ready();
