@@ -314,6 +314,24 @@ impl Controller {
     }
 }
 
+/// For a transport's select loop: resolves with the reason once the controller behind `rx` is
+/// torn down; never resolves without a controller yet.
+pub async fn torn_down(rx: Option<&mut watch::Receiver<Option<&'static str>>>) -> Option<&'static str> {
+    match rx {
+        Some(rx) => rx.wait_for(|r| r.is_some()).await.map(|r| *r).ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+/// For a transport's select loop: resolves when `ctrl` has an async event to complete; never
+/// resolves without a controller (or on an I/O queue, where the caller passes `None`).
+pub async fn event_ready(ctrl: Option<&Controller>) {
+    match ctrl {
+        Some(c) => c.event_ready().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Feature identifiers (NVMe Base 2.0, Figure 319).
 pub mod feat {
     pub const VOLATILE_WRITE_CACHE: u8 = 0x06;

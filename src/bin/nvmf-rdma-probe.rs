@@ -19,10 +19,10 @@ struct Args {
     addr: SocketAddr,
 }
 
-type R<T> = Result<T, String>;
+#[path = "probe/report.rs"]
+mod report;
 
-/// A named check against the target.
-type Case = (&'static str, Box<dyn Fn() -> R<()>>);
+use report::{Case, R};
 
 /// One client connection attempt: its own event channel and CM id, freed on drop.
 struct Client {
@@ -209,15 +209,7 @@ impl Drop for Client {
 }
 
 fn request(recfmt: u16, qid: u16, hrqsize: u16, hsqsize: u16) -> Vec<u8> {
-    let r = wire::ConnectRequest {
-        recfmt: recfmt.into(),
-        qid: qid.into(),
-        hrqsize: hrqsize.into(),
-        hsqsize: hsqsize.into(),
-        cntlid: 0xffff.into(),
-        rsvd: [0; 22],
-    };
-    r.as_bytes().to_vec()
+    wire::ConnectRequest::new(recfmt, qid, hrqsize, hsqsize).as_bytes().to_vec()
 }
 
 /// A connect request the target must reject with `want` in its private data.
@@ -271,19 +263,5 @@ fn main() {
             }),
         ),
     ];
-    let (mut passed, mut failed) = (0, 0);
-    for (name, case) in cases {
-        match case() {
-            Ok(()) => {
-                passed += 1;
-                println!("ok    {name}");
-            }
-            Err(e) => {
-                failed += 1;
-                println!("FAIL  {name}: {e}");
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    std::process::exit(if failed == 0 { 0 } else { 1 });
+    report::run(cases);
 }

@@ -24,10 +24,10 @@ struct Args {
     hostnqn: String,
 }
 
-type R<T> = Result<T, String>;
+#[path = "probe/report.rs"]
+mod report;
 
-/// A named check against the target.
-type Case<'a> = (&'static str, Box<dyn Fn() -> R<()> + 'a>);
+use report::{Case, R};
 
 struct Pdu {
     ty: u8,
@@ -439,19 +439,5 @@ impl Probe {
 
 fn main() {
     let probe = Probe { args: Args::parse() };
-    let (mut passed, mut failed) = (0, 0);
-    for (name, case) in probe.cases() {
-        match case() {
-            Ok(()) => {
-                passed += 1;
-                println!("ok    {name}");
-            }
-            Err(e) => {
-                failed += 1;
-                println!("FAIL  {name}: {e}");
-            }
-        }
-    }
-    println!("{passed} passed, {failed} failed");
-    std::process::exit(if failed == 0 { 0 } else { 1 });
+    report::run(probe.cases());
 }

@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::sync::Arc;
 
+use p2pnvmf_nvmf::ctrl::{event_ready, torn_down};
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
 use p2pnvmf_nvmf::{Controller, Direction, Exec, Port, Queue, Response, Status, Target, TransportParams};
 use tokio::io::unix::AsyncFd;
@@ -832,18 +833,8 @@ impl Conn {
                     Some(CmNote::Disconnected(why)) => break why.to_string(),
                     None => break "listener gone".to_string(),
                 },
-                reason = async {
-                    match dead.as_mut() {
-                        Some(rx) => rx.wait_for(|r| r.is_some()).await.map(|r| *r).ok().flatten(),
-                        None => std::future::pending().await,
-                    }
-                } => break format!("controller gone ({})", reason.unwrap_or("?")),
-                () = async {
-                    match &events {
-                        Some(c) => c.event_ready().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                reason = torn_down(dead.as_mut()) => break format!("controller gone ({})", reason.unwrap_or("?")),
+                () = event_ready(events.as_deref()) => {
                     let c = events.expect("branch runs with a controller");
                     if let Err(e) = self.send_events(&c) {
                         break format!("{e}");

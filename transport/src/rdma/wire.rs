@@ -17,6 +17,20 @@ pub struct ConnectRequest {
     pub rsvd: [u8; 22],
 }
 
+impl ConnectRequest {
+    /// A request for the dynamic controller (CNTLID FFFFh), as a host sends it.
+    pub fn new(recfmt: u16, qid: u16, hrqsize: u16, hsqsize: u16) -> Self {
+        ConnectRequest {
+            recfmt: recfmt.into(),
+            qid: qid.into(),
+            hrqsize: hrqsize.into(),
+            hsqsize: hsqsize.into(),
+            cntlid: 0xffff.into(),
+            rsvd: [0; 22],
+        }
+    }
+}
+
 /// RDMA_CM_REP private data, 32 bytes (Figure 53).
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
@@ -114,15 +128,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn req(recfmt: u16, qid: u16, hrqsize: u16, hsqsize: u16) -> Vec<u8> {
-        let r = ConnectRequest {
-            recfmt: recfmt.into(),
-            qid: qid.into(),
-            hrqsize: hrqsize.into(),
-            hsqsize: hsqsize.into(),
-            cntlid: 0xffff.into(),
-            rsvd: [0; 22],
-        };
-        let mut v = r.as_bytes().to_vec();
+        let mut v = ConnectRequest::new(recfmt, qid, hrqsize, hsqsize).as_bytes().to_vec();
         v.extend_from_slice(&[0; 24]); // what rdma_cm appends (56 bytes seen from Linux)
         v
     }

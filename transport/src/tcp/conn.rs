@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use p2pnvmf_nvmf::ctrl::{event_ready, torn_down};
 use p2pnvmf_nvmf::wire::{Sqe, sgl};
 use p2pnvmf_nvmf::{Direction, Exec, Port, Queue, Response, Status, Target};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -211,21 +212,11 @@ impl Conn {
                         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                     }
                 }
-                reason = async {
-                    match dead.as_mut() {
-                        Some(rx) => rx.wait_for(|r| r.is_some()).await.map(|r| *r).ok().flatten(),
-                        None => std::future::pending().await,
-                    }
-                } => {
+                reason = torn_down(dead.as_mut()) => {
                     info!(qid = self.queue.qid(), reason, "controller gone: closing its queue");
                     return Ok(());
                 }
-                () = async {
-                    match &events {
-                        Some(c) => c.event_ready().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                () = event_ready(events.as_deref()) => {
                     let c = events.expect("branch runs with a controller");
                     for (cid, dw0) in c.take_async_completions() {
                         info!(cntlid = c.cntlid, cid, dw0 = format_args!("{dw0:#x}"), "async event completed");
