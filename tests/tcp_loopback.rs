@@ -118,3 +118,14 @@ fn check_config_names_file_line_and_key() {
 fn p2pnvmf_config_default() -> &'static str {
     include_str!("../deploy/default.toml")
 }
+
+/// Every configuration shipped in deploy/ is valid.
+#[test]
+fn shipped_configs_pass_check_config() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let files = [root.join("deploy/default.toml"), root.join("deploy/examples/appliance.toml")];
+    for f in files {
+        let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf")).arg("check-config").arg(&f).output().unwrap();
+        assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
+    }
+}
