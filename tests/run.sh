@@ -15,6 +15,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test --workspace"
 cargo test --workspace --locked
 
+# The README's first command must resolve to the target binary.
+cargo run --locked --quiet -- check-config deploy/default.toml
+
 # The VM scenarios are the ignored tests; one VM at a time (each uses both cores under TCG).
 echo "== VM end-to-end suite"
 cargo test --workspace --locked -- --ignored --test-threads=1
