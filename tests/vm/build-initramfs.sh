@@ -5,7 +5,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
-CACHE="${P2PNVMF_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/p2pnvmf-vm}"
+CACHE="${P2PNVMF_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/p2pnvmf-vm}"
 die() { echo "tests/vm/build-initramfs.sh: $*" >&2; exit 1; }
 
 # Modules the scenarios load; their dependencies come from modules.dep.

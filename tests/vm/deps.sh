@@ -3,7 +3,7 @@
 # into a cache directory (never committed). Idempotent: a second run only checks.
 set -euo pipefail
 
-CACHE="${P2PNVMF_VM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/p2pnvmf-vm}"
+CACHE="${P2PNVMF_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/p2pnvmf-vm}"
 PKGS=(qemu-system-x86 busybox-static nvme-cli rdma-core ibverbs-providers ibverbs-utils
       libibverbs-dev librdmacm-dev fio pciutils kmod cpio xz-utils iproute2 udev)
 
