@@ -1,3 +1,7 @@
-//! The peer-to-peer layer (issue 5, not implemented yet): PCIe topology from sysfs, p2p memory
+//! The peer-to-peer layer (issue 5, in progress): PCIe topology from sysfs, p2p memory
 //! providers (NVMe CMB, BARs), offset-corrected bus addresses, compatibility decisions, buffer
-//! pools and the fallback to host memory. Today every buffer is host memory.
+//! pools and the fallback to host memory. So far: [`pci`], reading PCI functions from an
+//! injectable sysfs root. Every I/O buffer is still host memory.
+#![forbid(unsafe_code)]
+
+pub mod pci;
