@@ -314,21 +314,48 @@ impl Controller {
     }
 }
 
-/// For a transport's select loop: resolves with the reason once the controller behind `rx` is
-/// torn down; never resolves without a controller yet.
-pub async fn torn_down(rx: Option<&mut watch::Receiver<Option<&'static str>>>) -> Option<&'static str> {
-    match rx {
-        Some(rx) => rx.wait_for(|r| r.is_some()).await.map(|r| *r).ok().flatten(),
-        None => std::future::pending().await,
-    }
+/// What a queue's transport watches once Connect gave it a controller: the controller's
+/// teardown and, on the admin queue, its async events.
+#[derive(Debug, Default)]
+pub struct CtrlWatch {
+    dead: Option<watch::Receiver<Option<&'static str>>>,
+    events: Option<Arc<Controller>>,
 }
 
-/// For a transport's select loop: resolves when `ctrl` has an async event to complete; never
-/// resolves without a controller (or on an I/O queue, where the caller passes `None`).
-pub async fn event_ready(ctrl: Option<&Controller>) {
-    match ctrl {
-        Some(c) => c.event_ready().await,
-        None => std::future::pending().await,
+/// What [`CtrlWatch::changed`] saw.
+#[derive(Debug)]
+pub enum Watched {
+    TornDown(Option<&'static str>),
+    /// Async events are ready to complete held requests (admin queue only).
+    Events(Arc<Controller>),
+}
+
+impl CtrlWatch {
+    /// Starts watching once the queue has a controller; a no-op afterwards.
+    pub fn follow(&mut self, queue: &crate::Queue) {
+        if self.dead.is_none()
+            && let Some(c) = queue.controller()
+        {
+            self.dead = Some(c.watch_dead());
+            self.events = (queue.qid() == 0).then(|| c.clone());
+        }
+    }
+
+    /// For a transport's select loop: resolves on teardown or ready events; never before
+    /// Connect.
+    pub async fn changed(&mut self) -> Watched {
+        let (Some(dead), events) = (self.dead.as_mut(), &self.events) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            r = dead.wait_for(|r| r.is_some()) => Watched::TornDown(r.map(|r| *r).ok().flatten()),
+            () = async {
+                match events {
+                    Some(c) => c.event_ready().await,
+                    None => std::future::pending().await,
+                }
+            } => Watched::Events(events.clone().expect("branch runs with a controller")),
+        }
     }
 }
 

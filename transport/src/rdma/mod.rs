@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::sync::Arc;
 
-use p2pnvmf_nvmf::ctrl::{event_ready, torn_down};
+use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
 use p2pnvmf_nvmf::{Controller, Direction, Exec, Port, Queue, Response, Status, Target, TransportParams};
 use tokio::io::unix::AsyncFd;
@@ -525,7 +525,7 @@ impl Conn {
     fn capsule_mut(&mut self, slot: usize) -> &mut [u8] {
         match &self.recv {
             Recv::Own => {
-                let off = slot * self.capsule;
+                let off = self.recv_off(slot);
                 self.mem.slice_mut(off, self.capsule)
             }
             Recv::Shared { srq, held, .. } => {
@@ -695,11 +695,11 @@ impl Conn {
     }
 
     fn execute(&mut self, slot: usize, sqe: &Sqe, at: DataAt, keyed: Option<Keyed>) -> io::Result<()> {
-        let data_off = self.data_off(slot);
+        let (data_off, recv_off) = (self.data_off(slot), self.recv_off(slot));
         let buf: &mut [u8] = match at {
             DataAt::Slot(len) => self.mem.slice_mut(data_off, len),
             DataAt::Capsule(o, len) => match &self.recv {
-                Recv::Own => self.mem.slice_mut(slot * self.capsule + 64 + o, len),
+                Recv::Own => self.mem.slice_mut(recv_off + 64 + o, len),
                 Recv::Shared { srq, held, .. } => {
                     let idx = held[slot].expect("slot holds an SRQ buffer");
                     // SAFETY: as in capsule_mut(): the buffer is this queue's until release().
@@ -806,10 +806,9 @@ impl Conn {
                 return warn!(peer = %self.peer, "registering the completion channel: {}", e.into_parts().1);
             }
         };
+        let mut ctrl = CtrlWatch::default();
         let why = loop {
-            let ctrl = self.queue.controller().cloned();
-            let mut dead = ctrl.as_ref().map(|c| c.watch_dead());
-            let events = ctrl.as_ref().filter(|_| self.queue.qid() == 0).cloned();
+            ctrl.follow(&self.queue);
             tokio::select! {
                 // Busy-poll mode: poll between every other readiness check.
                 () = tokio::task::yield_now(), if self.busy_poll => {
@@ -833,13 +832,14 @@ impl Conn {
                     Some(CmNote::Disconnected(why)) => break why.to_string(),
                     None => break "listener gone".to_string(),
                 },
-                reason = torn_down(dead.as_mut()) => break format!("controller gone ({})", reason.unwrap_or("?")),
-                () = event_ready(events.as_deref()) => {
-                    let c = events.expect("branch runs with a controller");
-                    if let Err(e) = self.send_events(&c) {
-                        break format!("{e}");
+                w = ctrl.changed() => match w {
+                    Watched::TornDown(reason) => break format!("controller gone ({})", reason.unwrap_or("?")),
+                    Watched::Events(c) => {
+                        if let Err(e) = self.send_events(&c) {
+                            break format!("{e}");
+                        }
                     }
-                }
+                },
                 _ = shutdown.wait_for(|s| *s) => break "target shutting down".to_string(),
             }
         };

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use p2pnvmf_nvmf::ctrl::{event_ready, torn_down};
+use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::wire::{Sqe, sgl};
 use p2pnvmf_nvmf::{Direction, Exec, Port, Queue, Response, Status, Target};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -43,9 +43,10 @@ struct Wire {
 }
 
 impl Wire {
-    async fn write_pdu(&mut self, header: &[u8], digest: bool) -> std::io::Result<()> {
+    /// Writes a PDU header, with its digest when header digests were negotiated.
+    async fn write_pdu(&mut self, header: &[u8]) -> std::io::Result<()> {
         self.wr.write_all(header).await?;
-        if digest {
+        if self.lim.hdgst {
             self.wr.write_all(&crc32c(header).to_le_bytes()).await?;
         }
         Ok(())
@@ -58,15 +59,13 @@ impl Wire {
 
     async fn send_response(&mut self, queue: &mut Queue, cid: u16, r: &Response) -> std::io::Result<()> {
         let resp = pdu::capsule_resp(queue.cqe(cid, r), self.lim.hdgst);
-        let hdgst = self.lim.hdgst;
-        self.write_pdu(resp.as_bytes(), hdgst).await
+        self.write_pdu(resp.as_bytes()).await
     }
 
     /// Sends `data` as C2HData; with `success`, no response capsule follows.
     async fn send_c2h(&mut self, cid: u16, data: &[u8], success: bool) -> std::io::Result<()> {
         let h = pdu::c2h_data(cid, 0, data.len(), true, success, &self.lim);
-        let hdgst = self.lim.hdgst;
-        self.write_pdu(h.as_bytes(), hdgst).await?;
+        self.write_pdu(h.as_bytes()).await?;
         self.wr.write_all(data).await?;
         if self.lim.ddgst {
             self.wr.write_all(&crc32c(data).to_le_bytes()).await?;
@@ -182,7 +181,7 @@ pub async fn run(
         Ok(()) => debug!(%peer, ?who, qid = conn.queue.qid(), "connection closed"),
         Err(ConnError::Protocol(f)) => {
             warn!(%peer, ?who, qid = conn.queue.qid(), fes = f.fes, fei = f.fei, "protocol error: {}; sending C2HTermReq", f.why);
-            let term = pdu::c2h_term_req(&f, &conn.wire.hdr[..conn.wire.hdr.len().min(72)]);
+            let term = pdu::c2h_term_req(&f, &conn.wire.hdr[..72]);
             let _ = conn.wire.wr.write_all(&term).await;
             let _ = conn.wire.wr.flush().await;
         }
@@ -197,13 +196,9 @@ pub async fn run(
 impl Conn {
     async fn serve(&mut self) -> Result<(), ConnError> {
         self.handshake().await?;
-        let mut dead: Option<watch::Receiver<Option<&'static str>>> = None;
+        let mut ctrl = CtrlWatch::default();
         loop {
-            if dead.is_none() {
-                dead = self.queue.controller().map(|c| c.watch_dead());
-            }
-            // Async events complete on the admin queue only.
-            let events = self.queue.controller().filter(|_| self.queue.qid() == 0).cloned();
+            ctrl.follow(&self.queue);
             // Wait for input without consuming it (cancel-safe), for a dead controller, or for
             // an async event; only then read the PDU.
             tokio::select! {
@@ -212,19 +207,20 @@ impl Conn {
                         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                     }
                 }
-                reason = torn_down(dead.as_mut()) => {
-                    info!(qid = self.queue.qid(), reason, "controller gone: closing its queue");
-                    return Ok(());
-                }
-                () = event_ready(events.as_deref()) => {
-                    let c = events.expect("branch runs with a controller");
-                    for (cid, dw0) in c.take_async_completions() {
-                        info!(cntlid = c.cntlid, cid, dw0 = format_args!("{dw0:#x}"), "async event completed");
-                        self.wire.send_response(&mut self.queue, cid, &Response::result(dw0.into())).await?;
+                w = ctrl.changed() => match w {
+                    Watched::TornDown(reason) => {
+                        info!(qid = self.queue.qid(), reason, "controller gone: closing its queue");
+                        return Ok(());
                     }
-                    self.wire.wr.flush().await?;
-                    continue;
-                }
+                    Watched::Events(c) => {
+                        for (cid, dw0) in c.take_async_completions() {
+                            info!(cntlid = c.cntlid, cid, dw0 = format_args!("{dw0:#x}"), "async event completed");
+                            self.wire.send_response(&mut self.queue, cid, &Response::result(dw0.into())).await?;
+                        }
+                        self.wire.wr.flush().await?;
+                        continue;
+                    }
+                },
             }
             let mut ch = [0u8; 8];
             self.wire.rd.read_exact(&mut ch).await?;
@@ -363,8 +359,7 @@ impl Conn {
         slot.buf.window(len);
         (slot.sqe, slot.len, slot.received, slot.digest_error) = (Some(sqe), len, 0, false);
         let r2t = pdu::r2t(sqe.cid.get(), ttag as u16, 0, len as u32, self.wire.lim.hdgst);
-        let hdgst = self.wire.lim.hdgst;
-        self.wire.write_pdu(r2t.as_bytes(), hdgst).await?;
+        self.wire.write_pdu(r2t.as_bytes()).await?;
         self.wire.wr.flush().await?;
         Ok(())
     }
@@ -385,18 +380,16 @@ impl Conn {
         }
         let len = slot.len;
         let mut buf = std::mem::take(&mut slot.buf);
-        let ok = self.wire.read_data(l, &mut buf.window(len)[off..off + n]).await;
+        let ok = self.wire.read_data(l, &mut buf.window(len)[off..off + n]).await?;
         let slot = &mut self.slots[ttag];
-        slot.buf = buf;
-        slot.digest_error |= !ok?;
+        slot.digest_error |= !ok;
         slot.received += n;
-        if slot.received < slot.len {
+        if slot.received < len {
+            slot.buf = buf;
             return Ok(());
         }
         let sqe = slot.sqe.take().expect("slot in use");
-        let (len, digest_error) = (slot.len, slot.digest_error);
-        let mut buf = std::mem::take(&mut slot.buf);
-        let r = if digest_error {
+        let r = if slot.digest_error {
             self.wire
                 .send_response(&mut self.queue, sqe.cid.get(), &Response::status(Status::DATA_TRANSFER_ERROR))
                 .await
