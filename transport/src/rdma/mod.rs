@@ -735,7 +735,7 @@ impl Conn {
     fn on_read_done(&mut self, slot: usize) -> io::Result<()> {
         let (sqe, k) =
             self.reading[slot].take().ok_or_else(|| io::Error::other("RDMA READ completion for an idle slot"))?;
-        self.execute(slot, &sqe, DataAt::Slot(k.len), None)
+        self.execute(slot, &sqe, DataAt::Slot(k.len), Some(k))
     }
 
     /// Completes held Async Event Requests with the controller's events.
