@@ -206,6 +206,11 @@ impl Outcome {
         self.exit_code == Some(0) && !self.timed_out
     }
 
+    /// The guest kernel panicked before the rig reported ready: no scenario code ran.
+    fn died_booting(&self) -> bool {
+        self.boot_secs.is_none() && !self.timed_out && self.console.contains("Kernel panic")
+    }
+
     /// The last `n` lines of the guest console.
     pub fn console_tail(&self, n: usize) -> String {
         let lines: Vec<&str> = self.console.lines().collect();
@@ -358,6 +363,24 @@ impl Scenario {
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).map_err(|e| RigError::io(&run_dir, e))?;
         self.stage(&repo, &run_dir)?;
+        let first = self.boot(&qemu, art, &run_dir)?;
+        if !first.died_booting() {
+            return Ok(first);
+        }
+        // TCG occasionally mis-executes the kernel's live code patching (an int3 Oops seconds
+        // into boot, before any scenario code ran). Only such a boot is retried, once, and the
+        // first console is kept beside the second.
+        let kept = run_dir.join("console.boot1.log");
+        std::fs::write(&kept, &first.console).map_err(|e| RigError::io(&kept, e))?;
+        eprintln!(
+            "scenario {}: guest kernel died before rig: ready; booting again (first console in {})",
+            self.name,
+            kept.display()
+        );
+        self.boot(&qemu, art, &run_dir)
+    }
+
+    fn boot(&self, qemu: &Path, art: &Artifacts, run_dir: &Path) -> Result<Outcome, RigError> {
         let console_path = run_dir.join("console.log");
 
         let mut cmd = Command::new(qemu);
@@ -378,7 +401,7 @@ impl Scenario {
                 "-virtfs",
             ])
             .arg(format!("local,path={},mount_tag=run,security_model=none", run_dir.display()))
-            .args(self.topology.qemu_args(&run_dir)?)
+            .args(self.topology.qemu_args(run_dir)?)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -413,7 +436,7 @@ impl Scenario {
             .lines()
             .find_map(|l| l.strip_prefix("rig: ready after "))
             .and_then(|s| s.trim_end_matches('s').parse().ok());
-        Ok(Outcome { exit_code, timed_out, console, run_dir, boot_secs, elapsed })
+        Ok(Outcome { exit_code, timed_out, console, run_dir: run_dir.to_path_buf(), boot_secs, elapsed })
     }
 
     /// Runs the scenario and panics with the console tail unless it passed: the form tests use.
@@ -449,6 +472,22 @@ impl Scenario {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_boot_that_panicked_before_ready_counts_as_died_booting() {
+        let out = |console: &str, boot_secs, timed_out| Outcome {
+            exit_code: None,
+            timed_out,
+            console: console.into(),
+            run_dir: PathBuf::new(),
+            boot_secs,
+            elapsed: Duration::ZERO,
+        };
+        assert!(out("Oops: int3\nKernel panic - not syncing", None, false).died_booting());
+        assert!(!out("rig: ready after 4.2s\nKernel panic", Some(4.2), false).died_booting());
+        assert!(!out("Kernel panic", None, true).died_booting());
+        assert!(!out("no output", None, false).died_booting());
+    }
 
     #[test]
     fn switch_topology_renders_ports_in_order() {
