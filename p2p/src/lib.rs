@@ -2,6 +2,10 @@
 //! providers (NVMe CMB, BARs), offset-corrected bus addresses, compatibility decisions, buffer
 //! pools and the fallback to host memory. So far: [`pci`], reading PCI functions from an
 //! injectable sysfs root. Every I/O buffer is still host memory.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod mem;
+pub mod path;
 pub mod pci;
+pub mod provider;
+pub mod rdma;

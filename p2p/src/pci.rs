@@ -113,6 +113,26 @@ pub struct Function {
     pub iommu_group: Option<u32>,
     pub numa_node: Option<i32>,
     pub bars: Vec<Bar>,
+    /// The bound driver (`nvme`, `vfio-pci`, ...), if any.
+    pub driver: Option<String>,
+}
+
+impl Function {
+    /// The host bridge's own function (device 0 on the root bus), whose vendor and device say
+    /// whether the root complex forwards p2p.
+    pub fn host_bridge_addr(&self) -> Option<PciAddr> {
+        let (domain, bus) = self.host_bridge.strip_prefix("pci")?.split_once(':')?;
+        format!("{domain}:{bus}:00.0").parse().ok()
+    }
+
+    pub fn bar(&self, index: u8) -> Option<&Bar> {
+        self.bars.iter().find(|b| b.index == index)
+    }
+
+    /// NVMe controller (class 01h, subclass 08h, prog-if 02h).
+    pub fn is_nvme(&self) -> bool {
+        self.class == 0x010802
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +160,15 @@ pub struct Sysfs {
 impl Sysfs {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Sysfs { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of a function (`sys/bus/pci/devices/<addr>`), for its resource files.
+    pub fn function_dir(&self, addr: PciAddr) -> PathBuf {
+        self.devices_dir().join(addr.to_string())
     }
 
     fn devices_dir(&self) -> PathBuf {
@@ -193,6 +222,9 @@ impl Sysfs {
             iommu_group: opt_link_num("iommu_group"),
             numa_node,
             bars,
+            driver: std::fs::read_link(real.join("driver"))
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned())),
         })
     }
 }

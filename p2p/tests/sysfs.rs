@@ -25,7 +25,15 @@ fn functions_with_chains_port_types_and_acs() {
     let addrs: Vec<String> = all.iter().map(|f| f.addr.to_string()).collect();
     assert_eq!(
         addrs,
-        ["0000:00:00.0", "0000:00:01.0", "0000:01:00.0", "0000:02:00.0", "0000:02:01.0", "0000:03:00.0", "0000:04:00.0"]
+        [
+            "0000:00:00.0",
+            "0000:00:01.0",
+            "0000:01:00.0",
+            "0000:02:00.0",
+            "0000:02:01.0",
+            "0000:03:00.0",
+            "0000:04:00.0"
+        ]
     );
     let types: Vec<PortType> = all.iter().map(|f| f.port_type).collect();
     use PortType::*;

@@ -1,0 +1,317 @@
+//! p2p memory providers: an NVMe Controller Memory Buffer, a BAR named in the config, or the
+//! kernel's p2pmem. Each knows its window's CPU and bus address and how to map it, or says in
+//! words why it cannot be used.
+
+use std::path::PathBuf;
+
+use crate::mem::Mapping;
+use crate::pci::{Bar, Function, PciAddr, Sysfs};
+
+/// NVMe controller registers (NVMe Base 2.0, 3.1.4).
+mod reg {
+    pub const CAP: usize = 0x00;
+    pub const VS: usize = 0x08;
+    pub const CMBLOC: usize = 0x38;
+    pub const CMBSZ: usize = 0x3c;
+    pub const CMBMSC: usize = 0x50;
+    pub const CMBSTS: usize = 0x58;
+    /// CAP.CMBS: CMBLOC/CMBSZ need CMBMSC.CRE and the CMB needs CMBMSC.CMSE + CBA.
+    pub const CAP_CMBS: u64 = 1 << 57;
+    pub const CMBMSC_CRE: u64 = 1 << 0;
+    pub const CMBMSC_CMSE: u64 = 1 << 1;
+    /// CMBSTS.CBAI: the controller refused the CBA it was given.
+    pub const CMBSTS_CBAI: u32 = 1 << 0;
+}
+
+/// What CMBLOC and CMBSZ say about a CMB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CmbInfo {
+    pub bir: u8,
+    /// Offset of the CMB within the BAR.
+    pub offset: u64,
+    pub size: u64,
+    /// Read Data Support / Write Data Support: PRPs/SGLs for data may point into the CMB.
+    pub rds: bool,
+    pub wds: bool,
+    pub sqs: bool,
+    pub cqs: bool,
+    pub lists: bool,
+}
+
+impl CmbInfo {
+    /// Decodes CMBLOC and CMBSZ (NVMe Base 2.0, 3.1.4.12–13); `None` when CMBSZ is 0 (no CMB).
+    pub fn decode(cmbloc: u32, cmbsz: u32) -> Result<Option<CmbInfo>, String> {
+        if cmbsz == 0 {
+            return Ok(None);
+        }
+        let szu = (cmbsz >> 8) & 0xf;
+        if szu > 6 {
+            return Err(format!("CMBSZ {cmbsz:#010x}: reserved size unit {szu}"));
+        }
+        let unit = 4096u64 << (4 * szu);
+        let bir = (cmbloc & 0x7) as u8;
+        if !matches!(bir, 0 | 2..=5) {
+            return Err(format!("CMBLOC {cmbloc:#010x}: BIR {bir} is not a BAR"));
+        }
+        let bit = |n: u32| cmbsz & (1 << n) != 0;
+        Ok(Some(CmbInfo {
+            bir,
+            offset: u64::from(cmbloc >> 12) * unit,
+            size: u64::from(cmbsz >> 12) * unit,
+            sqs: bit(0),
+            cqs: bit(1),
+            lists: bit(2),
+            rds: bit(3),
+            wds: bit(4),
+        }))
+    }
+}
+
+/// CMBMSC value enabling the CMB at `bus_addr`: CRE, CMSE and CBA (4 KiB aligned).
+pub fn cmbmsc(bus_addr: u64) -> u64 {
+    reg::CMBMSC_CRE | reg::CMBMSC_CMSE | (bus_addr & !0xfff)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    NvmeCmb,
+    Bar,
+    P2pmem,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::NvmeCmb => "nvme-cmb",
+            Kind::Bar => "bar",
+            Kind::P2pmem => "p2pmem",
+        }
+    }
+}
+
+/// A provider the configuration names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spec {
+    pub pci: PciAddr,
+    pub kind: Kind,
+    /// For `Kind::Bar`.
+    pub bar: Option<u8>,
+}
+
+/// One p2p memory window.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub pci: PciAddr,
+    pub kind: Kind,
+    pub bar: Option<u8>,
+    /// CPU physical address of the window.
+    pub cpu_addr: u64,
+    /// PCI bus address of the window: what a peer below the same switch must use.
+    pub bus_addr: u64,
+    pub size: u64,
+    pub cmb: Option<CmbInfo>,
+    pub nvme_version: Option<u32>,
+    /// CMBMSC as read back after programming it.
+    pub cmbmsc: Option<u64>,
+    /// Why the window cannot back buffers; `None` when it can.
+    pub unusable: Option<String>,
+    /// What to map, and from where.
+    map_from: Option<(PathBuf, u64)>,
+}
+
+impl Provider {
+    /// bus address − CPU address (Linux's per-provider `bus_offset`).
+    pub fn offset(&self) -> u64 {
+        self.bus_addr.wrapping_sub(self.cpu_addr)
+    }
+
+    pub fn is_usable(&self) -> bool {
+        self.unusable.is_none()
+    }
+
+    /// Maps the whole window for the CPU (to fill and drain buffers).
+    pub fn map(&self) -> Result<Mapping, String> {
+        if let Some(why) = &self.unusable {
+            return Err(why.clone());
+        }
+        let (path, off) = self.map_from.as_ref().ok_or("no mapping source")?;
+        let len = usize::try_from(self.size).map_err(|_| format!("{} bytes do not fit in memory", self.size))?;
+        Mapping::file(path, *off, len).map_err(|e| format!("mapping {} at {off:#x}: {e}", path.display()))
+    }
+
+    fn new(f: &Function, kind: Kind, bar: Option<&Bar>) -> Provider {
+        Provider {
+            pci: f.addr,
+            kind,
+            bar: bar.map(|b| b.index),
+            cpu_addr: bar.map_or(0, |b| b.cpu_addr),
+            bus_addr: bar.map_or(0, |b| b.bus_addr),
+            size: bar.map_or(0, |b| b.size),
+            cmb: None,
+            nvme_version: None,
+            cmbmsc: None,
+            unusable: None,
+            map_from: None,
+        }
+    }
+}
+
+/// Why a function's BARs cannot be mapped by us, if they cannot: a kernel driver that claimed
+/// them makes sysfs `resourceN` refuse mmap (and using them behind it would be wrong anyway).
+fn owner_problem(f: &Function) -> Option<String> {
+    match f.driver.as_deref() {
+        None => None,
+        Some("vfio-pci") => Some(format!(
+            "{} is bound to vfio-pci: mapping through a VFIO region is not implemented yet; unbind it to map \
+             resourceN",
+            f.addr
+        )),
+        Some(d) => Some(format!(
+            "{} is bound to the kernel driver {d}, which owns its BARs; unbind it (echo {} > /sys/bus/pci/drivers/{d}/\
+             unbind) to use its memory",
+            f.addr, f.addr
+        )),
+    }
+}
+
+impl Sysfs {
+    /// An NVMe controller's CMB. With `program`, sets CMBMSC (CRE to read CMBLOC/CMBSZ, then
+    /// CMSE and CBA = the CMB's *bus* address, high dword first) and checks CMBSTS.CBAI.
+    pub fn nvme_cmb(&self, f: &Function, program: bool) -> Result<Option<Provider>, String> {
+        if let Some(why) = owner_problem(f) {
+            let mut p = Provider::new(f, Kind::NvmeCmb, None);
+            p.unusable = Some(why);
+            return Ok(Some(p));
+        }
+        let bar0 = f.bar(0).ok_or_else(|| format!("{}: NVMe without BAR0", f.addr))?;
+        let dir = self.function_dir(f.addr);
+        let regs_len = bar0.size.min(4096) as usize;
+        let regs = Mapping::file(&dir.join("resource0"), 0, regs_len)
+            .map_err(|e| format!("{}: mapping BAR0 registers ({}): {e}", f.addr, dir.join("resource0").display()))?;
+        let cap = regs.read64(reg::CAP);
+        let version = regs.read32(reg::VS);
+        let cmbs = cap & reg::CAP_CMBS != 0;
+        if cmbs && program {
+            regs.write64_hi_lo(reg::CMBMSC, reg::CMBMSC_CRE);
+        }
+        let Some(cmb) = CmbInfo::decode(regs.read32(reg::CMBLOC), regs.read32(reg::CMBSZ))
+            .map_err(|e| format!("{}: {e}", f.addr))?
+        else {
+            return Ok(None);
+        };
+        let bar = f.bar(cmb.bir).ok_or_else(|| format!("{}: CMB in BAR{} which has no resource", f.addr, cmb.bir))?;
+        let mut p = Provider::new(f, Kind::NvmeCmb, Some(bar));
+        p.cmb = Some(cmb);
+        p.nvme_version = Some(version);
+        p.cpu_addr = bar.cpu_addr.wrapping_add(cmb.offset);
+        p.bus_addr = bar.bus_addr.wrapping_add(cmb.offset);
+        p.size = cmb.size;
+        if cmb.offset.checked_add(cmb.size).is_none_or(|end| end > bar.size) {
+            p.unusable = Some(format!(
+                "{}: CMB of {:#x} bytes at offset {:#x} overruns BAR{} ({:#x} bytes)",
+                f.addr, cmb.size, cmb.offset, bar.index, bar.size
+            ));
+            return Ok(Some(p));
+        }
+        if cmbs {
+            if program {
+                regs.write64_hi_lo(reg::CMBMSC, cmbmsc(p.bus_addr));
+            }
+            p.cmbmsc = Some(regs.read64(reg::CMBMSC));
+            if regs.read32(reg::CMBSTS) & reg::CMBSTS_CBAI != 0 {
+                p.unusable = Some(format!(
+                    "{}: the controller refused CMB base address {:#x} (CMBSTS.CBAI)",
+                    f.addr, p.bus_addr
+                ));
+            } else if p.cmbmsc.is_some_and(|v| v & reg::CMBMSC_CMSE == 0) {
+                p.unusable = Some(format!("{}: CMBMSC.CMSE is clear: the CMB memory space is disabled", f.addr));
+            }
+        }
+        if !(cmb.rds && cmb.wds) {
+            p.unusable.get_or_insert(format!(
+                "{}: the CMB does not support data (CMBSZ RDS={} WDS={})",
+                f.addr, cmb.rds as u8, cmb.wds as u8
+            ));
+        }
+        p.map_from = Some((dir.join(format!("resource{}", bar.index)), cmb.offset));
+        Ok(Some(p))
+    }
+
+    /// A whole memory BAR named in the config.
+    pub fn bar_provider(&self, f: &Function, index: u8) -> Result<Provider, String> {
+        let bar = f.bar(index).ok_or_else(|| format!("{}: BAR{index} has no resource", f.addr))?;
+        if bar.io {
+            return Err(format!("{}: BAR{index} is an I/O BAR, not memory", f.addr));
+        }
+        let mut p = Provider::new(f, Kind::Bar, Some(bar));
+        p.unusable = owner_problem(f);
+        p.map_from = Some((self.function_dir(f.addr).join(format!("resource{index}")), 0));
+        Ok(p)
+    }
+
+    /// The kernel's p2pmem for a function, where the kernel offers it (CONFIG_PCI_P2PDMA;
+    /// Debian's kernels do not).
+    pub fn p2pmem(&self, f: &Function) -> Option<Provider> {
+        let dir = self.function_dir(f.addr).join("p2pmem");
+        let num = |n: &str| std::fs::read_to_string(dir.join(n)).ok()?.trim().parse::<u64>().ok();
+        let size = num("size")?;
+        let mut p = Provider::new(f, Kind::P2pmem, None);
+        p.size = num("available").unwrap_or(size);
+        p.map_from = Some((dir.join("allocate"), 0));
+        Some(p)
+    }
+
+    /// Providers: the configured ones, else every NVMe CMB and p2pmem found.
+    pub fn providers(&self, functions: &[Function], specs: &[Spec], program: bool) -> Result<Vec<Provider>, String> {
+        let mut out = Vec::new();
+        if specs.is_empty() {
+            for f in functions {
+                if f.is_nvme() && f.driver.is_none() {
+                    out.extend(self.nvme_cmb(f, program)?);
+                }
+                out.extend(self.p2pmem(f));
+            }
+            return Ok(out);
+        }
+        for s in specs {
+            let f = functions
+                .iter()
+                .find(|f| f.addr == s.pci)
+                .ok_or_else(|| format!("p2p provider {}: no such PCI function", s.pci))?;
+            out.push(match s.kind {
+                Kind::NvmeCmb => self
+                    .nvme_cmb(f, program)?
+                    .ok_or_else(|| format!("p2p provider {}: the controller has no CMB (CMBSZ is 0)", s.pci))?,
+                Kind::Bar => self.bar_provider(f, s.bar.unwrap_or(0))?,
+                Kind::P2pmem => self
+                    .p2pmem(f)
+                    .ok_or_else(|| format!("p2p provider {}: no p2pmem (the kernel lacks CONFIG_PCI_P2PDMA)", s.pci))?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmb_registers_decode() {
+        // qemu: BIR 2, SZU 1 MiB, 64 units, SQS|RDS|WDS.
+        let c = CmbInfo::decode(2, 64 << 12 | 2 << 8 | 1 << 4 | 1 << 3 | 1).unwrap().unwrap();
+        assert_eq!((c.bir, c.offset, c.size, c.rds, c.wds, c.sqs, c.cqs), (2, 0, 64 << 20, true, true, true, false));
+        // OFST counts size units: 3 × 64 KiB.
+        let c = CmbInfo::decode(3 << 12 | 4, 16 << 12 | 1 << 8).unwrap().unwrap();
+        assert_eq!((c.bir, c.offset, c.size, c.rds), (4, 3 << 16, 16 << 16, false));
+        assert_eq!(CmbInfo::decode(2, 0).unwrap(), None);
+        assert!(CmbInfo::decode(1, 1 << 12).unwrap_err().contains("BIR 1"));
+        assert!(CmbInfo::decode(0, 1 << 12 | 7 << 8).unwrap_err().contains("size unit 7"));
+    }
+
+    #[test]
+    fn cmbmsc_carries_the_bus_address() {
+        assert_eq!(cmbmsc(0x8800_0000), 0x8800_0003);
+        assert_eq!(cmbmsc(0x6000_0800_0000), 0x6000_0800_0003);
+    }
+}

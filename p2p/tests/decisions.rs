@@ -1,0 +1,138 @@
+//! p2p decisions and providers on the fixture trees of `tests/fixtures` (see
+//! `make-pci-fixtures.py` for each layout).
+
+use std::path::{Path as FsPath, PathBuf};
+
+use p2pnvmf_p2p::path::{Client, Path, Topology, address};
+use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
+use p2pnvmf_p2p::provider::Kind;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+/// A private copy of a fixture tree: reading a CMB programs CMBMSC, which writes resource0.
+fn copy_of(name: &str) -> (Sysfs, PathBuf) {
+    let dst = std::env::temp_dir().join(format!("p2pnvmf-fixture-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dst);
+    copy_tree(&fixture(name), &dst);
+    (Sysfs::new(&dst), dst)
+}
+
+fn copy_tree(src: &FsPath, dst: &FsPath) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let (s, d) = (e.path(), dst.join(e.file_name()));
+        let t = e.file_type().unwrap();
+        if t.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&s).unwrap(), &d).unwrap();
+        } else if t.is_dir() {
+            copy_tree(&s, &d);
+        } else {
+            std::fs::copy(&s, &d).unwrap();
+        }
+    }
+}
+
+fn a(s: &str) -> PciAddr {
+    s.parse().unwrap()
+}
+
+fn topo(name: &str, allow: &[(u16, u16)]) -> Topology {
+    Topology::read(&Sysfs::new(fixture(name)), allow).unwrap()
+}
+
+fn nic(t: &Topology, name: &str) -> Client {
+    t.rdma_client(name).unwrap_or_else(|| panic!("no RDMA device {name}"))
+}
+
+#[test]
+fn a_nic_and_cmb_below_one_switch_use_bus_addresses_at_distance_4() {
+    let t = topo("pci-switch-cmb", &[]);
+    let d = t.decide(a("0000:03:00.0"), &nic(&t, "mlx5_0"));
+    assert_eq!((d.path, d.distance), (Path::BusAddress, Some(4)), "{}", d.reason);
+    assert!(d.reason.contains("common upstream bridge 0000:01:00.0"), "{}", d.reason);
+    // The NVMe reaching its own CMB.
+    let own = t.decide(a("0000:03:00.0"), &Client::Pci { addr: a("0000:03:00.0"), name: None });
+    assert_eq!((own.path, own.distance), (Path::BusAddress, Some(0)));
+}
+
+#[test]
+fn b_root_ports_of_a_forwarding_host_bridge_go_through_it_others_do_not() {
+    let t = topo("pci-root-ports", &[]);
+    let fwd = t.decide(a("0000:02:00.0"), &nic(&t, "mlx5_0"));
+    assert_eq!((fwd.path, fwd.distance), (Path::HostBridge, Some(4)), "{}", fwd.reason);
+    assert!(fwd.reason.contains("host bridge 8086:2030 (0000:00:00.0) forwards p2p"), "{}", fwd.reason);
+    let not = t.decide(a("0001:02:00.0"), &nic(&t, "mlx5_1"));
+    assert_eq!((not.path, not.distance), (Path::None, None));
+    assert!(not.reason.contains("host bridge 8086:29c0 (0001:00:00.0) is not known to forward p2p"), "{}", not.reason);
+    // Across host bridges both must be listed without the same-bridge restriction.
+    let across = t.decide(a("0000:02:00.0"), &nic(&t, "mlx5_1"));
+    assert_eq!(across.path, Path::None, "{}", across.reason);
+    // The operator's allow-list turns the second into a host-bridge path.
+    let t = topo("pci-root-ports", &[(0x8086, 0x29c0)]);
+    assert_eq!(t.decide(a("0001:02:00.0"), &nic(&t, "mlx5_1")).path, Path::HostBridge);
+}
+
+#[test]
+fn c_acs_redirect_on_the_path_sends_p2p_through_the_host_bridge() {
+    let t = topo("pci-acs-redirect", &[]);
+    let d = t.decide(a("0000:03:00.0"), &nic(&t, "mlx5_0"));
+    assert_eq!((d.path, d.distance), (Path::HostBridge, Some(4)), "{}", d.reason);
+    assert!(d.reason.contains("ACS P2P redirect is set on 0000:02:00.0"), "{}", d.reason);
+}
+
+#[test]
+fn d_with_a_host_bridge_offset_the_peer_gets_the_bus_address() {
+    let (sysfs, dir) = copy_of("pci-switch-offset");
+    let t = Topology::read(&sysfs, &[]).unwrap();
+    let providers = sysfs.providers(&t.functions, &[], true).unwrap();
+    let p = &providers[0];
+    assert_eq!((p.pci, p.kind, p.bar), (a("0000:03:00.0"), Kind::NvmeCmb, Some(2)));
+    assert_eq!((p.cpu_addr, p.bus_addr, p.size), (0x6000_0800_0000, 0x8800_0000, 64 << 20));
+    assert_eq!(p.offset(), 0x8000_0000u64.wrapping_sub(0x6000_0000_0000));
+    let d = t.decide(p.pci, &nic(&t, "mlx5_0"));
+    assert_eq!(d.path, Path::BusAddress, "{}", d.reason);
+    assert_eq!(address(p, &d, 0x1000), Some(0x8800_1000), "bus address, not CPU address");
+    // CMBMSC was programmed with CRE | CMSE | the bus address, high dword first.
+    let regs = std::fs::read(dir.join("sys/bus/pci/devices/0000:03:00.0/resource0")).unwrap();
+    assert_eq!(u64::from_le_bytes(regs[0x50..0x58].try_into().unwrap()), 0x8800_0003);
+    assert_eq!(p.cmbmsc, Some(0x8800_0003));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn e_rxe_is_a_software_device_with_no_path() {
+    let t = topo("pci-rxe", &[]);
+    assert_eq!(t.rdma.len(), 1);
+    assert!(t.rdma[0].is_software());
+    assert_eq!(t.rdma[0].netdev.as_deref(), Some("eth0"));
+    let c = nic(&t, "rxe0");
+    assert_eq!(c.id(), "rxe0");
+    let d = t.decide(a("0000:01:00.0"), &c);
+    assert_eq!((d.path, d.distance), (Path::None, None));
+    assert!(d.reason.contains("rxe0 is a software RDMA device over eth0"), "{}", d.reason);
+}
+
+#[test]
+fn providers_name_why_they_cannot_be_used() {
+    let (sysfs, dir) = copy_of("pci-switch-cmb");
+    let t = Topology::read(&sysfs, &[]).unwrap();
+    // A NIC BAR bound to mlx5_core: the driver owns it.
+    let spec = p2pnvmf_p2p::provider::Spec { pci: a("0000:04:00.0"), kind: Kind::Bar, bar: Some(0) };
+    let p = &sysfs.providers(&t.functions, &[spec], false).unwrap()[0];
+    assert!(p.unusable.as_deref().unwrap().contains("bound to the kernel driver mlx5_core"), "{:?}", p.unusable);
+    let missing = p2pnvmf_p2p::provider::Spec { pci: a("0000:04:00.0"), kind: Kind::Bar, bar: Some(3) };
+    assert!(sysfs.providers(&t.functions, &[missing], false).unwrap_err().contains("BAR3 has no resource"));
+    // The CMB maps and holds data (a file stands in for the BAR here).
+    let cmb = &sysfs.providers(&t.functions, &[], true).unwrap()[0];
+    assert!(cmb.is_usable(), "{:?}", cmb.unusable);
+    std::fs::write(dir.join("sys/bus/pci/devices/0000:03:00.0/resource2"), vec![0u8; 64 << 20]).unwrap();
+    let m = cmb.map().unwrap();
+    m.write_bytes(4096, b"p2p");
+    let mut back = [0u8; 3];
+    m.read_bytes(4096, &mut back);
+    assert_eq!(&back, b"p2p");
+    std::fs::remove_dir_all(dir).unwrap();
+}
