@@ -69,6 +69,18 @@ pub enum Buffers {
     /// Peer-to-peer memory where the NIC and backend can use it, host memory otherwise.
     Auto,
     Host,
+    /// Peer-to-peer memory or nothing: the namespace refuses to start without a usable
+    /// provider (controllers whose NIC cannot reach it still fall back, as Linux's nvmet does).
+    P2p,
+}
+
+/// The `[p2p]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct P2p {
+    /// Host bridges (vendor, device) the operator says forward p2p between root ports.
+    pub allow_host_bridges: Vec<(u16, u16)>,
+    /// `[[p2p.provider]]`; empty means every NVMe CMB found.
+    pub providers: Vec<p2pnvmf_p2p::provider::Spec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +106,7 @@ pub struct Subsystem {
 pub struct Config {
     pub listeners: Vec<Listener>,
     pub subsystems: Vec<Subsystem>,
+    pub p2p: P2p,
 }
 
 impl Config {

@@ -6,7 +6,10 @@ use std::ops::Range;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::{Backend, Buffers, Config, ConfigError, Listener, Namespace, Subsystem, Transport};
+use p2pnvmf_p2p::pci::PciAddr;
+use p2pnvmf_p2p::provider::{Kind, Spec};
+
+use crate::{Backend, Buffers, Config, ConfigError, Listener, Namespace, P2p, Subsystem, Transport};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -15,7 +18,24 @@ struct RawConfig {
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     subsystem: Vec<Spanned<RawSubsystem>>,
-    p2p: Option<toml::Value>,
+    p2p: Option<RawP2p>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawP2p {
+    #[serde(default)]
+    allow_host_bridges: Vec<Spanned<String>>,
+    #[serde(default)]
+    provider: Vec<Spanned<RawProvider>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    pci: Spanned<String>,
+    kind: Spanned<String>,
+    bar: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -74,13 +94,6 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
     let cx = Ctx { src, file };
     let raw: RawConfig =
         toml::from_str(src).map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().trim().to_string()))?;
-    if raw.p2p.is_some() {
-        // Spans of tables are not kept by toml's Value: point at the section header.
-        let at = src.find("[p2p").or_else(|| src.find("[[p2p")).or_else(|| src.find("p2p")).unwrap_or(0);
-        return Err(
-            cx.err(at..at, "p2p: peer-to-peer providers are not implemented yet; remove the [p2p] section".into())
-        );
-    }
     if raw.listener.is_empty() {
         return Err(cx.err(0..0, "no [[listener]]: the target would serve nothing".into()));
     }
@@ -97,7 +110,66 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         }
         subsystems.push(sub);
     }
-    Ok(Config { listeners, subsystems })
+    let p2p = match &raw.p2p {
+        Some(r) => p2p(&cx, r)?,
+        None => P2p::default(),
+    };
+    Ok(Config { listeners, subsystems, p2p })
+}
+
+fn p2p(cx: &Ctx, r: &RawP2p) -> Result<P2p, ConfigError> {
+    let mut out = P2p::default();
+    for (i, hb) in r.allow_host_bridges.iter().enumerate() {
+        let ids = hb.get_ref().split_once(':').and_then(|(v, d)| {
+            let hex = |x: &str| (x.len() == 4).then(|| u16::from_str_radix(x, 16).ok()).flatten();
+            Some((hex(v)?, hex(d)?))
+        });
+        let ids = ids.ok_or_else(|| {
+            cx.err(
+                hb.span(),
+                format!("p2p.allow_host_bridges[{i}]: '{}' is not vendor:device in hex (e.g. \"8086:2030\")", hb.get_ref()),
+            )
+        })?;
+        out.allow_host_bridges.push(ids);
+    }
+    for (i, p) in r.provider.iter().enumerate() {
+        let r = p.get_ref();
+        let key = format!("p2p.provider[{i}]");
+        let pci: PciAddr = r.pci.get_ref().parse().map_err(|e| cx.err(r.pci.span(), format!("{key}.pci: {e}")))?;
+        let kind = match r.kind.get_ref().as_str() {
+            "nvme-cmb" => Kind::NvmeCmb,
+            "bar" => Kind::Bar,
+            "p2pmem" => Kind::P2pmem,
+            k => {
+                return Err(cx.err(
+                    r.kind.span(),
+                    format!("{key}.kind: unknown kind '{k}' (expected \"nvme-cmb\", \"bar\" or \"p2pmem\")"),
+                ));
+            }
+        };
+        let bar = match (&r.bar, kind) {
+            (None, Kind::Bar) => return Err(cx.err(p.span(), format!("{key}: kind \"bar\" needs bar = 0..5"))),
+            (Some(b), Kind::Bar) => Some(
+                u8::try_from(*b.get_ref())
+                    .ok()
+                    .filter(|n| *n <= 5)
+                    .ok_or_else(|| cx.err(b.span(), format!("{key}.bar: {} is not a BAR index (0 to 5)", b.get_ref())))?,
+            ),
+            (Some(b), k) => {
+                return Err(cx.err(
+                    b.span(),
+                    format!("{key}.bar: only for kind \"bar\" (a {} names its own BAR)", k.as_str()),
+                ));
+            }
+            (None, _) => None,
+        };
+        let spec = Spec { pci, kind, bar };
+        if out.providers.contains(&spec) {
+            return Err(cx.err(p.span(), format!("{key}: {} {} is listed twice", kind.as_str(), pci)));
+        }
+        out.providers.push(spec);
+    }
+    Ok(out)
 }
 
 fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, ConfigError> {
@@ -286,11 +358,7 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
     let buffers = match r.buffers.as_ref().map(|b| (b.get_ref().as_str(), b.span())) {
         None | Some(("auto", _)) => Buffers::Auto,
         Some(("host", _)) => Buffers::Host,
-        Some(("p2p", span)) => {
-            return Err(
-                cx.err(span, format!("{key}.buffers: \"p2p\" is not implemented yet; use \"auto\" or \"host\""))
-            );
-        }
+        Some(("p2p", _)) => Buffers::P2p,
         Some((b, span)) => {
             return Err(
                 cx.err(span, format!("{key}.buffers: unknown value '{b}' (expected \"auto\", \"host\" or \"p2p\")"))
@@ -340,12 +408,33 @@ mod tests {
     fn not_yet_implemented_is_refused_not_ignored() {
         let e = err("[[listener]]\ntransport = \"iwarp\"\naddress = \"10.0.0.1\"\n");
         assert!(e.message.contains("unknown transport 'iwarp'"), "{e}");
-        let e = err(&format!("{LISTENER}[[p2p.provider]]\npci = \"0000:01:00.0\"\nkind = \"nvme-cmb\"\n"));
-        assert!(e.message.contains("p2p"), "{e}");
-        let src = format!(
-            "{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbackend = \"ram\"\nsize = 4096\nbuffers = \"p2p\"\n"
-        );
-        assert!(err(&src).message.contains("buffers: \"p2p\" is not implemented yet"));
+    }
+
+    #[test]
+    fn p2p_section_and_buffers() {
+        let c = parse(
+            &format!(
+                "{LISTENER}[p2p]\nallow_host_bridges = [\"8086:29c0\"]\n[[p2p.provider]]\npci = \"0000:03:00.0\"\nkind = \"nvme-cmb\"\n\
+                 [[p2p.provider]]\npci = \"0000:04:00.0\"\nkind = \"bar\"\nbar = 4\n[[subsystem]]\nnqn = \"nqn.x\"\n\
+                 allow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbackend = \"ram\"\nsize = 4096\nbuffers = \"p2p\"\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.p2p.allow_host_bridges, [(0x8086, 0x29c0)]);
+        assert_eq!(c.p2p.providers[0], Spec { pci: "0000:03:00.0".parse().unwrap(), kind: Kind::NvmeCmb, bar: None });
+        assert_eq!((c.p2p.providers[1].kind, c.p2p.providers[1].bar), (Kind::Bar, Some(4)));
+        assert_eq!(c.subsystems[0].namespaces[0].buffers, Buffers::P2p);
+        let prov = |body: &str| err(&format!("{LISTENER}\n[[p2p.provider]]\n{body}"));
+        let e = prov("pci = \"03:00.0\"\nkind = \"bar\"\nbar = 0\n");
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("p2p.provider[0].pci: '03:00.0' is not a PCI address"), "{e}");
+        assert!(prov("pci = \"0000:03:00.0\"\nkind = \"bar\"\n").message.contains("kind \"bar\" needs bar"));
+        assert!(prov("pci = \"0000:03:00.0\"\nkind = \"bar\"\nbar = 6\n").message.contains("6 is not a BAR index"));
+        assert!(prov("pci = \"0000:03:00.0\"\nkind = \"nvme-cmb\"\nbar = 2\n").message.contains("only for kind"));
+        assert!(prov("pci = \"0000:03:00.0\"\nkind = \"cmb\"\n").message.contains("unknown kind 'cmb'"));
+        let e = err(&format!("{LISTENER}[p2p]\nallow_host_bridges = [\"intel\"]\n"));
+        assert!(e.message.contains("allow_host_bridges[0]: 'intel' is not vendor:device"), "{e}");
     }
 
     #[test]
