@@ -7,5 +7,6 @@
 pub mod mem;
 pub mod path;
 pub mod pci;
+pub mod pool;
 pub mod provider;
 pub mod rdma;

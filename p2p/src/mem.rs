@@ -142,6 +142,15 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.as_ptr().add(off), len) }
     }
 
+    /// A disjoint sub-range for the pool's chunk owner (shared mapping, exclusive range).
+    #[allow(clippy::mut_from_ref, reason = "chunks are disjoint; each is lent to one slab borrow at a time")]
+    pub(crate) fn chunk_mut(&self, off: usize, len: usize) -> &mut [u8] {
+        assert!(off + len <= self.len, "chunk outside the mapping");
+        // SAFETY: in bounds; the pool lends each chunk to one slab at a time, which hands out
+        // one borrow at a time through &mut Slab.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(off), len) }
+    }
+
     pub fn slice_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= self.len, "slice outside the mapping");
         // SAFETY: in bounds; exclusive through &mut self.
