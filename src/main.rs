@@ -24,6 +24,19 @@ enum Command {
     },
     /// Validate a configuration file without serving.
     CheckConfig { file: PathBuf },
+    /// Show the PCIe devices that matter for p2p, each provider (programming NVMe CMBs) and
+    /// the decision for each provider × client pair.
+    Topology {
+        /// Where sysfs is mounted (a fixture tree in tests).
+        #[arg(long, default_value = "/")]
+        sysfs_root: PathBuf,
+        /// Take the providers and allowed host bridges from this configuration.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +60,18 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the tokio runtime")?;
             rt.block_on(serve::run(cfg, config))
+        }
+        Command::Topology { sysfs_root, config, json } => {
+            let p2p_cfg = match &config {
+                Some(path) => p2pnvmf_config::Config::load(path)?.p2p,
+                None => p2pnvmf_config::P2p::default(),
+            };
+            let sysfs = p2pnvmf_p2p::pci::Sysfs::new(&sysfs_root);
+            let p2p = p2pnvmf_p2p::plan::P2p::discover(&sysfs, &p2p_cfg.providers, &p2p_cfg.allow_host_bridges, false)
+                .map_err(|e| anyhow::anyhow!("topology of {}: {e}", sysfs_root.display()))?;
+            let report = p2p.report();
+            print!("{}", if json { report.to_json() + "\n" } else { report.to_text() });
+            Ok(())
         }
         Command::CheckConfig { file } => {
             let cfg = p2pnvmf_config::Config::load(&file)?;

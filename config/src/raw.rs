@@ -127,7 +127,10 @@ fn p2p(cx: &Ctx, r: &RawP2p) -> Result<P2p, ConfigError> {
         let ids = ids.ok_or_else(|| {
             cx.err(
                 hb.span(),
-                format!("p2p.allow_host_bridges[{i}]: '{}' is not vendor:device in hex (e.g. \"8086:2030\")", hb.get_ref()),
+                format!(
+                    "p2p.allow_host_bridges[{i}]: '{}' is not vendor:device in hex (e.g. \"8086:2030\")",
+                    hb.get_ref()
+                ),
             )
         })?;
         out.allow_host_bridges.push(ids);
@@ -149,17 +152,15 @@ fn p2p(cx: &Ctx, r: &RawP2p) -> Result<P2p, ConfigError> {
         };
         let bar = match (&r.bar, kind) {
             (None, Kind::Bar) => return Err(cx.err(p.span(), format!("{key}: kind \"bar\" needs bar = 0..5"))),
-            (Some(b), Kind::Bar) => Some(
-                u8::try_from(*b.get_ref())
-                    .ok()
-                    .filter(|n| *n <= 5)
-                    .ok_or_else(|| cx.err(b.span(), format!("{key}.bar: {} is not a BAR index (0 to 5)", b.get_ref())))?,
-            ),
+            (Some(b), Kind::Bar) => {
+                Some(u8::try_from(*b.get_ref()).ok().filter(|n| *n <= 5).ok_or_else(|| {
+                    cx.err(b.span(), format!("{key}.bar: {} is not a BAR index (0 to 5)", b.get_ref()))
+                })?)
+            }
             (Some(b), k) => {
-                return Err(cx.err(
-                    b.span(),
-                    format!("{key}.bar: only for kind \"bar\" (a {} names its own BAR)", k.as_str()),
-                ));
+                return Err(
+                    cx.err(b.span(), format!("{key}.bar: only for kind \"bar\" (a {} names its own BAR)", k.as_str()))
+                );
             }
             (None, _) => None,
         };

@@ -7,6 +7,7 @@
 pub mod mem;
 pub mod path;
 pub mod pci;
+pub mod plan;
 pub mod pool;
 pub mod provider;
 pub mod rdma;

@@ -95,7 +95,11 @@ impl Mapping {
     }
 
     fn reg(&self, off: usize) -> *mut u32 {
-        assert!(off.is_multiple_of(4) && off + 4 <= self.len, "register {off:#x} outside a {:#x}-byte mapping", self.len);
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.len,
+            "register {off:#x} outside a {:#x}-byte mapping",
+            self.len
+        );
         // SAFETY: in bounds and aligned (checked above).
         unsafe { self.as_ptr().add(off).cast() }
     }

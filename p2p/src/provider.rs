@@ -129,6 +129,20 @@ impl Provider {
         self.unusable.is_none()
     }
 
+    /// Whether the window could be mapped: usable, and its resource file opens read-write.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(why) = &self.unusable {
+            return Err(why.clone());
+        }
+        let (path, _) = self.map_from.as_ref().ok_or("no mapping source")?;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map(drop)
+            .map_err(|e| format!("opening {}: {e}", path.display()))
+    }
+
     /// Maps the whole window for the CPU (to fill and drain buffers).
     pub fn map(&self) -> Result<Mapping, String> {
         if let Some(why) = &self.unusable {

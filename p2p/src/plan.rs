@@ -1,0 +1,247 @@
+//! The target's p2p state: topology, providers and their pools, and the decisions at the
+//! namespace and controller levels; plus the report `p2pnvmf topology` prints.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::path::{Client, Decision, Topology};
+use crate::pci::{Error, Sysfs};
+use crate::pool::ChunkPool;
+use crate::provider::{Provider, Spec};
+
+/// Chunk size of p2p pools: the largest transfer a queue moves in one piece.
+pub const CHUNK: usize = 128 << 10;
+
+#[derive(Debug)]
+pub struct P2p {
+    pub topology: Topology,
+    pub providers: Vec<Provider>,
+    /// Per provider: its pool (when mapped) or why it cannot be used.
+    pools: Vec<Result<Option<Arc<ChunkPool>>, String>>,
+}
+
+impl P2p {
+    /// Reads the topology and sets up the providers (programming CMBs); with `map`, maps the
+    /// usable ones into pools (else only checks that they could be).
+    pub fn discover(sysfs: &Sysfs, specs: &[Spec], allow: &[(u16, u16)], map: bool) -> Result<P2p, String> {
+        let topology = Topology::read(sysfs, allow).map_err(|e: Error| e.to_string())?;
+        let providers = sysfs.providers(&topology.functions, specs, true)?;
+        let pools = providers
+            .iter()
+            .map(|p| match map {
+                true => p.map().and_then(|m| ChunkPool::new(m, CHUNK)).map(Some),
+                false => p.check().map(|()| None),
+            })
+            .collect();
+        Ok(P2p { topology, providers, pools })
+    }
+
+    /// The provider a namespace's buffers come from: the first with a pool. `Err` lists why
+    /// each provider is unusable.
+    pub fn for_namespace(&self) -> Result<usize, String> {
+        if let Some(i) = self.pools.iter().position(Result::is_ok) {
+            return Ok(i);
+        }
+        if self.providers.is_empty() {
+            return Err("no p2p provider: no NVMe CMB, p2pmem or configured BAR was found".into());
+        }
+        let why: Vec<String> = self.pools.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        Err(why.join("; "))
+    }
+
+    /// How `client` reaches provider `index`, and the pool when it can.
+    pub fn for_client(&self, index: usize, client: &Client) -> (Decision, Option<Arc<ChunkPool>>) {
+        let d = self.topology.decide(self.providers[index].pci, client);
+        let pool = match (&self.pools[index], d.path) {
+            (Ok(Some(p)), crate::path::Path::BusAddress | crate::path::Path::HostBridge) => Some(p.clone()),
+            _ => None,
+        };
+        (d, pool)
+    }
+
+    pub fn report(&self) -> Report {
+        let hex = |v: u64| format!("{v:#x}");
+        let providers = self
+            .providers
+            .iter()
+            .zip(&self.pools)
+            .map(|(p, pool)| ProviderReport {
+                pci: p.pci.to_string(),
+                kind: p.kind.as_str(),
+                bar: p.bar,
+                cpu_addr: hex(p.cpu_addr),
+                bus_addr: hex(p.bus_addr),
+                offset: hex(p.offset()),
+                size: p.size,
+                rds: p.cmb.map(|c| c.rds),
+                wds: p.cmb.map(|c| c.wds),
+                nvme_version: p.nvme_version.map(|v| format!("{}.{}", v >> 16, (v >> 8) & 0xff)),
+                cmbmsc: p.cmbmsc.map(hex),
+                usable: pool.is_ok(),
+                reason: pool.as_ref().err().cloned(),
+            })
+            .collect();
+        let mut decisions = Vec::new();
+        for p in &self.providers {
+            for c in self.topology.clients() {
+                let d = self.topology.decide(p.pci, &c);
+                decisions.push(DecisionReport {
+                    provider: p.pci.to_string(),
+                    client: c.id(),
+                    client_name: c.name().map(str::to_owned),
+                    path: d.path.as_str(),
+                    distance: d.distance,
+                    reason: d.reason,
+                });
+            }
+        }
+        let devices = self
+            .topology
+            .functions
+            .iter()
+            .filter(|f| f.is_nvme() || f.class >> 16 == 0x02)
+            .map(|f| DeviceReport {
+                pci: f.addr.to_string(),
+                class: format!("{:06x}", f.class),
+                ids: format!("{:04x}:{:04x}", f.vendor, f.device),
+                upstream: f.upstream.iter().map(ToString::to_string).collect(),
+                host_bridge: f.host_bridge.clone(),
+                driver: f.driver.clone(),
+                iommu_group: f.iommu_group,
+                numa_node: f.numa_node,
+            })
+            .collect();
+        let rdma = self
+            .topology
+            .rdma
+            .iter()
+            .map(|d| RdmaReport {
+                name: d.name.clone(),
+                pci: d.pci.map(|a| a.to_string()),
+                netdev: d.netdev.clone(),
+                software: d.is_software(),
+            })
+            .collect();
+        Report { devices, rdma, providers, decisions }
+    }
+}
+
+/// `p2pnvmf topology --json`: a contract for scripts (addresses as "0x…" strings; `path` one
+/// of "bus-address", "host-bridge", "none"; `distance` null when there is no path).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub devices: Vec<DeviceReport>,
+    pub rdma: Vec<RdmaReport>,
+    pub providers: Vec<ProviderReport>,
+    pub decisions: Vec<DecisionReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceReport {
+    pub pci: String,
+    pub class: String,
+    pub ids: String,
+    pub upstream: Vec<String>,
+    pub host_bridge: String,
+    pub driver: Option<String>,
+    pub iommu_group: Option<u32>,
+    pub numa_node: Option<i32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RdmaReport {
+    pub name: String,
+    pub pci: Option<String>,
+    pub netdev: Option<String>,
+    pub software: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProviderReport {
+    pub pci: String,
+    pub kind: &'static str,
+    pub bar: Option<u8>,
+    pub cpu_addr: String,
+    pub bus_addr: String,
+    pub offset: String,
+    pub size: u64,
+    pub rds: Option<bool>,
+    pub wds: Option<bool>,
+    pub nvme_version: Option<String>,
+    pub cmbmsc: Option<String>,
+    pub usable: bool,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DecisionReport {
+    pub provider: String,
+    pub client: String,
+    pub client_name: Option<String>,
+    pub path: &'static str,
+    pub distance: Option<u32>,
+    pub reason: String,
+}
+
+impl Report {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("plain data serialises")
+    }
+
+    /// The human-readable form.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "Devices:");
+        for d in &self.devices {
+            let _ = writeln!(
+                s,
+                "  {} class {} [{}] driver {} via {} ({})",
+                d.pci,
+                d.class,
+                d.ids,
+                d.driver.as_deref().unwrap_or("-"),
+                if d.upstream.is_empty() { "-".into() } else { d.upstream.join(" < ") },
+                d.host_bridge
+            );
+        }
+        for r in &self.rdma {
+            let at = match (&r.pci, &r.netdev) {
+                (Some(p), _) => p.clone(),
+                (None, Some(n)) => format!("software, over {n}"),
+                (None, None) => "software".into(),
+            };
+            let _ = writeln!(s, "  RDMA {} ({at})", r.name);
+        }
+        let _ = writeln!(s, "Providers:");
+        if self.providers.is_empty() {
+            let _ = writeln!(s, "  none");
+        }
+        for p in &self.providers {
+            let _ = writeln!(
+                s,
+                "  {} {} BAR{} cpu {} bus {} offset {} size {} MiB{}{}{}",
+                p.pci,
+                p.kind,
+                p.bar.map_or("-".into(), |b| b.to_string()),
+                p.cpu_addr,
+                p.bus_addr,
+                p.offset,
+                p.size >> 20,
+                match (p.rds, p.wds) {
+                    (Some(r), Some(w)) => format!(" RDS={} WDS={}", r as u8, w as u8),
+                    _ => String::new(),
+                },
+                p.cmbmsc.as_ref().map(|v| format!(" CMBMSC={v}")).unwrap_or_default(),
+                p.reason.as_ref().map(|r| format!("\n    unusable: {r}")).unwrap_or_default(),
+            );
+        }
+        let _ = writeln!(s, "Decisions:");
+        for d in &self.decisions {
+            let dist = d.distance.map_or("-".into(), |v| v.to_string());
+            let _ = writeln!(s, "  {} -> {}: {} (distance {dist}): {}", d.provider, d.client, d.path, d.reason);
+        }
+        s
+    }
+}
