@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use p2pnvmf_backend::{FileBackend, RamBackend};
-use p2pnvmf_config::{Backend as BackendCfg, Config, Transport};
+use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
+use p2pnvmf_nvmf::buffers::{NsBuffers, count_fallback};
 use p2pnvmf_nvmf::{Backend, IoStats, Namespace, Port, Subsystem, Target, TrType};
+use p2pnvmf_p2p::pci::Sysfs;
+use p2pnvmf_p2p::plan::P2p;
 use p2pnvmf_transport::rdma::{self, RdmaParams};
 use p2pnvmf_transport::tcp::{self, TcpParams};
 use tokio::signal::unix::{SignalKind, signal};
@@ -27,11 +30,69 @@ fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc
     })
 }
 
+/// The namespace-level buffer decision: p2p chunks from the first usable provider, or host
+/// memory with the reason (logged and counted) — or, for `buffers = "p2p"`, a refusal.
+fn ns_buffers(
+    p2p: &Result<Arc<P2p>, String>,
+    subnqn: &str,
+    n: &p2pnvmf_config::Namespace,
+) -> anyhow::Result<NsBuffers> {
+    let required = match n.buffers {
+        Buffers::Host => return Ok(NsBuffers::Host),
+        Buffers::Auto => false,
+        Buffers::P2p => true,
+    };
+    let provider = match &n.backend {
+        BackendCfg::File { .. } => {
+            Err("the file backend moves data with O_DIRECT through the kernel, which cannot DMA \
+                                        into a user mapping of device memory"
+                .to_string())
+        }
+        BackendCfg::Ram { .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| p.for_namespace()),
+    };
+    match provider {
+        Ok(i) => {
+            let p = &p2p.as_ref().expect("a provider came from it").providers[i];
+            info!(subnqn, nsid = n.nsid, provider = %p.pci, kind = p.kind.as_str(), size = p.size, required, "p2p buffers available");
+            Ok(NsBuffers::P2p { provider: i, required })
+        }
+        Err(why) if required => {
+            anyhow::bail!("{subnqn} namespace {}: buffers = \"p2p\" but no usable provider: {why}", n.nsid)
+        }
+        Err(why) => {
+            info!(subnqn, nsid = n.nsid, "namespace falls back to host memory: {why}");
+            count_fallback("namespace");
+            Ok(NsBuffers::Host)
+        }
+    }
+}
+
+/// The p2p state, read only when some namespace may use p2p memory.
+fn discover_p2p(cfg: &Config) -> Result<Arc<P2p>, String> {
+    let wanted = cfg.subsystems.iter().flat_map(|s| &s.namespaces).any(|n| n.buffers != Buffers::Host);
+    if !wanted {
+        return Err("every namespace uses host buffers".into());
+    }
+    let p = P2p::discover(&Sysfs::new("/"), &cfg.p2p.providers, &cfg.p2p.allow_host_bridges, true)
+        .map_err(|e| format!("reading the PCI topology: {e}"))?;
+    for (i, pr) in p.providers.iter().enumerate() {
+        match p.pool(i) {
+            Ok(pool) => {
+                info!(provider = %pr.pci, kind = pr.kind.as_str(), cpu_addr = format_args!("{:#x}", pr.cpu_addr),
+                              bus_addr = format_args!("{:#x}", pr.bus_addr), size = pr.size, chunks = pool.chunks(),
+                              cmbmsc = ?pr.cmbmsc.map(|v| format!("{v:#x}")), "p2p provider mapped")
+            }
+            Err(why) => warn!(provider = %pr.pci, kind = pr.kind.as_str(), "p2p provider unusable: {why}"),
+        }
+    }
+    Ok(Arc::new(p))
+}
+
 /// The live subsystems by NQN, with the configuration each was built from, so a reload keeps
 /// what did not change (a RAM namespace keeps its data, a file stays open, counters go on).
-#[derive(Default)]
 struct Live {
     subsystems: HashMap<String, (p2pnvmf_config::Subsystem, Arc<Subsystem>)>,
+    p2p: Result<Arc<P2p>, String>,
 }
 
 impl Live {
@@ -39,7 +100,7 @@ impl Live {
     fn build(&self, cfg: &Config) -> anyhow::Result<Live> {
         let port_id =
             |name: &str| cfg.listeners.iter().position(|l| l.name == name).map(|i| i as u16 + 1).expect("validated");
-        let mut next = Live::default();
+        let mut next = Live { subsystems: HashMap::new(), p2p: self.p2p.clone() };
         for s in &cfg.subsystems {
             let old = self.subsystems.get(&s.nqn);
             if let Some((old_cfg, live)) = old.filter(|(c, _)| c == s) {
@@ -52,7 +113,7 @@ impl Live {
                     let was = c.namespaces.iter().find(|m| m.nsid == n.nsid)?;
                     (was.backend == n.backend).then(|| live.ns(n.nsid).cloned()).flatten()
                 });
-                let ns = match reused {
+                let mut ns = match reused {
                     Some(ns) => ns,
                     None => {
                         let backend = open_backend(&s.nqn, n.nsid, &n.backend)?;
@@ -60,6 +121,7 @@ impl Live {
                         Namespace::new(&s.nqn, n.nsid, backend)
                     }
                 };
+                ns.buffers = ns_buffers(&self.p2p, &s.nqn, n)?;
                 namespaces.push(ns);
             }
             let live = Arc::new(Subsystem {
@@ -133,8 +195,19 @@ fn reload(path: &Path, cfg: &mut Config, live: &mut Live, target: &Target) {
 }
 
 pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut live = Live::default().build(&cfg)?;
+    if let Some(addr) = cfg.metrics_listen {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("metrics.listen: serving Prometheus metrics on {addr}"))?;
+        info!(%addr, "Prometheus metrics on http://{addr}/metrics");
+    }
+    let p2p = discover_p2p(&cfg);
+    let mut live = Live { subsystems: HashMap::new(), p2p: p2p.clone() }.build(&cfg)?;
     let target = Target::new(live.list(), ports(&cfg));
+    if let Ok(p) = p2p {
+        target.set_p2p(p);
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();
     for port in target.ports.clone() {

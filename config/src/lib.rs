@@ -107,6 +107,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub subsystems: Vec<Subsystem>,
     pub p2p: P2p,
+    /// `[metrics] listen`: where Prometheus scrapes `/metrics`.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Config {

@@ -19,6 +19,13 @@ struct RawConfig {
     #[serde(default)]
     subsystem: Vec<Spanned<RawSubsystem>>,
     p2p: Option<RawP2p>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -114,7 +121,13 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         Some(r) => p2p(&cx, r)?,
         None => P2p::default(),
     };
-    Ok(Config { listeners, subsystems, p2p })
+    let metrics_listen = match &raw.metrics {
+        Some(m) => Some(m.listen.get_ref().parse().map_err(|_| {
+            cx.err(m.listen.span(), format!("metrics.listen: '{}' is not an address:port", m.listen.get_ref()))
+        })?),
+        None => None,
+    };
+    Ok(Config { listeners, subsystems, p2p, metrics_listen })
 }
 
 fn p2p(cx: &Ctx, r: &RawP2p) -> Result<P2p, ConfigError> {
@@ -434,6 +447,9 @@ mod tests {
         assert!(prov("pci = \"0000:03:00.0\"\nkind = \"bar\"\nbar = 6\n").message.contains("6 is not a BAR index"));
         assert!(prov("pci = \"0000:03:00.0\"\nkind = \"nvme-cmb\"\nbar = 2\n").message.contains("only for kind"));
         assert!(prov("pci = \"0000:03:00.0\"\nkind = \"cmb\"\n").message.contains("unknown kind 'cmb'"));
+        let c = parse(&format!("{LISTENER}[metrics]\nlisten = \"127.0.0.1:9464\"\n"), "t").unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        assert!(err(&format!("{LISTENER}[metrics]\nlisten = \"9464\"\n")).message.contains("metrics.listen: '9464'"));
         let e = err(&format!("{LISTENER}[p2p]\nallow_host_bridges = [\"intel\"]\n"));
         assert!(e.message.contains("allow_host_bridges[0]: 'intel' is not vendor:device"), "{e}");
     }

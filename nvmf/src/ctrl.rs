@@ -73,6 +73,8 @@ pub struct Controller {
     last_seen_ms: AtomicU64,
     dead: watch::Sender<Option<&'static str>>,
     event_ready: Notify,
+    /// p2p pools per namespace, decided once at admin Connect.
+    pools: std::sync::OnceLock<Vec<(u32, Arc<p2pnvmf_p2p::pool::ChunkPool>)>>,
 }
 
 impl Controller {
@@ -97,11 +99,21 @@ impl Controller {
             last_seen_ms: AtomicU64::new(0),
             dead: watch::channel(None).0,
             event_ready: Notify::new(),
+            pools: std::sync::OnceLock::new(),
         }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The p2p pools its I/O queues take buffers from (empty: host memory).
+    pub fn p2p_pools(&self) -> &[(u32, Arc<p2pnvmf_p2p::pool::ChunkPool>)] {
+        self.pools.get().map_or(&[], Vec::as_slice)
+    }
+
+    pub(crate) fn set_p2p_pools(&self, pools: Vec<(u32, Arc<p2pnvmf_p2p::pool::ChunkPool>)>) {
+        let _ = self.pools.set(pools);
     }
 
     pub fn is_discovery(&self) -> bool {
@@ -331,14 +343,17 @@ pub enum Watched {
 }
 
 impl CtrlWatch {
-    /// Starts watching once the queue has a controller; a no-op afterwards.
-    pub fn follow(&mut self, queue: &crate::Queue) {
+    /// Starts watching once the queue has a controller (returning true that once); a no-op
+    /// afterwards.
+    pub fn follow(&mut self, queue: &crate::Queue) -> bool {
         if self.dead.is_none()
             && let Some(c) = queue.controller()
         {
             self.dead = Some(c.watch_dead());
             self.events = (queue.qid() == 0).then(|| c.clone());
+            return true;
         }
+        false
     }
 
     /// For a transport's select loop: resolves on teardown or ready events; never before

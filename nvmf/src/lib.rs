@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod buffers;
 pub mod ctrl;
 pub mod io;
 pub mod ns;

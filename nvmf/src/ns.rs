@@ -27,6 +27,8 @@ pub struct Namespace {
     pub lba_shift: u32,
     pub nguid: [u8; 16],
     pub uuid: [u8; 16],
+    /// Where its I/O buffers come from.
+    pub buffers: crate::buffers::NsBuffers,
 }
 
 impl Namespace {
@@ -39,7 +41,7 @@ impl Namespace {
         // RFC 4122 version 8 (custom), variant 10.
         uuid[6] = (uuid[6] & 0x0f) | 0x80;
         uuid[8] = (uuid[8] & 0x3f) | 0x80;
-        Namespace { nsid, backend, lba_shift: 9, nguid, uuid }
+        Namespace { nsid, backend, lba_shift: 9, nguid, uuid, buffers: crate::buffers::NsBuffers::Host }
     }
 
     pub fn block_size(&self) -> u32 {

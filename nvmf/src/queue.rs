@@ -98,11 +98,27 @@ pub struct Queue {
     sqhd: u16,
     ctrl: Option<Arc<Controller>>,
     sq_flow_disabled: bool,
+    mover: crate::buffers::Mover,
 }
 
 impl Queue {
     pub fn new(target: Arc<Target>, port: Port) -> Self {
-        Queue { target, port, qid: 0, entries: 1, sqhd: 0, ctrl: None, sq_flow_disabled: false }
+        Queue {
+            target,
+            port,
+            qid: 0,
+            entries: 1,
+            sqhd: 0,
+            ctrl: None,
+            sq_flow_disabled: false,
+            mover: crate::buffers::Mover::Cpu,
+        }
+    }
+
+    /// Who moves this queue's data (the CPU unless an RDMA transport says otherwise): the
+    /// controller's p2p decision depends on it.
+    pub fn set_mover(&mut self, mover: crate::buffers::Mover) {
+        self.mover = mover;
     }
 
     pub fn qid(&self) -> u16 {
@@ -224,6 +240,9 @@ impl Queue {
                 self.sq_flow_disabled = cattr & (1 << 2) != 0;
                 info!(cntlid = c.cntlid, qid, sqsize, sq_flow_disabled = self.sq_flow_disabled, "queue connected");
                 let cntlid = c.cntlid;
+                if let (0, Some(p2p)) = (qid, self.target.p2p()) {
+                    c.set_p2p_pools(crate::buffers::controller_pools(p2p, &c, &self.mover));
+                }
                 self.ctrl = Some(c);
                 Response::result(cntlid.into())
             }

@@ -47,6 +47,7 @@ pub struct Target {
     pub ports: Vec<Port>,
     registry: Mutex<Registry>,
     genctr: AtomicU64,
+    p2p: std::sync::OnceLock<Arc<p2pnvmf_p2p::plan::P2p>>,
 }
 
 /// Dynamic controller IDs range over 1..=0xffef (NVMe Base 2.0, Figure 275, CNTLID).
@@ -59,7 +60,17 @@ impl Target {
             ports,
             registry: Mutex::new(Registry { next: 1, ..Registry::default() }),
             genctr: AtomicU64::new(1),
+            p2p: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The p2p state namespaces with p2p buffers draw on (set once at start).
+    pub fn set_p2p(&self, p2p: Arc<p2pnvmf_p2p::plan::P2p>) {
+        let _ = self.p2p.set(p2p);
+    }
+
+    pub fn p2p(&self) -> Option<&Arc<p2pnvmf_p2p::plan::P2p>> {
+        self.p2p.get()
     }
 
     fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {

@@ -50,6 +50,15 @@ impl P2p {
         Err(why.join("; "))
     }
 
+    /// Provider `index`'s pool, or why it has none.
+    pub fn pool(&self, index: usize) -> Result<Arc<ChunkPool>, String> {
+        match &self.pools[index] {
+            Ok(Some(p)) => Ok(p.clone()),
+            Ok(None) => Err(format!("{} was not mapped", self.providers[index].pci)),
+            Err(why) => Err(why.clone()),
+        }
+    }
+
     /// How `client` reaches provider `index`, and the pool when it can.
     pub fn for_client(&self, index: usize, client: &Client) -> (Decision, Option<Arc<ChunkPool>>) {
         let d = self.topology.decide(self.providers[index].pci, client);

@@ -56,7 +56,7 @@ impl ChunkPool {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let at = free.len().saturating_sub(want);
         let mine = free.split_off(at);
-        Slab { pool: self.clone(), owned: mine.len(), free: mine }
+        Slab { pool: self.clone(), all: mine.clone(), free: mine }
     }
 }
 
@@ -65,7 +65,9 @@ impl ChunkPool {
 pub struct Slab {
     pool: Arc<ChunkPool>,
     free: Vec<u32>,
-    owned: usize,
+    /// Every chunk taken, free or lent: all go back when the queue ends, even those a
+    /// command still held.
+    all: Vec<u32>,
 }
 
 /// A chunk in use; give it back with `Slab::put`.
@@ -100,16 +102,20 @@ impl Slab {
         self.pool.mem.chunk_mut(off, len)
     }
 
+    pub fn chunk_size(&self) -> usize {
+        self.pool.chunk
+    }
+
     /// Chunks this slab holds (free or lent out).
     pub fn owned(&self) -> usize {
-        self.owned
+        self.all.len()
     }
 }
 
 impl Drop for Slab {
     fn drop(&mut self) {
         let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.append(&mut self.free);
+        free.append(&mut self.all);
     }
 }
 
@@ -129,6 +135,7 @@ mod tests {
         let off = a.offset(&c);
         assert_eq!(pool.mapping().slice(off, 4), b"data");
         a.put(c);
+        let _lent = a.get(1).unwrap();
         drop(b);
         assert_eq!(pool.free_chunks(), 3);
         drop(a);

@@ -188,6 +188,17 @@ fn owner_problem(f: &Function) -> Option<String> {
     }
 }
 
+/// Turns on memory decoding of an unbound function (sysfs `enable`, which is what a driver's
+/// pci_enable_device does) so its BARs answer: until then reads return all ones.
+fn enable_memory(dir: &std::path::Path) -> Result<(), String> {
+    let config = std::fs::read(dir.join("config")).map_err(|e| format!("reading config: {e}"))?;
+    let command = config.get(4).copied().unwrap_or(0);
+    if command & 0x2 != 0 {
+        return Ok(());
+    }
+    std::fs::write(dir.join("enable"), "1").map_err(|e| format!("enabling memory decoding (sysfs enable): {e}"))
+}
+
 impl Sysfs {
     /// An NVMe controller's CMB. With `program`, sets CMBMSC (CRE to read CMBLOC/CMBSZ, then
     /// CMSE and CBA = the CMB's *bus* address, high dword first) and checks CMBSTS.CBAI.
@@ -199,6 +210,9 @@ impl Sysfs {
         }
         let bar0 = f.bar(0).ok_or_else(|| format!("{}: NVMe without BAR0", f.addr))?;
         let dir = self.function_dir(f.addr);
+        if program {
+            enable_memory(&dir).map_err(|e| format!("{}: {e}", f.addr))?;
+        }
         let regs_len = bar0.size.min(4096) as usize;
         let regs = Mapping::file(&dir.join("resource0"), 0, regs_len)
             .map_err(|e| format!("{}: mapping BAR0 registers ({}): {e}", f.addr, dir.join("resource0").display()))?;

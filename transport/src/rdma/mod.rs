@@ -19,6 +19,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::sync::Arc;
 
+use p2pnvmf_nvmf::buffers::Mover;
 use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
 use p2pnvmf_nvmf::{Controller, Direction, Exec, Port, Queue, Response, Status, Target, TransportParams};
@@ -432,7 +433,13 @@ fn accept(
         reading: vec![None; depth],
         free_event_rsps: (depth..depth + EVENT_RSPS).collect(),
         busy_poll: params.busy_poll,
-        queue: Queue::new(target.clone(), port.clone()),
+        queue: {
+            let mut q = Queue::new(target.clone(), port.clone());
+            // SAFETY: a live context's device; the name is a NUL-terminated string it owns.
+            let name = unsafe { std::ffi::CStr::from_ptr((api.ibv_get_device_name)((*verbs).device)) };
+            q.set_mover(Mover::Rdma(name.to_string_lossy().into_owned()));
+            q
+        },
         peer: format!("qid {} (cm id {:p})", req.qid, ev.id),
     };
     let send_wrs = 2 * depth + EVENT_RSPS + 1;

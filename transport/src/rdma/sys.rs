@@ -308,6 +308,7 @@ api! {
         ibv_get_cq_event: fn(*mut IbvCompChannel, *mut *mut IbvCq, *mut *mut c_void) -> c_int;
         ibv_ack_cq_events: fn(*mut IbvCq, c_uint) -> ();
         ibv_query_device: fn(*mut IbvContext, *mut IbvDeviceAttr) -> c_int;
+        ibv_get_device_name: fn(*mut c_void) -> *const libc::c_char;
         ibv_create_srq: fn(*mut IbvPd, *mut IbvSrqInitAttr) -> *mut IbvSrq;
         ibv_destroy_srq: fn(*mut IbvSrq) -> c_int;
     }

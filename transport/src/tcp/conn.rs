@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use p2pnvmf_nvmf::buffers::{P2pBuf, QueueBuffers};
 use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::wire::{Sqe, sgl};
 use p2pnvmf_nvmf::{Direction, Exec, Port, Queue, Response, Status, Target};
@@ -119,6 +120,8 @@ struct Slot {
     received: usize,
     digest_error: bool,
     buf: DataBuf,
+    /// The command's p2p chunk, when its namespace's buffers are p2p memory.
+    p2p: Option<P2pBuf>,
 }
 
 /// Page alignment lets O_DIRECT backends use the buffer as it is.
@@ -145,6 +148,7 @@ struct Conn {
     params: TcpParams,
     scratch: DataBuf,
     slots: Vec<Slot>,
+    bufs: QueueBuffers,
 }
 
 /// Serves one accepted connection until the host leaves, the controller dies, a protocol
@@ -171,6 +175,7 @@ pub async fn run(
         params,
         scratch: DataBuf::default(),
         slots: Vec::new(),
+        bufs: QueueBuffers::default(),
     };
     let result = tokio::select! {
         r = conn.serve() => r,
@@ -198,7 +203,9 @@ impl Conn {
         self.handshake().await?;
         let mut ctrl = CtrlWatch::default();
         loop {
-            ctrl.follow(&self.queue);
+            if ctrl.follow(&self.queue) {
+                self.bufs = QueueBuffers::for_queue(&self.queue);
+            }
             // Wait for input without consuming it (cancel-safe), for a dead controller, or for
             // an async event; only then read the PDU.
             tokio::select! {
@@ -283,7 +290,11 @@ impl Conn {
                 self.wire.send_response(&mut self.queue, cid, &Response::status(status)).await?;
                 Ok(())
             }
-            (Ok(true), Ok(Plan::Now(len))) => self.execute(&sqe, icd.window(len)).await,
+            // In-capsule data stays where it arrived; data for the host may go through p2p.
+            (Ok(true), Ok(Plan::Now(len))) => match self.bufs.get(&sqe, len) {
+                Some(b) => self.execute_p2p(&sqe, len, b).await,
+                None => self.execute(&sqe, icd.window(len)).await,
+            },
             (Ok(true), Ok(Plan::R2t(len))) => self.request_data(sqe, len).await,
         };
         self.scratch = icd;
@@ -343,6 +354,15 @@ impl Conn {
         Ok(())
     }
 
+    /// Executes with the command's data in a p2p chunk, then returns the chunk.
+    async fn execute_p2p(&mut self, sqe: &Sqe, len: usize, b: P2pBuf) -> Result<(), ConnError> {
+        let mut bufs = std::mem::take(&mut self.bufs);
+        let r = self.execute(sqe, bufs.bytes(&b, len)).await;
+        bufs.put(b);
+        self.bufs = bufs;
+        r
+    }
+
     async fn request_data(&mut self, sqe: Sqe, len: usize) -> Result<(), ConnError> {
         let max = usize::from(self.queue.entries()).max(1);
         let ttag = match self.slots.iter().position(|s| s.sqe.is_none()) {
@@ -356,7 +376,10 @@ impl Conn {
             }
         };
         let slot = &mut self.slots[ttag];
-        slot.buf.window(len);
+        slot.p2p = self.bufs.get(&sqe, len);
+        if slot.p2p.is_none() {
+            slot.buf.window(len);
+        }
         (slot.sqe, slot.len, slot.received, slot.digest_error) = (Some(sqe), len, 0, false);
         let r2t = pdu::r2t(sqe.cid.get(), ttag as u16, 0, len as u32, self.wire.lim.hdgst);
         self.wire.write_pdu(r2t.as_bytes()).await?;
@@ -379,23 +402,33 @@ impl Conn {
             return Err(out_of_range("H2CData outside the R2T").into());
         }
         let len = slot.len;
+        let p2p = slot.p2p.take();
         let mut buf = std::mem::take(&mut slot.buf);
-        let ok = self.wire.read_data(l, &mut buf.window(len)[off..off + n]).await?;
+        let ok = match &p2p {
+            Some(b) => self.wire.read_data(l, &mut self.bufs.bytes(b, len)[off..off + n]).await?,
+            None => self.wire.read_data(l, &mut buf.window(len)[off..off + n]).await?,
+        };
         let slot = &mut self.slots[ttag];
         slot.digest_error |= !ok;
         slot.received += n;
         if slot.received < len {
-            slot.buf = buf;
+            (slot.buf, slot.p2p) = (buf, p2p);
             return Ok(());
         }
         let sqe = slot.sqe.take().expect("slot in use");
         let r = if slot.digest_error {
+            if let Some(b) = p2p {
+                self.bufs.put(b);
+            }
             self.wire
                 .send_response(&mut self.queue, sqe.cid.get(), &Response::status(Status::DATA_TRANSFER_ERROR))
                 .await
                 .map_err(ConnError::from)
         } else {
-            self.execute(&sqe, buf.window(len)).await
+            match p2p {
+                Some(b) => self.execute_p2p(&sqe, len, b).await,
+                None => self.execute(&sqe, buf.window(len)).await,
+            }
         };
         self.slots[ttag].buf = buf;
         r

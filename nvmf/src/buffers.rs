@@ -1,0 +1,160 @@
+//! Which memory an I/O's data buffer comes from. Decided at three levels, as Linux's nvmet
+//! does, each fallback logged with its reason and counted (`p2pnvmf_p2p_fallbacks_total`,
+//! label `level`): the namespace (at start: a usable provider or not), the controller (at
+//! Connect: can the transport's mover reach the provider), the request (a chunk free or not).
+
+use std::sync::Arc;
+
+use p2pnvmf_p2p::path::{Client, Path};
+use p2pnvmf_p2p::plan::P2p;
+use p2pnvmf_p2p::pool::{Chunk, ChunkPool, Slab};
+use tracing::{info, warn};
+
+use crate::io::opcode;
+use crate::wire::Sqe;
+use crate::{Controller, Queue};
+
+/// A namespace's buffer source, decided when it was built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NsBuffers {
+    Host,
+    /// Chunks of the target's provider `provider`; `required` for `buffers = "p2p"`.
+    P2p {
+        provider: usize,
+        required: bool,
+    },
+}
+
+/// Who moves a queue's data between the wire and the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mover {
+    /// NVMe/TCP: the CPU copies between socket and buffer.
+    Cpu,
+    /// An RDMA device, by name, DMAs to and from the buffer.
+    Rdma(String),
+}
+
+/// Counts one fallback to host memory at `level` ("namespace", "controller", "request").
+pub fn count_fallback(level: &'static str) {
+    metrics::counter!("p2pnvmf_p2p_fallbacks_total", "level" => level).increment(1);
+}
+
+/// The controller-level decision for each p2p namespace: the pool its queues use, or host
+/// memory with the reason logged once and counted.
+pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> Vec<(u32, Arc<ChunkPool>)> {
+    let Some(subsys) = &ctrl.subsys else { return Vec::new() };
+    let mut pools = Vec::new();
+    for ns in &subsys.namespaces {
+        let NsBuffers::P2p { provider, required } = ns.buffers else { continue };
+        let pci = p2p.providers[provider].pci;
+        let outcome: Result<(Arc<ChunkPool>, &str), String> = match mover {
+            Mover::Cpu if required => p2p
+                .pool(provider)
+                .map(|pool| (pool, "NVMe/TCP: the CPU copies between the socket and the provider's memory")),
+            Mover::Cpu => {
+                Err("NVMe/TCP moves data with the CPU; p2p memory pays off only for an RDMA NIC that reaches \
+                               it (buffers = \"p2p\" forces it)"
+                    .into())
+            }
+            Mover::Rdma(dev) => {
+                let client = p2p.topology.rdma_client(dev).unwrap_or_else(|| Client::Software {
+                    name: dev.clone(),
+                    reason: format!("RDMA device {dev} is not in /sys/class/infiniband"),
+                });
+                match p2p.for_client(provider, &client) {
+                    (d, _) if d.path == Path::None => Err(d.reason),
+                    // Registering BAR memory with a NIC needs a dma-buf MR (VFIO dma-buf
+                    // export); until the RDMA transport does that, say so instead of
+                    // pretending.
+                    (d, _) => Err(format!(
+                        "{client} reaches {pci} by {} (distance {}), but the RDMA transport cannot register device \
+                         memory yet",
+                        d.path.as_str(),
+                        d.distance.unwrap_or(0)
+                    )),
+                }
+            }
+        };
+        match outcome {
+            Ok((pool, how)) => {
+                info!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci, "p2p buffers: {how}");
+                pools.push((ns.nsid, pool));
+            }
+            Err(reason) => {
+                warn!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci,
+                      "controller falls back to host memory: {reason}");
+                count_fallback("controller");
+            }
+        }
+    }
+    pools
+}
+
+/// A queue's share of its controller's pools, taken once after Connect; per-I/O allocation
+/// touches nothing shared.
+#[derive(Debug, Default)]
+pub struct QueueBuffers {
+    slabs: Vec<(u32, Slab)>,
+    /// A request fell back already (logged once per queue, counted every time).
+    warned: bool,
+}
+
+/// A p2p chunk lent to one command.
+#[derive(Debug)]
+pub struct P2pBuf {
+    slab: usize,
+    chunk: Chunk,
+}
+
+impl QueueBuffers {
+    /// Slabs for an I/O queue of a controller with p2p pools (none for admin queues).
+    pub fn for_queue(q: &Queue) -> QueueBuffers {
+        let slabs = match q.controller() {
+            Some(c) if q.qid() != 0 => {
+                c.p2p_pools().iter().map(|(nsid, pool)| (*nsid, pool.take(usize::from(q.entries())))).collect()
+            }
+            _ => Vec::new(),
+        };
+        QueueBuffers { slabs, warned: false }
+    }
+
+    /// A p2p chunk for the data of `sqe` (`len` bytes), when its namespace uses p2p memory
+    /// on this controller; `None` means host memory (counted as a fallback when a p2p
+    /// namespace had no chunk to give).
+    pub fn get(&mut self, sqe: &Sqe, len: usize) -> Option<P2pBuf> {
+        if !matches!(sqe.opcode, opcode::READ | opcode::WRITE | opcode::COMPARE) || len == 0 {
+            return None;
+        }
+        let nsid = sqe.nsid.get();
+        let slab = self.slabs.iter().position(|(n, _)| *n == nsid)?;
+        let s = &mut self.slabs[slab].1;
+        if let Some(chunk) = s.get(len) {
+            return Some(P2pBuf { slab, chunk });
+        }
+        count_fallback("request");
+        if !self.warned {
+            self.warned = true;
+            let why = if len > s.chunk_size() {
+                "the transfer is larger than a p2p chunk"
+            } else {
+                "the p2p pool is exhausted"
+            };
+            warn!(
+                nsid,
+                len,
+                slab_chunks = s.owned(),
+                "request falls back to host memory: {why} (logged once per queue)"
+            );
+        }
+        None
+    }
+
+    /// The chunk's first `len` bytes.
+    pub fn bytes(&mut self, b: &P2pBuf, len: usize) -> &mut [u8] {
+        self.slabs[b.slab].1.bytes(&b.chunk, len)
+    }
+
+    pub fn put(&mut self, b: P2pBuf) {
+        self.slabs[b.slab].1.put(b.chunk);
+    }
+}
