@@ -141,16 +141,16 @@ size = "256MiB"
 CFG
 }
 
-# fio_verify DEV BS [JOBS]: 64 MiB of random writes (split over JOBS disjoint regions) then
+# fio_verify DEV BS [JOBS] [MIB]: MIB (64) MiB of random writes (split over JOBS disjoint regions) then
 # crc32c verify, at queue depth 32 per job; fails on any verify error.
 fio_verify() {
-    local dev=$1 bs=$2 jobs=${3:-1} out
+    local dev=$1 bs=$2 jobs=${3:-1} mib=${4:-64} out
     out=$(fio --name="verify-$bs" --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite \
-        --bs="$bs" --size=$((64 / jobs))M --offset_increment=$((64 / jobs))M --numjobs="$jobs" \
+        --bs="$bs" --size=$((mib / jobs))M --offset_increment=$((mib / jobs))M --numjobs="$jobs" \
         --group_reporting --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --verify_dump=0 --output-format=terse --terse-version=3 2>&1) || { echo "$out"; die "fio verify at $bs on $dev failed"; }
     # terse v3: field 5 is the error, 6 and 8 read KiB and IOPS, 47 and 49 write KiB and IOPS.
-    awk -F';' -v bs="$bs" -v jobs="$jobs" '$5 != 0 || $47 != 65536 || $6 != 65536 { exit 1 }
+    awk -F';' -v bs="$bs" -v jobs="$jobs" -v kib=$((mib << 10)) '$5 != 0 || $47 != kib || $6 != kib { exit 1 }
         { printf "fio %s x%d jobs: wrote %s KiB (%s IOPS), verified %s KiB (%s IOPS)\n", bs, jobs, $47, $49, $6, $8 }' < <(grep '^3;' <<<"$out") \
         || { echo "$out"; die "fio reported an error at $bs"; }
 }

@@ -291,10 +291,13 @@ impl Conn {
                 Ok(())
             }
             // In-capsule data stays where it arrived; data for the host may go through p2p.
-            (Ok(true), Ok(Plan::Now(len))) => match self.bufs.get(&sqe, len) {
-                Some(b) => self.execute_p2p(&sqe, len, b).await,
-                None => self.execute(&sqe, icd.window(len)).await,
-            },
+            (Ok(true), Ok(Plan::Now(len))) => {
+                let to_host = Direction::of(&sqe) == Direction::ControllerToHost;
+                match to_host.then(|| self.bufs.get(&sqe, len)).flatten() {
+                    Some(b) => self.execute_p2p(&sqe, len, b).await,
+                    None => self.execute(&sqe, icd.window(len)).await,
+                }
+            }
             (Ok(true), Ok(Plan::R2t(len))) => self.request_data(sqe, len).await,
         };
         self.scratch = icd;
