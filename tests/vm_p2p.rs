@@ -18,3 +18,14 @@ fn vm_p2p_topology_cmb_and_fallbacks() {
         .timeout(std::time::Duration::from_secs(480))
         .run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_p2p_cmb_through_vfio() {
+    let topo = Topology::new()
+        .iommu()
+        .root_port("rp1")
+        .nvme("cmb", "rp1", Nvme { serial: "CMB1".into(), size_mib: 64, cmb_mib: Some(64) })
+        .nic("pcie.0");
+    Scenario::new("p2p-vfio", topo, "p2p-vfio.sh").binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf")).run_ok();
+}

@@ -11,3 +11,4 @@ pub mod plan;
 pub mod pool;
 pub mod provider;
 pub mod rdma;
+pub mod vfio;

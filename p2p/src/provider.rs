@@ -3,9 +3,11 @@
 //! words why it cannot be used.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::mem::Mapping;
 use crate::pci::{Bar, Function, PciAddr, Sysfs};
+use crate::vfio::VfioDevice;
 
 /// NVMe controller registers (NVMe Base 2.0, 3.1.4).
 mod reg {
@@ -116,7 +118,33 @@ pub struct Provider {
     /// Why the window cannot back buffers; `None` when it can.
     pub unusable: Option<String>,
     /// What to map, and from where.
-    map_from: Option<(PathBuf, u64)>,
+    map_from: Option<Source>,
+}
+
+/// Where a BAR is mapped from: sysfs `resourceN` of an unbound function, or VFIO.
+#[derive(Debug, Clone)]
+enum Source {
+    Sysfs(PathBuf, u64),
+    Vfio(Arc<VfioDevice>, u8, u64),
+}
+
+impl Source {
+    /// The same function's BAR `bar`, from `off`.
+    fn at(&self, bar: u8, off: u64) -> Source {
+        match self {
+            Source::Sysfs(path, _) => Source::Sysfs(path.with_file_name(format!("resource{bar}")), off),
+            Source::Vfio(dev, ..) => Source::Vfio(dev.clone(), bar, off),
+        }
+    }
+
+    fn map(&self, len: usize) -> Result<Mapping, String> {
+        match self {
+            Source::Sysfs(path, off) => {
+                Mapping::file(path, *off, len).map_err(|e| format!("mapping {} at {off:#x}: {e}", path.display()))
+            }
+            Source::Vfio(dev, bar, off) => dev.map_bar(*bar, *off, len),
+        }
+    }
 }
 
 impl Provider {
@@ -134,13 +162,15 @@ impl Provider {
         if let Some(why) = &self.unusable {
             return Err(why.clone());
         }
-        let (path, _) = self.map_from.as_ref().ok_or("no mapping source")?;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map(drop)
-            .map_err(|e| format!("opening {}: {e}", path.display()))
+        match self.map_from.as_ref().ok_or("no mapping source")? {
+            Source::Sysfs(path, _) => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(path)
+                .map(drop)
+                .map_err(|e| format!("opening {}: {e}", path.display())),
+            Source::Vfio(..) => Ok(()),
+        }
     }
 
     /// Maps the whole window for the CPU (to fill and drain buffers).
@@ -148,9 +178,9 @@ impl Provider {
         if let Some(why) = &self.unusable {
             return Err(why.clone());
         }
-        let (path, off) = self.map_from.as_ref().ok_or("no mapping source")?;
+        let src = self.map_from.as_ref().ok_or("no mapping source")?;
         let len = usize::try_from(self.size).map_err(|_| format!("{} bytes do not fit in memory", self.size))?;
-        Mapping::file(path, *off, len).map_err(|e| format!("mapping {} at {off:#x}: {e}", path.display()))
+        src.map(len)
     }
 
     fn new(f: &Function, kind: Kind, bar: Option<&Bar>) -> Provider {
@@ -174,12 +204,7 @@ impl Provider {
 /// them makes sysfs `resourceN` refuse mmap (and using them behind it would be wrong anyway).
 fn owner_problem(f: &Function) -> Option<String> {
     match f.driver.as_deref() {
-        None => None,
-        Some("vfio-pci") => Some(format!(
-            "{} is bound to vfio-pci: mapping through a VFIO region is not implemented yet; unbind it to map \
-             resourceN",
-            f.addr
-        )),
+        None | Some("vfio-pci") => None,
         Some(d) => Some(format!(
             "{} is bound to the kernel driver {d}, which owns its BARs; unbind it (echo {} > /sys/bus/pci/drivers/{d}/\
              unbind) to use its memory",
@@ -200,6 +225,19 @@ fn enable_memory(dir: &std::path::Path) -> Result<(), String> {
 }
 
 impl Sysfs {
+    /// Where `f`'s BARs map from: VFIO when vfio-pci owns it, else sysfs (memory decoding
+    /// turned on first when `enable`).
+    fn bar_source(&self, f: &Function, enable: bool) -> Result<Source, String> {
+        if f.driver.as_deref() == Some("vfio-pci") {
+            return Ok(Source::Vfio(Arc::new(VfioDevice::open(f)?), 0, 0));
+        }
+        let dir = self.function_dir(f.addr);
+        if enable {
+            enable_memory(&dir).map_err(|e| format!("{}: {e}", f.addr))?;
+        }
+        Ok(Source::Sysfs(dir.join("resource0"), 0))
+    }
+
     /// An NVMe controller's CMB. With `program`, sets CMBMSC (CRE to read CMBLOC/CMBSZ, then
     /// CMSE and CBA = the CMB's *bus* address, high dword first) and checks CMBSTS.CBAI.
     pub fn nvme_cmb(&self, f: &Function, program: bool) -> Result<Option<Provider>, String> {
@@ -209,13 +247,15 @@ impl Sysfs {
             return Ok(Some(p));
         }
         let bar0 = f.bar(0).ok_or_else(|| format!("{}: NVMe without BAR0", f.addr))?;
-        let dir = self.function_dir(f.addr);
-        if program {
-            enable_memory(&dir).map_err(|e| format!("{}: {e}", f.addr))?;
-        }
-        let regs_len = bar0.size.min(4096) as usize;
-        let regs = Mapping::file(&dir.join("resource0"), 0, regs_len)
-            .map_err(|e| format!("{}: mapping BAR0 registers ({}): {e}", f.addr, dir.join("resource0").display()))?;
+        let src = match self.bar_source(f, program) {
+            Ok(s) => s,
+            Err(why) => {
+                let mut p = Provider::new(f, Kind::NvmeCmb, None);
+                p.unusable = Some(why);
+                return Ok(Some(p));
+            }
+        };
+        let regs = src.map(bar0.size.min(4096) as usize).map_err(|e| format!("{}: BAR0 registers: {e}", f.addr))?;
         let cap = regs.read64(reg::CAP);
         let version = regs.read32(reg::VS);
         let cmbs = cap & reg::CAP_CMBS != 0;
@@ -261,7 +301,8 @@ impl Sysfs {
                 f.addr, cmb.rds as u8, cmb.wds as u8
             ));
         }
-        p.map_from = Some((dir.join(format!("resource{}", bar.index)), cmb.offset));
+        drop(regs);
+        p.map_from = Some(src.at(bar.index, cmb.offset));
         Ok(Some(p))
     }
 
@@ -273,7 +314,12 @@ impl Sysfs {
         }
         let mut p = Provider::new(f, Kind::Bar, Some(bar));
         p.unusable = owner_problem(f);
-        p.map_from = Some((self.function_dir(f.addr).join(format!("resource{index}")), 0));
+        if p.unusable.is_none() {
+            match self.bar_source(f, true) {
+                Ok(src) => p.map_from = Some(src.at(index, 0)),
+                Err(why) => p.unusable = Some(why),
+            }
+        }
         Ok(p)
     }
 
@@ -285,7 +331,7 @@ impl Sysfs {
         let size = num("size")?;
         let mut p = Provider::new(f, Kind::P2pmem, None);
         p.size = num("available").unwrap_or(size);
-        p.map_from = Some((dir.join("allocate"), 0));
+        p.map_from = Some(Source::Sysfs(dir.join("allocate"), 0));
         Some(p)
     }
 
@@ -294,7 +340,8 @@ impl Sysfs {
         let mut out = Vec::new();
         if specs.is_empty() {
             for f in functions {
-                if f.is_nvme() && f.driver.is_none() {
+                // A kernel nvme driver owns its controller; unbound and vfio-pci ones are ours.
+                if f.is_nvme() && f.driver.as_deref().is_none_or(|d| d == "vfio-pci") {
                     out.extend(self.nvme_cmb(f, program)?);
                 }
                 out.extend(self.p2pmem(f));

@@ -205,3 +205,22 @@ wait_live() {
     done
     die "$(basename "$1") not live after $2 s (state $(cat "$1/state" 2>/dev/null))"
 }
+
+# reg32 ADDR-EXPRESSION: a 32-bit register through /dev/mem (independent of our code).
+reg32() { busybox devmem "$(printf '0x%x' $(($1)))" 32; }
+# bar_start BDF N: CPU address of BAR N from sysfs `resource`.
+bar_start() { sed -n "$(($2 + 1))p" "/sys/bus/pci/devices/$1/resource" | cut -d' ' -f1; }
+# bar_bus BDF N: bus address of 64-bit BAR N from the BAR registers in config space.
+bar_bus() {
+    local lo hi
+    read -r lo hi < <(od -An -tx4 -j $((0x10 + 4 * $2)) -N 8 "/sys/bus/pci/devices/$1/config")
+    echo $(( (0x$hi << 32) | (0x$lo & ~0xf) ))
+}
+# nvme_with_cmb: the PCI address of the NVMe function whose BAR2 (the CMB) is populated.
+nvme_with_cmb() {
+    local d
+    for d in /sys/bus/pci/devices/*; do
+        [[ $(cat "$d/class") == 0x010802 && $(bar_start "${d##*/}" 2) != 0x0000000000000000 ]] && echo "${d##*/}"
+    done
+    return 0
+}

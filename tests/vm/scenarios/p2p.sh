@@ -4,23 +4,15 @@
 # per client; serving over rxe with buffers = "auto" falls back per controller with the reason
 # and keeps the data right; over NVMe/TCP with buffers = "p2p" the data goes through the CMB.
 
-reg32() { busybox devmem "$(printf '0x%x' $(($1)))" 32; }
-bar_start() { sed -n "$(($2 + 1))p" "/sys/bus/pci/devices/$1/resource" | cut -d' ' -f1; }
-py() { python3 -c "$@"; }
-
-cmb= plain=
-for d in /sys/bus/pci/devices/*; do
-    [[ $(cat "$d/class") == 0x010802 ]] || continue
-    if [[ $(bar_start "${d##*/}" 2) != 0x0000000000000000 ]]; then cmb=${d##*/}; else plain=${d##*/}; fi
-done
+cmb=$(nvme_with_cmb)
+plain=$(grep -lx 0x010802 /sys/bus/pci/devices/*/class | grep -v "$cmb" | cut -d/ -f6)
 [[ -n $cmb && -n $plain ]] || die "expected a CMB NVMe and a plain NVMe, found '$cmb' '$plain'"
 step "CMB NVMe $cmb, plain NVMe $plain"
 [[ ! -e /sys/bus/pci/devices/$cmb/driver ]] || die "$cmb is bound: the rig loads no nvme PCI driver"
 
 bar0=$(bar_start "$cmb" 0)
 # The BAR2 register pair in config space: the bus address, as the device decodes it.
-read -r lo hi < <(od -An -tx4 -j $((0x18)) -N 8 "/sys/bus/pci/devices/$cmb/config")
-bus=$(( (0x$hi << 32) | (0x$lo & ~0xf) ))
+bus=$(bar_bus "$cmb" 2)
 step "BAR0 $bar0, CMB BAR2 bus address $(printf '%#x' $bus)"
 # NVMe 1.4+: until CMBMSC.CRE is set CMBSZ reads 0 (the controller starts with CMBMSC 0).
 [[ $(reg32 "$bar0 + 0x3c") == 0x00000000 ]] || die "CMBSZ readable before CRE: $(reg32 "$bar0 + 0x3c")"
@@ -37,7 +29,7 @@ cmbsz=$(reg32 "$bar0 + 0x3c")
 [[ $cmbsz != 0x00000000 ]] || die "CMBSZ still 0 after CRE"
 step "CMBMSC = $(printf '%#x' $((bus | 3))), CMBSZ = $cmbsz"
 
-py "
+python3 -c "
 import json, sys
 t = json.load(open('/tmp/scn/topology.json'))
 cmb, plain, bus = '$cmb', '$plain', $bus
@@ -68,7 +60,7 @@ pci = "$cmb"
 kind = "nvme-cmb"
 CFG
 "$P2PNVMF_BIN" topology --config /tmp/scn/allow.toml --json > /tmp/scn/allow.json
-py "
+python3 -c "
 import json
 d = {(x['provider'], x['client']): x for x in json.load(open('/tmp/scn/allow.json'))['decisions']}
 x = d[('$cmb', '$plain')]
@@ -127,4 +119,5 @@ modprobe -d /tmp/rig nvme || die "modprobe nvme"
 for i in $(seq 50); do [[ -e /sys/bus/pci/devices/$cmb/driver ]] && break; sleep 0.1; done
 "$P2PNVMF_BIN" topology --config /tmp/scn/allow.toml | tee /tmp/scn/bound.txt
 grep -q "unusable: $cmb is bound to the kernel driver nvme" /tmp/scn/bound.txt || die "bound CMB not refused"
+
 step "done"
