@@ -23,6 +23,7 @@ use p2pnvmf_nvmf::buffers::Mover;
 use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
 use p2pnvmf_nvmf::{Controller, Direction, Exec, Port, Queue, Response, Status, Target, TransportParams};
+use p2pnvmf_p2p::mem::Mapping;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -318,7 +319,7 @@ struct Conn {
     mr: *mut sys::IbvMr,
     qp_created: bool,
     /// Own receive capsules, then data buffers, then response capsules.
-    mem: sys::Region,
+    mem: Mapping,
     depth: usize,
     capsule: usize,
     max_xfer: usize,
@@ -425,7 +426,7 @@ fn accept(
         cq: ptr::null_mut(),
         mr: ptr::null_mut(),
         qp_created: false,
-        mem: sys::Region::new(mem_len)
+        mem: Mapping::host(mem_len)
             .map_err(|e| (RejectStatus::NoResources, format!("{mem_len} bytes of queue memory: {e}")))?,
         depth,
         capsule,

@@ -5,6 +5,8 @@
 use std::io;
 use std::ptr;
 
+use p2pnvmf_p2p::mem::Mapping;
+
 use super::sys::{self, Api};
 
 #[derive(Debug)]
@@ -14,7 +16,7 @@ pub struct SharedRecv {
     pub(super) pd: *mut sys::IbvPd,
     pub(super) srq: *mut sys::IbvSrq,
     mr: *mut sys::IbvMr,
-    mem: sys::Region,
+    mem: Mapping,
     capsule: usize,
     count: usize,
 }
@@ -28,7 +30,7 @@ unsafe impl Sync for SharedRecv {}
 impl SharedRecv {
     /// Creates the SRQ on `verbs` with `count` capsules of `capsule` bytes, all posted.
     pub fn new(api: &'static Api, verbs: *mut sys::IbvContext, count: usize, capsule: usize) -> io::Result<SharedRecv> {
-        let mem = sys::Region::new(count * capsule)?;
+        let mem = Mapping::host(count * capsule)?;
         let mut s = SharedRecv {
             api,
             verbs,

@@ -5,7 +5,6 @@
 
 use std::ffi::{c_int, c_uint, c_void};
 use std::io;
-use std::ptr;
 use std::sync::OnceLock;
 
 use libloading::Library;
@@ -367,66 +366,4 @@ pub fn set_nonblocking(fd: c_int) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-/// Anonymous, page-aligned memory for registration: returned to the system on drop (a heap
-/// allocation of this size may stay in the allocator and look like a leak in RSS).
-#[derive(Debug)]
-pub struct Region {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: plain memory owned by one Region.
-unsafe impl Send for Region {}
-
-impl Region {
-    pub fn new(len: usize) -> io::Result<Region> {
-        // SAFETY: anonymous private mapping; the result is checked.
-        let p = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Region { ptr: p.cast(), len })
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-
-    pub fn slice(&self, off: usize, len: usize) -> &[u8] {
-        assert!(off + len <= self.len, "region slice out of bounds");
-        // SAFETY: in bounds (checked), and the mapping lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
-    }
-
-    pub fn slice_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
-        assert!(off + len <= self.len, "region slice out of bounds");
-        // SAFETY: in bounds (checked), exclusive through &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: our mapping, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
 }
