@@ -136,3 +136,31 @@ fn providers_name_why_they_cannot_be_used() {
     assert_eq!(&back, b"p2p");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_configured_bar_and_the_kernels_p2pmem_are_providers() {
+    let (sysfs, dir) = copy_of("pci-rxe");
+    let nvme = dir.join("sys/bus/pci/devices/0000:01:00.0");
+    // p2pmem as a CONFIG_PCI_P2PDMA kernel shows it.
+    std::fs::create_dir_all(nvme.join("p2pmem")).unwrap();
+    std::fs::write(nvme.join("p2pmem/size"), "67108864\n").unwrap();
+    std::fs::write(nvme.join("p2pmem/available"), "33554432\n").unwrap();
+    std::fs::write(nvme.join("p2pmem/allocate"), vec![0u8; 1 << 20]).unwrap();
+    let t = Topology::read(&sysfs, &[]).unwrap();
+    let specs = [
+        p2pnvmf_p2p::provider::Spec { pci: a("0000:01:00.0"), kind: Kind::Bar, bar: Some(2) },
+        p2pnvmf_p2p::provider::Spec { pci: a("0000:01:00.0"), kind: Kind::P2pmem, bar: None },
+    ];
+    let ps = sysfs.providers(&t.functions, &specs, true).unwrap();
+    let (bar, p2pmem) = (&ps[0], &ps[1]);
+    assert_eq!((bar.kind, bar.bar, bar.size, bar.cmb), (Kind::Bar, Some(2), 64 << 20, None));
+    assert_eq!((bar.cpu_addr, bar.bus_addr), (0x1_0600_0000, 0x1_0600_0000));
+    assert!(bar.check().is_ok(), "{:?}", bar.check());
+    assert_eq!((p2pmem.kind, p2pmem.size), (Kind::P2pmem, 32 << 20), "the available part");
+    assert!(p2pmem.check().is_ok());
+    // The p2pmem of a function without one is refused with the reason.
+    let none = p2pnvmf_p2p::provider::Spec { pci: a("0000:00:02.0"), kind: Kind::P2pmem, bar: None };
+    let e = sysfs.providers(&t.functions, &[none], true).unwrap_err();
+    assert!(e.contains("CONFIG_PCI_P2PDMA"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
