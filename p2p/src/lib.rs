@@ -1,7 +1,8 @@
-//! The peer-to-peer layer (issue 5, in progress): PCIe topology from sysfs, p2p memory
-//! providers (NVMe CMB, BARs), offset-corrected bus addresses, compatibility decisions, buffer
-//! pools and the fallback to host memory. So far: [`pci`], reading PCI functions from an
-//! injectable sysfs root. Every I/O buffer is still host memory.
+//! The peer-to-peer layer: PCI functions ([`pci`]) and RDMA devices ([`rdma`]) from an
+//! injectable sysfs root, p2p memory providers ([`provider`]: NVMe CMB, BARs, p2pmem) mapped
+//! through sysfs or VFIO ([`mem`], [`vfio`]), Linux's path rules with offset-corrected
+//! addresses ([`path`]), chunk pools ([`pool`]) and the target-wide state and report
+//! ([`plan`]). Unsafe code lives in `mem` and `vfio` only.
 #![deny(unsafe_code)]
 
 pub mod mem;
