@@ -180,6 +180,9 @@ fn reload(path: &Path, cfg: &mut Config, live: &mut Live, target: &Target) {
     if new.listeners != cfg.listeners {
         return error!("SIGHUP: reload refused: [[listener]] changed in {}; restart to apply", path.display());
     }
+    if new.p2p != cfg.p2p || new.metrics_listen != cfg.metrics_listen {
+        return error!("SIGHUP: reload refused: [p2p] or [metrics] changed in {}; restart to apply", path.display());
+    }
     if new.subsystems == cfg.subsystems {
         return info!("SIGHUP: {} unchanged", path.display());
     }
