@@ -384,6 +384,19 @@ mod tests {
         assert!(CmbInfo::decode(0, 1 << 12 | 7 << 8).unwrap_err().contains("size unit 7"));
     }
 
+    proptest::proptest! {
+        /// Any register pair decodes or is refused with words, never panics; sizes and
+        /// offsets are whole size units.
+        #[test]
+        fn any_cmb_registers_decode_or_are_refused(cmbloc: u32, cmbsz: u32) {
+            if let Ok(Some(c)) = CmbInfo::decode(cmbloc, cmbsz) {
+                let unit = 4096u64 << (4 * ((cmbsz >> 8) & 0xf));
+                proptest::prop_assert_eq!(c.size, u64::from(cmbsz >> 12) * unit);
+                proptest::prop_assert_eq!(c.offset % unit, 0);
+            }
+        }
+    }
+
     #[test]
     fn cmbmsc_carries_the_bus_address() {
         assert_eq!(cmbmsc(0x8800_0000), 0x8800_0003);
