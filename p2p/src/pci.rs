@@ -25,11 +25,12 @@ impl FromStr for PciAddr {
         let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
         let (dev, func) = rest.split_once('.').ok_or_else(bad)?;
         let hex = |v: &str, max: u32| u32::from_str_radix(v, 16).ok().filter(|n| *n <= max).ok_or_else(bad);
-        if domain.len() != 4 || bus.len() != 2 || dev.len() != 2 || func.len() != 1 {
+        // Domains print as %04x: VMD domains (10000 and up) take five digits.
+        if !(4..=8).contains(&domain.len()) || bus.len() != 2 || dev.len() != 2 || func.len() != 1 {
             return Err(bad());
         }
         Ok(PciAddr {
-            domain: hex(domain, 0xffff)?,
+            domain: hex(domain, u32::MAX)?,
             bus: hex(bus, 0xff)? as u8,
             dev: hex(dev, 0x1f)? as u8,
             func: hex(func, 7)? as u8,
@@ -376,6 +377,8 @@ mod tests {
         let a: PciAddr = "0000:0a:1f.7".parse().unwrap();
         assert_eq!((a.domain, a.bus, a.dev, a.func), (0, 10, 31, 7));
         assert_eq!(a.to_string(), "0000:0a:1f.7");
+        let vmd: PciAddr = "10000:e1:00.0".parse().unwrap();
+        assert_eq!((vmd.domain, vmd.to_string().as_str()), (0x10000, "10000:e1:00.0"));
         for bad in ["0000:0a:20.0", "0:0a:00.0", "0000:0a:00.8", "0000-0a:00.0", "pci0000:00"] {
             assert!(bad.parse::<PciAddr>().is_err(), "{bad}");
         }
