@@ -81,8 +81,14 @@ pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> V
                 pools.push((ns.nsid, pool));
             }
             Err(reason) => {
-                warn!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci,
-                      "controller falls back to host memory: {reason}");
+                // Expected for NVMe/TCP with `auto`; worth a warning where a NIC was meant to use it.
+                if *mover == Mover::Cpu {
+                    info!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci,
+                          "controller falls back to host memory: {reason}");
+                } else {
+                    warn!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci,
+                          "controller falls back to host memory: {reason}");
+                }
                 count_fallback("controller");
             }
         }
