@@ -39,6 +39,39 @@ pub fn count_fallback(level: &'static str) {
     metrics::counter!("p2pnvmf_p2p_fallbacks_total", "level" => level).increment(1);
 }
 
+/// The controller-level decision for provider `provider`: its pool for `mover`, with how it is
+/// used, or the reason it falls back to host memory.
+fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<(Arc<ChunkPool>, &'static str), String> {
+    let pci = p2p.providers[provider].pci;
+    match mover {
+        Mover::Cpu if required => p2p
+            .pool(provider)
+            .map(|pool| (pool, "NVMe/TCP: the CPU copies between the socket and the provider's memory")),
+        Mover::Cpu => {
+            Err("NVMe/TCP moves data with the CPU; p2p memory pays off only for an RDMA NIC that reaches it \
+                           (buffers = \"p2p\" forces it)"
+                .into())
+        }
+        Mover::Rdma(dev) => {
+            let client = p2p.topology.rdma_client(dev).unwrap_or_else(|| Client::Software {
+                name: dev.clone(),
+                reason: format!("RDMA device {dev} is not in /sys/class/infiniband"),
+            });
+            match p2p.for_client(provider, &client) {
+                (d, _) if d.path == Path::None => Err(d.reason),
+                // Registering BAR memory with a NIC needs a dma-buf MR over a VFIO dma-buf
+                // export, which Debian's 6.12 kernel lacks: say so instead of pretending.
+                (d, _) => Err(format!(
+                    "{client} reaches {pci} by {} (distance {}), but the RDMA transport cannot register device \
+                     memory yet (needs a dma-buf MR)",
+                    d.path.as_str(),
+                    d.distance.unwrap_or(0)
+                )),
+            }
+        }
+    }
+}
+
 /// The controller-level decision for each p2p namespace: the pool its queues use, or host
 /// memory with the reason logged once and counted.
 pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> Vec<(u32, Arc<ChunkPool>)> {
@@ -47,35 +80,7 @@ pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> V
     for ns in &subsys.namespaces {
         let NsBuffers::P2p { provider, required } = ns.buffers else { continue };
         let pci = p2p.providers[provider].pci;
-        let outcome: Result<(Arc<ChunkPool>, &str), String> = match mover {
-            Mover::Cpu if required => p2p
-                .pool(provider)
-                .map(|pool| (pool, "NVMe/TCP: the CPU copies between the socket and the provider's memory")),
-            Mover::Cpu => {
-                Err("NVMe/TCP moves data with the CPU; p2p memory pays off only for an RDMA NIC that reaches \
-                               it (buffers = \"p2p\" forces it)"
-                    .into())
-            }
-            Mover::Rdma(dev) => {
-                let client = p2p.topology.rdma_client(dev).unwrap_or_else(|| Client::Software {
-                    name: dev.clone(),
-                    reason: format!("RDMA device {dev} is not in /sys/class/infiniband"),
-                });
-                match p2p.for_client(provider, &client) {
-                    (d, _) if d.path == Path::None => Err(d.reason),
-                    // Registering BAR memory with a NIC needs a dma-buf MR (VFIO dma-buf
-                    // export); until the RDMA transport does that, say so instead of
-                    // pretending.
-                    (d, _) => Err(format!(
-                        "{client} reaches {pci} by {} (distance {}), but the RDMA transport cannot register device \
-                         memory yet",
-                        d.path.as_str(),
-                        d.distance.unwrap_or(0)
-                    )),
-                }
-            }
-        };
-        match outcome {
+        match decide(p2p, provider, required, mover) {
             Ok((pool, how)) => {
                 info!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci, "p2p buffers: {how}");
                 pools.push((ns.nsid, pool));
@@ -162,5 +167,63 @@ impl QueueBuffers {
 
     pub fn put(&mut self, b: P2pBuf) {
         self.slabs[b.slab].1.put(b.chunk);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    use p2pnvmf_p2p::pci::Sysfs;
+
+    use super::*;
+    use crate::ns::tests::Null;
+    use crate::{IoStats, Namespace, Port, Subsystem, TrType, TransportParams};
+
+    /// The target's p2p state over a private copy of `tests/fixtures/pci-switch-cmb` (NVMe CMB
+    /// and mlx5_0 below one switch), the CMB BAR backed by a sparse file.
+    fn p2p() -> (P2p, PathBuf) {
+        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pci-switch-cmb");
+        let dir = std::env::temp_dir().join(format!("p2pnvmf-buffers-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(Command::new("cp").arg("-a").arg(&src).arg(&dir).status().unwrap().success());
+        let bar = std::fs::File::options().write(true).open(dir.join("sys/bus/pci/devices/0000:03:00.0/resource2"));
+        bar.unwrap().set_len(64 << 20).unwrap();
+        (P2p::discover(&Sysfs::new(&dir), &[], &[], true).unwrap(), dir)
+    }
+
+    fn controller(required: bool) -> Controller {
+        let mut ns = Namespace::new("nqn.x", 1, Arc::new(Null));
+        ns.buffers = NsBuffers::P2p { provider: 0, required };
+        let subsys = Subsystem {
+            nqn: "nqn.x".into(),
+            serial: "S".into(),
+            model: "M".into(),
+            allow_any_host: true,
+            hosts: Vec::new(),
+            ports: None,
+            namespaces: vec![ns],
+            stats: IoStats::default(),
+        };
+        let params = TransportParams { ioccsz: 4, max_xfer: 1 << 17, msdbd: 1, keyed_sgls: true };
+        let port = Port { id: 1, trtype: TrType::Rdma, traddr: "10.0.0.1".into(), trsvcid: "4420".into(), params };
+        Controller::new(1, Some(Arc::new(subsys)), "nqn.host".into(), [0; 16], port, 0)
+    }
+
+    #[test]
+    fn each_mover_gets_the_pool_or_host_memory_with_a_reason() {
+        let (p2p, dir) = p2p();
+        assert_eq!(p2p.for_namespace(), Ok(0));
+        // NVMe/TCP with buffers = "p2p": the CPU copies through the provider's mapping.
+        assert!(decide(&p2p, 0, true, &Mover::Cpu).is_ok());
+        assert_eq!(controller_pools(&p2p, &controller(true), &Mover::Cpu).len(), 1);
+        let reason = |required, mover: Mover| decide(&p2p, 0, required, &mover).unwrap_err();
+        assert!(reason(false, Mover::Cpu).contains("NVMe/TCP moves data with the CPU"));
+        let nic = reason(true, Mover::Rdma("mlx5_0".into()));
+        assert!(nic.contains("mlx5_0 (0000:04:00.0) reaches 0000:03:00.0 by bus-address (distance 4)"), "{nic}");
+        assert!(reason(true, Mover::Rdma("rxe9".into())).contains("rxe9 is not in /sys/class/infiniband"));
+        assert!(controller_pools(&p2p, &controller(false), &Mover::Rdma("mlx5_0".into())).is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

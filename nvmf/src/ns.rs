@@ -82,11 +82,12 @@ pub fn io_error_status(e: &io::Error) -> crate::Status {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
+    /// A backend that stores nothing, for tests that need a namespace.
     #[derive(Debug)]
-    struct Null;
+    pub(crate) struct Null;
     impl Backend for Null {
         fn size_bytes(&self) -> u64 {
             1 << 20
