@@ -1,5 +1,5 @@
-//! The p2p layer in the VM: a PCIe switch holding the CMB NVMe and the NIC, another NVMe on a
-//! different root port.
+//! The p2p layer in the VM: a PCIe switch holding the CMB NVMe, the NIC and a memory BAR
+//! (ivshmem), another NVMe on a different root port.
 
 use p2pnvmf_vmrig::{Nvme, Scenario, Topology};
 
@@ -8,9 +8,10 @@ use p2pnvmf_vmrig::{Nvme, Scenario, Topology};
 fn vm_p2p_topology_cmb_and_fallbacks() {
     let topo = Topology::new()
         .root_port("rp1")
-        .switch("up1", "rp1", &["dn1", "dn2"])
+        .switch("up1", "rp1", &["dn1", "dn2", "dn3"])
         .nvme("cmb", "dn1", Nvme { serial: "CMB1".into(), size_mib: 64, cmb_mib: Some(64) })
         .nic("dn2")
+        .ivshmem("shm", "dn3", 32)
         .root_port("rp2")
         .nvme("plain", "rp2", Nvme { serial: "PLAIN1".into(), size_mib: 64, cmb_mib: None });
     Scenario::new("p2p", topo, "p2p.sh")

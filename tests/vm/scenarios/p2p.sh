@@ -105,6 +105,35 @@ verify_rw "$dev" 16
 nvme_disconnect_nqn "$NQN"
 stop_target
 
+step "a memory BAR named in the config: ivshmem BAR2 on the same switch as the CMB NVMe"
+shm=
+for d in /sys/bus/pci/devices/*; do
+    [[ $(cat "$d/vendor") == 0x1af4 && $(cat "$d/device") == 0x1110 ]] && shm=${d##*/}
+done
+[[ -n $shm ]] || die "no ivshmem function"
+printf '[[p2p.provider]]\npci = "%s"\nkind = "bar"\nbar = 2\n[[p2p.provider]]\npci = "%s"\nkind = "nvme-cmb"\n' \
+    "$shm" "$cmb" >> /tmp/scn/target.toml
+"$P2PNVMF_BIN" topology --config /tmp/scn/target.toml --json > /tmp/scn/bar.json || die "topology with a BAR provider"
+python3 -c "
+import json
+t = json.load(open('/tmp/scn/bar.json'))
+p = t['providers'][0]
+assert (p['pci'], p['kind'], p['bar'], p['size'], p['usable']) == ('$shm', 'bar', 2, 32 << 20, True), p
+assert p['bus_addr'] == hex($(bar_bus "$shm" 2)) and p['cpu_addr'] == hex($(bar_start "$shm" 2)), p
+d = {(x['provider'], x['client']): x for x in t['decisions']}
+x = d[('$shm', '$cmb')]
+assert (x['path'], x['distance']) == ('bus-address', 4), x
+assert d[('$shm', '$plain')]['path'] == 'none', d[('$shm', '$plain')]
+" || die "the BAR provider or its decisions are wrong"
+seen=$(wc -l < "$TARGET_LOG")
+start_target /tmp/scn/target.toml 4421
+tail -n +$((seen + 1)) "$TARGET_LOG" | grep -q "p2p buffers available .*provider=$shm kind=\"bar\"" \
+    || die "the namespace did not take the BAR provider"
+dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 2)
+fio_verify "$dev" 128k 2 32
+nvme_disconnect_nqn "$NQN"
+stop_target
+
 step "buffers = p2p with no usable provider refuses to start"
 sed -i 's/^backend = "ram"$/backend = "file"\npath = "\/tmp\/ns.img"/' /tmp/scn/target.toml
 if "$P2PNVMF_BIN" serve --config /tmp/scn/target.toml > /tmp/scn/refused.log 2>&1; then

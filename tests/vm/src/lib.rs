@@ -59,6 +59,7 @@ enum Device {
     SwitchDownstream { id: String, bus: Bus, chassis: u32 },
     Nvme { id: String, bus: Bus, nvme: Nvme },
     Nic { bus: Bus },
+    Ivshmem { id: String, bus: Bus, size_mib: u32 },
 }
 
 /// The guest's PCIe layout, as data. Device ids name ports for later devices' `on`.
@@ -111,6 +112,13 @@ impl Topology {
         self
     }
 
+    /// An ivshmem-plain device: `size_mib` of RAM behind a 64-bit prefetchable BAR2, the
+    /// guest's stand-in for a peer device's memory BAR.
+    pub fn ivshmem(mut self, id: &str, on: &str, size_mib: u32) -> Self {
+        self.devices.push(Device::Ivshmem { id: id.into(), bus: on.into(), size_mib });
+        self
+    }
+
     /// A guest IOMMU (intel-iommu with interrupt remapping), for VFIO.
     pub fn iommu(mut self) -> Self {
         self.iommu = true;
@@ -155,6 +163,10 @@ impl Topology {
                         let _ = write!(d, ",cmb_size_mb={cmb}");
                     }
                     push("-device", d);
+                }
+                Device::Ivshmem { id, bus, size_mib } => {
+                    push("-object", format!("memory-backend-ram,id=mem-{id},size={size_mib}M"));
+                    push("-device", format!("ivshmem-plain,id={id},memdev=mem-{id},bus={}", bus.qemu_name()));
                 }
                 Device::Nic { bus } => {
                     push("-netdev", format!("user,id=net{nics},restrict=on"));
@@ -495,9 +507,10 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let t = Topology::new()
             .root_port("rp1")
-            .switch("up1", "rp1", &["dn1", "dn2"])
+            .switch("up1", "rp1", &["dn1", "dn2", "dn3"])
             .nvme("cmb", "dn1", Nvme { serial: "CMB1".into(), size_mib: 1, cmb_mib: Some(64) })
             .nic("dn2")
+            .ivshmem("shm", "dn3", 32)
             .root_port("rp2")
             .nvme("other", "rp2", Nvme { serial: "N2".into(), size_mib: 1, cmb_mib: None })
             .iommu();
@@ -508,10 +521,12 @@ mod tests {
         assert_eq!(devices[2], "x3130-upstream,id=up1,bus=rp1");
         assert_eq!(devices[3], "xio3130-downstream,id=dn1,bus=up1,chassis=2,slot=2");
         assert_eq!(devices[4], "xio3130-downstream,id=dn2,bus=up1,chassis=3,slot=3");
-        assert!(devices[5].starts_with("nvme,id=cmb,bus=dn1,serial=CMB1,drive=drv-cmb"));
-        assert!(devices[5].ends_with(",cmb_size_mb=64"));
-        assert_eq!(devices[6], "virtio-net-pci,netdev=net0,bus=dn2");
-        assert_eq!(devices[8], "nvme,id=other,bus=rp2,serial=N2,drive=drv-other");
+        assert!(devices[6].starts_with("nvme,id=cmb,bus=dn1,serial=CMB1,drive=drv-cmb"));
+        assert!(devices[6].ends_with(",cmb_size_mb=64"));
+        assert_eq!(devices[7], "virtio-net-pci,netdev=net0,bus=dn2");
+        assert_eq!(devices[8], "ivshmem-plain,id=shm,memdev=mem-shm,bus=dn3");
+        assert!(args.windows(2).any(|w| w == ["-object", "memory-backend-ram,id=mem-shm,size=32M"]));
+        assert_eq!(devices[10], "nvme,id=other,bus=rp2,serial=N2,drive=drv-other");
         assert_eq!(t.kernel_args(), "intel_iommu=on");
         assert_eq!(std::fs::metadata(dir.join("cmb.img")).unwrap().len(), 1 << 20);
     }
