@@ -19,7 +19,6 @@ pub struct Mapping {
     map_len: usize,
     delta: usize,
     len: usize,
-    huge: bool,
 }
 
 // SAFETY: a Mapping owns its pages; concurrent users get disjoint chunks (pool) or use volatile
@@ -45,7 +44,7 @@ impl Mapping {
         let p = unsafe {
             libc::mmap(ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, off)
         };
-        Self::checked(p, map_len, delta, len, false)
+        Self::checked(p, map_len, delta, len)
     }
 
     /// Anonymous host memory of at least `len` bytes: 2 MiB huge pages when the system has them
@@ -57,23 +56,23 @@ impl Mapping {
         // SAFETY: anonymous mapping; the result is checked.
         let p = unsafe { libc::mmap(ptr::null_mut(), huge_len, prot, flags | libc::MAP_HUGETLB, -1, 0) };
         if p != libc::MAP_FAILED {
-            return Self::checked(p, huge_len, 0, len, true);
+            return Self::checked(p, huge_len, 0, len);
         }
         let map_len = len.next_multiple_of(PAGE as usize).max(PAGE as usize);
         // SAFETY: as above.
         let p = unsafe { libc::mmap(ptr::null_mut(), map_len, prot, flags, -1, 0) };
-        let m = Self::checked(p, map_len, 0, len, false)?;
+        let m = Self::checked(p, map_len, 0, len)?;
         // SAFETY: advice on our own mapping; failure only means no THP.
         unsafe { libc::madvise(m.base.as_ptr().cast(), map_len, libc::MADV_HUGEPAGE) };
         Ok(m)
     }
 
-    fn checked(p: *mut libc::c_void, map_len: usize, delta: usize, len: usize, huge: bool) -> io::Result<Mapping> {
+    fn checked(p: *mut libc::c_void, map_len: usize, delta: usize, len: usize) -> io::Result<Mapping> {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Mapping { base, map_len, delta, len, huge })
+        Ok(Mapping { base, map_len, delta, len })
     }
 
     pub fn len(&self) -> usize {
@@ -82,11 +81,6 @@ impl Mapping {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// Backed by huge pages.
-    pub fn is_huge(&self) -> bool {
-        self.huge
     }
 
     pub fn as_ptr(&self) -> *mut u8 {

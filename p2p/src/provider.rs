@@ -200,17 +200,11 @@ impl Provider {
     }
 }
 
-/// Why a function's BARs cannot be mapped by us, if they cannot: a kernel driver that claimed
-/// them makes sysfs `resourceN` refuse mmap (and using them behind it would be wrong anyway).
-fn owner_problem(f: &Function) -> Option<String> {
-    match f.driver.as_deref() {
-        None | Some("vfio-pci") => None,
-        Some(d) => Some(format!(
-            "{} is bound to the kernel driver {d}, which owns its BARs; unbind it (echo {} > /sys/bus/pci/drivers/{d}/\
-             unbind) to use its memory",
-            f.addr, f.addr
-        )),
-    }
+/// The kernel driver that owns a function's BARs, if any: one that claimed them makes sysfs
+/// `resourceN` refuse mmap (and using them behind it would be wrong anyway). Unbound and
+/// vfio-pci functions are ours.
+fn kernel_owner(f: &Function) -> Option<&str> {
+    f.driver.as_deref().filter(|d| *d != "vfio-pci")
 }
 
 /// Turns on memory decoding of an unbound function (sysfs `enable`, which is what a driver's
@@ -226,9 +220,16 @@ fn enable_memory(dir: &std::path::Path) -> Result<(), String> {
 
 impl Sysfs {
     /// Where `f`'s BARs map from: VFIO when vfio-pci owns it, else sysfs (memory decoding
-    /// turned on first when `enable`).
+    /// turned on first when `enable`); `Err` says why they cannot be mapped.
     fn bar_source(&self, f: &Function, enable: bool) -> Result<Source, String> {
-        if f.driver.as_deref() == Some("vfio-pci") {
+        if let Some(d) = kernel_owner(f) {
+            return Err(format!(
+                "{} is bound to the kernel driver {d}, which owns its BARs; unbind it (echo {} > \
+                 /sys/bus/pci/drivers/{d}/unbind) to use its memory",
+                f.addr, f.addr
+            ));
+        }
+        if f.driver.is_some() {
             return Ok(Source::Vfio(Arc::new(VfioDevice::open(f)?), 0, 0));
         }
         let dir = self.function_dir(f.addr);
@@ -241,12 +242,6 @@ impl Sysfs {
     /// An NVMe controller's CMB. With `program`, sets CMBMSC (CRE to read CMBLOC/CMBSZ, then
     /// CMSE and CBA = the CMB's *bus* address, high dword first) and checks CMBSTS.CBAI.
     pub fn nvme_cmb(&self, f: &Function, program: bool) -> Result<Option<Provider>, String> {
-        if let Some(why) = owner_problem(f) {
-            let mut p = Provider::new(f, Kind::NvmeCmb, None);
-            p.unusable = Some(why);
-            return Ok(Some(p));
-        }
-        let bar0 = f.bar(0).ok_or_else(|| format!("{}: NVMe without BAR0", f.addr))?;
         let src = match self.bar_source(f, program) {
             Ok(s) => s,
             Err(why) => {
@@ -255,6 +250,7 @@ impl Sysfs {
                 return Ok(Some(p));
             }
         };
+        let bar0 = f.bar(0).ok_or_else(|| format!("{}: NVMe without BAR0", f.addr))?;
         let regs = src.map(bar0.size.min(4096) as usize).map_err(|e| format!("{}: BAR0 registers: {e}", f.addr))?;
         let cap = regs.read64(reg::CAP);
         let version = regs.read32(reg::VS);
@@ -313,12 +309,9 @@ impl Sysfs {
             return Err(format!("{}: BAR{index} is an I/O BAR, not memory", f.addr));
         }
         let mut p = Provider::new(f, Kind::Bar, Some(bar));
-        p.unusable = owner_problem(f);
-        if p.unusable.is_none() {
-            match self.bar_source(f, true) {
-                Ok(src) => p.map_from = Some(src.at(index, 0)),
-                Err(why) => p.unusable = Some(why),
-            }
+        match self.bar_source(f, true) {
+            Ok(src) => p.map_from = Some(src.at(index, 0)),
+            Err(why) => p.unusable = Some(why),
         }
         Ok(p)
     }
@@ -341,7 +334,7 @@ impl Sysfs {
         if specs.is_empty() {
             for f in functions {
                 // A kernel nvme driver owns its controller; unbound and vfio-pci ones are ours.
-                if f.is_nvme() && f.driver.as_deref().is_none_or(|d| d == "vfio-pci") {
+                if f.is_nvme() && kernel_owner(f).is_none() {
                     out.extend(self.nvme_cmb(f, program)?);
                 }
                 out.extend(self.p2pmem(f));

@@ -51,11 +51,6 @@ impl Sysfs {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
-
-    /// The RDMA device by name.
-    pub fn rdma_device(&self, name: &str) -> Result<Option<RdmaDevice>, Error> {
-        Ok(self.rdma_devices()?.into_iter().find(|d| d.name == name))
-    }
 }
 
 fn pci_of(link: &Path) -> Option<PciAddr> {

@@ -1,7 +1,7 @@
 //! p2p decisions and providers on the fixture trees of `tests/fixtures` (see
 //! `make-pci-fixtures.py` for each layout).
 
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 
 use p2pnvmf_p2p::path::{Client, Path, Topology, address};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
@@ -15,24 +15,8 @@ fn fixture(name: &str) -> PathBuf {
 fn copy_of(name: &str) -> (Sysfs, PathBuf) {
     let dst = std::env::temp_dir().join(format!("p2pnvmf-fixture-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dst);
-    copy_tree(&fixture(name), &dst);
+    assert!(std::process::Command::new("cp").arg("-a").arg(fixture(name)).arg(&dst).status().unwrap().success());
     (Sysfs::new(&dst), dst)
-}
-
-fn copy_tree(src: &FsPath, dst: &FsPath) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let (s, d) = (e.path(), dst.join(e.file_name()));
-        let t = e.file_type().unwrap();
-        if t.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&s).unwrap(), &d).unwrap();
-        } else if t.is_dir() {
-            copy_tree(&s, &d);
-        } else {
-            std::fs::copy(&s, &d).unwrap();
-        }
-    }
 }
 
 fn a(s: &str) -> PciAddr {
