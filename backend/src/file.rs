@@ -1,18 +1,25 @@
-//! A namespace on a regular file or a block device. I/O goes through io_uring when the kernel
-//! allows it, else positional reads and writes; an O_DIRECT descriptor serves every request
-//! whose buffer, offset and length are aligned, the page-cache descriptor the rest. Flush is
-//! fdatasync, and the namespace reports a volatile write cache.
+//! A namespace on a regular file or a block device. Each I/O queue has its own io_uring with
+//! every command of the queue in flight at once (positional reads and writes, inline, only
+//! when io_uring is unavailable); an O_DIRECT descriptor serves every request whose buffer,
+//! offset and length are aligned, the page-cache descriptor the rest. Flush is fdatasync;
+//! Write Zeroes and Deallocate are io_uring fallocate calls (zero range, punch hole), with
+//! zeroing writes only where neither is supported. The namespace reports a volatile write
+//! cache.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 
-use p2pnvmf_nvmf::Backend;
+use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
+use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::{info, warn};
 
-use crate::uring;
+use crate::uring::{self, Desc, Kind, Lends, Ring, ZEROES, ZEROES_LEN};
 
 /// Memory alignment for O_DIRECT buffers (a page covers every logical block size in use).
 pub const DIRECT_MEM_ALIGN: usize = 4096;
@@ -33,6 +40,9 @@ pub struct FileBackend {
     direct: Option<File>,
     size: u64,
     engine: Engine,
+    /// Zeroing methods this file or device refused (learnt once, then skipped).
+    no_punch_hole: AtomicBool,
+    no_zero_range: AtomicBool,
 }
 
 impl FileBackend {
@@ -73,7 +83,15 @@ impl FileBackend {
                 None
             }
         };
-        Ok(FileBackend { path: path.to_path_buf(), file, direct, size, engine })
+        Ok(FileBackend {
+            path: path.to_path_buf(),
+            file,
+            direct,
+            size,
+            engine,
+            no_punch_hole: AtomicBool::new(false),
+            no_zero_range: AtomicBool::new(false),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -101,12 +119,141 @@ impl FileBackend {
             _ => &self.file,
         }
     }
+}
 
-    fn write_from(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        let f = self.fd_for(buf.as_ptr() as usize, offset, buf.len());
-        match self.engine {
-            Engine::IoUring => uring::write_at(f.as_raw_fd(), buf, offset),
-            Engine::Sync => f.write_all_at(buf, offset),
+/// How a range is zeroed: tried in order until the file or device accepts one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Zeroing {
+    /// `FALLOC_FL_PUNCH_HOLE`: deallocates; reads return zeroes (on a block device, the
+    /// kernel's zero-out with unmap, as BLKDISCARD would but with zeroes guaranteed).
+    PunchHole,
+    /// `FALLOC_FL_ZERO_RANGE`: zeroes in place (on a block device, BLKZEROOUT's path).
+    ZeroRange,
+    /// Writes of a page of zeroes: always works.
+    Write,
+}
+
+const DEALLOCATE: [Zeroing; 3] = [Zeroing::PunchHole, Zeroing::ZeroRange, Zeroing::Write];
+const WRITE_ZEROES: [Zeroing; 3] = [Zeroing::ZeroRange, Zeroing::PunchHole, Zeroing::Write];
+
+impl Zeroing {
+    fn fallocate_mode(self) -> Option<i32> {
+        match self {
+            Zeroing::PunchHole => Some(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE),
+            Zeroing::ZeroRange => Some(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE),
+            Zeroing::Write => None,
+        }
+    }
+}
+
+impl FileBackend {
+    /// The zeroing methods for `op` in order, starting with the first not known to fail here.
+    fn zeroing(&self, op: &Op) -> Option<(&'static [Zeroing; 3], usize)> {
+        let order = match op {
+            Op::WriteZeroes { .. } => &WRITE_ZEROES,
+            Op::Deallocate { .. } => &DEALLOCATE,
+            _ => return None,
+        };
+        let first = order.iter().position(|z| !self.refuses(*z)).unwrap_or(2);
+        Some((order, first))
+    }
+
+    fn refuses(&self, z: Zeroing) -> bool {
+        match z {
+            Zeroing::PunchHole => self.no_punch_hole.load(Ordering::Relaxed),
+            Zeroing::ZeroRange => self.no_zero_range.load(Ordering::Relaxed),
+            Zeroing::Write => false,
+        }
+    }
+
+    fn learn_refusal(&self, z: Zeroing) {
+        let flag = match z {
+            Zeroing::PunchHole => &self.no_punch_hole,
+            Zeroing::ZeroRange => &self.no_zero_range,
+            Zeroing::Write => return,
+        };
+        if !flag.swap(true, Ordering::Relaxed) {
+            info!(path = %self.path.display(), method = ?z, "zeroing method not supported here; using the next one");
+        }
+    }
+
+    /// The next step of `p`: the part of a read or write not done yet, a flush, or the
+    /// current zeroing method for the rest of its range.
+    fn step(&self, p: &Pending) -> Desc {
+        let buf_ptr = p.req.buf.as_ref().map_or(0, |b| b.as_ptr() as usize);
+        let rest = |offset: u64, len: u64| (offset + p.done, len - p.done);
+        match p.req.op {
+            Op::Read { offset, len } | Op::Write { offset, len } => {
+                let (offset, left) = rest(offset, len as u64);
+                let fd = self.fd_for(buf_ptr + p.done as usize, offset, left as usize).as_raw_fd();
+                let at = p.done as usize;
+                let kind = if matches!(p.req.op, Op::Read { .. }) { Kind::Read { at } } else { Kind::Write { at } };
+                Desc { fd, kind, offset, len: left }
+            }
+            Op::Flush => Desc { fd: self.file.as_raw_fd(), kind: Kind::Fdatasync, offset: 0, len: 0 },
+            Op::WriteZeroes { offset, len } | Op::Deallocate { offset, len } => {
+                let (offset, left) = rest(offset, len);
+                let fd = self.file.as_raw_fd();
+                match p.zeroing.and_then(|(order, i)| order[i].fallocate_mode()) {
+                    Some(mode) => Desc { fd, kind: Kind::Fallocate { mode }, offset, len: left },
+                    None => Desc { fd, kind: Kind::WriteZeroes, offset, len: left.min(ZEROES_LEN as u64) },
+                }
+            }
+        }
+    }
+
+    /// What a completion of `p`'s current step means: done (with the result) or a next step.
+    fn advance(&self, p: &mut Pending, desc: &Desc, res: i32) -> Option<io::Result<()>> {
+        if res < 0 {
+            let e = io::Error::from_raw_os_error(-res);
+            if let (Kind::Fallocate { .. }, Some((order, i))) = (desc.kind, p.zeroing)
+                && matches!(-res, libc::EOPNOTSUPP | libc::ENODEV)
+            {
+                self.learn_refusal(order[i]);
+                p.zeroing = Some((order, i + 1));
+                return None;
+            }
+            return Some(Err(e));
+        }
+        let total = match p.req.op {
+            Op::Read { len, .. } | Op::Write { len, .. } => len as u64,
+            Op::WriteZeroes { len, .. } | Op::Deallocate { len, .. } if desc.kind == Kind::WriteZeroes => len,
+            _ => return Some(Ok(())),
+        };
+        if res == 0 {
+            // Past the end of the file (a file shrunk under us) or a device refusing writes.
+            let kind = if matches!(desc.kind, Kind::Read { .. }) {
+                io::ErrorKind::UnexpectedEof
+            } else {
+                io::ErrorKind::WriteZero
+            };
+            return Some(Err(kind.into()));
+        }
+        p.done += res as u64;
+        (p.done >= total).then_some(Ok(()))
+    }
+
+    /// Runs `req` here and now with positional I/O (when io_uring is unavailable).
+    fn run_sync(&self, req: &mut IoRequest) -> io::Result<()> {
+        let ptr = req.buf.as_ref().map_or(0, |b| b.as_ptr() as usize);
+        match (req.op, req.buf.as_mut()) {
+            (Op::Read { offset, len }, Some(b)) => {
+                self.fd_for(ptr, offset, len).read_exact_at(&mut b.bytes_mut()[..len], offset)
+            }
+            (Op::Write { offset, len }, Some(b)) => {
+                self.fd_for(ptr, offset, len).write_all_at(&b.bytes()[..len], offset)
+            }
+            (Op::Read { .. } | Op::Write { .. }, None) => Err(io::Error::other("no buffer for a read or write")),
+            (Op::Flush, _) => self.file.sync_data(),
+            (Op::WriteZeroes { offset, len } | Op::Deallocate { offset, len }, _) => {
+                let mut done = 0;
+                while done < len {
+                    let n = (len - done).min(ZEROES_LEN as u64) as usize;
+                    self.file.write_all_at(&ZEROES[..n], offset + done)?;
+                    done += n as u64;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -116,42 +263,93 @@ impl Backend for FileBackend {
         self.size
     }
 
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let f = self.fd_for(buf.as_ptr() as usize, offset, buf.len());
-        match self.engine {
-            Engine::IoUring => uring::read_at(f.as_raw_fd(), buf, offset),
-            Engine::Sync => f.read_exact_at(buf, offset),
-        }
-    }
-
-    fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.write_from(offset, buf)
+    fn volatile_write_cache(&self) -> bool {
+        true
     }
 
     fn flush(&self) -> io::Result<()> {
-        match self.engine {
-            Engine::IoUring => uring::fdatasync(self.file.as_raw_fd()),
-            Engine::Sync => self.file.sync_data(),
+        self.file.sync_data()
+    }
+
+    fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
+        let ring = match self.engine {
+            Engine::IoUring => Some(Ring::new(2 * depth as u32)?),
+            Engine::Sync => None,
+        };
+        Ok(Box::new(FileQueue { file: self, ring }))
+    }
+}
+
+/// An operation in flight: the request (with its window) and how far it got.
+#[derive(Debug)]
+struct Pending {
+    req: IoRequest,
+    /// Bytes done (reads, writes, zeroing writes).
+    done: u64,
+    /// Zeroing methods to try, and which one is current.
+    zeroing: Option<(&'static [Zeroing; 3], usize)>,
+}
+
+impl Lends for Pending {
+    fn window(&self) -> Option<&Window> {
+        self.req.buf.as_ref()
+    }
+}
+
+/// One queue's side of a file backend: its own io_uring (none when io_uring is unavailable:
+/// then every operation runs inline).
+#[derive(Debug)]
+pub struct FileQueue {
+    file: Arc<FileBackend>,
+    ring: Option<Ring<Pending>>,
+}
+
+impl FileQueue {
+    /// Starts `p`'s next step; a refusal at submission finishes it with the error.
+    fn start(file: &FileBackend, ring: &mut Ring<Pending>, p: Pending) -> Option<IoDone> {
+        let desc = file.step(&p);
+        ring.start(p, desc).err().map(|(p, e)| p.req.done(Err(e)))
+    }
+}
+
+impl BackendQueue for FileQueue {
+    fn submit(&mut self, mut req: IoRequest) -> Option<IoDone> {
+        let Some(ring) = &mut self.ring else {
+            let r = self.file.run_sync(&mut req);
+            return Some(req.done(r));
+        };
+        let zeroing = self.file.zeroing(&req.op);
+        Self::start(&self.file, ring, Pending { req, done: 0, zeroing })
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
+        let (Some(ring), file) = (&mut self.ring, &self.file) else { return };
+        ring.reap(|ring, mut p, desc, res| match file.advance(&mut p, &desc, res) {
+            Some(r) => done(p.req.done(r)),
+            None => {
+                if let Some(d) = Self::start(file, ring, p) {
+                    done(d);
+                }
+            }
+        });
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match &mut self.ring {
+            Some(r) => r.poll_ready(cx),
+            None => Poll::Pending,
         }
     }
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        static ZEROES: [u8; 64 << 10] = [0; 64 << 10];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(ZEROES.len() as u64) as usize;
-            self.write_from(offset + done, &ZEROES[..n])?;
-            done += n as u64;
+    fn in_flight(&self) -> usize {
+        self.ring.as_ref().map_or(0, Ring::in_flight)
+    }
+
+    fn register(&mut self, area: &MappingPin) {
+        if let Some(ring) = &mut self.ring {
+            let ok = ring.register(area);
+            tracing::debug!(registered = ok, "data area as io_uring fixed buffers");
         }
-        Ok(())
-    }
-
-    fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_zeroes(offset, len)
-    }
-
-    fn volatile_write_cache(&self) -> bool {
-        true
     }
 }
 
@@ -159,40 +357,61 @@ impl Backend for FileBackend {
 mod tests {
     use super::*;
 
-    /// A page-aligned window of `len` bytes inside a Vec.
-    fn aligned(v: &mut Vec<u8>, len: usize) -> &mut [u8] {
-        v.resize(len + DIRECT_MEM_ALIGN, 0);
-        let off = v.as_ptr().align_offset(DIRECT_MEM_ALIGN);
-        &mut v[off..off + len]
+    fn temp(name: &str, dir: &Path) -> PathBuf {
+        let path = dir.join(format!("p2pnvmf-file-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    /// Submits and waits for the completion (reaping, as a queue's task would when woken).
+    fn run(q: &mut dyn BackendQueue, tag: u16, op: Op, buf: Option<Window>) -> IoDone {
+        if let Some(d) = q.submit(IoRequest { tag, op, buf }) {
+            return d;
+        }
+        let start = std::time::Instant::now();
+        loop {
+            let mut got = None;
+            q.reap(&mut |d| got = Some(d));
+            if let Some(d) = got {
+                assert_eq!(d.tag, tag);
+                return d;
+            }
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "no completion");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn filled(len: usize, byte: u8) -> Window {
+        let mut w = Window::host(len).unwrap();
+        w.bytes_mut().fill(byte);
+        w
     }
 
     fn roundtrip(engine: Engine) {
-        let path = std::env::temp_dir().join(format!("p2pnvmf-file-{engine:?}-{}", std::process::id()));
-        let _ = std::fs::remove_file(&path);
+        let path = temp(&format!("{engine:?}"), &std::env::temp_dir());
         {
-            let f = FileBackend::open_with(&path, Some(1 << 20), engine).unwrap();
-            let mut v = Vec::new();
-            let buf = aligned(&mut v, 8192);
-            buf.fill(0xab);
-            // Aligned (O_DIRECT where the filesystem allows) and unaligned (page cache) writes.
-            f.write(4096, buf).unwrap();
-            f.write(100_000, &[0xcd; 300]).unwrap();
-            f.flush().unwrap();
+            let f = Arc::new(FileBackend::open_with(&path, Some(1 << 20), engine).unwrap());
+            let mut q = f.clone().open_queue(32).unwrap();
+            let d = run(&mut *q, 1, Op::Write { offset: 4096, len: 8192 }, Some(filled(8192, 0xab)));
+            d.result.unwrap();
+            assert_eq!(d.buf.unwrap().len(), 8192, "the window comes back");
+            run(&mut *q, 2, Op::Flush, None).result.unwrap();
         }
-        let f = FileBackend::open_with(&path, None, engine).unwrap();
+        let f = Arc::new(FileBackend::open_with(&path, None, engine).unwrap());
         assert_eq!(f.size_bytes(), 1 << 20);
-        let mut v = Vec::new();
-        let buf = aligned(&mut v, 8192);
-        f.read(4096, buf).unwrap();
-        assert!(buf.iter().all(|&b| b == 0xab));
-        let mut small = [0u8; 300];
-        f.read(100_000, &mut small).unwrap();
-        assert_eq!(small, [0xcd; 300]);
-        f.write_zeroes(4096, 512).unwrap();
-        f.read(4096, &mut small).unwrap();
-        assert_eq!(small, [0; 300]);
-        let e = f.read((1 << 20) - 100, &mut small).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        let mut q = f.clone().open_queue(32).unwrap();
+        let d = run(&mut *q, 3, Op::Read { offset: 4096, len: 8192 }, Some(filled(8192, 0)));
+        d.result.unwrap();
+        assert!(d.buf.unwrap().bytes().iter().all(|&b| b == 0xab));
+        run(&mut *q, 4, Op::WriteZeroes { offset: 4096, len: 512 }, None).result.unwrap();
+        run(&mut *q, 5, Op::Deallocate { offset: 8192, len: 4096 }, None).result.unwrap();
+        let d = run(&mut *q, 6, Op::Read { offset: 4096, len: 8192 }, Some(filled(8192, 1)));
+        let back = d.buf.unwrap();
+        assert!(back.bytes()[..512].iter().all(|&b| b == 0), "write zeroes");
+        assert!(back.bytes()[512..4096].iter().all(|&b| b == 0xab), "untouched");
+        assert!(back.bytes()[4096..].iter().all(|&b| b == 0), "deallocated");
+        let e = run(&mut *q, 7, Op::Read { offset: (1 << 20) - 512, len: 4096 }, Some(filled(4096, 0)));
+        assert_eq!(e.result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         std::fs::remove_file(&path).unwrap();
     }
 
@@ -205,5 +424,85 @@ mod tests {
     #[test]
     fn pread_fallback_roundtrip() {
         roundtrip(Engine::Sync);
+    }
+
+    #[test]
+    fn a_queue_keeps_many_operations_in_flight_and_completes_each_once() {
+        let path = temp("many", &std::env::temp_dir());
+        let f = Arc::new(FileBackend::open_with(&path, Some(1 << 20), Engine::IoUring).unwrap());
+        let mut q = f.clone().open_queue(64).unwrap();
+        for tag in 0..64u16 {
+            assert!(
+                q.submit(IoRequest {
+                    tag,
+                    op: Op::Write { offset: u64::from(tag) * 4096, len: 4096 },
+                    buf: Some(filled(4096, tag as u8))
+                })
+                .is_none()
+            );
+        }
+        assert_eq!(q.in_flight(), 64, "all submitted before any is reaped");
+        let mut seen = [false; 64];
+        let start = std::time::Instant::now();
+        while q.in_flight() > 0 {
+            q.reap(&mut |d| {
+                d.result.unwrap();
+                assert!(!std::mem::replace(&mut seen[usize::from(d.tag)], true), "tag {} twice", d.tag);
+            });
+            assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        }
+        assert!(seen.iter().all(|&s| s));
+        let d = run(&mut *q, 0, Op::Read { offset: 0, len: 64 * 4096 }, Some(filled(64 * 4096, 0xff)));
+        let back = d.buf.unwrap();
+        assert!(back.bytes().chunks(4096).enumerate().all(|(i, c)| c.iter().all(|&b| b == i as u8)));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn zeroing_falls_back_where_a_method_is_refused() {
+        // tmpfs punches holes but has no FALLOC_FL_ZERO_RANGE.
+        let shm = Path::new("/dev/shm");
+        assert!(shm.is_dir(), "/dev/shm on the test machine");
+        let path = temp("zero", shm);
+        let f = Arc::new(FileBackend::open_with(&path, Some(1 << 20), Engine::IoUring).unwrap());
+        let mut q = f.clone().open_queue(8).unwrap();
+        run(&mut *q, 1, Op::Write { offset: 0, len: 65536 }, Some(filled(65536, 0x5a))).result.unwrap();
+        run(&mut *q, 2, Op::WriteZeroes { offset: 4096, len: 8192 }, None).result.unwrap();
+        assert!(f.refuses(Zeroing::ZeroRange) && !f.refuses(Zeroing::PunchHole));
+        let back = run(&mut *q, 3, Op::Read { offset: 0, len: 65536 }, Some(filled(65536, 1))).buf.unwrap();
+        let b = back.bytes();
+        assert!(
+            b[..4096].iter().all(|&x| x == 0x5a)
+                && b[4096..12288].iter().all(|&x| x == 0)
+                && b[12288..].iter().all(|&x| x == 0x5a)
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_queue_dropped_with_operations_in_flight_settles_them_before_letting_go() {
+        let path = temp("drop", &std::env::temp_dir());
+        let f = Arc::new(FileBackend::open_with(&path, Some(4 << 20), Engine::IoUring).unwrap());
+        let pool = p2pnvmf_p2p::pool::ChunkPool::host(1 << 18, 16).unwrap();
+        let mut slab = pool.take(16);
+        let mut q = f.clone().open_queue(16).unwrap();
+        for tag in 0..16u16 {
+            let mut w = slab.get(1 << 18).unwrap();
+            w.bytes_mut().fill(7);
+            let op = Op::Write { offset: u64::from(tag) << 18, len: 1 << 18 };
+            assert!(q.submit(IoRequest { tag, op, buf: Some(w) }).is_none());
+        }
+        drop(slab);
+        assert_eq!(pool.free_chunks(), 0, "every chunk is with an operation");
+        // Dropping the queue cancels what has not started and waits for the rest: only then
+        // do the windows go home.
+        drop(q);
+        assert_eq!(pool.free_chunks(), 16);
+        let mut q = f.clone().open_queue(1).unwrap();
+        let back = run(&mut *q, 0, Op::Read { offset: 0, len: 4 << 20 }, Some(filled(4 << 20, 0))).buf.unwrap();
+        for region in back.bytes().chunks(1 << 18) {
+            assert!(region.iter().all(|&b| b == 7) || region.iter().all(|&b| b == 0), "a write was cut short");
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 }

@@ -2,9 +2,10 @@
 //! first write, and deallocated chunks are freed.
 
 use std::io;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 
-use p2pnvmf_nvmf::Backend;
+use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
 
 const CHUNK_SHIFT: u32 = 16;
 const CHUNK: usize = 1 << CHUNK_SHIFT;
@@ -65,12 +66,8 @@ impl RamBackend {
     }
 }
 
-impl Backend for RamBackend {
-    fn size_bytes(&self) -> u64 {
-        self.size
-    }
-
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+impl RamBackend {
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len() as u64)?;
         let mut done = 0;
         for (idx, within, n) in Self::pieces(offset, buf.len() as u64) {
@@ -85,7 +82,7 @@ impl Backend for RamBackend {
         Ok(())
     }
 
-    fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+    pub fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check(offset, buf.len() as u64)?;
         let mut done = 0;
         for (idx, within, n) in Self::pieces(offset, buf.len() as u64) {
@@ -97,20 +94,54 @@ impl Backend for RamBackend {
         Ok(())
     }
 
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
+    /// Runs one operation (a memory copy: RAM namespaces complete inline).
+    fn run(&self, req: &mut IoRequest) -> io::Result<()> {
+        match (req.op, req.buf.as_mut()) {
+            (Op::Read { offset, len }, Some(b)) => self.read(offset, &mut b.bytes_mut()[..len]),
+            (Op::Write { offset, len }, Some(b)) => self.write(offset, &b.bytes()[..len]),
+            (Op::Read { .. } | Op::Write { .. }, None) => Err(io::Error::other("no buffer for a read or write")),
+            (Op::Flush, _) => Ok(()),
+            (Op::WriteZeroes { offset, len } | Op::Deallocate { offset, len }, _) => self.zero(offset, len),
+        }
     }
+}
 
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.zero(offset, len)
-    }
-
-    fn deallocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.zero(offset, len)
+impl Backend for RamBackend {
+    fn size_bytes(&self) -> u64 {
+        self.size
     }
 
     fn volatile_write_cache(&self) -> bool {
         false
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn open_queue(self: Arc<Self>, _depth: usize) -> io::Result<Box<dyn BackendQueue>> {
+        Ok(Box::new(RamQueue(self)))
+    }
+}
+
+/// A queue's side of a RAM namespace: every operation finishes inside `submit`.
+#[derive(Debug)]
+pub struct RamQueue(Arc<RamBackend>);
+
+impl BackendQueue for RamQueue {
+    fn submit(&mut self, mut req: IoRequest) -> Option<IoDone> {
+        let r = self.0.run(&mut req);
+        Some(req.done(r))
+    }
+
+    fn reap(&mut self, _: &mut dyn FnMut(IoDone)) {}
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
+    }
+
+    fn in_flight(&self) -> usize {
+        0
     }
 }
 
@@ -128,7 +159,7 @@ mod tests {
         let mut buf = [1u8; 4096];
         ram.read(0, &mut buf).unwrap();
         assert!(buf.iter().all(|&b| b == 0));
-        ram.deallocate(1 << 39, CHUNK as u64).unwrap();
+        ram.zero(1 << 39, CHUNK as u64).unwrap();
         assert_eq!(ram.resident_bytes(), 0);
     }
 
@@ -149,7 +180,7 @@ mod tests {
             for (off, len, byte, zero) in ops {
                 let len = len.min((SIZE - off) as usize);
                 if zero {
-                    ram.write_zeroes(off, len as u64).unwrap();
+                    ram.zero(off, len as u64).unwrap();
                     model[off as usize..off as usize + len].fill(0);
                 } else {
                     ram.write(off, &vec![byte; len]).unwrap();

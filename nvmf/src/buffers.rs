@@ -5,9 +5,10 @@
 
 use std::sync::Arc;
 
+use p2pnvmf_p2p::mem::Window;
 use p2pnvmf_p2p::path::{Client, Path};
 use p2pnvmf_p2p::plan::P2p;
-use p2pnvmf_p2p::pool::{Chunk, ChunkPool, Slab};
+use p2pnvmf_p2p::pool::{ChunkPool, Slab};
 use tracing::{info, warn};
 
 use crate::io::opcode;
@@ -110,13 +111,6 @@ pub struct QueueBuffers {
     warned: bool,
 }
 
-/// A p2p chunk lent to one command.
-#[derive(Debug)]
-pub struct P2pBuf {
-    slab: usize,
-    chunk: Chunk,
-}
-
 impl QueueBuffers {
     /// Slabs for an I/O queue of a controller with p2p pools (none for admin queues).
     pub fn for_queue(q: &Queue) -> QueueBuffers {
@@ -132,15 +126,14 @@ impl QueueBuffers {
     /// A p2p chunk for the data of `sqe` (`len` bytes), when its namespace uses p2p memory
     /// on this controller; `None` means host memory (counted as a fallback when a p2p
     /// namespace had no chunk to give).
-    pub fn get(&mut self, sqe: &Sqe, len: usize) -> Option<P2pBuf> {
+    pub fn get(&mut self, sqe: &Sqe, len: usize) -> Option<Window> {
         if !matches!(sqe.opcode, opcode::READ | opcode::WRITE | opcode::COMPARE) || len == 0 {
             return None;
         }
         let nsid = sqe.nsid.get();
-        let slab = self.slabs.iter().position(|(n, _)| *n == nsid)?;
-        let s = &mut self.slabs[slab].1;
+        let s = &mut self.slabs.iter_mut().find(|(n, _)| *n == nsid)?.1;
         if let Some(chunk) = s.get(len) {
-            return Some(P2pBuf { slab, chunk });
+            return Some(chunk);
         }
         count_fallback("request");
         if !self.warned {
@@ -160,13 +153,16 @@ impl QueueBuffers {
         None
     }
 
-    /// The chunk's first `len` bytes.
-    pub fn bytes(&mut self, b: &P2pBuf, len: usize) -> &mut [u8] {
-        self.slabs[b.slab].1.bytes(&b.chunk, len)
+    /// Whether `w` is a p2p chunk of this queue's (to be given back with [`QueueBuffers::put`]).
+    pub fn is_chunk(&self, w: &Window) -> bool {
+        self.slabs.iter().any(|(_, s)| s.owns(w))
     }
 
-    pub fn put(&mut self, b: P2pBuf) {
-        self.slabs[b.slab].1.put(b.chunk);
+    /// Gives a chunk back to its slab.
+    pub fn put(&mut self, w: Window) {
+        if let Some((_, s)) = self.slabs.iter_mut().find(|(_, s)| s.owns(&w)) {
+            s.put(w);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! keep-alive, and teardown.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +69,8 @@ pub struct Controller {
     pub hostid: [u8; 16],
     pub port: Port,
     state: Mutex<State>,
+    /// CSTS.RDY, read by every command: kept outside the lock so I/O never takes it.
+    ready: AtomicBool,
     born: Instant,
     last_seen_ms: AtomicU64,
     dead: watch::Sender<Option<&'static str>>,
@@ -95,6 +97,7 @@ impl Controller {
             hostid,
             port,
             state: Mutex::new(State { kato_ms, write_cache, ..State::default() }),
+            ready: AtomicBool::new(false),
             born: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
             dead: watch::channel(None).0,
@@ -125,9 +128,13 @@ impl Controller {
     }
 
     /// Records host activity for the keep-alive timer (any command counts, as with TBKAS).
+    /// Every queue calls it per command, so the shared word is written at most every 10 ms
+    /// (far below the keep-alive granularity) rather than per I/O.
     pub fn touch(&self) {
         let ms = self.born.elapsed().as_millis() as u64;
-        self.last_seen_ms.store(ms, Ordering::Relaxed);
+        if ms >= self.last_seen_ms.load(Ordering::Relaxed) + 10 {
+            self.last_seen_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
     pub fn kato(&self) -> Duration {
@@ -179,7 +186,7 @@ impl Controller {
     }
 
     pub fn enabled(&self) -> bool {
-        self.state().csts & CSTS_RDY != 0
+        self.ready.load(Ordering::Acquire)
     }
 
     /// CAP (NVMe Base 2.0, Figure 36): MQES, CQR, TO = 7.5 s, CSS = NVM, MPSMIN = MPSMAX = 4 KiB.
@@ -222,6 +229,7 @@ impl Controller {
         if cc & CC_SHN_MASK != 0 {
             st.csts |= CSTS_SHST_COMPLETE;
         }
+        self.ready.store(st.csts & CSTS_RDY != 0, Ordering::Release);
         Ok(())
     }
 

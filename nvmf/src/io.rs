@@ -1,10 +1,19 @@
 //! NVM I/O commands (NVMe NVM Command Set 1.0, 3): Read, Write, Flush, Write Zeroes, Dataset
-//! Management, Compare. Each checks NSID, LBA range and transfer length before the backend.
+//! Management, Compare. Each is checked (NSID, LBA range, transfer length), turned into
+//! backend operations and submitted; its completion comes back inline or later, out of order,
+//! through [`IoState::reap`]. One command may take several operations (Flush of every
+//! namespace, a Deallocate per range): it completes when the last one does.
+
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use p2pnvmf_p2p::mem::{MappingPin, Window};
+use tracing::warn;
 
 use crate::Status;
-use crate::ctrl::Controller;
-use crate::ns::{Namespace, io_error_status};
-use crate::queue::Response;
+use crate::ns::{BackendQueue, IoDone, IoRequest, Namespace, Op, io_error_status};
+use crate::queue::{Exec, Response};
 use crate::subsystem::Subsystem;
 use crate::wire::Sqe;
 
@@ -22,6 +31,55 @@ pub mod opcode {
     }
 }
 
+/// A finished command of a queue: its tag, its response, and the data window it was lent (if
+/// it took one).
+#[derive(Debug)]
+pub struct Completion {
+    pub tag: u16,
+    pub response: Response,
+    pub buf: Option<Window>,
+}
+
+/// One namespace's backend queue on this queue.
+#[derive(Debug)]
+struct NsQueue {
+    nsid: u32,
+    q: Box<dyn BackendQueue>,
+}
+
+/// A command with operations in flight.
+#[derive(Debug)]
+struct Inflight {
+    opcode: u8,
+    nsid: u32,
+    /// Bytes the command moves (reads and writes).
+    len: usize,
+    /// Operations not yet completed.
+    remaining: usize,
+    /// The first failure among its operations.
+    status: Status,
+    /// Compare: the host's data, then what the namespace holds.
+    host: Option<Window>,
+    scratch: Option<Window>,
+}
+
+/// Commands in flight by tag, and compare buffers kept for reuse.
+#[derive(Debug, Default)]
+struct Commands {
+    inflight: Vec<Option<Inflight>>,
+    scratch: Vec<Window>,
+}
+
+/// A queue's I/O execution state: backend queues per namespace (opened on first use) and the
+/// commands in flight.
+#[derive(Debug, Default)]
+pub(crate) struct IoState {
+    queues: Vec<NsQueue>,
+    cmds: Commands,
+    /// The transport's data area, registered with each backend queue as it opens.
+    area: Option<MappingPin>,
+}
+
 /// Starting LBA and block count (CDW10–12), checked against the namespace.
 fn lba_range(ns: &Namespace, sqe: &Sqe) -> Result<(u64, u64), Status> {
     let slba = u64::from(sqe.cdw10.get()) | u64::from(sqe.cdw11.get()) << 32;
@@ -32,95 +90,265 @@ fn lba_range(ns: &Namespace, sqe: &Sqe) -> Result<(u64, u64), Status> {
     }
 }
 
-pub(crate) fn execute(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
-    let Some(subsys) = &ctrl.subsys else {
-        return Response::status(Status::INVALID_OPCODE.dnr());
-    };
-    match run(subsys, sqe, data) {
-        Ok(r) => r,
-        Err(s) => Response::status(s),
-    }
-}
-
-fn run(subsys: &Subsystem, sqe: &Sqe, data: &mut [u8]) -> Result<Response, Status> {
-    let nsid = sqe.nsid.get();
-    if sqe.opcode == opcode::FLUSH && nsid == u32::MAX {
-        for ns in &subsys.namespaces {
-            ns.backend.flush().map_err(|e| io_error_status(&e))?;
-        }
-        return Ok(Response::ok());
-    }
-    let ns = subsys.ns(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?;
-    let be = &ns.backend;
-    let io = |r: std::io::Result<()>| r.map_err(|e| io_error_status(&e));
-    match sqe.opcode {
-        opcode::READ | opcode::WRITE | opcode::COMPARE => {
-            let (off, len) = lba_range(ns, sqe)?;
-            if data.len() as u64 != len {
-                return Err(Status::DATA_SGL_LENGTH_INVALID.dnr());
-            }
-            match sqe.opcode {
-                opcode::READ => {
-                    io(be.read(off, data))?;
-                    subsys.stats.record_read(len);
-                    Ok(Response::data(data.len()))
-                }
-                opcode::WRITE => {
-                    io(be.write(off, data))?;
-                    subsys.stats.record_write(len);
-                    Ok(Response::ok())
-                }
-                _ => compare(ns, off, data),
-            }
-        }
-        opcode::FLUSH => io(be.flush()).map(|()| Response::ok()),
-        opcode::WRITE_ZEROES => {
-            let (off, len) = lba_range(ns, sqe)?;
-            io(be.write_zeroes(off, len))?;
-            Ok(Response::ok())
-        }
-        opcode::DATASET_MANAGEMENT => dataset_management(ns, sqe, data),
-        _ => Err(Status::INVALID_OPCODE.dnr()),
-    }
-}
-
-/// Compare in 64 KiB steps, so a large compare needs no buffer of its size.
-fn compare(ns: &Namespace, off: u64, host: &[u8]) -> Result<Response, Status> {
-    let mut chunk = [0u8; 64 << 10];
-    for (i, want) in host.chunks(chunk.len()).enumerate() {
-        let have = &mut chunk[..want.len()];
-        ns.backend.read(off + (i * (64 << 10)) as u64, have).map_err(|e| io_error_status(&e))?;
-        if have != want {
-            return Err(Status::COMPARE_FAILURE.dnr());
-        }
-    }
-    Ok(Response::ok())
-}
-
-/// Dataset Management (NVM Command Set 1.0, 3.2.3): ranges of 16 bytes (context attributes,
-/// length in blocks, starting LBA); only Deallocate (AD, CDW11 bit 2) has an effect.
-fn dataset_management(ns: &Namespace, sqe: &Sqe, data: &[u8]) -> Result<Response, Status> {
+/// Dataset Management ranges (NVM Command Set 1.0, 3.2.3): 16 bytes each (context attributes,
+/// length in blocks, starting LBA), all checked before any is acted on.
+fn dsm_ranges(ns: &Namespace, sqe: &Sqe, data: &[u8], out: &mut [(u64, u64); 256]) -> Result<usize, Status> {
     let nr = (sqe.cdw10.get() & 0xff) as usize + 1;
     let ranges = data.get(..nr * 16).ok_or(Status::DATA_SGL_LENGTH_INVALID.dnr())?;
-    if sqe.cdw11.get() & (1 << 2) == 0 {
-        return Ok(Response::ok());
-    }
-    let mut checked = [(0u64, 0u64); 256];
     for (i, r) in ranges.chunks_exact(16).enumerate() {
         let nlb = u64::from(u32::from_le_bytes(r[4..8].try_into().expect("4 bytes")));
         let slba = u64::from_le_bytes(r[8..16].try_into().expect("8 bytes"));
         match slba.checked_add(nlb) {
-            Some(end) if end <= ns.blocks() => {
-                checked[i] = (slba << ns.lba_shift, nlb << ns.lba_shift);
-            }
+            Some(end) if end <= ns.blocks() => out[i] = (slba << ns.lba_shift, nlb << ns.lba_shift),
             _ => return Err(Status::LBA_OUT_OF_RANGE.dnr()),
         }
     }
-    // All ranges are checked first so an invalid one changes nothing.
-    for &(off, len) in &checked[..nr] {
-        if len != 0 {
-            ns.backend.deallocate(off, len).map_err(|e| io_error_status(&e))?;
+    Ok(nr)
+}
+
+impl IoState {
+    /// Starts an I/O command. `buf` holds the host's data (writes) or receives the data
+    /// (reads); `len` is the SGL's length. A command that finishes at once returns `Done`
+    /// with `buf` given back; a submitted one keeps what it needs of `buf` until its
+    /// [`Completion`].
+    pub(crate) fn start(
+        &mut self,
+        subsys: &Subsystem,
+        depth: usize,
+        tag: u16,
+        sqe: &Sqe,
+        buf: &mut Option<Window>,
+        len: usize,
+    ) -> Exec {
+        if let Err(s) = self.plan(subsys, depth, tag, sqe, buf, len) {
+            return s.into();
+        }
+        // Every operation may have finished inline already.
+        match self.cmds.inflight.get(usize::from(tag)) {
+            Some(Some(f)) if f.remaining == 0 => {
+                let c = self.cmds.complete(subsys, tag);
+                if c.buf.is_some() {
+                    *buf = c.buf;
+                }
+                Exec::Done(c.response)
+            }
+            _ => Exec::Submitted,
         }
     }
-    Ok(Response::ok())
+
+    fn plan(
+        &mut self,
+        subsys: &Subsystem,
+        depth: usize,
+        tag: u16,
+        sqe: &Sqe,
+        buf: &mut Option<Window>,
+        len: usize,
+    ) -> Result<(), Status> {
+        if self.cmds.inflight.get(usize::from(tag)).is_some_and(Option::is_some) {
+            warn!(tag, "a command was started on a tag still in flight");
+            return Err(Status::INTERNAL_ERROR);
+        }
+        let nsid = sqe.nsid.get();
+        if sqe.opcode == opcode::FLUSH && nsid == u32::MAX {
+            self.cmds.begin(tag, sqe.opcode, nsid, 0, subsys.namespaces.len());
+            for ns in &subsys.namespaces {
+                self.submit(ns, depth, IoRequest { tag, op: Op::Flush, buf: None });
+            }
+            return Ok(());
+        }
+        let ns = subsys.ns(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?;
+        match sqe.opcode {
+            opcode::READ | opcode::WRITE | opcode::COMPARE => {
+                let (offset, bytes) = lba_range(ns, sqe)?;
+                if len as u64 != bytes {
+                    return Err(Status::DATA_SGL_LENGTH_INVALID.dnr());
+                }
+                if buf.as_ref().is_none_or(|b| b.len() < len) {
+                    warn!(tag, len, "no data buffer of the command's length");
+                    return Err(Status::INTERNAL_ERROR);
+                }
+                let scratch = match sqe.opcode {
+                    opcode::COMPARE => Some(self.cmds.scratch_for(len)?),
+                    _ => None,
+                };
+                let data = buf.take().expect("checked above");
+                self.cmds.begin(tag, sqe.opcode, nsid, len, 1);
+                let buf = match scratch {
+                    // Compare reads what the namespace holds beside the host's data.
+                    Some(s) => {
+                        self.cmds.inflight[usize::from(tag)].as_mut().expect("begun above").host = Some(data);
+                        s
+                    }
+                    None => data,
+                };
+                let op = match sqe.opcode {
+                    opcode::WRITE => Op::Write { offset, len },
+                    _ => Op::Read { offset, len },
+                };
+                self.submit(ns, depth, IoRequest { tag, op, buf: Some(buf) });
+            }
+            opcode::FLUSH => {
+                self.cmds.begin(tag, sqe.opcode, nsid, 0, 1);
+                self.submit(ns, depth, IoRequest { tag, op: Op::Flush, buf: None });
+            }
+            opcode::WRITE_ZEROES => {
+                let (offset, len) = lba_range(ns, sqe)?;
+                self.cmds.begin(tag, sqe.opcode, nsid, 0, 1);
+                self.submit(ns, depth, IoRequest { tag, op: Op::WriteZeroes { offset, len }, buf: None });
+            }
+            opcode::DATASET_MANAGEMENT => {
+                let data = buf.as_ref().map_or(&[][..], |b| &b.bytes()[..len.min(b.len())]);
+                let mut ranges = [(0u64, 0u64); 256];
+                let nr = dsm_ranges(ns, sqe, data, &mut ranges)?;
+                // Only Deallocate (AD, CDW11 bit 2) has an effect.
+                let dealloc = sqe.cdw11.get() & (1 << 2) != 0;
+                let ranges = ranges[..nr].iter().filter(|r| dealloc && r.1 != 0);
+                self.cmds.begin(tag, sqe.opcode, nsid, 0, ranges.clone().count());
+                for &(offset, len) in ranges {
+                    self.submit(ns, depth, IoRequest { tag, op: Op::Deallocate { offset, len }, buf: None });
+                }
+            }
+            _ => return Err(Status::INVALID_OPCODE.dnr()),
+        }
+        Ok(())
+    }
+
+    /// Submits to `ns`'s backend queue (opened on first use); an inline completion is
+    /// accounted at once.
+    fn submit(&mut self, ns: &Namespace, depth: usize, req: IoRequest) {
+        let q = match self.queues.iter().position(|q| q.nsid == ns.nsid) {
+            Some(i) => &mut self.queues[i],
+            None => match open(ns, depth) {
+                Ok(mut q) => {
+                    if let Some(area) = &self.area {
+                        q.q.register(area);
+                    }
+                    self.queues.push(q);
+                    self.queues.last_mut().expect("pushed")
+                }
+                Err(e) => {
+                    warn!(nsid = ns.nsid, "opening the namespace's backend for this queue: {e}");
+                    self.cmds.account(req.done(Err(e)));
+                    return;
+                }
+            },
+        };
+        if let Some(done) = q.q.submit(req) {
+            self.cmds.account(done);
+        }
+    }
+
+    /// Hands every command whose last operation finished to `out`, in completion order.
+    pub(crate) fn reap(&mut self, subsys: &Subsystem, out: &mut impl FnMut(Completion)) {
+        let IoState { queues, cmds, .. } = self;
+        for q in queues.iter_mut().filter(|q| q.q.in_flight() > 0) {
+            q.q.reap(&mut |d| {
+                if let Some(tag) = cmds.account(d) {
+                    out(cmds.complete(subsys, tag));
+                }
+            });
+        }
+    }
+
+    /// Ready when some backend queue has completions to reap (never, with none in flight).
+    pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        for q in &mut self.queues {
+            if q.q.poll_ready(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    }
+
+    pub(crate) fn set_data_area(&mut self, area: MappingPin) {
+        for q in &mut self.queues {
+            q.q.register(&area);
+        }
+        self.area = Some(area);
+    }
+
+    /// Operations in flight on every backend queue of this queue.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.queues.iter().map(|q| q.q.in_flight()).sum()
+    }
+}
+
+impl Commands {
+    fn begin(&mut self, tag: u16, opcode: u8, nsid: u32, len: usize, ops: usize) {
+        let t = usize::from(tag);
+        if self.inflight.len() <= t {
+            self.inflight.resize_with(t + 1, || None);
+        }
+        self.inflight[t] =
+            Some(Inflight { opcode, nsid, len, remaining: ops, status: Status::SUCCESS, host: None, scratch: None });
+    }
+
+    /// A reused compare buffer of at least `len` bytes.
+    fn scratch_for(&mut self, len: usize) -> Result<Window, Status> {
+        match self.scratch.iter().position(|w| w.len() >= len) {
+            Some(i) => Ok(self.scratch.swap_remove(i)),
+            None => Window::host(len).map_err(|e| {
+                warn!("compare buffer of {len} bytes: {e}");
+                Status::INTERNAL_ERROR
+            }),
+        }
+    }
+
+    /// Counts one finished operation against its command; the tag when that was its last.
+    fn account(&mut self, done: IoDone) -> Option<u16> {
+        let Some(Some(f)) = self.inflight.get_mut(usize::from(done.tag)) else {
+            warn!(tag = done.tag, "completion for a command not in flight");
+            return None;
+        };
+        if let Err(e) = &done.result
+            && f.status.is_success()
+        {
+            f.status = io_error_status(e);
+            if f.status == Status::INTERNAL_ERROR {
+                warn!(nsid = f.nsid, opcode = f.opcode, "I/O failed: {e}");
+            }
+        }
+        match done.buf {
+            // Compare read into the scratch buffer; other commands lent the host's window.
+            Some(b) if f.opcode == opcode::COMPARE => f.scratch = Some(b),
+            Some(b) => f.host = Some(b),
+            None => {}
+        }
+        f.remaining = f.remaining.saturating_sub(1);
+        (f.remaining == 0).then_some(done.tag)
+    }
+
+    /// The response of a command whose operations are all done.
+    fn complete(&mut self, subsys: &Subsystem, tag: u16) -> Completion {
+        let f = self.inflight[usize::from(tag)].take().expect("command in flight");
+        let mut response = Response::status(f.status);
+        if f.status.is_success() {
+            match f.opcode {
+                opcode::READ => {
+                    subsys.stats.record_read(f.len as u64);
+                    response = Response::data(f.len);
+                }
+                opcode::WRITE => subsys.stats.record_write(f.len as u64),
+                opcode::COMPARE => {
+                    let same = match (&f.host, &f.scratch) {
+                        (Some(h), Some(s)) => h.bytes()[..f.len] == s.bytes()[..f.len],
+                        _ => false,
+                    };
+                    if !same {
+                        response = Response::status(Status::COMPARE_FAILURE.dnr());
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = f.scratch {
+            self.scratch.push(s);
+        }
+        Completion { tag, response, buf: f.host }
+    }
+}
+
+fn open(ns: &Namespace, depth: usize) -> io::Result<NsQueue> {
+    Ok(NsQueue { nsid: ns.nsid, q: Arc::clone(&ns.backend).open_queue(depth)? })
 }

@@ -1,8 +1,10 @@
 //! The transport-agnostic NVMe-oF target core: subsystems, namespaces, controllers, the
 //! discovery subsystem, and fabrics, admin and I/O command execution.
 //!
-//! Transports turn wire capsules into an [`wire::Sqe`] plus a data buffer, call
-//! [`Queue::execute`], and send back the data and the [`wire::Cqe`] from [`Queue::cqe`].
+//! Transports turn wire capsules into an [`wire::Sqe`] plus a data window, call
+//! [`Queue::execute`] — which finishes the command or submits it to the backend, whose
+//! completions come out of [`Queue::reap`] in any order — and send back the data and the
+//! [`wire::Cqe`] from [`Queue::cqe`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -17,7 +19,8 @@ pub mod target;
 pub mod wire;
 
 pub use ctrl::Controller;
-pub use ns::{Backend, Namespace};
+pub use io::Completion;
+pub use ns::{Backend, BackendQueue, IoDone, IoRequest, Namespace, Op};
 pub use queue::{Direction, Exec, Queue, Response};
 pub use status::{Status, sct};
 pub use subsystem::{DISCOVERY_NQN, IoStats, Port, Subsystem, TrType, TransportParams};

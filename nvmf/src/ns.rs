@@ -3,19 +3,87 @@
 use std::fmt;
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-/// Block storage behind a namespace. Offsets and lengths are bytes, always multiples of the
-/// namespace's block size and inside `size_bytes`: the I/O path checks before calling.
+use p2pnvmf_p2p::mem::{MappingPin, Window};
+
+/// One operation on a backend. Offsets and lengths are bytes, always multiples of the
+/// namespace's block size and inside `size_bytes`: the I/O path checks before submitting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Into the request's window, its first `len` bytes.
+    Read {
+        offset: u64,
+        len: usize,
+    },
+    /// From the request's window, its first `len` bytes.
+    Write {
+        offset: u64,
+        len: usize,
+    },
+    Flush,
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+    },
+    /// Dataset Management deallocate: the range reads back as zeroes afterwards (DLFEAT).
+    Deallocate {
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// An operation for one command of a queue (`tag` names the command), with the data window it
+/// reads into or writes from; the window stays with the operation until it is done.
+#[derive(Debug)]
+pub struct IoRequest {
+    pub tag: u16,
+    pub op: Op,
+    pub buf: Option<Window>,
+}
+
+/// A finished operation, with its window back.
+#[derive(Debug)]
+pub struct IoDone {
+    pub tag: u16,
+    pub result: io::Result<()>,
+    pub buf: Option<Window>,
+}
+
+impl IoRequest {
+    pub fn done(self, result: io::Result<()>) -> IoDone {
+        IoDone { tag: self.tag, result, buf: self.buf }
+    }
+}
+
+/// Block storage behind a namespace. I/O goes through a [`BackendQueue`] per I/O queue, so
+/// queues share nothing per I/O and each has many operations in flight.
 pub trait Backend: Send + Sync + fmt::Debug {
     fn size_bytes(&self) -> u64;
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    fn write(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
-    fn flush(&self) -> io::Result<()>;
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// Dataset Management deallocate: the range may read back as zeroes afterwards.
-    fn deallocate(&self, offset: u64, len: u64) -> io::Result<()>;
     /// Whether writes sit in a volatile cache until Flush (reported as VWC in Identify).
     fn volatile_write_cache(&self) -> bool;
+    /// Flushes from outside any queue (at shutdown); may block.
+    fn flush(&self) -> io::Result<()>;
+    /// This backend's side of one I/O queue of `depth` commands.
+    fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>>;
+}
+
+/// Where one queue submits operations and collects their completions (SPDK's
+/// COMPLETE/ASYNCHRONOUS, Firecracker's Executed/Submitted).
+pub trait BackendQueue: Send + fmt::Debug {
+    /// Starts `req`: `Some` when it finished already (an inline backend, or an error at
+    /// submission), `None` when it is in flight and will come out of [`BackendQueue::reap`].
+    fn submit(&mut self, req: IoRequest) -> Option<IoDone>;
+    /// Hands every finished operation to `done`, in completion order.
+    fn reap(&mut self, done: &mut dyn FnMut(IoDone));
+    /// Ready when completions wait to be reaped: what a queue's task sleeps on. Never ready
+    /// for a backend whose operations all finish inside `submit`.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+    /// Operations submitted and not yet reaped.
+    fn in_flight(&self) -> usize;
+    /// The queue's data area, which every window it lends comes from: a backend may register
+    /// it with its device once (io_uring fixed buffers) instead of per operation.
+    fn register(&mut self, _area: &MappingPin) {}
 }
 
 /// A namespace of a subsystem.
@@ -92,23 +160,29 @@ pub(crate) mod tests {
         fn size_bytes(&self) -> u64 {
             1 << 20
         }
-        fn read(&self, _: u64, _: &mut [u8]) -> io::Result<()> {
-            Ok(())
-        }
-        fn write(&self, _: u64, _: &[u8]) -> io::Result<()> {
-            Ok(())
+        fn volatile_write_cache(&self) -> bool {
+            false
         }
         fn flush(&self) -> io::Result<()> {
             Ok(())
         }
-        fn write_zeroes(&self, _: u64, _: u64) -> io::Result<()> {
-            Ok(())
+        fn open_queue(self: Arc<Self>, _: usize) -> io::Result<Box<dyn BackendQueue>> {
+            Ok(Box::new(NullQueue))
         }
-        fn deallocate(&self, _: u64, _: u64) -> io::Result<()> {
-            Ok(())
+    }
+
+    #[derive(Debug)]
+    struct NullQueue;
+    impl BackendQueue for NullQueue {
+        fn submit(&mut self, req: IoRequest) -> Option<IoDone> {
+            Some(req.done(Ok(())))
         }
-        fn volatile_write_cache(&self) -> bool {
-            false
+        fn reap(&mut self, _: &mut dyn FnMut(IoDone)) {}
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Pending
+        }
+        fn in_flight(&self) -> usize {
+            0
         }
     }
 

@@ -2,11 +2,14 @@
 //! commands are parsed by queue type (admin or I/O) and executed. Transports own the bytes on
 //! the wire; this owns what they mean.
 
+use std::future::poll_fn;
 use std::sync::Arc;
 
+use p2pnvmf_p2p::mem::Window;
 use tracing::{debug, info, warn};
 
 use crate::ctrl::{Controller, MAX_QUEUE_ENTRIES};
+use crate::io::{Completion, IoState};
 use crate::subsystem::Port;
 use crate::target::{ConnectError, Target, parse_connect_data};
 use crate::wire::{Cqe, Sqe};
@@ -71,7 +74,11 @@ impl Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exec {
     Done(Response),
-    /// Completed later (an Async Event Request); the transport keeps the command slot free.
+    /// In flight at the backend: its [`Completion`] comes from [`Queue::reap`], with the data
+    /// window it took.
+    Submitted,
+    /// Held by the controller (an Async Event Request), completed later through the
+    /// controller's events; the transport frees the command's slot.
     Deferred,
 }
 
@@ -99,6 +106,7 @@ pub struct Queue {
     ctrl: Option<Arc<Controller>>,
     sq_flow_disabled: bool,
     mover: crate::buffers::Mover,
+    io: IoState,
 }
 
 impl Queue {
@@ -112,6 +120,7 @@ impl Queue {
             ctrl: None,
             sq_flow_disabled: false,
             mover: crate::buffers::Mover::Cpu,
+            io: IoState::default(),
         }
     }
 
@@ -170,9 +179,12 @@ impl Queue {
         if known { Ok(()) } else { Err(Status::INVALID_OPCODE.dnr()) }
     }
 
-    /// Executes one command. `data` holds the host's data for host-to-controller commands and
-    /// receives the data for controller-to-host ones; its length is the SGL's.
-    pub fn execute(&mut self, sqe: &Sqe, data: &mut [u8]) -> Exec {
+    /// Executes one command, known to the transport by `tag` (unique among its commands in
+    /// flight). `buf` holds the host's data for host-to-controller commands and receives the
+    /// data for controller-to-host ones; `len` is the SGL's length. An I/O command may be
+    /// `Submitted`: it then keeps the window until its completion comes out of
+    /// [`Queue::reap`]. Everything else finishes here and leaves `buf` where it was.
+    pub fn execute(&mut self, tag: u16, sqe: &Sqe, buf: &mut Option<Window>, len: usize) -> Exec {
         if let Some(c) = &self.ctrl {
             c.touch();
         }
@@ -180,15 +192,49 @@ impl Queue {
             debug!(opcode = sqe.opcode, qid = self.qid, %s, "command refused");
             return s.into();
         }
+        if self.qid != 0 && sqe.opcode != FABRICS_OPCODE {
+            let ctrl = self.ctrl.as_ref().expect("admitted commands have a controller");
+            let Some(subsys) = &ctrl.subsys else { return Status::INVALID_OPCODE.dnr().into() };
+            return self.io.start(subsys, usize::from(self.entries), tag, sqe, buf, len);
+        }
+        // Fabrics and admin commands work on the bytes directly.
+        let data = match buf {
+            Some(b) if b.len() >= len => &mut b.bytes_mut()[..len],
+            _ if len == 0 => &mut [][..],
+            _ => {
+                warn!(tag, len, "no data buffer of the command's length");
+                return Status::INTERNAL_ERROR.into();
+            }
+        };
         if sqe.opcode == FABRICS_OPCODE {
             return self.fabrics(sqe, data).into();
         }
         let ctrl = self.ctrl.clone().expect("admitted commands have a controller");
-        if self.qid == 0 {
-            admin::execute(&self.target, &ctrl, sqe, data)
-        } else {
-            io::execute(&ctrl, sqe, data).into()
+        admin::execute(&self.target, &ctrl, sqe, data)
+    }
+
+    /// Resolves when submitted commands may have completed (never while none are in
+    /// flight); collect them with [`Queue::reap`].
+    pub async fn io_ready(&mut self) {
+        poll_fn(|cx| self.io.poll_ready(cx)).await
+    }
+
+    /// Hands every submitted command that finished to `out`, in completion order.
+    pub fn reap(&mut self, out: &mut impl FnMut(Completion)) {
+        if let Some(subsys) = self.ctrl.as_ref().and_then(|c| c.subsys.as_ref()) {
+            self.io.reap(subsys, out);
         }
+    }
+
+    /// The transport's data area (every window it lends comes from it): backends may register
+    /// it once with their device.
+    pub fn set_data_area(&mut self, area: p2pnvmf_p2p::mem::MappingPin) {
+        self.io.set_data_area(area);
+    }
+
+    /// Backend operations in flight.
+    pub fn in_flight(&self) -> usize {
+        self.io.in_flight()
     }
 
     fn fabrics(&mut self, sqe: &Sqe, data: &mut [u8]) -> Response {

@@ -2,43 +2,98 @@
 
 use std::io;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use p2pnvmf_nvmf::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, Sqe, get_str, put_str, sgl};
 use p2pnvmf_nvmf::{
-    Backend, DISCOVERY_NQN, Exec, IoStats, Namespace, Port, Queue, Response, Status, Subsystem, Target, TrType,
-    TransportParams,
+    Backend, BackendQueue, DISCOVERY_NQN, Exec, IoDone, IoRequest, IoStats, Namespace, Op, Port, Queue, Response,
+    Status, Subsystem, Target, TrType, TransportParams,
 };
+use p2pnvmf_p2p::mem::Window;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
+/// Held operations: submitted, and released (true) by the test.
+type Held = Arc<Mutex<Vec<(IoRequest, bool)>>>;
+
+/// A namespace in memory; with `hold`, its queues keep every operation until the test
+/// releases it (a backend whose completions come later and out of order).
 #[derive(Debug)]
-struct Mem(Mutex<Vec<u8>>);
+struct Mem(Mutex<Vec<u8>>, Option<Held>);
+
+impl Mem {
+    fn run(&self, req: &mut IoRequest) {
+        let mut m = self.0.lock().unwrap();
+        match (req.op, req.buf.as_mut()) {
+            (Op::Read { offset, len }, Some(b)) => {
+                b.bytes_mut()[..len].copy_from_slice(&m[offset as usize..offset as usize + len])
+            }
+            (Op::Write { offset, len }, Some(b)) => {
+                m[offset as usize..offset as usize + len].copy_from_slice(&b.bytes()[..len])
+            }
+            (Op::WriteZeroes { offset, len } | Op::Deallocate { offset, len }, _) => {
+                m[offset as usize..(offset + len) as usize].fill(0)
+            }
+            (Op::Flush, _) => {}
+            (op, None) => panic!("{op:?} without a buffer"),
+        }
+    }
+}
 
 impl Backend for Mem {
     fn size_bytes(&self) -> u64 {
         self.0.lock().unwrap().len() as u64
     }
-    fn read(&self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        let m = self.0.lock().unwrap();
-        buf.copy_from_slice(&m[off as usize..off as usize + buf.len()]);
-        Ok(())
-    }
-    fn write(&self, off: u64, buf: &[u8]) -> io::Result<()> {
-        self.0.lock().unwrap()[off as usize..off as usize + buf.len()].copy_from_slice(buf);
-        Ok(())
+    fn volatile_write_cache(&self) -> bool {
+        true
     }
     fn flush(&self) -> io::Result<()> {
         Ok(())
     }
-    fn write_zeroes(&self, off: u64, len: u64) -> io::Result<()> {
-        self.0.lock().unwrap()[off as usize..(off + len) as usize].fill(0);
-        Ok(())
+    fn open_queue(self: Arc<Self>, _: usize) -> io::Result<Box<dyn BackendQueue>> {
+        let (held, hold) = match &self.1 {
+            Some(h) => (h.clone(), true),
+            None => (Held::default(), false),
+        };
+        Ok(Box::new(MemQueue { mem: self, held, hold }))
     }
-    fn deallocate(&self, off: u64, len: u64) -> io::Result<()> {
-        self.write_zeroes(off, len)
+}
+
+/// A queue's side of `Mem`: inline, or holding operations until the test releases them.
+#[derive(Debug)]
+struct MemQueue {
+    mem: Arc<Mem>,
+    held: Held,
+    hold: bool,
+}
+
+impl BackendQueue for MemQueue {
+    fn submit(&mut self, mut req: IoRequest) -> Option<IoDone> {
+        if self.hold {
+            self.held.lock().unwrap().push((req, false));
+            return None;
+        }
+        self.mem.run(&mut req);
+        Some(req.done(Ok(())))
     }
-    fn volatile_write_cache(&self) -> bool {
-        true
+    fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
+        let mut held = self.held.lock().unwrap();
+        let mut i = 0;
+        while i < held.len() {
+            if held[i].1 {
+                let (mut req, _) = held.remove(i);
+                self.mem.run(&mut req);
+                done(req.done(Ok(())));
+            } else {
+                i += 1;
+            }
+        }
+    }
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<()> {
+        if self.held.lock().unwrap().iter().any(|h| h.1) { Poll::Ready(()) } else { Poll::Pending }
+    }
+    fn in_flight(&self) -> usize {
+        self.held.lock().unwrap().len()
     }
 }
 
@@ -53,7 +108,7 @@ fn port(id: u16) -> Port {
 }
 
 fn subsystem(nqn: &str, any: bool, ports: Option<Vec<u16>>) -> Arc<Subsystem> {
-    let ns = Namespace::new(nqn, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]))));
+    let ns = Namespace::new(nqn, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None)));
     Arc::new(Subsystem {
         nqn: nqn.into(),
         serial: "SN1".into(),
@@ -89,13 +144,26 @@ fn connect(q: &mut Queue, qid: u16, subnqn: &str, host: &str, cntlid: u16) -> Re
     d.cntlid = cntlid.into();
     put_str(&mut d.subnqn, subnqn, 0);
     put_str(&mut d.hostnqn, host, 0);
-    done(q.execute(&s, d.as_mut_bytes()))
+    done(exec(q, &s, d.as_mut_bytes()))
+}
+
+/// Executes `s` with `data` as its buffer (copied into a window and back), as a transport
+/// would with tag 0.
+fn exec(q: &mut Queue, s: &Sqe, data: &mut [u8]) -> Exec {
+    let mut w = Window::host(data.len().max(1)).unwrap();
+    w.bytes_mut()[..data.len()].copy_from_slice(data);
+    let mut buf = Some(w);
+    let e = q.execute(0, s, &mut buf, data.len());
+    if let Some(w) = buf {
+        data.copy_from_slice(&w.bytes()[..data.len()]);
+    }
+    e
 }
 
 fn done(e: Exec) -> Response {
     match e {
         Exec::Done(r) => r,
-        Exec::Deferred => panic!("deferred"),
+        other => panic!("{other:?}"),
     }
 }
 
@@ -105,7 +173,7 @@ fn prop_set(q: &mut Queue, off: u32, v: u32) -> Response {
     s.nsid = 0.into();
     s.cdw11 = off.into();
     s.cdw12 = v.into();
-    done(q.execute(&s, &mut []))
+    done(exec(q, &s, &mut []))
 }
 
 fn prop_get(q: &mut Queue, off: u32, eight: bool) -> Response {
@@ -114,7 +182,7 @@ fn prop_get(q: &mut Queue, off: u32, eight: bool) -> Response {
     s.nsid = 4.into();
     s.cdw10 = u32::from(eight).into();
     s.cdw11 = off.into();
-    done(q.execute(&s, &mut []))
+    done(exec(q, &s, &mut []))
 }
 
 const CC_ENABLE: u32 = 1 | 6 << 16 | 4 << 20;
@@ -155,7 +223,7 @@ async fn registers_follow_cc() {
     assert_eq!(prop_get(&mut q, 0x08, false).result, 0x10300);
     assert_eq!(prop_get(&mut q, 0x1c, false).result & 1, 0, "not ready before CC.EN");
     // Admin commands wait for CC.EN.
-    assert_eq!(done(q.execute(&sqe(0x18), &mut [])).status, Status::COMMAND_SEQUENCE_ERROR.dnr());
+    assert_eq!(done(exec(&mut q, &sqe(0x18), &mut [])).status, Status::COMMAND_SEQUENCE_ERROR.dnr());
     prop_set(&mut q, 0x14, CC_ENABLE);
     assert_eq!(prop_get(&mut q, 0x1c, false).result, 1, "RDY");
     prop_set(&mut q, 0x14, CC_ENABLE | 1 << 14);
@@ -206,7 +274,7 @@ async fn identify_controller_namespace_and_lists() {
     let mut page = vec![0u8; 4096];
     let mut id = sqe(0x06);
     id.cdw10 = 1.into();
-    assert_eq!(done(q.execute(&id, &mut page)).data_len, 4096);
+    assert_eq!(done(exec(&mut q, &id, &mut page)).data_len, 4096);
     assert_eq!(get_str(&page[4..24]), Some("SN1                 "));
     assert_eq!(u16::from_le_bytes([page[78], page[79]]), cntlid);
     assert_eq!(page[77], 8, "MDTS: 1 MiB in 4 KiB units");
@@ -216,20 +284,20 @@ async fn identify_controller_namespace_and_lists() {
     assert_eq!(u32::from_le_bytes(page[516..520].try_into().unwrap()), 1, "NN");
     id.cdw10 = 0.into();
     id.nsid = 1.into();
-    done(q.execute(&id, &mut page));
+    done(exec(&mut q, &id, &mut page));
     assert_eq!(u64::from_le_bytes(page[..8].try_into().unwrap()), 2048, "NSZE in 512-byte blocks");
     id.nsid = 5.into();
-    done(q.execute(&id, &mut page));
+    done(exec(&mut q, &id, &mut page));
     assert!(page.iter().all(|&b| b == 0), "an inactive NSID reads as zeroes");
     id.nsid = u32::MAX.into();
-    assert_eq!(done(q.execute(&id, &mut page)).status, Status::INVALID_NAMESPACE.dnr());
+    assert_eq!(done(exec(&mut q, &id, &mut page)).status, Status::INVALID_NAMESPACE.dnr());
     id.cdw10 = 2.into();
     id.nsid = 0.into();
-    done(q.execute(&id, &mut page));
+    done(exec(&mut q, &id, &mut page));
     assert_eq!(&page[..8], &[1, 0, 0, 0, 0, 0, 0, 0], "active list: NSID 1 only");
     id.cdw10 = 3.into();
     id.nsid = 1.into();
-    done(q.execute(&id, &mut page));
+    done(exec(&mut q, &id, &mut page));
     assert_eq!((page[0], page[1], page[20], page[21], page[40]), (2, 16, 3, 16, 4));
     assert_eq!(page[24 + 6] >> 4, 8, "UUID version");
 }
@@ -243,7 +311,7 @@ async fn discovery_log_lists_what_the_host_may_see() {
     let mut log = vec![0u8; 4096];
     let mut glp = sqe(0x02);
     glp.cdw10 = (0x70 | (1023u32 << 16)).into();
-    done(q.execute(&glp, &mut log));
+    done(exec(&mut q, &glp, &mut log));
     let h = DiscoveryLogHeader::read_from_bytes(&log[..1024]).unwrap();
     // OTHER_HOST may not use LOCKED: only OPEN on both ports.
     assert_eq!(h.numrec.get(), 2);
@@ -257,18 +325,18 @@ async fn discovery_log_lists_what_the_host_may_see() {
     let mut part = vec![0u8; 1024];
     glp.cdw10 = (0x70 | (255u32 << 16)).into();
     glp.cdw12 = 1024.into();
-    done(q.execute(&glp, &mut part));
+    done(exec(&mut q, &glp, &mut part));
     assert_eq!(&part[..], &log[1024..2048]);
     // The discovery controller has no namespaces or I/O pages.
     glp.cdw10 = (0x02 | (127u32 << 16)).into();
     glp.cdw12 = 0.into();
-    assert_eq!(done(q.execute(&glp, &mut part)).status, Status::INVALID_LOG_PAGE.dnr());
+    assert_eq!(done(exec(&mut q, &glp, &mut part)).status, Status::INVALID_LOG_PAGE.dnr());
     // HOST also sees LOCKED on port 2.
     let mut q = Queue::new(t.clone(), port(1));
     connect(&mut q, 0, DISCOVERY_NQN, HOST, 0xffff);
     prop_set(&mut q, 0x14, 1);
     glp.cdw10 = (0x70 | (1023u32 << 16)).into();
-    done(q.execute(&glp, &mut log));
+    done(exec(&mut q, &glp, &mut log));
     assert_eq!(DiscoveryLogHeader::read_from_bytes(&log[..1024]).unwrap().numrec.get(), 3);
 }
 
@@ -279,28 +347,28 @@ async fn features_and_async_events() {
     let mut set = sqe(0x09);
     set.cdw10 = 0x07.into();
     set.cdw11 = (200 | 200 << 16).into();
-    assert_eq!(done(q.execute(&set, &mut [])).result, 63 | 63 << 16, "queues capped at 64");
+    assert_eq!(done(exec(&mut q, &set, &mut [])).result, 63 | 63 << 16, "queues capped at 64");
     set.cdw10 = 0x0f.into();
     set.cdw11 = 15000.into();
-    assert!(done(q.execute(&set, &mut [])).status.is_success());
+    assert!(done(exec(&mut q, &set, &mut [])).status.is_success());
     let mut get = sqe(0x0a);
     get.cdw10 = 0x0f.into();
-    assert_eq!(done(q.execute(&get, &mut [])).result, 15000);
+    assert_eq!(done(exec(&mut q, &get, &mut [])).result, 15000);
     set.cdw10 = (0x0f | 1 << 31).into();
-    assert_eq!(done(q.execute(&set, &mut [])).status, Status::FEATURE_NOT_SAVEABLE.dnr());
+    assert_eq!(done(exec(&mut q, &set, &mut [])).status, Status::FEATURE_NOT_SAVEABLE.dnr());
     set.cdw10 = 0x81.into();
-    assert_eq!(done(q.execute(&set, &mut [])).status, Status::COMMAND_SEQUENCE_ERROR.dnr());
+    assert_eq!(done(exec(&mut q, &set, &mut [])).status, Status::COMMAND_SEQUENCE_ERROR.dnr());
     let mut hostid = [0u8; 16];
     get.cdw10 = 0x81.into();
     get.cdw11 = 1.into();
-    assert_eq!(done(q.execute(&get, &mut hostid)).data_len, 16);
+    assert_eq!(done(exec(&mut q, &get, &mut hostid)).data_len, 16);
     get.cdw10 = 0x42.into();
-    assert_eq!(done(q.execute(&get, &mut [])).status, Status::INVALID_FIELD.dnr());
+    assert_eq!(done(exec(&mut q, &get, &mut [])).status, Status::INVALID_FIELD.dnr());
     // AERL 3: four requests are held, the fifth is refused.
     for _ in 0..4 {
-        assert_eq!(q.execute(&sqe(0x0c), &mut []), Exec::Deferred);
+        assert_eq!(exec(&mut q, &sqe(0x0c), &mut []), Exec::Deferred);
     }
-    assert_eq!(done(q.execute(&sqe(0x0c), &mut [])).status, Status::ASYNC_EVENT_LIMIT_EXCEEDED.dnr());
+    assert_eq!(done(exec(&mut q, &sqe(0x0c), &mut [])).status, Status::ASYNC_EVENT_LIMIT_EXCEEDED.dnr());
 }
 
 #[tokio::test]
@@ -310,15 +378,15 @@ async fn io_commands_and_their_errors() {
     let mut q = io_queue(&t, cntlid);
     let pattern: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
     let mut buf = pattern.clone();
-    assert!(done(q.execute(&rw(0x01, 8, 8), &mut buf)).status.is_success());
+    assert!(done(exec(&mut q, &rw(0x01, 8, 8), &mut buf)).status.is_success());
     let mut back = vec![0u8; 4096];
-    assert_eq!(done(q.execute(&rw(0x02, 8, 8), &mut back)).data_len, 4096);
+    assert_eq!(done(exec(&mut q, &rw(0x02, 8, 8), &mut back)).data_len, 4096);
     assert_eq!(back, pattern);
-    assert!(done(q.execute(&rw(0x05, 8, 8), &mut buf)).status.is_success(), "compare equal");
+    assert!(done(exec(&mut q, &rw(0x05, 8, 8), &mut buf)).status.is_success(), "compare equal");
     buf[100] ^= 1;
-    assert_eq!(done(q.execute(&rw(0x05, 8, 8), &mut buf)).status, Status::COMPARE_FAILURE.dnr());
-    assert!(done(q.execute(&rw(0x08, 8, 1), &mut [])).status.is_success(), "write zeroes");
-    done(q.execute(&rw(0x02, 8, 8), &mut back));
+    assert_eq!(done(exec(&mut q, &rw(0x05, 8, 8), &mut buf)).status, Status::COMPARE_FAILURE.dnr());
+    assert!(done(exec(&mut q, &rw(0x08, 8, 1), &mut [])).status.is_success(), "write zeroes");
+    done(exec(&mut q, &rw(0x02, 8, 8), &mut back));
     assert!(back[..512].iter().all(|&b| b == 0) && back[512..] == pattern[512..]);
     // Dataset Management deallocate of blocks 9..16.
     let mut range = [0u8; 16];
@@ -327,33 +395,33 @@ async fn io_commands_and_their_errors() {
     let mut dsm = rw(0x09, 0, 1);
     dsm.cdw10 = 0.into();
     dsm.cdw11 = (1 << 2).into();
-    assert!(done(q.execute(&dsm, &mut range)).status.is_success());
-    done(q.execute(&rw(0x02, 8, 8), &mut back));
+    assert!(done(exec(&mut q, &dsm, &mut range)).status.is_success());
+    done(exec(&mut q, &rw(0x02, 8, 8), &mut back));
     assert!(back.iter().all(|&b| b == 0));
     // An out-of-range DSM range changes nothing.
     range[8..16].copy_from_slice(&2047u64.to_le_bytes());
-    assert_eq!(done(q.execute(&dsm, &mut range)).status, Status::LBA_OUT_OF_RANGE.dnr());
+    assert_eq!(done(exec(&mut q, &dsm, &mut range)).status, Status::LBA_OUT_OF_RANGE.dnr());
     // Errors.
-    assert_eq!(done(q.execute(&rw(0x02, 2047, 2), &mut back[..1024])).status, Status::LBA_OUT_OF_RANGE.dnr());
-    assert_eq!(done(q.execute(&rw(0x02, u64::MAX, 1), &mut back[..512])).status, Status::LBA_OUT_OF_RANGE.dnr());
-    assert_eq!(done(q.execute(&rw(0x02, 0, 8), &mut back[..512])).status, Status::DATA_SGL_LENGTH_INVALID.dnr());
+    assert_eq!(done(exec(&mut q, &rw(0x02, 2047, 2), &mut back[..1024])).status, Status::LBA_OUT_OF_RANGE.dnr());
+    assert_eq!(done(exec(&mut q, &rw(0x02, u64::MAX, 1), &mut back[..512])).status, Status::LBA_OUT_OF_RANGE.dnr());
+    assert_eq!(done(exec(&mut q, &rw(0x02, 0, 8), &mut back[..512])).status, Status::DATA_SGL_LENGTH_INVALID.dnr());
     let mut bad_ns = rw(0x02, 0, 1);
     bad_ns.nsid = 2.into();
-    assert_eq!(done(q.execute(&bad_ns, &mut back[..512])).status, Status::INVALID_NAMESPACE.dnr());
-    assert_eq!(done(q.execute(&rw(0x06, 0, 1), &mut [])).status, Status::INVALID_OPCODE.dnr());
+    assert_eq!(done(exec(&mut q, &bad_ns, &mut back[..512])).status, Status::INVALID_NAMESPACE.dnr());
+    assert_eq!(done(exec(&mut q, &rw(0x06, 0, 1), &mut [])).status, Status::INVALID_OPCODE.dnr());
     let mut flush_all = rw(0x00, 0, 1);
     flush_all.nsid = u32::MAX.into();
-    assert!(done(q.execute(&flush_all, &mut [])).status.is_success());
+    assert!(done(exec(&mut q, &flush_all, &mut [])).status.is_success());
     // PRPs are not allowed on fabrics.
     let mut prp = rw(0x02, 0, 1);
     prp.flags = 0;
-    assert_eq!(done(q.execute(&prp, &mut back[..512])).status, Status::INVALID_FIELD.dnr());
+    assert_eq!(done(exec(&mut q, &prp, &mut back[..512])).status, Status::INVALID_FIELD.dnr());
     // SMART counts what went through.
     let mut smart = vec![0u8; 512];
     let mut glp = sqe(0x02);
     glp.cdw10 = (0x02 | (127u32 << 16)).into();
     let mut a = _a;
-    done(a.execute(&glp, &mut smart));
+    done(exec(&mut a, &glp, &mut smart));
     assert_eq!(u128::from_le_bytes(smart[80..96].try_into().unwrap()), 1, "host write commands");
     assert_eq!(u128::from_le_bytes(smart[64..80].try_into().unwrap()), 3, "host read commands (compares not counted)");
 }
@@ -370,14 +438,14 @@ async fn keep_alive_timeout_tears_the_controller_down() {
     d.cntlid = 0xffff.into();
     put_str(&mut d.subnqn, OPEN, 0);
     put_str(&mut d.hostnqn, HOST, 0);
-    let cntlid = done(q.execute(&s, d.as_mut_bytes())).result as u16;
+    let cntlid = done(exec(&mut q, &s, d.as_mut_bytes())).result as u16;
     prop_set(&mut q, 0x14, CC_ENABLE);
     let ctrl = t.controller(cntlid).unwrap();
     let mut dead = ctrl.watch_dead();
     // Keep Alive every 500 ms keeps it up.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(done(q.execute(&sqe(0x18), &mut [])).status.is_success());
+        assert!(done(exec(&mut q, &sqe(0x18), &mut [])).status.is_success());
     }
     assert!(ctrl.dead_reason().is_none());
     // Silence past KATO ends it.
@@ -397,10 +465,10 @@ async fn reconfiguration_notifies_discovery_controllers() {
     let mut set = sqe(0x09);
     set.cdw10 = 0x0b.into();
     set.cdw11 = (1u32 << 31).into();
-    assert!(done(disc.execute(&set, &mut [])).status.is_success());
+    assert!(done(exec(&mut disc, &set, &mut [])).status.is_success());
     let mut aer = sqe(0x0c);
     aer.cid = 77.into();
-    assert_eq!(disc.execute(&aer, &mut []), Exec::Deferred);
+    assert_eq!(exec(&mut disc, &aer, &mut []), Exec::Deferred);
     let (_open, open_id) = admin(&t, 1, OPEN);
     let gen_before = t.generation();
     let dctrl = disc.controller().unwrap().clone();
@@ -415,12 +483,71 @@ async fn reconfiguration_notifies_discovery_controllers() {
     assert!(t.controller(open_id).is_none(), "controller of a removed subsystem is torn down");
     // A later change with no request held is kept until the host posts one.
     t.reconfigure(t.subsystems());
-    assert_eq!(done(disc.execute(&aer, &mut [])).result, 0x70_f002);
+    assert_eq!(done(exec(&mut disc, &aer, &mut [])).result, 0x70_f002);
     // A controller that did not enable the notice gets none.
     let mut quiet = Queue::new(t.clone(), port(1));
     connect(&mut quiet, 0, DISCOVERY_NQN, HOST, 0xffff);
     prop_set(&mut quiet, 0x14, 1);
     t.reconfigure(t.subsystems());
-    assert_eq!(quiet.execute(&aer, &mut []), Exec::Deferred);
+    assert_eq!(exec(&mut quiet, &aer, &mut []), Exec::Deferred);
     assert!(quiet.controller().unwrap().take_async_completions().is_empty());
+}
+
+#[tokio::test]
+async fn submitted_commands_complete_out_of_order_with_their_windows() {
+    let held = Held::default();
+    let ns = Namespace::new(OPEN, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), Some(held.clone()))));
+    let subsys = Subsystem {
+        nqn: OPEN.into(),
+        serial: "SN1".into(),
+        model: "model".into(),
+        allow_any_host: true,
+        hosts: Vec::new(),
+        ports: None,
+        namespaces: vec![ns],
+        stats: IoStats::default(),
+    };
+    let t = Target::new(vec![Arc::new(subsys)], vec![port(1)]);
+    let (_a, cntlid) = admin(&t, 1, OPEN);
+    let mut q = io_queue(&t, cntlid);
+    // Three writes of different patterns, all in flight at once.
+    let mut bufs: Vec<Option<Window>> = Vec::new();
+    for tag in 0..3u16 {
+        let mut w = Window::host(4096).unwrap();
+        w.bytes_mut().fill(0x10 + tag as u8);
+        let mut b = Some(w);
+        assert_eq!(q.execute(tag, &rw(0x01, u64::from(tag) * 8, 8), &mut b, 4096), Exec::Submitted);
+        assert!(b.is_none(), "the submitted command holds its window");
+        bufs.push(b);
+    }
+    assert_eq!(q.in_flight(), 3);
+    // A tag still in flight is refused, not overwritten.
+    let mut dup = Some(Window::host(4096).unwrap());
+    assert_eq!(done(q.execute(1, &rw(0x02, 0, 8), &mut dup, 4096)).status, Status::INTERNAL_ERROR);
+    let mut reaped = Vec::new();
+    q.reap(&mut |c| reaped.push(c.tag));
+    assert!(reaped.is_empty(), "nothing finished yet");
+    // The backend finishes 2, then 0, then 1: completions follow that order.
+    for tag in [2u16, 0, 1] {
+        held.lock().unwrap().iter_mut().find(|(r, _)| r.tag == tag).unwrap().1 = true;
+        tokio::time::timeout(Duration::from_secs(1), q.io_ready()).await.expect("ready once released");
+        q.reap(&mut |c| {
+            assert!(c.response.status.is_success());
+            assert_eq!(c.buf.as_ref().map(Window::len), Some(4096), "the window comes back");
+            bufs[usize::from(c.tag)] = c.buf;
+            reaped.push(c.tag);
+        });
+    }
+    assert_eq!(reaped, [2, 0, 1]);
+    assert_eq!(q.in_flight(), 0);
+    // Read back the three blocks in one command.
+    let mut back = Some(Window::host(3 * 4096).unwrap());
+    assert_eq!(q.execute(7, &rw(0x02, 0, 24), &mut back, 3 * 4096), Exec::Submitted);
+    held.lock().unwrap()[0].1 = true;
+    let mut got = None;
+    q.reap(&mut |c| got = Some(c));
+    let c = got.unwrap();
+    assert_eq!((c.tag, c.response.data_len), (7, 3 * 4096));
+    let data = c.buf.unwrap();
+    assert!(data.bytes().chunks(4096).enumerate().all(|(i, b)| b.iter().all(|&x| x == 0x10 + i as u8)));
 }

@@ -1,6 +1,11 @@
 //! Memory mappings: device memory through a file (sysfs `resourceN`, a VFIO device region) and
 //! host memory (anonymous, huge pages when the system has them reserved). Register access is
 //! volatile and 32 bits wide, as PCIe devices expect.
+//!
+//! I/O data lives in [`Window`]s: disjoint pieces of one mapping, each owned by one party at a
+//! time. A window moves (by value) to whoever works on it — the transport, a backend's
+//! in-flight operation, a pool — so two users of the same bytes cannot exist in safe code,
+//! and the mapping stays alive while any window of it does (even one a device still writes).
 #![allow(unsafe_code)]
 
 use std::fs::OpenOptions;
@@ -8,6 +13,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::ptr::{self, NonNull};
+use std::sync::{Arc, Weak};
 
 const PAGE: u64 = 4096;
 const HUGE_PAGE: usize = 2 << 20;
@@ -45,6 +51,16 @@ impl Mapping {
             libc::mmap(ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, off)
         };
         Self::checked(p, map_len, delta, len)
+    }
+
+    /// Anonymous host memory of `len` bytes in normal pages, touched only as used: for
+    /// buffers sized to what a connection actually moves.
+    pub fn host_small(len: usize) -> io::Result<Mapping> {
+        let map_len = len.next_multiple_of(PAGE as usize).max(PAGE as usize);
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: anonymous mapping; the result is checked.
+        let p = unsafe { libc::mmap(ptr::null_mut(), map_len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        Self::checked(p, map_len, 0, len)
     }
 
     /// Anonymous host memory of at least `len` bytes: 2 MiB huge pages when the system has them
@@ -140,19 +156,119 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.as_ptr().add(off), len) }
     }
 
-    /// A disjoint sub-range for the pool's chunk owner (shared mapping, exclusive range).
-    #[allow(clippy::mut_from_ref, reason = "chunks are disjoint; each is lent to one slab borrow at a time")]
-    pub(crate) fn chunk_mut(&self, off: usize, len: usize) -> &mut [u8] {
-        assert!(off + len <= self.len, "chunk outside the mapping");
-        // SAFETY: in bounds; the pool lends each chunk to one slab at a time, which hands out
-        // one borrow at a time through &mut Slab.
-        unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(off), len) }
-    }
-
     pub fn slice_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= self.len, "slice outside the mapping");
         // SAFETY: in bounds; exclusive through &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(off), len) }
+    }
+}
+
+impl Mapping {
+    /// Splits the mapping into disjoint windows of `size` bytes (the tail that does not fill
+    /// one is left out). The mapping is consumed: from now on only the windows reach it.
+    pub fn into_windows(self, size: usize) -> Vec<Window> {
+        assert!(size > 0, "windows of 0 bytes");
+        let map = Arc::new(self);
+        (0..map.len / size).map(|i| Window { map: map.clone(), off: i * size, len: size, home: None }).collect()
+    }
+}
+
+/// Where a window goes when its owner drops it (a pool), instead of being lost.
+pub trait Home: Send + Sync + std::fmt::Debug {
+    fn take_back(&self, w: Window);
+}
+
+/// A disjoint piece of a [`Mapping`], owned by one party at a time (see the module
+/// documentation). Moving it is the hand-over; there is no way to copy it.
+#[derive(Debug)]
+pub struct Window {
+    map: Arc<Mapping>,
+    off: usize,
+    len: usize,
+    home: Option<Weak<dyn Home>>,
+}
+
+impl Window {
+    /// A window over fresh host memory of `len` bytes (normal pages, page-aligned).
+    pub fn host(len: usize) -> io::Result<Window> {
+        let m = Mapping::host_small(len)?;
+        Ok(Window { map: Arc::new(m), off: 0, len, home: None })
+    }
+
+    /// The same window, returning to `home` whenever it is dropped.
+    pub fn with_home(mut self, home: Weak<dyn Home>) -> Window {
+        self.home = Some(home);
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Where the window starts, for a device that is handed it (a NIC's SGE, an io_uring
+    /// operation); the window must stay with that operation until it completes.
+    pub fn as_ptr(&self) -> *mut u8 {
+        // SAFETY: off + len <= map.len by construction.
+        unsafe { self.map.as_ptr().add(self.off) }
+    }
+
+    /// Offset of the window in its mapping (add the mapping's bus or CPU address for a device).
+    pub fn offset(&self) -> usize {
+        self.off
+    }
+
+    /// Whether the window is a piece of `map` (to return it to the pool it came from).
+    pub fn is_in(&self, map: &Mapping) -> bool {
+        ptr::eq(Arc::as_ptr(&self.map), map)
+    }
+
+    /// The mapping's start and length, for registering the whole mapping with a device once.
+    pub fn mapping_range(&self) -> (*mut u8, usize) {
+        (self.map.as_ptr(), self.map.len)
+    }
+
+    /// Keeps the window's whole mapping alive (for as long as a device has it registered),
+    /// without access to its bytes.
+    pub fn pin_mapping(&self) -> MappingPin {
+        MappingPin(self.map.clone())
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: in bounds; this window is the only way to its bytes and we hold it.
+        unsafe { std::slice::from_raw_parts(self.as_ptr(), self.len) }
+    }
+
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: in bounds; exclusive through &mut of the only owner of these bytes.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len) }
+    }
+}
+
+/// A mapping kept alive for a device that has it registered; it gives no access to the bytes.
+#[derive(Debug, Clone)]
+pub struct MappingPin(Arc<Mapping>);
+
+impl MappingPin {
+    pub fn range(&self) -> (*mut u8, usize) {
+        (self.0.as_ptr(), self.0.len)
+    }
+
+    /// Whether `w` lies in this mapping.
+    pub fn holds(&self, w: &Window) -> bool {
+        Arc::ptr_eq(&self.0, &w.map)
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        if let Some(home) = self.home.as_ref().and_then(Weak::upgrade) {
+            let back = Window { map: self.map.clone(), off: self.off, len: self.len, home: self.home.take() };
+            home.take_back(back);
+        }
     }
 }
 
@@ -185,6 +301,26 @@ mod tests {
         let raw = std::fs::read(&path).unwrap();
         assert_eq!(&raw[4096 + 64 + 0x10..][..8], &0x1122_3344_5566_7788u64.to_le_bytes());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn windows_are_disjoint_and_keep_their_mapping_alive() {
+        let m = Mapping::host_small(3 * 4096 + 100).unwrap();
+        let base = m.as_ptr() as usize;
+        let mut w = m.into_windows(4096);
+        assert_eq!(w.len(), 3, "the partial tail is left out");
+        assert_eq!(w.iter().map(|w| w.as_ptr() as usize - base).collect::<Vec<_>>(), [0, 4096, 8192]);
+        w[1].bytes_mut().fill(7);
+        let last = w.pop().unwrap();
+        let mid = w.pop().unwrap();
+        drop(w);
+        // The other windows are gone; the mapping lives on for these two.
+        assert!(mid.bytes().iter().all(|&b| b == 7) && last.bytes().iter().all(|&b| b == 0));
+        assert_eq!((mid.offset(), mid.len()), (4096, 4096));
+        let (start, len) = mid.mapping_range();
+        assert_eq!((start as usize, len), (base, 3 * 4096 + 100));
+        let own = Window::host(100).unwrap();
+        assert!((own.as_ptr() as usize).is_multiple_of(4096) && own.len() == 100);
     }
 
     #[test]

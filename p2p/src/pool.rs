@@ -1,18 +1,19 @@
-//! Buffer pools: fixed-size, aligned chunks over one mapping — a provider's window (p2p) or
-//! host memory. Queues never share a lock per I/O: each takes a `Slab` of chunks when it starts
-//! (the only time the pool's lock is taken) and allocates from it alone. An empty slab means
-//! the request falls back to host memory; the caller counts that.
+//! Buffer pools: fixed-size, aligned chunks (as [`Window`]s) over one mapping — a provider's
+//! window (p2p) or host memory. Queues never share a lock per I/O: each takes a `Slab` of
+//! chunks when it starts (the only time the pool's lock is taken) and allocates from it alone.
+//! An empty slab means the request falls back to host memory; the caller counts that.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
-use crate::mem::Mapping;
+use crate::mem::{Home, Mapping, Window};
 
 #[derive(Debug)]
 pub struct ChunkPool {
-    mem: Mapping,
     chunk: usize,
-    free: Mutex<Vec<u32>>,
+    free: Mutex<Vec<Window>>,
     count: usize,
+    /// The mapping's start, to tell this pool's chunks from others (never dereferenced).
+    base: usize,
 }
 
 impl ChunkPool {
@@ -21,12 +22,17 @@ impl ChunkPool {
         if !chunk.is_power_of_two() || chunk < 4096 {
             return Err(format!("chunk size {chunk} is not a power of two of at least 4096"));
         }
-        let count = mem.len() / chunk;
-        if count == 0 {
-            return Err(format!("a {}-byte window holds no {chunk}-byte chunk", mem.len()));
+        let base = mem.as_ptr() as usize;
+        let windows = mem.into_windows(chunk);
+        if windows.is_empty() {
+            return Err(format!("the window holds no {chunk}-byte chunk"));
         }
-        let free = (0..count as u32).rev().collect();
-        Ok(Arc::new(ChunkPool { mem, chunk, free: Mutex::new(free), count }))
+        let count = windows.len();
+        Ok(Arc::new_cyclic(|me: &Weak<ChunkPool>| {
+            let home: Weak<dyn Home> = me.clone();
+            let free = windows.into_iter().rev().map(|w| w.with_home(home.clone())).collect();
+            ChunkPool { chunk, free: Mutex::new(free), count, base }
+        }))
     }
 
     /// `count` chunks of host memory (huge pages when available).
@@ -47,8 +53,9 @@ impl ChunkPool {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    pub fn mapping(&self) -> &Mapping {
-        &self.mem
+    /// Whether `w` is one of this pool's chunks.
+    pub fn owns(&self, w: &Window) -> bool {
+        w.mapping_range().0 as usize == self.base && w.len() == self.chunk
     }
 
     /// Up to `want` chunks for one queue.
@@ -56,7 +63,17 @@ impl ChunkPool {
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
         let at = free.len().saturating_sub(want);
         let mine = free.split_off(at);
-        Slab { pool: self.clone(), all: mine.clone(), free: mine }
+        Slab { pool: self.clone(), owned: mine.len(), free: mine }
+    }
+}
+
+impl Home for ChunkPool {
+    /// A chunk dropped by whoever held it (a command's operation that outlived its queue)
+    /// returns to the pool.
+    fn take_back(&self, w: Window) {
+        if self.owns(&w) {
+            self.free.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+        }
     }
 }
 
@@ -64,42 +81,32 @@ impl ChunkPool {
 #[derive(Debug)]
 pub struct Slab {
     pool: Arc<ChunkPool>,
-    free: Vec<u32>,
-    /// Every chunk taken, free or lent: all go back when the queue ends, even those a
-    /// command still held.
-    all: Vec<u32>,
+    free: Vec<Window>,
+    /// Chunks taken from the pool, free or lent out.
+    owned: usize,
 }
-
-/// A chunk in use; give it back with `Slab::put`.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Chunk(u32);
 
 impl Slab {
     /// A chunk for a transfer of `len` bytes; `None` when the slab is empty or `len` exceeds a
     /// chunk (the request uses host memory).
-    pub fn get(&mut self, len: usize) -> Option<Chunk> {
+    pub fn get(&mut self, len: usize) -> Option<Window> {
         if len > self.pool.chunk {
             return None;
         }
-        self.free.pop().map(Chunk)
+        self.free.pop()
     }
 
-    pub fn put(&mut self, c: Chunk) {
-        self.free.push(c.0);
+    /// Takes a chunk back; false (and the window is dropped) when it is not this slab's pool's.
+    pub fn put(&mut self, w: Window) -> bool {
+        let ours = self.pool.owns(&w);
+        if ours {
+            self.free.push(w);
+        }
+        ours
     }
 
-    /// Offset of a chunk within the pool's window (add the provider's bus or CPU address for
-    /// a device).
-    pub fn offset(&self, c: &Chunk) -> usize {
-        c.0 as usize * self.pool.chunk
-    }
-
-    /// The chunk's memory, for the CPU.
-    pub fn bytes(&mut self, c: &Chunk, len: usize) -> &mut [u8] {
-        assert!(len <= self.pool.chunk, "{len} bytes do not fit a {}-byte chunk", self.pool.chunk);
-        let off = self.offset(c);
-        // Chunks are disjoint and this slab owns `c`; the pool (and mapping) outlives the slab.
-        self.pool.mem.chunk_mut(off, len)
+    pub fn owns(&self, w: &Window) -> bool {
+        self.pool.owns(w)
     }
 
     pub fn chunk_size(&self) -> usize {
@@ -108,14 +115,16 @@ impl Slab {
 
     /// Chunks this slab holds (free or lent out).
     pub fn owned(&self) -> usize {
-        self.all.len()
+        self.owned
     }
 }
 
 impl Drop for Slab {
+    /// Free chunks go back to the pool; chunks still lent out follow when their holder drops
+    /// them.
     fn drop(&mut self) {
         let mut free = self.pool.free.lock().unwrap_or_else(|e| e.into_inner());
-        free.append(&mut self.all);
+        free.append(&mut self.free);
     }
 }
 
@@ -129,26 +138,28 @@ mod tests {
         let mut a = pool.take(5);
         let b = pool.take(5);
         assert_eq!((a.owned(), b.owned(), pool.free_chunks()), (5, 3, 0));
-        let c = a.get(4096).unwrap();
+        let mut c = a.get(4096).unwrap();
         assert!(a.get(4097).is_none(), "larger than a chunk: host memory");
-        a.bytes(&c, 4).copy_from_slice(b"data");
-        let off = a.offset(&c);
-        assert_eq!(pool.mapping().slice(off, 4), b"data");
-        a.put(c);
-        let _lent = a.get(1).unwrap();
+        c.bytes_mut()[..4].copy_from_slice(b"data");
+        assert!(pool.owns(&c) && c.offset().is_multiple_of(4096));
+        assert!(a.put(c));
+        assert!(!a.put(Window::host(4096).unwrap()), "a stranger is not taken in");
+        let lent = a.get(1).unwrap();
         drop(b);
         assert_eq!(pool.free_chunks(), 3);
         drop(a);
-        assert_eq!(pool.free_chunks(), 8);
+        assert_eq!(pool.free_chunks(), 7, "the chunk still lent out is not free yet");
+        drop(lent);
+        assert_eq!(pool.free_chunks(), 8, "dropped, it comes home");
     }
 
     #[test]
     fn an_exhausted_slab_says_so() {
         let pool = ChunkPool::host(8192, 2).unwrap();
         let mut s = pool.take(4);
-        let got: Vec<Chunk> = std::iter::from_fn(|| s.get(8192)).collect();
+        let got: Vec<Window> = std::iter::from_fn(|| s.get(8192)).collect();
         assert_eq!(got.len(), 2);
-        let offs: Vec<usize> = got.iter().map(|c| s.offset(c)).collect();
+        let offs: Vec<usize> = got.iter().map(Window::offset).collect();
         assert!(offs.iter().all(|o| o % 8192 == 0) && offs[0] != offs[1], "{offs:?}");
         assert!(s.get(1).is_none());
         assert!(ChunkPool::host(3000, 1).is_err());

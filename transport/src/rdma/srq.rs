@@ -82,12 +82,11 @@ impl SharedRecv {
     ///
     /// # Safety
     /// The caller must hold `idx`: it took it from a receive completion and has not posted it
-    /// again. No one else touches that buffer meanwhile.
-    #[allow(clippy::mut_from_ref)]
-    pub unsafe fn capsule_mut(&self, idx: usize) -> &mut [u8] {
+    /// again, so the device does not write it meanwhile.
+    pub unsafe fn capsule(&self, idx: usize) -> &[u8] {
         assert!(idx < self.count, "SRQ buffer {idx} out of range");
-        // SAFETY: in range; exclusive per the caller's contract.
-        unsafe { std::slice::from_raw_parts_mut(self.mem.as_ptr().add(idx * self.capsule), self.capsule) }
+        // SAFETY: in range; not written while the caller holds it (its contract).
+        unsafe { std::slice::from_raw_parts(self.mem.as_ptr().add(idx * self.capsule), self.capsule) }
     }
 }
 

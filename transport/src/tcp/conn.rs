@@ -1,18 +1,24 @@
-//! One NVMe/TCP connection = one NVMe-oF queue. Reads PDUs, moves data (in-capsule, R2T +
-//! H2CData, C2HData) and sends responses; the command's meaning is the core's business.
+//! One NVMe/TCP connection = one NVMe-oF queue, with every command of the queue in progress
+//! at once: capsules are read as they come, writes get their R2T at once, commands are
+//! submitted without waiting for earlier ones, and responses (C2HData, CapsuleResp) go out in
+//! completion order, gathered per batch into one vectored socket write. The command's meaning
+//! is the core's business.
 
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::Arc;
 
-use p2pnvmf_nvmf::buffers::{P2pBuf, QueueBuffers};
+use p2pnvmf_nvmf::buffers::QueueBuffers;
 use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::wire::{Sqe, sgl};
-use p2pnvmf_nvmf::{Direction, Exec, Port, Queue, Response, Status, Target};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use p2pnvmf_nvmf::{Completion, Direction, Exec, Port, Queue, Response, Status, Target};
+use p2pnvmf_p2p::mem::Window;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 use zerocopy::{FromBytes, IntoBytes};
 
 use super::TcpParams;
@@ -34,46 +40,15 @@ impl From<Fatal> for ConnError {
     }
 }
 
-/// Socket halves and what was negotiated at ICReq.
+/// The read half and what was negotiated at ICReq.
 struct Wire {
     rd: BufReader<OwnedReadHalf>,
-    wr: BufWriter<OwnedWriteHalf>,
     lim: Limits,
     /// The last header read, for a termination request.
     hdr: [u8; 132],
 }
 
 impl Wire {
-    /// Writes a PDU header, with its digest when header digests were negotiated.
-    async fn write_pdu(&mut self, header: &[u8]) -> std::io::Result<()> {
-        self.wr.write_all(header).await?;
-        if self.lim.hdgst {
-            self.wr.write_all(&crc32c(header).to_le_bytes()).await?;
-        }
-        Ok(())
-    }
-
-    /// Flushes unless more input is already buffered: pipelined commands share one send.
-    async fn maybe_flush(&mut self) -> std::io::Result<()> {
-        if self.rd.buffer().is_empty() { self.wr.flush().await } else { Ok(()) }
-    }
-
-    async fn send_response(&mut self, queue: &mut Queue, cid: u16, r: &Response) -> std::io::Result<()> {
-        let resp = pdu::capsule_resp(queue.cqe(cid, r), self.lim.hdgst);
-        self.write_pdu(resp.as_bytes()).await
-    }
-
-    /// Sends `data` as C2HData; with `success`, no response capsule follows.
-    async fn send_c2h(&mut self, cid: u16, data: &[u8], success: bool) -> std::io::Result<()> {
-        let h = pdu::c2h_data(cid, 0, data.len(), true, success, &self.lim);
-        self.write_pdu(h.as_bytes()).await?;
-        self.wr.write_all(data).await?;
-        if self.lim.ddgst {
-            self.wr.write_all(&crc32c(data).to_le_bytes()).await?;
-        }
-        Ok(())
-    }
-
     /// Reads the rest of a header (after the common header) and checks its digest.
     async fn read_header(&mut self, l: &Layout) -> Result<(), ConnError> {
         let end = l.hlen + if l.hdgst { 4 } else { 0 };
@@ -112,43 +87,101 @@ impl Wire {
     }
 }
 
-/// A command waiting for its data by R2T; its index is the transfer tag.
-#[derive(Debug, Default)]
-struct Slot {
-    sqe: Option<Sqe>,
-    len: usize,
-    received: usize,
-    digest_error: bool,
-    buf: DataBuf,
-    /// The command's p2p chunk, when its namespace's buffers are p2p memory.
-    p2p: Option<P2pBuf>,
+/// Where a command is (NVMe/TCP's view; the core tracks the execution itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Free,
+    /// R2T sent: H2CData fills the buffer up to `len`.
+    AwaitingData {
+        received: usize,
+        digest_error: bool,
+    },
+    /// Submitted to the backend.
+    Executing,
+    /// Its response is in the output batch (which may point at its buffer).
+    Sending,
 }
 
-/// Page alignment lets O_DIRECT backends use the buffer as it is.
-const ALIGN: usize = 4096;
+/// A command slot; its index is the command's tag (and its R2T transfer tag).
+#[derive(Debug)]
+struct Slot {
+    state: State,
+    sqe: Sqe,
+    len: usize,
+    /// The slot's own host buffer: grows to the largest transfer seen, then serves every
+    /// command without allocating; page-aligned for O_DIRECT.
+    own: Option<Window>,
+    /// A p2p chunk lent for the current command.
+    chunk: Option<Window>,
+}
 
-/// A reusable data buffer: grows to the largest transfer seen, then serves every command
-/// without allocating; its window starts page-aligned.
-#[derive(Debug, Default)]
-struct DataBuf(Vec<u8>);
+impl Slot {
+    fn new() -> Self {
+        Slot { state: State::Free, sqe: Sqe::default(), len: 0, own: None, chunk: None }
+    }
 
-impl DataBuf {
-    fn window(&mut self, len: usize) -> &mut [u8] {
-        if self.0.len() < len + ALIGN {
-            self.0.resize(len + ALIGN, 0);
+    /// The buffer the current command uses.
+    fn buf(&mut self) -> &mut Option<Window> {
+        if self.chunk.is_some() { &mut self.chunk } else { &mut self.own }
+    }
+
+    fn data(&self) -> &[u8] {
+        self.chunk.as_ref().or(self.own.as_ref()).map_or(&[][..], |w| &w.bytes()[..self.len])
+    }
+
+    /// Makes the own buffer hold at least `len` bytes.
+    fn ensure_own(&mut self, len: usize) -> std::io::Result<()> {
+        if self.own.as_ref().is_none_or(|w| w.len() < len) {
+            self.own = Some(Window::host(len.next_power_of_two().max(4096))?);
         }
-        let off = self.0.as_ptr().align_offset(ALIGN);
-        &mut self.0[off..off + len]
+        Ok(())
+    }
+}
+
+/// Pieces of the next socket write, in order.
+#[derive(Debug)]
+enum Seg {
+    /// Bytes of `Out::bytes` (headers, digests).
+    Bytes(Range<usize>),
+    /// The data of a slot's buffer.
+    Data(u16),
+}
+
+/// The output batch: everything to send before the next flush.
+#[derive(Debug, Default)]
+struct Out {
+    bytes: Vec<u8>,
+    segs: Vec<Seg>,
+}
+
+impl Out {
+    fn push(&mut self, b: &[u8]) {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(b);
+        match self.segs.last_mut() {
+            Some(Seg::Bytes(r)) if r.end == start => r.end = self.bytes.len(),
+            _ => self.segs.push(Seg::Bytes(start..self.bytes.len())),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.segs.is_empty()
     }
 }
 
 struct Conn {
     wire: Wire,
+    wr: OwnedWriteHalf,
     queue: Queue,
     params: TcpParams,
-    scratch: DataBuf,
     slots: Vec<Slot>,
+    free: Vec<u16>,
     bufs: QueueBuffers,
+    out: Out,
+    /// Slots whose answers are in `out` (freed once it is written).
+    sending: Vec<u16>,
+    /// Completions reaped from the core, reused.
+    reaped: Vec<Completion>,
 }
 
 /// Serves one accepted connection until the host leaves, the controller dies, a protocol
@@ -165,17 +198,16 @@ pub async fn run(
     let (rd, wr) = stream.into_split();
     let lim = Limits { hdgst: false, ddgst: false, max_icd: params.max_icd, maxh2cdata: params.maxh2cdata };
     let mut conn = Conn {
-        wire: Wire {
-            rd: BufReader::with_capacity(64 << 10, rd),
-            wr: BufWriter::with_capacity(64 << 10, wr),
-            lim,
-            hdr: [0; 132],
-        },
+        wire: Wire { rd: BufReader::with_capacity(64 << 10, rd), lim, hdr: [0; 132] },
+        wr,
         queue: Queue::new(target, port),
         params,
-        scratch: DataBuf::default(),
         slots: Vec::new(),
+        free: Vec::new(),
         bufs: QueueBuffers::default(),
+        out: Out::default(),
+        sending: Vec::new(),
+        reaped: Vec::new(),
     };
     let result = tokio::select! {
         r = conn.serve() => r,
@@ -187,15 +219,14 @@ pub async fn run(
         Err(ConnError::Protocol(f)) => {
             warn!(%peer, ?who, qid = conn.queue.qid(), fes = f.fes, fei = f.fei, "protocol error: {}; sending C2HTermReq", f.why);
             let term = pdu::c2h_term_req(&f, &conn.wire.hdr[..72]);
-            let _ = conn.wire.wr.write_all(&term).await;
-            let _ = conn.wire.wr.flush().await;
+            let _ = conn.wr.write_all(&term).await;
         }
         Err(ConnError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             debug!(%peer, ?who, qid = conn.queue.qid(), "host closed the connection")
         }
         Err(e) => info!(%peer, ?who, qid = conn.queue.qid(), "connection ended: {e}"),
     }
-    let _ = conn.wire.wr.shutdown().await;
+    let _ = conn.wr.shutdown().await;
 }
 
 impl Conn {
@@ -206,14 +237,15 @@ impl Conn {
             if ctrl.follow(&self.queue) {
                 self.bufs = QueueBuffers::for_queue(&self.queue);
             }
-            // Wait for input without consuming it (cancel-safe), for a dead controller, or for
-            // an async event; only then read the PDU.
+            // Wait for input without consuming it (cancel-safe), for finished commands, for a
+            // dead controller or an async event.
             tokio::select! {
                 r = self.wire.rd.fill_buf() => {
                     if r?.is_empty() {
                         return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
                     }
                 }
+                () = self.queue.io_ready() => {}
                 w = ctrl.changed() => match w {
                     Watched::TornDown(reason) => {
                         info!(qid = self.queue.qid(), reason, "controller gone: closing its queue");
@@ -222,32 +254,42 @@ impl Conn {
                     Watched::Events(c) => {
                         for (cid, dw0) in c.take_async_completions() {
                             info!(cntlid = c.cntlid, cid, dw0 = format_args!("{dw0:#x}"), "async event completed");
-                            self.wire.send_response(&mut self.queue, cid, &Response::result(dw0.into())).await?;
+                            self.push_response(cid, &Response::result(dw0.into()));
                         }
-                        self.wire.wr.flush().await?;
-                        continue;
                     }
                 },
             }
-            let mut ch = [0u8; 8];
-            self.wire.rd.read_exact(&mut ch).await?;
-            self.wire.hdr[..8].copy_from_slice(&ch);
-            let ch = CommonHeader::read_from_bytes(&ch).expect("8 bytes");
-            let layout = pdu::check(&ch, &self.wire.lim)?;
-            self.wire.read_header(&layout).await?;
-            match layout.pdu_type {
-                pdu_type::CAPSULE_CMD => self.on_capsule(&layout).await?,
-                pdu_type::H2C_DATA => self.on_h2c_data(&layout).await?,
-                pdu_type::H2C_TERM_REQ => {
-                    self.wire.discard(layout.data_len).await?;
-                    let fes = u16::from_le_bytes([self.wire.hdr[8], self.wire.hdr[9]]);
-                    info!(qid = self.queue.qid(), fes, "host terminated the connection (H2CTermReq)");
+            // Every PDU already here, then every finished command, then one write.
+            while !self.wire.rd.buffer().is_empty() {
+                if self.read_pdu().await? {
                     return Ok(());
                 }
-                _ => return Err(Fatal::sequence("ICReq after connection set-up").into()),
             }
-            self.wire.maybe_flush().await?;
+            self.reap();
+            self.flush().await?;
         }
+    }
+
+    /// Reads and handles one PDU; true when the host terminated the connection.
+    async fn read_pdu(&mut self) -> Result<bool, ConnError> {
+        let mut ch = [0u8; 8];
+        self.wire.rd.read_exact(&mut ch).await?;
+        self.wire.hdr[..8].copy_from_slice(&ch);
+        let ch = CommonHeader::read_from_bytes(&ch).expect("8 bytes");
+        let layout = pdu::check(&ch, &self.wire.lim)?;
+        self.wire.read_header(&layout).await?;
+        match layout.pdu_type {
+            pdu_type::CAPSULE_CMD => self.on_capsule(&layout).await?,
+            pdu_type::H2C_DATA => self.on_h2c_data(&layout).await?,
+            pdu_type::H2C_TERM_REQ => {
+                self.wire.discard(layout.data_len).await?;
+                let fes = u16::from_le_bytes([self.wire.hdr[8], self.wire.hdr[9]]);
+                info!(qid = self.queue.qid(), fes, "host terminated the connection (H2CTermReq)");
+                return Ok(true);
+            }
+            _ => return Err(Fatal::sequence("ICReq after connection set-up").into()),
+        }
+        Ok(false)
     }
 
     /// ICReq → ICResp (NVMe/TCP 1.0, 3.3): digests as the host asks, CPDA 0, our MAXH2CDATA.
@@ -264,44 +306,67 @@ impl Conn {
         let req = IcReq::read_from_bytes(&raw).expect("128 bytes");
         let (hdgst, ddgst) = pdu::check_icreq(&req)?;
         let resp = pdu::ic_resp(hdgst, ddgst, self.params.maxh2cdata);
-        self.wire.wr.write_all(resp.as_bytes()).await?;
-        self.wire.wr.flush().await?;
+        self.wr.write_all(resp.as_bytes()).await?;
         self.wire.lim.hdgst = hdgst;
         self.wire.lim.ddgst = ddgst;
         debug!(hdgst, ddgst, maxr2t = req.maxr2t.get(), "ICReq accepted");
         Ok(())
     }
 
+    /// A free slot for a new command; a host with more commands outstanding than its queue
+    /// holds breaks the protocol.
+    fn take_slot(&mut self) -> Result<u16, ConnError> {
+        if let Some(t) = self.free.pop() {
+            return Ok(t);
+        }
+        if self.slots.len() < usize::from(self.queue.entries()).max(1) {
+            self.slots.push(Slot::new());
+            return Ok((self.slots.len() - 1) as u16);
+        }
+        Err(Fatal::sequence("more commands outstanding than the queue holds").into())
+    }
+
+    fn release(&mut self, tag: u16) {
+        let slot = &mut self.slots[usize::from(tag)];
+        slot.state = State::Free;
+        if let Some(c) = slot.chunk.take() {
+            self.bufs.put(c);
+        }
+        self.free.push(tag);
+    }
+
     async fn on_capsule(&mut self, l: &Layout) -> Result<(), ConnError> {
         let cmd = CapsuleCmd::read_from_bytes(&self.wire.hdr[..72]).expect("72 bytes");
         let sqe = cmd.sqe;
-        let cid = sqe.cid.get();
-        let mut icd = std::mem::take(&mut self.scratch);
-        let digest_ok = self.wire.read_data(l, icd.window(l.data_len)).await;
+        let tag = self.take_slot()?;
+        let slot = &mut self.slots[usize::from(tag)];
+        (slot.sqe, slot.len) = (sqe, l.data_len);
+        slot.ensure_own(l.data_len)?;
+        let icd = &mut slot.own.as_mut().expect("ensured").bytes_mut()[..l.data_len];
+        let digest_ok = self.wire.read_data(l, icd).await?;
         let plan = self.queue.admit(&sqe).and_then(|()| self.plan(&sqe, l.data_len));
-        let result = match (digest_ok, plan) {
-            (Err(e), _) => Err(e),
-            (Ok(false), _) => {
-                self.wire.send_response(&mut self.queue, cid, &Response::status(Status::DATA_TRANSFER_ERROR)).await?;
-                Ok(())
-            }
-            (Ok(true), Err(status)) => {
-                debug!(cid, opcode = sqe.opcode, %status, "command refused at transport level");
-                self.wire.send_response(&mut self.queue, cid, &Response::status(status)).await?;
-                Ok(())
+        trace!(tag, cid = sqe.cid.get(), opcode = sqe.opcode, "capsule");
+        match (digest_ok, plan) {
+            (false, _) => self.finish(tag, &Response::status(Status::DATA_TRANSFER_ERROR)),
+            (true, Err(status)) => {
+                debug!(cid = sqe.cid.get(), opcode = sqe.opcode, %status, "command refused at transport level");
+                self.finish(tag, &Response::status(status));
             }
             // In-capsule data stays where it arrived; data for the host may go through p2p.
-            (Ok(true), Ok(Plan::Now(len))) => {
-                let to_host = Direction::of(&sqe) == Direction::ControllerToHost;
-                match to_host.then(|| self.bufs.get(&sqe, len)).flatten() {
-                    Some(b) => self.execute_p2p(&sqe, len, b).await,
-                    None => self.execute(&sqe, icd.window(len)).await,
+            (true, Ok(Plan::Now(len))) => {
+                let slot = &mut self.slots[usize::from(tag)];
+                slot.len = len;
+                if Direction::of(&sqe) == Direction::ControllerToHost {
+                    slot.chunk = self.bufs.get(&sqe, len);
                 }
+                if slot.chunk.is_none() {
+                    slot.ensure_own(len)?;
+                }
+                self.execute(tag);
             }
-            (Ok(true), Ok(Plan::R2t(len))) => self.request_data(sqe, len).await,
-        };
-        self.scratch = icd;
-        result
+            (true, Ok(Plan::R2t(len))) => self.request_data(tag, len)?,
+        }
+        Ok(())
     }
 
     /// Decides where a command's data comes from, or refuses it with a status.
@@ -338,104 +403,167 @@ impl Conn {
         }
     }
 
-    /// Executes and answers: C2HData (with SUCCESS where allowed) and/or a response capsule.
-    async fn execute(&mut self, sqe: &Sqe, buf: &mut [u8]) -> Result<(), ConnError> {
-        let cid = sqe.cid.get();
-        let r = match self.queue.execute(sqe, buf) {
-            Exec::Deferred => return Ok(()),
-            Exec::Done(r) => r,
-        };
-        if Direction::of(sqe) == Direction::ControllerToHost && r.data_len > 0 && r.status.is_success() {
+    /// Hands the command in `tag` to the core; answers it if it finished at once.
+    fn execute(&mut self, tag: u16) {
+        let slot = &mut self.slots[usize::from(tag)];
+        let (sqe, len) = (slot.sqe, slot.len);
+        match self.queue.execute(tag, &sqe, slot.buf(), len) {
+            Exec::Done(r) => self.finish(tag, &r),
+            Exec::Submitted => slot.state = State::Executing,
+            Exec::Deferred => self.release(tag),
+        }
+    }
+
+    /// Collects every command the backends finished and answers it.
+    fn reap(&mut self) {
+        let mut done = std::mem::take(&mut self.reaped);
+        self.queue.reap(&mut |c: Completion| done.push(c));
+        for c in done.drain(..) {
+            let slot = &mut self.slots[usize::from(c.tag)];
+            if let Some(b) = c.buf {
+                *slot.buf() = Some(b);
+            }
+            self.finish(c.tag, &c.response);
+        }
+        self.reaped = done;
+    }
+
+    /// Queues a finished command's answer: C2HData (with SUCCESS where allowed) and/or a
+    /// response capsule. The slot is free once the batch is written.
+    fn finish(&mut self, tag: u16, r: &Response) {
+        let slot = &mut self.slots[usize::from(tag)];
+        let cid = slot.sqe.cid.get();
+        slot.state = State::Sending;
+        self.sending.push(tag);
+        if Direction::of(&slot.sqe) == Direction::ControllerToHost && r.data_len > 0 && r.status.is_success() {
+            slot.len = (r.data_len as usize).min(slot.len);
             // SUCCESS only when the host disabled SQ flow control: else it needs SQHD.
             let success = self.queue.sq_flow_disabled();
-            self.wire.send_c2h(cid, &buf[..r.data_len as usize], success).await?;
+            let h = pdu::c2h_data(cid, 0, slot.len, true, success, &self.wire.lim);
+            push_pdu(&mut self.out, h.as_bytes(), self.wire.lim.hdgst);
+            self.out.segs.push(Seg::Data(tag));
+            if self.wire.lim.ddgst {
+                self.out.push(&crc32c(self.slots[usize::from(tag)].data()).to_le_bytes());
+            }
             if success {
-                return Ok(());
+                return;
             }
         }
-        self.wire.send_response(&mut self.queue, cid, &r).await?;
+        self.push_response(cid, r);
+    }
+
+    fn push_response(&mut self, cid: u16, r: &Response) {
+        let resp = pdu::capsule_resp(self.queue.cqe(cid, r), self.wire.lim.hdgst);
+        push_pdu(&mut self.out, resp.as_bytes(), self.wire.lim.hdgst);
+    }
+
+    /// Writes the batch with vectored writes (one call unless the socket takes less), then
+    /// frees the slots it carried.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            write_segs(&mut self.wr, &self.out, &self.slots).await?;
+            self.out.bytes.clear();
+            self.out.segs.clear();
+        }
+        while let Some(tag) = self.sending.pop() {
+            self.release(tag);
+        }
         Ok(())
     }
 
-    /// Executes with the command's data in a p2p chunk, then returns the chunk.
-    async fn execute_p2p(&mut self, sqe: &Sqe, len: usize, b: P2pBuf) -> Result<(), ConnError> {
-        let mut bufs = std::mem::take(&mut self.bufs);
-        let r = self.execute(sqe, bufs.bytes(&b, len)).await;
-        bufs.put(b);
-        self.bufs = bufs;
-        r
-    }
-
-    async fn request_data(&mut self, sqe: Sqe, len: usize) -> Result<(), ConnError> {
-        let max = usize::from(self.queue.entries()).max(1);
-        let ttag = match self.slots.iter().position(|s| s.sqe.is_none()) {
-            Some(i) => i,
-            None if self.slots.len() < max => {
-                self.slots.push(Slot::default());
-                self.slots.len() - 1
-            }
-            None => {
-                return Err(Fatal::sequence("more commands outstanding than the queue holds").into());
-            }
-        };
-        let slot = &mut self.slots[ttag];
-        slot.p2p = self.bufs.get(&sqe, len);
-        if slot.p2p.is_none() {
-            slot.buf.window(len);
+    /// Sends an R2T for the command's whole transfer (at most MAXH2CDATA, which covers the
+    /// largest transfer): several commands may be waiting for data at once.
+    fn request_data(&mut self, tag: u16, len: usize) -> Result<(), ConnError> {
+        let slot = &mut self.slots[usize::from(tag)];
+        slot.len = len;
+        slot.chunk = self.bufs.get(&slot.sqe, len);
+        if slot.chunk.is_none() {
+            slot.ensure_own(len)?;
         }
-        (slot.sqe, slot.len, slot.received, slot.digest_error) = (Some(sqe), len, 0, false);
-        let r2t = pdu::r2t(sqe.cid.get(), ttag as u16, 0, len as u32, self.wire.lim.hdgst);
-        self.wire.write_pdu(r2t.as_bytes()).await?;
-        self.wire.wr.flush().await?;
+        slot.state = State::AwaitingData { received: 0, digest_error: false };
+        let r2t = pdu::r2t(slot.sqe.cid.get(), tag, 0, len as u32, self.wire.lim.hdgst);
+        push_pdu(&mut self.out, r2t.as_bytes(), self.wire.lim.hdgst);
         Ok(())
     }
 
     async fn on_h2c_data(&mut self, l: &Layout) -> Result<(), ConnError> {
         let h = DataHeader::read_from_bytes(&self.wire.hdr[..24]).expect("24 bytes");
-        let ttag = usize::from(h.ttag.get());
+        let tag = h.ttag.get();
         let (off, n) = (h.datao.get() as usize, h.datal.get() as usize);
         let out_of_range = |why| Fatal { fes: pdu::fes::DATA_OUT_OF_RANGE, fei: 0, why };
-        let Some(slot) = self.slots.get_mut(ttag).filter(|s| s.sqe.is_some_and(|q| q.cid == h.cccid)) else {
+        let Some(slot) = self
+            .slots
+            .get_mut(usize::from(tag))
+            .filter(|s| matches!(s.state, State::AwaitingData { .. }) && s.sqe.cid == h.cccid)
+        else {
             return Err(Fatal::header(10, "H2CData for an unknown transfer tag").into());
         };
+        let State::AwaitingData { received, digest_error } = slot.state else { unreachable!("filtered above") };
         if n != l.data_len {
             return Err(Fatal::header(16, "DATAL does not match PLEN").into());
         }
-        if off != slot.received || off + n > slot.len {
+        if off != received || off + n > slot.len {
             return Err(out_of_range("H2CData outside the R2T").into());
         }
-        let len = slot.len;
-        let p2p = slot.p2p.take();
-        let mut buf = std::mem::take(&mut slot.buf);
-        let ok = match &p2p {
-            Some(b) => self.wire.read_data(l, &mut self.bufs.bytes(b, len)[off..off + n]).await?,
-            None => self.wire.read_data(l, &mut buf.window(len)[off..off + n]).await?,
-        };
-        let slot = &mut self.slots[ttag];
-        slot.digest_error |= !ok;
-        slot.received += n;
-        if slot.received < len {
-            (slot.buf, slot.p2p) = (buf, p2p);
+        let dst = &mut slot.buf().as_mut().expect("buffer set at R2T").bytes_mut()[off..off + n];
+        let ok = self.wire.read_data(l, dst).await?;
+        let slot = &mut self.slots[usize::from(tag)];
+        let (received, digest_error) = (received + n, digest_error || !ok);
+        slot.state = State::AwaitingData { received, digest_error };
+        if received < slot.len {
             return Ok(());
         }
-        let sqe = slot.sqe.take().expect("slot in use");
-        let r = if slot.digest_error {
-            if let Some(b) = p2p {
-                self.bufs.put(b);
-            }
-            self.wire
-                .send_response(&mut self.queue, sqe.cid.get(), &Response::status(Status::DATA_TRANSFER_ERROR))
-                .await
-                .map_err(ConnError::from)
+        if digest_error {
+            self.finish(tag, &Response::status(Status::DATA_TRANSFER_ERROR));
         } else {
-            match p2p {
-                Some(b) => self.execute_p2p(&sqe, len, b).await,
-                None => self.execute(&sqe, buf.window(len)).await,
-            }
-        };
-        self.slots[ttag].buf = buf;
-        r
+            self.execute(tag);
+        }
+        Ok(())
     }
+}
+
+/// Appends a PDU header, with its digest when header digests were negotiated.
+fn push_pdu(out: &mut Out, header: &[u8], hdgst: bool) {
+    out.push(header);
+    if hdgst {
+        out.push(&crc32c(header).to_le_bytes());
+    }
+}
+
+/// Writes every segment of `out` (headers from its bytes, data from the slots' buffers).
+async fn write_segs(wr: &mut OwnedWriteHalf, out: &Out, slots: &[Slot]) -> std::io::Result<()> {
+    let bytes_of = |s: &Seg| -> &[u8] {
+        match s {
+            Seg::Bytes(r) => &out.bytes[r.clone()],
+            Seg::Data(tag) => slots[usize::from(*tag)].data(),
+        }
+    };
+    let (mut seg, mut off) = (0, 0);
+    while seg < out.segs.len() {
+        let mut iov = [IoSlice::new(&[]); 64];
+        let mut n = 0;
+        for (i, s) in out.segs[seg..].iter().take(iov.len()).enumerate() {
+            let b = bytes_of(s);
+            iov[n] = IoSlice::new(if i == 0 { &b[off..] } else { b });
+            n += 1;
+        }
+        let mut written = wr.write_vectored(&iov[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        // Advance past what the socket took.
+        while written > 0 {
+            let left = bytes_of(&out.segs[seg]).len() - off;
+            if written >= left {
+                written -= left;
+                (seg, off) = (seg + 1, 0);
+            } else {
+                off += written;
+                written = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 enum Plan {

@@ -1,0 +1,440 @@
+//! One NVMe/RDMA queue pair's verbs resources, and the [`Verbs`] the request state machine
+//! drives: its protection domain, completion queue and channel, the QP, and two registered
+//! regions — control memory (receive capsules, response capsules) and the data area (one
+//! window per data buffer). Memory is registered for local access only: the target never
+//! hands out an rkey, so no host can reach it by RDMA. Dropping a `Qp` tears it all down in
+//! the order verbs require.
+
+use std::ffi::c_void;
+use std::io;
+use std::os::fd::RawFd;
+use std::ptr;
+use std::sync::Arc;
+
+use p2pnvmf_nvmf::wire::Cqe;
+use p2pnvmf_p2p::mem::{Mapping, MappingPin, Window};
+use tracing::warn;
+use zerocopy::IntoBytes;
+
+use super::request::{Event, Keyed, Verbs};
+use super::srq::SharedRecv;
+use super::sys::{self, Api};
+
+/// Work request id: kind in the high half, index in the low half.
+mod wr {
+    pub const RECV: u64 = 0;
+    pub const READ: u64 = 1 << 32;
+    pub const SEND: u64 = 2 << 32;
+    pub const KIND: u64 = 0xffff_ffff << 32;
+}
+
+/// Where a queue's receive capsules live.
+#[derive(Debug)]
+enum Recv {
+    /// Its own, at the start of the control region.
+    Own,
+    /// A device's SRQ.
+    Shared(Arc<SharedRecv>),
+}
+
+/// Sizes of a queue pair.
+#[derive(Debug, Clone, Copy)]
+pub struct QpSize {
+    /// Receive capsules (the host's queue depth).
+    pub depth: usize,
+    /// Bytes per capsule (SQE + in-capsule data).
+    pub capsule: usize,
+    /// Request contexts, each with a response capsule.
+    pub requests: usize,
+    /// Data buffers, each `max_xfer` bytes.
+    pub buffers: usize,
+    pub max_xfer: usize,
+    /// Send-queue entries.
+    pub send_wrs: usize,
+}
+
+#[derive(Debug)]
+pub struct Qp {
+    api: &'static Api,
+    id: *mut sys::RdmaCmId,
+    /// Ours to free unless it is the shared receive queue's.
+    pd: *mut sys::IbvPd,
+    recv: Recv,
+    channel: *mut sys::IbvCompChannel,
+    cq: *mut sys::IbvCq,
+    ctrl_mr: *mut sys::IbvMr,
+    data_mr: *mut sys::IbvMr,
+    qp_created: bool,
+    /// The id is ours to destroy once accepted; before, the listener rejects and destroys it.
+    owns_id: bool,
+    /// Own receive capsules, then response capsules.
+    ctrl: Mapping,
+    /// The data area's range (its windows are lent out), for its lkey.
+    data: MappingPin,
+    size: QpSize,
+    busy_poll: bool,
+}
+
+// SAFETY: the verbs objects are used only by the task that owns the Qp.
+unsafe impl Send for Qp {}
+
+impl Drop for Qp {
+    fn drop(&mut self) {
+        // SAFETY: each handle was created for this Qp and is destroyed once, QP first.
+        unsafe {
+            if self.qp_created {
+                (self.api.rdma_destroy_qp)(self.id);
+            }
+            for mr in [self.ctrl_mr, self.data_mr] {
+                if !mr.is_null() {
+                    (self.api.ibv_dereg_mr)(mr);
+                }
+            }
+            if !self.cq.is_null() {
+                (self.api.ibv_destroy_cq)(self.cq);
+            }
+            if !self.channel.is_null() {
+                (self.api.ibv_destroy_comp_channel)(self.channel);
+            }
+            if !self.pd.is_null() && matches!(self.recv, Recv::Own) {
+                (self.api.ibv_dealloc_pd)(self.pd);
+            }
+            if self.owns_id {
+                (self.api.rdma_destroy_id)(self.id);
+            }
+        }
+    }
+}
+
+impl Qp {
+    /// Creates everything for the connect request on `id` (not yet accepted). Returns the
+    /// data buffers as windows. On error, what was created is freed (with the id).
+    pub fn create(
+        api: &'static Api,
+        id: *mut sys::RdmaCmId,
+        size: QpSize,
+        shared: Option<Arc<SharedRecv>>,
+        busy_poll: bool,
+    ) -> io::Result<(Qp, Vec<Window>)> {
+        let recv_area = if shared.is_some() { 0 } else { size.depth * size.capsule };
+        let ctrl_len = recv_area + size.requests * 16;
+        let data_len = size.buffers * size.max_xfer;
+        let ctrl = Mapping::host(ctrl_len)
+            .map_err(|e| io::Error::new(e.kind(), format!("{ctrl_len} bytes of queue memory: {e}")))?;
+        let data = Mapping::host(data_len)
+            .map_err(|e| io::Error::new(e.kind(), format!("{data_len} bytes of data buffers: {e}")))?;
+        let (data_ptr, data_len) = (data.as_ptr(), data.len());
+        let windows = data.into_windows(size.max_xfer);
+        let pin = windows.first().map(Window::pin_mapping).ok_or_else(|| io::Error::other("no data buffers"))?;
+        let mut qp = Qp {
+            api,
+            id,
+            pd: shared.as_ref().map_or(ptr::null_mut(), |s| s.pd),
+            recv: match shared {
+                Some(s) => Recv::Shared(s),
+                None => Recv::Own,
+            },
+            channel: ptr::null_mut(),
+            cq: ptr::null_mut(),
+            ctrl_mr: ptr::null_mut(),
+            data_mr: ptr::null_mut(),
+            qp_created: false,
+            owns_id: false,
+            ctrl,
+            data: pin,
+            size,
+            busy_poll,
+        };
+        // SAFETY: a connect request's id carries its device context.
+        let verbs = unsafe { (*id).verbs };
+        // SAFETY: each constructor gets live parents; NULL results are checked, and `qp` frees
+        // whatever was created if a later step fails.
+        unsafe {
+            if matches!(qp.recv, Recv::Own) {
+                qp.pd = sys::check_ptr("ibv_alloc_pd", (api.ibv_alloc_pd)(verbs))?;
+            }
+            qp.channel = sys::check_ptr("ibv_create_comp_channel", (api.ibv_create_comp_channel)(verbs))?;
+            sys::set_nonblocking((*qp.channel).fd)?;
+            let cqe = (size.depth + size.send_wrs) as i32;
+            qp.cq = sys::check_ptr("ibv_create_cq", (api.ibv_create_cq)(verbs, cqe, ptr::null_mut(), qp.channel, 0))?;
+            let local = sys::IBV_ACCESS_LOCAL_WRITE;
+            qp.ctrl_mr =
+                sys::check_ptr("ibv_reg_mr", (api.ibv_reg_mr)(qp.pd, qp.ctrl.as_ptr().cast(), qp.ctrl.len(), local))?;
+            qp.data_mr = sys::check_ptr("ibv_reg_mr", (api.ibv_reg_mr)(qp.pd, data_ptr.cast(), data_len, local))?;
+            let srq = match &qp.recv {
+                Recv::Shared(s) => s.srq,
+                Recv::Own => ptr::null_mut(),
+            };
+            let mut init = sys::IbvQpInitAttr {
+                qp_context: ptr::null_mut(),
+                send_cq: qp.cq,
+                recv_cq: qp.cq,
+                srq,
+                cap: sys::IbvQpCap {
+                    max_send_wr: size.send_wrs as u32,
+                    max_recv_wr: if srq.is_null() { size.depth as u32 } else { 0 },
+                    max_send_sge: 1,
+                    max_recv_sge: 1,
+                    max_inline_data: 0,
+                },
+                qp_type: sys::IBV_QPT_RC,
+                sq_sig_all: 0,
+            };
+            sys::check("rdma_create_qp", (api.rdma_create_qp)(qp.id, qp.pd, &mut init))?;
+            qp.qp_created = true;
+            sys::check("ibv_req_notify_cq", qp.ops().req_notify_cq.map_or(-1, |f| f(qp.cq, 0)))?;
+        }
+        if matches!(qp.recv, Recv::Own) {
+            for idx in 0..size.depth {
+                qp.post_recv(idx)?;
+            }
+        }
+        Ok((qp, windows))
+    }
+
+    /// The data area, for a backend to register once.
+    pub fn data_area(&self) -> MappingPin {
+        self.data.clone()
+    }
+
+    /// Accepts the connection with our private data and read depths; the id is ours from then.
+    pub fn accept(&mut self, private: &[u8], ird: u8, ord: u8) -> io::Result<()> {
+        let mut param = sys::RdmaConnParam {
+            private_data: private.as_ptr().cast(),
+            private_data_len: private.len() as u8,
+            responder_resources: ird,
+            initiator_depth: ord,
+            flow_control: 1,
+            retry_count: 7,
+            rnr_retry_count: 7,
+            srq: 0,
+            qp_num: 0,
+        };
+        // SAFETY: the QP exists and `param`/`private` outlive the call.
+        sys::check("rdma_accept", unsafe { (self.api.rdma_accept)(self.id, &mut param) })?;
+        self.owns_id = true;
+        Ok(())
+    }
+
+    /// Starts the disconnect (harmless twice).
+    pub fn disconnect(&self) {
+        // SAFETY: our connected id.
+        unsafe { (self.api.rdma_disconnect)(self.id) };
+    }
+
+    /// The completion channel's descriptor, for tokio (owned by the Qp).
+    pub fn channel_fd(&self) -> RawFd {
+        // SAFETY: the channel lives as long as self.
+        unsafe { (*self.channel).fd }
+    }
+
+    /// The device's name, for the p2p decision.
+    pub fn device_name(&self) -> String {
+        // SAFETY: a live context's device; the name is a NUL-terminated string it owns.
+        let name = unsafe { std::ffi::CStr::from_ptr((self.api.ibv_get_device_name)(self.ops().device)) };
+        name.to_string_lossy().into_owned()
+    }
+
+    fn ops(&self) -> &sys::IbvContext {
+        // SAFETY: the id's device context outlives the queue pair.
+        unsafe { &*(*self.id).verbs }
+    }
+
+    fn qp(&self) -> *mut sys::IbvQp {
+        // SAFETY: set by rdma_create_qp before any post.
+        unsafe { (*self.id).qp }
+    }
+
+    fn ctrl_sge(&self, off: usize, len: usize) -> sys::IbvSge {
+        // SAFETY: registered in create().
+        let lkey = unsafe { (*self.ctrl_mr).lkey };
+        sys::IbvSge { addr: self.ctrl.as_ptr() as u64 + off as u64, length: len as u32, lkey }
+    }
+
+    /// An SGE for the first `len` bytes of a data window (which must be one of ours).
+    fn data_sge(&self, w: &Window, len: usize) -> io::Result<sys::IbvSge> {
+        if !self.data.holds(w) || len > w.len() {
+            return Err(io::Error::other("a buffer outside the queue's registered data area"));
+        }
+        // SAFETY: registered in create().
+        let lkey = unsafe { (*self.data_mr).lkey };
+        Ok(sys::IbvSge { addr: w.as_ptr() as u64, length: len as u32, lkey })
+    }
+
+    fn recv_area(&self) -> usize {
+        match self.recv {
+            Recv::Own => self.size.depth * self.size.capsule,
+            Recv::Shared(_) => 0,
+        }
+    }
+
+    fn send_wr(wr_id: u64, opcode: u32, sge: &mut sys::IbvSge, signaled: bool) -> sys::IbvSendWr {
+        sys::IbvSendWr {
+            wr_id,
+            next: ptr::null_mut(),
+            sg_list: sge,
+            num_sge: 1,
+            opcode,
+            send_flags: if signaled { sys::IBV_SEND_SIGNALED } else { 0 },
+            invalidate_rkey: 0,
+            rdma_remote_addr: 0,
+            rdma_rkey: 0,
+            rest: [0; 76],
+        }
+    }
+
+    fn post(&self, wr: &mut sys::IbvSendWr) -> io::Result<()> {
+        let mut bad = ptr::null_mut();
+        let f = self.ops().post_send.ok_or_else(|| io::Error::other("provider has no post_send"))?;
+        // SAFETY: every SGE in the chain points into registered memory and lives on the
+        // caller's stack until this returns; providers copy WRs at post time. The windows the
+        // SGEs point into stay with their requests until the completions come back.
+        sys::check("ibv_post_send", unsafe { f(self.qp(), wr, &mut bad) })
+    }
+
+    /// Drains the completion queue into `out`; in channel mode, takes the channel's events and
+    /// re-arms the CQ first so no completion is missed.
+    pub fn poll(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
+        let ops = self.ops();
+        let (poll_cq, notify) = match (ops.poll_cq, ops.req_notify_cq) {
+            (Some(p), Some(n)) => (p, n),
+            _ => return Err(io::Error::other("provider lacks poll_cq/req_notify_cq")),
+        };
+        if !self.busy_poll {
+            let mut cq: *mut sys::IbvCq = ptr::null_mut();
+            let mut ctx: *mut c_void = ptr::null_mut();
+            // SAFETY: non-blocking channel; one event acked per event taken; our CQ re-armed.
+            unsafe {
+                while (self.api.ibv_get_cq_event)(self.channel, &mut cq, &mut ctx) == 0 {
+                    (self.api.ibv_ack_cq_events)(cq, 1);
+                }
+                sys::check("ibv_req_notify_cq", notify(self.cq, 0))?;
+            }
+        }
+        let mut wcs = [sys::IbvWc::default(); 32];
+        loop {
+            // SAFETY: `wcs` has room for 32 entries.
+            let n = unsafe { poll_cq(self.cq, wcs.len() as i32, wcs.as_mut_ptr()) };
+            if n < 0 {
+                return Err(io::Error::other("ibv_poll_cq failed"));
+            }
+            for wc in &wcs[..n as usize] {
+                if wc.status != sys::IBV_WC_SUCCESS {
+                    if wc.status == sys::IBV_WC_WR_FLUSH_ERR {
+                        continue;
+                    }
+                    return Err(io::Error::other(format!(
+                        "work completion status {} (wr {:#x}, vendor {})",
+                        wc.status, wc.wr_id, wc.vendor_err
+                    )));
+                }
+                let idx = wc.wr_id & !wr::KIND;
+                out.push(match wc.wr_id & wr::KIND {
+                    wr::RECV => Event::Recv { idx: idx as usize, len: wc.byte_len as usize },
+                    wr::READ => Event::ReadDone { req: idx as u16 },
+                    _ => Event::SendDone { req: idx as u16 },
+                });
+            }
+            if (n as usize) < wcs.len() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Verbs for Qp {
+    fn post_recv(&mut self, idx: usize) -> io::Result<()> {
+        if let Recv::Shared(srq) = &self.recv {
+            return srq.post(idx);
+        }
+        let mut sge = self.ctrl_sge(idx * self.size.capsule, self.size.capsule);
+        let mut wr =
+            sys::IbvRecvWr { wr_id: wr::RECV | idx as u64, next: ptr::null_mut(), sg_list: &mut sge, num_sge: 1 };
+        let mut bad = ptr::null_mut();
+        let f = self.ops().post_recv.ok_or_else(|| io::Error::other("provider has no post_recv"))?;
+        // SAFETY: the SGE points into our registered region; the WR is copied by the provider.
+        sys::check("ibv_post_recv", unsafe { f(self.qp(), &mut wr, &mut bad) })
+    }
+
+    fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed) -> io::Result<()> {
+        let mut sge = self.data_sge(buf, len)?;
+        let mut w = Self::send_wr(wr::READ | u64::from(req), sys::wr_opcode::RDMA_READ, &mut sge, true);
+        w.rdma_remote_addr = remote.addr;
+        w.rdma_rkey = remote.key;
+        self.post(&mut w)
+    }
+
+    fn post_send(
+        &mut self,
+        req: u16,
+        cqe: &Cqe,
+        write: Option<(&Window, usize, &Keyed)>,
+        invalidate: Option<u32>,
+    ) -> io::Result<()> {
+        let off = self.recv_area() + usize::from(req) * 16;
+        self.ctrl.slice_mut(off, 16).copy_from_slice(cqe.as_bytes());
+        let mut rsp_sge = self.ctrl_sge(off, 16);
+        let mut send = Self::send_wr(wr::SEND | u64::from(req), sys::wr_opcode::SEND, &mut rsp_sge, true);
+        if let Some(key) = invalidate {
+            send.opcode = sys::wr_opcode::SEND_WITH_INV;
+            send.invalidate_rkey = key;
+        }
+        match write {
+            Some((buf, len, k)) => {
+                let mut data_sge = self.data_sge(buf, len)?;
+                let mut w = Self::send_wr(0, sys::wr_opcode::RDMA_WRITE, &mut data_sge, false);
+                w.rdma_remote_addr = k.addr;
+                w.rdma_rkey = k.key;
+                w.next = &mut send;
+                self.post(&mut w)
+            }
+            None => self.post(&mut send),
+        }
+    }
+
+    fn capsule(&self, idx: usize) -> &[u8] {
+        match &self.recv {
+            Recv::Own => self.ctrl.slice(idx * self.size.capsule, self.size.capsule),
+            // SAFETY: the state machine reads only capsules it received and has not posted
+            // back; the device does not write those.
+            Recv::Shared(srq) => unsafe { srq.capsule(idx) },
+        }
+    }
+}
+
+/// Frees a connect request's id that was not accepted (after rejecting it).
+pub fn reject(api: &'static Api, id: *mut sys::RdmaCmId, private: &[u8]) {
+    // SAFETY: the id of a connect request we have not accepted; its event is acked.
+    unsafe {
+        (api.rdma_reject)(id, private.as_ptr().cast(), private.len() as u8);
+        (api.rdma_destroy_id)(id);
+    }
+}
+
+/// The device limits a queue is sized against: (max_qp_wr, max_qp_init_rd_atom,
+/// max_qp_rd_atom).
+pub fn device_limits(api: &'static Api, id: *mut sys::RdmaCmId) -> io::Result<(i32, i32, i32)> {
+    // SAFETY: a connect request's id carries its device context.
+    let verbs = unsafe { (*id).verbs };
+    // SAFETY: zeroed is a valid ibv_device_attr to be filled in.
+    let mut attr: sys::IbvDeviceAttr = unsafe { std::mem::zeroed() };
+    // SAFETY: `verbs` is a live context; `attr` is writable.
+    sys::check("ibv_query_device", unsafe { (api.ibv_query_device)(verbs, &mut attr) })?;
+    Ok((attr.max_qp_wr, attr.max_qp_init_rd_atom, attr.max_qp_rd_atom))
+}
+
+/// The device context of a connect request's id (the key of its shared receive queue).
+pub fn device_of(id: *mut sys::RdmaCmId) -> *mut sys::IbvContext {
+    // SAFETY: a connect request's id carries its device context.
+    unsafe { (*id).verbs }
+}
+
+/// Gives a receive buffer still held at teardown back to the device's shared receive queue,
+/// where other queues use it (a queue's own buffers go with the queue).
+pub fn return_receive(qp: &mut Qp, idx: usize) {
+    if matches!(qp.recv, Recv::Shared(_))
+        && let Err(e) = qp.post_recv(idx)
+    {
+        warn!("returning receive buffer {idx}: {e}");
+    }
+}
