@@ -21,19 +21,12 @@ use std::collections::VecDeque;
 use std::io;
 
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
+
+pub use super::wire::Keyed;
 use p2pnvmf_nvmf::{Completion, Controller, Direction, Exec, Queue, Response, Status};
 use p2pnvmf_p2p::mem::Window;
 use tracing::{debug, info, trace};
 use zerocopy::FromBytes;
-
-/// A keyed SGL data block: where the host's buffer is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Keyed {
-    pub addr: u64,
-    pub len: usize,
-    pub key: u32,
-    pub invalidate: bool,
-}
 
 /// What the state machine asks of the queue pair. The real one posts verbs work requests;
 /// tests use a fake that records them.
@@ -290,20 +283,11 @@ impl Requests {
         let d = sqe.dptr;
         match d.id {
             sgl::KEYED_DATA_BLOCK | sgl::KEYED_DATA_BLOCK_INVALIDATE => {
-                // Keyed data block: 3-byte length, then a 4-byte key (NVMe Base 2.0, Fig. 118).
-                let raw = d.length.get();
-                let len = (raw & 0x00ff_ffff) as usize;
-                let key =
-                    raw >> 24 | u32::from(d.rsvd[0]) << 8 | u32::from(d.rsvd[1]) << 16 | u32::from(d.rsvd[2]) << 24;
-                if len > self.lim.max_xfer {
+                let k = Keyed::of(&d);
+                if k.len > self.lim.max_xfer {
                     return Err(Status::DATA_SGL_LENGTH_INVALID.dnr());
                 }
-                Ok(Plan::Keyed(Keyed {
-                    addr: d.addr.get(),
-                    len,
-                    key,
-                    invalidate: d.id == sgl::KEYED_DATA_BLOCK_INVALIDATE,
-                }))
+                Ok(Plan::Keyed(k))
             }
             sgl::DATA_BLOCK_OFFSET if dir == Direction::HostToController => {
                 let (o, len) = (d.addr.get(), d.length.get() as usize);
@@ -508,9 +492,415 @@ impl Requests {
     }
 }
 
+#[cfg(test)]
+impl Requests {
+    /// The request's data buffer, for a fake NIC that "writes" the host's data.
+    fn buffer_mut(&mut self, req: u16) -> &mut Window {
+        self.reqs[usize::from(req)].buf.as_mut().expect("request holds a buffer")
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Plan {
     None,
     Keyed(Keyed),
     InCapsule(usize, usize),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+
+    use p2pnvmf_nvmf::wire::{ConnectData, put_str};
+    use p2pnvmf_nvmf::{
+        Backend, BackendQueue, IoDone, IoRequest, IoStats, Namespace, Port, Subsystem, Target, TrType, TransportParams,
+    };
+    use p2pnvmf_p2p::mem::Mapping;
+    use zerocopy::{FromZeros, IntoBytes};
+
+    use super::*;
+
+    const NQN: &str = "nqn.2026-11.io.p2pnvmf:rdma-states";
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:0c0c0c0c-0000-0000-0000-000000000001";
+
+    /// What the state machine posted.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Posted {
+        Recv(usize),
+        Read { req: u16, len: usize, key: u32 },
+        Send { req: u16, cid: u16, status: u16, result: u64, write: Option<usize>, invalidate: Option<u32> },
+    }
+
+    /// A fake verbs layer: capsules the test places, posts recorded in order.
+    #[derive(Debug, Default)]
+    struct Fake {
+        capsules: Vec<Vec<u8>>,
+        posted: Vec<Posted>,
+    }
+
+    impl Fake {
+        fn take(&mut self) -> Vec<Posted> {
+            std::mem::take(&mut self.posted)
+        }
+    }
+
+    impl Verbs for Fake {
+        fn post_recv(&mut self, idx: usize) -> io::Result<()> {
+            self.posted.push(Posted::Recv(idx));
+            Ok(())
+        }
+        fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed) -> io::Result<()> {
+            assert!(len <= buf.len());
+            self.posted.push(Posted::Read { req, len, key: remote.key });
+            Ok(())
+        }
+        fn post_send(
+            &mut self,
+            req: u16,
+            cqe: &Cqe,
+            write: Option<(&Window, usize, &Keyed)>,
+            invalidate: Option<u32>,
+        ) -> io::Result<()> {
+            self.posted.push(Posted::Send {
+                req,
+                cid: cqe.cid.get(),
+                status: cqe.status.get(),
+                result: cqe.result.get(),
+                write: write.map(|(_, n, _)| n),
+                invalidate,
+            });
+            Ok(())
+        }
+        fn capsule(&self, idx: usize) -> &[u8] {
+            &self.capsules[idx]
+        }
+    }
+
+    /// Operations the backend holds, and those the test finished.
+    type Held = Arc<Mutex<(Vec<IoRequest>, Vec<IoRequest>)>>;
+
+    /// A namespace whose operations stay in flight until the test finishes them.
+    #[derive(Debug)]
+    struct Slow(Held);
+
+    impl Backend for Slow {
+        fn size_bytes(&self) -> u64 {
+            1 << 20
+        }
+        fn volatile_write_cache(&self) -> bool {
+            false
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn open_queue(self: Arc<Self>, _: usize) -> io::Result<Box<dyn BackendQueue>> {
+            Ok(Box::new(SlowQueue(self.0.clone())))
+        }
+    }
+
+    #[derive(Debug)]
+    struct SlowQueue(Held);
+
+    impl BackendQueue for SlowQueue {
+        fn submit(&mut self, req: IoRequest) -> Option<IoDone> {
+            self.0.lock().unwrap().0.push(req);
+            None
+        }
+        fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
+            let finished: Vec<IoRequest> = self.0.lock().unwrap().1.drain(..).collect();
+            for r in finished {
+                done(r.done(Ok(())));
+            }
+        }
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<()> {
+            Poll::Pending
+        }
+        fn in_flight(&self) -> usize {
+            let h = self.0.lock().unwrap();
+            h.0.len() + h.1.len()
+        }
+    }
+
+    fn port() -> Port {
+        let params = TransportParams { ioccsz: 4, max_xfer: 8192, msdbd: 1, keyed_sgls: true };
+        Port { id: 1, trtype: TrType::Rdma, traddr: "10.0.0.1".into(), trsvcid: "4420".into(), params }
+    }
+
+    fn target(held: &Held) -> Arc<Target> {
+        let ns = Namespace::new(NQN, 1, Arc::new(Slow(held.clone())));
+        let subsys = Subsystem {
+            nqn: NQN.into(),
+            serial: "S".into(),
+            model: "M".into(),
+            allow_any_host: true,
+            hosts: Vec::new(),
+            ports: None,
+            namespaces: vec![ns],
+            stats: IoStats::default(),
+        };
+        Target::new(vec![Arc::new(subsys)], vec![port()])
+    }
+
+    fn keyed_sqe(opcode: u8, cid: u16, len: u32, key: u32) -> Sqe {
+        let mut s = Sqe::new_zeroed();
+        (s.opcode, s.flags, s.cid) = (opcode, 1 << 6, cid.into());
+        s.dptr.id = sgl::KEYED_DATA_BLOCK;
+        s.dptr.addr = 0x1000.into();
+        s.dptr.length = (len | (key & 0xff) << 24).into();
+        s.dptr.rsvd = [(key >> 8) as u8, (key >> 16) as u8, (key >> 24) as u8];
+        s
+    }
+
+    fn capsule(sqe: &Sqe) -> Vec<u8> {
+        let mut c = vec![0u8; 64 + 4096];
+        c[..64].copy_from_slice(sqe.as_bytes());
+        c
+    }
+
+    fn requests(t: &Arc<Target>, buffers: usize, lim: Limits) -> Requests {
+        let area = Mapping::host(buffers * lim.max_xfer).unwrap();
+        Requests::new(Queue::new(t.clone(), port()), area.into_windows(lim.max_xfer), lim)
+    }
+
+    const LIM: Limits = Limits { requests: 8, reads: 4, send_slots: 16, max_xfer: 8192, max_waiting: 4 };
+
+    /// Delivers capsule `sqe` in receive buffer `idx`.
+    fn recv(r: &mut Requests, f: &mut Fake, idx: usize, sqe: &Sqe) {
+        if f.capsules.len() <= idx {
+            f.capsules.resize(idx + 1, Vec::new());
+        }
+        f.capsules[idx] = capsule(sqe);
+        r.on_event(f, Event::Recv { idx, len: 64 }).unwrap();
+    }
+
+    /// Connect through the machine: keyed READ of the Connect data, then the response.
+    fn connect(r: &mut Requests, f: &mut Fake, qid: u16, cntlid: u16) -> u16 {
+        let mut s = keyed_sqe(0x7f, 1, 1024, 0xc0);
+        s.nsid = 1.into(); // fctype Connect
+        s.cdw10 = (u32::from(qid) << 16).into();
+        s.cdw11 = 31.into();
+        recv(r, f, 0, &s);
+        let Posted::Read { req, len: 1024, key: 0xc0 } = f.posted[1] else { panic!("{:?}", f.posted) };
+        assert_eq!(f.posted[0], Posted::Recv(0), "the receive goes back before the data comes");
+        assert_eq!(r.state(req), State::TransferringHostToController);
+        let mut d = ConnectData::new_zeroed();
+        d.cntlid = cntlid.into();
+        put_str(&mut d.subnqn, NQN, 0);
+        put_str(&mut d.hostnqn, HOST, 0);
+        r.buffer_mut(req).bytes_mut()[..1024].copy_from_slice(d.as_bytes());
+        r.on_event(f, Event::ReadDone { req }).unwrap();
+        assert_eq!(r.state(req), State::Completing);
+        let Posted::Send { status: 0, result, write: None, .. } = f.posted[2] else { panic!("{:?}", f.posted) };
+        r.on_event(f, Event::SendDone { req }).unwrap();
+        assert_eq!(r.state(req), State::Free);
+        f.take();
+        result as u16
+    }
+
+    /// An admin queue connected and enabled, as the host's first queue; returns its cntlid.
+    fn enabled_admin(t: &Arc<Target>) -> (Requests, u16) {
+        let mut f = Fake::default();
+        let mut a = requests(t, 2, LIM);
+        let cntlid = connect(&mut a, &mut f, 0, 0xffff);
+        let mut set = Sqe::new_zeroed();
+        (set.opcode, set.nsid, set.cdw11, set.cdw12) = (0x7f, 0.into(), 0x14.into(), (1 | 6 << 16 | 4 << 20).into());
+        recv(&mut a, &mut f, 1, &set);
+        assert!(matches!(f.posted[1], Posted::Send { status: 0, .. }), "{:?}", f.posted);
+        (a, cntlid)
+    }
+
+    fn write_sqe(cid: u16, slba: u32, key: u32) -> Sqe {
+        let mut s = keyed_sqe(0x01, cid, 4096, key);
+        (s.nsid, s.cdw10, s.cdw12) = (1.into(), slba.into(), 7.into());
+        s
+    }
+
+    fn read_sqe(cid: u16, slba: u32, key: u32) -> Sqe {
+        let mut s = write_sqe(cid, slba, key);
+        s.opcode = 0x02;
+        s
+    }
+
+    /// Finishes the operation of command `tag` at the backend, and reaps.
+    fn finish(held: &Held, tag: u16, r: &mut Requests, f: &mut Fake) {
+        {
+            let mut h = held.lock().unwrap();
+            let i = h.0.iter().position(|o| o.tag == tag).expect("operation held");
+            let op = h.0.remove(i);
+            h.1.push(op);
+        }
+        r.reap(f).unwrap();
+    }
+
+    #[tokio::test]
+    async fn connect_walks_read_execute_send_and_frees_everything() {
+        let held = Held::default();
+        let t = target(&held);
+        let mut f = Fake::default();
+        let mut r = requests(&t, 2, LIM);
+        assert_eq!(connect(&mut r, &mut f, 0, 0xffff), 1, "cntlid");
+        assert_eq!((r.count(State::Free), r.free_buffers()), (8, 2));
+    }
+
+    #[tokio::test]
+    async fn reads_wait_for_depth_then_go_while_others_execute() {
+        let held = Held::default();
+        let t = target(&held);
+        let (_admin, cntlid) = enabled_admin(&t);
+        let mut f = Fake::default();
+        let mut r = requests(&t, 4, Limits { reads: 1, ..LIM });
+        connect(&mut r, &mut f, 1, cntlid);
+        // Two host writes: one RDMA READ in flight at a time (ORD 1).
+        recv(&mut r, &mut f, 0, &write_sqe(10, 0, 0xa));
+        recv(&mut r, &mut f, 1, &write_sqe(11, 8, 0xb));
+        assert_eq!(f.take(), [Posted::Recv(0), Posted::Read { req: 0, len: 4096, key: 0xa }, Posted::Recv(1)]);
+        assert_eq!((r.state(0), r.state(1)), (State::TransferringHostToController, State::TransferToControllerPending));
+        // The first write's data arrives: it executes (and stays at the backend) while the
+        // second one's READ goes out.
+        r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
+        assert_eq!(f.take(), [Posted::Read { req: 1, len: 4096, key: 0xb }]);
+        assert_eq!((r.state(0), r.state(1)), (State::Executing, State::TransferringHostToController));
+        r.on_event(&mut f, Event::ReadDone { req: 1 }).unwrap();
+        assert_eq!(r.count(State::Executing), 2);
+        // The backend finishes them out of order; responses follow completion order.
+        finish(&held, 1, &mut r, &mut f);
+        finish(&held, 0, &mut r, &mut f);
+        let sends: Vec<u16> = f
+            .take()
+            .iter()
+            .map(|p| match p {
+                Posted::Send { cid, status: 0, write: None, .. } => *cid,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sends, [11, 10]);
+        // A write's buffer is free once executed; the contexts once their SENDs complete.
+        assert_eq!(r.free_buffers(), 4);
+        r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
+        r.on_event(&mut f, Event::SendDone { req: 1 }).unwrap();
+        assert_eq!(r.count(State::Free), 8);
+    }
+
+    #[tokio::test]
+    async fn a_request_waits_for_a_buffer_until_one_is_given_back() {
+        let held = Held::default();
+        let t = target(&held);
+        let (_admin, cntlid) = enabled_admin(&t);
+        let mut f = Fake::default();
+        let mut r = requests(&t, 1, LIM);
+        connect(&mut r, &mut f, 1, cntlid);
+        recv(&mut r, &mut f, 0, &read_sqe(20, 0, 0xa));
+        recv(&mut r, &mut f, 1, &read_sqe(21, 8, 0xb));
+        assert_eq!((r.state(0), r.state(1)), (State::Executing, State::NeedBuffer));
+        assert_eq!(f.take(), [Posted::Recv(0), Posted::Recv(1)], "both receives went back at once");
+        finish(&held, 0, &mut r, &mut f);
+        // Host read: RDMA WRITE of the data chained with the SEND; the buffer is busy until
+        // the SEND completes.
+        assert_eq!(
+            f.take(),
+            [Posted::Send { req: 0, cid: 20, status: 0, result: 0, write: Some(4096), invalidate: None }]
+        );
+        assert_eq!(r.state(1), State::NeedBuffer);
+        r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
+        assert_eq!(r.state(1), State::Executing, "the freed buffer went to the waiting request");
+    }
+
+    #[tokio::test]
+    async fn responses_wait_for_send_slots() {
+        let held = Held::default();
+        let t = target(&held);
+        let (_admin, cntlid) = enabled_admin(&t);
+        let mut f = Fake::default();
+        let mut r = requests(&t, 4, Limits { send_slots: 2, ..LIM });
+        connect(&mut r, &mut f, 1, cntlid);
+        recv(&mut r, &mut f, 0, &read_sqe(30, 0, 0xa));
+        recv(&mut r, &mut f, 1, &read_sqe(31, 8, 0xb));
+        f.take();
+        finish(&held, 0, &mut r, &mut f);
+        finish(&held, 1, &mut r, &mut f);
+        // WRITE + SEND take both slots: the second response waits.
+        assert_eq!((r.state(0), r.state(1)), (State::Completing, State::ReadyToComplete));
+        assert_eq!(f.take().len(), 1);
+        r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
+        assert_eq!(r.state(1), State::Completing);
+        assert!(matches!(f.take()[..], [Posted::Send { cid: 31, write: Some(4096), .. }]));
+    }
+
+    #[tokio::test]
+    async fn in_capsule_data_is_copied_out_before_its_receive_goes_back() {
+        let held = Held::default();
+        let t = target(&held);
+        let (_admin, cntlid) = enabled_admin(&t);
+        let mut f = Fake::default();
+        let mut r = requests(&t, 1, LIM);
+        connect(&mut r, &mut f, 1, cntlid);
+        // Take the only buffer with a read, then send a write with in-capsule data.
+        recv(&mut r, &mut f, 0, &read_sqe(40, 0, 0xa));
+        let mut w = write_sqe(41, 8, 0);
+        w.dptr.id = sgl::DATA_BLOCK_OFFSET;
+        (w.dptr.addr, w.dptr.length, w.dptr.rsvd) = (0.into(), 4096.into(), [0; 3]);
+        f.capsules.resize(2, Vec::new());
+        f.capsules[1] = capsule(&w);
+        f.capsules[1][64..64 + 4096].fill(0x77);
+        r.on_event(&mut f, Event::Recv { idx: 1, len: 64 + 4096 }).unwrap();
+        assert_eq!(r.state(1), State::NeedBuffer);
+        assert_eq!(f.take(), [Posted::Recv(0)], "receive 1 still holds the data");
+        assert_eq!(r.held_receives().collect::<Vec<_>>(), [1]);
+        finish(&held, 0, &mut r, &mut f);
+        r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
+        assert!(f.take().contains(&Posted::Recv(1)), "copied out, the receive goes back");
+        assert_eq!(r.state(1), State::Executing);
+        let op = &held.lock().unwrap().0[0];
+        assert!(op.buf.as_ref().unwrap().bytes()[..4096].iter().all(|&b| b == 0x77));
+    }
+
+    #[tokio::test]
+    async fn a_receive_without_a_free_context_waits_and_a_flood_is_fatal() {
+        let held = Held::default();
+        let t = target(&held);
+        let (_admin, cntlid) = enabled_admin(&t);
+        let mut f = Fake::default();
+        let mut r = requests(&t, 8, Limits { requests: 2, max_waiting: 1, ..LIM });
+        connect(&mut r, &mut f, 1, cntlid);
+        recv(&mut r, &mut f, 0, &read_sqe(50, 0, 0xa));
+        recv(&mut r, &mut f, 1, &read_sqe(51, 8, 0xa));
+        recv(&mut r, &mut f, 2, &read_sqe(52, 16, 0xa));
+        assert_eq!(r.held_receives().collect::<Vec<_>>(), [2], "no context: the capsule waits in its receive");
+        finish(&held, 0, &mut r, &mut f);
+        r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
+        assert!(r.held_receives().next().is_none(), "started once a context was free");
+        recv(&mut r, &mut f, 3, &read_sqe(53, 24, 0xa));
+        f.capsules.push(capsule(&read_sqe(54, 24, 0xa)));
+        let e = r.on_event(&mut f, Event::Recv { idx: 4, len: 64 }).unwrap_err();
+        assert!(e.to_string().contains("more commands than its queue holds"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn refusals_and_bad_completions() {
+        let held = Held::default();
+        let t = target(&held);
+        let mut f = Fake::default();
+        let mut r = requests(&t, 1, LIM);
+        // Any command before Connect: Command Sequence Error, answered without data.
+        recv(&mut r, &mut f, 0, &read_sqe(60, 0, 0xa));
+        assert_eq!(
+            f.take(),
+            [
+                Posted::Recv(0),
+                Posted::Send {
+                    req: 0,
+                    cid: 60,
+                    status: Status::COMMAND_SEQUENCE_ERROR.dnr().to_cqe_field(),
+                    result: 0,
+                    write: None,
+                    invalidate: None
+                }
+            ]
+        );
+        // A completion for a request that is not waiting for it ends the queue pair.
+        assert!(r.on_event(&mut f, Event::ReadDone { req: 3 }).is_err());
+        f.capsules[0] = vec![0; 32];
+        assert!(r.on_event(&mut f, Event::Recv { idx: 0, len: 32 }).is_err(), "a capsule shorter than an SQE");
+    }
 }

@@ -2,6 +2,7 @@
 //! parsing and encoding.
 
 use p2pnvmf_nvmf::ctrl::{MAX_IO_QUEUES, MAX_QUEUE_ENTRIES};
+use p2pnvmf_nvmf::wire::{SglDescriptor, sgl};
 use zerocopy::little_endian::U16;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
@@ -77,6 +78,31 @@ pub struct QueueRequest {
     pub hrqsize: u16,
 }
 
+/// A keyed SGL data block: where the host's buffer is, and its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keyed {
+    pub addr: u64,
+    pub len: usize,
+    pub key: u32,
+    /// Sub type "invalidate key": answer with SEND_WITH_INV.
+    pub invalidate: bool,
+}
+
+impl Keyed {
+    /// Decodes a keyed data block descriptor (type 4): address, a 3-byte length, then a
+    /// 4-byte key (NVMe Base 2.0, Figure 118).
+    pub fn of(d: &SglDescriptor) -> Keyed {
+        let raw = d.length.get();
+        let key = raw >> 24 | u32::from(d.rsvd[0]) << 8 | u32::from(d.rsvd[1]) << 16 | u32::from(d.rsvd[2]) << 24;
+        Keyed {
+            addr: d.addr.get(),
+            len: (raw & 0x00ff_ffff) as usize,
+            key,
+            invalidate: d.id == sgl::KEYED_DATA_BLOCK_INVALIDATE,
+        }
+    }
+}
+
 /// Validates RDMA_CM_REQUEST private data.
 pub fn parse_request(data: &[u8]) -> Result<QueueRequest, RejectStatus> {
     let bytes = data.get(..32).ok_or(RejectStatus::InvalidLength)?;
@@ -131,6 +157,18 @@ mod tests {
         let mut v = ConnectRequest::new(recfmt, qid, hrqsize, hsqsize).as_bytes().to_vec();
         v.extend_from_slice(&[0; 24]); // what rdma_cm appends (56 bytes seen from Linux)
         v
+    }
+
+    #[test]
+    fn keyed_descriptor_splits_length_and_key() {
+        let d = SglDescriptor {
+            addr: 0x1122_3344_5566_7788.into(),
+            length: 0xdd00_1000.into(),
+            rsvd: [0xcc, 0xbb, 0xaa],
+            id: sgl::KEYED_DATA_BLOCK_INVALIDATE,
+        };
+        let k = Keyed::of(&d);
+        assert_eq!((k.addr, k.len, k.key, k.invalidate), (0x1122_3344_5566_7788, 0x1000, 0xaabb_ccdd, true));
     }
 
     #[test]
