@@ -1,15 +1,208 @@
-//! `cargo bench --bench vm_fio`: the same fio jobs against the kernel's nvmet target (brd) and
-//! ours (RAM namespace), over RDMA (rxe) and TCP, in one VM run; prints IOPS and bandwidth and
-//! the ratios ours / kernel. Only ratios within one run mean anything (TCG emulation).
+//! `cargo bench --bench vm_fio`: p2pnvmf beside the kernel's nvmet target in the VM, over RDMA
+//! (rxe) and TCP, on the same kinds of backing (brd through our file backend and our RAM
+//! namespace; null_blk with 0.5 ms completions through our file backend), fio with io_uring.
+//! Every job runs BENCH_RUNS times (default 3), kernel and ours interleaved, BENCH_RUNTIME
+//! seconds each (default 5). Writes `target/bench/vm_fio.{json,md,png}` and prints the table:
+//! medians with min and max, and ours / kernel per row. Under TCG only ratios within one run
+//! mean anything.
 
-use p2pnvmf_vmrig::{Scenario, Topology};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use p2pnvmf_vmrig::{Scenario, Topology, repo_root};
+use serde_json::{Value, json};
+
+/// A measured quantity of a fio job and which way is better.
+#[derive(Debug, Clone, Copy)]
+enum Metric {
+    Iops,
+    MibPerSec,
+    /// Latency percentile (submission to completion, as the application sees it), in µs.
+    Lat(&'static str, &'static str),
+}
+
+impl Metric {
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Iops => "IOPS",
+            Metric::MibPerSec => "MiB/s",
+            Metric::Lat(name, _) => name,
+        }
+    }
+
+    fn higher_is_better(self) -> bool {
+        !matches!(self, Metric::Lat(..))
+    }
+
+    fn of(self, side: &Value) -> Option<f64> {
+        match self {
+            Metric::Iops => side["iops"].as_f64(),
+            Metric::MibPerSec => side["bw"].as_f64().map(|kib| kib / 1024.0),
+            // Total latency, not completion latency: the kernel's TCP host may finish a command
+            // inside the submitting system call, which clat does not count.
+            Metric::Lat(_, key) => side["lat_ns"]["percentile"][key].as_f64().map(|ns| ns / 1000.0),
+        }
+    }
+}
+
+const QD1: [Metric; 4] = [
+    Metric::Iops,
+    Metric::Lat("p50 µs", "50.000000"),
+    Metric::Lat("p99 µs", "99.000000"),
+    Metric::Lat("p99.9 µs", "99.900000"),
+];
+
+/// The table's rows: (our backing, the kernel's backing, job, metrics).
+fn rows() -> Vec<(&'static str, &'static str, &'static str, Vec<Metric>)> {
+    let mut v = Vec::new();
+    for ours in ["brd", "ram"] {
+        v.push((ours, "brd", "qd1-randread", QD1.to_vec()));
+        for job in ["qd32x2-randread", "qd32x2-randwrite", "qd32x1-randread"] {
+            v.push((ours, "brd", job, vec![Metric::Iops]));
+        }
+        for job in ["seq128k-read", "seq128k-write"] {
+            v.push((ours, "brd", job, vec![Metric::MibPerSec]));
+        }
+    }
+    v.push(("null", "null", "qd1-randread", QD1.to_vec()));
+    v.push(("null", "null", "qd32x1-randread", vec![Metric::Iops]));
+    v
+}
+
+fn backing_label(b: &str) -> &'static str {
+    match b {
+        "brd" => "brd (ours: file backend)",
+        "ram" => "kernel brd / our RAM namespace",
+        _ => "null_blk 0.5 ms (ours: file backend)",
+    }
+}
+
+/// Values of `metric` over the runs of one side.
+fn values(dir: &Path, t: &str, backing: &str, job: &str, who: &str, metric: Metric) -> Vec<f64> {
+    let mut v = Vec::new();
+    for run in 1.. {
+        let path = dir.join(format!("{t}.{backing}.{job}.{who}.{run}.json"));
+        let Ok(text) = std::fs::read_to_string(&path) else { break };
+        let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let side = if job.contains("write") { "write" } else { "read" };
+        let x = metric.of(&doc["jobs"][0][side]).unwrap_or_else(|| panic!("{}: no {}", path.display(), metric.name()));
+        v.push(x);
+    }
+    v
+}
+
+fn stats(mut v: Vec<f64>) -> Value {
+    assert!(!v.is_empty(), "no runs");
+    v.sort_by(f64::total_cmp);
+    json!({ "median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1], "runs": v.len() })
+}
+
+fn fmt(x: f64) -> String {
+    if x >= 100.0 { format!("{x:.0}") } else { format!("{x:.1}") }
+}
 
 fn main() {
-    let out = Scenario::new("bench-fio", Topology::nic_only(), "bench-fio.sh")
+    let runtime = std::env::var("BENCH_RUNTIME").unwrap_or_else(|_| "5".into());
+    let runs = std::env::var("BENCH_RUNS").unwrap_or_else(|_| "3".into());
+    let mut scn = Scenario::new("bench-fio", Topology::nic_only(), "bench-fio.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
-        .timeout(std::time::Duration::from_secs(900))
-        .run_ok();
-    for line in out.console.lines().filter(|l| l.starts_with("bench ") || l.starts_with("ratio ")) {
-        println!("{line}");
+        .env("BENCH_RUNTIME", runtime.clone())
+        .env("BENCH_RUNS", runs.clone())
+        .timeout(std::time::Duration::from_secs(5400));
+    // brd devices, a RAM namespace and 32 RDMA queues' data areas at once.
+    scn.memory_mib = 4096;
+    let out = scn.run_ok();
+    let dir = out.run_dir.join("results");
+
+    let mut table = String::from(
+        "| transport | backing | fio job | metric | kernel median (min–max) | p2pnvmf median (min–max) | ours / kernel |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let mut rows_json = Vec::new();
+    for t in ["rdma", "tcp"] {
+        for (ours_backing, kernel_backing, job, metrics) in rows() {
+            for m in metrics {
+                let k = stats(values(&dir, t, kernel_backing, job, "kernel", m));
+                let o = stats(values(&dir, t, ours_backing, job, "ours", m));
+                let ratio = o["median"].as_f64().expect("number") / k["median"].as_f64().expect("number");
+                let cell = |s: &Value| {
+                    format!(
+                        "{} ({}–{})",
+                        fmt(s["median"].as_f64().expect("number")),
+                        fmt(s["min"].as_f64().expect("number")),
+                        fmt(s["max"].as_f64().expect("number"))
+                    )
+                };
+                let better = if m.higher_is_better() { "" } else { " (lower is better)" };
+                let _ = writeln!(
+                    table,
+                    "| {t} | {} | {job} | {} | {} | {} | {ratio:.2}{better} |",
+                    backing_label(ours_backing),
+                    m.name(),
+                    cell(&k),
+                    cell(&o)
+                );
+                rows_json.push(json!({
+                    "transport": t, "backing": ours_backing, "kernel_backing": kernel_backing, "job": job,
+                    "metric": m.name(), "higher_is_better": m.higher_is_better(),
+                    "kernel": k, "ours": o, "ratio": ratio,
+                }));
+            }
+        }
     }
+    let rss: BTreeMap<String, u64> = out
+        .console
+        .lines()
+        .filter_map(|l| l.strip_prefix("bench-rss "))
+        .filter_map(|l| l.split_once(' ').and_then(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?))))
+        .collect();
+    let _ = writeln!(
+        table,
+        "\np2pnvmf RSS (kB): {}",
+        rss.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    );
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let report = json!({
+        "date": date.unwrap_or_default(),
+        "command": format!("BENCH_RUNTIME={runtime} BENCH_RUNS={runs} cargo bench --bench vm_fio"),
+        "runtime_s": runtime, "runs": runs, "rss_kib": rss, "rows": rows_json,
+    });
+    let dest = repo_root().join("target/bench");
+    std::fs::create_dir_all(&dest).expect("target/bench");
+    std::fs::write(dest.join("vm_fio.json"), serde_json::to_string_pretty(&report).expect("json")).expect("write json");
+    std::fs::write(dest.join("vm_fio.md"), &table).expect("write table");
+    println!("{table}");
+    match chart(&dest.join("vm_fio.json"), &dest.join("vm_fio.png")) {
+        Ok(()) => println!("chart: {}", dest.join("vm_fio.png").display()),
+        Err(e) => eprintln!("no chart: {e}"),
+    }
+}
+
+/// Renders the ratios as a PNG with matplotlib (installed from Debian when missing).
+fn chart(json: &Path, png: &Path) -> Result<(), String> {
+    let has = |py: &str| Command::new("/usr/bin/python3").args(["-c", py]).status().is_ok_and(|s| s.success());
+    if !has("import matplotlib") {
+        let st = Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", "python3-matplotlib"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .map_err(|e| format!("apt-get: {e}"))?;
+        if !st.success() {
+            return Err("apt-get install python3-matplotlib failed".into());
+        }
+    }
+    let script: PathBuf = repo_root().join("benches/vm_fio_chart.py");
+    let st = Command::new("/usr/bin/python3")
+        .arg(&script)
+        .arg(json)
+        .arg(png)
+        .status()
+        .map_err(|e| format!("python3: {e}"))?;
+    if st.success() { Ok(()) } else { Err(format!("{} failed", script.display())) }
 }

@@ -67,7 +67,8 @@ pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, sqe: &Sqe, data: 
             };
         }
         opcode::KEEP_ALIVE => Response::ok(),
-        // Commands complete quickly and in order per queue: report "not aborted" (DW0 bit 0).
+        // Abort is best effort (NVMe Base 2.0, 5.1): commands in flight at a backend are not
+        // withdrawn, so report "not aborted" (DW0 bit 0).
         opcode::ABORT => Response::result(1),
         _ => Response::status(Status::INVALID_OPCODE.dnr()),
     };

@@ -168,8 +168,26 @@ impl Mapping {
     /// one is left out). The mapping is consumed: from now on only the windows reach it.
     pub fn into_windows(self, size: usize) -> Vec<Window> {
         assert!(size > 0, "windows of 0 bytes");
+        let n = self.len / size;
+        self.split(&[(n, size)]).pop().expect("one class")
+    }
+
+    /// Splits the mapping into classes of windows, `(count, size)` each, one after the other
+    /// (what does not fit is left out).
+    pub fn split(self, classes: &[(usize, usize)]) -> Vec<Vec<Window>> {
         let map = Arc::new(self);
-        (0..map.len / size).map(|i| Window { map: map.clone(), off: i * size, len: size, home: None }).collect()
+        let mut off = 0;
+        classes
+            .iter()
+            .map(|&(count, size)| {
+                let mut v = Vec::with_capacity(count);
+                while v.len() < count && size > 0 && off + size <= map.len {
+                    v.push(Window { map: map.clone(), off, len: size, home: None });
+                    off += size;
+                }
+                v
+            })
+            .collect()
     }
 }
 
@@ -319,6 +337,9 @@ mod tests {
         assert_eq!((mid.offset(), mid.len()), (4096, 4096));
         let (start, len) = mid.mapping_range();
         assert_eq!((start as usize, len), (base, 3 * 4096 + 100));
+        let two = Mapping::host_small(3 * 4096).unwrap().split(&[(2, 1024), (9, 4096)]);
+        assert_eq!((two[0].len(), two[1].len()), (2, 2), "classes in order, what fits");
+        assert_eq!((two[1][0].offset(), two[1][1].len()), (2048, 4096));
         let own = Window::host(100).unwrap();
         assert!((own.as_ptr() as usize).is_multiple_of(4096) && own.len() == 100);
     }

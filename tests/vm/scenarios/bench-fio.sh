@@ -1,48 +1,146 @@
-# Benchmark: identical fio jobs against the kernel nvmet target (brd RAM disk) and p2pnvmf (RAM
-# namespace), over RDMA and TCP, each with 2 I/O queues. Prints "bench" lines and ratios.
-KNQN=nqn.2026-11.io.p2pnvmf:kernel-bench
-NQN=nqn.2026-11.io.p2pnvmf:bench
-RUNTIME=${BENCH_RUNTIME:-10}
-modprobe brd rd_nr=1 rd_size=262144
+# Benchmark: the same fio jobs against the kernel nvmet target and p2pnvmf, over RDMA (rxe) and
+# TCP, on the same kinds of backing:
+#   brd   kernel on /dev/ram0 | p2pnvmf file backend on /dev/ram1 (and its RAM namespace)
+#   null  kernel on /dev/nullb0 | p2pnvmf file backend on /dev/nullb1 (null_blk, completions
+#         after a fixed 0.5 ms: what concurrency inside a queue is worth)
+# Every device stays connected; runs are interleaved (kernel, then ours, job by job) and repeated
+# BENCH_RUNS times. Each run leaves fio's JSON in /tmp/scn/results/<transport>.<backing>.<job>.<run>.json;
+# the host side (benches/vm_fio.rs) computes medians and ratios. First, our target's RSS idle and
+# with 8 controllers x 4 I/O queues connected, per transport.
+RUNTIME=${BENCH_RUNTIME:-5}
+RUNS=${BENCH_RUNS:-3}
+OUT=/tmp/scn/results
+mkdir -p "$OUT"
+KBRD=nqn.2026-11.io.p2pnvmf:kernel-brd
+KNULL=nqn.2026-11.io.p2pnvmf:kernel-null
+OBRD=nqn.2026-11.io.p2pnvmf:bench-brd
+ORAM=nqn.2026-11.io.p2pnvmf:bench-ram
+ONULL=nqn.2026-11.io.p2pnvmf:bench-null
+
+step "backing devices and the kernel target"
+modprobe brd rd_nr=2 rd_size=262144
+modprobe null_blk nr_devices=2 queue_mode=2 irqmode=2 completion_nsec=500000 gb=1 hw_queue_depth=256 submit_queues=2
+[[ -b /dev/ram1 && -b /dev/nullb1 ]] || die "brd or null_blk devices missing"
 modprobe nvmet; modprobe nvmet-rdma; modprobe nvmet-tcp
-nvmet_kernel_subsys "$KNQN" /dev/ram0
-nvmet_kernel_port 1 rdma 4430 "$KNQN"
-nvmet_kernel_port 2 tcp 4431 "$KNQN"
-rdma_config /tmp/scn/target.toml "$NQN"
+nvmet_kernel_subsys "$KBRD" /dev/ram0
+nvmet_kernel_subsys "$KNULL" /dev/nullb0
+nvmet_kernel_port 1 rdma 4430 "$KBRD"
+nvmet_kernel_port 2 tcp 4431 "$KBRD"
+for p in 1 2; do ln -s "/sys/kernel/config/nvmet/subsystems/$KNULL" "/sys/kernel/config/nvmet/ports/$p/subsystems/$KNULL"; done
+
+cat >/tmp/scn/target.toml <<CFG
+[[listener]]
+name = "rdma0"
+transport = "rdma"
+address = "$GUEST_IP"
+port = 4420
+
+[[listener]]
+name = "tcp0"
+transport = "tcp"
+address = "$GUEST_IP"
+port = 4421
+
+[[subsystem]]
+nqn = "$OBRD"
+allow_any_host = true
+[[subsystem.namespace]]
+nsid = 1
+backend = "file"
+path = "/dev/ram1"
+
+[[subsystem]]
+nqn = "$ORAM"
+allow_any_host = true
+[[subsystem.namespace]]
+nsid = 1
+backend = "ram"
+size = "256MiB"
+
+[[subsystem]]
+nqn = "$ONULL"
+allow_any_host = true
+[[subsystem.namespace]]
+nsid = 1
+backend = "file"
+path = "/dev/nullb1"
+CFG
 RUST_LOG=warn start_target /tmp/scn/target.toml 4421
 
-terse() { grep '^3;' | tail -n1; }
-declare -A R
-bench_one() {  # NAME TRANSPORT PORT NQN
-    local name=$1 t=$2 port=$3 nqn=$4 dev rr sr vw
-    dev=$(nvme_connect_dev "$t" "$port" "$nqn" -i 2)
-    dd if=/dev/zero of="$dev" bs=1M count=64 oflag=direct status=none
-    rr=$(fio --name=rr --filename="$dev" --ioengine=libaio --direct=1 --rw=randread --bs=4k \
-        --iodepth=16 --numjobs=2 --group_reporting --size=64M --runtime="$RUNTIME" --time_based \
-        --output-format=terse --terse-version=3 | terse | cut -d';' -f8)
-    sr=$(fio --name=sr --filename="$dev" --ioengine=libaio --direct=1 --rw=read --bs=128k \
-        --iodepth=16 --size=64M --runtime="$RUNTIME" --time_based \
-        --output-format=terse --terse-version=3 | terse | cut -d';' -f7)
-    vw=$(fio --name=vw --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k \
-        --size=32M --offset_increment=32M --numjobs=2 --group_reporting --iodepth=32 \
-        --verify=crc32c --do_verify=1 --verify_fatal=1 --output-format=terse --terse-version=3 \
-        2>/dev/null | terse | cut -d';' -f49)
-    nvme_disconnect_nqn "$nqn" >/dev/null
-    echo "bench $name $t: 4k-randread-QD16x2 ${rr} IOPS, 128k-read-QD16 $((sr / 1024)) MiB/s, verify-job 4k-randwrite-QD32x2 ${vw} IOPS"
-    R[$name-$t-rr]=$rr; R[$name-$t-sr]=$sr; R[$name-$t-vw]=$vw
-}
+step "RSS of the target idle and with 8 controllers x 4 I/O queues"
+read -r _ rss < <(target_usage)
+echo "bench-rss idle $rss"
 for t in rdma tcp; do
-    kport=$([[ $t == rdma ]] && echo 4430 || echo 4431)
-    oport=$([[ $t == rdma ]] && echo 4420 || echo 4421)
-    step "kernel nvmet over $t"
-    bench_one kernel "$t" "$kport" "$KNQN"
-    step "p2pnvmf over $t"
-    bench_one p2pnvmf "$t" "$oport" "$NQN"
+    port=$([[ $t == rdma ]] && echo 4420 || echo 4421)
+    for i in $(seq 8); do
+        # Eight controllers of one host (nvme-cli 2.3 refuses duplicates even when asked, so
+        # straight to the kernel's fabrics device); two default and two write queues: four I/O
+        # queues on two CPUs.
+        echo "transport=$t,traddr=$GUEST_IP,trsvcid=$port,nqn=$ORAM,hostnqn=$HOSTNQN,hostid=$HOSTID,nr_io_queues=2,nr_write_queues=2,duplicate_connect" \
+            >/dev/nvme-fabrics || die "connect $i over $t"
+    done
+    sleep 1
+    read -r _ rss < <(target_usage)
+    echo "bench-rss $t-8x4 $rss"
+    nvme disconnect -n "$ORAM" >/dev/null
+    sleep 1
 done
-for t in rdma tcp; do
-    for m in rr sr vw; do
-        awk -v t="$t" -v m="$m" -v o="${R[p2pnvmf-$t-$m]}" -v k="${R[kernel-$t-$m]}" \
-            'BEGIN { printf "ratio %s %s: p2pnvmf/kernel = %.2f\n", t, m, (k > 0 ? o / k : 0) }'
+
+# One transport at a time: the same subsystem over RDMA and TCP would be two paths of one
+# multipath device.
+declare -A DEV
+connect_all() {  # TRANSPORT KPORT OPORT
+    DEV[brd.kernel]=$(nvme_connect_dev "$1" "$2" "$KBRD" -i 2)
+    DEV[null.kernel]=$(nvme_connect_dev "$1" "$2" "$KNULL" -i 2)
+    DEV[brd.ours]=$(nvme_connect_dev "$1" "$3" "$OBRD" -i 2)
+    DEV[ram.ours]=$(nvme_connect_dev "$1" "$3" "$ORAM" -i 2)
+    DEV[null.ours]=$(nvme_connect_dev "$1" "$3" "$ONULL" -i 2)
+}
+disconnect_all() {
+    for n in "$KBRD" "$KNULL" "$OBRD" "$ORAM" "$ONULL"; do nvme disconnect -n "$n" >/dev/null; done
+}
+
+# name: fio options (4k unless said; QD32 x2 jobs run on both CPUs, so on both I/O queues)
+declare -A JOB=(
+    [qd1-randread]="--rw=randread --bs=4k --iodepth=1 --numjobs=1"
+    [qd32x2-randread]="--rw=randread --bs=4k --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split"
+    [qd32x2-randwrite]="--rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split"
+    [qd32x1-randread]="--rw=randread --bs=4k --iodepth=32 --numjobs=1 --cpus_allowed=0"
+    [seq128k-read]="--rw=read --bs=128k --iodepth=16 --numjobs=1"
+    [seq128k-write]="--rw=write --bs=128k --iodepth=16 --numjobs=1"
+)
+BRD_JOBS="qd1-randread qd32x2-randread qd32x2-randwrite qd32x1-randread seq128k-read seq128k-write"
+NULL_JOBS="qd1-randread qd32x1-randread"
+
+run_fio() {  # DEVICE JOB RESULT
+    fio --name="$2" --filename="$1" --ioengine=io_uring --direct=1 --size=64M --runtime="$RUNTIME" \
+        --time_based --group_reporting --lat_percentiles=1 --output-format=json ${JOB[$2]} >"$3.tmp" 2>/dev/null \
+        || die "fio $2 on $1 failed"
+    mv "$3.tmp" "$3"
+}
+
+prefilled=
+for run in $(seq "$RUNS"); do
+    for t in rdma tcp; do
+        step "run $run over $t"
+        if [[ $t == rdma ]]; then connect_all rdma 4430 4420; else connect_all tcp 4431 4421; fi
+        if [[ -z $prefilled ]]; then
+            # brd and RAM namespaces return zeroes for blocks never written: fill the region read.
+            for k in brd.kernel brd.ours ram.ours; do
+                dd if=/dev/urandom of="${DEV[$k]}" bs=1M count=64 oflag=direct status=none || die "prefill ${DEV[$k]}"
+            done
+            prefilled=1
+        fi
+        for job in $BRD_JOBS; do
+            for who in kernel ours; do run_fio "${DEV[brd.$who]}" "$job" "$OUT/$t.brd.$job.$who.$run.json"; done
+            run_fio "${DEV[ram.ours]}" "$job" "$OUT/$t.ram.$job.ours.$run.json"
+        done
+        for job in $NULL_JOBS; do
+            for who in kernel ours; do run_fio "${DEV[null.$who]}" "$job" "$OUT/$t.null.$job.$who.$run.json"; done
+        done
+        disconnect_all
     done
 done
+
 stop_target
+step "done"

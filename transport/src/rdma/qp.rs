@@ -46,9 +46,9 @@ pub struct QpSize {
     pub capsule: usize,
     /// Request contexts, each with a response capsule.
     pub requests: usize,
-    /// Data buffers, each `max_xfer` bytes.
-    pub buffers: usize,
-    pub max_xfer: usize,
+    /// Data buffers: (count, bytes) of small ones, then of large ones (`max_xfer` bytes).
+    pub small: (usize, usize),
+    pub large: (usize, usize),
     /// Send-queue entries.
     pub send_wrs: usize,
 }
@@ -108,24 +108,30 @@ impl Drop for Qp {
 
 impl Qp {
     /// Creates everything for the connect request on `id` (not yet accepted). Returns the
-    /// data buffers as windows. On error, what was created is freed (with the id).
+    /// data buffers as windows, small ones then large ones. On error, what was created is freed
+    /// (the id stays the listener's to reject).
     pub fn create(
         api: &'static Api,
         id: *mut sys::RdmaCmId,
         size: QpSize,
         shared: Option<Arc<SharedRecv>>,
         busy_poll: bool,
-    ) -> io::Result<(Qp, Vec<Window>)> {
+    ) -> io::Result<(Qp, Vec<Vec<Window>>)> {
         let recv_area = if shared.is_some() { 0 } else { size.depth * size.capsule };
         let ctrl_len = recv_area + size.requests * 16;
-        let data_len = size.buffers * size.max_xfer;
+        let data_len = size.small.0 * size.small.1 + size.large.0 * size.large.1;
         let ctrl = Mapping::host(ctrl_len)
             .map_err(|e| io::Error::new(e.kind(), format!("{ctrl_len} bytes of queue memory: {e}")))?;
         let data = Mapping::host(data_len)
             .map_err(|e| io::Error::new(e.kind(), format!("{data_len} bytes of data buffers: {e}")))?;
         let (data_ptr, data_len) = (data.as_ptr(), data.len());
-        let windows = data.into_windows(size.max_xfer);
-        let pin = windows.first().map(Window::pin_mapping).ok_or_else(|| io::Error::other("no data buffers"))?;
+        let windows = data.split(&[size.small, size.large]);
+        let pin = windows
+            .iter()
+            .flatten()
+            .next()
+            .map(Window::pin_mapping)
+            .ok_or_else(|| io::Error::other("no data buffers"))?;
         let mut qp = Qp {
             api,
             id,

@@ -7,7 +7,8 @@
 //!
 //! Resources a request waits for, each with its own queue:
 //! - a request context (`need_request`): a receive whose capsule has no context yet;
-//! - a data buffer (`need_buffer`): a window of the queue's data area;
+//! - a data buffer (`need_buffer`): a window of the queue's data area, small (most commands)
+//!   or large (transfers above the small size); a request waits only for its kind;
 //! - RDMA READ depth and a send slot (`need_read`): at most ORD reads in flight;
 //! - send slots (`need_send`): a response (RDMA WRITE + SEND, or SEND alone).
 //!
@@ -132,7 +133,7 @@ pub struct Limits {
 pub struct Requests {
     reqs: Vec<Req>,
     free: Vec<u16>,
-    buffers: Vec<Window>,
+    buffers: Buffers,
     need_request: VecDeque<(usize, usize)>,
     need_buffer: VecDeque<u16>,
     need_read: VecDeque<u16>,
@@ -147,17 +148,48 @@ pub struct Requests {
     reaped: Vec<Completion>,
 }
 
+/// The queue's data buffers, in two sizes.
+#[derive(Debug)]
+struct Buffers {
+    small: Vec<Window>,
+    large: Vec<Window>,
+    small_size: usize,
+}
+
+impl Buffers {
+    /// A buffer for `len` bytes: a small one when it fits and one is free, else a large one.
+    fn take(&mut self, len: usize) -> Option<Window> {
+        if len <= self.small_size
+            && let Some(w) = self.small.pop()
+        {
+            return Some(w);
+        }
+        if self.large.last().is_some_and(|w| w.len() >= len) { self.large.pop() } else { None }
+    }
+
+    fn can(&self, len: usize) -> bool {
+        (len <= self.small_size && !self.small.is_empty()) || self.large.last().is_some_and(|w| w.len() >= len)
+    }
+
+    fn give(&mut self, w: Window) {
+        if w.len() <= self.small_size { self.small.push(w) } else { self.large.push(w) }
+    }
+}
+
 /// Why a queue pair cannot go on.
 pub type Fatal = io::Error;
 
 impl Requests {
-    /// A queue's requests over `buffers` (its data area, one window per buffer).
-    pub fn new(queue: Queue, buffers: Vec<Window>, lim: Limits) -> Requests {
+    /// A queue's requests over its data buffers (windows of its data area): `small` ones
+    /// (all of one size) and `large` ones of the largest transfer.
+    pub fn new(queue: Queue, small: Vec<Window>, large: Vec<Window>, lim: Limits) -> Requests {
         let n = lim.requests;
+        let small_size = small.first().map_or(0, Window::len);
+        assert!(large.iter().all(|w| w.len() >= lim.max_xfer), "large buffers hold the largest transfer");
         Requests {
             reqs: (0..n).map(|_| Req::new()).collect(),
             free: (0..n as u16).rev().collect(),
-            buffers,
+            buffers: Buffers { small, large, small_size },
             need_request: VecDeque::with_capacity(lim.max_waiting + 1),
             need_buffer: VecDeque::with_capacity(n),
             need_read: VecDeque::with_capacity(n),
@@ -181,7 +213,7 @@ impl Requests {
     }
 
     pub fn free_buffers(&self) -> usize {
-        self.buffers.len()
+        self.buffers.small.len() + self.buffers.large.len()
     }
 
     fn set(&mut self, req: u16, state: State) {
@@ -412,10 +444,11 @@ impl Requests {
                 self.set(req, State::TransferringHostToController);
                 moved = true;
             }
-            while !self.buffers.is_empty()
-                && let Some(req) = self.need_buffer.pop_front()
-            {
-                let buf = self.buffers.pop().expect("checked non-empty");
+            // The first waiting request whose kind of buffer is free: a large transfer waiting
+            // does not hold up small ones behind it.
+            while let Some(i) = self.need_buffer.iter().position(|&q| self.buffers.can(self.reqs[usize::from(q)].len)) {
+                let req = self.need_buffer.remove(i).expect("found above");
+                let buf = self.buffers.take(self.reqs[usize::from(req)].len).expect("checked above");
                 self.have_buffer(v, req, buf)?;
                 moved = true;
             }
@@ -458,7 +491,7 @@ impl Requests {
         if write.is_none()
             && let Some(b) = r.buf.take()
         {
-            self.buffers.push(b);
+            self.buffers.give(b);
         }
         self.set(req, State::Completing);
         Ok(())
@@ -467,7 +500,7 @@ impl Requests {
     fn release(&mut self, req: u16) {
         let r = &mut self.reqs[usize::from(req)];
         if let Some(b) = r.buf.take() {
-            self.buffers.push(b);
+            self.buffers.give(b);
         }
         debug_assert!(r.recv.is_none(), "a released request holds no receive buffer");
         self.set(req, State::Free);
@@ -658,9 +691,10 @@ mod tests {
         c
     }
 
+    /// Requests with `buffers` large buffers only.
     fn requests(t: &Arc<Target>, buffers: usize, lim: Limits) -> Requests {
         let area = Mapping::host(buffers * lim.max_xfer).unwrap();
-        Requests::new(Queue::new(t.clone(), port()), area.into_windows(lim.max_xfer), lim)
+        Requests::new(Queue::new(t.clone(), port()), Vec::new(), area.into_windows(lim.max_xfer), lim)
     }
 
     const LIM: Limits = Limits { requests: 8, reads: 4, send_slots: 16, max_xfer: 8192, max_waiting: 4 };
@@ -804,6 +838,37 @@ mod tests {
         assert_eq!(r.state(1), State::NeedBuffer);
         r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
         assert_eq!(r.state(1), State::Executing, "the freed buffer went to the waiting request");
+    }
+
+    #[tokio::test]
+    async fn small_commands_are_not_held_up_by_a_large_one_waiting() {
+        let held = Held::default();
+        let t = target(&held);
+        let (_admin, cntlid) = enabled_admin(&t);
+        let mut f = Fake::default();
+        let classes = Mapping::host(2 * 4096 + 8192).unwrap().split(&[(2, 4096), (1, 8192)]);
+        let [small, large] = <[Vec<Window>; 2]>::try_from(classes).unwrap();
+        let mut r = Requests::new(Queue::new(t.clone(), port()), small, large, LIM);
+        connect(&mut r, &mut f, 1, cntlid);
+        let mut big = read_sqe(70, 0, 0xa);
+        (big.dptr.length, big.cdw12) = ((8192 | 0xa << 24).into(), 15.into());
+        // The large buffer goes to the first 8 KiB read: the second waits ...
+        recv(&mut r, &mut f, 0, &big);
+        big.cid = 71.into();
+        recv(&mut r, &mut f, 1, &big);
+        assert_eq!((r.state(0), r.state(1)), (State::Executing, State::NeedBuffer));
+        // ... while 4 KiB reads behind it take the small buffers.
+        recv(&mut r, &mut f, 2, &read_sqe(72, 0, 0xa));
+        recv(&mut r, &mut f, 3, &read_sqe(73, 8, 0xa));
+        assert_eq!((r.state(2), r.state(3)), (State::Executing, State::Executing));
+        recv(&mut r, &mut f, 4, &read_sqe(74, 16, 0xa));
+        assert_eq!(r.state(4), State::NeedBuffer, "no small buffer left and the large one is taken");
+        finish(&held, 0, &mut r, &mut f);
+        r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
+        assert_eq!((r.state(1), r.state(4)), (State::Executing, State::NeedBuffer), "first in line first");
+        finish(&held, 2, &mut r, &mut f);
+        r.on_event(&mut f, Event::SendDone { req: 2 }).unwrap();
+        assert_eq!(r.state(4), State::Executing);
     }
 
     #[tokio::test]

@@ -433,6 +433,7 @@ impl Conn {
     fn finish(&mut self, tag: u16, r: &Response) {
         let slot = &mut self.slots[usize::from(tag)];
         let cid = slot.sqe.cid.get();
+        trace!(tag, cid, status = %r.status, "answer queued");
         slot.state = State::Sending;
         self.sending.push(tag);
         if Direction::of(&slot.sqe) == Direction::ControllerToHost && r.data_len > 0 && r.status.is_success() {
@@ -462,6 +463,7 @@ impl Conn {
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
             write_segs(&mut self.wr, &self.out, &self.slots).await?;
+            trace!(segs = self.out.segs.len(), answers = self.sending.len(), "batch written");
             self.out.bytes.clear();
             self.out.segs.clear();
         }

@@ -1,0 +1,93 @@
+//! `cargo bench --bench vm_latency`: where a QD1 command's time goes. fio 4k randread at queue
+//! depth 1 against the kernel target and p2pnvmf (RAM namespace) over TCP and RDMA; our
+//! target traces each command, so each command's time splits into inside the target (capsule
+//! received → answer written or posted) and outside it (answer → the next capsule: wire, host,
+//! fio and every wake-up on the way). Prints percentiles of both beside fio's latency, and the
+//! top of a CPU profile of the target during the TCP run. `TARGET_WORKERS=N` runs the target
+//! with N tokio worker threads; `PIN_CPU=C` pins fio and our target to CPU C.
+
+use p2pnvmf_vmrig::{Scenario, Topology};
+use serde_json::Value;
+
+/// Microseconds since midnight from a tracing line's RFC 3339 timestamp.
+fn micros(line: &str) -> Option<f64> {
+    let t = line.split_whitespace().next()?.split('T').nth(1)?.trim_end_matches('Z');
+    let mut parts = t.split(':');
+    let (h, m, s) =
+        (parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?, parts.next()?.parse::<f64>().ok()?);
+    Some(((h * 60.0 + m) * 60.0 + s) * 1e6)
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+fn summary(name: &str, v: &mut [f64]) -> String {
+    if v.is_empty() {
+        return format!("{name}: no samples");
+    }
+    format!("{name}: n {} p50 {:.0} p99 {:.0} p99.9 {:.0} µs", v.len(), pct(v, 50.0), pct(v, 99.0), pct(v, 99.9))
+}
+
+fn fio_lat(path: &std::path::Path) -> String {
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fio result")).expect("fio json");
+    let r = &doc["jobs"][0]["read"];
+    let p = |k: &str| r["lat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    format!(
+        "IOPS {:.0}, latency p50 {:.0} p99 {:.0} p99.9 {:.0} µs",
+        r["iops"].as_f64().unwrap_or(0.0),
+        p("50.000000"),
+        p("99.000000"),
+        p("99.900000")
+    )
+}
+
+fn main() {
+    let mut scn = Scenario::new("bench-latency", Topology::nic_only(), "bench-latency.sh")
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .timeout(std::time::Duration::from_secs(900));
+    for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU"] {
+        if let Ok(v) = std::env::var(key) {
+            scn = scn.env(key, v);
+        }
+    }
+    let out = scn.run_ok();
+    let log = std::fs::read_to_string(out.run_dir.join("target.log")).expect("target log");
+    for t in ["tcp", "rdma"] {
+        let (start, end) = (format!("mark {t} start"), format!("mark {t} end"));
+        // The traced run is the second between its marks.
+        let traced = log.match_indices(&start).nth(1).map_or("", |(i, _)| &log[i..]);
+        let lines: Vec<&str> = traced.lines().take_while(|l| !l.contains(&end)).collect();
+        // The event that starts a command, and the one that hands its answer to the wire.
+        let (begin, done) = match t {
+            "tcp" => ("capsule", "batch written"),
+            _ => ("rdma request: new", "to=Completing"),
+        };
+        let (mut inside, mut outside) = (Vec::new(), Vec::new());
+        let mut last_begin = None;
+        let mut last_done = None;
+        for l in &lines {
+            let Some(ts) = micros(l) else { continue };
+            if l.contains(begin) && l.contains("opcode=2") {
+                if let Some(d) = last_done.take() {
+                    outside.push(ts - d);
+                }
+                last_begin = Some(ts);
+            } else if l.contains(done)
+                && let Some(b) = last_begin.take()
+            {
+                inside.push(ts - b);
+                last_done = Some(ts);
+            }
+        }
+        println!("{t}: kernel target: {}", fio_lat(&out.run_dir.join(format!("{t}.kernel.json"))));
+        println!("{t}: p2pnvmf:        {}", fio_lat(&out.run_dir.join(format!("{t}.ours-quiet.json"))));
+        println!("{t}: p2pnvmf traced: {}", fio_lat(&out.run_dir.join(format!("{t}.ours-traced.json"))));
+        println!("{t}:   {}", summary("inside the target (capsule in -> answer out)", &mut inside));
+        println!("{t}:   {}", summary("outside (answer out -> next capsule in)", &mut outside));
+    }
+    if let Ok(perf) = std::fs::read_to_string(out.run_dir.join("perf.txt")) {
+        println!("CPU profile of the target during the TCP run (perf, cpu-clock):\n{perf}");
+    }
+}

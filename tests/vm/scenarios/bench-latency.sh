@@ -1,0 +1,63 @@
+# Where a QD1 command's time goes: fio 4k randread at queue depth 1 against the kernel target
+# (brd) and p2pnvmf (RAM namespace) over TCP and RDMA. Our target runs twice: quiet (fio's
+# figures) and tracing each command with microsecond timestamps to the guest's tmpfs (the
+# split of each command's time into inside the target and outside it; tracing itself slows
+# the inside). A CPU profile (perf, software clock, flat) of the quiet target during the TCP
+# run. TARGET_WORKERS sets the target's tokio worker threads (default: one per CPU); PIN_CPU
+# pins fio and our target to that CPU (the kernel target's work follows the host's).
+RUNTIME=${BENCH_RUNTIME:-4}
+KNQN=nqn.2026-11.io.p2pnvmf:kernel-lat
+NQN=nqn.2026-11.io.p2pnvmf:lat
+modprobe brd rd_nr=1 rd_size=131072
+modprobe nvmet; modprobe nvmet-rdma; modprobe nvmet-tcp
+nvmet_kernel_subsys "$KNQN" /dev/ram0
+nvmet_kernel_port 1 rdma 4430 "$KNQN"
+nvmet_kernel_port 2 tcp 4431 "$KNQN"
+rdma_config /tmp/scn/target.toml "$NQN"
+[[ -n ${TARGET_WORKERS:-} ]] && export TOKIO_WORKER_THREADS=$TARGET_WORKERS
+# The log goes to the guest's tmpfs: a line per event over 9p would cost more than the I/O.
+TARGET_LOG=/tmp/target.log
+
+PIN=()
+[[ -n ${PIN_CPU:-} ]] && PIN=(taskset -c "$PIN_CPU")
+qd1() {  # DEVICE RESULT
+    "${PIN[@]}" fio --name=qd1 --filename="$1" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=1 \
+        --size=64M --runtime="$RUNTIME" --time_based --lat_percentiles=1 --output-format=json >"$2" \
+        || die "fio on $1"
+}
+for t in tcp rdma; do
+    kport=$([[ $t == rdma ]] && echo 4430 || echo 4431)
+    oport=$([[ $t == rdma ]] && echo 4420 || echo 4421)
+    step "kernel over $t"
+    dev=$(nvme_connect_dev "$t" "$kport" "$KNQN" -i 1)
+    dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
+    qd1 "$dev" "/tmp/scn/$t.kernel.json"
+    nvme_disconnect_nqn "$KNQN" >/dev/null
+    for mode in quiet traced; do
+        step "p2pnvmf over $t, $mode"
+        if [[ $mode == quiet ]]; then
+            RUST_LOG=warn start_target /tmp/scn/target.toml 4421
+        else
+            RUST_LOG=warn,p2pnvmf_transport=trace start_target /tmp/scn/target.toml 4421
+        fi
+        [[ -n ${PIN_CPU:-} ]] && taskset -a -p -c "$PIN_CPU" "$TARGET_PID" >/dev/null
+        dev=$(nvme_connect_dev "$t" "$oport" "$NQN" -i 1)
+        dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
+        echo "mark $t start" >>"$TARGET_LOG"
+        if [[ $t == tcp && $mode == quiet ]]; then
+            perf record -q -e cpu-clock -F 2000 -o /tmp/perf.data -p "$TARGET_PID" -- sleep "$RUNTIME" 2>/dev/null &
+            perf_pid=$!
+        fi
+        qd1 "$dev" "/tmp/scn/$t.ours-$mode.json"
+        echo "mark $t end" >>"$TARGET_LOG"
+        if [[ $t == tcp && $mode == quiet ]]; then
+            wait "$perf_pid" || true
+            perf report -q -i /tmp/perf.data --no-children --sort dso,sym -g none --stdio 2>/dev/null \
+                | grep -v '^$' | head -n 30 >/tmp/scn/perf.txt || true
+        fi
+        nvme_disconnect_nqn "$NQN" >/dev/null
+        stop_target
+    done
+done
+cp "$TARGET_LOG" /tmp/scn/target.log
+step "done"
