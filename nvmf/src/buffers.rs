@@ -175,7 +175,7 @@ mod tests {
 
     use super::*;
     use crate::ns::tests::Null;
-    use crate::{IoStats, Namespace, Port, Subsystem, TrType, TransportParams};
+    use crate::{Namespace, Port, Subsystem, TrType, TransportParams};
 
     /// The target's p2p state over a private copy of `tests/fixtures/pci-switch-cmb` (NVMe CMB
     /// and mlx5_0 below one switch), the CMB BAR backed by a sparse file.
@@ -192,16 +192,7 @@ mod tests {
     fn controller(required: bool) -> Controller {
         let mut ns = Namespace::new("nqn.x", 1, Arc::new(Null));
         ns.buffers = NsBuffers::P2p { provider: 0, required };
-        let subsys = Subsystem {
-            nqn: "nqn.x".into(),
-            serial: "S".into(),
-            model: "M".into(),
-            allow_any_host: true,
-            hosts: Vec::new(),
-            ports: None,
-            namespaces: vec![ns],
-            stats: IoStats::default(),
-        };
+        let subsys = Subsystem::open("nqn.x", vec![ns]);
         let params = TransportParams { ioccsz: 4, max_xfer: 1 << 17, msdbd: 1, keyed_sgls: true };
         let port = Port { id: 1, trtype: TrType::Rdma, traddr: "10.0.0.1".into(), trsvcid: "4420".into(), params };
         Controller::new(1, Some(Arc::new(subsys)), "nqn.host".into(), [0; 16], port, 0)

@@ -90,6 +90,21 @@ impl IoStats {
 }
 
 impl Subsystem {
+    /// A subsystem any host may use on every port (serial and model left generic): what tests
+    /// and embedders start from.
+    pub fn open(nqn: &str, namespaces: Vec<Namespace>) -> Subsystem {
+        Subsystem {
+            nqn: nqn.into(),
+            serial: "P2PNVMF".into(),
+            model: "p2pnvmf".into(),
+            allow_any_host: true,
+            hosts: Vec::new(),
+            ports: None,
+            namespaces,
+            stats: IoStats::default(),
+        }
+    }
+
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
         self.allow_any_host || self.hosts.iter().any(|h| h == hostnqn)
     }

@@ -497,16 +497,7 @@ async fn reconfiguration_notifies_discovery_controllers() {
 async fn submitted_commands_complete_out_of_order_with_their_windows() {
     let held = Held::default();
     let ns = Namespace::new(OPEN, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), Some(held.clone()))));
-    let subsys = Subsystem {
-        nqn: OPEN.into(),
-        serial: "SN1".into(),
-        model: "model".into(),
-        allow_any_host: true,
-        hosts: Vec::new(),
-        ports: None,
-        namespaces: vec![ns],
-        stats: IoStats::default(),
-    };
+    let subsys = Subsystem::open(OPEN, vec![ns]);
     let t = Target::new(vec![Arc::new(subsys)], vec![port(1)]);
     let (_a, cntlid) = admin(&t, 1, OPEN);
     let mut q = io_queue(&t, cntlid);

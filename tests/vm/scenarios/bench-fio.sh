@@ -28,43 +28,12 @@ nvmet_kernel_port 1 rdma 4430 "$KBRD"
 nvmet_kernel_port 2 tcp 4431 "$KBRD"
 for p in 1 2; do ln -s "/sys/kernel/config/nvmet/subsystems/$KNULL" "/sys/kernel/config/nvmet/ports/$p/subsystems/$KNULL"; done
 
-cat >/tmp/scn/target.toml <<CFG
-[[listener]]
-name = "rdma0"
-transport = "rdma"
-address = "$GUEST_IP"
-port = 4420
-
-[[listener]]
-name = "tcp0"
-transport = "tcp"
-address = "$GUEST_IP"
-port = 4421
-
-[[subsystem]]
-nqn = "$OBRD"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-backend = "file"
-path = "/dev/ram1"
-
-[[subsystem]]
-nqn = "$ORAM"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-backend = "ram"
-size = "256MiB"
-
-[[subsystem]]
-nqn = "$ONULL"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-backend = "file"
-path = "/dev/nullb1"
-CFG
+rdma_config /tmp/scn/target.toml "$ORAM"
+for sub in "$OBRD /dev/ram1" "$ONULL /dev/nullb1"; do
+    read -r nqn path <<<"$sub"
+    printf '\n[[subsystem]]\nnqn = "%s"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbackend = "file"\npath = "%s"\n' \
+        "$nqn" "$path" >>/tmp/scn/target.toml
+done
 RUST_LOG=warn start_target /tmp/scn/target.toml 4421
 
 step "RSS of the target idle and with 8 controllers x 4 I/O queues"

@@ -507,6 +507,18 @@ impl Requests {
         self.free.push(req);
     }
 
+    /// Whether some request waits for a send-side completion: an RDMA READ in flight, or a
+    /// resource (context, buffer, send slot) only a SEND completion gives back. Otherwise
+    /// SEND completions need not wake the queue.
+    pub fn waits_on_send_side(&self) -> bool {
+        self.reads_out > 0
+            || !(self.need_send.is_empty()
+                && self.need_read.is_empty()
+                && self.need_buffer.is_empty()
+                && self.need_request.is_empty()
+                && self.events.is_empty())
+    }
+
     /// Receive buffers still held by requests (given back on teardown).
     pub fn held_receives(&self) -> impl Iterator<Item = usize> + '_ {
         self.reqs.iter().filter_map(|r| r.recv).chain(self.need_request.iter().map(|(idx, _)| *idx))
@@ -547,7 +559,7 @@ mod tests {
 
     use p2pnvmf_nvmf::wire::{ConnectData, put_str};
     use p2pnvmf_nvmf::{
-        Backend, BackendQueue, IoDone, IoRequest, IoStats, Namespace, Port, Subsystem, Target, TrType, TransportParams,
+        Backend, BackendQueue, IoDone, IoRequest, Namespace, Port, Subsystem, Target, TrType, TransportParams,
     };
     use p2pnvmf_p2p::mem::Mapping;
     use zerocopy::{FromZeros, IntoBytes};
@@ -662,16 +674,7 @@ mod tests {
 
     fn target(held: &Held) -> Arc<Target> {
         let ns = Namespace::new(NQN, 1, Arc::new(Slow(held.clone())));
-        let subsys = Subsystem {
-            nqn: NQN.into(),
-            serial: "S".into(),
-            model: "M".into(),
-            allow_any_host: true,
-            hosts: Vec::new(),
-            ports: None,
-            namespaces: vec![ns],
-            stats: IoStats::default(),
-        };
+        let subsys = Subsystem::open(NQN, vec![ns]);
         Target::new(vec![Arc::new(subsys)], vec![port()])
     }
 
@@ -744,6 +747,24 @@ mod tests {
         (a, cntlid)
     }
 
+    /// An I/O queue's requests, connected to an enabled controller whose admin queue it keeps.
+    struct Rig {
+        held: Held,
+        _admin: Requests,
+        f: Fake,
+        r: Requests,
+    }
+
+    fn io_rig(make: impl FnOnce(&Arc<Target>) -> Requests) -> Rig {
+        let held = Held::default();
+        let t = target(&held);
+        let (_admin, cntlid) = enabled_admin(&t);
+        let mut f = Fake::default();
+        let mut r = make(&t);
+        connect(&mut r, &mut f, 1, cntlid);
+        Rig { held, _admin, f, r }
+    }
+
     fn write_sqe(cid: u16, slba: u32, key: u32) -> Sqe {
         let mut s = keyed_sqe(0x01, cid, 4096, key);
         (s.nsid, s.cdw10, s.cdw12) = (1.into(), slba.into(), 7.into());
@@ -775,21 +796,18 @@ mod tests {
         let mut r = requests(&t, 2, LIM);
         assert_eq!(connect(&mut r, &mut f, 0, 0xffff), 1, "cntlid");
         assert_eq!((r.count(State::Free), r.free_buffers()), (8, 2));
+        assert!(!r.waits_on_send_side(), "nothing waits: SEND completions need not wake the queue");
     }
 
     #[tokio::test]
     async fn reads_wait_for_depth_then_go_while_others_execute() {
-        let held = Held::default();
-        let t = target(&held);
-        let (_admin, cntlid) = enabled_admin(&t);
-        let mut f = Fake::default();
-        let mut r = requests(&t, 4, Limits { reads: 1, ..LIM });
-        connect(&mut r, &mut f, 1, cntlid);
+        let Rig { held, _admin, mut f, mut r } = io_rig(|t| requests(t, 4, Limits { reads: 1, ..LIM }));
         // Two host writes: one RDMA READ in flight at a time (ORD 1).
         recv(&mut r, &mut f, 0, &write_sqe(10, 0, 0xa));
         recv(&mut r, &mut f, 1, &write_sqe(11, 8, 0xb));
         assert_eq!(f.take(), [Posted::Recv(0), Posted::Read { req: 0, len: 4096, key: 0xa }, Posted::Recv(1)]);
         assert_eq!((r.state(0), r.state(1)), (State::TransferringHostToController, State::TransferToControllerPending));
+        assert!(r.waits_on_send_side(), "a READ completion must wake the queue");
         // The first write's data arrives: it executes (and stays at the backend) while the
         // second one's READ goes out.
         r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
@@ -818,12 +836,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_waits_for_a_buffer_until_one_is_given_back() {
-        let held = Held::default();
-        let t = target(&held);
-        let (_admin, cntlid) = enabled_admin(&t);
-        let mut f = Fake::default();
-        let mut r = requests(&t, 1, LIM);
-        connect(&mut r, &mut f, 1, cntlid);
+        let Rig { held, _admin, mut f, mut r } = io_rig(|t| requests(t, 1, LIM));
         recv(&mut r, &mut f, 0, &read_sqe(20, 0, 0xa));
         recv(&mut r, &mut f, 1, &read_sqe(21, 8, 0xb));
         assert_eq!((r.state(0), r.state(1)), (State::Executing, State::NeedBuffer));
@@ -836,20 +849,18 @@ mod tests {
             [Posted::Send { req: 0, cid: 20, status: 0, result: 0, write: Some(4096), invalidate: None }]
         );
         assert_eq!(r.state(1), State::NeedBuffer);
+        assert!(r.waits_on_send_side(), "the buffer comes back with the SEND completion");
         r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
         assert_eq!(r.state(1), State::Executing, "the freed buffer went to the waiting request");
     }
 
     #[tokio::test]
     async fn small_commands_are_not_held_up_by_a_large_one_waiting() {
-        let held = Held::default();
-        let t = target(&held);
-        let (_admin, cntlid) = enabled_admin(&t);
-        let mut f = Fake::default();
-        let classes = Mapping::host(2 * 4096 + 8192).unwrap().split(&[(2, 4096), (1, 8192)]);
-        let [small, large] = <[Vec<Window>; 2]>::try_from(classes).unwrap();
-        let mut r = Requests::new(Queue::new(t.clone(), port()), small, large, LIM);
-        connect(&mut r, &mut f, 1, cntlid);
+        let Rig { held, _admin, mut f, mut r } = io_rig(|t| {
+            let classes = Mapping::host(2 * 4096 + 8192).unwrap().split(&[(2, 4096), (1, 8192)]);
+            let [small, large] = <[Vec<Window>; 2]>::try_from(classes).unwrap();
+            Requests::new(Queue::new(t.clone(), port()), small, large, LIM)
+        });
         let mut big = read_sqe(70, 0, 0xa);
         (big.dptr.length, big.cdw12) = ((8192 | 0xa << 24).into(), 15.into());
         // The large buffer goes to the first 8 KiB read: the second waits ...
@@ -873,12 +884,7 @@ mod tests {
 
     #[tokio::test]
     async fn responses_wait_for_send_slots() {
-        let held = Held::default();
-        let t = target(&held);
-        let (_admin, cntlid) = enabled_admin(&t);
-        let mut f = Fake::default();
-        let mut r = requests(&t, 4, Limits { send_slots: 2, ..LIM });
-        connect(&mut r, &mut f, 1, cntlid);
+        let Rig { held, _admin, mut f, mut r } = io_rig(|t| requests(t, 4, Limits { send_slots: 2, ..LIM }));
         recv(&mut r, &mut f, 0, &read_sqe(30, 0, 0xa));
         recv(&mut r, &mut f, 1, &read_sqe(31, 8, 0xb));
         f.take();
@@ -894,12 +900,7 @@ mod tests {
 
     #[tokio::test]
     async fn in_capsule_data_is_copied_out_before_its_receive_goes_back() {
-        let held = Held::default();
-        let t = target(&held);
-        let (_admin, cntlid) = enabled_admin(&t);
-        let mut f = Fake::default();
-        let mut r = requests(&t, 1, LIM);
-        connect(&mut r, &mut f, 1, cntlid);
+        let Rig { held, _admin, mut f, mut r } = io_rig(|t| requests(t, 1, LIM));
         // Take the only buffer with a read, then send a write with in-capsule data.
         recv(&mut r, &mut f, 0, &read_sqe(40, 0, 0xa));
         let mut w = write_sqe(41, 8, 0);
@@ -922,12 +923,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_receive_without_a_free_context_waits_and_a_flood_is_fatal() {
-        let held = Held::default();
-        let t = target(&held);
-        let (_admin, cntlid) = enabled_admin(&t);
-        let mut f = Fake::default();
-        let mut r = requests(&t, 8, Limits { requests: 2, max_waiting: 1, ..LIM });
-        connect(&mut r, &mut f, 1, cntlid);
+        let Rig { held, _admin, mut f, mut r } =
+            io_rig(|t| requests(t, 8, Limits { requests: 2, max_waiting: 1, ..LIM }));
         recv(&mut r, &mut f, 0, &read_sqe(50, 0, 0xa));
         recv(&mut r, &mut f, 1, &read_sqe(51, 8, 0xa));
         recv(&mut r, &mut f, 2, &read_sqe(52, 16, 0xa));
