@@ -285,6 +285,7 @@ impl Conn {
         for &ev in &self.events {
             self.reqs.on_event(&mut self.qp, ev)?;
         }
+        self.qp.flush()?;
         Ok(!self.events.is_empty())
     }
 
@@ -353,8 +354,9 @@ impl Conn {
                 },
                 _ = shutdown.wait_for(|s| *s) => break "target shutting down".to_string(),
             }
-            // Commands that finished inline at the backend while we handled the rest.
-            if let Err(e) = self.reqs.reap(&mut self.qp) {
+            // Commands that finished inline at the backend while we handled the rest; then
+            // everything prepared goes out in one post.
+            if let Err(e) = self.reqs.reap(&mut self.qp).and_then(|()| self.qp.flush()) {
                 break format!("{e}");
             }
         };

@@ -80,6 +80,9 @@ pub struct Qp {
     /// The data area's range (its windows are lent out), for its lkey.
     data: MappingPin,
     size: QpSize,
+    /// Send work requests prepared since the last flush, each with its one SGE: linked and
+    /// posted together, one doorbell for a batch of responses.
+    batch: Vec<(sys::IbvSendWr, sys::IbvSge)>,
 }
 
 // SAFETY: the verbs objects are used only by the task that owns the Qp.
@@ -160,6 +163,7 @@ impl Qp {
             ctrl,
             data: pin,
             size,
+            batch: Vec::with_capacity(size.send_wrs),
         };
         // SAFETY: a connect request's id carries its device context.
         let verbs = unsafe { (*id).verbs };
@@ -287,11 +291,12 @@ impl Qp {
         }
     }
 
-    fn send_wr(wr_id: u64, opcode: u32, sge: &mut sys::IbvSge, signaled: bool) -> sys::IbvSendWr {
+    /// A work request; its SGE and successor are linked at flush.
+    fn send_wr(wr_id: u64, opcode: u32, signaled: bool) -> sys::IbvSendWr {
         sys::IbvSendWr {
             wr_id,
             next: ptr::null_mut(),
-            sg_list: sge,
+            sg_list: ptr::null_mut(),
             num_sge: 1,
             opcode,
             send_flags: if signaled { sys::IBV_SEND_SIGNALED } else { 0 },
@@ -302,13 +307,30 @@ impl Qp {
         }
     }
 
-    fn post(&self, wr: &mut sys::IbvSendWr) -> io::Result<()> {
-        let mut bad = ptr::null_mut();
+    /// Posts every prepared work request in one call.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let n = self.batch.len();
+        if n == 0 {
+            return Ok(());
+        }
         let f = self.ops().post_send.ok_or_else(|| io::Error::other("provider has no post_send"))?;
-        // SAFETY: every SGE in the chain points into registered memory and lives on the
-        // caller's stack until this returns; providers copy WRs at post time. The windows the
-        // SGEs point into stay with their requests until the completions come back.
-        sys::check("ibv_post_send", unsafe { f(self.qp(), wr, &mut bad) })
+        let base = self.batch.as_mut_ptr();
+        for i in 0..n {
+            // SAFETY: `i` and `i + 1` index the batch (checked by the loop bound), which is not
+            // resized until it is cleared below, after the post.
+            unsafe {
+                let (wr, sge) = &mut *base.add(i);
+                wr.sg_list = sge;
+                wr.next = if i + 1 < n { &mut (*base.add(i + 1)).0 } else { ptr::null_mut() };
+            }
+        }
+        let mut bad = ptr::null_mut();
+        // SAFETY: every SGE points into registered memory (checked when queued); the chain
+        // lives in `self.batch` until this returns and providers copy WRs at post time. The
+        // windows the SGEs point into stay with their requests until the completions come back.
+        let r = sys::check("ibv_post_send", unsafe { f(self.qp(), &mut (*base).0, &mut bad) });
+        self.batch.clear();
+        r
     }
 
     /// Takes the completion channel's events (each consumes its CQ's notification).
@@ -398,11 +420,12 @@ impl Verbs for Qp {
     }
 
     fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed) -> io::Result<()> {
-        let mut sge = self.data_sge(buf, len)?;
-        let mut w = Self::send_wr(wr::READ | u64::from(req), sys::wr_opcode::RDMA_READ, &mut sge, true);
+        let sge = self.data_sge(buf, len)?;
+        let mut w = Self::send_wr(wr::READ | u64::from(req), sys::wr_opcode::RDMA_READ, true);
         w.rdma_remote_addr = remote.addr;
         w.rdma_rkey = remote.key;
-        self.post(&mut w)
+        self.batch.push((w, sge));
+        Ok(())
     }
 
     fn post_send(
@@ -414,23 +437,22 @@ impl Verbs for Qp {
     ) -> io::Result<()> {
         let off = self.recv_area() + usize::from(req) * 16;
         self.ctrl.slice_mut(off, 16).copy_from_slice(cqe.as_bytes());
-        let mut rsp_sge = self.ctrl_sge(off, 16);
-        let mut send = Self::send_wr(wr::SEND | u64::from(req), sys::wr_opcode::SEND, &mut rsp_sge, true);
+        let rsp_sge = self.ctrl_sge(off, 16);
+        let mut send = Self::send_wr(wr::SEND | u64::from(req), sys::wr_opcode::SEND, true);
         if let Some(key) = invalidate {
             send.opcode = sys::wr_opcode::SEND_WITH_INV;
             send.invalidate_rkey = key;
         }
-        match write {
-            Some((buf, len, k)) => {
-                let mut data_sge = self.data_sge(buf, len)?;
-                let mut w = Self::send_wr(0, sys::wr_opcode::RDMA_WRITE, &mut data_sge, false);
-                w.rdma_remote_addr = k.addr;
-                w.rdma_rkey = k.key;
-                w.next = &mut send;
-                self.post(&mut w)
-            }
-            None => self.post(&mut send),
+        // The data goes first: the RDMA WRITE, unsignaled, then the SEND of the response.
+        if let Some((buf, len, k)) = write {
+            let data_sge = self.data_sge(buf, len)?;
+            let mut w = Self::send_wr(0, sys::wr_opcode::RDMA_WRITE, false);
+            w.rdma_remote_addr = k.addr;
+            w.rdma_rkey = k.key;
+            self.batch.push((w, data_sge));
         }
+        self.batch.push((send, rsp_sge));
+        Ok(())
     }
 
     fn capsule(&self, idx: usize) -> &[u8] {

@@ -29,8 +29,9 @@ use p2pnvmf_p2p::mem::Window;
 use tracing::{debug, info, trace};
 use zerocopy::FromBytes;
 
-/// What the state machine asks of the queue pair. The real one posts verbs work requests;
-/// tests use a fake that records them.
+/// What the state machine asks of the queue pair. The real one prepares verbs work requests
+/// and posts those of a whole batch of events at once (`Qp::flush`); tests use a fake that
+/// records them.
 pub trait Verbs {
     /// Gives receive buffer `idx` back to the device.
     fn post_recv(&mut self, idx: usize) -> io::Result<()>;
