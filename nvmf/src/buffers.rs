@@ -153,11 +153,6 @@ impl QueueBuffers {
         None
     }
 
-    /// Whether `w` is a p2p chunk of this queue's (to be given back with [`QueueBuffers::put`]).
-    pub fn is_chunk(&self, w: &Window) -> bool {
-        self.slabs.iter().any(|(_, s)| s.owns(w))
-    }
-
     /// Gives a chunk back to its slab.
     pub fn put(&mut self, w: Window) {
         if let Some((_, s)) = self.slabs.iter_mut().find(|(_, s)| s.owns(&w)) {

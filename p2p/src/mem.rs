@@ -239,11 +239,6 @@ impl Window {
         self.off
     }
 
-    /// Whether the window is a piece of `map` (to return it to the pool it came from).
-    pub fn is_in(&self, map: &Mapping) -> bool {
-        ptr::eq(Arc::as_ptr(&self.map), map)
-    }
-
     /// The mapping's start and length, for registering the whole mapping with a device once.
     pub fn mapping_range(&self) -> (*mut u8, usize) {
         (self.map.as_ptr(), self.map.len)

@@ -246,7 +246,7 @@ fn accept(
     let small = (depth, SMALL_BUFFER.max(capsule - 64).min(max_xfer));
     let large = ((depth / 8).max(4), max_xfer);
     let size = QpSize { depth, capsule, requests, small, large, send_wrs };
-    let (mut qp, mut buffers) = Qp::create(api, ev.id, size, shared).map_err(no_res)?;
+    let (mut qp, mut buffers) = Qp::create(api, ev.id, size, shared, params.busy_poll).map_err(no_res)?;
     let mut queue = Queue::new(target.clone(), port.clone());
     queue.set_mover(Mover::Rdma(qp.device_name()));
     queue.set_data_area(qp.data_area());
@@ -277,27 +277,14 @@ fn accept(
 }
 
 impl Conn {
-    /// Polls the completion queues and feeds every completion to the requests; true when
-    /// there was one.
-    fn poll(&mut self) -> io::Result<bool> {
+    /// Polls the completion queue and feeds every completion to the requests.
+    fn poll(&mut self) -> io::Result<()> {
         self.events.clear();
         self.qp.poll(&mut self.events)?;
         for &ev in &self.events {
             self.reqs.on_event(&mut self.qp, ev)?;
         }
-        self.qp.flush()?;
-        Ok(!self.events.is_empty())
-    }
-
-    /// Before sleeping on the completion channel: arms the CQs whose completions someone
-    /// waits for, and polls again after arming one (what came before arming raises no event).
-    /// True when that found work (then do not sleep yet).
-    fn prepare_sleep(&mut self) -> io::Result<bool> {
-        if self.busy_poll {
-            return Ok(false);
-        }
-        let armed = self.qp.arm(self.reqs.waits_on_send_side())?;
-        if armed { self.poll() } else { Ok(false) }
+        Ok(())
     }
 
     async fn run(mut self, mut notes: mpsc::UnboundedReceiver<CmNote>, mut shutdown: watch::Receiver<bool>) {
@@ -310,11 +297,6 @@ impl Conn {
         let mut ctrl = CtrlWatch::default();
         let why = loop {
             ctrl.follow(&self.reqs.queue);
-            match self.prepare_sleep() {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => break format!("{e}"),
-            }
             tokio::select! {
                 // Busy-poll mode: poll between every other readiness check.
                 () = tokio::task::yield_now(), if self.busy_poll => {
@@ -326,7 +308,6 @@ impl Conn {
                     match guard {
                         Ok(mut g) => {
                             g.clear_ready();
-                            self.qp.take_notifications();
                             if let Err(e) = self.poll() {
                                 break format!("{e}");
                             }
@@ -354,9 +335,8 @@ impl Conn {
                 },
                 _ = shutdown.wait_for(|s| *s) => break "target shutting down".to_string(),
             }
-            // Commands that finished inline at the backend while we handled the rest; then
-            // everything prepared goes out in one post.
-            if let Err(e) = self.reqs.reap(&mut self.qp).and_then(|()| self.qp.flush()) {
+            // Commands that finished inline at the backend while we handled the rest.
+            if let Err(e) = self.reqs.reap(&mut self.qp) {
                 break format!("{e}");
             }
         };

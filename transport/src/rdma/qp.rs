@@ -61,15 +61,7 @@ pub struct Qp {
     pd: *mut sys::IbvPd,
     recv: Recv,
     channel: *mut sys::IbvCompChannel,
-    /// Receive completions: always armed while the queue sleeps, each wakes it.
-    recv_cq: *mut sys::IbvCq,
-    /// RDMA READ and SEND completions: armed only when something waits for them (a READ in
-    /// flight, a request waiting for a resource a SEND frees). A host read's SEND completion
-    /// then costs no wake-up of its own: it is collected with the next receive.
-    send_cq: *mut sys::IbvCq,
-    /// Whether each CQ's one-shot notification is requested and not yet consumed.
-    recv_armed: bool,
-    send_armed: bool,
+    cq: *mut sys::IbvCq,
     ctrl_mr: *mut sys::IbvMr,
     data_mr: *mut sys::IbvMr,
     qp_created: bool,
@@ -80,9 +72,7 @@ pub struct Qp {
     /// The data area's range (its windows are lent out), for its lkey.
     data: MappingPin,
     size: QpSize,
-    /// Send work requests prepared since the last flush, each with its one SGE: linked and
-    /// posted together, one doorbell for a batch of responses.
-    batch: Vec<(sys::IbvSendWr, sys::IbvSge)>,
+    busy_poll: bool,
 }
 
 // SAFETY: the verbs objects are used only by the task that owns the Qp.
@@ -100,10 +90,8 @@ impl Drop for Qp {
                     (self.api.ibv_dereg_mr)(mr);
                 }
             }
-            for cq in [self.recv_cq, self.send_cq] {
-                if !cq.is_null() {
-                    (self.api.ibv_destroy_cq)(cq);
-                }
+            if !self.cq.is_null() {
+                (self.api.ibv_destroy_cq)(self.cq);
             }
             if !self.channel.is_null() {
                 (self.api.ibv_destroy_comp_channel)(self.channel);
@@ -127,6 +115,7 @@ impl Qp {
         id: *mut sys::RdmaCmId,
         size: QpSize,
         shared: Option<Arc<SharedRecv>>,
+        busy_poll: bool,
     ) -> io::Result<(Qp, Vec<Vec<Window>>)> {
         let recv_area = if shared.is_some() { 0 } else { size.depth * size.capsule };
         let ctrl_len = recv_area + size.requests * 16;
@@ -152,10 +141,7 @@ impl Qp {
                 None => Recv::Own,
             },
             channel: ptr::null_mut(),
-            recv_cq: ptr::null_mut(),
-            send_cq: ptr::null_mut(),
-            recv_armed: false,
-            send_armed: false,
+            cq: ptr::null_mut(),
             ctrl_mr: ptr::null_mut(),
             data_mr: ptr::null_mut(),
             qp_created: false,
@@ -163,7 +149,7 @@ impl Qp {
             ctrl,
             data: pin,
             size,
-            batch: Vec::with_capacity(size.send_wrs),
+            busy_poll,
         };
         // SAFETY: a connect request's id carries its device context.
         let verbs = unsafe { (*id).verbs };
@@ -175,12 +161,9 @@ impl Qp {
             }
             qp.channel = sys::check_ptr("ibv_create_comp_channel", (api.ibv_create_comp_channel)(verbs))?;
             sys::set_nonblocking((*qp.channel).fd)?;
-            let create_cq = |n: usize| {
-                sys::check_ptr("ibv_create_cq", (api.ibv_create_cq)(verbs, n as i32, ptr::null_mut(), qp.channel, 0))
-            };
             // Room beyond the depth: with a shared receive queue a host may overrun its own.
-            qp.recv_cq = create_cq(2 * size.depth)?;
-            qp.send_cq = create_cq(size.send_wrs)?;
+            let cqe = (2 * size.depth + size.send_wrs) as i32;
+            qp.cq = sys::check_ptr("ibv_create_cq", (api.ibv_create_cq)(verbs, cqe, ptr::null_mut(), qp.channel, 0))?;
             let local = sys::IBV_ACCESS_LOCAL_WRITE;
             qp.ctrl_mr =
                 sys::check_ptr("ibv_reg_mr", (api.ibv_reg_mr)(qp.pd, qp.ctrl.as_ptr().cast(), qp.ctrl.len(), local))?;
@@ -191,8 +174,8 @@ impl Qp {
             };
             let mut init = sys::IbvQpInitAttr {
                 qp_context: ptr::null_mut(),
-                send_cq: qp.send_cq,
-                recv_cq: qp.recv_cq,
+                send_cq: qp.cq,
+                recv_cq: qp.cq,
                 srq,
                 cap: sys::IbvQpCap {
                     max_send_wr: size.send_wrs as u32,
@@ -206,6 +189,7 @@ impl Qp {
             };
             sys::check("rdma_create_qp", (api.rdma_create_qp)(qp.id, qp.pd, &mut init))?;
             qp.qp_created = true;
+            sys::check("ibv_req_notify_cq", qp.ops().req_notify_cq.map_or(-1, |f| f(qp.cq, 0)))?;
         }
         if matches!(qp.recv, Recv::Own) {
             for idx in 0..size.depth {
@@ -291,12 +275,11 @@ impl Qp {
         }
     }
 
-    /// A work request; its SGE and successor are linked at flush.
-    fn send_wr(wr_id: u64, opcode: u32, signaled: bool) -> sys::IbvSendWr {
+    fn send_wr(wr_id: u64, opcode: u32, sge: &mut sys::IbvSge, signaled: bool) -> sys::IbvSendWr {
         sys::IbvSendWr {
             wr_id,
             next: ptr::null_mut(),
-            sg_list: ptr::null_mut(),
+            sg_list: sge,
             num_sge: 1,
             opcode,
             send_flags: if signaled { sys::IBV_SEND_SIGNALED } else { 0 },
@@ -307,101 +290,62 @@ impl Qp {
         }
     }
 
-    /// Posts every prepared work request in one call.
-    pub fn flush(&mut self) -> io::Result<()> {
-        let n = self.batch.len();
-        if n == 0 {
-            return Ok(());
-        }
-        let f = self.ops().post_send.ok_or_else(|| io::Error::other("provider has no post_send"))?;
-        let base = self.batch.as_mut_ptr();
-        for i in 0..n {
-            // SAFETY: `i` and `i + 1` index the batch (checked by the loop bound), which is not
-            // resized until it is cleared below, after the post.
-            unsafe {
-                let (wr, sge) = &mut *base.add(i);
-                wr.sg_list = sge;
-                wr.next = if i + 1 < n { &mut (*base.add(i + 1)).0 } else { ptr::null_mut() };
-            }
-        }
+    fn post(&self, wr: &mut sys::IbvSendWr) -> io::Result<()> {
         let mut bad = ptr::null_mut();
-        // SAFETY: every SGE points into registered memory (checked when queued); the chain
-        // lives in `self.batch` until this returns and providers copy WRs at post time. The
-        // windows the SGEs point into stay with their requests until the completions come back.
-        let r = sys::check("ibv_post_send", unsafe { f(self.qp(), &mut (*base).0, &mut bad) });
-        self.batch.clear();
-        r
+        let f = self.ops().post_send.ok_or_else(|| io::Error::other("provider has no post_send"))?;
+        // SAFETY: every SGE in the chain points into registered memory and lives on the
+        // caller's stack until this returns; providers copy WRs at post time. The windows the
+        // SGEs point into stay with their requests until the completions come back.
+        sys::check("ibv_post_send", unsafe { f(self.qp(), wr, &mut bad) })
     }
 
-    /// Takes the completion channel's events (each consumes its CQ's notification).
-    pub fn take_notifications(&mut self) {
-        let mut cq: *mut sys::IbvCq = ptr::null_mut();
-        let mut ctx: *mut c_void = ptr::null_mut();
-        // SAFETY: non-blocking channel of ours; one ack per event taken.
-        while unsafe { (self.api.ibv_get_cq_event)(self.channel, &mut cq, &mut ctx) } == 0 {
-            // SAFETY: `cq` came from the event.
-            unsafe { (self.api.ibv_ack_cq_events)(cq, 1) };
-            if cq == self.recv_cq {
-                self.recv_armed = false;
-            } else {
-                self.send_armed = false;
-            }
-        }
-    }
-
-    /// Requests a notification on the receive CQ, and on the send CQ when `send`; true when it
-    /// armed a CQ just now (completions that came before are only found by polling: poll
-    /// after arming).
-    pub fn arm(&mut self, send: bool) -> io::Result<bool> {
-        let notify = self.ops().req_notify_cq.ok_or_else(|| io::Error::other("provider lacks req_notify_cq"))?;
-        let mut armed = false;
-        for (cq, flag, wanted) in
-            [(self.recv_cq, &mut self.recv_armed, true), (self.send_cq, &mut self.send_armed, send)]
-        {
-            if wanted && !*flag {
-                // SAFETY: our CQ, live until drop.
-                sys::check("ibv_req_notify_cq", unsafe { notify(cq, 0) })?;
-                (*flag, armed) = (true, true);
-            }
-        }
-        Ok(armed)
-    }
-
-    /// Drains both completion queues into `out`, send side first (what it frees, receives may
-    /// need).
+    /// Drains the completion queue into `out`; in channel mode, takes the channel's events and
+    /// re-arms the CQ first so no completion is missed.
     pub fn poll(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
-        let poll_cq = self.ops().poll_cq.ok_or_else(|| io::Error::other("provider lacks poll_cq"))?;
-        let mut wcs = [sys::IbvWc::default(); 32];
-        for cq in [self.send_cq, self.recv_cq] {
-            loop {
-                // SAFETY: `wcs` has room for 32 entries; our CQ.
-                let n = unsafe { poll_cq(cq, wcs.len() as i32, wcs.as_mut_ptr()) };
-                if n < 0 {
-                    return Err(io::Error::other("ibv_poll_cq failed"));
+        let ops = self.ops();
+        let (poll_cq, notify) = match (ops.poll_cq, ops.req_notify_cq) {
+            (Some(p), Some(n)) => (p, n),
+            _ => return Err(io::Error::other("provider lacks poll_cq/req_notify_cq")),
+        };
+        if !self.busy_poll {
+            let mut cq: *mut sys::IbvCq = ptr::null_mut();
+            let mut ctx: *mut c_void = ptr::null_mut();
+            // SAFETY: non-blocking channel; one event acked per event taken; our CQ re-armed.
+            unsafe {
+                while (self.api.ibv_get_cq_event)(self.channel, &mut cq, &mut ctx) == 0 {
+                    (self.api.ibv_ack_cq_events)(cq, 1);
                 }
-                for wc in &wcs[..n as usize] {
-                    if wc.status != sys::IBV_WC_SUCCESS {
-                        if wc.status == sys::IBV_WC_WR_FLUSH_ERR {
-                            continue;
-                        }
-                        return Err(io::Error::other(format!(
-                            "work completion status {} (wr {:#x}, vendor {})",
-                            wc.status, wc.wr_id, wc.vendor_err
-                        )));
-                    }
-                    let idx = wc.wr_id & !wr::KIND;
-                    out.push(match wc.wr_id & wr::KIND {
-                        wr::RECV => Event::Recv { idx: idx as usize, len: wc.byte_len as usize },
-                        wr::READ => Event::ReadDone { req: idx as u16 },
-                        _ => Event::SendDone { req: idx as u16 },
-                    });
-                }
-                if (n as usize) < wcs.len() {
-                    break;
-                }
+                sys::check("ibv_req_notify_cq", notify(self.cq, 0))?;
             }
         }
-        Ok(())
+        let mut wcs = [sys::IbvWc::default(); 32];
+        loop {
+            // SAFETY: `wcs` has room for 32 entries.
+            let n = unsafe { poll_cq(self.cq, wcs.len() as i32, wcs.as_mut_ptr()) };
+            if n < 0 {
+                return Err(io::Error::other("ibv_poll_cq failed"));
+            }
+            for wc in &wcs[..n as usize] {
+                if wc.status != sys::IBV_WC_SUCCESS {
+                    if wc.status == sys::IBV_WC_WR_FLUSH_ERR {
+                        continue;
+                    }
+                    return Err(io::Error::other(format!(
+                        "work completion status {} (wr {:#x}, vendor {})",
+                        wc.status, wc.wr_id, wc.vendor_err
+                    )));
+                }
+                let idx = wc.wr_id & !wr::KIND;
+                out.push(match wc.wr_id & wr::KIND {
+                    wr::RECV => Event::Recv { idx: idx as usize, len: wc.byte_len as usize },
+                    wr::READ => Event::ReadDone { req: idx as u16 },
+                    _ => Event::SendDone { req: idx as u16 },
+                });
+            }
+            if (n as usize) < wcs.len() {
+                return Ok(());
+            }
+        }
     }
 }
 
@@ -420,12 +364,11 @@ impl Verbs for Qp {
     }
 
     fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed) -> io::Result<()> {
-        let sge = self.data_sge(buf, len)?;
-        let mut w = Self::send_wr(wr::READ | u64::from(req), sys::wr_opcode::RDMA_READ, true);
+        let mut sge = self.data_sge(buf, len)?;
+        let mut w = Self::send_wr(wr::READ | u64::from(req), sys::wr_opcode::RDMA_READ, &mut sge, true);
         w.rdma_remote_addr = remote.addr;
         w.rdma_rkey = remote.key;
-        self.batch.push((w, sge));
-        Ok(())
+        self.post(&mut w)
     }
 
     fn post_send(
@@ -437,22 +380,23 @@ impl Verbs for Qp {
     ) -> io::Result<()> {
         let off = self.recv_area() + usize::from(req) * 16;
         self.ctrl.slice_mut(off, 16).copy_from_slice(cqe.as_bytes());
-        let rsp_sge = self.ctrl_sge(off, 16);
-        let mut send = Self::send_wr(wr::SEND | u64::from(req), sys::wr_opcode::SEND, true);
+        let mut rsp_sge = self.ctrl_sge(off, 16);
+        let mut send = Self::send_wr(wr::SEND | u64::from(req), sys::wr_opcode::SEND, &mut rsp_sge, true);
         if let Some(key) = invalidate {
             send.opcode = sys::wr_opcode::SEND_WITH_INV;
             send.invalidate_rkey = key;
         }
-        // The data goes first: the RDMA WRITE, unsignaled, then the SEND of the response.
-        if let Some((buf, len, k)) = write {
-            let data_sge = self.data_sge(buf, len)?;
-            let mut w = Self::send_wr(0, sys::wr_opcode::RDMA_WRITE, false);
-            w.rdma_remote_addr = k.addr;
-            w.rdma_rkey = k.key;
-            self.batch.push((w, data_sge));
+        match write {
+            Some((buf, len, k)) => {
+                let mut data_sge = self.data_sge(buf, len)?;
+                let mut w = Self::send_wr(0, sys::wr_opcode::RDMA_WRITE, &mut data_sge, false);
+                w.rdma_remote_addr = k.addr;
+                w.rdma_rkey = k.key;
+                w.next = &mut send;
+                self.post(&mut w)
+            }
+            None => self.post(&mut send),
         }
-        self.batch.push((send, rsp_sge));
-        Ok(())
     }
 
     fn capsule(&self, idx: usize) -> &[u8] {

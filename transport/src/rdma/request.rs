@@ -29,9 +29,8 @@ use p2pnvmf_p2p::mem::Window;
 use tracing::{debug, info, trace};
 use zerocopy::FromBytes;
 
-/// What the state machine asks of the queue pair. The real one prepares verbs work requests
-/// and posts those of a whole batch of events at once (`Qp::flush`); tests use a fake that
-/// records them.
+/// What the state machine asks of the queue pair. The real one posts verbs work requests;
+/// tests use a fake that records them.
 pub trait Verbs {
     /// Gives receive buffer `idx` back to the device.
     fn post_recv(&mut self, idx: usize) -> io::Result<()>;
@@ -508,18 +507,6 @@ impl Requests {
         self.free.push(req);
     }
 
-    /// Whether some request waits for a send-side completion: an RDMA READ in flight, or a
-    /// resource (context, buffer, send slot) only a SEND completion gives back. Otherwise
-    /// SEND completions need not wake the queue.
-    pub fn waits_on_send_side(&self) -> bool {
-        self.reads_out > 0
-            || !(self.need_send.is_empty()
-                && self.need_read.is_empty()
-                && self.need_buffer.is_empty()
-                && self.need_request.is_empty()
-                && self.events.is_empty())
-    }
-
     /// Receive buffers still held by requests (given back on teardown).
     pub fn held_receives(&self) -> impl Iterator<Item = usize> + '_ {
         self.reqs.iter().filter_map(|r| r.recv).chain(self.need_request.iter().map(|(idx, _)| *idx))
@@ -797,7 +784,6 @@ mod tests {
         let mut r = requests(&t, 2, LIM);
         assert_eq!(connect(&mut r, &mut f, 0, 0xffff), 1, "cntlid");
         assert_eq!((r.count(State::Free), r.free_buffers()), (8, 2));
-        assert!(!r.waits_on_send_side(), "nothing waits: SEND completions need not wake the queue");
     }
 
     #[tokio::test]
@@ -808,7 +794,6 @@ mod tests {
         recv(&mut r, &mut f, 1, &write_sqe(11, 8, 0xb));
         assert_eq!(f.take(), [Posted::Recv(0), Posted::Read { req: 0, len: 4096, key: 0xa }, Posted::Recv(1)]);
         assert_eq!((r.state(0), r.state(1)), (State::TransferringHostToController, State::TransferToControllerPending));
-        assert!(r.waits_on_send_side(), "a READ completion must wake the queue");
         // The first write's data arrives: it executes (and stays at the backend) while the
         // second one's READ goes out.
         r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
@@ -850,7 +835,6 @@ mod tests {
             [Posted::Send { req: 0, cid: 20, status: 0, result: 0, write: Some(4096), invalidate: None }]
         );
         assert_eq!(r.state(1), State::NeedBuffer);
-        assert!(r.waits_on_send_side(), "the buffer comes back with the SEND completion");
         r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
         assert_eq!(r.state(1), State::Executing, "the freed buffer went to the waiting request");
     }
