@@ -33,7 +33,7 @@ def main(src, dst):
     ax.invert_yaxis()
     ax.set_xlabel("p2pnvmf / kernel nvmet (higher is better)")
     ax.set_title(f'p2pnvmf beside the kernel target, {report["date"]} ({report["command"]})', fontsize=9)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
