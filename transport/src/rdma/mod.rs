@@ -315,11 +315,8 @@ impl Conn {
                         Err(e) => break format!("completion channel: {e}"),
                     }
                 }
-                () = self.reqs.queue.io_ready() => {
-                    if let Err(e) = self.reqs.reap(&mut self.qp) {
-                        break format!("{e}");
-                    }
-                }
+                // Reaped below, with what finished inline meanwhile.
+                () = self.reqs.queue.io_ready() => {}
                 n = notes.recv() => match n {
                     Some(CmNote::Established) => debug!(peer = %self.peer, "established"),
                     Some(CmNote::Disconnected(why)) => break why.to_string(),
@@ -335,7 +332,7 @@ impl Conn {
                 },
                 _ = shutdown.wait_for(|s| *s) => break "target shutting down".to_string(),
             }
-            // Commands that finished inline at the backend while we handled the rest.
+            // Commands the backends finished: woken for them, or inline while we handled the rest.
             if let Err(e) = self.reqs.reap(&mut self.qp) {
                 break format!("{e}");
             }
