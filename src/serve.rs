@@ -43,11 +43,13 @@ fn ns_buffers(
         Buffers::P2p => true,
     };
     let provider = match &n.backend {
-        BackendCfg::File { .. } => {
-            Err("the file backend moves data with O_DIRECT through the kernel, which cannot DMA \
-                                        into a user mapping of device memory"
-                .to_string())
-        }
+        BackendCfg::File { path, .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| {
+            let dev = Sysfs::new("/").block_device_of(path)?;
+            let (i, d) = p.for_block_device(&dev)?;
+            info!(subnqn, nsid = n.nsid, device = %dev.name, ssd = ?dev.functions.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                  provider = %p.providers[i].pci, path = d.path.as_str(), distance = d.distance, "the SSD reaches p2pmem: {}", d.reason);
+            Ok(i)
+        }),
         BackendCfg::Ram { .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| p.for_namespace()),
     };
     match provider {

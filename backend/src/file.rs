@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use metrics::Counter;
 use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::{info, warn};
@@ -276,7 +277,7 @@ impl Backend for FileBackend {
             Engine::IoUring => Some(Ring::new(2 * depth as u32)?),
             Engine::Sync => None,
         };
-        Ok(Box::new(FileQueue { file: self, ring }))
+        Ok(Box::new(FileQueue { file: self, ring, moved: Moved::default(), warned: false }))
     }
 }
 
@@ -288,11 +289,91 @@ struct Pending {
     done: u64,
     /// Zeroing methods to try, and which one is current.
     zeroing: Option<(&'static [Zeroing; 3], usize)>,
+    /// The device-memory window the kernel refused, parked while the request runs again in
+    /// host memory (a request-level fallback).
+    parked: Option<Window>,
+}
+
+impl Pending {
+    fn new(file: &FileBackend, req: IoRequest) -> Pending {
+        let zeroing = file.zeroing(&req.op);
+        Pending { req, done: 0, zeroing, parked: None }
+    }
+
+    /// After the kernel refused this read or write on its device-memory window: the same
+    /// request on a host bounce buffer (a write's data copied there first). `None` when there
+    /// is nothing to fall back from.
+    fn bounce(&mut self) -> Option<io::Result<()>> {
+        let (Op::Read { len, .. } | Op::Write { len, .. }) = self.req.op else { return None };
+        if self.parked.is_some() || self.req.buf.as_ref()?.device().is_none() {
+            return None;
+        }
+        let mut host = match Window::host(len) {
+            Ok(w) => w,
+            Err(e) => return Some(Err(e)),
+        };
+        let dev = self.req.buf.take().expect("checked above");
+        if matches!(self.req.op, Op::Write { .. }) {
+            host.bytes_mut().copy_from_slice(&dev.bytes()[..len]);
+        }
+        self.req.buf = Some(host);
+        self.parked = Some(dev);
+        self.done = 0;
+        Some(Ok(()))
+    }
+
+    /// The request with its own window back (a read's data copied into it from the bounce
+    /// buffer), finished with `r`.
+    fn finish(mut self, r: io::Result<()>) -> IoDone {
+        if let Some(mut dev) = self.parked.take() {
+            let host = self.req.buf.take().expect("a bounced request keeps its host buffer");
+            if let (Op::Read { len, .. }, Ok(())) = (self.req.op, &r) {
+                dev.bytes_mut()[..len].copy_from_slice(&host.bytes()[..len]);
+            }
+            self.req.buf = Some(dev);
+        }
+        self.req.done(r)
+    }
 }
 
 impl Lends for Pending {
     fn window(&self) -> Option<&Window> {
         self.req.buf.as_ref()
+    }
+}
+
+/// Bytes the device moved, by the memory it moved them through (`p2pnvmf_backend_bytes_total`,
+/// labels `memory` = "host" or the provider's PCI address, `op` = "read" or "write"). Handles
+/// are made once per queue and memory, so counting allocates nothing per I/O.
+#[derive(Debug, Default)]
+struct Moved {
+    by_memory: Vec<(Option<Box<str>>, Counter, Counter)>,
+}
+
+impl Moved {
+    fn count(&mut self, op: &Op, buf: Option<&Window>) {
+        let (Op::Read { len, .. } | Op::Write { len, .. }) = *op else { return };
+        let memory = buf.and_then(Window::device);
+        let i = match self.by_memory.iter().position(|(m, ..)| m.as_deref() == memory) {
+            Some(i) => i,
+            None => {
+                let label = memory.unwrap_or("host").to_owned();
+                let read = metrics::counter!("p2pnvmf_backend_bytes_total", "memory" => label.clone(), "op" => "read");
+                let write = metrics::counter!("p2pnvmf_backend_bytes_total", "memory" => label, "op" => "write");
+                self.by_memory.push((memory.map(Into::into), read, write));
+                self.by_memory.len() - 1
+            }
+        };
+        let (_, read, write) = &self.by_memory[i];
+        if matches!(op, Op::Read { .. }) { read } else { write }.increment(len as u64);
+    }
+
+    /// Finishes `p` with `r`, counting what a successful read or write moved.
+    fn finish(&mut self, p: Pending, r: io::Result<()>) -> IoDone {
+        if r.is_ok() {
+            self.count(&p.req.op, p.req.buf.as_ref());
+        }
+        p.finish(r)
     }
 }
 
@@ -302,35 +383,72 @@ impl Lends for Pending {
 pub struct FileQueue {
     file: Arc<FileBackend>,
     ring: Option<Ring<Pending>>,
+    moved: Moved,
+    /// A request fell back to host memory already (logged once per queue, counted every time).
+    warned: bool,
 }
 
 impl FileQueue {
     /// Starts `p`'s next step; a refusal at submission finishes it with the error.
     fn start(file: &FileBackend, ring: &mut Ring<Pending>, p: Pending) -> Option<IoDone> {
         let desc = file.step(&p);
-        ring.start(p, desc).err().map(|(p, e)| p.req.done(Err(e)))
+        ring.start(p, desc).err().map(|(p, e)| p.finish(Err(e)))
+    }
+
+    /// What to do with `p` finished with `r`: a read or write the kernel refused on device
+    /// memory runs again in host memory (`true`); anything else is done.
+    fn falls_back(warned: &mut bool, file: &FileBackend, p: &mut Pending, r: &io::Result<()>) -> bool {
+        let Err(e) = r else { return false };
+        let provider = p.req.buf.as_ref().and_then(Window::device).map(str::to_owned);
+        match p.bounce() {
+            None => false,
+            Some(Err(alloc)) => {
+                warn!(path = %file.path.display(), "request cannot fall back to host memory: {alloc}");
+                false
+            }
+            Some(Ok(())) => {
+                p2pnvmf_nvmf::buffers::count_fallback("request");
+                if !std::mem::replace(warned, true) {
+                    warn!(path = %file.path.display(), provider = provider.as_deref().unwrap_or("-"), errno = e.raw_os_error(),
+                          "request falls back to host memory: the kernel refused the p2p buffer ({e}); retried in host \
+                           memory (logged once per queue)");
+                }
+                true
+            }
+        }
     }
 }
 
 impl BackendQueue for FileQueue {
-    fn submit(&mut self, mut req: IoRequest) -> Option<IoDone> {
+    fn submit(&mut self, req: IoRequest) -> Option<IoDone> {
+        let mut p = Pending::new(&self.file, req);
         let Some(ring) = &mut self.ring else {
-            let r = self.file.run_sync(&mut req);
-            return Some(req.done(r));
+            let mut r = self.file.run_sync(&mut p.req);
+            if Self::falls_back(&mut self.warned, &self.file, &mut p, &r) {
+                r = self.file.run_sync(&mut p.req);
+            }
+            return Some(self.moved.finish(p, r));
         };
-        let zeroing = self.file.zeroing(&req.op);
-        Self::start(&self.file, ring, Pending { req, done: 0, zeroing })
+        Self::start(&self.file, ring, p)
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
-        let (Some(ring), file) = (&mut self.ring, &self.file) else { return };
-        ring.reap(|ring, mut p, desc, res| match file.advance(&mut p, &desc, res) {
-            Some(r) => done(p.req.done(r)),
-            None => {
-                if let Some(d) = Self::start(file, ring, p) {
-                    done(d);
-                }
-            }
+        let Some(ring) = &mut self.ring else { return };
+        let (file, moved, warned) = (&self.file, &mut self.moved, &mut self.warned);
+        ring.reap(|ring, mut p, desc, res| {
+            let r = match file.advance(&mut p, &desc, res) {
+                None => None,
+                Some(r) if Self::falls_back(warned, file, &mut p, &r) => None,
+                Some(r) => Some(r),
+            };
+            let d = match r {
+                Some(r) => moved.finish(p, r),
+                None => match Self::start(file, ring, p) {
+                    Some(d) => d,
+                    None => return,
+                },
+            };
+            done(d);
         });
     }
 
@@ -503,6 +621,51 @@ mod tests {
         for region in back.bytes().chunks(1 << 18) {
             assert!(region.iter().all(|&b| b == 7) || region.iter().all(|&b| b == 0), "a write was cut short");
         }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Memory the CPU reaches but the kernel will not pin for a device's DMA — what a p2p
+    /// buffer is to a driver that refuses it: a `memfd_secret` mapping, marked as device memory.
+    #[allow(unsafe_code)]
+    fn unpinnable(len: usize) -> Window {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a plain syscall returning a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_memfd_secret, 0) };
+        assert!(fd >= 0, "memfd_secret on the test machine: {}", io::Error::last_os_error());
+        // SAFETY: the fd was just returned to us and is owned by nobody else.
+        let f = unsafe { File::from_raw_fd(fd as i32) };
+        f.set_len(len as u64).unwrap();
+        let m = p2pnvmf_p2p::mem::Mapping::fd(f.as_raw_fd(), 0, len).unwrap().device("test-provider".into());
+        m.into_windows(len).pop().unwrap()
+    }
+
+    #[test]
+    fn a_p2p_buffer_the_kernel_refuses_is_retried_in_host_memory() {
+        let path = temp("refused", &std::env::temp_dir());
+        let f = Arc::new(FileBackend::open_with(&path, Some(1 << 20), Engine::IoUring).unwrap());
+        assert!(f.has_direct(), "O_DIRECT on the test machine's temp directory");
+        let mut w = unpinnable(1 << 16);
+        // The kernel refuses the buffer for O_DIRECT, as it does p2p pages on a device that
+        // cannot reach them.
+        let refused = f.direct.as_ref().unwrap().write_at(w.bytes(), 0).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EFAULT));
+        w.bytes_mut().fill(0x3c);
+        let at = w.as_ptr();
+        for engine in [Engine::IoUring, Engine::Sync] {
+            let f = Arc::new(FileBackend::open_with(&path, None, engine).unwrap());
+            let mut q = f.clone().open_queue(4).unwrap();
+            let d = run(&mut *q, 1, Op::Write { offset: 1 << 16, len: 1 << 16 }, Some(w));
+            d.result.unwrap();
+            w = d.buf.unwrap();
+            assert_eq!(w.as_ptr(), at, "the command ends with its own window");
+            w.bytes_mut().fill(0);
+            let d = run(&mut *q, 2, Op::Read { offset: 1 << 16, len: 1 << 16 }, Some(w));
+            d.result.unwrap();
+            w = d.buf.unwrap();
+            assert!(w.bytes().iter().all(|&b| b == 0x3c), "{engine:?}: the read landed in the window");
+        }
+        let on_disk = std::fs::read(&path).unwrap();
+        assert!(on_disk[1 << 16..2 << 16].iter().all(|&b| b == 0x3c));
         std::fs::remove_file(&path).unwrap();
     }
 }

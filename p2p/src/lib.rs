@@ -5,6 +5,7 @@
 //! ([`plan`]). Unsafe code lives in `mem` and `vfio` only.
 #![deny(unsafe_code)]
 
+pub mod block;
 pub mod mem;
 pub mod path;
 pub mod pci;

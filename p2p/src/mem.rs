@@ -25,6 +25,8 @@ pub struct Mapping {
     map_len: usize,
     delta: usize,
     len: usize,
+    /// Device memory: the provider's name (a PCI address); `None` for host memory.
+    device: Option<Box<str>>,
 }
 
 // SAFETY: a Mapping owns its pages; concurrent users get disjoint chunks (pool) or use volatile
@@ -88,7 +90,13 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Mapping { base, map_len, delta, len })
+        Ok(Mapping { base, map_len, delta, len, device: None })
+    }
+
+    /// Marks the mapping as device memory of `provider`, for those who count or treat it apart.
+    pub fn device(mut self, provider: String) -> Mapping {
+        self.device = Some(provider.into());
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -232,6 +240,11 @@ impl Window {
     pub fn as_ptr(&self) -> *mut u8 {
         // SAFETY: off + len <= map.len by construction.
         unsafe { self.map.as_ptr().add(self.off) }
+    }
+
+    /// The provider whose device memory this is; `None` for host memory.
+    pub fn device(&self) -> Option<&str> {
+        self.map.device.as_deref()
     }
 
     /// Offset of the window in its mapping (add the mapping's bus or CPU address for a device).

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::path::{Client, Decision, Topology};
-use crate::pci::{Error, Sysfs};
+use crate::block::BlockDevice;
+use crate::path::{Client, Decision, Path, Topology};
+use crate::pci::{Error, PciAddr, Sysfs};
 use crate::pool::ChunkPool;
-use crate::provider::{Provider, Spec};
+use crate::provider::{Kind, Provider, Spec};
 
 /// Chunk size of p2p pools: the largest transfer a queue moves in one piece.
 pub const CHUNK: usize = 128 << 10;
@@ -50,6 +51,57 @@ impl P2p {
         Err(why.join("; "))
     }
 
+    /// The provider whose memory the kernel's driver of block device `dev` may DMA into — a
+    /// p2pmem provider with a pool that every function serving `dev` reaches, the nearest
+    /// first — with how it reaches it; `Err` says why there is none. Only p2pmem qualifies: the
+    /// kernel pins p2pmem pages for a device's DMA, never a user mapping of a BAR.
+    pub fn for_block_device(&self, dev: &BlockDevice) -> Result<(usize, Decision), String> {
+        for f in &dev.functions {
+            let func =
+                self.topology.function(*f).ok_or_else(|| format!("{}: {f} is not in the PCI topology", dev.name))?;
+            if !func.is_nvme() {
+                return Err(format!(
+                    "{} is on {f} (class {:06x}), not an NVMe controller: only the kernel's nvme driver does P2PDMA",
+                    dev.name, func.class
+                ));
+            }
+        }
+        let mut why = Vec::new();
+        let mut best: Option<(usize, Decision)> = None;
+        for (i, p) in self.providers.iter().enumerate().filter(|(_, p)| p.kind == Kind::P2pmem) {
+            if let Err(e) = &self.pools[i] {
+                why.push(format!("p2pmem of {}: {e}", p.pci));
+                continue;
+            }
+            let decisions: Vec<(PciAddr, Decision)> = dev
+                .functions
+                .iter()
+                .map(|f| (*f, self.topology.decide(p.pci, &Client::Pci { addr: *f, name: Some(dev.name.clone()) })))
+                .collect();
+            if let Some((f, d)) = decisions.iter().find(|(_, d)| d.path == Path::None) {
+                why.push(format!("p2pmem of {} is out of reach of {f}: {}", p.pci, d.reason));
+                continue;
+            }
+            let worst =
+                decisions.into_iter().map(|(_, d)| d).max_by_key(|d| d.distance).expect("a device has functions");
+            if best.as_ref().is_none_or(|(_, b)| worst.distance < b.distance) {
+                best = Some((i, worst));
+            }
+        }
+        if let Some(b) = best {
+            return Ok(b);
+        }
+        if why.is_empty() {
+            return Err(format!(
+                "no p2pmem: no PCI function offers /sys/bus/pci/devices/*/p2pmem (the kernel lacks CONFIG_PCI_P2PDMA, \
+                 or no driver published device memory), and the kernel's {} driver can DMA only into p2pmem, not into \
+                 a user mapping of device memory",
+                dev.name
+            ));
+        }
+        Err(why.join("; "))
+    }
+
     /// Provider `index`'s pool, or why it has none.
     pub fn pool(&self, index: usize) -> Result<Arc<ChunkPool>, String> {
         match &self.pools[index] {
@@ -63,7 +115,7 @@ impl P2p {
     pub fn for_client(&self, index: usize, client: &Client) -> (Decision, Option<Arc<ChunkPool>>) {
         let d = self.topology.decide(self.providers[index].pci, client);
         let pool = match (&self.pools[index], d.path) {
-            (Ok(Some(p)), crate::path::Path::BusAddress | crate::path::Path::HostBridge) => Some(p.clone()),
+            (Ok(Some(p)), Path::BusAddress | Path::HostBridge) => Some(p.clone()),
             _ => None,
         };
         (d, pool)
@@ -87,6 +139,8 @@ impl P2p {
                 wds: p.cmb.map(|c| c.wds),
                 nvme_version: p.nvme_version.map(|v| format!("{}.{}", v >> 16, (v >> 8) & 0xff)),
                 cmbmsc: p.cmbmsc.map(hex),
+                available: p.p2pmem.map(|m| m.available),
+                published: p.p2pmem.map(|m| m.published),
                 usable: pool.is_ok(),
                 reason: pool.as_ref().err().cloned(),
             })
@@ -179,6 +233,9 @@ pub struct ProviderReport {
     pub wds: Option<bool>,
     pub nvme_version: Option<String>,
     pub cmbmsc: Option<String>,
+    /// p2pmem: bytes its allocator has free, and whether it is published to every p2p user.
+    pub available: Option<u64>,
+    pub published: Option<bool>,
     pub usable: bool,
     pub reason: Option<String>,
 }
@@ -230,7 +287,7 @@ impl Report {
         for p in &self.providers {
             let _ = writeln!(
                 s,
-                "  {} {} BAR{} cpu {} bus {} offset {} size {} MiB{}{}{}",
+                "  {} {} BAR{} cpu {} bus {} offset {} size {} MiB{}{}{}{}",
                 p.pci,
                 p.kind,
                 p.bar.map_or("-".into(), |b| b.to_string()),
@@ -243,6 +300,10 @@ impl Report {
                     _ => String::new(),
                 },
                 p.cmbmsc.as_ref().map(|v| format!(" CMBMSC={v}")).unwrap_or_default(),
+                match (p.available, p.published) {
+                    (Some(a), Some(pb)) => format!(" available {} MiB published={}", a >> 20, pb as u8),
+                    _ => String::new(),
+                },
                 p.reason.as_ref().map(|r| format!("\n    unusable: {r}")).unwrap_or_default(),
             );
         }

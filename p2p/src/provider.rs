@@ -115,10 +115,21 @@ pub struct Provider {
     pub nvme_version: Option<u32>,
     /// CMBMSC as read back after programming it.
     pub cmbmsc: Option<u64>,
+    /// For `Kind::P2pmem`: what the kernel's allocator says.
+    pub p2pmem: Option<P2pmemInfo>,
     /// Why the window cannot back buffers; `None` when it can.
     pub unusable: Option<String>,
     /// What to map, and from where.
     map_from: Option<Source>,
+}
+
+/// The kernel's p2pmem allocator of a function (`/sys/bus/pci/devices/<f>/p2pmem`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct P2pmemInfo {
+    /// Bytes not yet allocated: the most a pool can map.
+    pub available: u64,
+    /// Offered to any kernel p2p user (nvmet's `p2pmem` attribute set to 1), not only by name.
+    pub published: bool,
 }
 
 /// Where a BAR is mapped from: sysfs `resourceN` of an unbound function, or VFIO.
@@ -179,8 +190,9 @@ impl Provider {
             return Err(why.clone());
         }
         let src = self.map_from.as_ref().ok_or("no mapping source")?;
-        let len = usize::try_from(self.size).map_err(|_| format!("{} bytes do not fit in memory", self.size))?;
-        src.map(len)
+        let size = self.p2pmem.map_or(self.size, |p| p.available);
+        let len = usize::try_from(size).map_err(|_| format!("{size} bytes do not fit in memory"))?;
+        src.map(len).map(|m| m.device(self.pci.to_string()))
     }
 
     fn new(f: &Function, kind: Kind, bar: Option<&Bar>) -> Provider {
@@ -194,6 +206,7 @@ impl Provider {
             cmb: None,
             nvme_version: None,
             cmbmsc: None,
+            p2pmem: None,
             unusable: None,
             map_from: None,
         }
@@ -317,14 +330,24 @@ impl Sysfs {
     }
 
     /// The kernel's p2pmem for a function, where the kernel offers it (CONFIG_PCI_P2PDMA;
-    /// Debian's kernels do not).
+    /// Debian's kernels do not). p2pmem does not say which BAR it lives in: it is the
+    /// smallest memory BAR that holds it (prefetchable first), whose `resource` gives the CPU
+    /// address and whose config-space register the bus address.
     pub fn p2pmem(&self, f: &Function) -> Option<Provider> {
         let dir = self.function_dir(f.addr).join("p2pmem");
-        let num = |n: &str| std::fs::read_to_string(dir.join(n)).ok()?.trim().parse::<u64>().ok();
-        let size = num("size")?;
-        let mut p = Provider::new(f, Kind::P2pmem, None);
-        p.size = num("available").unwrap_or(size);
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).ok().map(|s| s.trim().to_owned());
+        let size = read("size")?.parse::<u64>().ok()?;
+        let available = read("available").and_then(|s| s.parse().ok()).unwrap_or(size);
+        let published = read("published").is_some_and(|s| s == "1");
+        let bar = f.bars.iter().filter(|b| !b.io && b.size >= size).min_by_key(|b| (!b.prefetchable, b.size));
+        let mut p = Provider::new(f, Kind::P2pmem, bar);
+        p.size = size;
+        p.p2pmem = Some(P2pmemInfo { available, published });
+        // The kernel hands out what is still free: that is what a pool can take.
         p.map_from = Some(Source::Sysfs(dir.join("allocate"), 0));
+        if available == 0 {
+            p.unusable = Some(format!("{}: p2pmem has no memory available (all {size} bytes allocated)", f.addr));
+        }
         Some(p)
     }
 

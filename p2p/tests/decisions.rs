@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use p2pnvmf_p2p::path::{Client, Path, Topology, address};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
+use p2pnvmf_p2p::plan::P2p;
 use p2pnvmf_p2p::provider::Kind;
 
 fn fixture(name: &str) -> PathBuf {
@@ -140,11 +141,107 @@ fn a_configured_bar_and_the_kernels_p2pmem_are_providers() {
     assert_eq!((bar.kind, bar.bar, bar.size, bar.cmb), (Kind::Bar, Some(2), 64 << 20, None));
     assert_eq!((bar.cpu_addr, bar.bus_addr), (0x1_0600_0000, 0x1_0600_0000));
     assert!(bar.check().is_ok(), "{:?}", bar.check());
-    assert_eq!((p2pmem.kind, p2pmem.size), (Kind::P2pmem, 32 << 20), "the available part");
+    assert_eq!((p2pmem.kind, p2pmem.size), (Kind::P2pmem, 64 << 20));
+    let info = p2pmem.p2pmem.unwrap();
+    assert_eq!((info.available, info.published), (32 << 20, false));
+    // Its addresses are those of the BAR that holds it.
+    assert_eq!((p2pmem.bar, p2pmem.cpu_addr, p2pmem.bus_addr), (Some(2), 0x1_0600_0000, 0x1_0600_0000));
     assert!(p2pmem.check().is_ok());
     // The p2pmem of a function without one is refused with the reason.
     let none = p2pnvmf_p2p::provider::Spec { pci: a("0000:00:02.0"), kind: Kind::P2pmem, bar: None };
     let e = sysfs.providers(&t.functions, &[none], true).unwrap_err();
     assert!(e.contains("CONFIG_PCI_P2PDMA"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `sys/dev/block/<dev>` → a device directory `rel` below the root (created), as the kernel links it.
+fn block_link(dir: &std::path::Path, dev: &str, rel: &str) {
+    let target = dir.join(rel);
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::create_dir_all(dir.join("sys/dev/block")).unwrap();
+    std::os::unix::fs::symlink(&target, dir.join("sys/dev/block").join(dev)).unwrap();
+}
+
+#[test]
+fn a_file_namespace_takes_p2pmem_its_nvme_reaches_and_nothing_else() {
+    let (sysfs, dir) = copy_of("pci-switch-offset");
+    let dev = |a: &str| std::fs::canonicalize(dir.join("sys/bus/pci/devices").join(a)).unwrap();
+    std::fs::write(dev("0000:03:00.0").join("resource2"), b"").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(dev("0000:03:00.0").join("resource2"))
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let ctrl = dev("0000:03:00.0").join("nvme/nvme0");
+    let rel = |p: &std::path::Path| p.strip_prefix(&dir).unwrap().to_str().unwrap().to_owned();
+    block_link(&dir, "259:0", &rel(&ctrl.join("nvme0n1")));
+    block_link(&dir, "259:1", &rel(&ctrl.join("nvme0n1/nvme0n1p1")));
+    std::fs::write(ctrl.join("nvme0n1/nvme0n1p1/partition"), "1\n").unwrap();
+    block_link(&dir, "259:2", "sys/devices/virtual/nvme-subsystem/nvme-subsys0/nvme1n1");
+    std::os::unix::fs::symlink(&ctrl, dir.join("sys/devices/virtual/nvme-subsystem/nvme-subsys0/nvme0")).unwrap();
+    block_link(&dir, "1:0", "sys/devices/virtual/block/ram0");
+    block_link(&dir, "8:0", &rel(&dev("0000:04:00.0").join("host0/target0:0:0/0:0:0:0/block/sda")));
+
+    let disk = |maj, min| sysfs.block_device(maj, min);
+    let nvme0n1 = disk(259, 0).unwrap();
+    assert_eq!((nvme0n1.name.as_str(), nvme0n1.functions.clone()), ("nvme0n1", vec![a("0000:03:00.0")]));
+    assert_eq!(disk(259, 1).unwrap(), nvme0n1, "a partition is served by its disk's controller");
+    assert_eq!(disk(259, 2).unwrap().functions, [a("0000:03:00.0")], "a multipath head by its paths");
+    assert!(disk(1, 0).unwrap_err().contains("ram0 is not on a PCI device"));
+    assert!(disk(9, 9).unwrap_err().contains("not a block device the kernel lists"));
+
+    // Debian's kernels: no p2pmem, and the CMB mapped through sysfs is no DMA target for the kernel.
+    let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
+    assert_eq!(p2p.providers.iter().map(|p| p.kind).collect::<Vec<_>>(), [Kind::NvmeCmb]);
+    let e = p2p.for_block_device(&nvme0n1).unwrap_err();
+    assert!(e.starts_with("no p2pmem") && e.contains("CONFIG_PCI_P2PDMA"), "{e}");
+    let sda = disk(8, 0).unwrap();
+    assert!(
+        p2p.for_block_device(&sda)
+            .unwrap_err()
+            .contains("sda is on 0000:04:00.0 (class 020000), not an NVMe controller")
+    );
+
+    // A P2PDMA kernel publishes the CMB as p2pmem: the NVMe reaches it (itself, distance 0).
+    let p2pmem = dev("0000:03:00.0").join("p2pmem");
+    std::fs::create_dir_all(&p2pmem).unwrap();
+    for (f, v) in [("size", "67108864\n"), ("available", "67108864\n"), ("published", "0\n")] {
+        std::fs::write(p2pmem.join(f), v).unwrap();
+    }
+    std::fs::File::create(p2pmem.join("allocate")).unwrap().set_len(64 << 20).unwrap();
+    let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
+    let (i, d) = p2p.for_block_device(&nvme0n1).unwrap();
+    let p = &p2p.providers[i];
+    assert_eq!((p.kind, d.path, d.distance), (Kind::P2pmem, Path::BusAddress, Some(0)));
+    // Addresses from the BAR holding it: the host bridge's offset shows.
+    assert_eq!((p.bar, p.cpu_addr, p.bus_addr), (Some(2), 0x6000_0800_0000, 0x8800_0000));
+    let report = p2p.report().to_text();
+    assert!(report.contains("0000:03:00.0 p2pmem BAR2 cpu 0x600008000000 bus 0x88000000"), "{report}");
+    assert!(report.contains("available 64 MiB published=0"), "{report}");
+    // Used up by others: nothing left to pool, said so.
+    std::fs::write(p2pmem.join("available"), "0\n").unwrap();
+    let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
+    let e = p2p.for_block_device(&nvme0n1).unwrap_err();
+    assert!(e.contains("p2pmem of 0000:03:00.0: 0000:03:00.0: p2pmem has no memory available"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn p2pmem_out_of_an_nvmes_reach_is_named() {
+    let (sysfs, dir) = copy_of("pci-root-ports");
+    let dev = |a: &str| std::fs::canonicalize(dir.join("sys/bus/pci/devices").join(a)).unwrap();
+    for f in ["0000:02:00.0", "0001:02:00.0"] {
+        std::fs::write(dev(f).join("resource2"), b"").unwrap();
+    }
+    let p2pmem = dev("0000:02:00.0").join("p2pmem");
+    std::fs::create_dir_all(&p2pmem).unwrap();
+    std::fs::write(p2pmem.join("size"), "67108864\n").unwrap();
+    std::fs::File::create(p2pmem.join("allocate")).unwrap().set_len(64 << 20).unwrap();
+    let rel = dev("0001:02:00.0").join("nvme/nvme1/nvme1n1");
+    block_link(&dir, "259:3", rel.strip_prefix(&dir).unwrap().to_str().unwrap());
+    let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
+    let e = p2p.for_block_device(&sysfs.block_device(259, 3).unwrap()).unwrap_err();
+    assert!(e.contains("p2pmem of 0000:02:00.0 is out of reach of 0001:02:00.0: no common upstream switch"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
