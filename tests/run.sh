@@ -18,6 +18,11 @@ cargo test --workspace --locked
 # The README's first command must resolve to the target binary.
 cargo run --locked --quiet -- check-config deploy/default.toml
 
+# The p2pmem scenarios boot a guest kernel with CONFIG_PCI_P2PDMA, built from Debian's source on
+# first need (about 20 minutes on 2 cores, then cached): built here so its time shows apart.
+echo "== P2PDMA guest kernel (tests/vm/build-p2pdma-kernel.sh)"
+tests/vm/build-p2pdma-kernel.sh
+
 # The VM scenarios are the ignored tests; one VM at a time (each uses both cores under TCG).
 echo "== VM end-to-end suite"
 cargo test --workspace --locked -- --ignored --test-threads=1

@@ -94,8 +94,8 @@ impl P2p {
         if why.is_empty() {
             return Err(format!(
                 "no p2pmem: no PCI function offers /sys/bus/pci/devices/*/p2pmem (the kernel lacks CONFIG_PCI_P2PDMA, \
-                 or no driver published device memory), and the kernel's {} driver can DMA only into p2pmem, not into \
-                 a user mapping of device memory",
+                 or no driver published device memory), and the kernel's driver of {} can DMA only into p2pmem pages, \
+                 not into a user mapping of device memory",
                 dev.name
             ));
         }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the VM rig's guest kernel + initramfs from the cached Debian kernel package.
+# Builds the VM rig's guest kernel + initramfs: from the cached Debian kernel package, or with
+# `p2pdma` from the P2PDMA kernel tests/vm/build-p2pdma-kernel.sh builds (on first need).
 # Prints two lines: the vmlinuz path and the initramfs path. Cached by the inputs' hash;
 # concurrent callers serialise on a lock.
 set -euo pipefail
@@ -17,20 +18,30 @@ for tool in dpkg depmod modprobe xz cpio; do
     command -v "$tool" >/dev/null || die "missing '$tool' (run tests/vm/deps.sh)"
 done
 [[ -x /bin/busybox ]] || die "missing /bin/busybox (package busybox-static; run tests/vm/deps.sh)"
-deb=$(ls "$CACHE"/linux-image-6.12*-unsigned_*.deb 2>/dev/null | sort -V | tail -n1 || true)
-[[ -n $deb ]] || die "no linux-image-6.12 unsigned package in $CACHE (run tests/vm/deps.sh)"
-
+FLAVOUR=${1:-debian}
 mkdir -p "$CACHE"
+case $FLAVOUR in
+debian)
+    deb=$(ls "$CACHE"/linux-image-6.12*-unsigned_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    [[ -n $deb ]] || die "no linux-image-6.12 unsigned package in $CACHE (run tests/vm/deps.sh)"
+    kkey=$(cat "$deb.sha256" 2>/dev/null || { sha256sum "$deb" | cut -c1-64 | tee "$deb.sha256"; })
+    kx="$CACHE/kernel-$(basename "$deb" .deb)"
+    ;;
+p2pdma)
+    kx=$("$HERE/build-p2pdma-kernel.sh") || die "building the P2PDMA guest kernel failed"
+    kkey=$(basename "$kx")
+    ;;
+*) die "unknown kernel '$FLAVOUR' (debian or p2pdma)" ;;
+esac
+
 exec 9>"$CACHE/.build.lock"
 flock 9
 
-key=$(cat "$deb.sha256" 2>/dev/null || { sha256sum "$deb" | cut -c1-64 | tee "$deb.sha256"; })
-key=$(printf '%s %s %s' "$key" "$(sha256sum "$HERE/guest/init" "$0" | cut -c1-64)" "${MODULES[*]}" \
+key=$(printf '%s %s %s' "$kkey" "$(sha256sum "$HERE/guest/init" "$0" | cut -c1-64)" "${MODULES[*]}" \
       | sha256sum | cut -c1-16)
 out="$CACHE/build-$key"
 if [[ ! -f $out/initramfs.cpio ]]; then
-    kx="$CACHE/kernel-$(basename "$deb" .deb)"
-    if [[ ! -f $kx/.ok ]]; then
+    if [[ $FLAVOUR == debian && ! -f $kx/.ok ]]; then
         rm -rf "$kx"
         dpkg -x "$deb" "$kx"
         depmod -b "$kx" "$(ls "$kx/lib/modules")"
@@ -44,18 +55,22 @@ if [[ ! -f $out/initramfs.cpio ]]; then
     for applet in $(/bin/busybox --list); do
         [[ -e $root/bin/$applet ]] || ln -s busybox "$root/bin/$applet"
     done
+    # The P2PDMA kernel has most of these built in (modprobe then reports "builtin").
     for m in "${MODULES[@]}"; do
         modprobe -d "$kx" -S "$kver" --show-depends "$m" | awk '$1=="insmod"{print $2}'
     done | sort -u | while read -r ko; do
         rel=${ko#"$kx/lib/modules/$kver/"}
         mkdir -p "$root/lib/modules/$kver/$(dirname "$rel")"
-        xz -dc "$ko" > "$root/lib/modules/$kver/${rel%.xz}"
+        case $ko in
+        *.xz) xz -dc "$ko" > "$root/lib/modules/$kver/${rel%.xz}" ;;
+        *) cp "$ko" "$root/lib/modules/$kver/$rel" ;;
+        esac
     done
     cp "$kx/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/" 2>/dev/null || true
     depmod -b "$root" "$kver"
     install -m 0755 "$HERE/guest/init" "$root/init"
     (cd "$root" && find . | cpio -o -H newc --quiet) > "$out.tmp/initramfs.cpio"
-    cp "$kx/boot/vmlinuz-$kver" "$out.tmp/vmlinuz"
+    if [[ $FLAVOUR == debian ]]; then cp "$kx/boot/vmlinuz-$kver" "$out.tmp/vmlinuz"; else cp "$kx/vmlinuz" "$out.tmp/vmlinuz"; fi
     rm -rf "$root" "$out"
     mv "$out.tmp" "$out"
 fi

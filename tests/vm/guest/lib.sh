@@ -224,3 +224,16 @@ nvme_with_cmb() {
     done
     return 0
 }
+# nvme_disk BDF: the namespace block device (nvmeXnY, a multipath head or not) of the NVMe
+# function BDF bound to the kernel's nvme driver.
+nvme_disk() {
+    local b i
+    for i in $(seq 50); do
+        for b in /sys/block/nvme*; do
+            [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ ]] || continue
+            readlink -f "$b/device" "$b/device"/nvme* 2>/dev/null | grep -q "/$1/" && { echo "${b##*/}"; return; }
+        done
+        sleep 0.1
+    done
+    die "no block device of $1"
+}

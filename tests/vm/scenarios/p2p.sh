@@ -140,8 +140,8 @@ if "$P2PNVMF_BIN" serve --config /tmp/scn/target.toml > /tmp/scn/refused.log 2>&
     die "serve started without a usable provider"
 fi
 cat /tmp/scn/refused.log
-grep -q 'namespace 1: buffers = "p2p" but no usable provider: the file backend' /tmp/scn/refused.log \
-    || die "no reason for the refusal"
+grep -q 'namespace 1: buffers = "p2p" but no usable provider: /tmp/ns.img (device 0:[0-9]*): not a block device' \
+    /tmp/scn/refused.log || die "no reason for the refusal"
 
 step "a CMB owned by the kernel nvme driver is named unusable"
 modprobe -d /tmp/rig nvme || die "modprobe nvme"
@@ -149,4 +149,23 @@ for i in $(seq 50); do [[ -e /sys/bus/pci/devices/$cmb/driver ]] && break; sleep
 "$P2PNVMF_BIN" topology --config /tmp/scn/allow.toml | tee /tmp/scn/bound.txt
 grep -q "unusable: $cmb is bound to the kernel driver nvme" /tmp/scn/bound.txt || die "bound CMB not refused"
 
+step "Debian's kernel: a file namespace on the CMB NVMe's block device falls back, naming the missing p2pmem"
+cmbdisk=$(nvme_disk "$cmb")
+tcp_config /tmp/scn/nvme.toml "$NQN"
+sed -i "s|^backend = \"ram\"$|backend = \"file\"|; s|^size = \"256MiB\"$|path = \"/dev/$cmbdisk\"|" /tmp/scn/nvme.toml
+: > "$TARGET_LOG"
+start_target /tmp/scn/nvme.toml 4420
+grep -q "namespace falls back to host memory: no p2pmem: no PCI function offers /sys/bus/pci/devices/\*/p2pmem" "$TARGET_LOG" \
+    || die "no namespace-level fallback naming the missing p2pmem"
+dev=$(nvme_connect_dev tcp 4420 "$NQN" -i 1)
+verify_rw "$dev" 8
+nvme_disconnect_nqn "$NQN"
+stop_target
+sed -i 's|^path = "/dev/'"$cmbdisk"'"$|&\nbuffers = "p2p"|' /tmp/scn/nvme.toml
+if "$P2PNVMF_BIN" serve --config /tmp/scn/nvme.toml > /tmp/scn/refused-nvme.log 2>&1; then
+    die "serve started with buffers = p2p on a kernel without p2pmem"
+fi
+cat /tmp/scn/refused-nvme.log
+grep -q "namespace 1: buffers = \"p2p\" but no usable provider: no p2pmem" /tmp/scn/refused-nvme.log \
+    || die "no reason for the refusal on /dev/$cmbdisk"
 step "done"

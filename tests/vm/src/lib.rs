@@ -198,6 +198,9 @@ pub struct Scenario {
     /// The whole run, boot included; past it qemu is killed and the run fails.
     pub timeout: Duration,
     pub memory_mib: u32,
+    pub kernel: Kernel,
+    /// qemu trace events (see [`Scenario::qemu_trace`]).
+    pub trace: Vec<String>,
 }
 
 /// What a run produced.
@@ -258,13 +261,41 @@ struct Artifacts {
     initramfs: PathBuf,
 }
 
-/// Builds (or finds cached) the guest kernel and initramfs once per process.
-fn artifacts() -> Result<&'static Artifacts, RigError> {
-    static ARTIFACTS: OnceLock<Result<Artifacts, String>> = OnceLock::new();
-    let built = ARTIFACTS.get_or_init(|| {
+/// The guest kernel a scenario boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernel {
+    /// Debian's 6.12 image: what a Debian appliance runs (no CONFIG_PCI_P2PDMA).
+    #[default]
+    Debian,
+    /// Debian's 6.12 source built with CONFIG_PCI_P2PDMA (`tests/vm/build-p2pdma-kernel.sh`),
+    /// as Ubuntu, Fedora and RHEL kernels are: the kernel's NVMe driver publishes p2pmem.
+    P2pdma,
+}
+
+impl Kernel {
+    fn arg(self) -> &'static str {
+        match self {
+            Kernel::Debian => "debian",
+            Kernel::P2pdma => "p2pdma",
+        }
+    }
+}
+
+/// Builds (or finds cached) the guest kernel and initramfs once per process and kernel.
+fn artifacts(kernel: Kernel) -> Result<&'static Artifacts, RigError> {
+    static DEBIAN: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    static P2PDMA: OnceLock<Result<Artifacts, String>> = OnceLock::new();
+    let cell = match kernel {
+        Kernel::Debian => &DEBIAN,
+        Kernel::P2pdma => &P2PDMA,
+    };
+    let built = cell.get_or_init(|| {
         let script = repo_root().join("tests/vm/build-initramfs.sh");
-        let out =
-            Command::new(&script).stderr(Stdio::piped()).output().map_err(|e| format!("{}: {e}", script.display()))?;
+        let out = Command::new(&script)
+            .arg(kernel.arg())
+            .stderr(Stdio::piped())
+            .output()
+            .map_err(|e| format!("{}: {e}", script.display()))?;
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
@@ -276,7 +307,7 @@ fn artifacts() -> Result<&'static Artifacts, RigError> {
         }
     });
     built.as_ref().map_err(|e| {
-        if e.contains("missing") || e.contains("no linux-image") {
+        if e.contains("missing") || e.contains("no linux-image") || e.contains("not installed") {
             RigError::Missing(e.clone())
         } else {
             RigError::Build(e.clone())
@@ -309,7 +340,21 @@ impl Scenario {
             binaries: Vec::new(),
             timeout: Duration::from_secs(180),
             memory_mib: 2048,
+            kernel: Kernel::Debian,
+            trace: Vec::new(),
         }
+    }
+
+    pub fn kernel(mut self, k: Kernel) -> Self {
+        self.kernel = k;
+        self
+    }
+
+    /// qemu trace events to log into `qemu-trace.log` in the run directory (the guest reads
+    /// it as `/tmp/scn/qemu-trace.log`): how qemu witnesses what a device did.
+    pub fn qemu_trace(mut self, events: &[&str]) -> Self {
+        self.trace.extend(events.iter().map(|e| (*e).to_owned()));
+        self
     }
 
     pub fn env(mut self, key: &str, value: impl Into<String>) -> Self {
@@ -369,7 +414,7 @@ impl Scenario {
     /// (missing prerequisites, build failures); a failing scenario is an `Outcome`.
     pub fn run(&self) -> Result<Outcome, RigError> {
         let qemu = find_in_path(QEMU, &std::env::var_os("PATH").unwrap_or_default(), "qemu-system-x86")?;
-        let art = artifacts()?;
+        let art = artifacts(self.kernel)?;
         let repo = repo_root();
         let run_dir = repo.join("target/vm-runs").join(&self.name);
         let _ = std::fs::remove_dir_all(&run_dir);
@@ -414,6 +459,11 @@ impl Scenario {
             ])
             .arg(format!("local,path={},mount_tag=run,security_model=none", run_dir.display()))
             .args(self.topology.qemu_args(run_dir)?)
+            .args(self.trace.iter().flat_map(|e| ["-trace".to_owned(), e.clone()]))
+            .args(match self.trace.is_empty() {
+                true => Vec::new(),
+                false => vec!["-D".to_owned(), run_dir.join("qemu-trace.log").display().to_string()],
+            })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -113,20 +113,31 @@ struct Slot {
     own: Option<Window>,
     /// A p2p chunk lent for the current command.
     chunk: Option<Window>,
+    /// The current command's data is in `chunk` (which is away with the backend while it
+    /// executes), not in `own`.
+    on_chunk: bool,
 }
 
 impl Slot {
     fn new() -> Self {
-        Slot { state: State::Free, sqe: Sqe::default(), len: 0, own: None, chunk: None }
+        Slot { state: State::Free, sqe: Sqe::default(), len: 0, own: None, chunk: None, on_chunk: false }
     }
 
     /// The buffer the current command uses.
     fn buf(&mut self) -> &mut Option<Window> {
-        if self.chunk.is_some() { &mut self.chunk } else { &mut self.own }
+        if self.on_chunk { &mut self.chunk } else { &mut self.own }
     }
 
     fn data(&self) -> &[u8] {
-        self.chunk.as_ref().or(self.own.as_ref()).map_or(&[][..], |w| &w.bytes()[..self.len])
+        let w = if self.on_chunk { &self.chunk } else { &self.own };
+        w.as_ref().map_or(&[][..], |w| &w.bytes()[..self.len])
+    }
+
+    /// Gives the current command of `len` bytes the p2p `chunk`, or its own buffer without one.
+    fn lend(&mut self, chunk: Option<Window>, len: usize) -> std::io::Result<()> {
+        self.on_chunk = chunk.is_some();
+        self.chunk = chunk;
+        if self.on_chunk { Ok(()) } else { self.ensure_own(len) }
     }
 
     /// Makes the own buffer hold at least `len` bytes.
@@ -329,6 +340,7 @@ impl Conn {
     fn release(&mut self, tag: u16) {
         let slot = &mut self.slots[usize::from(tag)];
         slot.state = State::Free;
+        slot.on_chunk = false;
         if let Some(c) = slot.chunk.take() {
             self.bufs.put(c);
         }
@@ -339,10 +351,12 @@ impl Conn {
         let cmd = CapsuleCmd::read_from_bytes(&self.wire.hdr[..72]).expect("72 bytes");
         let sqe = cmd.sqe;
         let tag = self.take_slot()?;
+        // In-capsule data of a write to a p2p namespace lands in the chunk the device reads.
+        let chunk = if l.data_len > 0 { self.bufs.get(&sqe, l.data_len) } else { None };
         let slot = &mut self.slots[usize::from(tag)];
         (slot.sqe, slot.len) = (sqe, l.data_len);
-        slot.ensure_own(l.data_len)?;
-        let icd = &mut slot.own.as_mut().expect("ensured").bytes_mut()[..l.data_len];
+        slot.lend(chunk, l.data_len)?;
+        let icd = &mut slot.buf().as_mut().expect("lent").bytes_mut()[..l.data_len];
         let digest_ok = self.wire.read_data(l, icd).await?;
         let plan = self.queue.admit(&sqe).and_then(|()| self.plan(&sqe, l.data_len));
         trace!(tag, cid = sqe.cid.get(), opcode = sqe.opcode, "capsule");
@@ -354,14 +368,11 @@ impl Conn {
             }
             // In-capsule data stays where it arrived; data for the host may go through p2p.
             (true, Ok(Plan::Now(len))) => {
-                let slot = &mut self.slots[usize::from(tag)];
-                slot.len = len;
                 if Direction::of(&sqe) == Direction::ControllerToHost {
-                    slot.chunk = self.bufs.get(&sqe, len);
+                    let chunk = self.bufs.get(&sqe, len);
+                    self.slots[usize::from(tag)].lend(chunk, len)?;
                 }
-                if slot.chunk.is_none() {
-                    slot.ensure_own(len)?;
-                }
+                self.slots[usize::from(tag)].len = len;
                 self.execute(tag);
             }
             (true, Ok(Plan::R2t(len))) => self.request_data(tag, len)?,
@@ -478,10 +489,7 @@ impl Conn {
     fn request_data(&mut self, tag: u16, len: usize) -> Result<(), ConnError> {
         let slot = &mut self.slots[usize::from(tag)];
         slot.len = len;
-        slot.chunk = self.bufs.get(&slot.sqe, len);
-        if slot.chunk.is_none() {
-            slot.ensure_own(len)?;
-        }
+        slot.lend(self.bufs.get(&slot.sqe, len), len)?;
         slot.state = State::AwaitingData { received: 0, digest_error: false };
         let r2t = pdu::r2t(slot.sqe.cid.get(), tag, 0, len as u32, self.wire.lim.hdgst);
         push_pdu(&mut self.out, r2t.as_bytes(), self.wire.lim.hdgst);
@@ -573,4 +581,32 @@ enum Plan {
     Now(usize),
     /// Host-to-controller data to fetch with an R2T.
     R2t(usize),
+}
+
+#[cfg(test)]
+mod tests {
+    use p2pnvmf_p2p::pool::ChunkPool;
+
+    use super::*;
+
+    #[test]
+    fn a_chunk_back_from_the_backend_returns_to_its_slot_and_then_its_pool() {
+        let pool = ChunkPool::host(8192, 1).unwrap();
+        let mut slab = pool.take(1);
+        let mut slot = Slot::new();
+        slot.ensure_own(4096).unwrap();
+        let own = slot.own.as_ref().unwrap().as_ptr();
+        slot.len = 4096;
+        slot.lend(slab.get(4096), 4096).unwrap();
+        slot.buf().as_mut().unwrap().bytes_mut()[..3].copy_from_slice(b"p2p");
+        // An asynchronous backend takes the window while it executes and gives it back after.
+        let away = slot.buf().take().unwrap();
+        *slot.buf() = Some(away);
+        assert_eq!(&slot.data()[..3], b"p2p");
+        assert_eq!(slot.own.as_ref().unwrap().as_ptr(), own, "the own buffer stays the slot's");
+        assert!(slab.put(slot.chunk.take().unwrap()) && slab.get(4096).is_some(), "the chunk went home");
+        // Without a chunk the command uses the own buffer.
+        slot.lend(None, 4096).unwrap();
+        assert_eq!(slot.buf().as_ref().unwrap().as_ptr(), own);
+    }
 }
