@@ -43,49 +43,20 @@ assert (d[(cmb, peer)]['path'], d[(cmb, peer)]['distance']) == ('bus-address', 4
 assert d[(cmb, 'rxe0')]['path'] == 'none', d[(cmb, 'rxe0')]
 " || die "topology does not describe the p2pmem provider"
 
-cat > /tmp/scn/target.toml <<CFG
-[[listener]]
-name = "rdma0"
-transport = "rdma"
-address = "$GUEST_IP"
-port = 4420
-
-[[listener]]
-name = "tcp0"
-transport = "tcp"
-address = "$GUEST_IP"
-port = 4421
-
-[metrics]
-listen = "127.0.0.1:9464"
-
-[[subsystem]]
-nqn = "$CMBP2P"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-backend = "file"
-path = "/dev/$cmbdisk"
-buffers = "p2p"
-
-[[subsystem]]
-nqn = "$CMBHOST"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-backend = "file"
-path = "/dev/$cmbdisk"
-buffers = "host"
-
-[[subsystem]]
-nqn = "$PEERP2P"
-allow_any_host = true
-[[subsystem.namespace]]
-nsid = 1
-backend = "file"
-path = "/dev/$peerdisk"
-buffers = "p2p"
-CFG
+# file_subsystem NQN DEVICE BUFFERS: a subsystem with one file namespace on DEVICE.
+file_subsystem() {
+    printf '\n[[subsystem]]\nnqn = "%s"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\n' "$1"
+    printf 'backend = "file"\npath = "%s"\nbuffers = "%s"\n' "$2" "$3"
+}
+rdma_config /tmp/scn/target.toml "$CMBP2P"
+sed -i 's|^backend = "ram"$|backend = "file"|; s|^size = "256MiB"$|path = "/dev/'"$cmbdisk"'"\nbuffers = "p2p"|' \
+    /tmp/scn/target.toml
+{
+    printf '\n[metrics]\nlisten = "127.0.0.1:9464"\n'
+    file_subsystem "$CMBHOST" "/dev/$cmbdisk" host
+    file_subsystem "$PEERP2P" "/dev/$peerdisk" p2p
+} >> /tmp/scn/target.toml
+cat /tmp/scn/target.toml
 start_target /tmp/scn/target.toml 4421
 grep -E "the SSD reaches p2pmem|p2p provider" "$TARGET_LOG"
 grep -q "p2p provider mapped provider=$cmb kind=\"p2pmem\"" "$TARGET_LOG" || die "the p2pmem was not mapped"
