@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
 use p2pnvmf_nvmf::buffers::{NsBuffers, count_fallback};
@@ -18,14 +19,24 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc<dyn Backend>> {
+/// I/O queue pairs asked of an SSD driven through VFIO: one per target queue using it.
+const NVME_VFIO_QUEUES: u16 = 64;
+
+/// The namespace's backend and log2 of its block size.
+fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<(Arc<dyn Backend>, u32)> {
     Ok(match cfg {
-        BackendCfg::Ram { size } => Arc::new(RamBackend::new(*size)),
+        BackendCfg::Ram { size } => (Arc::new(RamBackend::new(*size)), 9),
         BackendCfg::File { path, size } => {
             let f = FileBackend::open(path, *size)
                 .with_context(|| format!("{subnqn} namespace {nsid}: opening {}", path.display()))?;
             info!(subnqn, nsid, path = %path.display(), engine = ?f.engine(), o_direct = f.has_direct(), "file backend open");
-            Arc::new(f)
+            (Arc::new(f), 9)
+        }
+        BackendCfg::NvmeVfio { pci, device_nsid } => {
+            let b = NvmeVfio::open(&Sysfs::new("/"), *pci, *device_nsid, NVME_VFIO_QUEUES)
+                .map_err(|e| anyhow::anyhow!("{subnqn} namespace {nsid}: backend nvme-vfio: {e}"))?;
+            let shift = b.lba_shift();
+            (Arc::new(b), shift)
         }
     })
 }
@@ -51,6 +62,10 @@ fn ns_buffers(
             Ok(i)
         }),
         BackendCfg::Ram { .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| p.for_namespace()),
+        BackendCfg::NvmeVfio { .. } => {
+            Err("the nvme-vfio backend does not put p2p addresses in its PRPs yet: its data goes through host memory"
+                .to_string())
+        }
     };
     match provider {
         Ok(i) => {
@@ -118,9 +133,9 @@ impl Live {
                 let mut ns = match reused {
                     Some(ns) => ns,
                     None => {
-                        let backend = open_backend(&s.nqn, n.nsid, &n.backend)?;
+                        let (backend, lba_shift) = open_backend(&s.nqn, n.nsid, &n.backend)?;
                         info!(subnqn = %s.nqn, nsid = n.nsid, size = backend.size_bytes(), backend = ?n.backend, "namespace ready");
-                        Namespace::new(&s.nqn, n.nsid, backend)
+                        Namespace { lba_shift, ..Namespace::new(&s.nqn, n.nsid, backend) }
                     }
                 };
                 ns.buffers = ns_buffers(&self.p2p, &s.nqn, n)?;
@@ -263,6 +278,10 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
     }
+    // Backends let go of their devices now (an SSD driven through VFIO is shut down and given
+    // back to the kernel), not at process exit.
+    drop(live);
+    drop(target);
     info!("stopped");
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! Namespace backends: [`ram::RamBackend`] (sparse, allocated as written) and
 //! [`file::FileBackend`] (regular files and block devices, through io_uring with O_DIRECT where
-//! the kernel allows, positional reads and writes otherwise). Unsafe code is confined to `uring`.
+//! the kernel allows, positional reads and writes otherwise). Unsafe code is confined to `uring` and `irq`.
 #![deny(unsafe_code)]
 
 pub mod file;
+#[allow(unsafe_code)]
+mod irq;
+pub mod nvme;
 pub mod ram;
 #[allow(unsafe_code)]
 mod uring;

@@ -61,6 +61,8 @@ pub enum Backend {
     Ram { size: u64 },
     /// A regular file (created or extended to `size` when given) or a block device.
     File { path: PathBuf, size: Option<u64> },
+    /// Namespace `device_nsid` of the NVMe SSD at `pci`, driven by the target through VFIO.
+    NvmeVfio { pci: p2pnvmf_p2p::pci::PciAddr, device_nsid: u32 },
 }
 
 /// Where a namespace's I/O buffers live.

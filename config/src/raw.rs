@@ -80,6 +80,7 @@ struct RawNamespace {
     size: Option<Spanned<toml::Value>>,
     path: Option<Spanned<String>>,
     pci: Option<Spanned<String>>,
+    device_nsid: Option<Spanned<i64>>,
     buffers: Option<Spanned<String>>,
 }
 
@@ -340,10 +341,16 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
             Some((bytes, v.span()))
         }
     };
-    if let Some(p) = &r.pci {
-        return Err(cx.err(p.span(), format!("{key}.pci: only the \"nvme-vfio\" backend takes a PCI address")));
+    let backend_name = r.backend.get_ref().as_str();
+    if backend_name != "nvme-vfio" {
+        if let Some(p) = &r.pci {
+            return Err(cx.err(p.span(), format!("{key}.pci: only the \"nvme-vfio\" backend takes a PCI address")));
+        }
+        if let Some(d) = &r.device_nsid {
+            return Err(cx.err(d.span(), format!("{key}.device_nsid: only the \"nvme-vfio\" backend takes it")));
+        }
     }
-    let backend = match r.backend.get_ref().as_str() {
+    let backend = match backend_name {
         "ram" => {
             let (size, _) = size.ok_or_else(|| cx.err(n.span(), format!("{key}: backend \"ram\" needs size")))?;
             if let Some(p) = &r.path {
@@ -357,10 +364,29 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
             Backend::File { path: path.get_ref().into(), size: size.map(|(s, _)| s) }
         }
         "nvme-vfio" => {
-            return Err(cx.err(
-                r.backend.span(),
-                format!("{key}.backend: \"nvme-vfio\" is not implemented yet; use \"ram\" or \"file\""),
-            ));
+            let pci =
+                r.pci.as_ref().ok_or_else(|| cx.err(n.span(), format!("{key}: backend \"nvme-vfio\" needs pci")))?;
+            let pci_addr = pci.get_ref().parse().map_err(|e| cx.err(pci.span(), format!("{key}.pci: {e}")))?;
+            if let Some(p) = &r.path {
+                return Err(cx.err(p.span(), format!("{key}.path: backend \"nvme-vfio\" takes pci, not path")));
+            }
+            if let Some((_, span)) = size {
+                return Err(
+                    cx.err(span, format!("{key}.size: backend \"nvme-vfio\" serves the SSD namespace's own size"))
+                );
+            }
+            let device_nsid = match &r.device_nsid {
+                None => 1,
+                Some(d) => {
+                    u32::try_from(*d.get_ref()).ok().filter(|&id| id != 0 && id != u32::MAX).ok_or_else(|| {
+                        cx.err(
+                            d.span(),
+                            format!("{key}.device_nsid: {} is not a valid NSID (1 to 4294967294)", d.get_ref()),
+                        )
+                    })?
+                }
+            };
+            Backend::NvmeVfio { pci: pci_addr, device_nsid }
         }
         b => {
             return Err(cx.err(

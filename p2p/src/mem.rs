@@ -279,6 +279,11 @@ impl Window {
 pub struct MappingPin(Arc<Mapping>);
 
 impl MappingPin {
+    /// Keeps `map` alive for a device it is registered with.
+    pub fn of(map: &Arc<Mapping>) -> MappingPin {
+        MappingPin(map.clone())
+    }
+
     pub fn range(&self) -> (*mut u8, usize) {
         (self.0.as_ptr(), self.0.len)
     }

@@ -7,14 +7,16 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_BASE, VFIO_GROUP_FLAGS_VIABLE, VFIO_NOIOMMU_IOMMU, VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE, VFIO_TYPE1v2_IOMMU,
-    vfio_group_status, vfio_region_info,
+    VFIO_BASE, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_GROUP_FLAGS_VIABLE, VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_NOIOMMU_IOMMU, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE, VFIO_TYPE1v2_IOMMU, vfio_group_status,
+    vfio_iommu_type1_dma_map, vfio_region_info,
 };
 
-use crate::mem::Mapping;
+use crate::mem::{Mapping, MappingPin};
 use crate::pci::Function;
 
 /// `_IO(VFIO_TYPE, VFIO_BASE + n)` (include/uapi/linux/vfio.h).
@@ -26,6 +28,21 @@ const GROUP_GET_STATUS: libc::c_ulong = vfio_io(3);
 const GROUP_SET_CONTAINER: libc::c_ulong = vfio_io(4);
 const GROUP_GET_DEVICE_FD: libc::c_ulong = vfio_io(6);
 const DEVICE_GET_REGION_INFO: libc::c_ulong = vfio_io(8);
+const DEVICE_SET_IRQS: libc::c_ulong = vfio_io(10);
+const DEVICE_RESET: libc::c_ulong = vfio_io(11);
+const IOMMU_MAP_DMA: libc::c_ulong = vfio_io(13);
+const IOMMU_UNMAP_DMA: libc::c_ulong = vfio_io(14);
+
+/// A non-blocking eventfd, for an MSI-X vector to signal.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked before it is owned.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 /// An open VFIO device. Mappings keep the device (and through it the group and container)
 /// alive; the group can be opened once, so one `VfioDevice` serves every BAR of a function.
@@ -34,7 +51,9 @@ pub struct VfioDevice {
     name: String,
     device: File,
     _group: File,
-    _container: File,
+    container: File,
+    /// DMA goes through an IOMMU (type 1); false in no-IOMMU mode (physical addresses).
+    iommu: bool,
 }
 
 fn ioctl(fd: &File, req: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> Result<libc::c_int, String> {
@@ -71,18 +90,30 @@ impl VfioDevice {
         let fd =
             ioctl(&group_file, GROUP_GET_DEVICE_FD, name.as_ptr() as *mut libc::c_void, "VFIO_GROUP_GET_DEVICE_FD")?;
         // SAFETY: a fresh fd the kernel just gave us, owned from here on.
-        let device = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        Ok(VfioDevice { name: f.addr.to_string(), device, _group: group_file, _container: container })
+        let device = unsafe { File::from_raw_fd(fd) };
+        Ok(VfioDevice {
+            name: f.addr.to_string(),
+            device,
+            _group: group_file,
+            container,
+            iommu: iommu == VFIO_TYPE1v2_IOMMU,
+        })
+    }
+
+    /// Whether the device's DMA is translated by an IOMMU (else it uses physical addresses).
+    pub fn iommu(&self) -> bool {
+        self.iommu
+    }
+
+    fn region(&self, index: u32) -> Result<vfio_region_info, String> {
+        let mut info = vfio_region_info { argsz: size_of::<vfio_region_info>() as u32, index, ..Default::default() };
+        ioctl(&self.device, DEVICE_GET_REGION_INFO, (&raw mut info).cast(), "VFIO_DEVICE_GET_REGION_INFO")?;
+        Ok(info)
     }
 
     /// Maps `len` bytes of BAR `bar` from `off`.
     pub fn map_bar(&self, bar: u8, off: u64, len: usize) -> Result<Mapping, String> {
-        let mut info = vfio_region_info {
-            argsz: size_of::<vfio_region_info>() as u32,
-            index: u32::from(bar),
-            ..Default::default()
-        };
-        ioctl(&self.device, DEVICE_GET_REGION_INFO, (&raw mut info).cast(), "VFIO_DEVICE_GET_REGION_INFO")?;
+        let info = self.region(u32::from(bar))?;
         if info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
             return Err(format!("{}: VFIO does not allow mmap of BAR{bar}", self.name));
         }
@@ -91,5 +122,57 @@ impl VfioDevice {
         }
         Mapping::fd(self.device.as_raw_fd(), info.offset + off, len)
             .map_err(|e| format!("{}: mmap of BAR{bar} through VFIO: {e}", self.name))
+    }
+
+    /// Reads `buf.len()` bytes of config space at `off`.
+    pub fn config_read(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        let at = self.region(VFIO_PCI_CONFIG_REGION_INDEX)?.offset + off;
+        std::os::unix::fs::FileExt::read_exact_at(&self.device, buf, at)
+            .map_err(|e| format!("{}: reading config space at {off:#x}: {e}", self.name))
+    }
+
+    pub fn config_write(&self, off: u64, buf: &[u8]) -> Result<(), String> {
+        let at = self.region(VFIO_PCI_CONFIG_REGION_INDEX)?.offset + off;
+        std::os::unix::fs::FileExt::write_all_at(&self.device, buf, at)
+            .map_err(|e| format!("{}: writing config space at {off:#x}: {e}", self.name))
+    }
+
+    /// Function-level reset (VFIO_DEVICE_RESET).
+    pub fn reset(&self) -> Result<(), String> {
+        ioctl(&self.device, DEVICE_RESET, std::ptr::null_mut(), "VFIO_DEVICE_RESET").map(drop)
+    }
+
+    /// Makes the mapping behind `pin` reachable by the device's DMA at `iova` (IOMMU mode). The
+    /// caller keeps `pin` for as long as the device may use it.
+    pub fn map_dma(&self, pin: &MappingPin, iova: u64) -> Result<(), String> {
+        let (ptr, len) = pin.range();
+        let mut map = vfio_iommu_type1_dma_map {
+            argsz: size_of::<vfio_iommu_type1_dma_map>() as u32,
+            flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
+            vaddr: ptr as u64,
+            iova,
+            size: len.next_multiple_of(4096) as u64,
+        };
+        ioctl(&self.container, IOMMU_MAP_DMA, (&raw mut map).cast(), "VFIO_IOMMU_MAP_DMA")
+            .map(drop)
+            .map_err(|e| format!("{}: mapping {len:#x} bytes for DMA at IOVA {iova:#x}: {e}", self.name))
+    }
+
+    /// Removes the DMA mapping of `len` bytes at `iova`.
+    pub fn unmap_dma(&self, iova: u64, len: usize) -> Result<(), String> {
+        // vfio_iommu_type1_dma_unmap without its trailing bitmap: argsz, flags, iova, size.
+        let mut unmap: [u64; 3] = [(size_of::<[u64; 3]>() as u64), iova, len.next_multiple_of(4096) as u64];
+        ioctl(&self.container, IOMMU_UNMAP_DMA, unmap.as_mut_ptr().cast(), "VFIO_IOMMU_UNMAP_DMA").map(drop)
+    }
+
+    /// Routes MSI-X vectors 0.. to `eventfds` (none: disables MSI-X).
+    pub fn msix(&self, eventfds: &[i32]) -> Result<(), String> {
+        // struct vfio_irq_set: argsz, flags, index, start, count, then one eventfd per vector.
+        let flags = if eventfds.is_empty() { VFIO_IRQ_SET_DATA_NONE } else { VFIO_IRQ_SET_DATA_EVENTFD };
+        let mut set: Vec<u32> =
+            vec![0, flags | VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, eventfds.len() as u32];
+        set.extend(eventfds.iter().map(|&fd| fd as u32));
+        set[0] = (set.len() * 4) as u32;
+        ioctl(&self.device, DEVICE_SET_IRQS, set.as_mut_ptr().cast(), "VFIO_DEVICE_SET_IRQS").map(drop)
     }
 }

@@ -1,0 +1,8 @@
+//! A user-space NVMe driver over VFIO: the target owns the SSD and puts in every PRP the address
+//! the SSD must use for the buffer the p2p layer chose.
+
+pub mod ctrl;
+pub mod ns;
+pub mod prp;
+pub mod queue;
+pub mod spec;

@@ -1,0 +1,454 @@
+//! An NVMe namespace behind the VFIO driver as a target backend: each target I/O queue gets an
+//! I/O queue pair of its own on the SSD (MSI-X vector = queue id, an eventfd on tokio), every
+//! command of the target queue in flight at the SSD, and transfers split at MDTS. Data goes by
+//! DMA from and into the command's window where the SSD reaches it — a queue's data area
+//! registered with the IOMMU once — and through a per-command bounce buffer otherwise.
+
+use std::collections::VecDeque;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use p2pnvmf_nvmf::wire::Sqe;
+use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
+use p2pnvmf_p2p::mem::{MappingPin, Window};
+use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
+use zerocopy::IntoBytes;
+
+use super::ctrl::{Controller, Dma};
+use super::prp;
+use super::queue::{QueuePair, status};
+use super::spec::{self, IdNamespace};
+
+const PAGE: usize = 4096;
+/// Largest transfer in one command when MDTS says "no limit".
+const MAX_PART: usize = 1 << 20;
+
+/// NVM command set opcodes (NVM Command Set 1.0, Figure 18).
+mod nvm {
+    pub const FLUSH: u8 = 0x00;
+    pub const WRITE: u8 = 0x01;
+    pub const READ: u8 = 0x02;
+    pub const WRITE_ZEROES: u8 = 0x08;
+    pub const DSM: u8 = 0x09;
+    /// ONCS bits: Dataset Management, Write Zeroes.
+    pub const ONCS_DSM: u16 = 1 << 2;
+    pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
+}
+
+/// One namespace of an SSD the target owns.
+#[derive(Debug)]
+pub struct NvmeVfio {
+    ctrl: Arc<Controller>,
+    nsid: u32,
+    pub id: IdNamespace,
+    /// log2 of the block size.
+    shift: u32,
+    /// Largest transfer per command.
+    max_part: usize,
+    /// A queue pair for flushes from outside any target queue (shutdown).
+    sync: Mutex<Option<QueuePair>>,
+}
+
+impl NvmeVfio {
+    /// Opens namespace `nsid` of the SSD at `pci`, with up to `queues` I/O queue pairs.
+    pub fn open(sysfs: &Sysfs, pci: PciAddr, nsid: u32, queues: u16) -> Result<NvmeVfio, String> {
+        let ctrl = Arc::new(Controller::open(sysfs, pci, queues.saturating_add(1))?);
+        let id = ctrl.namespace(nsid)?;
+        if id.metadata != 0 || !matches!(id.block_size, 512 | 4096) {
+            return Err(format!(
+                "{pci}: namespace {nsid} is formatted with {}-byte blocks and {} bytes of metadata; the target \
+                 serves 512 or 4096-byte blocks without metadata",
+                id.block_size, id.metadata
+            ));
+        }
+        let max_part = ctrl.id.max_transfer(PAGE).unwrap_or(MAX_PART).min(MAX_PART);
+        info!(%pci, nsid, blocks = id.nsze, block_size = id.block_size, max_part, vwc = ctrl.id.vwc, "NVMe namespace ready");
+        Ok(NvmeVfio { shift: id.block_size.trailing_zeros(), ctrl, nsid, id, max_part, sync: Mutex::new(None) })
+    }
+
+    /// log2 of the namespace's block size.
+    pub fn lba_shift(&self) -> u32 {
+        self.shift
+    }
+
+    pub fn controller(&self) -> &Controller {
+        &self.ctrl
+    }
+}
+
+impl Backend for NvmeVfio {
+    fn size_bytes(&self) -> u64 {
+        self.id.nsze << self.shift
+    }
+
+    fn volatile_write_cache(&self) -> bool {
+        self.ctrl.id.vwc
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        if sync.is_none() {
+            *sync = self.ctrl.create_io_queue(2).map_err(io::Error::other)?;
+        }
+        let q = sync.as_mut().ok_or_else(|| io::Error::other("no free I/O queue pair for a flush"))?;
+        let mut sqe = spec::command(nvm::FLUSH, self.nsid, (0, 0), [0; 6]);
+        sqe.cid.set(0);
+        q.submit(&sqe);
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(c) = q.poll() {
+                q.ring_cq();
+                return match status(&c) {
+                    0 => Ok(()),
+                    s => Err(io::Error::other(format!("{}: Flush failed with status {s:#x}", self.ctrl.pci))),
+                };
+            }
+            if start.elapsed() > std::time::Duration::from_secs(30) {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("{}: Flush got no completion", self.ctrl.pci),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_micros(100));
+        }
+    }
+
+    fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
+        let depth = depth.clamp(1, 1023) as u16;
+        let q =
+            self.ctrl.create_io_queue(depth + 1).map_err(io::Error::other)?.ok_or_else(|| {
+                io::Error::other(format!("{}: every granted I/O queue pair is in use", self.ctrl.pci))
+            })?;
+        let irq = self.ctrl.irq(q.qid).map_err(io::Error::other)?;
+        // One PRP list (or DSM range) page per command.
+        let lists = self.ctrl.dma(usize::from(depth) * PAGE).map_err(io::Error::other)?;
+        let slots = (0..depth).map(|_| Slot::default()).collect();
+        Ok(Box::new(NvmeQueue {
+            ns: self,
+            q: Some(q),
+            irq: Irq::Fd(Some(irq)),
+            slots,
+            free: (0..depth).rev().collect(),
+            waiting: VecDeque::new(),
+            lists,
+            area: None,
+            in_flight: 0,
+            warned: false,
+        }))
+    }
+}
+
+/// A command of the target queue at the SSD: the request, how far its parts got, and the
+/// bounce buffer when the SSD cannot reach its window.
+#[derive(Debug, Default)]
+struct Slot {
+    req: Option<IoRequest>,
+    /// Bytes (or blocks' bytes) done by earlier parts.
+    done: u64,
+    /// The current part's length in bytes.
+    part: u64,
+    bounce: Option<Dma>,
+    /// The data is in `bounce` for this command.
+    bounced: bool,
+}
+
+#[derive(Debug)]
+enum Irq {
+    /// Registered with tokio on first poll (the queue is created outside the runtime's task).
+    Fd(Option<OwnedFd>),
+    Async(AsyncFd<std::fs::File>),
+}
+
+/// One target I/O queue's queue pair on the SSD.
+#[derive(Debug)]
+pub struct NvmeQueue {
+    ns: Arc<NvmeVfio>,
+    q: Option<QueuePair>,
+    irq: Irq,
+    slots: Vec<Slot>,
+    free: Vec<u16>,
+    /// Commands whose next part waits for room in the SQ.
+    waiting: VecDeque<u16>,
+    lists: Dma,
+    /// The queue's data area mapped for the SSD: the pin, its IOVA and reserved span.
+    area: Option<(MappingPin, u64, u64)>,
+    in_flight: usize,
+    warned: bool,
+}
+
+impl NvmeQueue {
+    /// Where the SSD finds byte 0 of `w`, when it can reach it without a bounce buffer.
+    fn device_addr(&self, w: &Window) -> Option<u64> {
+        let (pin, iova, _) = self.area.as_ref().filter(|(pin, ..)| pin.holds(w))?;
+        Some(iova + (w.as_ptr() as u64 - pin.range().0 as u64))
+    }
+
+    /// The NVMe command for the next part of slot `cid`'s request.
+    fn next_command(&mut self, cid: u16) -> io::Result<Sqe> {
+        let ns = self.ns.clone();
+        let (shift, nsid) = (ns.shift, ns.nsid);
+        let list_at = usize::from(cid) * PAGE;
+        let list_iova = self.lists.iova + list_at as u64;
+        let direct = {
+            let slot = &self.slots[usize::from(cid)];
+            slot.req.as_ref().and_then(|r| r.buf.as_ref()).and_then(|w| self.device_addr(w))
+        };
+        let slot = &mut self.slots[usize::from(cid)];
+        let req = slot.req.as_ref().expect("a slot in use holds its request");
+        let blocks = |bytes: u64| bytes >> shift;
+        let sqe = match req.op {
+            Op::Read { offset, len } | Op::Write { offset, len } => {
+                let part = (len as u64 - slot.done).min(ns.max_part as u64);
+                slot.part = part;
+                let base = match direct {
+                    Some(a) if !slot.bounced => a,
+                    _ => slot.bounce.as_ref().expect("bounce set at submission").iova,
+                } + slot.done;
+                let mut list = [0u64; PAGE / 8];
+                let (p1, p2, n) = prp::build(part as usize, PAGE, |o| base + o as u64, &mut list, list_iova)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                if n > 0 {
+                    self.lists.mem.write_bytes(list_at, list[..n].as_bytes());
+                }
+                let slba = blocks(offset + slot.done);
+                let opcode = if matches!(req.op, Op::Read { .. }) { nvm::READ } else { nvm::WRITE };
+                let nlb = (blocks(part) - 1) as u32;
+                spec::command(opcode, nsid, (p1, p2), [slba as u32, (slba >> 32) as u32, nlb, 0, 0, 0])
+            }
+            Op::Flush => spec::command(nvm::FLUSH, nsid, (0, 0), [0; 6]),
+            Op::WriteZeroes { offset, len } => {
+                // NLB is 16 bits, 0's based.
+                let part = (len - slot.done).min(65536 << shift);
+                slot.part = part;
+                let slba = blocks(offset + slot.done);
+                let nlb = (blocks(part) - 1) as u32;
+                spec::command(nvm::WRITE_ZEROES, nsid, (0, 0), [slba as u32, (slba >> 32) as u32, nlb, 0, 0, 0])
+            }
+            Op::Deallocate { offset, len } => {
+                // One range (NVM Command Set 1.0, Figure 39): attributes, length in blocks, SLBA.
+                let part = (len - slot.done).min(u64::from(u32::MAX) << shift);
+                slot.part = part;
+                let slba = blocks(offset + slot.done);
+                let mut range = [0u8; 16];
+                range[4..8].copy_from_slice(&(blocks(part) as u32).to_le_bytes());
+                range[8..].copy_from_slice(&slba.to_le_bytes());
+                self.lists.mem.write_bytes(list_at, &range);
+                // NR 0 (one range), AD.
+                spec::command(nvm::DSM, nsid, (list_iova, 0), [0, 1 << 2, 0, 0, 0, 0])
+            }
+        };
+        let mut sqe = sqe;
+        sqe.cid.set(cid);
+        Ok(sqe)
+    }
+
+    /// Submits slot `cid`'s next part, or queues it until the SQ has room.
+    fn issue(&mut self, cid: u16) -> io::Result<()> {
+        let q = self.q.as_mut().expect("open");
+        if !q.has_room() || !self.waiting.is_empty() {
+            self.waiting.push_back(cid);
+            return Ok(());
+        }
+        let sqe = self.next_command(cid)?;
+        self.q.as_mut().expect("open").submit(&sqe);
+        Ok(())
+    }
+
+    /// Ends slot `cid`'s request with `r`: a read's bounced data goes to its window first.
+    fn finish(&mut self, cid: u16, r: io::Result<()>) -> IoDone {
+        let slot = &mut self.slots[usize::from(cid)];
+        let mut req = slot.req.take().expect("a slot in use holds its request");
+        if let (true, Op::Read { len, .. }, Ok(()), Some(w), Some(b)) =
+            (slot.bounced, req.op, &r, req.buf.as_mut(), &slot.bounce)
+        {
+            w.bytes_mut()[..len].copy_from_slice(b.mem.slice(0, len));
+        }
+        slot.bounced = false;
+        self.free.push(cid);
+        self.in_flight -= 1;
+        req.done(r)
+    }
+
+    /// Gives a request the bounce buffer when the SSD cannot reach its window (a write's data
+    /// copied there).
+    fn prepare(&mut self, cid: u16) -> io::Result<()> {
+        let direct = {
+            let req = self.slots[usize::from(cid)].req.as_ref().expect("set");
+            match (&req.op, req.buf.as_ref()) {
+                (Op::Read { .. } | Op::Write { .. }, Some(w)) => self.device_addr(w).is_some(),
+                (Op::Read { .. } | Op::Write { .. }, None) => {
+                    return Err(io::Error::other("no buffer for a read or write"));
+                }
+                _ => true,
+            }
+        };
+        if direct {
+            return Ok(());
+        }
+        if !self.warned {
+            self.warned = true;
+            warn!(pci = %self.ns.ctrl.pci, "the SSD cannot reach this queue's buffers: data goes through a bounce buffer (logged once per queue)");
+        }
+        let ctrl = self.ns.ctrl.clone();
+        let slot = &mut self.slots[usize::from(cid)];
+        let req = slot.req.as_ref().expect("set");
+        let (Op::Read { len, .. } | Op::Write { len, .. }) = req.op else { unreachable!("checked above") };
+        if slot.bounce.as_ref().is_none_or(|b| b.mem.len() < len) {
+            slot.bounce = Some(ctrl.dma(len.next_power_of_two().max(PAGE)).map_err(io::Error::other)?);
+        }
+        if let (Op::Write { .. }, Some(w), Some(b)) = (req.op, req.buf.as_ref(), &slot.bounce) {
+            b.mem.write_bytes(0, &w.bytes()[..len]);
+        }
+        slot.bounced = true;
+        Ok(())
+    }
+}
+
+/// What an NVMe status means to the target: an errno the core maps to the host's status.
+fn status_error(pci: PciAddr, s: u16) -> io::Error {
+    let (sct, sc) = (s >> 8 & 0x7, s & 0xff);
+    let errno = match (sct, sc) {
+        // LBA Out of Range, Invalid Field.
+        (0, 0x80) | (0, 0x02) => libc::EINVAL,
+        _ => libc::EIO,
+    };
+    io::Error::new(
+        io::Error::from_raw_os_error(errno).kind(),
+        format!("{pci}: SSD status {s:#x} (SCT {sct}, SC {sc:#04x})"),
+    )
+}
+
+impl BackendQueue for NvmeQueue {
+    fn submit(&mut self, req: IoRequest) -> Option<IoDone> {
+        let oncs = self.ns.ctrl.id.oncs;
+        let unsupported = match req.op {
+            Op::WriteZeroes { .. } => oncs & nvm::ONCS_WRITE_ZEROES == 0,
+            Op::Deallocate { .. } => oncs & nvm::ONCS_DSM == 0,
+            _ => false,
+        };
+        if unsupported {
+            return Some(req.done(Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))));
+        }
+        let Some(cid) = self.free.pop() else {
+            return Some(req.done(Err(io::Error::other("more commands than the queue holds"))));
+        };
+        let slot = &mut self.slots[usize::from(cid)];
+        (slot.req, slot.done, slot.part) = (Some(req), 0, 0);
+        self.in_flight += 1;
+        if let Err(e) = self.prepare(cid).and_then(|()| self.issue(cid)) {
+            return Some(self.finish(cid, Err(e)));
+        }
+        None
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
+        while let Some(cqe) = self.q.as_mut().expect("open").poll() {
+            let cid = cqe.cid.get();
+            let Some(slot) = self.slots.get_mut(usize::from(cid)).filter(|s| s.req.is_some()) else {
+                warn!(pci = %self.ns.ctrl.pci, cid, "completion for no command in flight; ignored");
+                continue;
+            };
+            let total = match slot.req.as_ref().expect("checked").op {
+                Op::Read { len, .. } | Op::Write { len, .. } => len as u64,
+                Op::WriteZeroes { len, .. } | Op::Deallocate { len, .. } => len,
+                Op::Flush => 0,
+            };
+            match status(&cqe) {
+                0 => {
+                    slot.done += slot.part;
+                    if slot.done < total {
+                        if let Err(e) = self.issue(cid) {
+                            done(self.finish(cid, Err(e)));
+                        }
+                    } else {
+                        done(self.finish(cid, Ok(())));
+                    }
+                }
+                s => {
+                    let pci = self.ns.ctrl.pci;
+                    done(self.finish(cid, Err(status_error(pci, s))));
+                }
+            }
+        }
+        self.q.as_mut().expect("open").ring_cq();
+        // Completions made room: parts that waited go now.
+        while !self.waiting.is_empty() && self.q.as_ref().expect("open").has_room() {
+            let cid = self.waiting.pop_front().expect("not empty");
+            match self.next_command(cid) {
+                Ok(sqe) => self.q.as_mut().expect("open").submit(&sqe),
+                Err(e) => done(self.finish(cid, Err(e))),
+            }
+        }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Irq::Fd(fd) = &mut self.irq {
+            match crate::irq::watch(std::fs::File::from(fd.take().expect("registered once"))) {
+                Ok(a) => self.irq = Irq::Async(a),
+                Err(e) => {
+                    warn!(pci = %self.ns.ctrl.pci, "registering the queue's interrupt eventfd: {e}");
+                    return Poll::Pending;
+                }
+            }
+        }
+        let Irq::Async(fd) = &self.irq else { unreachable!("set above") };
+        loop {
+            let mut guard = match fd.poll_read_ready(cx) {
+                Poll::Ready(Ok(g)) => g,
+                Poll::Ready(Err(_)) | Poll::Pending => return Poll::Pending,
+            };
+            // Drain the eventfd's count; the completions themselves are in the CQ.
+            let mut count = [0u8; 8];
+            match fd.get_ref().read(&mut count) {
+                Ok(_) => {
+                    guard.retain_ready();
+                    return Poll::Ready(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(_) => return Poll::Pending,
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn register(&mut self, area: &MappingPin) {
+        match self.ns.ctrl.map(area) {
+            Ok((iova, span)) => {
+                info!(pci = %self.ns.ctrl.pci, iova = format_args!("{iova:#x}"), bytes = area.range().1, "queue data area mapped for the SSD");
+                self.area = Some((area.clone(), iova, span));
+            }
+            Err(e) => {
+                warn!(pci = %self.ns.ctrl.pci, "queue data area not mapped for the SSD (bounce buffers instead): {e}")
+            }
+        }
+    }
+}
+
+impl Drop for NvmeQueue {
+    /// Waits for the SSD to finish every command (it may still DMA into their windows), then
+    /// deletes the queue pair and unmaps the data area.
+    fn drop(&mut self) {
+        let start = std::time::Instant::now();
+        while self.in_flight > 0 && start.elapsed() < std::time::Duration::from_secs(30) {
+            self.reap(&mut |_| {});
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        if let Some(q) = self.q.take()
+            && let Err(e) = self.ns.ctrl.delete_io_queue(q)
+        {
+            warn!(pci = %self.ns.ctrl.pci, "deleting an I/O queue pair: {e}");
+        }
+        if let Some((_, iova, span)) = self.area.take()
+            && let Err(e) = self.ns.ctrl.unmap(iova, span)
+        {
+            warn!(pci = %self.ns.ctrl.pci, "unmapping a queue's data area: {e}");
+        }
+    }
+}

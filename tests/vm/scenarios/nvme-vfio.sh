@@ -1,0 +1,86 @@
+# The nvme-vfio backend on Debian's kernel with the guest IOMMU: the target takes an NVMe SSD
+# from the kernel (only once the kernel let go of it), identifies it as the kernel did, serves
+# its namespace over NVMe/TCP and RDMA with fio verify, and gives it back at exit, when the
+# kernel's driver reads the bytes written through the target.
+
+NQN=nqn.2026-11.io.p2pnvmf:vfio-ssd
+ssd=$(grep -lx 0x010802 /sys/bus/pci/devices/*/class | head -n1 | cut -d/ -f6)
+[[ -n $ssd ]] || die "no NVMe function"
+modprobe nvme
+disk=$(nvme_disk "$ssd")
+ctrl=
+for c in /sys/class/nvme/nvme*; do [[ $(readlink -f "$c/device") == */$ssd ]] && ctrl=/dev/${c##*/}; done
+[[ -c $ctrl ]] || die "no controller device of $ssd"
+step "SSD $ssd ($disk on $ctrl) with the kernel's nvme driver"
+nvme id-ctrl "$ctrl" -o json > /tmp/scn/id-ctrl.json || die "nvme id-ctrl failed"
+nvme id-ns "/dev/$disk" -o json > /tmp/scn/id-ns.json || die "nvme id-ns failed"
+
+cfg() {
+    rdma_config /tmp/scn/target.toml "$NQN"
+    sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$1\"${2:+\ndevice_nsid = $2}|; /^size = /d" /tmp/scn/target.toml
+}
+# refused CONFIG-ARGS... MESSAGE: serve must refuse to start, saying MESSAGE.
+refused() {
+    local msg=${*: -1}
+    cfg "${@:1:$#-1}"
+    if "$P2PNVMF_BIN" serve --config /tmp/scn/target.toml > /tmp/scn/refused.log 2>&1; then
+        die "serve started: expected '$msg'"
+    fi
+    grep -F "$msg" /tmp/scn/refused.log || { cat /tmp/scn/refused.log; die "no '$msg' in the refusal"; }
+}
+
+step "refused: the kernel's nvme driver holds it, a wrong address"
+refused "$ssd" "$ssd is bound to the kernel's nvme driver, which may hold mounted filesystems"
+[[ $(basename "$(readlink /sys/bus/pci/devices/$ssd/driver)") == nvme ]] || die "$ssd left the nvme driver"
+refused 0000:7f:00.0 "0000:7f:00.0: no such PCI function"
+
+step "the kernel lets go; the target binds it to vfio-pci"
+echo "$ssd" > /sys/bus/pci/drivers/nvme/unbind
+modprobe vfio_pci
+refused "$ssd" 9 "namespace 9 does not exist"
+[[ ! -e /sys/bus/pci/devices/$ssd/driver ]] || die "$ssd still bound after a refused start: $(readlink /sys/bus/pci/devices/$ssd/driver)"
+cfg "$ssd"
+: > "$TARGET_LOG"
+start_target /tmp/scn/target.toml 4421
+grep "NVMe controller up through VFIO\|NVMe namespace ready" "$TARGET_LOG"
+[[ $(basename "$(readlink /sys/bus/pci/devices/$ssd/driver)") == vfio-pci ]] || die "$ssd not on vfio-pci while served"
+
+step "Identify through our driver equals what the kernel's driver reported"
+python3 - "$TARGET_LOG" <<'PY' || die "Identify differs from the kernel's"
+import json, re, sys
+c = json.load(open('/tmp/scn/id-ctrl.json'))
+n = json.load(open('/tmp/scn/id-ns.json'))
+log = open(sys.argv[1]).read()
+up = re.search(r'NVMe controller up through VFIO .*serial=(\S+) model=(.+?) firmware=(\S+) mdts=(\d+)', log)
+ns = re.search(r'NVMe namespace ready .*blocks=(\d+) block_size=(\d+)', log)
+assert up and ns, log
+ours = (up[1], up[2], up[3], int(up[4]), int(ns[1]), int(ns[2]))
+lbaf = n['lbafs'][n['flbas'] & 0xf]
+kernel = (c['sn'].strip(), c['mn'].strip(), c['fr'].strip(), c['mdts'], n['nsze'], 1 << lbaf['ds'])
+print('ours  ', ours)
+print('kernel', kernel)
+assert ours == kernel
+PY
+
+for t in tcp rdma; do
+    port=$([[ $t == rdma ]] && echo 4420 || echo 4421)
+    step "$t: fio verify through the target onto the SSD"
+    dev=$(nvme_connect_dev "$t" "$port" "$NQN" -i 2)
+    fio_verify "$dev" 4k 2 32
+    fio_verify "$dev" 128k 1 32
+    nvme_disconnect_nqn "$NQN" >/dev/null
+done
+
+step "a pattern written through the target, read back by the kernel's driver after exit"
+dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 1)
+head -c $((8 << 20)) /dev/urandom > /tmp/pattern
+dd if=/tmp/pattern of="$dev" bs=1M seek=16 oflag=direct status=none || die "write through the target failed"
+nvme_disconnect_nqn "$NQN" >/dev/null
+stop_target
+grep "NVMe controller shut down" "$TARGET_LOG" || die "the controller was not shut down at exit"
+[[ ! -e /sys/bus/pci/devices/$ssd/driver ]] || die "$ssd still bound at exit: $(readlink /sys/bus/pci/devices/$ssd/driver)"
+echo "$ssd" > /sys/bus/pci/drivers_probe
+disk=$(nvme_disk "$ssd")
+dd if="/dev/$disk" of=/tmp/readback bs=1M skip=16 count=8 iflag=direct status=none || die "reading /dev/$disk failed"
+cmp /tmp/pattern /tmp/readback || die "the kernel reads other bytes than were written through the target"
+step "done"

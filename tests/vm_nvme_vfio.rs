@@ -1,0 +1,18 @@
+//! The nvme-vfio backend in the VM: an NVMe SSD the target drives itself through VFIO (guest
+//! IOMMU), taken from and given back to the kernel.
+
+use p2pnvmf_vmrig::{Nvme, Scenario, Topology};
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_nvme_vfio_identify_verify_and_give_back() {
+    let topo = Topology::new()
+        .iommu()
+        .root_port("rp1")
+        .nvme("ssd", "rp1", Nvme { serial: "VFIOSSD1".into(), size_mib: 256, cmb_mib: None })
+        .nic("pcie.0");
+    Scenario::new("nvme-vfio", topo, "nvme-vfio.sh")
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .timeout(std::time::Duration::from_secs(600))
+        .run_ok();
+}
