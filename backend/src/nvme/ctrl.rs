@@ -173,7 +173,9 @@ struct Admin {
 }
 
 /// A controller brought up and identified. Field order matters: the device (and with it its
-/// IOMMU mappings) is released before the memory it maps.
+/// IOMMU mappings) is released before the memory it maps, and every mapping of the device
+/// (`regs`, the admin queue's) before the claim gives the function back — vfio-pci's unbind
+/// waits until nothing holds the device.
 #[derive(Debug)]
 pub struct Controller {
     pub pci: PciAddr,

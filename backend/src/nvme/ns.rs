@@ -39,9 +39,12 @@ mod nvm {
     pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
 }
 
-/// One namespace of an SSD the target owns.
+/// One namespace of an SSD the target owns. `sync` goes before `ctrl`: a queue pair holds the
+/// register mapping, and the controller gives the function back only once nothing maps it.
 #[derive(Debug)]
 pub struct NvmeVfio {
+    /// A queue pair for flushes from outside any target queue (shutdown).
+    sync: Mutex<Option<QueuePair>>,
     ctrl: Arc<Controller>,
     nsid: u32,
     pub id: IdNamespace,
@@ -49,8 +52,6 @@ pub struct NvmeVfio {
     shift: u32,
     /// Largest transfer per command.
     max_part: usize,
-    /// A queue pair for flushes from outside any target queue (shutdown).
-    sync: Mutex<Option<QueuePair>>,
 }
 
 impl NvmeVfio {

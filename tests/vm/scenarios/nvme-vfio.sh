@@ -37,7 +37,7 @@ refused 0000:7f:00.0 "0000:7f:00.0: no such PCI function"
 step "the kernel lets go; the target binds it to vfio-pci"
 echo "$ssd" > /sys/bus/pci/drivers/nvme/unbind
 modprobe vfio_pci
-refused "$ssd" 9 "namespace 9 does not exist"
+refused "$ssd" 9 "$ssd: namespace 9 is not active"
 [[ ! -e /sys/bus/pci/devices/$ssd/driver ]] || die "$ssd still bound after a refused start: $(readlink /sys/bus/pci/devices/$ssd/driver)"
 cfg "$ssd"
 : > "$TARGET_LOG"
