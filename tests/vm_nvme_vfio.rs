@@ -13,6 +13,8 @@ fn vm_nvme_vfio_identify_verify_and_give_back() {
         .nic("pcie.0");
     Scenario::new("nvme-vfio", topo, "nvme-vfio.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        // Seconds per side-by-side measurement (the kernel's nvmet, ours).
+        .env("NVME_VFIO_BENCH_RUNTIME", std::env::var("NVME_VFIO_BENCH_RUNTIME").unwrap_or_else(|_| "3".into()))
         .timeout(std::time::Duration::from_secs(600))
         .run_ok();
 }

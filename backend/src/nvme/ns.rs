@@ -10,12 +10,13 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use p2pnvmf_nvmf::io::opcode;
 use p2pnvmf_nvmf::wire::Sqe;
 use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
 use tokio::io::unix::AsyncFd;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use zerocopy::IntoBytes;
 
 use super::ctrl::{Controller, Dma};
@@ -27,17 +28,9 @@ const PAGE: usize = 4096;
 /// Largest transfer in one command when MDTS says "no limit".
 const MAX_PART: usize = 1 << 20;
 
-/// NVM command set opcodes (NVM Command Set 1.0, Figure 18).
-mod nvm {
-    pub const FLUSH: u8 = 0x00;
-    pub const WRITE: u8 = 0x01;
-    pub const READ: u8 = 0x02;
-    pub const WRITE_ZEROES: u8 = 0x08;
-    pub const DSM: u8 = 0x09;
-    /// ONCS bits: Dataset Management, Write Zeroes.
-    pub const ONCS_DSM: u16 = 1 << 2;
-    pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
-}
+/// ONCS bits (Identify Controller): Dataset Management, Write Zeroes.
+const ONCS_DSM: u16 = 1 << 2;
+const ONCS_WRITE_ZEROES: u16 = 1 << 3;
 
 /// One namespace of an SSD the target owns. `sync` goes before `ctrl`: a queue pair holds the
 /// register mapping, and the controller gives the function back only once nothing maps it.
@@ -96,7 +89,7 @@ impl Backend for NvmeVfio {
             *sync = self.ctrl.create_io_queue(2).map_err(io::Error::other)?;
         }
         let q = sync.as_mut().ok_or_else(|| io::Error::other("no free I/O queue pair for a flush"))?;
-        let mut sqe = spec::command(nvm::FLUSH, self.nsid, (0, 0), [0; 6]);
+        let mut sqe = spec::command(opcode::FLUSH, self.nsid, (0, 0), [0; 6]);
         sqe.cid.set(0);
         q.submit(&sqe);
         let start = std::time::Instant::now();
@@ -136,7 +129,7 @@ impl Backend for NvmeVfio {
             free: (0..depth).rev().collect(),
             waiting: VecDeque::new(),
             lists,
-            area: None,
+            mapped: Vec::new(),
             in_flight: 0,
             warned: false,
         }))
@@ -153,8 +146,8 @@ struct Slot {
     /// The current part's length in bytes.
     part: u64,
     bounce: Option<Dma>,
-    /// The data is in `bounce` for this command.
-    bounced: bool,
+    /// Where the SSD finds the command's window; `None`: the data is in `bounce`.
+    direct: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -175,17 +168,46 @@ pub struct NvmeQueue {
     /// Commands whose next part waits for room in the SQ.
     waiting: VecDeque<u16>,
     lists: Dma,
-    /// The queue's data area mapped for the SSD: the pin, its IOVA and reserved span.
-    area: Option<(MappingPin, u64, u64)>,
+    /// Host memory mapped for the SSD by this queue: its data area (registered) and the
+    /// mappings of windows seen (an NVMe/TCP slot's buffer), each with its IOVA and reserved
+    /// span; kept alive and mapped until the queue closes.
+    mapped: Vec<(MappingPin, u64, u64)>,
     in_flight: usize,
     warned: bool,
 }
 
+/// Mappings a queue maps for the SSD on first sight, at most (a slot buffer each, and a few
+/// that were outgrown); windows beyond go through a bounce buffer.
+const MAPPED_PER_QUEUE: usize = 512;
+
 impl NvmeQueue {
-    /// Where the SSD finds byte 0 of `w`, when it can reach it without a bounce buffer.
-    fn device_addr(&self, w: &Window) -> Option<u64> {
-        let (pin, iova, _) = self.area.as_ref().filter(|(pin, ..)| pin.holds(w))?;
-        Some(iova + (w.as_ptr() as u64 - pin.range().0 as u64))
+    /// Where the SSD finds byte 0 of `w`: in a mapping this queue mapped already, else in host
+    /// memory it maps now (once per mapping); `None` for memory it cannot map (device memory,
+    /// for now) or when mapping fails.
+    fn device_addr(&mut self, w: &Window) -> Option<u64> {
+        let at = |(pin, iova, _): &(MappingPin, u64, u64)| iova + (w.as_ptr() as u64 - pin.range().0 as u64);
+        if let Some(m) = self.mapped.iter().find(|(pin, ..)| pin.holds(w)) {
+            return Some(at(m));
+        }
+        if w.device().is_some() || self.mapped.len() >= MAPPED_PER_QUEUE {
+            return None;
+        }
+        self.map(&w.pin_mapping()).map(|()| at(self.mapped.last().expect("just mapped")))
+    }
+
+    /// Maps host memory for the SSD until the queue closes.
+    fn map(&mut self, pin: &MappingPin) -> Option<()> {
+        match self.ns.ctrl.map(pin) {
+            Ok((iova, span)) => {
+                debug!(pci = %self.ns.ctrl.pci, iova = format_args!("{iova:#x}"), bytes = pin.range().1, "host memory mapped for the SSD");
+                self.mapped.push((pin.clone(), iova, span));
+                Some(())
+            }
+            Err(e) => {
+                warn!(pci = %self.ns.ctrl.pci, "host memory not mapped for the SSD (bounce buffers instead): {e}");
+                None
+            }
+        }
     }
 
     /// The NVMe command for the next part of slot `cid`'s request.
@@ -194,11 +216,8 @@ impl NvmeQueue {
         let (shift, nsid) = (ns.shift, ns.nsid);
         let list_at = usize::from(cid) * PAGE;
         let list_iova = self.lists.iova + list_at as u64;
-        let direct = {
-            let slot = &self.slots[usize::from(cid)];
-            slot.req.as_ref().and_then(|r| r.buf.as_ref()).and_then(|w| self.device_addr(w))
-        };
         let slot = &mut self.slots[usize::from(cid)];
+        let direct = slot.direct;
         let req = slot.req.as_ref().expect("a slot in use holds its request");
         let blocks = |bytes: u64| bytes >> shift;
         let sqe = match req.op {
@@ -206,8 +225,8 @@ impl NvmeQueue {
                 let part = (len as u64 - slot.done).min(ns.max_part as u64);
                 slot.part = part;
                 let base = match direct {
-                    Some(a) if !slot.bounced => a,
-                    _ => slot.bounce.as_ref().expect("bounce set at submission").iova,
+                    Some(a) => a,
+                    None => slot.bounce.as_ref().expect("bounce set at submission").iova,
                 } + slot.done;
                 let mut list = [0u64; PAGE / 8];
                 let (p1, p2, n) = prp::build(part as usize, PAGE, |o| base + o as u64, &mut list, list_iova)
@@ -216,18 +235,18 @@ impl NvmeQueue {
                     self.lists.mem.write_bytes(list_at, list[..n].as_bytes());
                 }
                 let slba = blocks(offset + slot.done);
-                let opcode = if matches!(req.op, Op::Read { .. }) { nvm::READ } else { nvm::WRITE };
+                let opcode = if matches!(req.op, Op::Read { .. }) { opcode::READ } else { opcode::WRITE };
                 let nlb = (blocks(part) - 1) as u32;
                 spec::command(opcode, nsid, (p1, p2), [slba as u32, (slba >> 32) as u32, nlb, 0, 0, 0])
             }
-            Op::Flush => spec::command(nvm::FLUSH, nsid, (0, 0), [0; 6]),
+            Op::Flush => spec::command(opcode::FLUSH, nsid, (0, 0), [0; 6]),
             Op::WriteZeroes { offset, len } => {
                 // NLB is 16 bits, 0's based.
                 let part = (len - slot.done).min(65536 << shift);
                 slot.part = part;
                 let slba = blocks(offset + slot.done);
                 let nlb = (blocks(part) - 1) as u32;
-                spec::command(nvm::WRITE_ZEROES, nsid, (0, 0), [slba as u32, (slba >> 32) as u32, nlb, 0, 0, 0])
+                spec::command(opcode::WRITE_ZEROES, nsid, (0, 0), [slba as u32, (slba >> 32) as u32, nlb, 0, 0, 0])
             }
             Op::Deallocate { offset, len } => {
                 // One range (NVM Command Set 1.0, Figure 39): attributes, length in blocks, SLBA.
@@ -239,7 +258,7 @@ impl NvmeQueue {
                 range[8..].copy_from_slice(&slba.to_le_bytes());
                 self.lists.mem.write_bytes(list_at, &range);
                 // NR 0 (one range), AD.
-                spec::command(nvm::DSM, nsid, (list_iova, 0), [0, 1 << 2, 0, 0, 0, 0])
+                spec::command(opcode::DATASET_MANAGEMENT, nsid, (list_iova, 0), [0, 1 << 2, 0, 0, 0, 0])
             }
         };
         let mut sqe = sqe;
@@ -263,48 +282,44 @@ impl NvmeQueue {
     fn finish(&mut self, cid: u16, r: io::Result<()>) -> IoDone {
         let slot = &mut self.slots[usize::from(cid)];
         let mut req = slot.req.take().expect("a slot in use holds its request");
-        if let (true, Op::Read { len, .. }, Ok(()), Some(w), Some(b)) =
-            (slot.bounced, req.op, &r, req.buf.as_mut(), &slot.bounce)
+        if let (None, Op::Read { len, .. }, Ok(()), Some(w), Some(b)) =
+            (slot.direct, req.op, &r, req.buf.as_mut(), &slot.bounce)
         {
             w.bytes_mut()[..len].copy_from_slice(b.mem.slice(0, len));
         }
-        slot.bounced = false;
         self.free.push(cid);
         self.in_flight -= 1;
         req.done(r)
     }
 
-    /// Gives a request the bounce buffer when the SSD cannot reach its window (a write's data
-    /// copied there).
+    /// Finds where the SSD reaches a read's or write's window, or gives the request the bounce
+    /// buffer (a write's data copied there).
     fn prepare(&mut self, cid: u16) -> io::Result<()> {
-        let direct = {
-            let req = self.slots[usize::from(cid)].req.as_ref().expect("set");
-            match (&req.op, req.buf.as_ref()) {
-                (Op::Read { .. } | Op::Write { .. }, Some(w)) => self.device_addr(w).is_some(),
-                (Op::Read { .. } | Op::Write { .. }, None) => {
-                    return Err(io::Error::other("no buffer for a read or write"));
-                }
-                _ => true,
-            }
-        };
-        if direct {
+        let req = self.slots[usize::from(cid)].req.take().expect("set");
+        let r = self.place(cid, &req);
+        self.slots[usize::from(cid)].req = Some(req);
+        r
+    }
+
+    fn place(&mut self, cid: u16, req: &IoRequest) -> io::Result<()> {
+        let (Op::Read { len, .. } | Op::Write { len, .. }) = req.op else { return Ok(()) };
+        let w = req.buf.as_ref().ok_or_else(|| io::Error::other("no buffer for a read or write"))?;
+        let direct = self.device_addr(w);
+        self.slots[usize::from(cid)].direct = direct;
+        if direct.is_some() {
             return Ok(());
         }
         if !self.warned {
             self.warned = true;
             warn!(pci = %self.ns.ctrl.pci, "the SSD cannot reach this queue's buffers: data goes through a bounce buffer (logged once per queue)");
         }
-        let ctrl = self.ns.ctrl.clone();
         let slot = &mut self.slots[usize::from(cid)];
-        let req = slot.req.as_ref().expect("set");
-        let (Op::Read { len, .. } | Op::Write { len, .. }) = req.op else { unreachable!("checked above") };
         if slot.bounce.as_ref().is_none_or(|b| b.mem.len() < len) {
-            slot.bounce = Some(ctrl.dma(len.next_power_of_two().max(PAGE)).map_err(io::Error::other)?);
+            slot.bounce = Some(self.ns.ctrl.dma(len.next_power_of_two().max(PAGE)).map_err(io::Error::other)?);
         }
-        if let (Op::Write { .. }, Some(w), Some(b)) = (req.op, req.buf.as_ref(), &slot.bounce) {
+        if let (Op::Write { .. }, Some(b)) = (req.op, &slot.bounce) {
             b.mem.write_bytes(0, &w.bytes()[..len]);
         }
-        slot.bounced = true;
         Ok(())
     }
 }
@@ -327,8 +342,8 @@ impl BackendQueue for NvmeQueue {
     fn submit(&mut self, req: IoRequest) -> Option<IoDone> {
         let oncs = self.ns.ctrl.id.oncs;
         let unsupported = match req.op {
-            Op::WriteZeroes { .. } => oncs & nvm::ONCS_WRITE_ZEROES == 0,
-            Op::Deallocate { .. } => oncs & nvm::ONCS_DSM == 0,
+            Op::WriteZeroes { .. } => oncs & ONCS_WRITE_ZEROES == 0,
+            Op::Deallocate { .. } => oncs & ONCS_DSM == 0,
             _ => false,
         };
         if unsupported {
@@ -420,14 +435,8 @@ impl BackendQueue for NvmeQueue {
     }
 
     fn register(&mut self, area: &MappingPin) {
-        match self.ns.ctrl.map(area) {
-            Ok((iova, span)) => {
-                info!(pci = %self.ns.ctrl.pci, iova = format_args!("{iova:#x}"), bytes = area.range().1, "queue data area mapped for the SSD");
-                self.area = Some((area.clone(), iova, span));
-            }
-            Err(e) => {
-                warn!(pci = %self.ns.ctrl.pci, "queue data area not mapped for the SSD (bounce buffers instead): {e}")
-            }
+        if self.mapped.iter().all(|(pin, ..)| pin.range() != area.range()) {
+            self.map(area);
         }
     }
 }
@@ -446,10 +455,10 @@ impl Drop for NvmeQueue {
         {
             warn!(pci = %self.ns.ctrl.pci, "deleting an I/O queue pair: {e}");
         }
-        if let Some((_, iova, span)) = self.area.take()
-            && let Err(e) = self.ns.ctrl.unmap(iova, span)
-        {
-            warn!(pci = %self.ns.ctrl.pci, "unmapping a queue's data area: {e}");
+        for (_, iova, span) in self.mapped.drain(..) {
+            if let Err(e) = self.ns.ctrl.unmap(iova, span) {
+                warn!(pci = %self.ns.ctrl.pci, "unmapping host memory of a closed queue: {e}");
+            }
         }
     }
 }

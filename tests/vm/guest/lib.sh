@@ -237,3 +237,21 @@ nvme_disk() {
     done
     die "no block device of $1"
 }
+
+# bench_tcp LABEL NQN PORT: fio IOPS over NVMe/TCP for $BENCH_RUNTIME seconds each: 4k randwrite and
+# randread at QD32 (2 jobs), 128k write at QD8, 128k read at QD8.
+bench_tcp() {
+    local label=$1 nqn=$2 port=$3 dev out rw bs qd jobs
+    dev=$(nvme_connect_dev tcp "$port" "$nqn" -i 2)
+    while read -r rw bs qd jobs; do
+        out=$(fio --name=b --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" \
+            --numjobs="$jobs" --group_reporting --size=64M --runtime="${BENCH_RUNTIME:-3}" --time_based \
+            --output-format=terse --terse-version=3) || die "fio $rw $bs on $dev failed"
+        grep '^3;' <<<"$out" | awk -F';' -v l="$label" -v w="$rw $bs QD$qd x$jobs" \
+            '{ printf "bench %-14s %-22s %8d IOPS\n", l, w, ($8 > $49 ? $8 : $49) }'
+    done <<<"randwrite 4k 32 2
+randread 4k 32 2
+write 128k 8 1
+read 128k 8 1"
+    nvme_disconnect_nqn "$nqn" >/dev/null
+}

@@ -70,6 +70,8 @@ for t in tcp rdma; do
     fio_verify "$dev" 128k 1 32
     nvme_disconnect_nqn "$NQN" >/dev/null
 done
+# The SSD reached every buffer where it was (RDMA's data area, NVMe/TCP's slot buffers).
+! grep "bounce buffer" "$TARGET_LOG" || die "data went through bounce buffers"
 
 step "a pattern written through the target, read back by the kernel's driver after exit"
 dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 1)
@@ -83,4 +85,18 @@ echo "$ssd" > /sys/bus/pci/drivers_probe
 disk=$(nvme_disk "$ssd")
 dd if="/dev/$disk" of=/tmp/readback bs=1M skip=16 count=8 iflag=direct status=none || die "reading /dev/$disk failed"
 cmp /tmp/pattern /tmp/readback || die "the kernel reads other bytes than were written through the target"
+
+BENCH_RUNTIME=${NVME_VFIO_BENCH_RUNTIME:-3}
+step "side by side over NVMe/TCP on the same SSD: the kernel's nvmet on its nvme driver, p2pnvmf on VFIO (${BENCH_RUNTIME}s each)"
+modprobe nvmet
+modprobe nvmet-tcp
+nvmet_kernel_subsys kref "/dev/$disk"
+nvmet_kernel_port 1 tcp 4423 kref
+bench_tcp kernel-nvmet kref 4423 | tee /tmp/scn/bench.txt
+echo 0 > /sys/kernel/config/nvmet/subsystems/kref/namespaces/1/enable
+rm /sys/kernel/config/nvmet/ports/1/subsystems/kref
+echo "$ssd" > /sys/bus/pci/drivers/nvme/unbind
+start_target /tmp/scn/target.toml 4421
+bench_tcp p2pnvmf-vfio "$NQN" 4421 | tee -a /tmp/scn/bench.txt
+stop_target
 step "done"

@@ -11,7 +11,7 @@ CMBP2P=nqn.2026-11.io.p2pnvmf:cmb-p2p
 CMBHOST=nqn.2026-11.io.p2pnvmf:cmb-host
 PEERP2P=nqn.2026-11.io.p2pnvmf:peer-p2p
 TRACE=/tmp/scn/qemu-trace.log
-RUNTIME=${P2PMEM_BENCH_RUNTIME:-3}
+BENCH_RUNTIME=${P2PMEM_BENCH_RUNTIME:-3}
 
 cmb=$(nvme_with_cmb)
 peer=$(grep -lx 0x010802 /sys/bus/pci/devices/*/class | grep -v "$cmb" | cut -d/ -f6)
@@ -147,27 +147,12 @@ echo "--- p2pnvmf decided (log) ---"
 echo "$ours"
 (( t1 == t0 )) || grep -q "using p2pmem" <<<"$kernel" || die "CMB transfers without the kernel choosing p2pmem"
 
-step "side by side on /dev/$cmbdisk over NVMe/TCP: p2pnvmf (p2p, host) and the kernel's nvmet (${RUNTIME}s each)"
-# bench LABEL NQN PORT: 4k randwrite and randread at QD32 (2 jobs), 128k write at QD8.
-bench() {
-    local label=$1 nqn=$2 port=$3 dev out rw bs qd jobs
-    dev=$(nvme_connect_dev tcp "$port" "$nqn" -i 2)
-    while read -r rw bs qd jobs; do
-        out=$(fio --name=b --filename="$dev" --ioengine=libaio --direct=1 --rw="$rw" --bs="$bs" --iodepth="$qd" \
-            --numjobs="$jobs" --group_reporting --size=64M --runtime="$RUNTIME" --time_based \
-            --output-format=terse --terse-version=3) || die "fio $rw $bs on $dev failed"
-        grep '^3;' <<<"$out" | awk -F';' -v l="$label" -v w="$rw $bs QD$qd x$jobs" \
-            '{ printf "bench %-14s %-22s %8d IOPS\n", l, w, ($8 > $49 ? $8 : $49) }'
-    done <<<"randwrite 4k 32 2
-randread 4k 32 2
-write 128k 8 1"
-    nvme_disconnect_nqn "$nqn" >/dev/null
-}
-bench kernel-nvmet kref 4423 | tee /tmp/scn/bench.txt
+step "side by side on /dev/$cmbdisk over NVMe/TCP: p2pnvmf (p2p, host) and the kernel's nvmet (${BENCH_RUNTIME}s each)"
+bench_tcp kernel-nvmet kref 4423 | tee /tmp/scn/bench.txt
 echo 0 > "$s/namespaces/1/enable"
 rm "/sys/kernel/config/nvmet/ports/1/subsystems/kref" "/sys/kernel/config/nvmet/ports/2/subsystems/kref"
 start_target /tmp/scn/target.toml 4421
-bench p2pnvmf-p2p "$CMBP2P" 4421 | tee -a /tmp/scn/bench.txt
-bench p2pnvmf-host "$CMBHOST" 4421 | tee -a /tmp/scn/bench.txt
+bench_tcp p2pnvmf-p2p "$CMBP2P" 4421 | tee -a /tmp/scn/bench.txt
+bench_tcp p2pnvmf-host "$CMBHOST" 4421 | tee -a /tmp/scn/bench.txt
 stop_target
 step "done"
