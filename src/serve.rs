@@ -13,6 +13,7 @@ use p2pnvmf_nvmf::buffers::{NsBuffers, count_fallback};
 use p2pnvmf_nvmf::{Backend, IoStats, Namespace, Port, Subsystem, Target, TrType};
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
+use p2pnvmf_p2p::provider::Kind;
 use p2pnvmf_transport::rdma::{self, RdmaParams};
 use p2pnvmf_transport::tcp::{self, TcpParams};
 use tokio::signal::unix::{SignalKind, signal};
@@ -62,10 +63,17 @@ fn ns_buffers(
             Ok(i)
         }),
         BackendCfg::Ram { .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| p.for_namespace()),
-        BackendCfg::NvmeVfio { .. } => {
-            Err("the nvme-vfio backend does not put p2p addresses in its PRPs yet: its data goes through host memory"
-                .to_string())
-        }
+        // The SSD's own CMB: its PRPs carry the CMB's bus address. Peer memory: not yet.
+        BackendCfg::NvmeVfio { pci, .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| {
+            let own = p.providers.iter().position(|pr| pr.pci == *pci && pr.kind == Kind::NvmeCmb);
+            match own.map(|i| (i, p.pool(i))) {
+                Some((i, Ok(_))) => Ok(i),
+                Some((_, Err(why))) => Err(format!("the CMB of {pci} is unusable: {why}")),
+                None => Err(format!(
+                    "{pci} has no CMB, and the nvme-vfio backend does not address peer memory in its PRPs yet"
+                )),
+            }
+        }),
     };
     match provider {
         Ok(i) => {

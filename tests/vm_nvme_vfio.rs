@@ -18,3 +18,18 @@ fn vm_nvme_vfio_identify_verify_and_give_back() {
         .timeout(std::time::Duration::from_secs(600))
         .run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_nvme_vfio_prps_carry_the_cmb_bus_address() {
+    let topo = Topology::new()
+        .iommu()
+        .root_port("rp1")
+        .nvme("ssd", "rp1", Nvme { serial: "VFIOCMB1".into(), size_mib: 256, cmb_mib: Some(64) })
+        .nic("pcie.0");
+    Scenario::new("nvme-vfio-cmb", topo, "nvme-vfio-cmb.sh")
+        .qemu_trace(&["pci_nvme_map_addr_cmb", "pci_nvme_err_*"])
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .timeout(std::time::Duration::from_secs(600))
+        .run_ok();
+}

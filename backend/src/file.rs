@@ -15,11 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use metrics::Counter;
 use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::{info, warn};
 
+use crate::moved::Moved;
 use crate::uring::{self, Desc, Kind, Lends, Ring, ZEROES, ZEROES_LEN};
 
 /// Memory alignment for O_DIRECT buffers (a page covers every logical block size in use).
@@ -342,39 +342,13 @@ impl Lends for Pending {
     }
 }
 
-/// Bytes the device moved, by the memory it moved them through (`p2pnvmf_backend_bytes_total`,
-/// labels `memory` = "host" or the provider's PCI address, `op` = "read" or "write"). Handles
-/// are made once per queue and memory, so counting allocates nothing per I/O.
-#[derive(Debug, Default)]
-struct Moved {
-    by_memory: Vec<(Option<Box<str>>, Counter, Counter)>,
-}
-
-impl Moved {
-    fn count(&mut self, op: &Op, buf: Option<&Window>) {
-        let (Op::Read { len, .. } | Op::Write { len, .. }) = *op else { return };
-        let memory = buf.and_then(Window::device);
-        let i = match self.by_memory.iter().position(|(m, ..)| m.as_deref() == memory) {
-            Some(i) => i,
-            None => {
-                let label = memory.unwrap_or("host").to_owned();
-                let read = metrics::counter!("p2pnvmf_backend_bytes_total", "memory" => label.clone(), "op" => "read");
-                let write = metrics::counter!("p2pnvmf_backend_bytes_total", "memory" => label, "op" => "write");
-                self.by_memory.push((memory.map(Into::into), read, write));
-                self.by_memory.len() - 1
-            }
-        };
-        let (_, read, write) = &self.by_memory[i];
-        if matches!(op, Op::Read { .. }) { read } else { write }.increment(len as u64);
+/// Finishes `p` with `r`, counting what a successful read or write moved (a bounced request's
+/// window is the host one until `finish` puts its own back).
+fn finish_counted(moved: &mut Moved, p: Pending, r: io::Result<()>) -> IoDone {
+    if r.is_ok() {
+        moved.count(&p.req.op, p.req.buf.as_ref().and_then(Window::device));
     }
-
-    /// Finishes `p` with `r`, counting what a successful read or write moved.
-    fn finish(&mut self, p: Pending, r: io::Result<()>) -> IoDone {
-        if r.is_ok() {
-            self.count(&p.req.op, p.req.buf.as_ref());
-        }
-        p.finish(r)
-    }
+    p.finish(r)
 }
 
 /// One queue's side of a file backend: its own io_uring (none when io_uring is unavailable:
@@ -427,7 +401,7 @@ impl BackendQueue for FileQueue {
             if Self::falls_back(&mut self.warned, &self.file, &mut p, &r) {
                 r = self.file.run_sync(&mut p.req);
             }
-            return Some(self.moved.finish(p, r));
+            return Some(finish_counted(&mut self.moved, p, r));
         };
         Self::start(&self.file, ring, p)
     }
@@ -442,7 +416,7 @@ impl BackendQueue for FileQueue {
                 Some(r) => Some(r),
             };
             let d = match r {
-                Some(r) => moved.finish(p, r),
+                Some(r) => finish_counted(moved, p, r),
                 None => match Self::start(file, ring, p) {
                     Some(d) => d,
                     None => return,

@@ -6,6 +6,7 @@
 pub mod file;
 #[allow(unsafe_code)]
 mod irq;
+mod moved;
 pub mod nvme;
 pub mod ram;
 #[allow(unsafe_code)]

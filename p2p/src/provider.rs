@@ -243,7 +243,7 @@ impl Sysfs {
             ));
         }
         if f.driver.is_some() {
-            return Ok(Source::Vfio(Arc::new(VfioDevice::open(f)?), 0, 0));
+            return Ok(Source::Vfio(VfioDevice::open(f)?, 0, 0));
         }
         let dir = self.function_dir(f.addr);
         if enable {

@@ -62,8 +62,25 @@ fn ioctl(fd: &File, req: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> R
     if rc < 0 { Err(format!("{what}: {}", io::Error::last_os_error())) } else { Ok(rc) }
 }
 
+/// Devices open in this process: a VFIO group opens once, so every user of a function (the p2p
+/// layer mapping its CMB, the NVMe driver) shares one `VfioDevice` and its container.
+static OPEN: std::sync::Mutex<Vec<(String, std::sync::Weak<VfioDevice>)>> = std::sync::Mutex::new(Vec::new());
+
 impl VfioDevice {
-    pub fn open(f: &Function) -> Result<VfioDevice, String> {
+    /// The function's VFIO device, opened once per process and shared.
+    pub fn open(f: &Function) -> Result<std::sync::Arc<VfioDevice>, String> {
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, d)| d.strong_count() > 0);
+        let name = f.addr.to_string();
+        if let Some(d) = open.iter().find(|(n, _)| *n == name).and_then(|(_, d)| d.upgrade()) {
+            return Ok(d);
+        }
+        let d = std::sync::Arc::new(Self::open_new(f)?);
+        open.push((name, std::sync::Arc::downgrade(&d)));
+        Ok(d)
+    }
+
+    fn open_new(f: &Function) -> Result<VfioDevice, String> {
         let group = f.iommu_group.ok_or_else(|| format!("{} is bound to vfio-pci but has no IOMMU group", f.addr))?;
         let rw = |p: &str| OpenOptions::new().read(true).write(true).open(p).map_err(|e| format!("opening {p}: {e}"));
         // No-IOMMU mode names the group noiommu-N and needs its own IOMMU type.

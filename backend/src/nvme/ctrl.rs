@@ -189,7 +189,38 @@ pub struct Controller {
     free_qids: Mutex<Vec<u16>>,
     /// Eventfds of MSI-X vectors 0 (admin, unused: admin commands poll) to `max_io_queues`.
     irqs: Vec<OwnedFd>,
+    /// The controller's own CMB, enabled for data at a bus address.
+    pub cmb: Option<Cmb>,
     _claim: Claim,
+}
+
+/// The controller's Controller Memory Buffer as enabled: PRPs for data in it carry `bus` +
+/// offset — the address programmed into CMBMSC.CBA, not the CPU address of any mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cmb {
+    pub bus: u64,
+    pub size: u64,
+}
+
+/// Enables the controller's CMB for data at its bus address (CMBMSC, as the p2p layer does
+/// for every CMB it uses: a controller or function reset clears it) and says where it answers.
+fn enable_cmb(sysfs: &Sysfs, f: &p2pnvmf_p2p::pci::Function) -> Option<Cmb> {
+    match sysfs.nvme_cmb(f, true) {
+        Ok(Some(p)) if p.is_usable() => {
+            let cmb = Cmb { bus: p.bus_addr, size: p.size };
+            info!(pci = %f.addr, bus = format_args!("{:#x}", cmb.bus), size = cmb.size, "CMB enabled for data: PRPs carry its bus address");
+            Some(cmb)
+        }
+        Ok(Some(p)) => {
+            info!(pci = %f.addr, "no CMB for data: {}", p.unusable.unwrap_or_default());
+            None
+        }
+        Ok(None) => None,
+        Err(e) => {
+            warn!(pci = %f.addr, "reading the CMB: {e}");
+            None
+        }
+    }
 }
 
 fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(), String> {
@@ -220,7 +251,7 @@ impl Controller {
     pub fn open(sysfs: &Sysfs, pci: PciAddr, want: u16) -> Result<Controller, String> {
         let claim = Claim::take(sysfs, pci)?;
         let f = sysfs.function(pci).map_err(|e| e.to_string())?;
-        let dev = Arc::new(VfioDevice::open(&f)?);
+        let dev = VfioDevice::open(&f)?;
         if !dev.iommu() {
             return Err(format!("{pci}: VFIO without an IOMMU is not supported by nvme-vfio yet"));
         }
@@ -247,6 +278,7 @@ impl Controller {
         regs.write32(reg::INTMS, !0);
         regs.write32(reg::CC, reg::CC_EN | reg::CC_ENTRY_SIZES);
         wait_ready(pci, &regs, cap, true)?;
+        let cmb = enable_cmb(sysfs, &f);
         let q = QueuePair::new(0, entries, aq.mem, 0, PAGE, regs.clone(), cap.doorbell_stride());
         let buf = dma.alloc(pci, PAGE)?;
         let mut c = Controller {
@@ -259,6 +291,7 @@ impl Controller {
             max_io_queues: 0,
             free_qids: Mutex::new(Vec::new()),
             irqs: Vec::new(),
+            cmb,
             _claim: claim,
         };
         c.id = IdController::parse(&c.identify(admin::CNS_CONTROLLER, 0)?);

@@ -23,6 +23,7 @@ use super::ctrl::{Controller, Dma};
 use super::prp;
 use super::queue::{QueuePair, status};
 use super::spec::{self, IdNamespace};
+use crate::moved::Moved;
 
 const PAGE: usize = 4096;
 /// Largest transfer in one command when MDTS says "no limit".
@@ -121,6 +122,7 @@ impl Backend for NvmeVfio {
         // One PRP list (or DSM range) page per command.
         let lists = self.ctrl.dma(usize::from(depth) * PAGE).map_err(io::Error::other)?;
         let slots = (0..depth).map(|_| Slot::default()).collect();
+        let own = self.ctrl.pci.to_string();
         Ok(Box::new(NvmeQueue {
             ns: self,
             q: Some(q),
@@ -130,6 +132,8 @@ impl Backend for NvmeVfio {
             waiting: VecDeque::new(),
             lists,
             mapped: Vec::new(),
+            own,
+            moved: Moved::default(),
             in_flight: 0,
             warned: false,
         }))
@@ -174,6 +178,9 @@ pub struct NvmeQueue {
     mapped: Vec<(MappingPin, u64, u64)>,
     in_flight: usize,
     warned: bool,
+    /// The SSD's PCI address as p2p windows name their provider.
+    own: String,
+    moved: Moved,
 }
 
 /// Mappings a queue maps for the SSD on first sight, at most (a slot buffer each, and a few
@@ -189,7 +196,13 @@ impl NvmeQueue {
         if let Some(m) = self.mapped.iter().find(|(pin, ..)| pin.holds(w)) {
             return Some(at(m));
         }
-        if w.device().is_some() || self.mapped.len() >= MAPPED_PER_QUEUE {
+        if let Some(dev) = w.device() {
+            // The SSD's own CMB: the bus address it was enabled at, plus the window's offset.
+            // Peer memory is not addressed yet: bounce.
+            let cmb = self.ns.ctrl.cmb.filter(|c| dev == self.own && w.offset() as u64 + w.len() as u64 <= c.size)?;
+            return Some(cmb.bus + w.offset() as u64);
+        }
+        if self.mapped.len() >= MAPPED_PER_QUEUE {
             return None;
         }
         self.map(&w.pin_mapping()).map(|()| at(self.mapped.last().expect("just mapped")))
@@ -286,6 +299,11 @@ impl NvmeQueue {
             (slot.direct, req.op, &r, req.buf.as_mut(), &slot.bounce)
         {
             w.bytes_mut()[..len].copy_from_slice(b.mem.slice(0, len));
+        }
+        if r.is_ok() {
+            // Through the window's memory when the SSD reached it, else through the bounce buffer.
+            let memory = slot.direct.and(req.buf.as_ref()).and_then(Window::device);
+            self.moved.count(&req.op, memory);
         }
         self.free.push(cid);
         self.in_flight -= 1;

@@ -15,6 +15,7 @@ pub mod reg {
     pub const AQA: usize = 0x24;
     pub const ASQ: usize = 0x28;
     pub const ACQ: usize = 0x30;
+
     /// Doorbells start here; stride from CAP.DSTRD.
     pub const DOORBELLS: usize = 0x1000;
 

@@ -255,3 +255,17 @@ write 128k 8 1
 read 128k 8 1"
     nvme_disconnect_nqn "$nqn" >/dev/null
 }
+
+# trace_bytes: bytes of NVMe DMA qemu traced as addressed to the device's own CMB
+# (pci_nvme_map_addr_cmb, with Scenario::qemu_trace).
+trace_bytes() {
+    sleep 0.5  # qemu's log is written from its I/O thread
+    [[ -f /tmp/scn/qemu-trace.log ]] || { echo 0; return; }
+    awk '/pci_nvme_map_addr_cmb/ { for (i = 1; i < NF; i++) if ($i == "len") s += $(i + 1) } END { printf "%d\n", s }' /tmp/scn/qemu-trace.log
+}
+# moved MEMORY: bytes the target's backends moved through MEMORY (a provider's PCI address, or
+# host), from its metrics on 127.0.0.1:9464.
+moved() {
+    wget -qO- http://127.0.0.1:9464/metrics | awk -v m="memory=\"$1\"" \
+        'index($0, "p2pnvmf_backend_bytes_total{") == 1 && index($0, m) { s += $NF } END { printf "%d\n", s }'
+}

@@ -10,7 +10,6 @@
 CMBP2P=nqn.2026-11.io.p2pnvmf:cmb-p2p
 CMBHOST=nqn.2026-11.io.p2pnvmf:cmb-host
 PEERP2P=nqn.2026-11.io.p2pnvmf:peer-p2p
-TRACE=/tmp/scn/qemu-trace.log
 BENCH_RUNTIME=${P2PMEM_BENCH_RUNTIME:-3}
 
 cmb=$(nvme_with_cmb)
@@ -64,16 +63,6 @@ reaches() { grep -q "the SSD reaches p2pmem: .*subnqn=\"$1\" nsid=1 device=$2 .*
 reaches "$CMBP2P" "$cmbdisk" 0 || die "the CMB NVMe's namespace did not take its own p2pmem"
 reaches "$PEERP2P" "$peerdisk" 4 || die "the peer NVMe's namespace did not take the p2pmem across the switch"
 
-# What qemu saw the CMB NVMe move through its own CMB (bytes), and what we counted by memory.
-trace_bytes() {
-    sleep 0.5  # qemu's log is written from its I/O thread
-    [[ -f $TRACE ]] || { echo 0; return; }
-    awk '/pci_nvme_map_addr_cmb/ { for (i = 1; i < NF; i++) if ($i == "len") s += $(i + 1) } END { printf "%d\n", s }' "$TRACE"
-}
-moved() {
-    wget -qO- http://127.0.0.1:9464/metrics | awk -v m="memory=\"$1\"" \
-        'index($0, "p2pnvmf_backend_bytes_total{") == 1 && index($0, m) { s += $NF } END { printf "%d\n", s }'
-}
 snapshot() { echo "$(trace_bytes) $(moved "$cmb") $(moved host)"; }
 
 # run_verify TRANSPORT PORT NQN: fio write+verify at 4k QD32 and 128k; prints the bytes moved:

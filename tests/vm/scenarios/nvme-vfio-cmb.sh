@@ -1,0 +1,60 @@
+# The nvme-vfio backend puts the SSD's own CMB in its PRPs: with buffers = "p2p" over NVMe/TCP the
+# socket's data lands in CMB chunks and the SSD's DMA is addressed to its CMB (the bus address
+# programmed into CMBMSC), which qemu's pci_nvme_map_addr_cmb trace shows byte for byte beside our
+# counters; with buffers = "host" no transfer touches the CMB; over rxe the controller falls back.
+
+NQN=nqn.2026-11.io.p2pnvmf:vfio-cmb
+ssd=$(nvme_with_cmb)
+[[ -n $ssd ]] || die "no CMB NVMe"
+modprobe vfio_pci
+echo vfio-pci > "/sys/bus/pci/devices/$ssd/driver_override"
+echo "$ssd" > /sys/bus/pci/drivers_probe
+[[ $(basename "$(readlink /sys/bus/pci/devices/$ssd/driver)") == vfio-pci ]] || die "$ssd not bound to vfio-pci"
+bus=$(bar_bus "$ssd" 2)
+step "SSD $ssd on vfio-pci, CMB (BAR2) at bus address $(printf '%#x' "$bus")"
+
+# serve_with BUFFERS: the target on the SSD's namespace 1 with that buffer choice.
+serve_with() {
+    rdma_config /tmp/scn/target.toml "$NQN"
+    sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$ssd\"\nbuffers = \"$1\"|; /^size = /d" /tmp/scn/target.toml
+    printf '\n[metrics]\nlisten = "127.0.0.1:9464"\n' >> /tmp/scn/target.toml
+    : > "$TARGET_LOG"
+    start_target /tmp/scn/target.toml 4421
+}
+
+# run_verify TRANSPORT PORT: fio write+verify (4k QD32 × 2, 128k); prints
+# "<qemu CMB trace bytes> <bytes through the CMB> <bytes through host memory>".
+run_verify() {
+    local t0 p0 h0 dev
+    read -r t0 p0 h0 < <(echo "$(trace_bytes) $(moved "$ssd") $(moved host)")
+    dev=$(nvme_connect_dev "$1" "$2" "$NQN" -i 2)
+    fio_verify "$dev" 4k 2 16 >&2
+    fio_verify "$dev" 128k 1 8 >&2
+    nvme_disconnect_nqn "$NQN" >/dev/null
+    echo "$(($(trace_bytes) - t0)) $(($(moved "$ssd") - p0)) $(($(moved host) - h0))"
+}
+
+step "buffers = p2p over NVMe/TCP: PRPs carry the CMB's bus address"
+serve_with p2p
+grep -E "CMB enabled for data|p2p buffers available|NVMe controller up" "$TARGET_LOG"
+grep -q "CMB enabled for data: PRPs carry its bus address pci=$ssd bus=$(printf '%#x' "$bus")" "$TARGET_LOG" \
+    || die "the driver did not enable the CMB at its bus address"
+grep -q "p2p buffers available .*provider=$ssd kind=\"nvme-cmb\"" "$TARGET_LOG" || die "the namespace did not take the CMB"
+read -r tr cmb host < <(run_verify tcp 4421)
+echo "qemu traced $tr bytes CMB-addressed; p2pnvmf counted $cmb through the CMB, $host through host memory"
+(( tr > 0 && cmb == tr && host == 0 )) || die "p2p run: trace $tr, CMB $cmb, host $host"
+
+step "buffers = p2p over rxe: the controller falls back, nothing touches the CMB"
+read -r tr cmb host < <(run_verify rdma 4420)
+echo "qemu traced $tr bytes CMB-addressed; p2pnvmf counted $cmb through the CMB, $host through host memory"
+grep -q "controller falls back to host memory: rxe0 is a software RDMA device" "$TARGET_LOG" || die "no fallback reason"
+(( tr == 0 && cmb == 0 && host > 0 )) || die "rxe run: trace $tr, CMB $cmb, host $host"
+stop_target
+
+step "buffers = host over NVMe/TCP: nothing touches the CMB"
+serve_with host
+read -r tr cmb host < <(run_verify tcp 4421)
+echo "qemu traced $tr bytes CMB-addressed; p2pnvmf counted $cmb through the CMB, $host through host memory"
+(( tr == 0 && cmb == 0 && host > 0 )) || die "host run: trace $tr, CMB $cmb, host $host"
+stop_target
+step "done"
