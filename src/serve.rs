@@ -11,6 +11,7 @@ use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
 use p2pnvmf_nvmf::buffers::{NsBuffers, count_fallback};
 use p2pnvmf_nvmf::{Backend, IoStats, Namespace, Port, Subsystem, Target, TrType};
+use p2pnvmf_p2p::path::Client;
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
 use p2pnvmf_p2p::provider::Kind;
@@ -63,16 +64,24 @@ fn ns_buffers(
             Ok(i)
         }),
         BackendCfg::Ram { .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| p.for_namespace()),
-        // The SSD's own CMB: its PRPs carry the CMB's bus address. Peer memory: not yet.
+        // The SSD's own CMB first, else the nearest BAR window it reaches: its PRPs carry the
+        // memory's bus address. p2pmem is the kernel's to place, not ours.
         BackendCfg::NvmeVfio { pci, .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| {
-            let own = p.providers.iter().position(|pr| pr.pci == *pci && pr.kind == Kind::NvmeCmb);
-            match own.map(|i| (i, p.pool(i))) {
-                Some((i, Ok(_))) => Ok(i),
-                Some((_, Err(why))) => Err(format!("the CMB of {pci} is unusable: {why}")),
-                None => Err(format!(
-                    "{pci} has no CMB, and the nvme-vfio backend does not address peer memory in its PRPs yet"
-                )),
+            let client = Client::Pci { addr: *pci, name: None };
+            let mut why = Vec::new();
+            let mut best: Option<(usize, u32)> = None;
+            for (i, pr) in p.providers.iter().enumerate().filter(|(_, pr)| pr.kind != Kind::P2pmem) {
+                let (d, pool) = p.for_client(i, &client);
+                match (pool, d.distance) {
+                    (Some(_), Some(dist)) if best.is_none_or(|(_, b)| dist < b) => best = Some((i, dist)),
+                    (Some(_), _) => {}
+                    (None, _) => why.push(format!("{}: {}", pr.pci, p.pool(i).err().unwrap_or(d.reason))),
+                }
             }
+            best.map(|(i, _)| i).ok_or_else(|| match why.is_empty() {
+                true => format!("no CMB or memory BAR that {pci} reaches"),
+                false => format!("no provider {pci} reaches: {}", why.join("; ")),
+            })
         }),
     };
     match provider {

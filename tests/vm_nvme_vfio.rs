@@ -33,3 +33,19 @@ fn vm_nvme_vfio_prps_carry_the_cmb_bus_address() {
         .timeout(std::time::Duration::from_secs(600))
         .run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_nvme_vfio_prps_carry_a_peer_bar_bus_address() {
+    let topo = Topology::new()
+        .iommu()
+        .root_port("rp1")
+        .switch("up1", "rp1", &["dn1", "dn2"])
+        .nvme("ssd", "dn1", Nvme { serial: "VFIOPEER1".into(), size_mib: 256, cmb_mib: None })
+        .ivshmem("shm", "dn2", 32)
+        .nic("pcie.0");
+    Scenario::new("nvme-vfio-peer", topo, "nvme-vfio-peer.sh")
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .timeout(std::time::Duration::from_secs(600))
+        .run_ok();
+}

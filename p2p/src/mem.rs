@@ -27,6 +27,8 @@ pub struct Mapping {
     len: usize,
     /// Device memory: the provider's name (a PCI address); `None` for host memory.
     device: Option<Box<str>>,
+    /// The PCI bus address of the mapping's first byte, where a peer device reaches it.
+    bus: Option<u64>,
 }
 
 // SAFETY: a Mapping owns its pages; concurrent users get disjoint chunks (pool) or use volatile
@@ -90,12 +92,15 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Mapping { base, map_len, delta, len, device: None })
+        Ok(Mapping { base, map_len, delta, len, device: None, bus: None })
     }
 
-    /// Marks the mapping as device memory of `provider`, for those who count or treat it apart.
-    pub fn device(mut self, provider: String) -> Mapping {
+    /// Marks the mapping as device memory of `provider`, for those who count or treat it apart,
+    /// starting at PCI bus address `bus` when that is known (a BAR window; not p2pmem, whose
+    /// allocations the kernel places).
+    pub fn device(mut self, provider: String, bus: Option<u64>) -> Mapping {
         self.device = Some(provider.into());
+        self.bus = bus;
         self
     }
 
@@ -247,6 +252,11 @@ impl Window {
         self.map.device.as_deref()
     }
 
+    /// The PCI bus address of the window's first byte, for device memory whose address is known.
+    pub fn bus_addr(&self) -> Option<u64> {
+        Some(self.map.bus? + self.off as u64)
+    }
+
     /// Offset of the window in its mapping (add the mapping's bus or CPU address for a device).
     pub fn offset(&self) -> usize {
         self.off
@@ -286,6 +296,11 @@ impl MappingPin {
 
     pub fn range(&self) -> (*mut u8, usize) {
         (self.0.as_ptr(), self.0.len)
+    }
+
+    /// The PCI bus address of the mapping's first byte (device memory whose address is known).
+    pub fn bus_addr(&self) -> Option<u64> {
+        self.0.bus
     }
 
     /// Whether `w` lies in this mapping.

@@ -192,7 +192,8 @@ impl Provider {
         let src = self.map_from.as_ref().ok_or("no mapping source")?;
         let size = self.p2pmem.map_or(self.size, |p| p.available);
         let len = usize::try_from(size).map_err(|_| format!("{size} bytes do not fit in memory"))?;
-        src.map(len).map(|m| m.device(self.pci.to_string()))
+        let bus = (self.kind != Kind::P2pmem).then_some(self.bus_addr);
+        src.map(len).map(|m| m.device(self.pci.to_string(), bus))
     }
 
     fn new(f: &Function, kind: Kind, bar: Option<&Bar>) -> Provider {

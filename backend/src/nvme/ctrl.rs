@@ -145,6 +145,25 @@ impl DmaSpace {
         }
     }
 
+    /// Maps `pin` (peer device memory) for the device at IOVA = `bus`, its bus address, so
+    /// that the same address in a PRP works whether the switch routes it to the peer or sends it
+    /// up to the IOMMU (ACS redirect, qemu); the range leaves the pool of IOVAs for host memory.
+    fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: u64) -> Result<(), String> {
+        let span = (pin.range().1 as u64).next_multiple_of(PAGE as u64);
+        {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = free.iter().position(|&(at, len)| at <= bus && bus + span <= at + len) {
+                let (at, len) = free.remove(i);
+                free.extend([(at, bus - at), (bus + span, at + len - bus - span)].into_iter().filter(|r| r.1 > 0));
+            } else if bus < IOVA_END && bus + span > IOVA_BASE {
+                return Err(format!("{pci}: peer memory at bus address {bus:#x} collides with IOVAs in use"));
+            }
+        }
+        self.dev.map_dma(pin, bus)?;
+        self.pins.lock().unwrap_or_else(|e| e.into_inner()).push(pin.clone());
+        Ok(())
+    }
+
     fn unmap(&self, iova: u64, span: u64) -> Result<(), String> {
         let r = self.dev.unmap_dma(iova, span as usize);
         self.release(iova, span);
@@ -191,6 +210,8 @@ pub struct Controller {
     irqs: Vec<OwnedFd>,
     /// The controller's own CMB, enabled for data at a bus address.
     pub cmb: Option<Cmb>,
+    /// Bus addresses of peer memory mapped for the SSD (at IOVA = bus address).
+    peers: Mutex<Vec<u64>>,
     _claim: Claim,
 }
 
@@ -292,6 +313,7 @@ impl Controller {
             free_qids: Mutex::new(Vec::new()),
             irqs: Vec::new(),
             cmb,
+            peers: Mutex::new(Vec::new()),
             _claim: claim,
         };
         c.id = IdController::parse(&c.identify(admin::CNS_CONTROLLER, 0)?);
@@ -389,6 +411,19 @@ impl Controller {
 
     pub fn unmap(&self, iova: u64, span: u64) -> Result<(), String> {
         self.dma.unmap(iova, span)
+    }
+
+    /// Where the SSD reaches peer device memory starting at bus address `bus` (`pin` keeps
+    /// it mapped): the bus address itself, mapped at that IOVA once per controller.
+    pub fn peer(&self, pin: &MappingPin, bus: u64) -> Result<u64, String> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if !peers.contains(&bus) {
+            self.dma.map_at(self.pci, pin, bus)?;
+            info!(pci = %self.pci, bus = format_args!("{bus:#x}"), bytes = pin.range().1,
+                  "peer memory mapped for the SSD at IOVA = its bus address");
+            peers.push(bus);
+        }
+        Ok(bus)
     }
 
     /// The eventfd MSI-X vector `qid` signals (I/O queue `qid` raises vector `qid`).

@@ -198,9 +198,19 @@ impl NvmeQueue {
         }
         if let Some(dev) = w.device() {
             // The SSD's own CMB: the bus address it was enabled at, plus the window's offset.
-            // Peer memory is not addressed yet: bounce.
-            let cmb = self.ns.ctrl.cmb.filter(|c| dev == self.own && w.offset() as u64 + w.len() as u64 <= c.size)?;
-            return Some(cmb.bus + w.offset() as u64);
+            if dev == self.own {
+                let cmb = self.ns.ctrl.cmb.filter(|c| w.offset() as u64 + w.len() as u64 <= c.size)?;
+                return Some(cmb.bus + w.offset() as u64);
+            }
+            // Peer memory: its bus address (mapped at that IOVA for the SSD, once).
+            let pin = w.pin_mapping();
+            return match self.ns.ctrl.peer(&pin, pin.bus_addr()?) {
+                Ok(base) => Some(base + w.offset() as u64),
+                Err(e) => {
+                    warn!(pci = %self.ns.ctrl.pci, provider = dev, "peer memory not reachable by the SSD (bounce buffers instead): {e}");
+                    None
+                }
+            };
         }
         if self.mapped.len() >= MAPPED_PER_QUEUE {
             return None;
