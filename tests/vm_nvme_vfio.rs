@@ -40,9 +40,10 @@ fn vm_nvme_vfio_prps_carry_a_peer_bar_bus_address() {
     let topo = Topology::new()
         .iommu()
         .root_port("rp1")
-        .switch("up1", "rp1", &["dn1", "dn2"])
+        .switch("up1", "rp1", &["dn1", "dn2", "dn3"])
         .nvme("ssd", "dn1", Nvme { serial: "VFIOPEER1".into(), size_mib: 256, cmb_mib: None })
         .ivshmem("shm", "dn2", 32)
+        .nvme("cmb", "dn3", Nvme { serial: "PEERCMB1".into(), size_mib: 64, cmb_mib: Some(64) })
         .nic("pcie.0");
     Scenario::new("nvme-vfio-peer", topo, "nvme-vfio-peer.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
