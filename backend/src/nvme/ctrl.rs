@@ -212,6 +212,9 @@ pub struct Controller {
     pub cmb: Option<Cmb>,
     /// Bus addresses of peer memory mapped for the SSD (at IOVA = bus address).
     peers: Mutex<Vec<u64>>,
+    /// Why the controller was given up on (fatal status, reset, a command that never ended);
+    /// from then on every command fails at once.
+    failed: Mutex<Option<String>>,
     _claim: Claim,
 }
 
@@ -314,6 +317,7 @@ impl Controller {
             irqs: Vec::new(),
             cmb,
             peers: Mutex::new(Vec::new()),
+            failed: Mutex::new(None),
             _claim: claim,
         };
         c.id = IdController::parse(&c.identify(admin::CNS_CONTROLLER, 0)?);
@@ -413,6 +417,39 @@ impl Controller {
         self.dma.unmap(iova, span)
     }
 
+    /// Why the controller was given up on, if it was.
+    pub fn failed(&self) -> Option<String> {
+        self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the controller still works: not given up on, CSTS.CFS clear and CSTS.RDY set (a
+    /// function reset clears it). A controller found broken is given up on.
+    pub fn check(&self) -> Result<(), String> {
+        if let Some(why) = self.failed() {
+            return Err(why);
+        }
+        let csts = self.regs.read32(reg::CSTS);
+        match (csts & reg::CSTS_CFS != 0, csts & reg::CSTS_RDY != 0) {
+            (false, true) => Ok(()),
+            (true, _) => Err(self.give_up(format!("controller fatal status (CSTS {csts:#x})"))),
+            (false, false) => Err(self.give_up(format!("the controller is no longer ready (reset? CSTS {csts:#x})"))),
+        }
+    }
+
+    /// Gives the controller up: disabling it stops every DMA it may still do (so no window
+    /// given back to its owner is written later); commands waiting for it are failed by their
+    /// queues. Returns the reason.
+    pub fn give_up(&self, why: String) -> String {
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        if failed.is_none() {
+            let why = format!("{}: {why}; its commands fail from now on (restart the target once it is fixed)", self.pci);
+            tracing::error!("NVMe controller given up: {why}");
+            self.regs.write32(reg::CC, self.regs.read32(reg::CC) & !reg::CC_EN);
+            *failed = Some(why);
+        }
+        failed.clone().expect("set")
+    }
+
     /// Where the SSD reaches peer device memory starting at bus address `bus` (`pin` keeps
     /// it mapped): the bus address itself, mapped at that IOVA once per controller.
     pub fn peer(&self, pin: &MappingPin, bus: u64) -> Result<u64, String> {
@@ -470,6 +507,10 @@ impl Drop for Controller {
     /// Normal shutdown (CC.SHN), so the SSD flushes its cache before the function is let go.
     fn drop(&mut self) {
         let cc = self.regs.read32(reg::CC);
+        if cc & reg::CC_EN == 0 {
+            // Given up on or reset: nothing to shut down.
+            return;
+        }
         self.regs.write32(reg::CC, cc | reg::CC_SHN_NORMAL);
         let start = Instant::now();
         while self.regs.read32(reg::CSTS) & reg::CSTS_SHST_MASK != reg::CSTS_SHST_DONE {

@@ -7,8 +7,10 @@
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::io::opcode;
 use p2pnvmf_nvmf::wire::Sqe;
@@ -28,6 +30,11 @@ use crate::moved::Moved;
 const PAGE: usize = 4096;
 /// Largest transfer in one command when MDTS says "no limit".
 const MAX_PART: usize = 1 << 20;
+/// A command the SSD has not completed after this long gets the controller given up on
+/// (well inside a Linux host's 30 s I/O timeout, so the host hears an error, not silence).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(8);
+/// How often a queue with commands at the SSD looks at the controller's health.
+const HEALTH_CHECK: Duration = Duration::from_secs(1);
 
 /// ONCS bits (Identify Controller): Dataset Management, Write Zeroes.
 const ONCS_DSM: u16 = 1 << 2;
@@ -134,6 +141,7 @@ impl Backend for NvmeVfio {
             mapped: Vec::new(),
             own,
             moved: Moved::default(),
+            health: Box::pin(tokio::time::sleep(HEALTH_CHECK)),
             in_flight: 0,
             warned: false,
         }))
@@ -152,6 +160,8 @@ struct Slot {
     bounce: Option<Dma>,
     /// Where the SSD finds the command's window; `None`: the data is in `bounce`.
     direct: Option<u64>,
+    /// When the current part went to the SSD (or started waiting for room).
+    since: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -181,6 +191,9 @@ pub struct NvmeQueue {
     /// The SSD's PCI address as p2p windows name their provider.
     own: String,
     moved: Moved,
+    /// Wakes the queue's task now and then while commands are at the SSD, to see to their
+    /// health (an SSD that stopped answering raises no interrupt).
+    health: Pin<Box<tokio::time::Sleep>>,
 }
 
 /// Mappings a queue maps for the SSD on first sight, at most (a slot buffer each, and a few
@@ -298,6 +311,7 @@ impl NvmeQueue {
         }
         let sqe = self.next_command(cid)?;
         self.q.as_mut().expect("open").submit(&sqe);
+        self.slots[usize::from(cid)].since = Some(Instant::now());
         Ok(())
     }
 
@@ -315,6 +329,7 @@ impl NvmeQueue {
             let memory = slot.direct.and(req.buf.as_ref()).and_then(Window::device);
             self.moved.count(&req.op, memory);
         }
+        slot.since = None;
         self.free.push(cid);
         self.in_flight -= 1;
         req.done(r)
@@ -366,6 +381,30 @@ fn status_error(pci: PciAddr, s: u16) -> io::Error {
     )
 }
 
+impl NvmeQueue {
+    /// With commands at the SSD: a controller found broken, or a command older than
+    /// [`COMMAND_TIMEOUT`], gets the controller given up on (disabled, so it does no more DMA)
+    /// and every command of the queue answered with the reason.
+    fn see_to_health(&mut self, done: &mut dyn FnMut(IoDone)) {
+        if self.in_flight == 0 {
+            return;
+        }
+        let oldest = self.slots.iter().filter_map(|s| s.since).min();
+        let late = oldest.is_some_and(|t| t.elapsed() > COMMAND_TIMEOUT);
+        let why = match self.ns.ctrl.check() {
+            Err(why) => why,
+            Ok(()) if late => self.ns.ctrl.give_up(format!("a command got no completion within {COMMAND_TIMEOUT:?}")),
+            Ok(()) => return,
+        };
+        self.waiting.clear();
+        for cid in 0..self.slots.len() as u16 {
+            if self.slots[usize::from(cid)].req.is_some() {
+                done(self.finish(cid, Err(io::Error::other(why.clone()))));
+            }
+        }
+    }
+}
+
 impl BackendQueue for NvmeQueue {
     fn submit(&mut self, req: IoRequest) -> Option<IoDone> {
         let oncs = self.ns.ctrl.id.oncs;
@@ -377,11 +416,14 @@ impl BackendQueue for NvmeQueue {
         if unsupported {
             return Some(req.done(Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))));
         }
+        if let Some(why) = self.ns.ctrl.failed() {
+            return Some(req.done(Err(io::Error::other(why))));
+        }
         let Some(cid) = self.free.pop() else {
             return Some(req.done(Err(io::Error::other("more commands than the queue holds"))));
         };
         let slot = &mut self.slots[usize::from(cid)];
-        (slot.req, slot.done, slot.part) = (Some(req), 0, 0);
+        (slot.req, slot.done, slot.part, slot.since) = (Some(req), 0, 0, Some(Instant::now()));
         self.in_flight += 1;
         if let Err(e) = self.prepare(cid).and_then(|()| self.issue(cid)) {
             return Some(self.finish(cid, Err(e)));
@@ -419,6 +461,7 @@ impl BackendQueue for NvmeQueue {
             }
         }
         self.q.as_mut().expect("open").ring_cq();
+        self.see_to_health(done);
         // Completions made room: parts that waited go now.
         while !self.waiting.is_empty() && self.q.as_ref().expect("open").has_room() {
             let cid = self.waiting.pop_front().expect("not empty");
@@ -438,6 +481,10 @@ impl BackendQueue for NvmeQueue {
                     return Poll::Pending;
                 }
             }
+        }
+        if self.in_flight > 0 && self.health.as_mut().poll(cx).is_ready() {
+            self.health.as_mut().reset(tokio::time::Instant::now() + HEALTH_CHECK);
+            return Poll::Ready(());
         }
         let Irq::Async(fd) = &self.irq else { unreachable!("set above") };
         loop {

@@ -99,4 +99,27 @@ echo "$ssd" > /sys/bus/pci/drivers/nvme/unbind
 start_target /tmp/scn/target.toml 4421
 bench_tcp p2pnvmf-vfio "$NQN" 4421 | tee -a /tmp/scn/bench.txt
 stop_target
+
+step "the SSD reset under load: its commands fail with a reason, the target serves on"
+RAMNQN=nqn.2026-11.io.p2pnvmf:beside
+printf '\n[[subsystem]]\nnqn = "%s"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbackend = "ram"\nsize = "64MiB"\n' \
+    "$RAMNQN" >> /tmp/scn/target.toml
+: > "$TARGET_LOG"
+start_target /tmp/scn/target.toml 4421
+dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 2)
+fio --name=load --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 --numjobs=2 \
+    --size=64M --runtime=60 --time_based --output-format=terse > /tmp/scn/load.txt 2>&1 &
+fio_pid=$!
+sleep 2
+t0=$SECONDS
+echo 1 > "/sys/bus/pci/devices/$ssd/reset"
+wait "$fio_pid" && die "fio kept running on a reset SSD"
+echo "fio ended with errors $((SECONDS - t0)) s after the reset"
+(( SECONDS - t0 < 25 )) || die "host commands waited $((SECONDS - t0)) s for an answer"
+grep "NVMe controller given up" "$TARGET_LOG" || die "no reason logged for the failed SSD"
+nvme_disconnect_nqn "$NQN" >/dev/null
+other=$(nvme_connect_dev tcp 4421 "$RAMNQN" -i 1)
+verify_rw "$other" 8
+nvme_disconnect_nqn "$RAMNQN" >/dev/null
+stop_target
 step "done"
