@@ -124,6 +124,12 @@ fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
                 put64(&mut page, 16, blocks); // NUSE
                 page[24] = 1 << 2; // NSFEAT: DAE (deallocated or unwritten error) supported
                 page[33] = 1 | 1 << 3; // DLFEAT: deallocated blocks read as zeroes; WZ dealloc
+                if let Some(d) = ns.backend.device() {
+                    // An NVMe device's own features, as its Identify says.
+                    page[24] = d.nsfeat;
+                    put16(&mut page, 72, d.nows);
+                    page[33] = d.dlfeat;
+                }
                 page[104..120].copy_from_slice(&ns.nguid);
                 put32(&mut page, 128, (ns.lba_shift) << 16); // LBAF0: LBADS
             }
@@ -180,8 +186,10 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     put16(page, 514, MAX_QUEUE_ENTRIES); // MAXCMD
     if let Some(s) = &ctrl.subsys {
         put32(page, 516, s.namespaces.last().map_or(0, |n| n.nsid)); // NN
-        // ONCS: Compare, Dataset Management, Write Zeroes.
-        put16(page, 520, 1 | 1 << 2 | 1 << 3);
+        // ONCS: Compare (done by the target), Dataset Management and Write Zeroes where every
+        // NVMe device behind a namespace has them.
+        let dsm_wz = s.namespaces.iter().filter_map(|n| n.backend.device()).fold(1 << 2 | 1 << 3, |a, d| a & d.oncs);
+        put16(page, 520, 1 | dsm_wz);
         page[525] = s.namespaces.iter().any(|n| n.backend.volatile_write_cache()).into(); // VWC
         put32(page, 540, s.namespaces.len() as u32); // MNAN
     }
@@ -213,6 +221,15 @@ fn get_log_page(target: &Target, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) 
         (lid::ERROR, _) => &page[..64], // ELPE 0: one entry, error count 0 = empty
         (lid::SMART, Some(s)) => {
             smart_log(s, &mut page);
+            // One NVMe device behind the subsystem: its own health, as it reports it.
+            if let [ns] = &s.namespaces[..]
+                && let Some(log) = ns.backend.health_log()
+            {
+                match log {
+                    Ok(l) => page[..512].copy_from_slice(&l[..512]),
+                    Err(e) => tracing::warn!(nsid = ns.nsid, "SMART log of the device: {e}; the target's own instead"),
+                }
+            }
             &page[..512]
         }
         (lid::FIRMWARE_SLOT, Some(_)) => {

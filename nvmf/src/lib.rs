@@ -20,7 +20,7 @@ pub mod wire;
 
 pub use ctrl::Controller;
 pub use io::Completion;
-pub use ns::{Backend, BackendQueue, IoDone, IoRequest, Namespace, Op};
+pub use ns::{Backend, BackendQueue, DeviceFacts, IoDone, IoRequest, Namespace, Op};
 pub use queue::{Direction, Exec, Queue, Response};
 pub use status::{Status, sct};
 pub use subsystem::{DISCOVERY_NQN, IoStats, Port, Subsystem, TrType, TransportParams};

@@ -66,6 +66,27 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn flush(&self) -> io::Result<()>;
     /// This backend's side of one I/O queue of `depth` commands.
     fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>>;
+    /// What a backend on an NVMe device says of it, passed through to hosts instead of the
+    /// target's own values; `None` for storage that is no NVMe device.
+    fn device(&self) -> Option<&DeviceFacts> {
+        None
+    }
+    /// The device's SMART / Health Information log page (512 bytes), read now; may block
+    /// briefly (an admin command).
+    fn health_log(&self) -> Option<io::Result<Vec<u8>>> {
+        None
+    }
+}
+
+/// Identify fields of an NVMe namespace and its controller that hosts should see as they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceFacts {
+    /// Identify Namespace NSFEAT, NOWS (valid with NSFEAT bit 4) and DLFEAT.
+    pub nsfeat: u8,
+    pub nows: u16,
+    pub dlfeat: u8,
+    /// Identify Controller ONCS: what the device supports.
+    pub oncs: u16,
 }
 
 /// Where one queue submits operations and collects their completions (SPDK's

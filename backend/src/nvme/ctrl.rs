@@ -442,7 +442,8 @@ impl Controller {
     pub fn give_up(&self, why: String) -> String {
         let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         if failed.is_none() {
-            let why = format!("{}: {why}; its commands fail from now on (restart the target once it is fixed)", self.pci);
+            let why =
+                format!("{}: {why}; its commands fail from now on (restart the target once it is fixed)", self.pci);
             tracing::error!("NVMe controller given up: {why}");
             self.regs.write32(reg::CC, self.regs.read32(reg::CC) & !reg::CC_EN);
             *failed = Some(why);

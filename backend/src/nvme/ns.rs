@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::io::opcode;
 use p2pnvmf_nvmf::wire::Sqe;
-use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
+use p2pnvmf_nvmf::{Backend, BackendQueue, DeviceFacts, IoDone, IoRequest, Op};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
 use tokio::io::unix::AsyncFd;
@@ -53,6 +53,7 @@ pub struct NvmeVfio {
     shift: u32,
     /// Largest transfer per command.
     max_part: usize,
+    facts: DeviceFacts,
 }
 
 impl NvmeVfio {
@@ -69,7 +70,8 @@ impl NvmeVfio {
         }
         let max_part = ctrl.id.max_transfer(PAGE).unwrap_or(MAX_PART).min(MAX_PART);
         info!(%pci, nsid, blocks = id.nsze, block_size = id.block_size, max_part, vwc = ctrl.id.vwc, "NVMe namespace ready");
-        Ok(NvmeVfio { shift: id.block_size.trailing_zeros(), ctrl, nsid, id, max_part, sync: Mutex::new(None) })
+        let facts = DeviceFacts { nsfeat: id.nsfeat, nows: id.nows, dlfeat: id.dlfeat, oncs: ctrl.id.oncs };
+        Ok(NvmeVfio { shift: id.block_size.trailing_zeros(), ctrl, nsid, id, max_part, facts, sync: Mutex::new(None) })
     }
 
     /// log2 of the namespace's block size.
@@ -85,6 +87,15 @@ impl NvmeVfio {
 impl Backend for NvmeVfio {
     fn size_bytes(&self) -> u64 {
         self.id.nsze << self.shift
+    }
+
+    fn device(&self) -> Option<&DeviceFacts> {
+        Some(&self.facts)
+    }
+
+    fn health_log(&self) -> Option<io::Result<Vec<u8>>> {
+        // SMART / Health Information for the whole controller.
+        Some(self.ctrl.log_page(0x02, u32::MAX, 512).map_err(io::Error::other))
     }
 
     fn volatile_write_cache(&self) -> bool {

@@ -182,6 +182,8 @@ pub struct IdNamespace {
     pub metadata: u16,
     /// Namespace Optimal Write Size, 0's based blocks (valid when NSFEAT bit 4).
     pub nows: u16,
+    /// Deallocate Logical Block Features.
+    pub dlfeat: u8,
 }
 
 impl IdNamespace {
@@ -197,6 +199,7 @@ impl IdNamespace {
             block_size: 1u32.checked_shl(u32::from(page[lbaf + 2])).unwrap_or(0),
             metadata: u16_at(lbaf),
             nows: u16_at(72),
+            dlfeat: page[33],
         }
     }
 

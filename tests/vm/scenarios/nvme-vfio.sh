@@ -14,6 +14,7 @@ for c in /sys/class/nvme/nvme*; do [[ $(readlink -f "$c/device") == */$ssd ]] &&
 step "SSD $ssd ($disk on $ctrl) with the kernel's nvme driver"
 nvme id-ctrl "$ctrl" -o json > /tmp/scn/id-ctrl.json || die "nvme id-ctrl failed"
 nvme id-ns "/dev/$disk" -o json > /tmp/scn/id-ns.json || die "nvme id-ns failed"
+nvme smart-log "$ctrl" -o json > /tmp/scn/smart.json || die "nvme smart-log failed"
 
 cfg() {
     rdma_config /tmp/scn/target.toml "$NQN"
@@ -60,6 +61,28 @@ kernel = (c['sn'].strip(), c['mn'].strip(), c['fr'].strip(), c['mdts'], n['nsze'
 print('ours  ', ours)
 print('kernel', kernel)
 assert ours == kernel
+PY
+
+step "a host sees the SSD's own Identify fields and health through the target"
+dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 1)
+nvme id-ns "$dev" -o json > /tmp/scn/host-id-ns.json || die "nvme id-ns over the fabric failed"
+nvme id-ctrl "$dev" -o json > /tmp/scn/host-id-ctrl.json || die "nvme id-ctrl over the fabric failed"
+nvme smart-log "$dev" -o json > /tmp/scn/host-smart.json || die "nvme smart-log over the fabric failed"
+nvme_disconnect_nqn "$NQN" >/dev/null
+python3 - <<'PY' || die "the host sees other Identify fields or health than the SSD's"
+import json
+load = lambda f: json.load(open('/tmp/scn/' + f))
+local_ns, host_ns = load('id-ns.json'), load('host-id-ns.json')
+for k in ('nsze', 'nsfeat', 'nows', 'dlfeat'):
+    print(k, local_ns[k], host_ns[k])
+    assert local_ns[k] == host_ns[k], k
+local_c, host_c = load('id-ctrl.json'), load('host-id-ctrl.json')
+print('oncs', local_c['oncs'], host_c['oncs'])
+assert host_c['oncs'] & 0xc == local_c['oncs'] & 0xc and host_c['vwc'] & 1 == local_c['vwc'] & 1
+local_s, host_s = load('smart.json'), load('host-smart.json')
+for k in ('critical_warning', 'temperature', 'avail_spare', 'spare_thresh', 'percent_used', 'power_on_hours'):
+    print(k, local_s[k], host_s[k])
+    assert local_s[k] == host_s[k], k
 PY
 
 for t in tcp rdma; do
