@@ -58,19 +58,20 @@ fn ns_buffers(
     let provider = match &n.backend {
         BackendCfg::File { path, .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| {
             let dev = Sysfs::new("/").block_device_of(path)?;
-            let (i, d) = p.for_block_device(&dev)?;
+            let (i, d) = p.for_block_device(&dev, n.provider)?;
             info!(subnqn, nsid = n.nsid, device = %dev.name, ssd = ?dev.functions.iter().map(ToString::to_string).collect::<Vec<_>>(),
                   provider = %p.providers[i].pci, path = d.path.as_str(), distance = d.distance, "the SSD reaches p2pmem: {}", d.reason);
             Ok(i)
         }),
-        BackendCfg::Ram { .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| p.for_namespace()),
+        BackendCfg::Ram { .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| p.for_namespace(n.provider)),
         // The SSD's own CMB first, else the nearest BAR window it reaches: its PRPs carry the
         // memory's bus address. p2pmem is the kernel's to place, not ours.
         BackendCfg::NvmeVfio { pci, .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| {
             let client = Client::Pci { addr: *pci, name: None };
+            let allowed = p.allowed(n.provider)?;
             let mut why = Vec::new();
             let mut best: Option<(usize, u32)> = None;
-            for (i, pr) in p.providers.iter().enumerate().filter(|(_, pr)| pr.kind != Kind::P2pmem) {
+            for (i, pr) in p.providers.iter().enumerate().filter(|(i, pr)| pr.kind != Kind::P2pmem && allowed.contains(i)) {
                 let (d, pool) = p.for_client(i, &client);
                 match (pool, d.distance) {
                     (Some(_), Some(dist)) if best.is_none_or(|(_, b)| dist < b) => best = Some((i, dist)),

@@ -90,6 +90,9 @@ pub struct Namespace {
     pub nsid: u32,
     pub backend: Backend,
     pub buffers: Buffers,
+    /// `provider`: the p2p provider (PCI address) its buffers must come from, instead of the
+    /// nearest usable one.
+    pub provider: Option<p2pnvmf_p2p::pci::PciAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

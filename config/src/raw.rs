@@ -82,6 +82,7 @@ struct RawNamespace {
     pci: Option<Spanned<String>>,
     device_nsid: Option<Spanned<i64>>,
     buffers: Option<Spanned<String>>,
+    provider: Option<Spanned<String>>,
 }
 
 struct Ctx<'a> {
@@ -405,7 +406,15 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
             );
         }
     };
-    Ok(Namespace { nsid, backend, buffers })
+    let provider = match &r.provider {
+        None => None,
+        Some(_) if buffers == Buffers::Host => {
+            let p = r.provider.as_ref().expect("matched");
+            return Err(cx.err(p.span(), format!("{key}.provider: buffers = \"host\" takes no p2p provider")));
+        }
+        Some(p) => Some(p.get_ref().parse().map_err(|e| cx.err(p.span(), format!("{key}.provider: {e}")))?),
+    };
+    Ok(Namespace { nsid, backend, buffers, provider })
 }
 
 #[cfg(test)]
@@ -442,6 +451,46 @@ mod tests {
         let e = err(&src);
         assert_eq!(e.line, 13, "{e}");
         assert!(e.message.starts_with("subsystem[0].namespace[0].size: unknown size unit"), "{e}");
+    }
+
+    #[test]
+    fn nvme_vfio_namespaces_and_pinned_providers() {
+        let ns = |body: &str| {
+            format!(
+                "{LISTENER}\n[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\n{body}"
+            )
+        };
+        let c = parse(
+            &ns("backend = \"nvme-vfio\"\npci = \"0000:05:00.0\"\ndevice_nsid = 2\nprovider = \"0000:03:00.0\"\n"),
+            "t",
+        )
+        .unwrap();
+        let n = &c.subsystems[0].namespaces[0];
+        assert_eq!(n.backend, Backend::NvmeVfio { pci: "0000:05:00.0".parse().unwrap(), device_nsid: 2 });
+        assert_eq!(n.provider, Some("0000:03:00.0".parse().unwrap()));
+        let c = parse(&ns("backend = \"nvme-vfio\"\npci = \"0000:05:00.0\"\n"), "t").unwrap();
+        assert_eq!(
+            c.subsystems[0].namespaces[0].backend,
+            Backend::NvmeVfio { pci: "0000:05:00.0".parse().unwrap(), device_nsid: 1 }
+        );
+        for (body, want) in [
+            ("backend = \"nvme-vfio\"\n", "backend \"nvme-vfio\" needs pci"),
+            ("backend = \"nvme-vfio\"\npci = \"5:00\"\n", "subsystem[0].namespace[0].pci:"),
+            ("backend = \"nvme-vfio\"\npci = \"0000:05:00.0\"\nsize = 4096\n", "serves the SSD namespace's own size"),
+            (
+                "backend = \"nvme-vfio\"\npci = \"0000:05:00.0\"\ndevice_nsid = 0\n",
+                "device_nsid: 0 is not a valid NSID",
+            ),
+            ("backend = \"ram\"\nsize = 4096\ndevice_nsid = 1\n", "only the \"nvme-vfio\" backend takes it"),
+            (
+                "backend = \"ram\"\nsize = 4096\nbuffers = \"host\"\nprovider = \"0000:03:00.0\"\n",
+                "buffers = \"host\" takes no p2p provider",
+            ),
+            ("backend = \"ram\"\nsize = 4096\nprovider = \"zz\"\n", "subsystem[0].namespace[0].provider:"),
+        ] {
+            let e = err(&ns(body));
+            assert!(e.message.contains(want), "{body}: {e}");
+        }
     }
 
     #[test]

@@ -196,7 +196,7 @@ mod tests {
     #[test]
     fn each_mover_gets_the_pool_or_host_memory_with_a_reason() {
         let (p2p, dir) = p2p();
-        assert_eq!(p2p.for_namespace(), Ok(0));
+        assert_eq!(p2p.for_namespace(None), Ok(0));
         // NVMe/TCP with buffers = "p2p": the CPU copies through the provider's mapping.
         assert!(decide(&p2p, 0, true, &Mover::Cpu).is_ok());
         assert_eq!(controller_pools(&p2p, &controller(true), &Mover::Cpu).len(), 1);

@@ -38,24 +38,36 @@ impl P2p {
         Ok(P2p { topology, providers, pools })
     }
 
-    /// The provider a namespace's buffers come from: the first with a pool. `Err` lists why
-    /// each provider is unusable.
-    pub fn for_namespace(&self) -> Result<usize, String> {
-        if let Some(i) = self.pools.iter().position(Result::is_ok) {
+    /// The providers a namespace may use: all, or the one its `provider` key pins.
+    pub fn allowed(&self, pin: Option<PciAddr>) -> Result<Vec<usize>, String> {
+        let all: Vec<usize> =
+            (0..self.providers.len()).filter(|&i| pin.is_none_or(|p| self.providers[i].pci == p)).collect();
+        match (pin, all.is_empty()) {
+            (Some(p), true) => Err(format!("provider {p} is not a p2p provider here (p2pnvmf topology lists them)")),
+            _ => Ok(all),
+        }
+    }
+
+    /// The provider a namespace's buffers come from: the first with a pool (of those `pin`
+    /// allows). `Err` lists why each provider is unusable.
+    pub fn for_namespace(&self, pin: Option<PciAddr>) -> Result<usize, String> {
+        let allowed = self.allowed(pin)?;
+        if let Some(&i) = allowed.iter().find(|&&i| self.pools[i].is_ok()) {
             return Ok(i);
         }
         if self.providers.is_empty() {
             return Err("no p2p provider: no NVMe CMB, p2pmem or configured BAR was found".into());
         }
-        let why: Vec<String> = self.pools.iter().filter_map(|r| r.as_ref().err().cloned()).collect();
+        let why: Vec<String> = allowed.iter().filter_map(|&i| self.pools[i].as_ref().err().cloned()).collect();
         Err(why.join("; "))
     }
 
     /// The provider whose memory the kernel's driver of block device `dev` may DMA into — a
-    /// p2pmem provider with a pool that every function serving `dev` reaches, the nearest
-    /// first — with how it reaches it; `Err` says why there is none. Only p2pmem qualifies: the
+    /// p2pmem provider with a pool (of those `pin` allows) that every function serving `dev`
+    /// reaches, the nearest first — with how it reaches it; `Err` says why there is none. Only p2pmem qualifies: the
     /// kernel pins p2pmem pages for a device's DMA, never a user mapping of a BAR.
-    pub fn for_block_device(&self, dev: &BlockDevice) -> Result<(usize, Decision), String> {
+    pub fn for_block_device(&self, dev: &BlockDevice, pin: Option<PciAddr>) -> Result<(usize, Decision), String> {
+        let allowed = self.allowed(pin)?;
         for f in &dev.functions {
             let func =
                 self.topology.function(*f).ok_or_else(|| format!("{}: {f} is not in the PCI topology", dev.name))?;
@@ -68,7 +80,7 @@ impl P2p {
         }
         let mut why = Vec::new();
         let mut best: Option<(usize, Decision)> = None;
-        for (i, p) in self.providers.iter().enumerate().filter(|(_, p)| p.kind == Kind::P2pmem) {
+        for (i, p) in self.providers.iter().enumerate().filter(|(i, p)| p.kind == Kind::P2pmem && allowed.contains(i)) {
             if let Err(e) = &self.pools[i] {
                 why.push(format!("p2pmem of {}: {e}", p.pci));
                 continue;

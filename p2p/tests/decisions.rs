@@ -12,9 +12,12 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
-/// A private copy of a fixture tree: reading a CMB programs CMBMSC, which writes resource0.
+/// A private copy of a fixture tree (one per test, which may run in parallel): reading a CMB
+/// programs CMBMSC, which writes resource0.
 fn copy_of(name: &str) -> (Sysfs, PathBuf) {
-    let dst = std::env::temp_dir().join(format!("p2pnvmf-fixture-{name}-{}", std::process::id()));
+    static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dst = std::env::temp_dir().join(format!("p2pnvmf-fixture-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dst);
     assert!(std::process::Command::new("cp").arg("-a").arg(fixture(name)).arg(&dst).status().unwrap().success());
     (Sysfs::new(&dst), dst)
@@ -194,11 +197,11 @@ fn a_file_namespace_takes_p2pmem_its_nvme_reaches_and_nothing_else() {
     // Debian's kernels: no p2pmem, and the CMB mapped through sysfs is no DMA target for the kernel.
     let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
     assert_eq!(p2p.providers.iter().map(|p| p.kind).collect::<Vec<_>>(), [Kind::NvmeCmb]);
-    let e = p2p.for_block_device(&nvme0n1).unwrap_err();
+    let e = p2p.for_block_device(&nvme0n1, None).unwrap_err();
     assert!(e.starts_with("no p2pmem") && e.contains("CONFIG_PCI_P2PDMA"), "{e}");
     let sda = disk(8, 0).unwrap();
     assert!(
-        p2p.for_block_device(&sda)
+        p2p.for_block_device(&sda, None)
             .unwrap_err()
             .contains("sda is on 0000:04:00.0 (class 020000), not an NVMe controller")
     );
@@ -211,9 +214,14 @@ fn a_file_namespace_takes_p2pmem_its_nvme_reaches_and_nothing_else() {
     }
     std::fs::File::create(p2pmem.join("allocate")).unwrap().set_len(64 << 20).unwrap();
     let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
-    let (i, d) = p2p.for_block_device(&nvme0n1).unwrap();
+    let (i, d) = p2p.for_block_device(&nvme0n1, None).unwrap();
     let p = &p2p.providers[i];
     assert_eq!((p.kind, d.path, d.distance), (Kind::P2pmem, Path::BusAddress, Some(0)));
+    // Pinned by `provider` (a PCI function): its p2pmem qualifies; a function that provides
+    // nothing is named.
+    assert_eq!(p2p.for_block_device(&nvme0n1, Some(a("0000:03:00.0"))).unwrap().0, 1);
+    let e = p2p.for_block_device(&nvme0n1, Some(a("0000:04:00.0"))).unwrap_err();
+    assert_eq!(e, "provider 0000:04:00.0 is not a p2p provider here (p2pnvmf topology lists them)");
     // Addresses from the BAR holding it: the host bridge's offset shows.
     assert_eq!((p.bar, p.cpu_addr, p.bus_addr), (Some(2), 0x6000_0800_0000, 0x8800_0000));
     let report = p2p.report().to_text();
@@ -222,7 +230,7 @@ fn a_file_namespace_takes_p2pmem_its_nvme_reaches_and_nothing_else() {
     // Used up by others: nothing left to pool, said so.
     std::fs::write(p2pmem.join("available"), "0\n").unwrap();
     let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
-    let e = p2p.for_block_device(&nvme0n1).unwrap_err();
+    let e = p2p.for_block_device(&nvme0n1, None).unwrap_err();
     assert!(e.contains("p2pmem of 0000:03:00.0: 0000:03:00.0: p2pmem has no memory available"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -241,7 +249,7 @@ fn p2pmem_out_of_an_nvmes_reach_is_named() {
     let rel = dev("0001:02:00.0").join("nvme/nvme1/nvme1n1");
     block_link(&dir, "259:3", rel.strip_prefix(&dir).unwrap().to_str().unwrap());
     let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
-    let e = p2p.for_block_device(&sysfs.block_device(259, 3).unwrap()).unwrap_err();
+    let e = p2p.for_block_device(&sysfs.block_device(259, 3).unwrap(), None).unwrap_err();
     assert!(e.contains("p2pmem of 0000:02:00.0 is out of reach of 0001:02:00.0: no common upstream switch"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -20,9 +20,11 @@ peer_run() {
     local provider=$1 kind=$2 bus=$3 through host
     step "NVMe/TCP, buffers = p2p, $kind $provider at bus address $(printf '%#x' "$bus")"
     rdma_config /tmp/scn/target.toml "$NQN"
-    sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$ssd\"\nbuffers = \"p2p\"|; /^size = /d" /tmp/scn/target.toml
-    printf '\n[metrics]\nlisten = "127.0.0.1:9464"\n[[p2p.provider]]\npci = "%s"\nkind = "%s"\n%s\n' "$provider" "$kind" \
-        "$([[ $kind == bar ]] && echo 'bar = 2')" >> /tmp/scn/target.toml
+    sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$ssd\"\nbuffers = \"p2p\"\nprovider = \"$provider\"|; /^size = /d" \
+        /tmp/scn/target.toml
+    # Both peers are providers; the namespace's `provider` key pins one.
+    printf '\n[metrics]\nlisten = "127.0.0.1:9464"\n[[p2p.provider]]\npci = "%s"\nkind = "bar"\nbar = 2\n' "$shm" >> /tmp/scn/target.toml
+    printf '[[p2p.provider]]\npci = "%s"\nkind = "nvme-cmb"\n' "$cmb" >> /tmp/scn/target.toml
     : > "$TARGET_LOG"
     start_target /tmp/scn/target.toml 4421
     grep -q "p2p buffers available .*provider=$provider kind=\"$kind\"" "$TARGET_LOG" || die "the namespace did not take $provider"
