@@ -9,7 +9,7 @@ fn vm_nvme_vfio_identify_verify_and_give_back() {
     let topo = Topology::new()
         .iommu()
         .root_port("rp1")
-        .nvme("ssd", "rp1", Nvme { serial: "VFIOSSD1".into(), size_mib: 256, cmb_mib: None })
+        .nvme("ssd", "rp1", Nvme { serial: "VFIOSSD1".into(), size_mib: 256, cmb_mib: None, block_size: None })
         .nic("pcie.0");
     Scenario::new("nvme-vfio", topo, "nvme-vfio.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
@@ -22,10 +22,15 @@ fn vm_nvme_vfio_identify_verify_and_give_back() {
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
 fn vm_nvme_vfio_prps_carry_the_cmb_bus_address() {
+    // 4096-byte blocks: the target's namespace takes the SSD's format.
     let topo = Topology::new()
         .iommu()
         .root_port("rp1")
-        .nvme("ssd", "rp1", Nvme { serial: "VFIOCMB1".into(), size_mib: 256, cmb_mib: Some(64) })
+        .nvme(
+            "ssd",
+            "rp1",
+            Nvme { serial: "VFIOCMB1".into(), size_mib: 256, cmb_mib: Some(64), block_size: Some(4096) },
+        )
         .nic("pcie.0");
     Scenario::new("nvme-vfio-cmb", topo, "nvme-vfio-cmb.sh")
         .qemu_trace(&["pci_nvme_map_addr_cmb", "pci_nvme_err_*"])
@@ -41,12 +46,24 @@ fn vm_nvme_vfio_prps_carry_a_peer_bar_bus_address() {
         .iommu()
         .root_port("rp1")
         .switch("up1", "rp1", &["dn1", "dn2", "dn3"])
-        .nvme("ssd", "dn1", Nvme { serial: "VFIOPEER1".into(), size_mib: 256, cmb_mib: None })
+        .nvme("ssd", "dn1", Nvme { serial: "VFIOPEER1".into(), size_mib: 256, cmb_mib: None, block_size: None })
         .ivshmem("shm", "dn2", 32)
-        .nvme("cmb", "dn3", Nvme { serial: "PEERCMB1".into(), size_mib: 64, cmb_mib: Some(64) })
+        .nvme("cmb", "dn3", Nvme { serial: "PEERCMB1".into(), size_mib: 64, cmb_mib: Some(64), block_size: None })
         .nic("pcie.0");
     Scenario::new("nvme-vfio-peer", topo, "nvme-vfio-peer.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .timeout(std::time::Duration::from_secs(600))
+        .run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_nvme_vfio_refuses_without_an_iommu() {
+    let topo = Topology::new()
+        .root_port("rp1")
+        .nvme("ssd", "rp1", Nvme { serial: "NOIOMMU1".into(), size_mib: 64, cmb_mib: None, block_size: None })
+        .nic("pcie.0");
+    Scenario::new("nvme-vfio-no-iommu", topo, "nvme-vfio-no-iommu.sh")
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .run_ok();
 }

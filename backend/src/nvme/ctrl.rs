@@ -65,6 +65,13 @@ impl Claim {
             }
             None => {}
         }
+        if !dir.join("iommu_group").exists() {
+            return Err(format!(
+                "{pci}: no IOMMU group: the IOMMU is off (turn it on with intel_iommu=on or amd_iommu=on on the kernel \
+                 command line); nvme-vfio needs it to keep the SSD's DMA to the target's memory, and its \
+                 physical-address mode without one is not built yet"
+            ));
+        }
         let root = sysfs.root().join("sys/bus/pci");
         if !root.join("drivers/vfio-pci").exists() {
             return Err(format!("{pci}: the vfio-pci driver is not loaded (modprobe vfio-pci)"));
@@ -340,6 +347,10 @@ impl Controller {
     /// Runs one admin command and waits for its completion; a status other than success is
     /// an error naming the command.
     fn admin_cmd(&self, mut sqe: Sqe) -> Result<Cqe, String> {
+        // A controller given up on answers nothing: fail at once instead of waiting.
+        if let Some(why) = self.failed() {
+            return Err(why);
+        }
         let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let cid = a.next_cid;
         a.next_cid = a.next_cid.wrapping_add(1);
@@ -364,6 +375,9 @@ impl Controller {
                 };
             }
             let csts = self.regs.read32(reg::CSTS);
+            if let Some(why) = self.failed() {
+                return Err(why);
+            }
             if csts & reg::CSTS_CFS != 0 || start.elapsed() > ADMIN_TIMEOUT {
                 return Err(format!(
                     "{}: admin command {:#04x} got no completion within {:?} (CSTS {csts:#x})",
@@ -544,6 +558,13 @@ mod tests {
         let nvme: PciAddr = "0000:03:00.0".parse().unwrap();
         let e = Claim::take(&s, "0000:7f:00.0".parse().unwrap()).unwrap_err();
         assert!(e.contains("0000:7f:00.0: no such PCI function"), "{e}");
+        // No IOMMU (no group): refused before anything is written.
+        let group = s.function_dir(nvme).join("iommu_group");
+        let target = std::fs::read_link(&group).unwrap();
+        std::fs::remove_file(&group).unwrap();
+        let e = Claim::take(&s, nvme).unwrap_err();
+        assert!(e.contains("0000:03:00.0: no IOMMU group: the IOMMU is off"), "{e}");
+        std::os::unix::fs::symlink(target, &group).unwrap();
         // vfio-pci not loaded: nothing is written.
         let e = Claim::take(&s, nvme).unwrap_err();
         assert!(e.contains("the vfio-pci driver is not loaded (modprobe vfio-pci)"), "{e}");

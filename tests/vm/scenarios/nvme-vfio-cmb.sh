@@ -2,6 +2,7 @@
 # socket's data lands in CMB chunks and the SSD's DMA is addressed to its CMB (the bus address
 # programmed into CMBMSC), which qemu's pci_nvme_map_addr_cmb trace shows byte for byte beside our
 # counters; with buffers = "host" no transfer touches the CMB; over rxe the controller falls back.
+# The SSD is formatted with 4096-byte blocks, which the target's namespace takes.
 
 NQN=nqn.2026-11.io.p2pnvmf:vfio-cmb
 ssd=$(nvme_with_cmb)
@@ -40,6 +41,7 @@ grep -E "CMB enabled for data|p2p buffers available|NVMe controller up" "$TARGET
 grep -q "CMB enabled for data: PRPs carry its bus address pci=$ssd bus=$(printf '%#x' "$bus")" "$TARGET_LOG" \
     || die "the driver did not enable the CMB at its bus address"
 grep -q "p2p buffers available .*provider=$ssd kind=\"nvme-cmb\"" "$TARGET_LOG" || die "the namespace did not take the CMB"
+grep -q "NVMe namespace ready .*block_size=4096" "$TARGET_LOG" || die "the SSD's 4096-byte format was not taken"
 read -r tr cmb host < <(run_verify tcp 4421)
 echo "qemu traced $tr bytes CMB-addressed; p2pnvmf counted $cmb through the CMB, $host through host memory"
 (( tr > 0 && cmb == tr && host == 0 )) || die "p2p run: trace $tr, CMB $cmb, host $host"

@@ -50,6 +50,8 @@ pub struct Nvme {
     pub size_mib: u64,
     /// Controller Memory Buffer size; qemu puts it in BAR2 (64-bit, prefetchable).
     pub cmb_mib: Option<u32>,
+    /// Logical (and physical) block size of its namespace; qemu's default is 512.
+    pub block_size: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +163,9 @@ impl Topology {
                     let mut d = format!("nvme,id={id},bus={},serial={},drive=drv-{id}", bus.qemu_name(), nvme.serial);
                     if let Some(cmb) = nvme.cmb_mib {
                         let _ = write!(d, ",cmb_size_mb={cmb}");
+                    }
+                    if let Some(bs) = nvme.block_size {
+                        let _ = write!(d, ",logical_block_size={bs},physical_block_size={bs}");
                     }
                     push("-device", d);
                 }
@@ -558,11 +563,11 @@ mod tests {
         let t = Topology::new()
             .root_port("rp1")
             .switch("up1", "rp1", &["dn1", "dn2", "dn3"])
-            .nvme("cmb", "dn1", Nvme { serial: "CMB1".into(), size_mib: 1, cmb_mib: Some(64) })
+            .nvme("cmb", "dn1", Nvme { serial: "CMB1".into(), size_mib: 1, cmb_mib: Some(64), block_size: None })
             .nic("dn2")
             .ivshmem("shm", "dn3", 32)
             .root_port("rp2")
-            .nvme("other", "rp2", Nvme { serial: "N2".into(), size_mib: 1, cmb_mib: None })
+            .nvme("other", "rp2", Nvme { serial: "N2".into(), size_mib: 1, cmb_mib: None, block_size: None })
             .iommu();
         let args = t.qemu_args(&dir).unwrap();
         let devices: Vec<&str> = args.chunks(2).filter(|c| c[0] == "-device").map(|c| c[1].as_str()).collect();
