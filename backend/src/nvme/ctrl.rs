@@ -6,6 +6,7 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -220,8 +221,10 @@ pub struct Controller {
     /// Bus addresses of peer memory mapped for the SSD (at IOVA = bus address).
     peers: Mutex<Vec<u64>>,
     /// Why the controller was given up on (fatal status, reset, a command that never ended);
-    /// from then on every command fails at once.
+    /// from then on every command fails at once. `is_failed` is what the I/O path reads (no
+    /// lock shared between queues per I/O).
     failed: Mutex<Option<String>>,
+    is_failed: AtomicBool,
     _claim: Claim,
 }
 
@@ -325,6 +328,7 @@ impl Controller {
             cmb,
             peers: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
+            is_failed: AtomicBool::new(false),
             _claim: claim,
         };
         c.id = IdController::parse(&c.identify(admin::CNS_CONTROLLER, 0)?);
@@ -433,6 +437,9 @@ impl Controller {
 
     /// Why the controller was given up on, if it was.
     pub fn failed(&self) -> Option<String> {
+        if !self.is_failed.load(Ordering::Acquire) {
+            return None;
+        }
         self.failed.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -461,12 +468,14 @@ impl Controller {
             tracing::error!("NVMe controller given up: {why}");
             self.regs.write32(reg::CC, self.regs.read32(reg::CC) & !reg::CC_EN);
             *failed = Some(why);
+            self.is_failed.store(true, Ordering::Release);
         }
         failed.clone().expect("set")
     }
 
     /// Where the SSD reaches peer device memory starting at bus address `bus` (`pin` keeps
-    /// it mapped): the bus address itself, mapped at that IOVA once per controller.
+    /// it mapped): the bus address itself, mapped at that IOVA once per controller (queues ask
+    /// once per peer, not per I/O).
     pub fn peer(&self, pin: &MappingPin, bus: u64) -> Result<u64, String> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if !peers.contains(&bus) {

@@ -153,6 +153,8 @@ impl Backend for NvmeVfio {
             own,
             moved: Moved::default(),
             health: Box::pin(tokio::time::sleep(HEALTH_CHECK)),
+            checked: Instant::now(),
+            peers: Vec::new(),
             in_flight: 0,
             warned: false,
         }))
@@ -205,6 +207,10 @@ pub struct NvmeQueue {
     /// Wakes the queue's task now and then while commands are at the SSD, to see to their
     /// health (an SSD that stopped answering raises no interrupt).
     health: Pin<Box<tokio::time::Sleep>>,
+    /// When the controller's health was last looked at.
+    checked: Instant,
+    /// Bus addresses of peer memory this queue knows the SSD reaches.
+    peers: Vec<u64>,
 }
 
 /// Mappings a queue maps for the SSD on first sight, at most (a slot buffer each, and a few
@@ -227,9 +233,15 @@ impl NvmeQueue {
                 return Some(cmb.bus + w.offset() as u64);
             }
             // Peer memory: its bus address (mapped at that IOVA for the SSD, once).
-            let pin = w.pin_mapping();
-            return match self.ns.ctrl.peer(&pin, pin.bus_addr()?) {
-                Ok(base) => Some(base + w.offset() as u64),
+            let bus = w.bus_addr()? - w.offset() as u64;
+            if self.peers.contains(&bus) {
+                return Some(bus + w.offset() as u64);
+            }
+            return match self.ns.ctrl.peer(&w.pin_mapping(), bus) {
+                Ok(base) => {
+                    self.peers.push(base);
+                    Some(base + w.offset() as u64)
+                }
                 Err(e) => {
                     warn!(pci = %self.ns.ctrl.pci, provider = dev, "peer memory not reachable by the SSD (bounce buffers instead): {e}");
                     None
@@ -397,9 +409,11 @@ impl NvmeQueue {
     /// [`COMMAND_TIMEOUT`], gets the controller given up on (disabled, so it does no more DMA)
     /// and every command of the queue answered with the reason.
     fn see_to_health(&mut self, done: &mut dyn FnMut(IoDone)) {
-        if self.in_flight == 0 {
+        // A register read is a round trip to the device: at most once per HEALTH_CHECK.
+        if self.in_flight == 0 || self.checked.elapsed() < HEALTH_CHECK && self.ns.ctrl.failed().is_none() {
             return;
         }
+        self.checked = Instant::now();
         let oldest = self.slots.iter().filter_map(|s| s.since).min();
         let late = oldest.is_some_and(|t| t.elapsed() > COMMAND_TIMEOUT);
         let why = match self.ns.ctrl.check() {
