@@ -68,21 +68,11 @@ fn ns_buffers(
         // memory's bus address. p2pmem is the kernel's to place, not ours.
         BackendCfg::NvmeVfio { pci, .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| {
             let client = Client::Pci { addr: *pci, name: None };
-            let allowed = p.allowed(n.provider)?;
-            let mut why = Vec::new();
-            let mut best: Option<(usize, u32)> = None;
-            for (i, pr) in p.providers.iter().enumerate().filter(|(i, pr)| pr.kind != Kind::P2pmem && allowed.contains(i)) {
-                let (d, pool) = p.for_client(i, &client);
-                match (pool, d.distance) {
-                    (Some(_), Some(dist)) if best.is_none_or(|(_, b)| dist < b) => best = Some((i, dist)),
-                    (Some(_), _) => {}
-                    (None, _) => why.push(format!("{}: {}", pr.pci, p.pool(i).err().unwrap_or(d.reason))),
-                }
+            match p.nearest(&[client], |pr| pr.kind != Kind::P2pmem, n.provider)? {
+                Ok((i, _)) => Ok(i),
+                Err(why) if why.is_empty() => Err(format!("no CMB or memory BAR that {pci} reaches")),
+                Err(why) => Err(format!("no provider {pci} reaches: {}", why.join("; "))),
             }
-            best.map(|(i, _)| i).ok_or_else(|| match why.is_empty() {
-                true => format!("no CMB or memory BAR that {pci} reaches"),
-                false => format!("no provider {pci} reaches: {}", why.join("; ")),
-            })
         }),
     };
     match provider {

@@ -62,12 +62,43 @@ impl P2p {
         Err(why.join("; "))
     }
 
+    /// The nearest provider (of those `eligible` and `pin` allows) with a pool that every one
+    /// of `clients` reaches, with the farthest client's decision; else why each candidate is
+    /// out (empty: there was no candidate). `Err` only for a `pin` naming no provider.
+    pub fn nearest(
+        &self,
+        clients: &[Client],
+        eligible: impl Fn(&Provider) -> bool,
+        pin: Option<PciAddr>,
+    ) -> Result<Result<(usize, Decision), Vec<String>>, String> {
+        let allowed = self.allowed(pin)?;
+        let mut why = Vec::new();
+        let mut best: Option<(usize, Decision)> = None;
+        for (i, p) in self.providers.iter().enumerate().filter(|(i, p)| eligible(p) && allowed.contains(i)) {
+            let kind = p.kind.as_str();
+            if let Err(e) = &self.pools[i] {
+                why.push(format!("{kind} of {}: {e}", p.pci));
+                continue;
+            }
+            let decisions: Vec<(String, Decision)> =
+                clients.iter().map(|c| (c.id(), self.topology.decide(p.pci, c))).collect();
+            if let Some((c, d)) = decisions.iter().find(|(_, d)| d.path == Path::None) {
+                why.push(format!("{kind} of {} is out of reach of {c}: {}", p.pci, d.reason));
+                continue;
+            }
+            let worst = decisions.into_iter().map(|(_, d)| d).max_by_key(|d| d.distance).expect("clients");
+            if best.as_ref().is_none_or(|(_, b)| worst.distance < b.distance) {
+                best = Some((i, worst));
+            }
+        }
+        Ok(best.ok_or(why))
+    }
+
     /// The provider whose memory the kernel's driver of block device `dev` may DMA into — a
     /// p2pmem provider with a pool (of those `pin` allows) that every function serving `dev`
     /// reaches, the nearest first — with how it reaches it; `Err` says why there is none. Only p2pmem qualifies: the
     /// kernel pins p2pmem pages for a device's DMA, never a user mapping of a BAR.
     pub fn for_block_device(&self, dev: &BlockDevice, pin: Option<PciAddr>) -> Result<(usize, Decision), String> {
-        let allowed = self.allowed(pin)?;
         for f in &dev.functions {
             let func =
                 self.topology.function(*f).ok_or_else(|| format!("{}: {f} is not in the PCI topology", dev.name))?;
@@ -78,31 +109,12 @@ impl P2p {
                 ));
             }
         }
-        let mut why = Vec::new();
-        let mut best: Option<(usize, Decision)> = None;
-        for (i, p) in self.providers.iter().enumerate().filter(|(i, p)| p.kind == Kind::P2pmem && allowed.contains(i)) {
-            if let Err(e) = &self.pools[i] {
-                why.push(format!("p2pmem of {}: {e}", p.pci));
-                continue;
-            }
-            let decisions: Vec<(PciAddr, Decision)> = dev
-                .functions
-                .iter()
-                .map(|f| (*f, self.topology.decide(p.pci, &Client::Pci { addr: *f, name: Some(dev.name.clone()) })))
-                .collect();
-            if let Some((f, d)) = decisions.iter().find(|(_, d)| d.path == Path::None) {
-                why.push(format!("p2pmem of {} is out of reach of {f}: {}", p.pci, d.reason));
-                continue;
-            }
-            let worst =
-                decisions.into_iter().map(|(_, d)| d).max_by_key(|d| d.distance).expect("a device has functions");
-            if best.as_ref().is_none_or(|(_, b)| worst.distance < b.distance) {
-                best = Some((i, worst));
-            }
-        }
-        if let Some(b) = best {
-            return Ok(b);
-        }
+        let clients: Vec<Client> =
+            dev.functions.iter().map(|f| Client::Pci { addr: *f, name: Some(dev.name.clone()) }).collect();
+        let why = match self.nearest(&clients, |p| p.kind == Kind::P2pmem, pin)? {
+            Ok(best) => return Ok(best),
+            Err(why) => why,
+        };
         if why.is_empty() {
             return Err(format!(
                 "no p2pmem: no PCI function offers /sys/bus/pci/devices/*/p2pmem (the kernel lacks CONFIG_PCI_P2PDMA, \
