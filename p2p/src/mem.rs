@@ -298,11 +298,6 @@ impl MappingPin {
         (self.0.as_ptr(), self.0.len)
     }
 
-    /// The PCI bus address of the mapping's first byte (device memory whose address is known).
-    pub fn bus_addr(&self) -> Option<u64> {
-        self.0.bus
-    }
-
     /// Whether `w` lies in this mapping.
     pub fn holds(&self, w: &Window) -> bool {
         Arc::ptr_eq(&self.0, &w.map)

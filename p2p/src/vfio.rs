@@ -11,9 +11,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_GROUP_FLAGS_VIABLE, VFIO_IRQ_SET_ACTION_TRIGGER,
-    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_NOIOMMU_IOMMU, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE, VFIO_TYPE1v2_IOMMU, vfio_group_status,
-    vfio_iommu_type1_dma_map, vfio_region_info,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_NOIOMMU_IOMMU, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_TYPE, VFIO_TYPE1v2_IOMMU, vfio_group_status, vfio_iommu_type1_dma_map,
+    vfio_region_info,
 };
 
 use crate::mem::{Mapping, MappingPin};
@@ -29,7 +29,6 @@ const GROUP_SET_CONTAINER: libc::c_ulong = vfio_io(4);
 const GROUP_GET_DEVICE_FD: libc::c_ulong = vfio_io(6);
 const DEVICE_GET_REGION_INFO: libc::c_ulong = vfio_io(8);
 const DEVICE_SET_IRQS: libc::c_ulong = vfio_io(10);
-const DEVICE_RESET: libc::c_ulong = vfio_io(11);
 const IOMMU_MAP_DMA: libc::c_ulong = vfio_io(13);
 const IOMMU_UNMAP_DMA: libc::c_ulong = vfio_io(14);
 
@@ -154,11 +153,6 @@ impl VfioDevice {
             .map_err(|e| format!("{}: writing config space at {off:#x}: {e}", self.name))
     }
 
-    /// Function-level reset (VFIO_DEVICE_RESET).
-    pub fn reset(&self) -> Result<(), String> {
-        ioctl(&self.device, DEVICE_RESET, std::ptr::null_mut(), "VFIO_DEVICE_RESET").map(drop)
-    }
-
     /// Makes the mapping behind `pin` reachable by the device's DMA at `iova` (IOMMU mode). The
     /// caller keeps `pin` for as long as the device may use it.
     pub fn map_dma(&self, pin: &MappingPin, iova: u64) -> Result<(), String> {
@@ -182,12 +176,11 @@ impl VfioDevice {
         ioctl(&self.container, IOMMU_UNMAP_DMA, unmap.as_mut_ptr().cast(), "VFIO_IOMMU_UNMAP_DMA").map(drop)
     }
 
-    /// Routes MSI-X vectors 0.. to `eventfds` (none: disables MSI-X).
+    /// Routes MSI-X vectors 0.. to `eventfds`.
     pub fn msix(&self, eventfds: &[i32]) -> Result<(), String> {
         // struct vfio_irq_set: argsz, flags, index, start, count, then one eventfd per vector.
-        let flags = if eventfds.is_empty() { VFIO_IRQ_SET_DATA_NONE } else { VFIO_IRQ_SET_DATA_EVENTFD };
-        let mut set: Vec<u32> =
-            vec![0, flags | VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX, 0, eventfds.len() as u32];
+        let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
+        let mut set: Vec<u32> = vec![0, flags, VFIO_PCI_MSIX_IRQ_INDEX, 0, eventfds.len() as u32];
         set.extend(eventfds.iter().map(|&fd| fd as u32));
         set[0] = (set.len() * 4) as u32;
         ioctl(&self.device, DEVICE_SET_IRQS, set.as_mut_ptr().cast(), "VFIO_DEVICE_SET_IRQS").map(drop)

@@ -78,10 +78,6 @@ impl NvmeVfio {
     pub fn lba_shift(&self) -> u32 {
         self.shift
     }
-
-    pub fn controller(&self) -> &Controller {
-        &self.ctrl
-    }
 }
 
 impl Backend for NvmeVfio {

@@ -65,10 +65,6 @@ impl QueuePair {
         }
     }
 
-    pub fn entries(&self) -> u16 {
-        self.entries
-    }
-
     /// Whether the SQ has room for another entry (one slot always stays empty).
     pub fn has_room(&self) -> bool {
         (self.sq_tail + 1) % self.entries != self.sq_head

@@ -8,7 +8,6 @@ use zerocopy::IntoBytes;
 /// Controller register offsets.
 pub mod reg {
     pub const CAP: usize = 0x00;
-    pub const VS: usize = 0x08;
     pub const INTMS: usize = 0x0c;
     pub const CC: usize = 0x14;
     pub const CSTS: usize = 0x1c;
