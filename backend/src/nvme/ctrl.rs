@@ -257,7 +257,8 @@ fn enable_cmb(sysfs: &Sysfs, f: &p2pnvmf_p2p::pci::Function) -> Option<Cmb> {
     }
 }
 
-fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(), String> {
+/// Waits within CAP.TO until CSTS shows `what` (`done`); fatal status is an error at once.
+fn wait_csts(pci: PciAddr, regs: &Mapping, cap: Cap, what: &str, done: impl Fn(u32) -> bool) -> Result<(), String> {
     let start = Instant::now();
     let limit = Duration::from_millis(cap.timeout_ms());
     loop {
@@ -265,18 +266,19 @@ fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(),
         if csts & reg::CSTS_CFS != 0 {
             return Err(format!("{pci}: controller fatal status (CSTS {csts:#x})"));
         }
-        if (csts & reg::CSTS_RDY != 0) == ready {
+        if done(csts) {
             return Ok(());
         }
         if start.elapsed() > limit {
-            return Err(format!(
-                "{pci}: CSTS.RDY did not become {} within CAP.TO ({} ms; CSTS {csts:#x})",
-                ready as u8,
-                limit.as_millis()
-            ));
+            return Err(format!("{pci}: {what} not within CAP.TO ({} ms; CSTS {csts:#x})", limit.as_millis()));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(), String> {
+    let what = format!("CSTS.RDY did not become {}", ready as u8);
+    wait_csts(pci, regs, cap, &what, |csts| (csts & reg::CSTS_RDY != 0) == ready)
 }
 
 impl Controller {
@@ -348,29 +350,28 @@ impl Controller {
         Ok(c)
     }
 
-    /// Runs one admin command and waits for its completion; a status other than success is
-    /// an error naming the command.
-    fn admin_cmd(&self, mut sqe: Sqe) -> Result<Cqe, String> {
+    /// Submits `sqe` on `q` and waits for its completion, polling: for admin commands and the
+    /// shutdown flush, never for I/O. A status other than success, a controller given up on or
+    /// in fatal status, or no completion within `limit` is an error naming the command.
+    pub fn run(&self, q: &mut QueuePair, mut sqe: Sqe, cid: u16, limit: Duration) -> Result<Cqe, String> {
         // A controller given up on answers nothing: fail at once instead of waiting.
         if let Some(why) = self.failed() {
             return Err(why);
         }
-        let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let cid = a.next_cid;
-        a.next_cid = a.next_cid.wrapping_add(1);
+        let what = if q.qid == 0 { "admin command" } else { "I/O command" };
         sqe.cid.set(cid);
-        a.q.submit(&sqe);
+        q.submit(&sqe);
         let start = Instant::now();
         loop {
-            while let Some(cqe) = a.q.poll() {
+            while let Some(cqe) = q.poll() {
                 if cqe.cid.get() != cid {
                     continue;
                 }
-                a.q.ring_cq();
+                q.ring_cq();
                 return match status(&cqe) {
                     0 => Ok(cqe),
                     s => Err(format!(
-                        "{}: admin command {:#04x} failed with status {s:#x} (SCT {}, SC {:#04x})",
+                        "{}: {what} {:#04x} failed with status {s:#x} (SCT {}, SC {:#04x})",
                         self.pci,
                         sqe.opcode,
                         s >> 8 & 0x7,
@@ -378,26 +379,41 @@ impl Controller {
                     )),
                 };
             }
-            let csts = self.regs.read32(reg::CSTS);
             if let Some(why) = self.failed() {
                 return Err(why);
             }
-            if csts & reg::CSTS_CFS != 0 || start.elapsed() > ADMIN_TIMEOUT {
+            let csts = self.regs.read32(reg::CSTS);
+            if csts & reg::CSTS_CFS != 0 || start.elapsed() > limit {
                 return Err(format!(
-                    "{}: admin command {:#04x} got no completion within {:?} (CSTS {csts:#x})",
-                    self.pci, sqe.opcode, ADMIN_TIMEOUT
+                    "{}: {what} {:#04x} got no completion within {limit:?} (CSTS {csts:#x})",
+                    self.pci, sqe.opcode
                 ));
             }
             std::thread::sleep(Duration::from_micros(200));
         }
     }
 
+    /// Runs one admin command and waits for its completion.
+    fn admin_cmd(&self, sqe: Sqe) -> Result<Cqe, String> {
+        let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let cid = a.next_cid;
+        a.next_cid = a.next_cid.wrapping_add(1);
+        self.run(&mut a.q, sqe, cid, ADMIN_TIMEOUT)
+    }
+
+    /// Runs the admin command `cmd` makes for the admin data page (at its IOVA) and returns
+    /// the first `len` bytes the controller put there; the page is the caller's until then.
+    fn admin_read(&self, cmd: impl FnOnce(u64) -> Sqe, len: usize) -> Result<Vec<u8>, String> {
+        let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let (cid, sqe) = (a.next_cid, cmd(a.buf.iova));
+        a.next_cid = a.next_cid.wrapping_add(1);
+        self.run(&mut a.q, sqe, cid, ADMIN_TIMEOUT)?;
+        Ok(a.buf.mem.slice(0, len.min(PAGE)).to_vec())
+    }
+
     /// Identify data structure `cns` (for `nsid`).
     pub fn identify(&self, cns: u32, nsid: u32) -> Result<Vec<u8>, String> {
-        let iova = self.admin.lock().unwrap_or_else(|e| e.into_inner()).buf.iova;
-        self.admin_cmd(spec::identify(cns, nsid, iova))?;
-        let a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(a.buf.mem.slice(0, PAGE).to_vec())
+        self.admin_read(|iova| spec::identify(cns, nsid, iova), PAGE)
     }
 
     /// Identify Namespace `nsid`; an inactive or absent namespace is an error.
@@ -414,10 +430,7 @@ impl Controller {
 
     /// A log page (at most 4 KiB), e.g. SMART / Health Information (02h).
     pub fn log_page(&self, lid: u8, nsid: u32, len: usize) -> Result<Vec<u8>, String> {
-        let iova = self.admin.lock().unwrap_or_else(|e| e.into_inner()).buf.iova;
-        self.admin_cmd(spec::get_log_page(lid, nsid, len.min(PAGE), iova))?;
-        let a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        Ok(a.buf.mem.slice(0, len.min(PAGE)).to_vec())
+        self.admin_read(|iova| spec::get_log_page(lid, nsid, len.min(PAGE), iova), len)
     }
 
     /// DMA-mapped host memory of `len` bytes (mapped once; lives as long as the controller).
@@ -473,10 +486,10 @@ impl Controller {
         failed.clone().expect("set")
     }
 
-    /// Where the SSD reaches peer device memory starting at bus address `bus` (`pin` keeps
-    /// it mapped): the bus address itself, mapped at that IOVA once per controller (queues ask
-    /// once per peer, not per I/O).
-    pub fn peer(&self, pin: &MappingPin, bus: u64) -> Result<u64, String> {
+    /// Makes peer device memory starting at bus address `bus` (`pin` keeps it mapped)
+    /// reachable by the SSD at that same address: mapped at IOVA = `bus` once per controller
+    /// (queues ask once per peer, not per I/O).
+    pub fn peer(&self, pin: &MappingPin, bus: u64) -> Result<(), String> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if !peers.contains(&bus) {
             self.dma.map_at(self.pci, pin, bus)?;
@@ -484,7 +497,7 @@ impl Controller {
                   "peer memory mapped for the SSD at IOVA = its bus address");
             peers.push(bus);
         }
-        Ok(bus)
+        Ok(())
     }
 
     /// The eventfd MSI-X vector `qid` signals (I/O queue `qid` raises vector `qid`).
@@ -536,15 +549,11 @@ impl Drop for Controller {
             return;
         }
         self.regs.write32(reg::CC, cc | reg::CC_SHN_NORMAL);
-        let start = Instant::now();
-        while self.regs.read32(reg::CSTS) & reg::CSTS_SHST_MASK != reg::CSTS_SHST_DONE {
-            if start.elapsed() > Duration::from_millis(self.cap.timeout_ms()) {
-                warn!(pci = %self.pci, "shutdown did not complete within CAP.TO");
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        let done = |csts| csts & reg::CSTS_SHST_MASK == reg::CSTS_SHST_DONE;
+        match wait_csts(self.pci, &self.regs, self.cap, "shutdown did not complete", done) {
+            Ok(()) => info!(pci = %self.pci, "NVMe controller shut down"),
+            Err(e) => warn!("{e}"),
         }
-        info!(pci = %self.pci, "NVMe controller shut down");
     }
 }
 

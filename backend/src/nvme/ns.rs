@@ -33,6 +33,8 @@ const MAX_PART: usize = 1 << 20;
 /// A command the SSD has not completed after this long gets the controller given up on
 /// (well inside a Linux host's 30 s I/O timeout, so the host hears an error, not silence).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(8);
+/// How long a flush from outside any queue (at shutdown) may take.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a queue with commands at the SSD looks at the controller's health.
 const HEALTH_CHECK: Duration = Duration::from_secs(1);
 
@@ -104,26 +106,8 @@ impl Backend for NvmeVfio {
             *sync = self.ctrl.create_io_queue(2).map_err(io::Error::other)?;
         }
         let q = sync.as_mut().ok_or_else(|| io::Error::other("no free I/O queue pair for a flush"))?;
-        let mut sqe = spec::command(opcode::FLUSH, self.nsid, (0, 0), [0; 6]);
-        sqe.cid.set(0);
-        q.submit(&sqe);
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(c) = q.poll() {
-                q.ring_cq();
-                return match status(&c) {
-                    0 => Ok(()),
-                    s => Err(io::Error::other(format!("{}: Flush failed with status {s:#x}", self.ctrl.pci))),
-                };
-            }
-            if start.elapsed() > std::time::Duration::from_secs(30) {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("{}: Flush got no completion", self.ctrl.pci),
-                ));
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
+        let sqe = spec::command(opcode::FLUSH, self.nsid, (0, 0), [0; 6]);
+        self.ctrl.run(q, sqe, 0, FLUSH_TIMEOUT).map(drop).map_err(io::Error::other)
     }
 
     fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
@@ -234,9 +218,9 @@ impl NvmeQueue {
                 return Some(bus + w.offset() as u64);
             }
             return match self.ns.ctrl.peer(&w.pin_mapping(), bus) {
-                Ok(base) => {
-                    self.peers.push(base);
-                    Some(base + w.offset() as u64)
+                Ok(()) => {
+                    self.peers.push(bus);
+                    Some(bus + w.offset() as u64)
                 }
                 Err(e) => {
                     warn!(pci = %self.ns.ctrl.pci, provider = dev, "peer memory not reachable by the SSD (bounce buffers instead): {e}");
@@ -328,6 +312,11 @@ impl NvmeQueue {
             self.waiting.push_back(cid);
             return Ok(());
         }
+        self.send(cid)
+    }
+
+    /// Puts slot `cid`'s next part in the SQ (which has room).
+    fn send(&mut self, cid: u16) -> io::Result<()> {
         let sqe = self.next_command(cid)?;
         self.q.as_mut().expect("open").submit(&sqe);
         self.slots[usize::from(cid)].since = Some(Instant::now());
@@ -486,9 +475,8 @@ impl BackendQueue for NvmeQueue {
         // Completions made room: parts that waited go now.
         while !self.waiting.is_empty() && self.q.as_ref().expect("open").has_room() {
             let cid = self.waiting.pop_front().expect("not empty");
-            match self.next_command(cid) {
-                Ok(sqe) => self.q.as_mut().expect("open").submit(&sqe),
-                Err(e) => done(self.finish(cid, Err(e))),
+            if let Err(e) = self.send(cid) {
+                done(self.finish(cid, Err(e)));
             }
         }
     }
