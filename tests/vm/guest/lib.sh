@@ -191,6 +191,16 @@ size = "256MiB"
 CFG
 }
 
+# nvme_vfio_config FILE NQN PCI [LINE...]: rdma_config's listeners, and NQN's one namespace on the
+# SSD at PCI through the nvme-vfio backend, with each LINE (`key = value`) added to it.
+nvme_vfio_config() {
+    local file=$1 nqn=$2 pci=$3 extra= line
+    shift 3
+    for line in "$@"; do extra+="\n$line"; done
+    rdma_config "$file" "$nqn"
+    sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$pci\"$extra|; /^size = /d" "$file"
+}
+
 # target_usage: "<open fds> <VmRSS kB>" of the running target.
 target_usage() {
     echo "$(ls /proc/"$TARGET_PID"/fd | wc -l) $(awk '/^VmRSS/ {print $2}' /proc/"$TARGET_PID"/status)"

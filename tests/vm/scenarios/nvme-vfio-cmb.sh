@@ -16,8 +16,7 @@ step "SSD $ssd on vfio-pci, CMB (BAR2) at bus address $(printf '%#x' "$bus")"
 
 # serve_with BUFFERS: the target on the SSD's namespace 1 with that buffer choice.
 serve_with() {
-    rdma_config /tmp/scn/target.toml "$NQN"
-    sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$ssd\"\nbuffers = \"$1\"|; /^size = /d" /tmp/scn/target.toml
+    nvme_vfio_config /tmp/scn/target.toml "$NQN" "$ssd" "buffers = \"$1\""
     printf '\n[metrics]\nlisten = "127.0.0.1:9464"\n' >> /tmp/scn/target.toml
     : > "$TARGET_LOG"
     start_target /tmp/scn/target.toml 4421

@@ -4,8 +4,7 @@ ssd=$(grep -lx 0x010802 /sys/bus/pci/devices/*/class | head -n1 | cut -d/ -f6)
 [[ -n $ssd ]] || die "no NVMe function"
 [[ ! -e /sys/bus/pci/devices/$ssd/iommu_group ]] || die "$ssd has an IOMMU group: this scenario wants none"
 modprobe vfio_pci
-rdma_config /tmp/scn/target.toml nqn.2026-11.io.p2pnvmf:no-iommu
-sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$ssd\"|; /^size = /d" /tmp/scn/target.toml
+nvme_vfio_config /tmp/scn/target.toml nqn.2026-11.io.p2pnvmf:no-iommu "$ssd"
 if "$P2PNVMF_BIN" serve --config /tmp/scn/target.toml > /tmp/scn/refused.log 2>&1; then
     die "serve took an SSD without an IOMMU"
 fi

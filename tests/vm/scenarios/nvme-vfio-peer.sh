@@ -19,9 +19,7 @@ modprobe vfio_pci
 peer_run() {
     local provider=$1 kind=$2 bus=$3 through host
     step "NVMe/TCP, buffers = p2p, $kind $provider at bus address $(printf '%#x' "$bus")"
-    rdma_config /tmp/scn/target.toml "$NQN"
-    sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$ssd\"\nbuffers = \"p2p\"\nprovider = \"$provider\"|; /^size = /d" \
-        /tmp/scn/target.toml
+    nvme_vfio_config /tmp/scn/target.toml "$NQN" "$ssd" 'buffers = "p2p"' "provider = \"$provider\""
     # Both peers are providers; the namespace's `provider` key pins one.
     printf '\n[metrics]\nlisten = "127.0.0.1:9464"\n[[p2p.provider]]\npci = "%s"\nkind = "bar"\nbar = 2\n' "$shm" >> /tmp/scn/target.toml
     printf '[[p2p.provider]]\npci = "%s"\nkind = "nvme-cmb"\n' "$cmb" >> /tmp/scn/target.toml

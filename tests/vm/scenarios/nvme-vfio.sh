@@ -17,8 +17,7 @@ nvme id-ns "/dev/$disk" -o json > /tmp/scn/id-ns.json || die "nvme id-ns failed"
 nvme smart-log "$ctrl" -o json > /tmp/scn/smart.json || die "nvme smart-log failed"
 
 cfg() {
-    rdma_config /tmp/scn/target.toml "$NQN"
-    sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$1\"${2:+\ndevice_nsid = $2}|; /^size = /d" /tmp/scn/target.toml
+    nvme_vfio_config /tmp/scn/target.toml "$NQN" "$1" ${2:+"device_nsid = $2"}
 }
 # refused CONFIG-ARGS... MESSAGE: serve must refuse to start, saying MESSAGE.
 refused() {
