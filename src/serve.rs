@@ -24,21 +24,19 @@ use tracing::{error, info, warn};
 /// I/O queue pairs asked of an SSD driven through VFIO: one per target queue using it.
 const NVME_VFIO_QUEUES: u16 = 64;
 
-/// The namespace's backend and log2 of its block size.
-fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<(Arc<dyn Backend>, u32)> {
+fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc<dyn Backend>> {
     Ok(match cfg {
-        BackendCfg::Ram { size } => (Arc::new(RamBackend::new(*size)), 9),
+        BackendCfg::Ram { size } => Arc::new(RamBackend::new(*size)),
         BackendCfg::File { path, size } => {
             let f = FileBackend::open(path, *size)
                 .with_context(|| format!("{subnqn} namespace {nsid}: opening {}", path.display()))?;
             info!(subnqn, nsid, path = %path.display(), engine = ?f.engine(), o_direct = f.has_direct(), "file backend open");
-            (Arc::new(f), 9)
+            Arc::new(f)
         }
         BackendCfg::NvmeVfio { pci, device_nsid } => {
             let b = NvmeVfio::open(&Sysfs::new("/"), *pci, *device_nsid, NVME_VFIO_QUEUES)
                 .map_err(|e| anyhow::anyhow!("{subnqn} namespace {nsid}: backend nvme-vfio: {e}"))?;
-            let shift = b.lba_shift();
-            (Arc::new(b), shift)
+            Arc::new(b)
         }
     })
 }
@@ -141,9 +139,9 @@ impl Live {
                 let mut ns = match reused {
                     Some(ns) => ns,
                     None => {
-                        let (backend, lba_shift) = open_backend(&s.nqn, n.nsid, &n.backend)?;
+                        let backend = open_backend(&s.nqn, n.nsid, &n.backend)?;
                         info!(subnqn = %s.nqn, nsid = n.nsid, size = backend.size_bytes(), backend = ?n.backend, "namespace ready");
-                        Namespace { lba_shift, ..Namespace::new(&s.nqn, n.nsid, backend) }
+                        Namespace::new(&s.nqn, n.nsid, backend)
                     }
                 };
                 ns.buffers = ns_buffers(&self.p2p, &s.nqn, n)?;

@@ -60,6 +60,10 @@ impl IoRequest {
 /// queues share nothing per I/O and each has many operations in flight.
 pub trait Backend: Send + Sync + fmt::Debug {
     fn size_bytes(&self) -> u64;
+    /// log2 of the logical block size the namespace serves (a device's own format).
+    fn lba_shift(&self) -> u32 {
+        9
+    }
     /// Whether writes sit in a volatile cache until Flush (reported as VWC in Identify).
     fn volatile_write_cache(&self) -> bool;
     /// Flushes from outside any queue (at shutdown); may block.
@@ -130,7 +134,8 @@ impl Namespace {
         // RFC 4122 version 8 (custom), variant 10.
         uuid[6] = (uuid[6] & 0x0f) | 0x80;
         uuid[8] = (uuid[8] & 0x3f) | 0x80;
-        Namespace { nsid, backend, lba_shift: 9, nguid, uuid, buffers: crate::buffers::NsBuffers::Host }
+        let lba_shift = backend.lba_shift();
+        Namespace { nsid, backend, lba_shift, nguid, uuid, buffers: crate::buffers::NsBuffers::Host }
     }
 
     pub fn block_size(&self) -> u32 {

@@ -75,16 +75,15 @@ impl NvmeVfio {
         let facts = DeviceFacts { nsfeat: id.nsfeat, nows: id.nows, dlfeat: id.dlfeat, oncs: ctrl.id.oncs };
         Ok(NvmeVfio { shift: id.block_size.trailing_zeros(), ctrl, nsid, id, max_part, facts, sync: Mutex::new(None) })
     }
-
-    /// log2 of the namespace's block size.
-    pub fn lba_shift(&self) -> u32 {
-        self.shift
-    }
 }
 
 impl Backend for NvmeVfio {
     fn size_bytes(&self) -> u64 {
         self.id.nsze << self.shift
+    }
+
+    fn lba_shift(&self) -> u32 {
+        self.shift
     }
 
     fn device(&self) -> Option<&DeviceFacts> {
