@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+use p2pnvmf_backend::nvme::ctrl::Addressing;
 use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
@@ -33,8 +34,12 @@ fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc
             info!(subnqn, nsid, path = %path.display(), engine = ?f.engine(), o_direct = f.has_direct(), "file backend open");
             Arc::new(f)
         }
-        BackendCfg::NvmeVfio { pci, device_nsid } => {
-            let b = NvmeVfio::open(&Sysfs::new("/"), *pci, *device_nsid, NVME_VFIO_QUEUES)
+        BackendCfg::NvmeVfio { pci, device_nsid, dma } => {
+            let mode = match dma {
+                p2pnvmf_config::Addressing::Iommu => Addressing::Iommu,
+                p2pnvmf_config::Addressing::Physical => Addressing::Physical,
+            };
+            let b = NvmeVfio::open(&Sysfs::new("/"), *pci, *device_nsid, NVME_VFIO_QUEUES, mode)
                 .map_err(|e| anyhow::anyhow!("{subnqn} namespace {nsid}: backend nvme-vfio: {e}"))?;
             Arc::new(b)
         }

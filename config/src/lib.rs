@@ -61,8 +61,17 @@ pub enum Backend {
     Ram { size: u64 },
     /// A regular file (created or extended to `size` when given) or a block device.
     File { path: PathBuf, size: Option<u64> },
-    /// Namespace `device_nsid` of the NVMe SSD at `pci`, driven by the target through VFIO.
-    NvmeVfio { pci: p2pnvmf_p2p::pci::PciAddr, device_nsid: u32 },
+    /// Namespace `device_nsid` of the NVMe SSD at `pci`, driven by the target itself.
+    NvmeVfio { pci: p2pnvmf_p2p::pci::PciAddr, device_nsid: u32, dma: Addressing },
+}
+
+/// How an SSD the target drives addresses memory (`dma`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing {
+    /// `"iommu"` (the default): vfio-pci, the SSD's DMA confined by the IOMMU.
+    Iommu,
+    /// `"physical"`: uio_pci_generic and physical addresses, for hosts without an IOMMU.
+    Physical,
 }
 
 /// Where a namespace's I/O buffers live.

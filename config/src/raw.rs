@@ -81,6 +81,7 @@ struct RawNamespace {
     path: Option<Spanned<String>>,
     pci: Option<Spanned<String>>,
     device_nsid: Option<Spanned<i64>>,
+    dma: Option<Spanned<String>>,
     buffers: Option<Spanned<String>>,
     provider: Option<Spanned<String>>,
 }
@@ -350,6 +351,9 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
         if let Some(d) = &r.device_nsid {
             return Err(cx.err(d.span(), format!("{key}.device_nsid: only the \"nvme-vfio\" backend takes it")));
         }
+        if let Some(d) = &r.dma {
+            return Err(cx.err(d.span(), format!("{key}.dma: only the \"nvme-vfio\" backend takes it")));
+        }
     }
     let backend = match backend_name {
         "ram" => {
@@ -387,7 +391,17 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
                     })?
                 }
             };
-            Backend::NvmeVfio { pci: pci_addr, device_nsid }
+            let dma = match r.dma.as_ref().map(|d| (d.get_ref().as_str(), d.span())) {
+                None | Some(("iommu", _)) => crate::Addressing::Iommu,
+                Some(("physical", _)) => crate::Addressing::Physical,
+                Some((other, span)) => {
+                    return Err(cx.err(
+                        span,
+                        format!("{key}.dma: unknown addressing '{other}' (expected \"iommu\" or \"physical\")"),
+                    ));
+                }
+            };
+            Backend::NvmeVfio { pci: pci_addr, device_nsid, dma }
         }
         b => {
             return Err(cx.err(
@@ -466,12 +480,20 @@ mod tests {
         )
         .unwrap();
         let n = &c.subsystems[0].namespaces[0];
-        assert_eq!(n.backend, Backend::NvmeVfio { pci: "0000:05:00.0".parse().unwrap(), device_nsid: 2 });
+        assert_eq!(
+            n.backend,
+            Backend::NvmeVfio { pci: "0000:05:00.0".parse().unwrap(), device_nsid: 2, dma: crate::Addressing::Iommu }
+        );
         assert_eq!(n.provider, Some("0000:03:00.0".parse().unwrap()));
         let c = parse(&ns("backend = \"nvme-vfio\"\npci = \"0000:05:00.0\"\n"), "t").unwrap();
         assert_eq!(
             c.subsystems[0].namespaces[0].backend,
-            Backend::NvmeVfio { pci: "0000:05:00.0".parse().unwrap(), device_nsid: 1 }
+            Backend::NvmeVfio { pci: "0000:05:00.0".parse().unwrap(), device_nsid: 1, dma: crate::Addressing::Iommu }
+        );
+        let c = parse(&ns("backend = \"nvme-vfio\"\npci = \"0000:05:00.0\"\ndma = \"physical\"\n"), "t").unwrap();
+        assert_eq!(
+            c.subsystems[0].namespaces[0].backend,
+            Backend::NvmeVfio { pci: "0000:05:00.0".parse().unwrap(), device_nsid: 1, dma: crate::Addressing::Physical }
         );
         for (body, want) in [
             ("backend = \"nvme-vfio\"\n", "backend \"nvme-vfio\" needs pci"),
@@ -482,6 +504,11 @@ mod tests {
                 "device_nsid: 0 is not a valid NSID",
             ),
             ("backend = \"ram\"\nsize = 4096\ndevice_nsid = 1\n", "only the \"nvme-vfio\" backend takes it"),
+            ("backend = \"ram\"\nsize = 4096\ndma = \"physical\"\n", "dma: only the \"nvme-vfio\" backend takes it"),
+            (
+                "backend = \"nvme-vfio\"\npci = \"0000:05:00.0\"\ndma = \"phys\"\n",
+                "dma: unknown addressing 'phys' (expected \"iommu\" or \"physical\")",
+            ),
             (
                 "backend = \"ram\"\nsize = 4096\nbuffers = \"host\"\nprovider = \"0000:03:00.0\"\n",
                 "buffers = \"host\" takes no p2p provider",

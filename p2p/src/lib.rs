@@ -1,8 +1,8 @@
 //! The peer-to-peer layer: PCI functions ([`pci`]) and RDMA devices ([`rdma`]) from an
 //! injectable sysfs root, p2p memory providers ([`provider`]: NVMe CMB, BARs, p2pmem) mapped
-//! through sysfs or VFIO ([`mem`], [`vfio`]), Linux's path rules with offset-corrected
+//! through sysfs, VFIO or uio ([`mem`], [`vfio`], [`uio`]), Linux's path rules with offset-corrected
 //! addresses ([`path`]), chunk pools ([`pool`]) and the target-wide state and report
-//! ([`plan`]). Unsafe code lives in `mem` and `vfio` only.
+//! ([`plan`]). Unsafe code lives in `mem`, `vfio` and `uio` only.
 #![deny(unsafe_code)]
 
 pub mod block;
@@ -13,4 +13,5 @@ pub mod plan;
 pub mod pool;
 pub mod provider;
 pub mod rdma;
+pub mod uio;
 pub mod vfio;

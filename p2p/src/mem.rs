@@ -87,6 +87,19 @@ impl Mapping {
         Ok(m)
     }
 
+    /// Host memory in 2 MiB huge pages only, populated and locked: pages that stay where they
+    /// are, so their physical addresses can be given to a device that has no IOMMU in front of
+    /// it. Fails when the system has too few huge pages reserved.
+    pub fn locked_huge(len: usize) -> io::Result<Mapping> {
+        let huge_len = len.next_multiple_of(HUGE_PAGE).max(HUGE_PAGE);
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags =
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_LOCKED | libc::MAP_POPULATE;
+        // SAFETY: anonymous mapping; the result is checked.
+        let p = unsafe { libc::mmap(ptr::null_mut(), huge_len, prot, flags, -1, 0) };
+        Self::checked(p, huge_len, 0, huge_len)
+    }
+
     fn checked(p: *mut libc::c_void, map_len: usize, delta: usize, len: usize) -> io::Result<Mapping> {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());

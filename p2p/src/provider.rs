@@ -215,10 +215,10 @@ impl Provider {
 }
 
 /// The kernel driver that owns a function's BARs, if any: one that claimed them makes sysfs
-/// `resourceN` refuse mmap (and using them behind it would be wrong anyway). Unbound and
-/// vfio-pci functions are ours.
+/// `resourceN` refuse mmap (and using them behind it would be wrong anyway). Unbound,
+/// vfio-pci and uio_pci_generic functions are ours.
 fn kernel_owner(f: &Function) -> Option<&str> {
-    f.driver.as_deref().filter(|d| *d != "vfio-pci")
+    f.driver.as_deref().filter(|d| !matches!(*d, "vfio-pci" | "uio_pci_generic"))
 }
 
 /// Turns on memory decoding of an unbound function (sysfs `enable`, which is what a driver's
@@ -233,8 +233,9 @@ fn enable_memory(dir: &std::path::Path) -> Result<(), String> {
 }
 
 impl Sysfs {
-    /// Where `f`'s BARs map from: VFIO when vfio-pci owns it, else sysfs (memory decoding
-    /// turned on first when `enable`); `Err` says why they cannot be mapped.
+    /// Where `f`'s BARs map from: VFIO when vfio-pci owns it, else sysfs (uio_pci_generic
+    /// claims no BAR; memory decoding turned on first when `enable`); `Err` says why they
+    /// cannot be mapped.
     fn bar_source(&self, f: &Function, enable: bool) -> Result<Source, String> {
         if let Some(d) = kernel_owner(f) {
             return Err(format!(
@@ -243,7 +244,7 @@ impl Sysfs {
                 f.addr, f.addr
             ));
         }
-        if f.driver.is_some() {
+        if f.driver.as_deref() == Some("vfio-pci") {
             return Ok(Source::Vfio(VfioDevice::open(f)?, 0, 0));
         }
         let dir = self.function_dir(f.addr);
@@ -357,7 +358,7 @@ impl Sysfs {
         let mut out = Vec::new();
         if specs.is_empty() {
             for f in functions {
-                // A kernel nvme driver owns its controller; unbound and vfio-pci ones are ours.
+                // A kernel nvme driver owns its controller; unbound, vfio-pci and uio ones are ours.
                 if f.is_nvme() && kernel_owner(f).is_none() {
                     out.extend(self.nvme_cmb(f, program)?);
                 }

@@ -1,21 +1,31 @@
-//! An NVMe controller the target drives through VFIO: taking ownership (a function bound to
-//! vfio-pci is used; an unbound one is bound to vfio-pci and given back at exit; one bound to
-//! the kernel's nvme driver is refused), reset, the admin queue, Identify, the number of I/O
-//! queues, and creating and deleting I/O queue pairs. Admin commands run synchronously: they
-//! happen at start and when a queue opens or closes, never per I/O.
+//! An NVMe controller the target drives itself: taking ownership (a function bound to the
+//! driver of its addressing mode is used; an unbound one is bound to it and given back at exit;
+//! one bound to the kernel's nvme driver is refused), reset, the admin queue, Identify, the
+//! number of I/O queues, interrupts, and creating and deleting I/O queue pairs. Admin commands
+//! run synchronously: they happen at start and when a queue opens or closes, never per I/O.
+//!
+//! Two addressing modes: through the IOMMU (vfio-pci, VFIO type 1, MSI-X vectors on eventfds),
+//! and, opted into for hosts without an IOMMU, physical addresses (uio_pci_generic, locked huge
+//! pages, one INTx interrupt for every queue).
 
+use std::fs::File;
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::wire::{Cqe, Sqe};
 use p2pnvmf_p2p::mem::{Mapping, MappingPin};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
+use p2pnvmf_p2p::uio::UioDevice;
 use p2pnvmf_p2p::vfio::VfioDevice;
 use tracing::{info, warn};
 
+pub use super::dma::Dma;
+use super::dma::DmaSpace;
 use super::queue::{CQE_SIZE, QueuePair, SQE_SIZE, status};
 use super::spec::{self, Cap, IdController, IdNamespace, admin, reg};
 
@@ -23,26 +33,39 @@ use super::spec::{self, Cap, IdController, IdNamespace, admin, reg};
 const ADMIN_ENTRIES: u16 = 32;
 /// How long an admin command may take before the controller is declared stuck.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// IOVAs the driver hands out for host memory: above the low 4 GiB (where 32-bit peer BARs'
-/// bus addresses live, which are mapped at IOVA = bus address) and below 2^39, the narrowest
-/// IOMMU address width in use (qemu's intel-iommu default).
-const IOVA_BASE: u64 = 1 << 32;
-const IOVA_END: u64 = 1 << 39;
-/// IOVA ranges are handed out in these units (a 2 MiB huge page).
-const IOVA_UNIT: u64 = 2 << 20;
 const PAGE: usize = 4096;
+
+/// How the SSD's DMA addresses memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing {
+    /// Through the IOMMU (vfio-pci): the SSD reaches only what the target maps for it.
+    Iommu,
+    /// Physical addresses, for hosts without an IOMMU (uio_pci_generic): nothing confines the
+    /// SSD's DMA, so it is used only when asked for.
+    Physical,
+}
+
+impl Addressing {
+    /// The kernel driver that hands the function to user space in this mode.
+    fn driver(self) -> &'static str {
+        match self {
+            Addressing::Iommu => "vfio-pci",
+            Addressing::Physical => "uio_pci_generic",
+        }
+    }
+}
 
 /// What we did to own the function, undone on drop.
 #[derive(Debug)]
 struct Claim {
     sysfs: PathBuf,
     pci: PciAddr,
-    /// We bound it to vfio-pci: unbind it and clear driver_override at exit.
-    bound_by_us: bool,
+    /// The driver we bound it to, to unbind and clear driver_override at exit.
+    bound_by_us: Option<&'static str>,
 }
 
 impl Claim {
-    fn take(sysfs: &Sysfs, pci: PciAddr) -> Result<Claim, String> {
+    fn take(sysfs: &Sysfs, pci: PciAddr, mode: Addressing) -> Result<Claim, String> {
         let dir = sysfs.function_dir(pci);
         if !dir.exists() {
             return Err(format!("{pci}: no such PCI function ({} is absent)", dir.display()));
@@ -52,8 +75,11 @@ impl Claim {
                 .ok()
                 .and_then(|l| Some(l.file_name()?.to_string_lossy().into_owned()))
         };
+        let want = mode.driver();
         match driver(&dir).as_deref() {
-            Some("vfio-pci") => return Ok(Claim { sysfs: sysfs.root().to_path_buf(), pci, bound_by_us: false }),
+            Some(d) if d == want => {
+                return Ok(Claim { sysfs: sysfs.root().to_path_buf(), pci, bound_by_us: None });
+            }
             Some("nvme") => {
                 return Err(format!(
                     "{pci} is bound to the kernel's nvme driver, which may hold mounted filesystems on it: free it \
@@ -66,128 +92,120 @@ impl Claim {
             }
             None => {}
         }
-        if !dir.join("iommu_group").exists() {
-            return Err(format!(
-                "{pci}: no IOMMU group: the IOMMU is off (turn it on with intel_iommu=on or amd_iommu=on on the kernel \
-                 command line); nvme-vfio needs it to keep the SSD's DMA to the target's memory, and its \
-                 physical-address mode without one is not built yet"
-            ));
+        match (mode, dir.join("iommu_group").exists()) {
+            (Addressing::Iommu, false) => {
+                return Err(format!(
+                    "{pci}: no IOMMU group: the IOMMU is off (turn it on with intel_iommu=on or amd_iommu=on on the \
+                     kernel command line); nvme-vfio needs it to keep the SSD's DMA to the target's memory, or \
+                     dma = \"physical\" on the namespace to use physical addresses without one (nothing then \
+                     stops the SSD from writing anywhere in memory)"
+                ));
+            }
+            (Addressing::Physical, true) => {
+                return Err(format!(
+                    "{pci} has an IOMMU group: with the IOMMU on, the SSD's DMA to physical addresses would fault; \
+                     drop dma = \"physical\" to go through the IOMMU"
+                ));
+            }
+            _ => {}
         }
         let root = sysfs.root().join("sys/bus/pci");
-        if !root.join("drivers/vfio-pci").exists() {
-            return Err(format!("{pci}: the vfio-pci driver is not loaded (modprobe vfio-pci)"));
+        if !root.join("drivers").join(want).exists() {
+            return Err(format!("{pci}: the {want} driver is not loaded (modprobe {want})"));
         }
         let write = |p: PathBuf, v: &str| {
             std::fs::write(&p, v).map_err(|e| format!("{pci}: writing {v} to {}: {e}", p.display()))
         };
-        write(dir.join("driver_override"), "vfio-pci")?;
+        write(dir.join("driver_override"), want)?;
         write(root.join("drivers_probe"), &pci.to_string())?;
-        if driver(&dir).as_deref() != Some("vfio-pci") {
+        if driver(&dir).as_deref() != Some(want) {
             let _ = std::fs::write(dir.join("driver_override"), "\n");
-            return Err(format!("{pci}: vfio-pci did not bind it (see the kernel log)"));
+            return Err(format!("{pci}: {want} did not bind it (see the kernel log)"));
         }
-        info!(%pci, "bound to vfio-pci for the nvme-vfio backend; given back at exit");
-        Ok(Claim { sysfs: sysfs.root().to_path_buf(), pci, bound_by_us: true })
+        info!(%pci, driver = want, "bound for the nvme-vfio backend; given back at exit");
+        Ok(Claim { sysfs: sysfs.root().to_path_buf(), pci, bound_by_us: Some(want) })
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if !self.bound_by_us {
-            return;
-        }
+        let Some(driver) = self.bound_by_us else { return };
         let dir = Sysfs::new(&self.sysfs).function_dir(self.pci);
-        let unbind = self.sysfs.join("sys/bus/pci/drivers/vfio-pci/unbind");
+        let unbind = self.sysfs.join("sys/bus/pci/drivers").join(driver).join("unbind");
         if let Err(e) = std::fs::write(&unbind, self.pci.to_string()) {
-            warn!(pci = %self.pci, "unbinding from vfio-pci at exit: {e}");
+            warn!(pci = %self.pci, "unbinding from {driver} at exit: {e}");
         }
         let _ = std::fs::write(dir.join("driver_override"), "\n");
     }
 }
 
-/// Host memory the controller reaches by DMA, at an IOVA of ours.
-#[derive(Debug, Clone)]
-pub struct Dma {
-    pub mem: Arc<Mapping>,
-    pub iova: u64,
-}
-
-/// Hands out DMA-mapped host memory and maps memory others own: each piece mapped into the
-/// device's IOMMU domain once, at an IOVA range of ours (reused after an unmap).
+/// The function's config space, registers and interrupts, through the driver that owns it.
 #[derive(Debug)]
-struct DmaSpace {
-    dev: Arc<VfioDevice>,
-    /// Free IOVA ranges (start, length), first fit.
-    free: Mutex<Vec<(u64, u64)>>,
-    /// The controller's own memory, kept alive for the device as long as it is open.
-    pins: Mutex<Vec<MappingPin>>,
+enum Access {
+    Vfio(Arc<VfioDevice>),
+    Uio(Arc<UioDevice>),
 }
 
-impl DmaSpace {
-    fn new(dev: Arc<VfioDevice>) -> DmaSpace {
-        DmaSpace { dev, free: Mutex::new(vec![(IOVA_BASE, IOVA_END - IOVA_BASE)]), pins: Mutex::new(Vec::new()) }
-    }
+/// How completions are signalled.
+#[derive(Debug)]
+enum Irqs {
+    /// MSI-X vector n signals eventfd n; I/O queue n raises vector n.
+    Msix(Vec<OwnedFd>),
+    /// One INTx interrupt for every queue (uio_pci_generic).
+    Intx(Intx),
+}
 
-    /// Maps `pin`'s mapping for the device at an IOVA of ours; returns the IOVA and the length
-    /// reserved (for [`DmaSpace::unmap`]).
-    fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(u64, u64), String> {
-        let span = (pin.range().1 as u64).next_multiple_of(IOVA_UNIT);
-        let iova = {
-            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let i =
-                free.iter().position(|&(_, len)| len >= span).ok_or_else(|| format!("{pci}: IOVA space exhausted"))?;
-            let (at, len) = free[i];
-            if len == span {
-                free.remove(i);
-            } else {
-                free[i] = (at + span, len - span);
-            }
-            at
-        };
-        match self.dev.map_dma(pin, iova) {
-            Ok(()) => Ok((iova, span)),
-            Err(e) => {
-                self.release(iova, span);
-                Err(e)
-            }
+/// INTx fanned out: a thread waits for the function's interrupt on `/dev/uioN` and signals
+/// every open queue's eventfd (queues then look at their own CQ), then unmasks INTx again.
+/// One reader, because a queue that read the interrupt count first would leave the others
+/// asleep; the thread's lock is taken per interrupt and when a queue opens or closes.
+#[derive(Debug)]
+struct Intx {
+    queues: Arc<Mutex<Vec<(u16, File)>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Intx {
+    fn start(dev: Arc<UioDevice>, pci: PciAddr) -> Result<Intx, String> {
+        let queues: Arc<Mutex<Vec<(u16, File)>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (q, halt) = (queues.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("intx-{pci}"))
+            .spawn(move || {
+                let mut warned = false;
+                while !halt.load(Ordering::Relaxed) {
+                    match dev.wait(Duration::from_millis(200)) {
+                        Ok(false) => {}
+                        Ok(true) => {
+                            for (_, fd) in q.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                                let _ = (&*fd).write(&1u64.to_ne_bytes());
+                            }
+                            if let Err(e) = dev.unmask_intx() {
+                                warn!("{e}");
+                            }
+                        }
+                        Err(e) => {
+                            if !std::mem::replace(&mut warned, true) {
+                                warn!(%pci, "waiting for the INTx interrupt: {e}; queues poll once a second");
+                            }
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("{pci}: starting the interrupt thread: {e}"))?;
+        Ok(Intx { queues, stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for Intx {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
-    }
-
-    /// Maps `pin` (peer device memory) for the device at IOVA = `bus`, its bus address, so
-    /// that the same address in a PRP works whether the switch routes it to the peer or sends it
-    /// up to the IOMMU (ACS redirect, qemu); the range leaves the pool of IOVAs for host memory.
-    fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: u64) -> Result<(), String> {
-        let span = (pin.range().1 as u64).next_multiple_of(PAGE as u64);
-        {
-            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = free.iter().position(|&(at, len)| at <= bus && bus + span <= at + len) {
-                let (at, len) = free.remove(i);
-                free.extend([(at, bus - at), (bus + span, at + len - bus - span)].into_iter().filter(|r| r.1 > 0));
-            } else if bus < IOVA_END && bus + span > IOVA_BASE {
-                return Err(format!("{pci}: peer memory at bus address {bus:#x} collides with IOVAs in use"));
-            }
-        }
-        self.dev.map_dma(pin, bus)?;
-        self.pins.lock().unwrap_or_else(|e| e.into_inner()).push(pin.clone());
-        Ok(())
-    }
-
-    fn unmap(&self, iova: u64, span: u64) -> Result<(), String> {
-        let r = self.dev.unmap_dma(iova, span as usize);
-        self.release(iova, span);
-        r
-    }
-
-    fn release(&self, iova: u64, span: u64) {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).push((iova, span));
-    }
-
-    fn alloc(&self, pci: PciAddr, len: usize) -> Result<Dma, String> {
-        let mem = Arc::new(Mapping::host(len).map_err(|e| format!("{pci}: {len} bytes of DMA memory: {e}"))?);
-        let pin = MappingPin::of(&mem);
-        let (iova, _) = self.map(pci, &pin)?;
-        self.pins.lock().unwrap_or_else(|e| e.into_inner()).push(pin);
-        Ok(Dma { mem, iova })
     }
 }
 
@@ -195,6 +213,8 @@ impl DmaSpace {
 #[derive(Debug)]
 struct Admin {
     q: QueuePair,
+    /// Where `q` lives.
+    _mem: Dma,
     buf: Dma,
     next_cid: u16,
 }
@@ -207,6 +227,7 @@ struct Admin {
 pub struct Controller {
     pub pci: PciAddr,
     dma: DmaSpace,
+    access: Access,
     regs: Arc<Mapping>,
     cap: Cap,
     admin: Mutex<Admin>,
@@ -214,11 +235,12 @@ pub struct Controller {
     /// I/O queue pairs the controller granted (Set Features, Number of Queues).
     pub max_io_queues: u16,
     free_qids: Mutex<Vec<u16>>,
-    /// Eventfds of MSI-X vectors 0 (admin, unused: admin commands poll) to `max_io_queues`.
-    irqs: Vec<OwnedFd>,
+    irqs: Irqs,
+    /// Where each I/O queue pair lives, by queue id.
+    queue_mem: Mutex<Vec<(u16, Dma)>>,
     /// The controller's own CMB, enabled for data at a bus address.
     pub cmb: Option<Cmb>,
-    /// Bus addresses of peer memory mapped for the SSD (at IOVA = bus address).
+    /// Bus addresses of peer memory the SSD reaches (mapped at IOVA = bus address).
     peers: Mutex<Vec<u64>>,
     /// Why the controller was given up on (fatal status, reset, a command that never ended);
     /// from then on every command fails at once. `is_failed` is what the I/O path reads (no
@@ -282,25 +304,38 @@ fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(),
 }
 
 impl Controller {
-    /// Takes `pci` (see the module documentation), resets it and brings it up with at most
-    /// `want` I/O queue pairs.
-    pub fn open(sysfs: &Sysfs, pci: PciAddr, want: u16) -> Result<Controller, String> {
-        let claim = Claim::take(sysfs, pci)?;
+    /// Takes `pci` (see the module documentation) for `mode`, resets it and brings it up with
+    /// at most `want` I/O queue pairs.
+    pub fn open(sysfs: &Sysfs, pci: PciAddr, want: u16, mode: Addressing) -> Result<Controller, String> {
+        let claim = Claim::take(sysfs, pci, mode)?;
         let f = sysfs.function(pci).map_err(|e| e.to_string())?;
-        let dev = VfioDevice::open(&f)?;
-        if !dev.iommu() {
-            return Err(format!("{pci}: VFIO without an IOMMU is not supported by nvme-vfio yet"));
-        }
-        // Memory space and bus mastering (PCI command register bits 1 and 2).
-        let mut cmd = [0u8; 2];
-        dev.config_read(4, &mut cmd)?;
-        dev.config_write(4, &(u16::from_le_bytes(cmd) | 0x6).to_le_bytes())?;
-        let regs = Arc::new(dev.map_bar(0, 0, 0x2000)?);
+        let (access, dma) = match mode {
+            Addressing::Iommu => {
+                let dev = VfioDevice::open(&f)?;
+                if !dev.iommu() {
+                    return Err(format!("{pci}: VFIO in no-IOMMU mode: use dma = \"physical\" (uio_pci_generic)"));
+                }
+                // Memory space and bus mastering (PCI command register bits 1 and 2).
+                let mut cmd = [0u8; 2];
+                dev.config_read(4, &mut cmd)?;
+                dev.config_write(4, &(u16::from_le_bytes(cmd) | 0x6).to_le_bytes())?;
+                (Access::Vfio(dev.clone()), DmaSpace::iommu(dev))
+            }
+            Addressing::Physical => {
+                let dev = Arc::new(UioDevice::open(&pci.to_string(), &sysfs.function_dir(pci), sysfs.root())?);
+                dev.enable()?;
+                warn!(%pci, "physical-address mode: no IOMMU confines the SSD's DMA");
+                (Access::Uio(dev), DmaSpace::physical())
+            }
+        };
+        let regs = Arc::new(match &access {
+            Access::Vfio(dev) => dev.map_bar(0, 0, 0x2000)?,
+            Access::Uio(dev) => dev.map_bar(0, 0, 0x2000)?,
+        });
         let cap = Cap(regs.read64(reg::CAP));
         if !cap.nvm() || cap.min_page() > PAGE {
             return Err(format!("{pci}: CAP {:#x}: no NVM command set or no 4 KiB pages", cap.0));
         }
-        let dma = DmaSpace::new(dev);
         // Firmware may have left the controller enabled (SeaBIOS does): reset it first.
         if regs.read32(reg::CC) & reg::CC_EN != 0 {
             regs.write32(reg::CC, 0);
@@ -309,24 +344,27 @@ impl Controller {
         let entries = ADMIN_ENTRIES.min(cap.max_entries() as u16);
         let aq = dma.alloc(pci, 2 * PAGE)?;
         regs.write32(reg::AQA, u32::from(entries - 1) << 16 | u32::from(entries - 1));
-        regs.write64_hi_lo(reg::ASQ, aq.iova);
-        regs.write64_hi_lo(reg::ACQ, aq.iova + PAGE as u64);
+        regs.write64_hi_lo(reg::ASQ, aq.addr(0));
+        regs.write64_hi_lo(reg::ACQ, aq.addr(PAGE));
         regs.write32(reg::INTMS, !0);
         regs.write32(reg::CC, reg::CC_EN | reg::CC_ENTRY_SIZES);
         wait_ready(pci, &regs, cap, true)?;
         let cmb = enable_cmb(sysfs, &f);
-        let q = QueuePair::new(0, entries, aq.mem, 0, PAGE, regs.clone(), cap.doorbell_stride());
+        let (mem, at) = aq.region();
+        let q = QueuePair::new(0, entries, mem, at, at + PAGE, regs.clone(), cap.doorbell_stride());
         let buf = dma.alloc(pci, PAGE)?;
         let mut c = Controller {
             pci,
             dma,
+            access,
             regs,
             cap,
-            admin: Mutex::new(Admin { q, buf, next_cid: 0 }),
+            admin: Mutex::new(Admin { q, _mem: aq, buf, next_cid: 0 }),
             id: IdController::parse(&[0; PAGE]),
             max_io_queues: 0,
             free_qids: Mutex::new(Vec::new()),
-            irqs: Vec::new(),
+            irqs: Irqs::Msix(Vec::new()),
+            queue_mem: Mutex::new(Vec::new()),
             cmb,
             peers: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
@@ -339,14 +377,29 @@ impl Controller {
         let r = cqe.result.get() as u32;
         c.max_io_queues = ((r & 0xffff).min(r >> 16) as u16).saturating_add(1).min(want.max(1));
         *c.free_qids.lock().unwrap_or_else(|e| e.into_inner()) = (1..=c.max_io_queues).rev().collect();
-        c.irqs = (0..=c.max_io_queues)
-            .map(|_| p2pnvmf_p2p::vfio::eventfd())
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("{pci}: eventfd: {e}"))?;
-        let fds: Vec<i32> = c.irqs.iter().map(AsRawFd::as_raw_fd).collect();
-        c.dma.dev.msix(&fds).map_err(|e| format!("{pci}: MSI-X: {e}"))?;
+        c.irqs = match &c.access {
+            Access::Vfio(dev) => {
+                let fds: Vec<OwnedFd> = (0..=c.max_io_queues)
+                    .map(|_| p2pnvmf_p2p::vfio::eventfd())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("{pci}: eventfd: {e}"))?;
+                let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+                dev.msix(&raw).map_err(|e| format!("{pci}: MSI-X: {e}"))?;
+                Irqs::Msix(fds)
+            }
+            Access::Uio(dev) => {
+                let intx = Intx::start(dev.clone(), pci)?;
+                // Pin-based interrupts: vector 0, masked since the reset.
+                c.regs.write32(reg::INTMC, 1);
+                Irqs::Intx(intx)
+            }
+        };
+        let how = match mode {
+            Addressing::Iommu => "through VFIO and the IOMMU",
+            Addressing::Physical => "through uio_pci_generic at physical addresses",
+        };
         info!(%pci, serial = %c.id.serial, model = %c.id.model, firmware = %c.id.firmware, mdts = c.id.mdts,
-              io_queues = c.max_io_queues, max_entries = cap.max_entries(), "NVMe controller up through VFIO");
+              io_queues = c.max_io_queues, max_entries = cap.max_entries(), "NVMe controller up {how}");
         Ok(c)
     }
 
@@ -405,10 +458,10 @@ impl Controller {
     /// the first `len` bytes the controller put there; the page is the caller's until then.
     fn admin_read(&self, cmd: impl FnOnce(u64) -> Sqe, len: usize) -> Result<Vec<u8>, String> {
         let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let (cid, sqe) = (a.next_cid, cmd(a.buf.iova));
+        let (cid, sqe) = (a.next_cid, cmd(a.buf.addr(0)));
         a.next_cid = a.next_cid.wrapping_add(1);
         self.run(&mut a.q, sqe, cid, ADMIN_TIMEOUT)?;
-        Ok(a.buf.mem.slice(0, len.min(PAGE)).to_vec())
+        Ok(a.buf.bytes(0, len.min(PAGE)).to_vec())
     }
 
     /// Identify data structure `cns` (for `nsid`).
@@ -433,19 +486,26 @@ impl Controller {
         self.admin_read(|iova| spec::get_log_page(lid, nsid, len.min(PAGE), iova), len)
     }
 
-    /// DMA-mapped host memory of `len` bytes (mapped once; lives as long as the controller).
+    /// Host memory of at least `len` bytes the SSD reaches.
     pub fn dma(&self, len: usize) -> Result<Dma, String> {
         self.dma.alloc(self.pci, len)
     }
 
     /// Maps memory someone else owns (a queue's data area) for the device; the caller keeps
-    /// `pin` until it calls [`Controller::unmap`] with what this returned.
+    /// `pin` until it calls [`Controller::unmap`] with what this returned. Only through the
+    /// IOMMU ([`Controller::maps_host_memory`]).
     pub fn map(&self, pin: &MappingPin) -> Result<(u64, u64), String> {
         self.dma.map(self.pci, pin)
     }
 
     pub fn unmap(&self, iova: u64, span: u64) -> Result<(), String> {
         self.dma.unmap(iova, span)
+    }
+
+    /// Whether memory others own can be given to the SSD: through the IOMMU, yes; at physical
+    /// addresses, no (pages of others may move), so such data goes through bounce buffers.
+    pub fn maps_host_memory(&self) -> bool {
+        matches!(self.dma, DmaSpace::Iommu(_))
     }
 
     /// Why the controller was given up on, if it was.
@@ -487,26 +547,41 @@ impl Controller {
     }
 
     /// Makes peer device memory starting at bus address `bus` (`pin` keeps it mapped)
-    /// reachable by the SSD at that same address: mapped at IOVA = `bus` once per controller
-    /// (queues ask once per peer, not per I/O).
+    /// reachable by the SSD at that same address: through the IOMMU, mapped at IOVA = `bus`
+    /// once per controller (queues ask once per peer, not per I/O).
     pub fn peer(&self, pin: &MappingPin, bus: u64) -> Result<(), String> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if !peers.contains(&bus) {
             self.dma.map_at(self.pci, pin, bus)?;
-            info!(pci = %self.pci, bus = format_args!("{bus:#x}"), bytes = pin.range().1,
-                  "peer memory mapped for the SSD at IOVA = its bus address");
+            let (at, bytes) = (format_args!("{bus:#x}"), pin.range().1);
+            if self.maps_host_memory() {
+                info!(pci = %self.pci, bus = at, bytes, "peer memory mapped for the SSD at IOVA = its bus address");
+            } else {
+                info!(pci = %self.pci, bus = at, bytes, "peer memory reached by the SSD at its bus address (no IOMMU)");
+            }
             peers.push(bus);
         }
         Ok(())
     }
 
-    /// The eventfd MSI-X vector `qid` signals (I/O queue `qid` raises vector `qid`).
+    /// The eventfd signalled when queue `qid` may have completions: MSI-X vector `qid`'s, or
+    /// one of its own that the INTx thread signals on every interrupt.
     pub fn irq(&self, qid: u16) -> Result<OwnedFd, String> {
-        self.irqs
-            .get(usize::from(qid))
-            .ok_or_else(|| format!("{}: no interrupt vector for queue {qid}", self.pci))?
-            .try_clone()
-            .map_err(|e| format!("{}: duplicating the eventfd of vector {qid}: {e}", self.pci))
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone().map_err(|e| format!("{}: duplicating the eventfd of queue {qid}: {e}", self.pci))
+        };
+        match &self.irqs {
+            Irqs::Msix(fds) => {
+                dup(fds.get(usize::from(qid)).ok_or_else(|| format!("{}: no interrupt vector for queue {qid}", self.pci))?)
+            }
+            Irqs::Intx(intx) => {
+                let fd = p2pnvmf_p2p::vfio::eventfd().map_err(|e| format!("{}: eventfd: {e}", self.pci))?;
+                let mut queues = intx.queues.lock().unwrap_or_else(|e| e.into_inner());
+                queues.retain(|(q, _)| *q != qid);
+                queues.push((qid, File::from(dup(&fd)?)));
+                Ok(fd)
+            }
+        }
     }
 
     /// Creates an I/O queue pair of `entries`; `None` when every granted pair is in use.
@@ -515,13 +590,18 @@ impl Controller {
         let entries = entries.clamp(2, self.cap.max_entries().min(4096) as u16);
         let sq_len = (usize::from(entries) * SQE_SIZE).next_multiple_of(PAGE);
         let cq_len = (usize::from(entries) * CQE_SIZE).next_multiple_of(PAGE);
+        // INTx has one vector, 0, for every queue.
+        let vector = if matches!(self.irqs, Irqs::Msix(_)) { qid } else { 0 };
         let created = self.dma(sq_len + cq_len).and_then(|m| {
-            self.admin_cmd(spec::create_cq(qid, u32::from(entries), m.iova + sq_len as u64, Some(qid)))?;
-            if let Err(e) = self.admin_cmd(spec::create_sq(qid, u32::from(entries), m.iova, qid)) {
+            self.admin_cmd(spec::create_cq(qid, u32::from(entries), m.addr(sq_len), Some(vector)))?;
+            if let Err(e) = self.admin_cmd(spec::create_sq(qid, u32::from(entries), m.addr(0), qid)) {
                 let _ = self.admin_cmd(spec::delete_queue(admin::DELETE_CQ, qid));
                 return Err(e);
             }
-            Ok(QueuePair::new(qid, entries, m.mem, 0, sq_len, self.regs.clone(), self.cap.doorbell_stride()))
+            let (mem, at) = m.region();
+            let q = QueuePair::new(qid, entries, mem, at, at + sq_len, self.regs.clone(), self.cap.doorbell_stride());
+            self.queue_mem.lock().unwrap_or_else(|e| e.into_inner()).push((qid, m));
+            Ok(q)
         });
         if created.is_err() {
             self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).push(qid);
@@ -535,6 +615,11 @@ impl Controller {
         let r = self
             .admin_cmd(spec::delete_queue(admin::DELETE_SQ, qid))
             .and_then(|_| self.admin_cmd(spec::delete_queue(admin::DELETE_CQ, qid)));
+        // The SSD no longer uses the queue's memory (deleted, or disabled when that failed).
+        self.queue_mem.lock().unwrap_or_else(|e| e.into_inner()).retain(|(q, _)| *q != qid);
+        if let Irqs::Intx(intx) = &self.irqs {
+            intx.queues.lock().unwrap_or_else(|e| e.into_inner()).retain(|(q, _)| *q != qid);
+        }
         self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).push(qid);
         r.map(drop)
     }
@@ -574,23 +659,29 @@ mod tests {
     fn ownership_is_taken_only_where_it_is_free_to_take() {
         let (s, dir) = sysfs("own");
         let nvme: PciAddr = "0000:03:00.0".parse().unwrap();
-        let e = Claim::take(&s, "0000:7f:00.0".parse().unwrap()).unwrap_err();
+        let e = Claim::take(&s, "0000:7f:00.0".parse().unwrap(), Addressing::Iommu).unwrap_err();
         assert!(e.contains("0000:7f:00.0: no such PCI function"), "{e}");
         // No IOMMU (no group): refused before anything is written.
         let group = s.function_dir(nvme).join("iommu_group");
         let target = std::fs::read_link(&group).unwrap();
         std::fs::remove_file(&group).unwrap();
-        let e = Claim::take(&s, nvme).unwrap_err();
-        assert!(e.contains("0000:03:00.0: no IOMMU group: the IOMMU is off"), "{e}");
+        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
+        assert!(e.contains("0000:03:00.0: no IOMMU group: the IOMMU is off") && e.contains("dma = \"physical\""), "{e}");
+        // Asked for physical addresses there: the uio driver is needed.
+        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err();
+        assert!(e.contains("the uio_pci_generic driver is not loaded (modprobe uio_pci_generic)"), "{e}");
         std::os::unix::fs::symlink(target, &group).unwrap();
+        // With an IOMMU group, physical addresses would fault: refused before anything is written.
+        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err();
+        assert!(e.contains("has an IOMMU group") && e.contains("drop dma = \"physical\""), "{e}");
         // vfio-pci not loaded: nothing is written.
-        let e = Claim::take(&s, nvme).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
         assert!(e.contains("the vfio-pci driver is not loaded (modprobe vfio-pci)"), "{e}");
         // Loaded, but the bind does not happen (no kernel behind these files): undone, said so.
         let drivers = dir.join("sys/bus/pci/drivers");
         std::fs::create_dir_all(drivers.join("vfio-pci")).unwrap();
         std::fs::write(dir.join("sys/bus/pci/drivers_probe"), "").unwrap();
-        let e = Claim::take(&s, nvme).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
         assert!(e.contains("vfio-pci did not bind it"), "{e}");
         assert_eq!(std::fs::read_to_string(dir.join("sys/bus/pci/drivers_probe")).unwrap(), "0000:03:00.0");
         let fdir = s.function_dir(nvme);
@@ -599,7 +690,7 @@ mod tests {
         std::fs::create_dir_all(drivers.join("nvme")).unwrap();
         std::os::unix::fs::symlink(drivers.join("nvme"), fdir.join("driver")).unwrap();
         std::fs::write(fdir.join("driver_override"), "untouched").unwrap();
-        let e = Claim::take(&s, nvme).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
         assert!(
             e.contains("bound to the kernel's nvme driver") && e.contains("/sys/bus/pci/drivers/nvme/unbind"),
             "{e}"
@@ -608,10 +699,13 @@ mod tests {
         // Already on vfio-pci: used as it is, and left bound at the end.
         std::fs::remove_file(fdir.join("driver")).unwrap();
         std::os::unix::fs::symlink(drivers.join("vfio-pci"), fdir.join("driver")).unwrap();
-        let c = Claim::take(&s, nvme).unwrap();
-        assert!(!c.bound_by_us);
+        let c = Claim::take(&s, nvme, Addressing::Iommu).unwrap();
+        assert!(c.bound_by_us.is_none());
         drop(c);
         assert!(!drivers.join("vfio-pci/unbind").exists(), "not unbound at the end");
+        // Bound to the other mode's driver: refused, not rebound behind its user's back.
+        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err();
+        assert!(e.contains("is bound to the kernel driver vfio-pci"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -2,6 +2,7 @@
 //! the SSD must use for the buffer the p2p layer chose.
 
 pub mod ctrl;
+mod dma;
 pub mod ns;
 pub mod prp;
 pub mod queue;

@@ -1,8 +1,9 @@
-//! An NVMe namespace behind the VFIO driver as a target backend: each target I/O queue gets an
-//! I/O queue pair of its own on the SSD (MSI-X vector = queue id, an eventfd on tokio), every
-//! command of the target queue in flight at the SSD, and transfers split at MDTS. Data goes by
-//! DMA from and into the command's window where the SSD reaches it — a queue's data area
-//! registered with the IOMMU once — and through a per-command bounce buffer otherwise.
+//! An NVMe namespace behind the user-space driver as a target backend: each target I/O queue
+//! gets an I/O queue pair of its own on the SSD (an eventfd on tokio, signalled by MSI-X vector
+//! = queue id, or by the INTx thread in physical-address mode), every command of the target
+//! queue in flight at the SSD, and transfers split at MDTS. Data goes by DMA from and into the
+//! command's window where the SSD reaches it — device memory at its bus address, a queue's data
+//! area registered with the IOMMU once — and through a per-command bounce buffer otherwise.
 
 use std::collections::VecDeque;
 use std::io::{self, Read};
@@ -21,7 +22,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 use zerocopy::IntoBytes;
 
-use super::ctrl::{Controller, Dma};
+use super::ctrl::{Addressing, Controller, Dma};
 use super::prp;
 use super::queue::{QueuePair, status};
 use super::spec::{self, IdNamespace};
@@ -60,8 +61,8 @@ pub struct NvmeVfio {
 
 impl NvmeVfio {
     /// Opens namespace `nsid` of the SSD at `pci`, with up to `queues` I/O queue pairs.
-    pub fn open(sysfs: &Sysfs, pci: PciAddr, nsid: u32, queues: u16) -> Result<NvmeVfio, String> {
-        let ctrl = Arc::new(Controller::open(sysfs, pci, queues.saturating_add(1))?);
+    pub fn open(sysfs: &Sysfs, pci: PciAddr, nsid: u32, queues: u16, mode: Addressing) -> Result<NvmeVfio, String> {
+        let ctrl = Arc::new(Controller::open(sysfs, pci, queues.saturating_add(1), mode)?);
         let id = ctrl.namespace(nsid)?;
         if id.metadata != 0 || !matches!(id.block_size, 512 | 4096) {
             return Err(format!(
@@ -227,7 +228,7 @@ impl NvmeQueue {
                 }
             };
         }
-        if self.mapped.len() >= MAPPED_PER_QUEUE {
+        if self.mapped.len() >= MAPPED_PER_QUEUE || !self.ns.ctrl.maps_host_memory() {
             return None;
         }
         self.map(&w.pin_mapping()).map(|()| at(self.mapped.last().expect("just mapped")))
@@ -253,7 +254,7 @@ impl NvmeQueue {
         let ns = self.ns.clone();
         let (shift, nsid) = (ns.shift, ns.nsid);
         let list_at = usize::from(cid) * PAGE;
-        let list_iova = self.lists.iova + list_at as u64;
+        let list_addr = self.lists.addr(list_at);
         let slot = &mut self.slots[usize::from(cid)];
         let direct = slot.direct;
         let req = slot.req.as_ref().expect("a slot in use holds its request");
@@ -262,15 +263,19 @@ impl NvmeQueue {
             Op::Read { offset, len } | Op::Write { offset, len } => {
                 let part = (len as u64 - slot.done).min(ns.max_part as u64);
                 slot.part = part;
-                let base = match direct {
-                    Some(a) => a,
-                    None => slot.bounce.as_ref().expect("bounce set at submission").iova,
-                } + slot.done;
+                let done = slot.done;
+                let bounce = slot.bounce.as_ref();
+                // The SSD's address of byte `o` of this part: in the window, or in the bounce
+                // buffer (whose huge pages need not be contiguous).
+                let addr_of = |o: usize| match direct {
+                    Some(a) => a + done + o as u64,
+                    None => bounce.expect("bounce set at submission").addr(done as usize + o),
+                };
                 let mut list = [0u64; PAGE / 8];
-                let (p1, p2, n) = prp::build(part as usize, PAGE, |o| base + o as u64, &mut list, list_iova)
+                let (p1, p2, n) = prp::build(part as usize, PAGE, addr_of, &mut list, list_addr)
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 if n > 0 {
-                    self.lists.mem.write_bytes(list_at, list[..n].as_bytes());
+                    self.lists.write(list_at, list[..n].as_bytes());
                 }
                 let slba = blocks(offset + slot.done);
                 let opcode = if matches!(req.op, Op::Read { .. }) { opcode::READ } else { opcode::WRITE };
@@ -294,9 +299,9 @@ impl NvmeQueue {
                 let mut range = [0u8; 16];
                 range[4..8].copy_from_slice(&(blocks(part) as u32).to_le_bytes());
                 range[8..].copy_from_slice(&slba.to_le_bytes());
-                self.lists.mem.write_bytes(list_at, &range);
+                self.lists.write(list_at, &range);
                 // NR 0 (one range), AD.
-                spec::command(opcode::DATASET_MANAGEMENT, nsid, (list_iova, 0), [0, 1 << 2, 0, 0, 0, 0])
+                spec::command(opcode::DATASET_MANAGEMENT, nsid, (list_addr, 0), [0, 1 << 2, 0, 0, 0, 0])
             }
         };
         let mut sqe = sqe;
@@ -329,7 +334,7 @@ impl NvmeQueue {
         if let (None, Op::Read { len, .. }, Ok(()), Some(w), Some(b)) =
             (slot.direct, req.op, &r, req.buf.as_mut(), &slot.bounce)
         {
-            w.bytes_mut()[..len].copy_from_slice(b.mem.slice(0, len));
+            w.bytes_mut()[..len].copy_from_slice(b.bytes(0, len));
         }
         if r.is_ok() {
             // Through the window's memory when the SSD reached it, else through the bounce buffer.
@@ -361,14 +366,19 @@ impl NvmeQueue {
         }
         if !self.warned {
             self.warned = true;
-            warn!(pci = %self.ns.ctrl.pci, "the SSD cannot reach this queue's buffers: data goes through a bounce buffer (logged once per queue)");
+            let why = if self.ns.ctrl.maps_host_memory() {
+                "not mapped for it"
+            } else {
+                "host memory outside the driver's huge pages, in physical-address mode"
+            };
+            warn!(pci = %self.ns.ctrl.pci, "the SSD cannot reach this queue's buffers ({why}): data goes through a bounce buffer (logged once per queue)");
         }
         let slot = &mut self.slots[usize::from(cid)];
-        if slot.bounce.as_ref().is_none_or(|b| b.mem.len() < len) {
+        if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
             slot.bounce = Some(self.ns.ctrl.dma(len.next_power_of_two().max(PAGE)).map_err(io::Error::other)?);
         }
         if let (Op::Write { .. }, Some(b)) = (req.op, &slot.bounce) {
-            b.mem.write_bytes(0, &w.bytes()[..len]);
+            b.write(0, &w.bytes()[..len]);
         }
         Ok(())
     }
@@ -518,7 +528,7 @@ impl BackendQueue for NvmeQueue {
     }
 
     fn register(&mut self, area: &MappingPin) {
-        if self.mapped.iter().all(|(pin, ..)| pin.range() != area.range()) {
+        if self.ns.ctrl.maps_host_memory() && self.mapped.iter().all(|(pin, ..)| pin.range() != area.range()) {
             self.map(area);
         }
     }

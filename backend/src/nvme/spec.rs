@@ -9,6 +9,8 @@ use zerocopy::IntoBytes;
 pub mod reg {
     pub const CAP: usize = 0x00;
     pub const INTMS: usize = 0x0c;
+    /// Interrupt Mask Clear: unmasks pin-based (INTx) vectors.
+    pub const INTMC: usize = 0x10;
     pub const CC: usize = 0x14;
     pub const CSTS: usize = 0x1c;
     pub const AQA: usize = 0x24;
