@@ -1,5 +1,5 @@
 //! The nvme-vfio backend in the VM: an NVMe SSD the target drives itself through VFIO (guest
-//! IOMMU), taken from and given back to the kernel.
+//! IOMMU) or, opted in, at physical addresses without one; taken from and given back to the kernel.
 
 use p2pnvmf_vmrig::{Nvme, Scenario, Topology};
 
@@ -58,12 +58,17 @@ fn vm_nvme_vfio_prps_carry_a_peer_bar_bus_address() {
 
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
-fn vm_nvme_vfio_refuses_without_an_iommu() {
+fn vm_nvme_vfio_physical_addresses_without_an_iommu() {
     let topo = Topology::new()
         .root_port("rp1")
-        .nvme("ssd", "rp1", Nvme { serial: "NOIOMMU1".into(), size_mib: 64, cmb_mib: None, block_size: None })
+        .switch("up1", "rp1", &["dn1", "dn2", "dn3"])
+        .nvme("ssd", "dn1", Nvme { serial: "NOIOMMU1".into(), size_mib: 256, cmb_mib: Some(64), block_size: None })
+        .ivshmem("shm", "dn2", 32)
+        .nvme("cmb", "dn3", Nvme { serial: "NOIOMMUCMB".into(), size_mib: 64, cmb_mib: Some(32), block_size: None })
         .nic("pcie.0");
     Scenario::new("nvme-vfio-no-iommu", topo, "nvme-vfio-no-iommu.sh")
+        .qemu_trace(&["pci_nvme_map_addr_cmb", "pci_nvme_err_*"])
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .timeout(std::time::Duration::from_secs(600))
         .run_ok();
 }

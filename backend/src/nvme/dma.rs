@@ -256,6 +256,9 @@ impl Arena {
         let (mem, off, phys, from) = match (class..CLASSES).find(|&c| !free[c].is_empty()) {
             Some(c) => {
                 let (m, off, phys) = free[c].pop().expect("not empty");
+                // A piece given back holds what its last user left (a completion queue's old
+                // entries would pass for new ones): cleared, as fresh huge pages are.
+                m.write_bytes(off, &vec![0; PAGE << class]);
                 (m, off, phys, c)
             }
             None => {
@@ -323,9 +326,14 @@ mod tests {
         assert_eq!(a.addr(5000), a.addr(0) + 5000);
         a.write(4096, b"piece");
         assert_eq!(a.bytes(4096, 5), b"piece");
+        let a_at = a.addr(0);
         assert_eq!(free_bytes(&arena), HUGE as usize - 8192 - 4096, "the rest of the page is free");
         drop((a, b));
         assert_eq!(free_bytes(&arena), HUGE as usize, "given back");
+        let reused = space.alloc(pci, 8192).unwrap();
+        assert_eq!(reused.addr(0), a_at, "the same piece again");
+        assert_eq!(reused.bytes(4096, 5), [0; 5], "cleared for its next user");
+        drop(reused);
         let again = space.alloc(pci, 1 << 20).unwrap();
         assert_eq!(again.addr(0), start + (1 << 20), "the free upper half, not a new page");
         assert_eq!(free_bytes(&arena), (HUGE as usize) - (1 << 20));
