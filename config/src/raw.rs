@@ -493,7 +493,11 @@ mod tests {
         let c = parse(&ns("backend = \"nvme-vfio\"\npci = \"0000:05:00.0\"\ndma = \"physical\"\n"), "t").unwrap();
         assert_eq!(
             c.subsystems[0].namespaces[0].backend,
-            Backend::NvmeVfio { pci: "0000:05:00.0".parse().unwrap(), device_nsid: 1, dma: crate::Addressing::Physical }
+            Backend::NvmeVfio {
+                pci: "0000:05:00.0".parse().unwrap(),
+                device_nsid: 1,
+                dma: crate::Addressing::Physical
+            }
         );
         for (body, want) in [
             ("backend = \"nvme-vfio\"\n", "backend \"nvme-vfio\" needs pci"),

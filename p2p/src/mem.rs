@@ -93,8 +93,7 @@ impl Mapping {
     pub fn locked_huge(len: usize) -> io::Result<Mapping> {
         let huge_len = len.next_multiple_of(HUGE_PAGE).max(HUGE_PAGE);
         let prot = libc::PROT_READ | libc::PROT_WRITE;
-        let flags =
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_LOCKED | libc::MAP_POPULATE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_LOCKED | libc::MAP_POPULATE;
         // SAFETY: anonymous mapping; the result is checked.
         let p = unsafe { libc::mmap(ptr::null_mut(), huge_len, prot, flags, -1, 0) };
         Self::checked(p, huge_len, 0, huge_len)

@@ -36,7 +36,9 @@ impl UioDevice {
         let uio = std::fs::read_dir(dir.join("uio"))
             .ok()
             .and_then(|mut d| d.find_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())))
-            .ok_or_else(|| format!("{name}: no uio device under {} (is it bound to uio_pci_generic?)", dir.display()))?;
+            .ok_or_else(|| {
+                format!("{name}: no uio device under {} (is it bound to uio_pci_generic?)", dir.display())
+            })?;
         let dev = root.join("dev").join(&uio);
         let uio = OpenOptions::new()
             .read(true)
@@ -59,7 +61,9 @@ impl UioDevice {
 
     fn command(&self) -> Result<u16, String> {
         let mut b = [0u8; 2];
-        self.config.read_exact_at(&mut b, COMMAND).map_err(|e| format!("{}: reading the command register: {e}", self.name))?;
+        self.config
+            .read_exact_at(&mut b, COMMAND)
+            .map_err(|e| format!("{}: reading the command register: {e}", self.name))?;
         Ok(u16::from_le_bytes(b))
     }
 

@@ -571,9 +571,9 @@ impl Controller {
             fd.try_clone().map_err(|e| format!("{}: duplicating the eventfd of queue {qid}: {e}", self.pci))
         };
         match &self.irqs {
-            Irqs::Msix(fds) => {
-                dup(fds.get(usize::from(qid)).ok_or_else(|| format!("{}: no interrupt vector for queue {qid}", self.pci))?)
-            }
+            Irqs::Msix(fds) => dup(fds
+                .get(usize::from(qid))
+                .ok_or_else(|| format!("{}: no interrupt vector for queue {qid}", self.pci))?),
             Irqs::Intx(intx) => {
                 let fd = p2pnvmf_p2p::vfio::eventfd().map_err(|e| format!("{}: eventfd: {e}", self.pci))?;
                 let mut queues = intx.queues.lock().unwrap_or_else(|e| e.into_inner());
@@ -666,7 +666,10 @@ mod tests {
         let target = std::fs::read_link(&group).unwrap();
         std::fs::remove_file(&group).unwrap();
         let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
-        assert!(e.contains("0000:03:00.0: no IOMMU group: the IOMMU is off") && e.contains("dma = \"physical\""), "{e}");
+        assert!(
+            e.contains("0000:03:00.0: no IOMMU group: the IOMMU is off") && e.contains("dma = \"physical\""),
+            "{e}"
+        );
         // Asked for physical addresses there: the uio driver is needed.
         let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err();
         assert!(e.contains("the uio_pci_generic driver is not loaded (modprobe uio_pci_generic)"), "{e}");

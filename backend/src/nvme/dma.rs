@@ -45,7 +45,8 @@ enum Addr {
 }
 
 impl Dma {
-    pub fn len(&self) -> usize {
+    /// Bytes usable (at least what was asked for).
+    pub fn size(&self) -> usize {
         self.len
     }
 
@@ -117,9 +118,9 @@ impl DmaSpace {
     pub fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(u64, u64), String> {
         match self {
             DmaSpace::Iommu(s) => s.map(pci, pin),
-            DmaSpace::Physical(_) => Err(format!(
-                "{pci}: physical-address mode: the SSD reaches only the driver's locked huge pages"
-            )),
+            DmaSpace::Physical(_) => {
+                Err(format!("{pci}: physical-address mode: the SSD reaches only the driver's locked huge pages"))
+            }
         }
     }
 
@@ -320,7 +321,7 @@ mod tests {
         let a = space.alloc(pci, 8192).unwrap();
         let b = space.alloc(pci, 100).unwrap();
         let start = a.addr(0);
-        assert_eq!((a.len(), b.len()), (8192, 4096), "rounded up to a power of two pages");
+        assert_eq!((a.size(), b.size()), (8192, 4096), "rounded up to a power of two pages");
         assert_eq!(a.addr(0) % HUGE, 0, "the first piece starts the huge page");
         assert_eq!(b.addr(0), a.addr(0) + 8192, "split from the upper half left free");
         assert_eq!(a.addr(5000), a.addr(0) + 5000);

@@ -374,7 +374,7 @@ impl NvmeQueue {
             warn!(pci = %self.ns.ctrl.pci, "the SSD cannot reach this queue's buffers ({why}): data goes through a bounce buffer (logged once per queue)");
         }
         let slot = &mut self.slots[usize::from(cid)];
-        if slot.bounce.as_ref().is_none_or(|b| b.len() < len) {
+        if slot.bounce.as_ref().is_none_or(|b| b.size() < len) {
             slot.bounce = Some(self.ns.ctrl.dma(len.next_power_of_two().max(PAGE)).map_err(io::Error::other)?);
         }
         if let (Op::Write { .. }, Some(b)) = (req.op, &slot.bounce) {
