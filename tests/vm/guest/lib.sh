@@ -201,6 +201,27 @@ nvme_vfio_config() {
     sed -i "s|^backend = \"ram\"$|backend = \"nvme-vfio\"\npci = \"$pci\"$extra|; /^size = /d" "$file"
 }
 
+# given_back_holds_pattern NQN SSD: writes 8 MiB of random bytes through the running target
+# (NVMe/TCP port 4421), stops it, checks that the SSD was shut down and given back (unbound,
+# driver_override cleared), binds the kernel's nvme driver and reads the same bytes back from
+# its block device, whose name is left in `disk`.
+given_back_holds_pattern() {
+    local nqn=$1 ssd=$2 dev
+    dev=$(nvme_connect_dev tcp 4421 "$nqn" -i 1)
+    head -c $((8 << 20)) /dev/urandom > /tmp/pattern
+    dd if=/tmp/pattern of="$dev" bs=1M seek=16 oflag=direct status=none || die "write through the target failed"
+    nvme_disconnect_nqn "$nqn" >/dev/null
+    stop_target
+    grep "NVMe controller shut down" "$TARGET_LOG" || die "the controller was not shut down at exit"
+    [[ ! -e /sys/bus/pci/devices/$ssd/driver ]] || die "$ssd still bound at exit: $(readlink /sys/bus/pci/devices/$ssd/driver)"
+    [[ $(cat /sys/bus/pci/devices/$ssd/driver_override) == "(null)" ]] || die "driver_override left set"
+    modprobe nvme
+    echo "$ssd" > /sys/bus/pci/drivers_probe
+    disk=$(nvme_disk "$ssd")
+    dd if="/dev/$disk" of=/tmp/readback bs=1M skip=16 count=8 iflag=direct status=none || die "reading /dev/$disk failed"
+    cmp /tmp/pattern /tmp/readback || die "the kernel reads other bytes than were written through the target"
+}
+
 # target_usage: "<open fds> <VmRSS kB>" of the running target.
 target_usage() {
     echo "$(ls /proc/"$TARGET_PID"/fd | wc -l) $(awk '/^VmRSS/ {print $2}' /proc/"$TARGET_PID"/status)"

@@ -109,16 +109,5 @@ step "buffers = host over NVMe/TCP; a pattern read back by the kernel's driver a
 serve_with 'buffers = "host"'
 read -r tr own host < <(run_verify tcp 4421 "$ssd")
 (( tr == 0 && own == 0 && host > 0 )) || die "host run: trace $tr, CMB $own, host $host"
-dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 1)
-head -c $((8 << 20)) /dev/urandom > /tmp/pattern
-dd if=/tmp/pattern of="$dev" bs=1M seek=16 oflag=direct status=none || die "write through the target failed"
-nvme_disconnect_nqn "$NQN" >/dev/null
-stop_target
-grep "NVMe controller shut down" "$TARGET_LOG" || die "the controller was not shut down at exit"
-given_back
-modprobe nvme
-echo "$ssd" > /sys/bus/pci/drivers_probe
-disk=$(nvme_disk "$ssd")
-dd if="/dev/$disk" of=/tmp/readback bs=1M skip=16 count=8 iflag=direct status=none || die "reading /dev/$disk failed"
-cmp /tmp/pattern /tmp/readback || die "the kernel reads other bytes than were written through the target"
+given_back_holds_pattern "$NQN" "$ssd"
 step "done"

@@ -96,17 +96,7 @@ done
 ! grep "bounce buffer" "$TARGET_LOG" || die "data went through bounce buffers"
 
 step "a pattern written through the target, read back by the kernel's driver after exit"
-dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 1)
-head -c $((8 << 20)) /dev/urandom > /tmp/pattern
-dd if=/tmp/pattern of="$dev" bs=1M seek=16 oflag=direct status=none || die "write through the target failed"
-nvme_disconnect_nqn "$NQN" >/dev/null
-stop_target
-grep "NVMe controller shut down" "$TARGET_LOG" || die "the controller was not shut down at exit"
-[[ ! -e /sys/bus/pci/devices/$ssd/driver ]] || die "$ssd still bound at exit: $(readlink /sys/bus/pci/devices/$ssd/driver)"
-echo "$ssd" > /sys/bus/pci/drivers_probe
-disk=$(nvme_disk "$ssd")
-dd if="/dev/$disk" of=/tmp/readback bs=1M skip=16 count=8 iflag=direct status=none || die "reading /dev/$disk failed"
-cmp /tmp/pattern /tmp/readback || die "the kernel reads other bytes than were written through the target"
+given_back_holds_pattern "$NQN" "$ssd"
 
 BENCH_RUNTIME=${NVME_VFIO_BENCH_RUNTIME:-3}
 step "side by side over NVMe/TCP on the same SSD: the kernel's nvmet on its nvme driver, p2pnvmf on VFIO (${BENCH_RUNTIME}s each)"
