@@ -3,10 +3,12 @@
 //! label `level`): the namespace (at start: a usable provider or not), the controller (at
 //! Connect: can the transport's mover reach the provider), the request (a chunk free or not).
 
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use p2pnvmf_p2p::mem::Window;
 use p2pnvmf_p2p::path::{Client, Path};
+use p2pnvmf_p2p::pci::PciAddr;
 use p2pnvmf_p2p::plan::P2p;
 use p2pnvmf_p2p::pool::{ChunkPool, Slab};
 use tracing::{info, warn};
@@ -31,8 +33,20 @@ pub enum NsBuffers {
 pub enum Mover {
     /// NVMe/TCP: the CPU copies between socket and buffer.
     Cpu,
-    /// An RDMA device, by name, DMAs to and from the buffer.
-    Rdma(String),
+    /// An RDMA device, by name, DMAs to and from the buffer; `dmabuf` is whether its verbs
+    /// library can register a dma-buf at all (else why not).
+    Rdma { device: String, dmabuf: Result<(), String> },
+}
+
+/// A pool a controller's I/O queues take chunks from for namespace `nsid`.
+#[derive(Debug, Clone)]
+pub struct P2pPool {
+    pub nsid: u32,
+    pub provider: PciAddr,
+    pub pool: Arc<ChunkPool>,
+    /// The provider's window as a dma-buf, which each RDMA queue registers with its NIC
+    /// (`None` for NVMe/TCP, whose CPU copies).
+    pub dma_buf: Option<Arc<OwnedFd>>,
 }
 
 /// Counts one fallback to host memory at `level` ("namespace", "controller", "request").
@@ -40,34 +54,40 @@ pub fn count_fallback(level: &'static str) {
     metrics::counter!("p2pnvmf_p2p_fallbacks_total", "level" => level).increment(1);
 }
 
+/// What the controller-level decision gives a controller for one provider.
+type Decided = (Arc<ChunkPool>, Option<Arc<OwnedFd>>, &'static str);
+
 /// The controller-level decision for provider `provider`: its pool for `mover`, with how it is
 /// used, or the reason it falls back to host memory.
-fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<(Arc<ChunkPool>, &'static str), String> {
+fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<Decided, String> {
     let pci = p2p.providers[provider].pci;
     match mover {
         Mover::Cpu if required => p2p
             .pool(provider)
-            .map(|pool| (pool, "NVMe/TCP: the CPU copies between the socket and the provider's memory")),
+            .map(|pool| (pool, None, "NVMe/TCP: the CPU copies between the socket and the provider's memory")),
         Mover::Cpu => {
             Err("NVMe/TCP moves data with the CPU; p2p memory pays off only for an RDMA NIC that reaches it \
                            (buffers = \"p2p\" forces it)"
                 .into())
         }
-        Mover::Rdma(dev) => {
-            let client = p2p.topology.rdma_client(dev).unwrap_or_else(|| Client::Software {
-                name: dev.clone(),
-                reason: format!("RDMA device {dev} is not in /sys/class/infiniband"),
+        Mover::Rdma { device, dmabuf } => {
+            let client = p2p.topology.rdma_client(device).unwrap_or_else(|| Client::Software {
+                name: device.clone(),
+                reason: format!("RDMA device {device} is not in /sys/class/infiniband"),
             });
-            match p2p.for_client(provider, &client) {
-                (d, _) if d.path == Path::None => Err(d.reason),
-                // Registering BAR memory with a NIC needs a dma-buf MR over a VFIO dma-buf
-                // export, which Debian's 6.12 kernel lacks: say so instead of pretending.
-                (d, _) => Err(format!(
-                    "{client} reaches {pci} by {} (distance {}), but the RDMA transport cannot register device \
-                     memory yet (needs a dma-buf MR)",
-                    d.path.as_str(),
-                    d.distance.unwrap_or(0)
-                )),
+            // A NIC reaches device memory only through a dma-buf MR, and registering one is
+            // where the kernel checks the p2p path and computes the NIC's address: it is tried
+            // whatever the topology says, which is reported beside the first step that fails.
+            let (d, _) = p2p.for_client(provider, &client);
+            let topology = match d.path {
+                Path::None => d.reason,
+                p => format!("{client} reaches {pci} by {} (distance {})", p.as_str(), d.distance.unwrap_or(0)),
+            };
+            let pool = p2p.pool(provider)?;
+            let fd = p2p.dma_buf(provider).and_then(|fd| dmabuf.clone().map(|()| fd));
+            match fd {
+                Ok(fd) => Ok((pool, Some(fd), "RDMA: the NIC moves data to and from the provider through a dma-buf MR")),
+                Err(e) => Err(format!("dma-buf: {e}; topology: {topology}")),
             }
         }
     }
@@ -75,16 +95,16 @@ fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<(
 
 /// The controller-level decision for each p2p namespace: the pool its queues use, or host
 /// memory with the reason logged once and counted.
-pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> Vec<(u32, Arc<ChunkPool>)> {
+pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> Vec<P2pPool> {
     let Some(subsys) = &ctrl.subsys else { return Vec::new() };
     let mut pools = Vec::new();
     for ns in &subsys.namespaces {
         let NsBuffers::P2p { provider, required } = ns.buffers else { continue };
         let pci = p2p.providers[provider].pci;
         match decide(p2p, provider, required, mover) {
-            Ok((pool, how)) => {
+            Ok((pool, dma_buf, how)) => {
                 info!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci, "p2p buffers: {how}");
-                pools.push((ns.nsid, pool));
+                pools.push(P2pPool { nsid: ns.nsid, provider: pci, pool, dma_buf });
             }
             Err(reason) => {
                 // Expected for NVMe/TCP with `auto`; worth a warning where a NIC was meant to use it.
@@ -114,12 +134,15 @@ pub struct QueueBuffers {
 impl QueueBuffers {
     /// Slabs for an I/O queue of a controller with p2p pools (none for admin queues).
     pub fn for_queue(q: &Queue) -> QueueBuffers {
-        let slabs = match q.controller() {
-            Some(c) if q.qid() != 0 => {
-                c.p2p_pools().iter().map(|(nsid, pool)| (*nsid, pool.take(usize::from(q.entries())))).collect()
-            }
-            _ => Vec::new(),
-        };
+        match q.controller() {
+            Some(c) if q.qid() != 0 => Self::of(&c.p2p_pools(), q.entries()),
+            _ => QueueBuffers::default(),
+        }
+    }
+
+    /// A queue's slabs of `pools`, as many chunks as it has entries where they last.
+    pub fn of(pools: &[P2pPool], entries: u16) -> QueueBuffers {
+        let slabs = pools.iter().map(|p| (p.nsid, p.pool.take(usize::from(entries)))).collect();
         QueueBuffers { slabs, warned: false }
     }
 
@@ -202,10 +225,21 @@ mod tests {
         assert_eq!(controller_pools(&p2p, &controller(true), &Mover::Cpu).len(), 1);
         let reason = |required, mover: Mover| decide(&p2p, 0, required, &mover).unwrap_err();
         assert!(reason(false, Mover::Cpu).contains("NVMe/TCP moves data with the CPU"));
-        let nic = reason(true, Mover::Rdma("mlx5_0".into()));
-        assert!(nic.contains("mlx5_0 (0000:04:00.0) reaches 0000:03:00.0 by bus-address (distance 4)"), "{nic}");
-        assert!(reason(true, Mover::Rdma("rxe9".into())).contains("rxe9 is not in /sys/class/infiniband"));
-        assert!(controller_pools(&p2p, &controller(false), &Mover::Rdma("mlx5_0".into())).is_empty());
+        let rdma = |dev: &str| Mover::Rdma { device: dev.into(), dmabuf: Ok(()) };
+        // The fixture's CMB maps through sysfs: no dma-buf export, said first; the topology beside.
+        let nic = reason(true, rdma("mlx5_0"));
+        assert!(nic.starts_with("dma-buf: 0000:03:00.0 is not bound to vfio-pci"), "{nic}");
+        assert!(nic.contains("topology: mlx5_0 (0000:04:00.0) reaches 0000:03:00.0 by bus-address (distance 4)"), "{nic}");
+        assert!(reason(true, rdma("rxe9")).contains("rxe9 is not in /sys/class/infiniband"));
+        assert!(controller_pools(&p2p, &controller(false), &rdma("mlx5_0")).is_empty());
+        // Exported (a fake exporter stands in for VFIO): the verbs library decides next.
+        let p2p = p2p.with_exporter(|_| std::fs::File::open("/dev/null").map(Into::into).map_err(|e| e.to_string()));
+        let old = Mover::Rdma { device: "mlx5_0".into(), dmabuf: Err("libibverbs has no ibv_reg_dmabuf_mr".into()) };
+        let nic = decide(&p2p, 0, false, &old).unwrap_err();
+        assert!(nic.starts_with("dma-buf: libibverbs has no ibv_reg_dmabuf_mr; topology: mlx5_0"), "{nic}");
+        let pools = controller_pools(&p2p, &controller(false), &rdma("mlx5_0"));
+        assert_eq!(pools.len(), 1, "auto: the NIC gets the pool and its dma-buf");
+        assert!(pools[0].dma_buf.is_some() && pools[0].nsid == 1);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tokio::sync::{Notify, watch};
 
 use crate::Status;
+use crate::buffers::P2pPool;
 use crate::subsystem::{Port, Subsystem};
 
 /// Largest queue size we accept (CAP.MQES + 1).
@@ -75,8 +76,9 @@ pub struct Controller {
     last_seen_ms: AtomicU64,
     dead: watch::Sender<Option<&'static str>>,
     event_ready: Notify,
-    /// p2p pools per namespace, decided once at admin Connect.
-    pools: std::sync::OnceLock<Vec<(u32, Arc<p2pnvmf_p2p::pool::ChunkPool>)>>,
+    /// p2p pools per namespace, decided at admin Connect; dropped when an I/O queue finds it
+    /// cannot use them after all (its NIC refused the dma-buf).
+    pools: Mutex<Vec<P2pPool>>,
 }
 
 impl Controller {
@@ -102,7 +104,7 @@ impl Controller {
             last_seen_ms: AtomicU64::new(0),
             dead: watch::channel(None).0,
             event_ready: Notify::new(),
-            pools: std::sync::OnceLock::new(),
+            pools: Mutex::new(Vec::new()),
         }
     }
 
@@ -110,13 +112,27 @@ impl Controller {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The p2p pools its I/O queues take buffers from (empty: host memory).
-    pub fn p2p_pools(&self) -> &[(u32, Arc<p2pnvmf_p2p::pool::ChunkPool>)] {
-        self.pools.get().map_or(&[], Vec::as_slice)
+    /// The p2p pools its I/O queues take buffers from (empty: host memory); read once per
+    /// queue at Connect.
+    pub fn p2p_pools(&self) -> Vec<P2pPool> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub(crate) fn set_p2p_pools(&self, pools: Vec<(u32, Arc<p2pnvmf_p2p::pool::ChunkPool>)>) {
-        let _ = self.pools.set(pools);
+    pub(crate) fn set_p2p_pools(&self, pools: Vec<P2pPool>) {
+        *self.pools.lock().unwrap_or_else(|e| e.into_inner()) = pools;
+    }
+
+    /// Drops namespace `nsid`'s pool: a controller-level fallback found by an I/O queue (the
+    /// NIC refused to register the provider's dma-buf), logged and counted once; queues that
+    /// connect later use host memory. Whether there was a pool to drop.
+    pub fn drop_p2p_pool(&self, nsid: u32, why: &str) -> bool {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(i) = pools.iter().position(|p| p.nsid == nsid) else { return false };
+        let p = pools.remove(i);
+        tracing::warn!(cntlid = self.cntlid, hostnqn = %self.hostnqn, nsid, provider = %p.provider,
+                       "controller falls back to host memory: {why}");
+        crate::buffers::count_fallback("controller");
+        true
     }
 
     pub fn is_discovery(&self) -> bool {

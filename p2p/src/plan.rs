@@ -1,7 +1,8 @@
 //! The target's p2p state: topology, providers and their pools, and the decisions at the
 //! namespace and controller levels; plus the report `p2pnvmf topology` prints.
 
-use std::sync::Arc;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, OnceLock};
 
 use serde::Serialize;
 
@@ -20,7 +21,14 @@ pub struct P2p {
     pub providers: Vec<Provider>,
     /// Per provider: its pool (when mapped) or why it cannot be used.
     pools: Vec<Result<Option<Arc<ChunkPool>>, String>>,
+    /// Per provider: its window exported as a dma-buf for RDMA NICs, once, when first asked.
+    dma_bufs: Vec<OnceLock<Result<Arc<OwnedFd>, String>>>,
+    exporter: Exporter,
 }
+
+/// Exports a provider's window as a dma-buf: through VFIO ([`Provider::export_dma_buf`]);
+/// tests of the RDMA path put a fake exporter here.
+pub type Exporter = fn(&Provider) -> Result<OwnedFd, String>;
 
 impl P2p {
     /// Reads the topology and sets up the providers (programming CMBs); with `map`, maps the
@@ -35,7 +43,8 @@ impl P2p {
                 false => p.check().map(|()| None),
             })
             .collect();
-        Ok(P2p { topology, providers, pools })
+        let dma_bufs = providers.iter().map(|_| OnceLock::new()).collect();
+        Ok(P2p { topology, providers, pools, dma_bufs, exporter: Provider::export_dma_buf })
     }
 
     /// The providers a namespace may use: all, or the one its `provider` key pins.
@@ -133,6 +142,21 @@ impl P2p {
             Ok(None) => Err(format!("{} was not mapped", self.providers[index].pci)),
             Err(why) => Err(why.clone()),
         }
+    }
+
+    /// Provider `index`'s window as a dma-buf (exported on first use and kept: every RDMA
+    /// queue registers the same one), or why it cannot be exported.
+    pub fn dma_buf(&self, index: usize) -> Result<Arc<OwnedFd>, String> {
+        self.dma_bufs[index]
+            .get_or_init(|| (self.exporter)(&self.providers[index]).map(Arc::new))
+            .clone()
+    }
+
+    /// Exports dma-bufs with `exporter` instead of VFIO.
+    pub fn with_exporter(mut self, exporter: Exporter) -> P2p {
+        self.exporter = exporter;
+        self.dma_bufs = self.providers.iter().map(|_| OnceLock::new()).collect();
+        self
     }
 
     /// How `client` reaches provider `index`, and the pool when it can.

@@ -53,6 +53,11 @@ impl ChunkPool {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// The CPU address of the first chunk and the bytes all chunks span (what a NIC registers).
+    pub fn span(&self) -> (usize, usize) {
+        (self.base, self.chunk * self.count)
+    }
+
     /// Whether `w` is one of this pool's chunks.
     pub fn owns(&self, w: &Window) -> bool {
         w.mapping_range().0 as usize == self.base && w.len() == self.chunk

@@ -184,6 +184,36 @@ impl Provider {
         }
     }
 
+    /// Exports the window [`Provider::map`] maps as a dma-buf, for an RDMA NIC to register.
+    /// Only VFIO exports a BAR; the reason says what is missing otherwise.
+    pub fn export_dma_buf(&self) -> Result<std::os::fd::OwnedFd, String> {
+        if let Some(why) = &self.unusable {
+            return Err(why.clone());
+        }
+        match self.map_from.as_ref().ok_or("no mapping source")? {
+            _ if self.kind == Kind::P2pmem => Err(format!(
+                "{} is p2pmem, which the kernel's driver allocates and no interface exports as a dma-buf",
+                self.pci
+            )),
+            Source::Sysfs(..) => Err(format!(
+                "{} is not bound to vfio-pci, and only VFIO exports a BAR as a dma-buf (bind it to vfio-pci)",
+                self.pci
+            )),
+            Source::Vfio(dev, bar, off) => dev.export_dma_buf(*bar, *off, self.size).map_err(|e| {
+                let errno = e.raw_os_error().unwrap_or(0);
+                if errno == libc::ENOTTY || errno == libc::EINVAL {
+                    format!(
+                        "this kernel cannot export a BAR as a dma-buf (VFIO_DEVICE_FEATURE_DMA_BUF on {}: {e}; needs \
+                         Linux 6.19 or later with CONFIG_VFIO_PCI_DMABUF and CONFIG_PCI_P2PDMA)",
+                        self.pci
+                    )
+                } else {
+                    format!("VFIO_DEVICE_FEATURE_DMA_BUF on {} BAR{bar}: {e}", self.pci)
+                }
+            }),
+        }
+    }
+
     /// Maps the whole window for the CPU (to fill and drain buffers).
     pub fn map(&self) -> Result<Mapping, String> {
         if let Some(why) = &self.unusable {

@@ -7,7 +7,7 @@
 
 use std::ffi::c_void;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr;
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use p2pnvmf_p2p::mem::{Mapping, MappingPin, Window};
 use tracing::warn;
 use zerocopy::IntoBytes;
 
-use super::request::{Event, Keyed, Verbs};
+use super::request::{Event, Keyed, Mr, Verbs};
 use super::srq::SharedRecv;
 use super::sys::{self, Api};
 
@@ -64,6 +64,8 @@ pub struct Qp {
     cq: *mut sys::IbvCq,
     ctrl_mr: *mut sys::IbvMr,
     data_mr: *mut sys::IbvMr,
+    /// dma-buf MRs of p2p pools: the CPU address their SGEs start at, length, MR.
+    dmabuf_mrs: Vec<(usize, usize, *mut sys::IbvMr)>,
     qp_created: bool,
     /// The id is ours to destroy once accepted; before, the listener rejects and destroys it.
     owns_id: bool,
@@ -85,7 +87,7 @@ impl Drop for Qp {
             if self.qp_created {
                 (self.api.rdma_destroy_qp)(self.id);
             }
-            for mr in [self.ctrl_mr, self.data_mr] {
+            for mr in [self.ctrl_mr, self.data_mr].into_iter().chain(self.dmabuf_mrs.iter().map(|m| m.2)) {
                 if !mr.is_null() {
                     (self.api.ibv_dereg_mr)(mr);
                 }
@@ -144,6 +146,7 @@ impl Qp {
             cq: ptr::null_mut(),
             ctrl_mr: ptr::null_mut(),
             data_mr: ptr::null_mut(),
+            dmabuf_mrs: Vec::new(),
             qp_created: false,
             owns_id: false,
             ctrl,
@@ -258,14 +261,28 @@ impl Qp {
         sys::IbvSge { addr: self.ctrl.as_ptr() as u64 + off as u64, length: len as u32, lkey }
     }
 
-    /// An SGE for the first `len` bytes of a data window (which must be one of ours).
-    fn data_sge(&self, w: &Window, len: usize) -> io::Result<sys::IbvSge> {
-        if !self.data.holds(w) || len > w.len() {
-            return Err(io::Error::other("a buffer outside the queue's registered data area"));
+    /// An SGE for the first `len` bytes of a data window, which must lie in the region `mr`
+    /// names: the data area, or a registered dma-buf with that lkey.
+    fn data_sge(&self, w: &Window, len: usize, mr: Mr) -> io::Result<sys::IbvSge> {
+        let (start, end) = (w.as_ptr() as usize, w.as_ptr() as usize + len);
+        let lkey = match mr {
+            // SAFETY: registered in create().
+            Mr::Data if self.data.holds(w) => unsafe { (*self.data_mr).lkey },
+            Mr::DmaBuf(lkey)
+                if self.dmabuf_mrs.iter().any(|&(base, n, m)| {
+                    // SAFETY: registered by reg_dmabuf, alive until drop.
+                    let key = unsafe { (*m).lkey };
+                    key == lkey && base <= start && end <= base + n
+                }) =>
+            {
+                lkey
+            }
+            _ => return Err(io::Error::other(format!("a buffer outside the registered region {mr:?}"))),
+        };
+        if len > w.len() {
+            return Err(io::Error::other("a transfer longer than its buffer"));
         }
-        // SAFETY: registered in create().
-        let lkey = unsafe { (*self.data_mr).lkey };
-        Ok(sys::IbvSge { addr: w.as_ptr() as u64, length: len as u32, lkey })
+        Ok(sys::IbvSge { addr: start as u64, length: len as u32, lkey })
     }
 
     fn recv_area(&self) -> usize {
@@ -363,8 +380,8 @@ impl Verbs for Qp {
         sys::check("ibv_post_recv", unsafe { f(self.qp(), &mut wr, &mut bad) })
     }
 
-    fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed) -> io::Result<()> {
-        let mut sge = self.data_sge(buf, len)?;
+    fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed, mr: Mr) -> io::Result<()> {
+        let mut sge = self.data_sge(buf, len, mr)?;
         let mut w = Self::send_wr(wr::READ | u64::from(req), sys::wr_opcode::RDMA_READ, &mut sge, true);
         w.rdma_remote_addr = remote.addr;
         w.rdma_rkey = remote.key;
@@ -375,7 +392,7 @@ impl Verbs for Qp {
         &mut self,
         req: u16,
         cqe: &Cqe,
-        write: Option<(&Window, usize, &Keyed)>,
+        write: Option<(&Window, usize, &Keyed, Mr)>,
         invalidate: Option<u32>,
     ) -> io::Result<()> {
         let off = self.recv_area() + usize::from(req) * 16;
@@ -387,8 +404,8 @@ impl Verbs for Qp {
             send.invalidate_rkey = key;
         }
         match write {
-            Some((buf, len, k)) => {
-                let mut data_sge = self.data_sge(buf, len)?;
+            Some((buf, len, k, mr)) => {
+                let mut data_sge = self.data_sge(buf, len, mr)?;
                 let mut w = Self::send_wr(0, sys::wr_opcode::RDMA_WRITE, &mut data_sge, false);
                 w.rdma_remote_addr = k.addr;
                 w.rdma_rkey = k.key;
@@ -406,6 +423,19 @@ impl Verbs for Qp {
             // back; the device does not write those.
             Recv::Shared(srq) => unsafe { srq.capsule(idx) },
         }
+    }
+
+    fn reg_dmabuf(&mut self, fd: BorrowedFd<'_>, iova: u64, len: usize) -> io::Result<u32> {
+        let f = self.api.ibv_reg_dmabuf_mr.ok_or_else(|| io::Error::from(io::ErrorKind::Unsupported))?;
+        // Local access only: the NIC reads and writes it for our own work requests; no host
+        // gets a key to it.
+        // SAFETY: our live PD and an open dma-buf fd; the result is checked.
+        let mr = sys::check_ptr("ibv_reg_dmabuf_mr", unsafe {
+            f(self.pd, 0, len, iova, fd.as_raw_fd(), sys::IBV_ACCESS_LOCAL_WRITE)
+        })?;
+        self.dmabuf_mrs.push((iova as usize, len, mr));
+        // SAFETY: just registered.
+        Ok(unsafe { (*mr).lkey })
     }
 }
 

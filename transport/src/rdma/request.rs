@@ -7,8 +7,11 @@
 //!
 //! Resources a request waits for, each with its own queue:
 //! - a request context (`need_request`): a receive whose capsule has no context yet;
-//! - a data buffer (`need_buffer`): a window of the queue's data area, small (most commands)
-//!   or large (transfers above the small size); a request waits only for its kind;
+//! - a data buffer (`need_buffer`): a chunk of p2p memory when the command's namespace has
+//!   some for this controller and the queue's share is not used up (taken at once, never
+//!   waited for), else a window of the queue's data area, small (most commands) or large
+//!   (transfers above the small size); a request waits only for its kind. Which memory region
+//!   the buffer is in ([`Mr`]) goes with the request into every RDMA READ and WRITE;
 //! - RDMA READ depth and a send slot (`need_read`): at most ORD reads in flight;
 //! - send slots (`need_send`): a response (RDMA WRITE + SEND, or SEND alone).
 //!
@@ -20,35 +23,51 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
 
 pub use super::wire::Keyed;
+use p2pnvmf_nvmf::buffers::QueueBuffers;
 use p2pnvmf_nvmf::{Completion, Controller, Direction, Exec, Queue, Response, Status};
 use p2pnvmf_p2p::mem::Window;
 use tracing::{debug, info, trace};
 use zerocopy::FromBytes;
+
+/// The memory region a data buffer is in, for the lkey of its RDMA READs and WRITEs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mr {
+    /// The queue's data area (host memory).
+    Data,
+    /// A provider's window registered as a dma-buf MR with this lkey.
+    DmaBuf(u32),
+}
 
 /// What the state machine asks of the queue pair. The real one posts verbs work requests;
 /// tests use a fake that records them.
 pub trait Verbs {
     /// Gives receive buffer `idx` back to the device.
     fn post_recv(&mut self, idx: usize) -> io::Result<()>;
-    /// RDMA READ of the host's `remote` buffer into the first `len` bytes of `buf`; completes
-    /// as [`Event::ReadDone`] for `req`.
-    fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed) -> io::Result<()>;
+    /// RDMA READ of the host's `remote` buffer into the first `len` bytes of `buf` (in `mr`);
+    /// completes as [`Event::ReadDone`] for `req`.
+    fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed, mr: Mr) -> io::Result<()>;
     /// SEND of `cqe` from request `req`'s response buffer, after an RDMA WRITE of `write`'s
-    /// first bytes to the host when given (one chained post); completes as
+    /// first bytes (in its MR) to the host when given (one chained post); completes as
     /// [`Event::SendDone`] for `req`. `invalidate` makes it SEND_WITH_INV.
     fn post_send(
         &mut self,
         req: u16,
         cqe: &Cqe,
-        write: Option<(&Window, usize, &Keyed)>,
+        write: Option<(&Window, usize, &Keyed, Mr)>,
         invalidate: Option<u32>,
     ) -> io::Result<()>;
     /// The capsule in receive buffer `idx`.
     fn capsule(&self, idx: usize) -> &[u8];
+    /// Registers the first `len` bytes of dma-buf `fd` with the device for local access only,
+    /// byte 0 addressed as `iova` in SGEs (the CPU address of the window, so a chunk's SGE is
+    /// its CPU address, as in the data area); returns the lkey. The MR lives as long as the
+    /// queue pair.
+    fn reg_dmabuf(&mut self, fd: BorrowedFd<'_>, iova: u64, len: usize) -> io::Result<u32>;
 }
 
 /// A work completion, as the machine sees it.
@@ -89,6 +108,8 @@ struct Req {
     /// The command's data length.
     len: usize,
     buf: Option<Window>,
+    /// Where `buf` came from: the buffer choice, made once when the request got its buffer.
+    mr: Mr,
     response: Response,
     cid: u16,
     /// Send-queue slots its posts hold until the SEND completes.
@@ -105,6 +126,7 @@ impl Req {
             keyed: None,
             len: 0,
             buf: None,
+            mr: Mr::Data,
             response: Response::ok(),
             cid: 0,
             wrs: 0,
@@ -134,6 +156,11 @@ pub struct Requests {
     reqs: Vec<Req>,
     free: Vec<u16>,
     buffers: Buffers,
+    /// The queue's share of its controller's p2p pools (I/O queues; set up after Connect)
+    /// and the lkey of each pool's dma-buf MR, by the pool's CPU address.
+    p2p: QueueBuffers,
+    lkeys: Vec<(usize, u32)>,
+    p2p_set_up: bool,
     need_request: VecDeque<(usize, usize)>,
     need_buffer: VecDeque<u16>,
     need_read: VecDeque<u16>,
@@ -190,6 +217,9 @@ impl Requests {
             reqs: (0..n).map(|_| Req::new()).collect(),
             free: (0..n as u16).rev().collect(),
             buffers: Buffers { small, large, small_size },
+            p2p: QueueBuffers::default(),
+            lkeys: Vec::new(),
+            p2p_set_up: false,
             need_request: VecDeque::with_capacity(lim.max_waiting + 1),
             need_buffer: VecDeque::with_capacity(n),
             need_read: VecDeque::with_capacity(n),
@@ -284,12 +314,12 @@ impl Requests {
             }
             Ok(Plan::InCapsule(o, l)) => {
                 (r.recv, r.icd, r.len) = (Some(idx), Some((o, l)), l);
-                self.wait_buffer(req);
+                self.wait_buffer(v, req)?;
             }
             Ok(Plan::Keyed(k)) if k.len > 0 => {
                 (r.keyed, r.len) = (Some(k), k.len);
                 v.post_recv(idx)?;
-                self.wait_buffer(req);
+                self.wait_buffer(v, req)?;
             }
             Ok(Plan::Keyed(k)) => {
                 r.keyed = Some(k);
@@ -333,9 +363,48 @@ impl Requests {
         }
     }
 
-    fn wait_buffer(&mut self, req: u16) {
+    /// A p2p chunk when the command's namespace has one for this queue, else a wait for a
+    /// buffer of the data area.
+    fn wait_buffer(&mut self, v: &mut impl Verbs, req: u16) -> Result<(), Fatal> {
+        let r = &self.reqs[usize::from(req)];
+        if let Some(w) = self.p2p.get(&r.sqe, r.len) {
+            let base = w.mapping_range().0 as usize;
+            let lkey = self.lkeys.iter().find(|(b, _)| *b == base).expect("a registered pool's chunk").1;
+            self.reqs[usize::from(req)].mr = Mr::DmaBuf(lkey);
+            return self.have_buffer(v, req, w);
+        }
         self.set(req, State::NeedBuffer);
         self.need_buffer.push_back(req);
+        Ok(())
+    }
+
+    /// Once the I/O queue is connected: registers each p2p pool its controller decided on
+    /// with the NIC (the provider's dma-buf on this queue's protection domain) and takes the
+    /// queue's share of those that registered. A pool the NIC refuses is a controller-level
+    /// fallback: the controller drops it, with the reason, and uses host memory.
+    fn set_up_p2p(&mut self, v: &mut impl Verbs) {
+        if self.p2p_set_up || self.queue.qid() == 0 {
+            return;
+        }
+        let Some(ctrl) = self.queue.controller().cloned() else { return };
+        self.p2p_set_up = true;
+        let mut usable = Vec::new();
+        for p in ctrl.p2p_pools() {
+            let Some(fd) = &p.dma_buf else { continue };
+            let (base, len) = p.pool.span();
+            match v.reg_dmabuf(fd.as_fd(), base as u64, len) {
+                Ok(lkey) => {
+                    info!(cntlid = ctrl.cntlid, qid = self.queue.qid(), nsid = p.nsid, provider = %p.provider, lkey,
+                          bytes = len, "p2p memory registered with the NIC (dma-buf MR)");
+                    self.lkeys.push((base, lkey));
+                    usable.push(p);
+                }
+                Err(e) => {
+                    ctrl.drop_p2p_pool(p.nsid, &format!("dma-buf: the NIC does not register {}'s window: {e}", p.provider));
+                }
+            }
+        }
+        self.p2p = QueueBuffers::of(&usable, self.queue.entries());
     }
 
     /// The buffer is there: copy in-capsule data out (and give the receive buffer back),
@@ -412,6 +481,7 @@ impl Requests {
 
     /// Advances every waiting request that can move now, until nothing can.
     pub fn process(&mut self, v: &mut impl Verbs) -> Result<(), Fatal> {
+        self.set_up_p2p(v);
         loop {
             let mut moved = false;
             // Responses first: they free what the others wait for.
@@ -438,7 +508,7 @@ impl Requests {
                 self.need_read.pop_front();
                 let r = &self.reqs[usize::from(req)];
                 let k = r.keyed.expect("reads are keyed");
-                v.post_read(req, r.buf.as_ref().expect("buffer before read"), k.len, &k)?;
+                v.post_read(req, r.buf.as_ref().expect("buffer before read"), k.len, &k, r.mr)?;
                 self.reads_out += 1;
                 self.send_free -= 1;
                 self.set(req, State::TransferringHostToController);
@@ -449,6 +519,7 @@ impl Requests {
             while let Some(i) = self.need_buffer.iter().position(|&q| self.buffers.can(self.reqs[usize::from(q)].len)) {
                 let req = self.need_buffer.remove(i).expect("found above");
                 let buf = self.buffers.take(self.reqs[usize::from(req)].len).expect("checked above");
+                self.reqs[usize::from(req)].mr = Mr::Data;
                 self.have_buffer(v, req, buf)?;
                 moved = true;
             }
@@ -480,28 +551,34 @@ impl Requests {
         let invalidate = r.keyed.filter(|k| k.invalidate).map(|k| k.key);
         let data = write.map(|k| {
             let buf = r.buf.as_ref().expect("data to write lives in the buffer");
-            (buf, (r.response.data_len as usize).min(k.len), k)
+            (buf, (r.response.data_len as usize).min(k.len), k, r.mr)
         });
-        v.post_send(req, &cqe, data.as_ref().map(|(b, n, k)| (*b, *n, k)), invalidate)?;
+        v.post_send(req, &cqe, data.as_ref().map(|(b, n, k, mr)| (*b, *n, k, *mr)), invalidate)?;
         let wrs = 1 + usize::from(write.is_some());
         self.send_free -= wrs;
-        let r = &mut self.reqs[usize::from(req)];
-        r.wrs = wrs;
+        self.reqs[usize::from(req)].wrs = wrs;
         // Data the host does not read back is no longer needed: the buffer serves the next.
-        if write.is_none()
-            && let Some(b) = r.buf.take()
-        {
-            self.buffers.give(b);
+        if write.is_none() {
+            self.give_buffer(req);
         }
         self.set(req, State::Completing);
         Ok(())
     }
 
-    fn release(&mut self, req: u16) {
+    /// Gives request `req`'s buffer back where it came from.
+    fn give_buffer(&mut self, req: u16) {
         let r = &mut self.reqs[usize::from(req)];
         if let Some(b) = r.buf.take() {
-            self.buffers.give(b);
+            match r.mr {
+                Mr::Data => self.buffers.give(b),
+                Mr::DmaBuf(_) => self.p2p.put(b),
+            }
         }
+    }
+
+    fn release(&mut self, req: u16) {
+        self.give_buffer(req);
+        let r = &self.reqs[usize::from(req)];
         debug_assert!(r.recv.is_none(), "a released request holds no receive buffer");
         self.set(req, State::Free);
         self.free.push(req);
@@ -565,11 +642,19 @@ mod tests {
         Send { req: u16, cid: u16, status: u16, result: u64, write: Option<usize>, invalidate: Option<u32> },
     }
 
-    /// A fake verbs layer: capsules the test places, posts recorded in order.
+    /// A fake verbs layer: capsules the test places, posts recorded in order, and the memory
+    /// region of every RDMA READ and WRITE. A dma-buf registers with the next of `lkeys`, or
+    /// fails with `reg_error` when they are used up.
     #[derive(Debug, Default)]
     struct Fake {
         capsules: Vec<Vec<u8>>,
         posted: Vec<Posted>,
+        /// (request, READ or WRITE, the region its SGE is in).
+        data: Vec<(u16, &'static str, Mr)>,
+        lkeys: Vec<u32>,
+        reg_error: Option<i32>,
+        /// What was registered: (iova, length).
+        registered: Vec<(u64, usize)>,
     }
 
     impl Fake {
@@ -583,30 +668,41 @@ mod tests {
             self.posted.push(Posted::Recv(idx));
             Ok(())
         }
-        fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed) -> io::Result<()> {
+        fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed, mr: Mr) -> io::Result<()> {
             assert!(len <= buf.len());
             self.posted.push(Posted::Read { req, len, key: remote.key });
+            self.data.push((req, "READ", mr));
             Ok(())
         }
         fn post_send(
             &mut self,
             req: u16,
             cqe: &Cqe,
-            write: Option<(&Window, usize, &Keyed)>,
+            write: Option<(&Window, usize, &Keyed, Mr)>,
             invalidate: Option<u32>,
         ) -> io::Result<()> {
+            if let Some((_, _, _, mr)) = write {
+                self.data.push((req, "WRITE", mr));
+            }
             self.posted.push(Posted::Send {
                 req,
                 cid: cqe.cid.get(),
                 status: cqe.status.get(),
                 result: cqe.result.get(),
-                write: write.map(|(_, n, _)| n),
+                write: write.map(|(_, n, _, _)| n),
                 invalidate,
             });
             Ok(())
         }
         fn capsule(&self, idx: usize) -> &[u8] {
             &self.capsules[idx]
+        }
+        fn reg_dmabuf(&mut self, _: BorrowedFd<'_>, iova: u64, len: usize) -> io::Result<u32> {
+            if self.lkeys.is_empty() {
+                return Err(io::Error::from_raw_os_error(self.reg_error.unwrap_or(libc::EOPNOTSUPP)));
+            }
+            self.registered.push((iova, len));
+            Ok(self.lkeys.remove(0))
         }
     }
 

@@ -260,6 +260,9 @@ pub const IBV_ACCESS_LOCAL_WRITE: c_int = 1;
 pub const IBV_ACCESS_REMOTE_WRITE: c_int = 1 << 1;
 pub const IBV_ACCESS_REMOTE_READ: c_int = 1 << 2;
 
+/// `ibv_reg_dmabuf_mr(pd, offset, length, iova, fd, access)`.
+pub type RegDmabufMr = unsafe extern "C" fn(*mut IbvPd, u64, usize, u64, c_int, c_int) -> *mut IbvMr;
+
 macro_rules! api {
     ($($lib:ident { $($name:ident: fn($($arg:ty),*) -> $ret:ty;)* })*) => {
         /// Entry points resolved from the two libraries.
@@ -267,6 +270,8 @@ macro_rules! api {
         pub struct Api {
             _libs: Vec<Library>,
             $($(pub $name: unsafe extern "C" fn($($arg),*) -> $ret,)*)*
+            /// rdma-core 34 and later: registers a dma-buf (`None` before).
+            pub ibv_reg_dmabuf_mr: Option<RegDmabufMr>,
         }
 
         impl Api {
@@ -288,7 +293,9 @@ macro_rules! api {
                     )*
                     libs.push(lib);
                 )*
-                Ok(Api { _libs: libs, $($($name,)*)* })
+                // SAFETY: the signature rdma-core declares; absent from older libraries.
+                let ibv_reg_dmabuf_mr = unsafe { libs[0].get::<RegDmabufMr>(b"ibv_reg_dmabuf_mr\0") }.ok().map(|f| *f);
+                Ok(Api { _libs: libs, $($($name,)*)* ibv_reg_dmabuf_mr })
             }
         }
     };
