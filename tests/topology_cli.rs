@@ -1,16 +1,12 @@
 //! `p2pnvmf topology --json` on fixture trees: the contract scripts rely on.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
 
 /// Runs the command on a private copy of a fixture (it programs CMBMSC in resource0).
 fn topology(fixture: &str, extra: &[&str]) -> Value {
-    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
-    let dir = std::env::temp_dir().join(format!("p2pnvmf-topology-{fixture}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(Command::new("cp").arg("-a").arg(&src).arg(&dir).status().unwrap().success());
+    let dir = p2pnvmf_p2p::fixture::copy(fixture);
     let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf"))
         .args(["topology", "--json", "--sysfs-root"])
         .arg(&dir)

@@ -187,7 +187,6 @@ impl QueueBuffers {
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
-    use std::process::Command;
 
     use p2pnvmf_p2p::pci::Sysfs;
 
@@ -198,10 +197,7 @@ mod tests {
     /// The target's p2p state over a private copy of `tests/fixtures/pci-switch-cmb` (NVMe CMB
     /// and mlx5_0 below one switch), the CMB BAR backed by a sparse file.
     fn p2p() -> (P2p, PathBuf) {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pci-switch-cmb");
-        let dir = std::env::temp_dir().join(format!("p2pnvmf-buffers-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(Command::new("cp").arg("-a").arg(&src).arg(&dir).status().unwrap().success());
+        let dir = p2pnvmf_p2p::fixture::copy("pci-switch-cmb");
         let bar = std::fs::File::options().write(true).open(dir.join("sys/bus/pci/devices/0000:03:00.0/resource2"));
         bar.unwrap().set_len(64 << 20).unwrap();
         (P2p::discover(&Sysfs::new(&dir), &[], &[], true).unwrap(), dir)

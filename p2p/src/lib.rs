@@ -6,6 +6,8 @@
 #![deny(unsafe_code)]
 
 pub mod block;
+#[doc(hidden)]
+pub mod fixture;
 pub mod mem;
 pub mod path;
 pub mod pci;

@@ -8,18 +8,9 @@ use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
 use p2pnvmf_p2p::plan::P2p;
 use p2pnvmf_p2p::provider::Kind;
 
-fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
-}
-
-/// A private copy of a fixture tree (one per test, which may run in parallel): reading a CMB
-/// programs CMBMSC, which writes resource0.
+/// A private copy of a fixture tree.
 fn copy_of(name: &str) -> (Sysfs, PathBuf) {
-    static COPIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = COPIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dst = std::env::temp_dir().join(format!("p2pnvmf-fixture-{name}-{}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    assert!(std::process::Command::new("cp").arg("-a").arg(fixture(name)).arg(&dst).status().unwrap().success());
+    let dst = p2pnvmf_p2p::fixture::copy(name);
     (Sysfs::new(&dst), dst)
 }
 
@@ -27,8 +18,10 @@ fn a(s: &str) -> PciAddr {
     s.parse().unwrap()
 }
 
+/// Topology reads only: the fixture tree itself.
 fn topo(name: &str, allow: &[(u16, u16)]) -> Topology {
-    Topology::read(&Sysfs::new(fixture(name)), allow).unwrap()
+    let tree = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name);
+    Topology::read(&Sysfs::new(tree), allow).unwrap()
 }
 
 fn nic(t: &Topology, name: &str) -> Client {

@@ -647,17 +647,14 @@ mod tests {
     use super::*;
 
     /// A private copy of the switch fixture (an unbound NVMe at 0000:03:00.0).
-    fn sysfs(name: &str) -> (Sysfs, PathBuf) {
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pci-switch-cmb");
-        let dir = std::env::temp_dir().join(format!("p2pnvmf-claim-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(std::process::Command::new("cp").arg("-a").arg(&src).arg(&dir).status().unwrap().success());
+    fn sysfs() -> (Sysfs, PathBuf) {
+        let dir = p2pnvmf_p2p::fixture::copy("pci-switch-cmb");
         (Sysfs::new(&dir), dir)
     }
 
     #[test]
     fn ownership_is_taken_only_where_it_is_free_to_take() {
-        let (s, dir) = sysfs("own");
+        let (s, dir) = sysfs();
         let nvme: PciAddr = "0000:03:00.0".parse().unwrap();
         let e = Claim::take(&s, "0000:7f:00.0".parse().unwrap(), Addressing::Iommu).unwrap_err();
         assert!(e.contains("0000:7f:00.0: no such PCI function"), "{e}");
