@@ -69,7 +69,9 @@ fn main() -> anyhow::Result<()> {
             let sysfs = p2pnvmf_p2p::pci::Sysfs::new(&sysfs_root);
             let p2p = p2pnvmf_p2p::plan::P2p::discover(&sysfs, &p2p_cfg.providers, &p2p_cfg.allow_host_bridges, false)
                 .map_err(|e| anyhow::anyhow!("topology of {}: {e}", sysfs_root.display()))?;
-            let report = p2p.report();
+            let mut report = p2p.report();
+            let verbs = p2pnvmf_transport::rdma::sys::api().and_then(p2pnvmf_transport::rdma::sys::dmabuf_support);
+            report.dmabuf = p2p.dma_buf_report(&verbs);
             print!("{}", if json { report.to_json() + "\n" } else { report.to_text() });
             Ok(())
         }

@@ -48,6 +48,11 @@ fn offset_fixture_reports_bus_and_cpu_addresses_and_a_bus_address_path() {
     let d = decision(&v, "0000:03:00.0", "0000:04:00.0");
     assert_eq!((d["path"].as_str(), d["distance"].as_u64()), (Some("bus-address"), Some(4)));
     assert_eq!(d["client_name"], "mlx5_0");
+    // The NIC reaches the CMB, but an unbound CMB maps through sysfs: no dma-buf, said why.
+    let b = &v["dmabuf"][0];
+    assert_eq!((b["device"].as_str(), b["provider"].as_str()), (Some("mlx5_0"), Some("0000:03:00.0")));
+    assert_eq!(b["tried"], false);
+    assert!(b["reason"].as_str().unwrap().contains("0000:03:00.0 is not bound to vfio-pci"), "{b}");
 }
 
 #[test]

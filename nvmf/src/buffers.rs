@@ -197,9 +197,7 @@ mod tests {
     /// The target's p2p state over a private copy of `tests/fixtures/pci-switch-cmb` (NVMe CMB
     /// and mlx5_0 below one switch), the CMB BAR backed by a sparse file.
     fn p2p() -> (P2p, PathBuf) {
-        let dir = p2pnvmf_p2p::fixture::copy("pci-switch-cmb");
-        let bar = std::fs::File::options().write(true).open(dir.join("sys/bus/pci/devices/0000:03:00.0/resource2"));
-        bar.unwrap().set_len(64 << 20).unwrap();
+        let dir = p2pnvmf_p2p::fixture::switch_with_cmb();
         (P2p::discover(&Sysfs::new(&dir), &[], &[], true).unwrap(), dir)
     }
 

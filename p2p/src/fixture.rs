@@ -15,3 +15,13 @@ pub fn copy(name: &str) -> PathBuf {
     assert!(ok, "copying {} to {}", src.display(), dst.display());
     dst
 }
+
+/// A copy of `pci-switch-cmb` (an NVMe CMB and mlx5_0 below one switch) whose CMB BAR file
+/// holds its 64 MiB (sparse), so the CMB maps.
+pub fn switch_with_cmb() -> PathBuf {
+    let dir = copy("pci-switch-cmb");
+    let bar = dir.join("sys/bus/pci/devices/0000:03:00.0/resource2");
+    let f = std::fs::File::options().write(true).open(&bar);
+    f.and_then(|f| f.set_len(64 << 20)).unwrap_or_else(|e| panic!("sizing {}: {e}", bar.display()));
+    dir
+}

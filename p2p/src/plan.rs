@@ -234,7 +234,27 @@ impl P2p {
                 software: d.is_software(),
             })
             .collect();
-        Report { devices, rdma, providers, decisions }
+        Report { devices, rdma, providers, decisions, dmabuf: Vec::new() }
+    }
+
+    /// Per RDMA device × provider: whether a controller there would register the provider's
+    /// dma-buf (the NIC's driver and the kernel's p2p check then decide), or the first step
+    /// that stops it — the export (tried here, for a provider bound to vfio-pci), then the
+    /// verbs library (`verbs`).
+    pub fn dma_buf_report(&self, verbs: &Result<(), String>) -> Vec<DmaBufReport> {
+        let mut out = Vec::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            let why = self.dma_buf(i).map(drop).and_then(|()| verbs.clone()).err();
+            for d in &self.topology.rdma {
+                out.push(DmaBufReport {
+                    device: d.name.clone(),
+                    provider: p.pci.to_string(),
+                    tried: why.is_none(),
+                    reason: why.clone(),
+                });
+            }
+        }
+        out
     }
 }
 
@@ -246,6 +266,16 @@ pub struct Report {
     pub rdma: Vec<RdmaReport>,
     pub providers: Vec<ProviderReport>,
     pub decisions: Vec<DecisionReport>,
+    /// Filled by the caller, which knows the verbs library ([`P2p::dma_buf_report`]).
+    pub dmabuf: Vec<DmaBufReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DmaBufReport {
+    pub device: String,
+    pub provider: String,
+    pub tried: bool,
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -359,6 +389,16 @@ impl Report {
         for d in &self.decisions {
             let dist = d.distance.map_or("-".into(), |v| v.to_string());
             let _ = writeln!(s, "  {} -> {}: {} (distance {dist}): {}", d.provider, d.client, d.path, d.reason);
+        }
+        if !self.dmabuf.is_empty() {
+            let _ = writeln!(s, "dma-buf registration (RDMA device x provider):");
+        }
+        for d in &self.dmabuf {
+            let what = match &d.reason {
+                None => "tried at Connect (the NIC's driver and the kernel's p2p check decide)".to_string(),
+                Some(r) => format!("not tried: {r}"),
+            };
+            let _ = writeln!(s, "  {} x {}: {what}", d.device, d.provider);
         }
         s
     }

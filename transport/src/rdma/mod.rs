@@ -248,11 +248,7 @@ fn accept(
     let size = QpSize { depth, capsule, requests, small, large, send_wrs };
     let (mut qp, mut buffers) = Qp::create(api, ev.id, size, shared, params.busy_poll).map_err(no_res)?;
     let mut queue = Queue::new(target.clone(), port.clone());
-    let dmabuf = api
-        .ibv_reg_dmabuf_mr
-        .map(drop)
-        .ok_or_else(|| "libibverbs has no ibv_reg_dmabuf_mr (rdma-core 34 or later registers dma-bufs)".to_string());
-    queue.set_mover(Mover::Rdma { device: qp.device_name(), dmabuf });
+    queue.set_mover(Mover::Rdma { device: qp.device_name(), dmabuf: sys::dmabuf_support(api) });
     queue.set_data_area(qp.data_area());
     let lim = Limits { requests, reads: usize::from(ord), send_slots: send_wrs, max_xfer, max_waiting: depth };
     let large_buffers = buffers.pop().unwrap_or_default();

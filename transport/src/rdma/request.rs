@@ -626,7 +626,10 @@ mod tests {
     use p2pnvmf_nvmf::{
         Backend, BackendQueue, IoDone, IoRequest, Namespace, Port, Subsystem, Target, TrType, TransportParams,
     };
+    use p2pnvmf_nvmf::buffers::{Mover, NsBuffers};
     use p2pnvmf_p2p::mem::Mapping;
+    use p2pnvmf_p2p::pci::Sysfs;
+    use p2pnvmf_p2p::plan::P2p;
     use zerocopy::{FromZeros, IntoBytes};
 
     use super::*;
@@ -870,6 +873,84 @@ mod tests {
             h.1.push(op);
         }
         r.reap(f).unwrap();
+    }
+
+    /// A target whose namespace takes p2p chunks of the fixture's CMB (below one switch with
+    /// mlx5_0), exported as a dma-buf by a fake exporter (a file stands in for the fd).
+    fn p2p_target(held: &Held) -> (Arc<Target>, std::path::PathBuf) {
+        let dir = p2pnvmf_p2p::fixture::switch_with_cmb();
+        let p2p = P2p::discover(&Sysfs::new(&dir), &[], &[], true)
+            .unwrap()
+            .with_exporter(|_| std::fs::File::open("/dev/null").map(Into::into).map_err(|e| e.to_string()));
+        let mut ns = Namespace::new(NQN, 1, Arc::new(Slow(held.clone())));
+        ns.buffers = NsBuffers::P2p { provider: 0, required: false };
+        let t = Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port()]);
+        t.set_p2p(Arc::new(p2p));
+        (t, dir)
+    }
+
+    /// Requests of a queue whose data mlx5_0 moves.
+    fn nic_requests(t: &Arc<Target>, buffers: usize) -> Requests {
+        let mut r = requests(t, buffers, LIM);
+        r.queue.set_mover(Mover::Rdma { device: "mlx5_0".into(), dmabuf: Ok(()) });
+        r
+    }
+
+    /// An admin queue and an I/O queue of one controller on mlx5_0, the I/O queue's fake
+    /// registering dma-bufs with `lkeys` (none: it refuses with EOPNOTSUPP).
+    fn nic_rig(t: &Arc<Target>, lkeys: Vec<u32>) -> (Requests, Requests, Fake) {
+        let mut f = Fake::default();
+        let mut admin = nic_requests(t, 2);
+        let cntlid = connect(&mut admin, &mut f, 0, 0xffff);
+        let mut set = Sqe::new_zeroed();
+        (set.opcode, set.nsid, set.cdw11, set.cdw12) = (0x7f, 0.into(), 0x14.into(), (1 | 6 << 16 | 4 << 20).into());
+        recv(&mut admin, &mut f, 1, &set);
+        let mut f = Fake { lkeys, ..Fake::default() };
+        let mut io = nic_requests(t, 2);
+        connect(&mut io, &mut f, 1, cntlid);
+        (admin, io, f)
+    }
+
+    #[tokio::test]
+    async fn p2p_chunks_carry_the_dma_buf_lkey_into_every_read_and_write() {
+        let held = Held::default();
+        let (t, dir) = p2p_target(&held);
+        let (admin, mut r, mut f) = nic_rig(&t, vec![0x77]);
+        // The I/O queue registered the pool's whole span, addressed by its CPU address.
+        let pool = t.p2p().unwrap().pool(0).unwrap();
+        let (base, len) = pool.span();
+        assert_eq!(f.registered, [(base as u64, len)]);
+        assert_eq!(f.data, [(0, "READ", Mr::Data)], "the Connect data came into the data area");
+        f.data.clear();
+        let shared = pool.free_chunks();
+        // Host writes: RDMA READ into a chunk; host reads: RDMA WRITE from one.
+        recv(&mut r, &mut f, 0, &write_sqe(50, 0, 0xa));
+        recv(&mut r, &mut f, 1, &read_sqe(51, 8, 0xb));
+        assert_eq!(r.free_buffers(), 2, "no data-area buffer taken");
+        r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
+        finish(&held, 0, &mut r, &mut f);
+        finish(&held, 1, &mut r, &mut f);
+        assert_eq!(f.data, [(0, "READ", Mr::DmaBuf(0x77)), (1, "WRITE", Mr::DmaBuf(0x77))]);
+        r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
+        r.on_event(&mut f, Event::SendDone { req: 1 }).unwrap();
+        assert_eq!((r.count(State::Free), pool.free_chunks()), (8, shared), "every chunk back in the queue's slab");
+        assert_eq!(admin.queue.controller().unwrap().p2p_pools().len(), 1, "the controller keeps its pool");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_nic_that_refuses_the_dma_buf_falls_back_for_the_whole_controller() {
+        let held = Held::default();
+        let (t, dir) = p2p_target(&held);
+        let (admin, mut r, mut f) = nic_rig(&t, Vec::new());
+        let ctrl = admin.queue.controller().unwrap().clone();
+        assert!(ctrl.p2p_pools().is_empty(), "dropped at the first queue's refusal: later queues do not try");
+        recv(&mut r, &mut f, 0, &write_sqe(60, 0, 0xa));
+        r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
+        assert_eq!(r.free_buffers(), 1, "the write holds a data-area buffer");
+        finish(&held, 0, &mut r, &mut f);
+        assert_eq!(f.data, [(0, "READ", Mr::Data), (0, "READ", Mr::Data)], "Connect data, then the write: host memory");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]

@@ -338,6 +338,13 @@ api! {
     }
 }
 
+/// Whether the verbs library can register a dma-buf at all, else why not.
+pub fn dmabuf_support(api: &Api) -> Result<(), String> {
+    api.ibv_reg_dmabuf_mr
+        .map(drop)
+        .ok_or_else(|| "libibverbs has no ibv_reg_dmabuf_mr (rdma-core 34 or later registers dma-bufs)".into())
+}
+
 /// The loaded libraries, once per process; the error names the library that is missing.
 pub fn api() -> Result<&'static Api, String> {
     static API: OnceLock<Result<Api, String>> = OnceLock::new();
