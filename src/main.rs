@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
             let mut report = p2p.report();
             let verbs = p2pnvmf_transport::rdma::sys::api().and_then(p2pnvmf_transport::rdma::sys::dmabuf_support);
             report.dmabuf = p2p.dma_buf_report(&verbs);
+            report.kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|r| r.trim().to_string());
             print!("{}", if json { report.to_json() + "\n" } else { report.to_text() });
             Ok(())
         }

@@ -25,7 +25,12 @@ use tracing::{error, info, warn};
 /// I/O queue pairs asked of an SSD driven through VFIO: one per target queue using it.
 const NVME_VFIO_QUEUES: u16 = 64;
 
-fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc<dyn Backend>> {
+fn open_backend(
+    p2p: &Result<Arc<P2p>, String>,
+    subnqn: &str,
+    nsid: u32,
+    cfg: &BackendCfg,
+) -> anyhow::Result<Arc<dyn Backend>> {
     Ok(match cfg {
         BackendCfg::Ram { size } => Arc::new(RamBackend::new(*size)),
         BackendCfg::File { path, size } => {
@@ -41,6 +46,14 @@ fn open_backend(subnqn: &str, nsid: u32, cfg: &BackendCfg) -> anyhow::Result<Arc
             };
             let b = NvmeVfio::open(&Sysfs::new("/"), *pci, *device_nsid, NVME_VFIO_QUEUES, mode)
                 .map_err(|e| anyhow::anyhow!("{subnqn} namespace {nsid}: backend nvme-vfio: {e}"))?;
+            // The SSD's own CMB as a provider: a controller given up on (reset, fatal status)
+            // takes its CMB with it, so RDMA queues stop using its dma-buf.
+            if let Ok(p) = p2p
+                && let Some(i) = p.providers.iter().position(|pr| pr.pci == *pci)
+                && let Ok(pool) = p.pool(i)
+            {
+                b.on_failure(move |why| pool.revoke(why.to_string()));
+            }
             Arc::new(b)
         }
     })
@@ -144,7 +157,7 @@ impl Live {
                 let mut ns = match reused {
                     Some(ns) => ns,
                     None => {
-                        let backend = open_backend(&s.nqn, n.nsid, &n.backend)?;
+                        let backend = open_backend(&self.p2p, &s.nqn, n.nsid, &n.backend)?;
                         info!(subnqn = %s.nqn, nsid = n.nsid, size = backend.size_bytes(), backend = ?n.backend, "namespace ready");
                         Namespace::new(&s.nqn, n.nsid, backend)
                     }

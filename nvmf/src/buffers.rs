@@ -86,7 +86,9 @@ fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<D
             let pool = p2p.pool(provider)?;
             let fd = p2p.dma_buf(provider).and_then(|fd| dmabuf.clone().map(|()| fd));
             match fd {
-                Ok(fd) => Ok((pool, Some(fd), "RDMA: the NIC moves data to and from the provider through a dma-buf MR")),
+                Ok(fd) => {
+                    Ok((pool, Some(fd), "RDMA: the NIC moves data to and from the provider through a dma-buf MR"))
+                }
                 Err(e) => Err(format!("dma-buf: {e}; topology: {topology}")),
             }
         }
@@ -155,6 +157,10 @@ impl QueueBuffers {
         }
         let nsid = sqe.nsid.get();
         let s = &mut self.slabs.iter_mut().find(|(n, _)| *n == nsid)?.1;
+        // Revoked memory: the controller-level fallback is its transport's to say.
+        if s.revoked().is_some() {
+            return None;
+        }
         if let Some(chunk) = s.get(len) {
             return Some(chunk);
         }
@@ -174,6 +180,11 @@ impl QueueBuffers {
             );
         }
         None
+    }
+
+    /// Why namespace `nsid`'s p2p memory was revoked, if this queue has some and it was.
+    pub fn revoked(&self, nsid: u32) -> Option<&str> {
+        self.slabs.iter().find(|(n, _)| *n == nsid).and_then(|(_, s)| s.revoked())
     }
 
     /// Gives a chunk back to its slab.
@@ -223,7 +234,10 @@ mod tests {
         // The fixture's CMB maps through sysfs: no dma-buf export, said first; the topology beside.
         let nic = reason(true, rdma("mlx5_0"));
         assert!(nic.starts_with("dma-buf: 0000:03:00.0 is not bound to vfio-pci"), "{nic}");
-        assert!(nic.contains("topology: mlx5_0 (0000:04:00.0) reaches 0000:03:00.0 by bus-address (distance 4)"), "{nic}");
+        assert!(
+            nic.contains("topology: mlx5_0 (0000:04:00.0) reaches 0000:03:00.0 by bus-address (distance 4)"),
+            "{nic}"
+        );
         assert!(reason(true, rdma("rxe9")).contains("rxe9 is not in /sys/class/infiniband"));
         assert!(controller_pools(&p2p, &controller(false), &rdma("mlx5_0")).is_empty());
         // Exported (a fake exporter stands in for VFIO): the verbs library decides next.

@@ -147,9 +147,7 @@ impl P2p {
     /// Provider `index`'s window as a dma-buf (exported on first use and kept: every RDMA
     /// queue registers the same one), or why it cannot be exported.
     pub fn dma_buf(&self, index: usize) -> Result<Arc<OwnedFd>, String> {
-        self.dma_bufs[index]
-            .get_or_init(|| (self.exporter)(&self.providers[index]).map(Arc::new))
-            .clone()
+        self.dma_bufs[index].get_or_init(|| (self.exporter)(&self.providers[index]).map(Arc::new)).clone()
     }
 
     /// Exports dma-bufs with `exporter` instead of VFIO.
@@ -234,7 +232,7 @@ impl P2p {
                 software: d.is_software(),
             })
             .collect();
-        Report { devices, rdma, providers, decisions, dmabuf: Vec::new() }
+        Report { devices, rdma, providers, decisions, dmabuf: Vec::new(), kernel: None }
     }
 
     /// Per RDMA device × provider: whether a controller there would register the provider's
@@ -268,6 +266,8 @@ pub struct Report {
     pub decisions: Vec<DecisionReport>,
     /// Filled by the caller, which knows the verbs library ([`P2p::dma_buf_report`]).
     pub dmabuf: Vec<DmaBufReport>,
+    /// The running kernel's release: whether it can export a BAR as a dma-buf (6.19+).
+    pub kernel: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -391,7 +391,8 @@ impl Report {
             let _ = writeln!(s, "  {} -> {}: {} (distance {dist}): {}", d.provider, d.client, d.path, d.reason);
         }
         if !self.dmabuf.is_empty() {
-            let _ = writeln!(s, "dma-buf registration (RDMA device x provider):");
+            let kernel = self.kernel.as_deref().unwrap_or("unknown");
+            let _ = writeln!(s, "dma-buf registration (RDMA device x provider; kernel {kernel}):");
         }
         for d in &self.dmabuf {
             let what = match &d.reason {

@@ -3,7 +3,7 @@
 //! chunks when it starts (the only time the pool's lock is taken) and allocates from it alone.
 //! An empty slab means the request falls back to host memory; the caller counts that.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::mem::{Home, Mapping, Window};
 
@@ -14,6 +14,8 @@ pub struct ChunkPool {
     count: usize,
     /// The mapping's start, to tell this pool's chunks from others (never dereferenced).
     base: usize,
+    /// Why its memory may no longer be given to devices (the provider was reset), once it is.
+    revoked: OnceLock<String>,
 }
 
 impl ChunkPool {
@@ -31,7 +33,7 @@ impl ChunkPool {
         Ok(Arc::new_cyclic(|me: &Weak<ChunkPool>| {
             let home: Weak<dyn Home> = me.clone();
             let free = windows.into_iter().rev().map(|w| w.with_home(home.clone())).collect();
-            ChunkPool { chunk, free: Mutex::new(free), count, base }
+            ChunkPool { chunk, free: Mutex::new(free), count, base, revoked: OnceLock::new() }
         }))
     }
 
@@ -61,6 +63,17 @@ impl ChunkPool {
     /// Whether `w` is one of this pool's chunks.
     pub fn owns(&self, w: &Window) -> bool {
         w.mapping_range().0 as usize == self.base && w.len() == self.chunk
+    }
+
+    /// Marks the memory revoked (the provider was reset): no chunk of it is handed out from
+    /// now on, and those in use must not reach a device again. The first reason stays.
+    pub fn revoke(&self, why: String) {
+        let _ = self.revoked.set(why);
+    }
+
+    /// Why the memory was revoked, if it was (a load, for the I/O path).
+    pub fn revoked(&self) -> Option<&str> {
+        self.revoked.get().map(String::as_str)
     }
 
     /// Up to `want` chunks for one queue.
@@ -116,6 +129,10 @@ impl Slab {
 
     pub fn chunk_size(&self) -> usize {
         self.pool.chunk
+    }
+
+    pub fn revoked(&self) -> Option<&str> {
+        self.pool.revoked()
     }
 
     /// Chunks this slab holds (free or lent out).

@@ -247,7 +247,21 @@ pub struct Controller {
     /// lock shared between queues per I/O).
     failed: Mutex<Option<String>>,
     is_failed: AtomicBool,
+    /// Told the reason when the controller is given up on (its CMB's pool is revoked).
+    failure_hooks: Hooks,
     _claim: Claim,
+}
+
+/// A function told why a controller was given up on.
+pub type FailureHook = Box<dyn Fn(&str) + Send + Sync>;
+
+#[derive(Default)]
+struct Hooks(Mutex<Vec<FailureHook>>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} failure hook(s)", self.0.lock().unwrap_or_else(|e| e.into_inner()).len())
+    }
 }
 
 /// The controller's Controller Memory Buffer as enabled: PRPs for data in it carry `bus` +
@@ -369,6 +383,7 @@ impl Controller {
             peers: Mutex::new(Vec::new()),
             failed: Mutex::new(None),
             is_failed: AtomicBool::new(false),
+            failure_hooks: Hooks::default(),
             _claim: claim,
         };
         c.id = IdController::parse(&c.identify(admin::CNS_CONTROLLER, 0)?);
@@ -508,6 +523,11 @@ impl Controller {
         matches!(self.dma, DmaSpace::Iommu(_))
     }
 
+    /// Adds a hook told the reason when the controller is given up on.
+    pub fn on_failure(&self, hook: FailureHook) {
+        self.failure_hooks.0.lock().unwrap_or_else(|e| e.into_inner()).push(hook);
+    }
+
     /// Why the controller was given up on, if it was.
     pub fn failed(&self) -> Option<String> {
         if !self.is_failed.load(Ordering::Acquire) {
@@ -540,6 +560,9 @@ impl Controller {
                 format!("{}: {why}; its commands fail from now on (restart the target once it is fixed)", self.pci);
             tracing::error!("NVMe controller given up: {why}");
             self.regs.write32(reg::CC, self.regs.read32(reg::CC) & !reg::CC_EN);
+            for hook in self.failure_hooks.0.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                hook(&why);
+            }
             *failed = Some(why);
             self.is_failed.store(true, Ordering::Release);
         }

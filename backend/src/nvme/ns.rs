@@ -78,6 +78,13 @@ impl NvmeVfio {
     }
 }
 
+impl NvmeVfio {
+    /// Calls `hook` with the reason when the controller is given up on.
+    pub fn on_failure(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        self.ctrl.on_failure(Box::new(hook));
+    }
+}
+
 impl Backend for NvmeVfio {
     fn size_bytes(&self) -> u64 {
         self.id.nsze << self.shift

@@ -24,6 +24,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
 
@@ -31,6 +32,7 @@ pub use super::wire::Keyed;
 use p2pnvmf_nvmf::buffers::QueueBuffers;
 use p2pnvmf_nvmf::{Completion, Controller, Direction, Exec, Queue, Response, Status};
 use p2pnvmf_p2p::mem::Window;
+use p2pnvmf_p2p::pool::ChunkPool;
 use tracing::{debug, info, trace};
 use zerocopy::FromBytes;
 
@@ -157,9 +159,9 @@ pub struct Requests {
     free: Vec<u16>,
     buffers: Buffers,
     /// The queue's share of its controller's p2p pools (I/O queues; set up after Connect)
-    /// and the lkey of each pool's dma-buf MR, by the pool's CPU address.
+    /// and each pool's dma-buf MR lkey, by the pool's CPU address.
     p2p: QueueBuffers,
-    lkeys: Vec<(usize, u32)>,
+    lkeys: Vec<(usize, u32, Arc<ChunkPool>)>,
     p2p_set_up: bool,
     need_request: VecDeque<(usize, usize)>,
     need_buffer: VecDeque<u16>,
@@ -367,9 +369,14 @@ impl Requests {
     /// buffer of the data area.
     fn wait_buffer(&mut self, v: &mut impl Verbs, req: u16) -> Result<(), Fatal> {
         let r = &self.reqs[usize::from(req)];
+        let nsid = r.sqe.nsid.get();
+        if let (Some(why), Some(ctrl)) = (self.p2p.revoked(nsid), self.queue.controller()) {
+            // The first queue to see it says it for the controller, which goes on in host memory.
+            ctrl.drop_p2p_pool(nsid, &format!("the provider's memory was revoked: {why}"));
+        }
         if let Some(w) = self.p2p.get(&r.sqe, r.len) {
             let base = w.mapping_range().0 as usize;
-            let lkey = self.lkeys.iter().find(|(b, _)| *b == base).expect("a registered pool's chunk").1;
+            let lkey = self.lkeys.iter().find(|(b, ..)| *b == base).expect("a registered pool's chunk").1;
             self.reqs[usize::from(req)].mr = Mr::DmaBuf(lkey);
             return self.have_buffer(v, req, w);
         }
@@ -396,11 +403,14 @@ impl Requests {
                 Ok(lkey) => {
                     info!(cntlid = ctrl.cntlid, qid = self.queue.qid(), nsid = p.nsid, provider = %p.provider, lkey,
                           bytes = len, "p2p memory registered with the NIC (dma-buf MR)");
-                    self.lkeys.push((base, lkey));
+                    self.lkeys.push((base, lkey, p.pool.clone()));
                     usable.push(p);
                 }
                 Err(e) => {
-                    ctrl.drop_p2p_pool(p.nsid, &format!("dma-buf: the NIC does not register {}'s window: {e}", p.provider));
+                    ctrl.drop_p2p_pool(
+                        p.nsid,
+                        &format!("dma-buf: the NIC does not register {}'s window: {e}", p.provider),
+                    );
                 }
             }
         }
@@ -486,6 +496,10 @@ impl Requests {
             let mut moved = false;
             // Responses first: they free what the others wait for.
             while let Some(&req) = self.need_send.front() {
+                if self.revoked(self.reqs[usize::from(req)].mr) && self.reqs[usize::from(req)].response.data_len > 0 {
+                    // Read data in revoked memory is not sent: the host gets an error instead.
+                    self.reqs[usize::from(req)].response = Response::status(Status::DATA_TRANSFER_ERROR);
+                }
                 let r = &self.reqs[usize::from(req)];
                 let write = r.keyed.filter(|k| {
                     Direction::of(&r.sqe) == Direction::ControllerToHost
@@ -507,6 +521,12 @@ impl Requests {
                 }
                 self.need_read.pop_front();
                 let r = &self.reqs[usize::from(req)];
+                if self.revoked(r.mr) {
+                    // The NIC must not write into memory given back to its device.
+                    self.complete(req, Response::status(Status::DATA_TRANSFER_ERROR));
+                    moved = true;
+                    continue;
+                }
                 let k = r.keyed.expect("reads are keyed");
                 v.post_read(req, r.buf.as_ref().expect("buffer before read"), k.len, &k, r.mr)?;
                 self.reads_out += 1;
@@ -563,6 +583,12 @@ impl Requests {
         }
         self.set(req, State::Completing);
         Ok(())
+    }
+
+    /// Whether a buffer in `mr` is in p2p memory that was revoked since.
+    fn revoked(&self, mr: Mr) -> bool {
+        let Mr::DmaBuf(lkey) = mr else { return false };
+        self.lkeys.iter().any(|(_, k, pool)| *k == lkey && pool.revoked().is_some())
     }
 
     /// Gives request `req`'s buffer back where it came from.
@@ -622,11 +648,11 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll};
 
+    use p2pnvmf_nvmf::buffers::{Mover, NsBuffers};
     use p2pnvmf_nvmf::wire::{ConnectData, put_str};
     use p2pnvmf_nvmf::{
         Backend, BackendQueue, IoDone, IoRequest, Namespace, Port, Subsystem, Target, TrType, TransportParams,
     };
-    use p2pnvmf_nvmf::buffers::{Mover, NsBuffers};
     use p2pnvmf_p2p::mem::Mapping;
     use p2pnvmf_p2p::pci::Sysfs;
     use p2pnvmf_p2p::plan::P2p;
@@ -824,8 +850,12 @@ mod tests {
 
     /// An admin queue connected and enabled, as the host's first queue; returns its cntlid.
     fn enabled_admin(t: &Arc<Target>) -> (Requests, u16) {
+        enabled(requests(t, 2, LIM))
+    }
+
+    /// Connects and enables admin queue `a`.
+    fn enabled(mut a: Requests) -> (Requests, u16) {
         let mut f = Fake::default();
-        let mut a = requests(t, 2, LIM);
         let cntlid = connect(&mut a, &mut f, 0, 0xffff);
         let mut set = Sqe::new_zeroed();
         (set.opcode, set.nsid, set.cdw11, set.cdw12) = (0x7f, 0.into(), 0x14.into(), (1 | 6 << 16 | 4 << 20).into());
@@ -890,23 +920,18 @@ mod tests {
     }
 
     /// Requests of a queue whose data mlx5_0 moves.
-    fn nic_requests(t: &Arc<Target>, buffers: usize) -> Requests {
-        let mut r = requests(t, buffers, LIM);
+    fn nic_requests(t: &Arc<Target>, buffers: usize, lim: Limits) -> Requests {
+        let mut r = requests(t, buffers, lim);
         r.queue.set_mover(Mover::Rdma { device: "mlx5_0".into(), dmabuf: Ok(()) });
         r
     }
 
-    /// An admin queue and an I/O queue of one controller on mlx5_0, the I/O queue's fake
-    /// registering dma-bufs with `lkeys` (none: it refuses with EOPNOTSUPP).
-    fn nic_rig(t: &Arc<Target>, lkeys: Vec<u32>) -> (Requests, Requests, Fake) {
-        let mut f = Fake::default();
-        let mut admin = nic_requests(t, 2);
-        let cntlid = connect(&mut admin, &mut f, 0, 0xffff);
-        let mut set = Sqe::new_zeroed();
-        (set.opcode, set.nsid, set.cdw11, set.cdw12) = (0x7f, 0.into(), 0x14.into(), (1 | 6 << 16 | 4 << 20).into());
-        recv(&mut admin, &mut f, 1, &set);
+    /// An admin queue and an I/O queue (`lim`) of one controller on mlx5_0, the I/O queue's
+    /// fake registering dma-bufs with `lkeys` (none: it refuses with EOPNOTSUPP).
+    fn nic_rig(t: &Arc<Target>, lkeys: Vec<u32>, lim: Limits) -> (Requests, Requests, Fake) {
+        let (admin, cntlid) = enabled(nic_requests(t, 2, LIM));
         let mut f = Fake { lkeys, ..Fake::default() };
-        let mut io = nic_requests(t, 2);
+        let mut io = nic_requests(t, 2, lim);
         connect(&mut io, &mut f, 1, cntlid);
         (admin, io, f)
     }
@@ -915,7 +940,7 @@ mod tests {
     async fn p2p_chunks_carry_the_dma_buf_lkey_into_every_read_and_write() {
         let held = Held::default();
         let (t, dir) = p2p_target(&held);
-        let (admin, mut r, mut f) = nic_rig(&t, vec![0x77]);
+        let (admin, mut r, mut f) = nic_rig(&t, vec![0x77], LIM);
         // The I/O queue registered the pool's whole span, addressed by its CPU address.
         let pool = t.p2p().unwrap().pool(0).unwrap();
         let (base, len) = pool.span();
@@ -939,10 +964,61 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn revoked_p2p_memory_fails_its_transfers_and_the_controller_goes_on_in_host_memory() {
+        let held = Held::default();
+        let (t, dir) = p2p_target(&held);
+        // One RDMA READ at a time, so a second host write waits for it with its chunk.
+        let (admin, mut r, mut f) = nic_rig(&t, vec![0x77], Limits { reads: 1, ..LIM });
+        f.data.clear();
+        recv(&mut r, &mut f, 0, &write_sqe(80, 0, 0xa));
+        recv(&mut r, &mut f, 1, &write_sqe(81, 8, 0xb));
+        recv(&mut r, &mut f, 2, &read_sqe(82, 16, 0xc));
+        assert_eq!(
+            (r.state(0), r.state(1), r.state(2)),
+            (State::TransferringHostToController, State::TransferToControllerPending, State::Executing)
+        );
+        f.take();
+        // The provider is reset.
+        t.p2p().unwrap().pool(0).unwrap().revoke("0000:03:00.0 was reset".into());
+        // The first write's data is in; the second's READ is never posted: it fails.
+        r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
+        let failed = Status::DATA_TRANSFER_ERROR.to_cqe_field();
+        assert_eq!(
+            f.take(),
+            [Posted::Send { req: 1, cid: 81, status: failed, result: 0, write: None, invalidate: None }]
+        );
+        // The read's data is in revoked memory: an error instead of an RDMA WRITE.
+        finish(&held, 2, &mut r, &mut f);
+        assert_eq!(
+            f.take(),
+            [Posted::Send { req: 2, cid: 82, status: failed, result: 0, write: None, invalidate: None }]
+        );
+        finish(&held, 0, &mut r, &mut f);
+        assert!(
+            matches!(f.take()[..], [Posted::Send { req: 0, cid: 80, status: 0, .. }]),
+            "a transfer already done completes"
+        );
+        for req in 0..3 {
+            r.on_event(&mut f, Event::SendDone { req }).unwrap();
+        }
+        assert_eq!(r.count(State::Free), 8, "every command answered");
+        // New commands: host memory, and the controller has dropped the pool.
+        recv(&mut r, &mut f, 3, &write_sqe(83, 0, 0xd));
+        assert_eq!(f.data.last().map(|d| (d.1, d.2)), Some(("READ", Mr::Data)));
+        assert!(admin.queue.controller().unwrap().p2p_pools().is_empty());
+        assert_eq!(
+            f.data.iter().filter(|d| d.2 != Mr::Data).count(),
+            1,
+            "only the first write's READ used the dma-buf"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
     async fn a_nic_that_refuses_the_dma_buf_falls_back_for_the_whole_controller() {
         let held = Held::default();
         let (t, dir) = p2p_target(&held);
-        let (admin, mut r, mut f) = nic_rig(&t, Vec::new());
+        let (admin, mut r, mut f) = nic_rig(&t, Vec::new(), LIM);
         let ctrl = admin.queue.controller().unwrap().clone();
         assert!(ctrl.p2p_pools().is_empty(), "dropped at the first queue's refusal: later queues do not try");
         recv(&mut r, &mut f, 0, &write_sqe(60, 0, 0xa));
