@@ -926,11 +926,10 @@ mod tests {
         r
     }
 
-    /// An admin queue and an I/O queue (`lim`) of one controller on mlx5_0, the I/O queue's
-    /// fake registering dma-bufs with `lkeys` (none: it refuses with EOPNOTSUPP).
-    fn nic_rig(t: &Arc<Target>, lkeys: Vec<u32>, lim: Limits) -> (Requests, Requests, Fake) {
+    /// An admin queue and an I/O queue (`lim`) of one controller on mlx5_0, the I/O queue
+    /// over `f`.
+    fn nic_rig(t: &Arc<Target>, mut f: Fake, lim: Limits) -> (Requests, Requests, Fake) {
         let (admin, cntlid) = enabled(nic_requests(t, 2, LIM));
-        let mut f = Fake { lkeys, ..Fake::default() };
         let mut io = nic_requests(t, 2, lim);
         connect(&mut io, &mut f, 1, cntlid);
         (admin, io, f)
@@ -940,7 +939,7 @@ mod tests {
     async fn p2p_chunks_carry_the_dma_buf_lkey_into_every_read_and_write() {
         let held = Held::default();
         let (t, dir) = p2p_target(&held);
-        let (admin, mut r, mut f) = nic_rig(&t, vec![0x77], LIM);
+        let (admin, mut r, mut f) = nic_rig(&t, Fake { lkeys: vec![0x77], ..Fake::default() }, LIM);
         // The I/O queue registered the pool's whole span, addressed by its CPU address.
         let pool = t.p2p().unwrap().pool(0).unwrap();
         let (base, len) = pool.span();
@@ -968,7 +967,8 @@ mod tests {
         let held = Held::default();
         let (t, dir) = p2p_target(&held);
         // One RDMA READ at a time, so a second host write waits for it with its chunk.
-        let (admin, mut r, mut f) = nic_rig(&t, vec![0x77], Limits { reads: 1, ..LIM });
+        let (admin, mut r, mut f) =
+            nic_rig(&t, Fake { lkeys: vec![0x77], ..Fake::default() }, Limits { reads: 1, ..LIM });
         f.data.clear();
         recv(&mut r, &mut f, 0, &write_sqe(80, 0, 0xa));
         recv(&mut r, &mut f, 1, &write_sqe(81, 8, 0xb));
@@ -1016,17 +1016,25 @@ mod tests {
 
     #[tokio::test]
     async fn a_nic_that_refuses_the_dma_buf_falls_back_for_the_whole_controller() {
-        let held = Held::default();
-        let (t, dir) = p2p_target(&held);
-        let (admin, mut r, mut f) = nic_rig(&t, Vec::new(), LIM);
-        let ctrl = admin.queue.controller().unwrap().clone();
-        assert!(ctrl.p2p_pools().is_empty(), "dropped at the first queue's refusal: later queues do not try");
-        recv(&mut r, &mut f, 0, &write_sqe(60, 0, 0xa));
-        r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
-        assert_eq!(r.free_buffers(), 1, "the write holds a data-area buffer");
-        finish(&held, 0, &mut r, &mut f);
-        assert_eq!(f.data, [(0, "READ", Mr::Data), (0, "READ", Mr::Data)], "Connect data, then the write: host memory");
-        std::fs::remove_dir_all(dir).unwrap();
+        // rxe's EOPNOTSUPP, the kernel's p2p check refusing the pair, a fault.
+        for errno in [libc::EOPNOTSUPP, libc::EINVAL, libc::EFAULT] {
+            let held = Held::default();
+            let (t, dir) = p2p_target(&held);
+            let (admin, mut r, mut f) = nic_rig(&t, Fake { reg_error: Some(errno), ..Fake::default() }, LIM);
+            let ctrl = admin.queue.controller().unwrap().clone();
+            assert!(ctrl.p2p_pools().is_empty(), "errno {errno}: the controller dropped its pool");
+            recv(&mut r, &mut f, 0, &write_sqe(60, 0, 0xa));
+            r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
+            assert_eq!(r.free_buffers(), 1, "the write holds a data-area buffer");
+            finish(&held, 0, &mut r, &mut f);
+            assert_eq!(f.data, [(0, "READ", Mr::Data), (0, "READ", Mr::Data)], "Connect data, then the write");
+            // A queue that connects later does not try again.
+            let mut g = Fake { lkeys: vec![0x99], ..Fake::default() };
+            let mut later = nic_requests(&t, 2, LIM);
+            connect(&mut later, &mut g, 2, ctrl.cntlid);
+            assert!(g.registered.is_empty(), "errno {errno}: registered again");
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 
     #[tokio::test]
