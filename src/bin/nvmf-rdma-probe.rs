@@ -1,6 +1,7 @@
 //! `nvmf-rdma-probe`: an RDMA CM client that sends what a well-behaved NVMe-oF host never
-//! does — malformed connect private data, a capsule shorter than an SQE — and checks the
-//! target's answers: the reject status of the NVMe-oF RDMA binding, a torn-down queue.
+//! does — malformed connect private data, a capsule shorter than an SQE, RDMA READs and WRITEs
+//! aimed at the target's own memory — and checks the target's answers: the reject status of
+//! the NVMe-oF RDMA binding, a torn-down queue, a remote access error.
 //! Prints one line per case and `N passed, N failed`; exits non-zero on any failure.
 
 use std::ffi::c_void;
@@ -17,6 +18,17 @@ use zerocopy::{FromBytes, IntoBytes};
 struct Args {
     /// Target address, e.g. 10.0.2.15:4420 (an address of an RDMA device).
     addr: SocketAddr,
+    /// Target memory to attack as ADDR:KEY (hex), e.g. the keys of another host's queues taken
+    /// from the target's debug log: an RDMA READ and an RDMA WRITE of each must fail with a
+    /// remote access error.
+    #[arg(long = "attack", value_parser = parse_region)]
+    attack: Vec<(u64, u32)>,
+}
+
+fn parse_region(s: &str) -> Result<(u64, u32), String> {
+    let (a, k) = s.split_once(':').ok_or("expected ADDR:KEY")?;
+    let hex = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).map_err(|e| format!("{v}: {e}"));
+    Ok((hex(a)?, u32::try_from(hex(k)?).map_err(|_| format!("{k}: not a 32-bit key"))?))
 }
 
 #[path = "probe/report.rs"]
@@ -159,6 +171,12 @@ impl Client {
 
     /// Sends the first `len` bytes of the buffer as one capsule.
     fn send(&mut self, len: usize) -> R<()> {
+        self.post(sys::wr_opcode::SEND, len, 0, 0)
+    }
+
+    /// Posts one work request of `opcode` over the first `len` bytes of the buffer (for RDMA
+    /// READ and WRITE, at the target's `remote` address with `rkey`).
+    fn post(&mut self, opcode: u32, len: usize, remote: u64, rkey: u32) -> R<()> {
         let mut sge = sys::IbvSge { addr: self.buf.as_ptr() as u64, length: len as u32, lkey: 0 };
         // SAFETY: `mr` registered in connect(); the QP is connected; WR and SGE outlive the post.
         unsafe {
@@ -168,11 +186,11 @@ impl Client {
                 next: ptr::null_mut(),
                 sg_list: &mut sge,
                 num_sge: 1,
-                opcode: sys::wr_opcode::SEND,
+                opcode,
                 send_flags: sys::IBV_SEND_SIGNALED,
                 invalidate_rkey: 0,
-                rdma_remote_addr: 0,
-                rdma_rkey: 0,
+                rdma_remote_addr: remote,
+                rdma_rkey: rkey,
                 rest: [0; 76],
             };
             let qp = (*self.id).qp;
@@ -180,6 +198,24 @@ impl Client {
             let mut bad = ptr::null_mut();
             sys::check("ibv_post_send", post(qp, &mut wr, &mut bad)).map_err(|e| e.to_string())
         }
+    }
+
+    /// The status of the next work completion, waiting up to 5 s.
+    fn completion(&mut self) -> R<u32> {
+        let mut wc = sys::IbvWc::default();
+        for _ in 0..5000 {
+            // SAFETY: our CQ, room for one entry.
+            let n = unsafe {
+                let poll = (*(*self.id).verbs).poll_cq.ok_or("provider has no poll_cq")?;
+                poll(self.cq, 1, &mut wc)
+            };
+            match n {
+                1 => return Ok(wc.status),
+                0 => std::thread::sleep(std::time::Duration::from_millis(1)),
+                _ => return Err("ibv_poll_cq failed".into()),
+            }
+        }
+        Err("no work completion within 5 s".into())
     }
 }
 
@@ -224,6 +260,30 @@ fn rejected(api: &'static Api, addr: SocketAddr, private: &[u8], want: wire::Rej
     Ok(())
 }
 
+/// `IBV_WC_REM_ACCESS_ERR`: the responder refused the access (enum ibv_wc_status).
+const WC_REM_ACCESS_ERR: u32 = 10;
+
+/// An RDMA READ or WRITE (`opcode`) from a connected host at target address `addr` with
+/// `rkey` must end in a remote access error: the target registers nothing for remote access.
+fn refused_access(api: &'static Api, addr: SocketAddr, opcode: u32, remote: u64, rkey: u32) -> R<()> {
+    let mut c = Client::new(api)?;
+    c.connect(addr, &request(0, 0, 32, 31))?;
+    c.expect(cm_event::ESTABLISHED)?;
+    c.buf.fill(0xa5);
+    c.post(opcode, 64, remote, rkey)?;
+    match c.completion()? {
+        WC_REM_ACCESS_ERR => Ok(()),
+        sys::IBV_WC_SUCCESS => Err(format!(
+            "the target let another host's {} through at {remote:#x}",
+            match opcode {
+                sys::wr_opcode::RDMA_READ => "RDMA READ",
+                _ => "RDMA WRITE",
+            }
+        )),
+        s => Err(format!("work completion status {s}, expected {WC_REM_ACCESS_ERR} (remote access error)")),
+    }
+}
+
 fn main() {
     let args = Args::parse();
     let api = match sys::api() {
@@ -235,7 +295,7 @@ fn main() {
     };
     let a = args.addr;
     use wire::RejectStatus::*;
-    let cases: Vec<Case> = vec![
+    let mut cases: Vec<Case> = vec![
         ("connect with RECFMT 1", Box::new(move || rejected(api, a, &request(1, 0, 32, 31), InvalidRecfmt))),
         ("connect to QID 1000", Box::new(move || rejected(api, a, &request(0, 1000, 32, 31), InvalidQid))),
         ("connect with HSQSIZE 0", Box::new(move || rejected(api, a, &request(0, 1, 32, 0), InvalidHsqsize))),
@@ -263,5 +323,12 @@ fn main() {
             }),
         ),
     ];
+    for &(remote, key) in &args.attack {
+        for (what, op) in [("READ", sys::wr_opcode::RDMA_READ), ("WRITE", sys::wr_opcode::RDMA_WRITE)] {
+            let name: &'static str =
+                Box::leak(format!("RDMA {what} of {remote:#x} with key {key:#x} is refused").into());
+            cases.push((name, Box::new(move || refused_access(api, a, op, remote, key))));
+        }
+    }
     report::run(cases);
 }

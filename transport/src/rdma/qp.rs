@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use p2pnvmf_nvmf::wire::Cqe;
 use p2pnvmf_p2p::mem::{Mapping, MappingPin, Window};
-use tracing::warn;
+use tracing::{debug, warn};
 use zerocopy::IntoBytes;
 
 use super::request::{Event, Keyed, Mr, Verbs};
@@ -171,6 +171,20 @@ impl Qp {
             qp.ctrl_mr =
                 sys::check_ptr("ibv_reg_mr", (api.ibv_reg_mr)(qp.pd, qp.ctrl.as_ptr().cast(), qp.ctrl.len(), local))?;
             qp.data_mr = sys::check_ptr("ibv_reg_mr", (api.ibv_reg_mr)(qp.pd, data_ptr.cast(), data_len, local))?;
+            // No host is given a key: what the NIC reads and writes is ours to post, so a host
+            // that learns or guesses these keys still gets a remote access error (the VM suite
+            // attacks them from this log).
+            for (what, mr) in [("capsules", qp.ctrl_mr), ("data", qp.data_mr)] {
+                let m = &*mr;
+                debug!(
+                    region = what,
+                    addr = format_args!("{:#x}", m.addr as u64),
+                    len = m.length,
+                    lkey = format_args!("{:#x}", m.lkey),
+                    rkey = format_args!("{:#x}", m.rkey),
+                    "queue memory registered for local access only"
+                );
+            }
             let srq = match &qp.recv {
                 Recv::Shared(s) => s.srq,
                 Recv::Own => ptr::null_mut(),
