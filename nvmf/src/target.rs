@@ -163,13 +163,25 @@ impl Target {
         Ok(ctrl)
     }
 
-    /// I/O queue Connect: the controller must exist, be enabled and belong to this host.
+    /// I/O queue Connect: the controller must exist, be enabled and belong to this host — the
+    /// same host NQN and Host Identifier as its admin queue (a host that names another's
+    /// controller does not get a queue on it), still allowed by the subsystem.
     pub fn connect_io(&self, port: &Port, data: &ConnectData, qid: u16) -> Result<Arc<Controller>, ConnectError> {
         let (subnqn, hostnqn) = self.connect_nqns(data)?;
         let cntlid_off = std::mem::offset_of!(ConnectData, cntlid);
         let ctrl = self.controller(data.cntlid.get()).ok_or(ConnectError::data_param(cntlid_off))?;
         if ctrl.subnqn() != subnqn || ctrl.hostnqn != hostnqn || ctrl.port.id != port.id {
             return Err(ConnectError::data_param(cntlid_off));
+        }
+        if ctrl.hostid != data.hostid {
+            warn!(
+                cntlid = ctrl.cntlid,
+                hostnqn, "I/O queue Connect with another Host Identifier than its controller's"
+            );
+            return Err(ConnectError::data_param(std::mem::offset_of!(ConnectData, hostid)));
+        }
+        if ctrl.subsys.as_ref().is_some_and(|s| !s.host_allowed(hostnqn)) {
+            return Err(ConnectError::new(Status::CONNECT_INVALID_HOST));
         }
         if ctrl.is_discovery() || !ctrl.enabled() {
             return Err(ConnectError::new(Status::COMMAND_SEQUENCE_ERROR));

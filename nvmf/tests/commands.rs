@@ -135,13 +135,17 @@ fn sqe(opcode: u8) -> Sqe {
 }
 
 fn connect(q: &mut Queue, qid: u16, subnqn: &str, host: &str, cntlid: u16) -> Response {
+    connect_with_id(q, qid, subnqn, host, [7; 16], cntlid)
+}
+
+fn connect_with_id(q: &mut Queue, qid: u16, subnqn: &str, host: &str, hostid: [u8; 16], cntlid: u16) -> Response {
     let mut s = sqe(0x7f);
     s.nsid = 1.into();
     s.cdw10 = (u32::from(qid) << 16).into();
     s.cdw11 = 31.into();
     s.cdw12 = 0.into();
     let mut d = ConnectData::new_zeroed();
-    d.cntlid = cntlid.into();
+    (d.cntlid, d.hostid) = (cntlid.into(), hostid);
     put_str(&mut d.subnqn, subnqn, 0);
     put_str(&mut d.hostnqn, host, 0);
     done(exec(q, &s, d.as_mut_bytes()))
@@ -254,6 +258,9 @@ async fn connect_checks_hosts_ports_and_controllers() {
     assert_eq!(r.status, Status::CONNECT_INVALID_PARAMETERS.dnr());
     let r = connect(&mut Queue::new(t.clone(), port(1)), 1, OPEN, HOST, cntlid + 100);
     assert_eq!(r.status, Status::CONNECT_INVALID_PARAMETERS.dnr());
+    // The host NQN is no secret: another Host Identifier (offset 0 of the data) is refused.
+    let r = connect_with_id(&mut Queue::new(t.clone(), port(1)), 1, OPEN, HOST, [8; 16], cntlid);
+    assert_eq!((r.status, r.result), (Status::CONNECT_INVALID_PARAMETERS.dnr(), 0x1_0000));
     let _io = io_queue(&t, cntlid);
     let r = connect(&mut Queue::new(t.clone(), port(1)), 1, OPEN, HOST, cntlid);
     assert_eq!((r.status, r.result), (Status::CONNECT_INVALID_PARAMETERS.dnr(), 42));
