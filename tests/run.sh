@@ -15,6 +15,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test --workspace"
 cargo test --workspace --locked
 
+# Hostile input: a bounded run of each fuzz target (wire formats, admin commands, config).
+echo "== fuzz smoke (fuzz/smoke.sh)"
+fuzz/smoke.sh
+
 # The README's first command must resolve to the target binary.
 cargo run --locked --quiet -- check-config deploy/default.toml
 

@@ -7,7 +7,9 @@ CACHE="${P2PNVMF_VM_CACHE:-${XDG_CACHE_HOME:-${HOME:-/root}/.cache}/p2pnvmf-vm}"
 PKGS=(qemu-system-x86 busybox-static nvme-cli rdma-core ibverbs-providers ibverbs-utils
       libibverbs-dev librdmacm-dev fio pciutils kmod cpio xz-utils iproute2 udev
       # The P2PDMA guest kernel of the p2pmem scenarios (tests/vm/build-p2pdma-kernel.sh).
-      linux-source-6.12 make gcc libc6-dev bc bison flex libelf-dev libssl-dev)
+      linux-source-6.12 make gcc libc6-dev bc bison flex libelf-dev libssl-dev
+      # libFuzzer, built by the fuzz targets (fuzz/smoke.sh).
+      g++)
 
 die() { echo "tests/vm/deps.sh: $*" >&2; exit 1; }
 

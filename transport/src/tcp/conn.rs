@@ -14,9 +14,7 @@ use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::wire::{Sqe, sgl};
 use p2pnvmf_nvmf::{Completion, Direction, Exec, Port, Queue, Response, Status, Target};
 use p2pnvmf_p2p::mem::Window;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 use tracing::{debug, info, trace, warn};
 use zerocopy::{FromBytes, IntoBytes};
@@ -41,14 +39,14 @@ impl From<Fatal> for ConnError {
 }
 
 /// The read half and what was negotiated at ICReq.
-struct Wire {
-    rd: BufReader<OwnedReadHalf>,
+struct Wire<R> {
+    rd: BufReader<R>,
     lim: Limits,
     /// The last header read, for a termination request.
     hdr: [u8; 132],
 }
 
-impl Wire {
+impl<R: AsyncRead + Unpin> Wire<R> {
     /// Reads the rest of a header (after the common header) and checks its digest.
     async fn read_header(&mut self, l: &Layout) -> Result<(), ConnError> {
         let end = l.hlen + if l.hdgst { 4 } else { 0 };
@@ -180,9 +178,9 @@ impl Out {
     }
 }
 
-struct Conn {
-    wire: Wire,
-    wr: OwnedWriteHalf,
+struct Conn<R, W> {
+    wire: Wire<R>,
+    wr: W,
     queue: Queue,
     params: TcpParams,
     slots: Vec<Slot>,
@@ -195,18 +193,17 @@ struct Conn {
     reaped: Vec<Completion>,
 }
 
-/// Serves one accepted connection until the host leaves, the controller dies, a protocol
-/// error occurs, or the target shuts down.
+/// Serves one accepted connection (its two halves: a socket's, or any byte stream's, as the
+/// fuzzer's) until the host leaves, the controller dies, a protocol error occurs, or the
+/// target shuts down.
 pub async fn run(
-    stream: TcpStream,
+    (rd, wr): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
     peer: SocketAddr,
     target: Arc<Target>,
     port: Port,
     params: TcpParams,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
     let lim = Limits { hdgst: false, ddgst: false, max_icd: params.max_icd, maxh2cdata: params.maxh2cdata };
     let mut conn = Conn {
         wire: Wire { rd: BufReader::with_capacity(64 << 10, rd), lim, hdr: [0; 132] },
@@ -240,7 +237,7 @@ pub async fn run(
     let _ = conn.wr.shutdown().await;
 }
 
-impl Conn {
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     async fn serve(&mut self) -> Result<(), ConnError> {
         self.handshake().await?;
         let mut ctrl = CtrlWatch::default();
@@ -541,7 +538,7 @@ fn push_pdu(out: &mut Out, header: &[u8], hdgst: bool) {
 }
 
 /// Writes every segment of `out` (headers from its bytes, data from the slots' buffers).
-async fn write_segs(wr: &mut OwnedWriteHalf, out: &Out, slots: &[Slot]) -> std::io::Result<()> {
+async fn write_segs(wr: &mut (impl AsyncWrite + Unpin), out: &Out, slots: &[Slot]) -> std::io::Result<()> {
     let bytes_of = |s: &Seg| -> &[u8] {
         match s {
             Seg::Bytes(r) => &out.bytes[r.clone()],

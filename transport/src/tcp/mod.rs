@@ -1,6 +1,6 @@
 //! NVMe/TCP transport (NVMe/TCP Transport Specification 1.0).
 
-mod conn;
+pub mod conn;
 pub mod pdu;
 
 use std::sync::Arc;
@@ -55,7 +55,8 @@ pub async fn serve(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
-                    conns.spawn(conn::run(stream, peer, target.clone(), port.clone(), params, shutdown.clone()));
+                    let _ = stream.set_nodelay(true);
+                    conns.spawn(conn::run(stream.into_split(), peer, target.clone(), port.clone(), params, shutdown.clone()));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
