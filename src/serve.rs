@@ -11,7 +11,7 @@ use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
 use p2pnvmf_nvmf::buffers::{NsBuffers, count_fallback};
-use p2pnvmf_nvmf::{Backend, IoStats, Namespace, Port, Subsystem, Target, TrType};
+use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, Port, Subsystem, Target, TrType};
 use p2pnvmf_p2p::path::Client;
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
@@ -188,12 +188,30 @@ impl Live {
     }
 }
 
-fn rdma_params(l: &p2pnvmf_config::Listener) -> RdmaParams {
+fn rdma_params(l: &p2pnvmf_config::Listener, lim: &p2pnvmf_config::Limits) -> RdmaParams {
     RdmaParams {
         max_icd: l.inline_data_size,
         busy_poll: l.busy_poll,
         srq: l.srq_size.map(|n| n as usize),
+        max_connections: lim.connections_per_listener as usize,
         ..RdmaParams::default()
+    }
+}
+
+fn tcp_params(lim: &p2pnvmf_config::Limits) -> TcpParams {
+    TcpParams {
+        max_connections: lim.connections_per_listener as usize,
+        r2t_data: lim.r2t_data as usize,
+        ..TcpParams::default()
+    }
+}
+
+/// What the core enforces of `[limits]`.
+fn core_limits(lim: &p2pnvmf_config::Limits) -> Limits {
+    Limits {
+        controllers_per_subsystem: lim.controllers_per_subsystem,
+        io_queues: lim.io_queues,
+        queue_entries: lim.queue_size,
     }
 }
 
@@ -204,7 +222,7 @@ fn ports(cfg: &Config) -> Vec<Port> {
         .map(|(i, l)| {
             let (trtype, params) = match l.transport {
                 Transport::Tcp => (TrType::Tcp, TcpParams::default().transport_params()),
-                Transport::Rdma => (TrType::Rdma, rdma_params(l).transport_params()),
+                Transport::Rdma => (TrType::Rdma, rdma_params(l, &cfg.limits).transport_params()),
             };
             Port { id: i as u16 + 1, trtype, traddr: l.address.to_string(), trsvcid: l.port.to_string(), params }
         })
@@ -221,8 +239,11 @@ fn reload(path: &Path, cfg: &mut Config, live: &mut Live, target: &Target) {
     if new.listeners != cfg.listeners {
         return error!("SIGHUP: reload refused: [[listener]] changed in {}; restart to apply", path.display());
     }
-    if new.p2p != cfg.p2p || new.metrics_listen != cfg.metrics_listen {
-        return error!("SIGHUP: reload refused: [p2p] or [metrics] changed in {}; restart to apply", path.display());
+    if new.p2p != cfg.p2p || new.metrics_listen != cfg.metrics_listen || new.limits != cfg.limits {
+        return error!(
+            "SIGHUP: reload refused: [p2p], [metrics] or [limits] changed in {}; restart to apply",
+            path.display()
+        );
     }
     if new.subsystems == cfg.subsystems {
         return info!("SIGHUP: {} unchanged", path.display());
@@ -248,7 +269,7 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let p2p = discover_p2p(&cfg);
     let mut live = Live { subsystems: HashMap::new(), p2p: p2p.clone() }.build(&cfg)?;
-    let target = Target::new(live.list(), ports(&cfg));
+    let target = Target::with_limits(live.list(), ports(&cfg), core_limits(&cfg.limits));
     if let Ok(p) = p2p {
         target.set_p2p(p);
     }
@@ -264,7 +285,7 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("listener {name}: binding NVMe/TCP on {addr}"))?;
                 info!(%addr, port = port.id, "NVMe/TCP listener ready");
-                listeners.spawn(tcp::serve(sock, target.clone(), port, TcpParams::default(), stop_rx.clone()));
+                listeners.spawn(tcp::serve(sock, target.clone(), port, tcp_params(&cfg.limits), stop_rx.clone()));
             }
             TrType::Rdma => {
                 // Fail at start-up, naming the library, when rdma-core is missing.
@@ -272,7 +293,8 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
                 let listener = rdma::Listener::bind(addr)
                     .with_context(|| format!("listener {name}: binding NVMe/RDMA on {addr}"))?;
                 info!(%addr, port = port.id, "NVMe/RDMA listener ready");
-                let (target, stop, name, params) = (target.clone(), stop_rx.clone(), name.clone(), rdma_params(lcfg));
+                let (target, stop, name, params) =
+                    (target.clone(), stop_rx.clone(), name.clone(), rdma_params(lcfg, &cfg.limits));
                 listeners.spawn(async move {
                     if let Err(e) = rdma::serve(listener, target, port, params, stop).await {
                         error!("listener {name}: NVMe/RDMA on {addr}: {e}");

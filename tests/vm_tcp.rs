@@ -16,6 +16,12 @@ fn vm_tcp_smoke() {
 
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_limits() {
+    tcp_scenario("tcp-limits", "tcp-limits.sh").run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
 fn vm_tcp_io() {
     tcp_scenario("tcp-io", "tcp-io.sh").timeout(std::time::Duration::from_secs(420)).run_ok();
 }

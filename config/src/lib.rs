@@ -123,6 +123,36 @@ pub struct Config {
     pub p2p: P2p,
     /// `[metrics] listen`: where Prometheus scrapes `/metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub limits: Limits,
+}
+
+/// The `[limits]` section: what hosts get at most, refused with the specification's status
+/// (or, for connections, closed at once) instead of by running out of resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Controllers one subsystem serves at once (Connect beyond: Controller Busy).
+    pub controllers_per_subsystem: u16,
+    /// I/O queues per controller (Number of Queues grants at most this many).
+    pub io_queues: u16,
+    /// Entries per queue (CAP.MQES + 1).
+    pub queue_size: u16,
+    /// Connections (queues) one listener holds at once.
+    pub connections_per_listener: u32,
+    /// NVMe/TCP: bytes one connection has asked for with R2Ts and not yet received; further
+    /// writes wait for their R2T.
+    pub r2t_data: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            controllers_per_subsystem: 128,
+            io_queues: 64,
+            queue_size: 128,
+            connections_per_listener: 1024,
+            r2t_data: 16 << 20,
+        }
+    }
 }
 
 impl Config {

@@ -9,7 +9,7 @@ use toml::Spanned;
 use p2pnvmf_p2p::pci::PciAddr;
 use p2pnvmf_p2p::provider::{Kind, Spec};
 
-use crate::{Backend, Buffers, Config, ConfigError, Listener, Namespace, P2p, Subsystem, Transport};
+use crate::{Backend, Buffers, Config, ConfigError, Limits, Listener, Namespace, P2p, Subsystem, Transport};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -20,6 +20,17 @@ struct RawConfig {
     subsystem: Vec<Spanned<RawSubsystem>>,
     p2p: Option<RawP2p>,
     metrics: Option<RawMetrics>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    controllers_per_subsystem: Option<Spanned<i64>>,
+    io_queues: Option<Spanned<i64>>,
+    queue_size: Option<Spanned<i64>>,
+    connections_per_listener: Option<Spanned<i64>>,
+    r2t_data: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -130,7 +141,63 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         })?),
         None => None,
     };
-    Ok(Config { listeners, subsystems, p2p, metrics_listen })
+    let limits = match &raw.limits {
+        Some(r) => limits(&cx, r)?,
+        None => Limits::default(),
+    };
+    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits })
+}
+
+/// An integer key within `lo..=hi`, or `default` when absent.
+fn ranged(cx: &Ctx, key: &str, v: Option<&Spanned<i64>>, lo: i64, hi: i64, default: i64) -> Result<i64, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(v) if (lo..=hi).contains(v.get_ref()) => Ok(*v.get_ref()),
+        Some(v) => Err(cx.err(v.span(), format!("{key}: {} is not from {lo} to {hi}", v.get_ref()))),
+    }
+}
+
+/// Bytes as a number or a string like "16MiB".
+fn bytes(v: &toml::Value) -> Result<u64, String> {
+    match v {
+        toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| format!("{i} is negative")),
+        toml::Value::String(s) => crate::parse_size(s),
+        _ => Err("expected a number of bytes or a string like \"1GiB\"".into()),
+    }
+}
+
+fn limits(cx: &Ctx, r: &RawLimits) -> Result<Limits, ConfigError> {
+    let d = Limits::default();
+    let r2t_data = match &r.r2t_data {
+        None => d.r2t_data,
+        Some(v) => bytes(v.get_ref())
+            .ok()
+            .filter(|b| (128 << 10..=1 << 30).contains(b))
+            .ok_or_else(|| cx.err(v.span(), "limits.r2t_data: not from 128KiB to 1GiB".into()))?,
+    };
+    Ok(Limits {
+        // Controller IDs run to 0xffef; queues and their entries are memory per host.
+        controllers_per_subsystem: ranged(
+            cx,
+            "limits.controllers_per_subsystem",
+            r.controllers_per_subsystem.as_ref(),
+            1,
+            0xffef,
+            d.controllers_per_subsystem.into(),
+        )? as u16,
+        io_queues: ranged(cx, "limits.io_queues", r.io_queues.as_ref(), 1, 1024, d.io_queues.into())? as u16,
+        // The admin queue needs 32 entries (NVMe-oF 1.1, 3.2.1).
+        queue_size: ranged(cx, "limits.queue_size", r.queue_size.as_ref(), 32, 1024, d.queue_size.into())? as u16,
+        connections_per_listener: ranged(
+            cx,
+            "limits.connections_per_listener",
+            r.connections_per_listener.as_ref(),
+            2,
+            65536,
+            d.connections_per_listener.into(),
+        )? as u32,
+        r2t_data,
+    })
 }
 
 fn p2p(cx: &Ctx, r: &RawP2p) -> Result<P2p, ConfigError> {
@@ -238,9 +305,7 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
     let busy_poll = r.busy_poll.as_ref().is_some_and(|b| *b.get_ref());
     let srq_size = match &r.srq_size {
         None => None,
-        Some(v) => Some(u32::try_from(*v.get_ref()).ok().filter(|n| (16..=16384).contains(n)).ok_or_else(|| {
-            cx.err(v.span(), format!("listener[{i}].srq_size: {} is not from 16 to 16384 capsules", v.get_ref()))
-        })?),
+        Some(v) => Some(ranged(cx, &format!("listener[{i}].srq_size"), Some(v), 16, 16384, 0)? as u32),
     };
     Ok(Listener { name, transport, address, port, inline_data_size, busy_poll, srq_size })
 }
@@ -331,12 +396,7 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
     let size = match &r.size {
         None => None,
         Some(v) => {
-            let bytes = match v.get_ref() {
-                toml::Value::Integer(i) => u64::try_from(*i).map_err(|_| format!("{i} is negative")),
-                toml::Value::String(s) => crate::parse_size(s),
-                _ => Err("expected a number of bytes or a string like \"1GiB\"".into()),
-            }
-            .map_err(|m| cx.err(v.span(), format!("{key}.size: {m}")))?;
+            let bytes = bytes(v.get_ref()).map_err(|m| cx.err(v.span(), format!("{key}.size: {m}")))?;
             if bytes == 0 || bytes % 512 != 0 {
                 return Err(cx.err(v.span(), format!("{key}.size: {bytes} is not a positive multiple of 512 bytes")));
             }
@@ -465,6 +525,40 @@ mod tests {
         let e = err(&src);
         assert_eq!(e.line, 13, "{e}");
         assert!(e.message.starts_with("subsystem[0].namespace[0].size: unknown size unit"), "{e}");
+    }
+
+    #[test]
+    fn limits_default_parse_and_refuse_out_of_range_values_by_line() {
+        assert_eq!(parse(LISTENER, "t").unwrap().limits, Limits::default());
+        let c = parse(
+            &format!(
+                "{LISTENER}[limits]\ncontrollers_per_subsystem = 2\nio_queues = 4\nqueue_size = 64\n\
+                 connections_per_listener = 16\nr2t_data = \"1MiB\"\n"
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            c.limits,
+            Limits {
+                controllers_per_subsystem: 2,
+                io_queues: 4,
+                queue_size: 64,
+                connections_per_listener: 16,
+                r2t_data: 1 << 20
+            }
+        );
+        for (body, want) in [
+            ("queue_size = 16", "limits.queue_size: 16 is not from 32 to 1024"),
+            ("io_queues = 0", "limits.io_queues: 0 is not from 1 to 1024"),
+            ("controllers_per_subsystem = 70000", "limits.controllers_per_subsystem: 70000 is not from 1 to 65519"),
+            ("r2t_data = \"4KiB\"", "limits.r2t_data: not from 128KiB to 1GiB"),
+            ("queues = 4", "unknown field `queues`"),
+        ] {
+            let e = err(&format!("{LISTENER}[limits]\n{body}\n"));
+            assert!(e.message.contains(want), "{body}: {e}");
+            assert_eq!(e.line, LISTENER.lines().count() + 2, "{body}: {e}");
+        }
     }
 
     #[test]

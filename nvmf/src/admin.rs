@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::ctrl::{AERL, Controller, MAX_QUEUE_ENTRIES, VERSION, feat};
+use crate::ctrl::{AERL, Controller, VERSION, feat};
 use crate::queue::{Exec, Response};
 use crate::subsystem::Subsystem;
 use crate::target::Target;
@@ -183,7 +183,7 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     put16(page, 320, 10); // KAS: keep-alive granularity 10 × 100 ms
     page[512] = 6 << 4 | 6; // SQES
     page[513] = 4 << 4 | 4; // CQES
-    put16(page, 514, MAX_QUEUE_ENTRIES); // MAXCMD
+    put16(page, 514, ctrl.limits().queue_entries); // MAXCMD
     if let Some(s) = &ctrl.subsys {
         put32(page, 516, s.namespaces.last().map_or(0, |n| n.nsid)); // NN
         // ONCS: Compare (done by the target), Dataset Management and Write Zeroes where every

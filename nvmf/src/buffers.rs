@@ -218,7 +218,7 @@ mod tests {
         let subsys = Subsystem::open("nqn.x", vec![ns]);
         let params = TransportParams { ioccsz: 4, max_xfer: 1 << 17, msdbd: 1, keyed_sgls: true };
         let port = Port { id: 1, trtype: TrType::Rdma, traddr: "10.0.0.1".into(), trsvcid: "4420".into(), params };
-        Controller::new(1, Some(Arc::new(subsys)), "nqn.host".into(), [0; 16], port, 0)
+        Controller::new(1, Some(Arc::new(subsys)), "nqn.host".into(), [0; 16], port, 0, Default::default())
     }
 
     #[test]

@@ -14,10 +14,24 @@ use crate::Status;
 use crate::buffers::P2pPool;
 use crate::subsystem::{Port, Subsystem};
 
-/// Largest queue size we accept (CAP.MQES + 1).
-pub const MAX_QUEUE_ENTRIES: u16 = 128;
-/// Largest number of I/O queues a controller may have.
-pub const MAX_IO_QUEUES: u16 = 64;
+/// What the target grants hosts (`[limits]`), refused with the specification's status once
+/// reached rather than by running out of memory or descriptors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Controllers one subsystem serves at once: a Connect beyond gets Controller Busy.
+    pub controllers_per_subsystem: u16,
+    /// I/O queues a controller may create: Number of Queues grants at most this many and an
+    /// I/O queue Connect beyond is refused.
+    pub io_queues: u16,
+    /// Entries of a queue (CAP.MQES + 1, MAXCMD): a Connect asking for more is refused.
+    pub queue_entries: u16,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { controllers_per_subsystem: 128, io_queues: 64, queue_entries: 128 }
+    }
+}
 /// Async Event Request Limit, 0-based (AERL): four outstanding requests.
 pub const AERL: u8 = 3;
 
@@ -79,6 +93,7 @@ pub struct Controller {
     /// p2p pools per namespace, decided at admin Connect; dropped when an I/O queue finds it
     /// cannot use them after all (its NIC refused the dma-buf).
     pools: Mutex<Vec<P2pPool>>,
+    limits: Limits,
 }
 
 impl Controller {
@@ -89,6 +104,7 @@ impl Controller {
         hostid: [u8; 16],
         port: Port,
         kato_ms: u32,
+        limits: Limits,
     ) -> Self {
         let write_cache =
             subsys.as_ref().is_some_and(|s| s.namespaces.iter().any(|n| n.backend.volatile_write_cache()));
@@ -105,7 +121,12 @@ impl Controller {
             dead: watch::channel(None).0,
             event_ready: Notify::new(),
             pools: Mutex::new(Vec::new()),
+            limits,
         }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -207,7 +228,7 @@ impl Controller {
 
     /// CAP (NVMe Base 2.0, Figure 36): MQES, CQR, TO = 7.5 s, CSS = NVM, MPSMIN = MPSMAX = 4 KiB.
     pub fn cap(&self) -> u64 {
-        u64::from(MAX_QUEUE_ENTRIES - 1) | 1 << 16 | 15 << 24 | 1 << 37
+        u64::from(self.limits.queue_entries - 1) | 1 << 16 | 15 << 24 | 1 << 37
     }
 
     /// Fabrics Property Get.
@@ -252,7 +273,7 @@ impl Controller {
     /// Records a newly connected I/O queue; refuses a qid already in use or out of range.
     pub(crate) fn add_io_queue(&self, qid: u16) -> bool {
         let mut st = self.state();
-        let max = st.queues.map_or(MAX_IO_QUEUES, |q| q + 1);
+        let max = st.queues.map_or(self.limits.io_queues, |q| q + 1);
         qid <= max && st.io_qids.insert(qid)
     }
 
@@ -269,7 +290,7 @@ impl Controller {
                 if nsq == u16::MAX || ncq == u16::MAX {
                     return Err(Status::INVALID_FIELD.dnr());
                 }
-                let granted = nsq.min(ncq).min(MAX_IO_QUEUES - 1);
+                let granted = nsq.min(ncq).min(self.limits.io_queues - 1);
                 st.queues = Some(granted);
                 Ok(u32::from(granted) | u32::from(granted) << 16)
             }
@@ -296,7 +317,7 @@ impl Controller {
         let st = self.state();
         match fid {
             feat::NUMBER_OF_QUEUES if !self.is_discovery() => {
-                let q = u32::from(st.queues.unwrap_or(MAX_IO_QUEUES - 1));
+                let q = u32::from(st.queues.unwrap_or(self.limits.io_queues - 1));
                 Ok(q | q << 16)
             }
             feat::KEEP_ALIVE_TIMER => Ok(st.kato_ms),

@@ -18,7 +18,7 @@ pub mod subsystem;
 pub mod target;
 pub mod wire;
 
-pub use ctrl::Controller;
+pub use ctrl::{Controller, Limits};
 pub use io::Completion;
 pub use ns::{Backend, BackendQueue, DeviceFacts, IoDone, IoRequest, Namespace, Op};
 pub use queue::{Direction, Exec, Queue, Response};

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use p2pnvmf_p2p::mem::Window;
 use tracing::{debug, info, warn};
 
-use crate::ctrl::{Controller, MAX_QUEUE_ENTRIES};
+use crate::ctrl::Controller;
 use crate::io::{Completion, IoState};
 use crate::subsystem::Port;
 use crate::target::{ConnectError, Target, parse_connect_data};
@@ -267,7 +267,7 @@ impl Queue {
         if recfmt != 0 {
             return Response::status(Status::CONNECT_INCOMPATIBLE_FORMAT.dnr());
         }
-        if sqsize == 0 || sqsize >= MAX_QUEUE_ENTRIES {
+        if sqsize == 0 || sqsize >= self.target.limits.queue_entries {
             return refuse(ConnectError::sqe_param(44));
         }
         let cd = match parse_connect_data(data) {

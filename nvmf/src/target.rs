@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use zerocopy::IntoBytes;
 
 use crate::Status;
-use crate::ctrl::Controller;
+use crate::ctrl::{Controller, Limits};
 use crate::subsystem::{DISCOVERY_NQN, Port, Subsystem, TrType};
 use crate::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, get_str, put_str};
 
@@ -48,6 +48,7 @@ pub struct Target {
     registry: Mutex<Registry>,
     genctr: AtomicU64,
     p2p: std::sync::OnceLock<Arc<p2pnvmf_p2p::plan::P2p>>,
+    pub limits: Limits,
 }
 
 /// Dynamic controller IDs range over 1..=0xffef (NVMe Base 2.0, Figure 275, CNTLID).
@@ -55,12 +56,17 @@ const MAX_CNTLID: u16 = 0xffef;
 
 impl Target {
     pub fn new(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>) -> Arc<Self> {
+        Self::with_limits(subsystems, ports, Limits::default())
+    }
+
+    pub fn with_limits(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>, limits: Limits) -> Arc<Self> {
         Arc::new(Target {
             subsystems: RwLock::new(subsystems),
             ports,
             registry: Mutex::new(Registry { next: 1, ..Registry::default() }),
             genctr: AtomicU64::new(1),
             p2p: std::sync::OnceLock::new(),
+            limits,
         })
     }
 
@@ -140,12 +146,30 @@ impl Target {
             Some(s)
         };
         let mut reg = self.registry();
+        let serving = reg.ctrls.values().filter(|c| c.subsys.is_some() && c.subnqn() == subnqn).count();
+        if subsys.is_some() && serving >= usize::from(self.limits.controllers_per_subsystem) {
+            warn!(
+                subnqn,
+                hostnqn,
+                limit = self.limits.controllers_per_subsystem,
+                "Connect refused: the subsystem serves as many controllers as limits.controllers_per_subsystem allows"
+            );
+            return Err(ConnectError::new(Status::CONNECT_CONTROLLER_BUSY));
+        }
         let cntlid = (0..MAX_CNTLID)
             .map(|i| (reg.next - 1 + i) % MAX_CNTLID + 1)
             .find(|id| !reg.ctrls.contains_key(id))
             .ok_or(ConnectError::new(Status::CONNECT_CONTROLLER_BUSY))?;
         reg.next = cntlid % MAX_CNTLID + 1;
-        let ctrl = Arc::new(Controller::new(cntlid, subsys, hostnqn.to_string(), data.hostid, port.clone(), kato_ms));
+        let ctrl = Arc::new(Controller::new(
+            cntlid,
+            subsys,
+            hostnqn.to_string(),
+            data.hostid,
+            port.clone(),
+            kato_ms,
+            self.limits,
+        ));
         reg.ctrls.insert(cntlid, ctrl.clone());
         drop(reg);
         ctrl.touch();
@@ -228,7 +252,7 @@ impl Target {
         let subsystems = self.subsystems();
         for port in &self.ports {
             for s in subsystems.iter().filter(|s| s.on_port(port.id) && s.host_allowed(hostnqn)) {
-                entries.push(discovery_entry(port, &s.nqn));
+                entries.push(discovery_entry(port, &s.nqn, self.limits.queue_entries));
             }
         }
         let header = DiscoveryLogHeader {
@@ -245,7 +269,7 @@ impl Target {
     }
 }
 
-fn discovery_entry(port: &Port, subnqn: &str) -> DiscoveryLogEntry {
+fn discovery_entry(port: &Port, subnqn: &str, asqsz: u16) -> DiscoveryLogEntry {
     let mut e = DiscoveryLogEntry {
         trtype: port.trtype as u8,
         adrfam: if port.traddr.contains(':') { 2 } else { 1 },
@@ -253,7 +277,7 @@ fn discovery_entry(port: &Port, subnqn: &str) -> DiscoveryLogEntry {
         treq: 0,
         portid: port.id.into(),
         cntlid: 0xffff.into(),
-        asqsz: crate::ctrl::MAX_QUEUE_ENTRIES.into(),
+        asqsz: asqsz.into(),
         eflags: 0.into(),
         rsvd1: [0; 20],
         trsvcid: [0; 32],

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use p2pnvmf_nvmf::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, Sqe, get_str, put_str, sgl};
 use p2pnvmf_nvmf::{
-    Backend, BackendQueue, DISCOVERY_NQN, Exec, IoDone, IoRequest, IoStats, Namespace, Op, Port, Queue, Response,
-    Status, Subsystem, Target, TrType, TransportParams,
+    Backend, BackendQueue, DISCOVERY_NQN, Exec, IoDone, IoRequest, IoStats, Limits, Namespace, Op, Port, Queue,
+    Response, Status, Subsystem, Target, TrType, TransportParams,
 };
 use p2pnvmf_p2p::mem::Window;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
@@ -345,6 +345,35 @@ async fn discovery_log_lists_what_the_host_may_see() {
     glp.cdw10 = (0x70 | (1023u32 << 16)).into();
     done(exec(&mut q, &glp, &mut log));
     assert_eq!(DiscoveryLogHeader::read_from_bytes(&log[..1024]).unwrap().numrec.get(), 3);
+}
+
+#[tokio::test]
+async fn limits_are_refused_with_the_spec_status() {
+    let lim = Limits { controllers_per_subsystem: 1, io_queues: 2, queue_entries: 64 };
+    let t = Target::with_limits(vec![subsystem(OPEN, true, None)], vec![port(1)], lim);
+    let (mut q, cntlid) = admin(&t, 1, OPEN);
+    // One controller per subsystem: another host's Connect gets Controller Busy.
+    let r = connect(&mut Queue::new(t.clone(), port(1)), 0, OPEN, OTHER_HOST, 0xffff);
+    assert_eq!(r.status, Status::CONNECT_CONTROLLER_BUSY.dnr());
+    // CAP.MQES says 64 entries; a queue of 65 is refused (SQSIZE at SQE byte 44).
+    assert_eq!(prop_get(&mut q, 0, true).result & 0xffff, 63);
+    let mut c = sqe(0x7f);
+    (c.nsid, c.cdw10, c.cdw11) = (1.into(), (1u32 << 16).into(), 64.into());
+    let mut d = ConnectData::new_zeroed();
+    (d.cntlid, d.hostid) = (cntlid.into(), [7; 16]);
+    put_str(&mut d.subnqn, OPEN, 0);
+    put_str(&mut d.hostnqn, HOST, 0);
+    let r = done(exec(&mut Queue::new(t.clone(), port(1)), &c, d.as_mut_bytes()));
+    assert_eq!((r.status, r.result), (Status::CONNECT_INVALID_PARAMETERS.dnr(), 44));
+    // Two I/O queues at most, whatever the host asks for.
+    let mut set = sqe(0x09);
+    (set.cdw10, set.cdw11) = (0x07.into(), (7 | 7 << 16).into());
+    assert_eq!(done(exec(&mut q, &set, &mut [])).result, 1 | 1 << 16);
+    let _q1 = io_queue(&t, cntlid);
+    let mut q2 = Queue::new(t.clone(), port(1));
+    assert!(connect(&mut q2, 2, OPEN, HOST, cntlid).status.is_success());
+    let r = connect(&mut Queue::new(t.clone(), port(1)), 3, OPEN, HOST, cntlid);
+    assert_eq!((r.status, r.result), (Status::CONNECT_INVALID_PARAMETERS.dnr(), 42));
 }
 
 #[tokio::test]

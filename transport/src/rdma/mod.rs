@@ -50,11 +50,13 @@ pub struct RdmaParams {
     pub busy_poll: bool,
     /// Receive capsules through one shared receive queue per device, of this many entries.
     pub srq: Option<usize>,
+    /// Queues the listener holds at once; connect requests beyond are rejected.
+    pub max_connections: usize,
 }
 
 impl Default for RdmaParams {
     fn default() -> Self {
-        RdmaParams { max_icd: 8192, max_xfer: 128 << 10, busy_poll: false, srq: None }
+        RdmaParams { max_icd: 8192, max_xfer: 128 << 10, busy_poll: false, srq: None, max_connections: 1024 }
     }
 }
 
@@ -156,6 +158,19 @@ fn handle_event(
         }
     };
     match ev.kind {
+        cm_event::CONNECT_REQUEST
+            if {
+                while tasks.try_join_next().is_some() {}
+                tasks.len() >= params.max_connections
+            } =>
+        {
+            warn!(
+                port = port.id,
+                limit = params.max_connections,
+                "RDMA connect request rejected (no resources): the listener holds limits.connections_per_listener queues"
+            );
+            qp::reject(l.api, ev.id, RejectStatus::NoResources.private_data().as_bytes());
+        }
         cm_event::CONNECT_REQUEST => match accept(l.api, &ev, target, port, params, srqs) {
             Ok(conn) => {
                 let (tx, rx) = mpsc::unbounded_channel();
@@ -204,7 +219,8 @@ fn accept(
     params: &RdmaParams,
     srqs: &mut HashMap<usize, Arc<srq::SharedRecv>>,
 ) -> Result<Conn, Refusal> {
-    let req = wire::parse_request(&ev.private).map_err(|s| (s, format!("private data {:02x?}", ev.private)))?;
+    let req = wire::parse_request(&ev.private, &target.limits)
+        .map_err(|s| (s, format!("private data {:02x?}", ev.private)))?;
     let no_res = |e: io::Error| (RejectStatus::NoResources, e.to_string());
     let (max_qp_wr, max_init_rd, max_rd) = qp::device_limits(api, ev.id).map_err(no_res)?;
     let (ord, ird) =

@@ -1,7 +1,7 @@
 //! RDMA CM private data of the NVMe-oF RDMA binding (NVMe-oF 1.1, 7.3.2 and 7.3.3): pure
 //! parsing and encoding.
 
-use p2pnvmf_nvmf::ctrl::{MAX_IO_QUEUES, MAX_QUEUE_ENTRIES};
+use p2pnvmf_nvmf::Limits;
 use p2pnvmf_nvmf::wire::{SglDescriptor, sgl};
 use zerocopy::little_endian::U16;
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -103,25 +103,25 @@ impl Keyed {
     }
 }
 
-/// Validates RDMA_CM_REQUEST private data.
-pub fn parse_request(data: &[u8]) -> Result<QueueRequest, RejectStatus> {
+/// Validates RDMA_CM_REQUEST private data against the target's limits.
+pub fn parse_request(data: &[u8], lim: &Limits) -> Result<QueueRequest, RejectStatus> {
     let bytes = data.get(..32).ok_or(RejectStatus::InvalidLength)?;
     let req = ConnectRequest::read_from_bytes(bytes).map_err(|_| RejectStatus::InvalidLength)?;
     if req.recfmt.get() != 0 {
         return Err(RejectStatus::InvalidRecfmt);
     }
     let qid = req.qid.get();
-    if qid > MAX_IO_QUEUES {
+    if qid > lim.io_queues {
         return Err(RejectStatus::InvalidQid);
     }
     // HSQSIZE is 0-based; the admin queue needs at least 32 entries (NVMe-oF 1.1, 3.2.1).
     let hsqsize = req.hsqsize.get();
-    if hsqsize == 0 || hsqsize >= MAX_QUEUE_ENTRIES || (qid == 0 && hsqsize < 31) {
+    if hsqsize == 0 || hsqsize >= lim.queue_entries || (qid == 0 && hsqsize < 31) {
         return Err(RejectStatus::InvalidHsqsize);
     }
     // HRQSIZE is 1-based: the host must take a response for every command it may send.
     let hrqsize = req.hrqsize.get();
-    if hrqsize < hsqsize + 1 || hrqsize > MAX_QUEUE_ENTRIES + 1 {
+    if hrqsize < hsqsize + 1 || hrqsize > lim.queue_entries + 1 {
         return Err(RejectStatus::InvalidHrqsize);
     }
     Ok(QueueRequest { qid, depth: hsqsize + 1, hrqsize })
@@ -182,19 +182,22 @@ mod tests {
     #[test]
     fn linux_admin_request() {
         // As seen from the Linux host over rxe: qid 0, hrqsize 32, hsqsize 31.
-        assert_eq!(parse_request(&req(0, 0, 32, 31)), Ok(QueueRequest { qid: 0, depth: 32, hrqsize: 32 }));
-        assert_eq!(parse_request(&req(0, 1, 128, 127)).unwrap().depth, 128);
+        assert_eq!(
+            parse_request(&req(0, 0, 32, 31), &Limits::default()),
+            Ok(QueueRequest { qid: 0, depth: 32, hrqsize: 32 })
+        );
+        assert_eq!(parse_request(&req(0, 1, 128, 127), &Limits::default()).unwrap().depth, 128);
     }
 
     #[test]
     fn each_field_has_its_reject_code() {
-        assert_eq!(parse_request(&[0; 16]), Err(RejectStatus::InvalidLength));
-        assert_eq!(parse_request(&req(1, 0, 32, 31)), Err(RejectStatus::InvalidRecfmt));
-        assert_eq!(parse_request(&req(0, 65, 32, 31)), Err(RejectStatus::InvalidQid));
-        assert_eq!(parse_request(&req(0, 1, 32, 0)), Err(RejectStatus::InvalidHsqsize));
-        assert_eq!(parse_request(&req(0, 0, 32, 15)), Err(RejectStatus::InvalidHsqsize));
-        assert_eq!(parse_request(&req(0, 1, 300, 200)), Err(RejectStatus::InvalidHsqsize));
-        assert_eq!(parse_request(&req(0, 1, 10, 31)), Err(RejectStatus::InvalidHrqsize));
+        assert_eq!(parse_request(&[0; 16], &Limits::default()), Err(RejectStatus::InvalidLength));
+        assert_eq!(parse_request(&req(1, 0, 32, 31), &Limits::default()), Err(RejectStatus::InvalidRecfmt));
+        assert_eq!(parse_request(&req(0, 65, 32, 31), &Limits::default()), Err(RejectStatus::InvalidQid));
+        assert_eq!(parse_request(&req(0, 1, 32, 0), &Limits::default()), Err(RejectStatus::InvalidHsqsize));
+        assert_eq!(parse_request(&req(0, 0, 32, 15), &Limits::default()), Err(RejectStatus::InvalidHsqsize));
+        assert_eq!(parse_request(&req(0, 1, 300, 200), &Limits::default()), Err(RejectStatus::InvalidHsqsize));
+        assert_eq!(parse_request(&req(0, 1, 10, 31), &Limits::default()), Err(RejectStatus::InvalidHrqsize));
     }
 
     #[test]
@@ -208,8 +211,8 @@ mod tests {
     proptest! {
         #[test]
         fn any_private_data_is_parsed_or_rejected(data in prop::collection::vec(any::<u8>(), 0..64)) {
-            if let Ok(q) = parse_request(&data) {
-                prop_assert!(q.depth >= 2 && q.depth <= MAX_QUEUE_ENTRIES);
+            if let Ok(q) = parse_request(&data, &Limits::default()) {
+                prop_assert!(q.depth >= 2 && q.depth <= Limits::default().queue_entries);
             }
         }
     }

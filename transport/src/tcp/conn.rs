@@ -89,6 +89,8 @@ impl<R: AsyncRead + Unpin> Wire<R> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Free,
+    /// A write waiting for its R2T: the connection has asked for `limits.r2t_data` already.
+    AwaitingR2t,
     /// R2T sent: H2CData fills the buffer up to `len`.
     AwaitingData {
         received: usize,
@@ -191,6 +193,9 @@ struct Conn<R, W> {
     sending: Vec<u16>,
     /// Completions reaped from the core, reused.
     reaped: Vec<Completion>,
+    /// Bytes asked for with R2Ts and not received yet, and the writes waiting for theirs.
+    r2t_out: usize,
+    r2t_waiting: std::collections::VecDeque<u16>,
 }
 
 /// Serves one accepted connection (its two halves: a socket's, or any byte stream's, as the
@@ -216,6 +221,8 @@ pub async fn run(
         out: Out::default(),
         sending: Vec::new(),
         reaped: Vec::new(),
+        r2t_out: 0,
+        r2t_waiting: std::collections::VecDeque::new(),
     };
     let result = tokio::select! {
         r = conn.serve() => r,
@@ -482,10 +489,23 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     }
 
     /// Sends an R2T for the command's whole transfer (at most MAXH2CDATA, which covers the
-    /// largest transfer): several commands may be waiting for data at once.
+    /// largest transfer): several commands may be waiting for data at once, as many bytes as
+    /// `r2t_data` allows (one at least); the others wait their turn, holding no buffer.
     fn request_data(&mut self, tag: u16, len: usize) -> Result<(), ConnError> {
+        self.slots[usize::from(tag)].len = len;
+        if self.r2t_out > 0 && (self.r2t_out + len > self.params.r2t_data || !self.r2t_waiting.is_empty()) {
+            self.slots[usize::from(tag)].state = State::AwaitingR2t;
+            self.r2t_waiting.push_back(tag);
+            return Ok(());
+        }
+        self.send_r2t(tag)
+    }
+
+    /// Lends the command its buffer and asks the host for its data.
+    fn send_r2t(&mut self, tag: u16) -> Result<(), ConnError> {
         let slot = &mut self.slots[usize::from(tag)];
-        slot.len = len;
+        let len = slot.len;
+        self.r2t_out += len;
         slot.lend(self.bufs.get(&slot.sqe, len), len)?;
         slot.state = State::AwaitingData { received: 0, digest_error: false };
         let r2t = pdu::r2t(slot.sqe.cid.get(), tag, 0, len as u32, self.wire.lim.hdgst);
@@ -519,6 +539,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         slot.state = State::AwaitingData { received, digest_error };
         if received < slot.len {
             return Ok(());
+        }
+        // The transfer is in: writes waiting for their R2T go as far as the limit lets them.
+        self.r2t_out -= slot.len;
+        while let Some(&next) = self.r2t_waiting.front() {
+            let want = self.slots[usize::from(next)].len;
+            if self.r2t_out > 0 && self.r2t_out + want > self.params.r2t_data {
+                break;
+            }
+            self.r2t_waiting.pop_front();
+            self.send_r2t(next)?;
         }
         if digest_error {
             self.finish(tag, &Response::status(Status::DATA_TRANSFER_ERROR));
@@ -582,9 +612,169 @@ enum Plan {
 
 #[cfg(test)]
 mod tests {
-    use p2pnvmf_p2p::pool::ChunkPool;
+    use std::time::Duration;
 
+    use p2pnvmf_nvmf::wire::{ConnectData, put_str};
+    use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Namespace, Subsystem, TrType};
+    use p2pnvmf_p2p::pool::ChunkPool;
+    use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
+    use zerocopy::FromZeros;
+
+    use super::pdu::{R2t, flags};
     use super::*;
+
+    const NQN: &str = "nqn.2026-11.io.p2pnvmf:conn";
+    const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:0c0c0c0c-0000-0000-0000-000000000002";
+
+    /// A namespace that completes every command at once.
+    #[derive(Debug)]
+    struct Sink;
+
+    impl Backend for Sink {
+        fn size_bytes(&self) -> u64 {
+            64 << 20
+        }
+        fn volatile_write_cache(&self) -> bool {
+            false
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn open_queue(self: Arc<Self>, _: usize) -> std::io::Result<Box<dyn BackendQueue>> {
+            Ok(Box::new(SinkQueue(Vec::new())))
+        }
+    }
+
+    #[derive(Debug)]
+    struct SinkQueue(Vec<IoDone>);
+
+    impl BackendQueue for SinkQueue {
+        fn submit(&mut self, req: IoRequest) -> Option<IoDone> {
+            Some(req.done(Ok(())))
+        }
+        fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
+            self.0.drain(..).for_each(done);
+        }
+        fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+            std::task::Poll::Pending
+        }
+        fn in_flight(&self) -> usize {
+            0
+        }
+    }
+
+    /// A host speaking NVMe/TCP over an in-memory stream to a connection of the target.
+    struct Host {
+        rd: ReadHalf<DuplexStream>,
+        wr: WriteHalf<DuplexStream>,
+    }
+
+    impl Host {
+        async fn connect(t: &Arc<Target>, port: &Port, params: TcpParams, qid: u16, cntlid: u16) -> (Host, u16) {
+            let (host, target) = tokio::io::duplex(1 << 20);
+            let (_keep, shutdown) = watch::channel(false);
+            let (t, port) = (t.clone(), port.clone());
+            tokio::spawn(async move {
+                let _keep = _keep;
+                run(tokio::io::split(target), "127.0.0.1:1".parse().unwrap(), t, port, params, shutdown).await
+            });
+            let (rd, wr) = tokio::io::split(host);
+            let mut h = Host { rd, wr };
+            let mut ic = IcReq::new_zeroed();
+            ic.ch = pdu::common(pdu_type::IC_REQ, 0, 128, 0, 128);
+            h.wr.write_all(ic.as_bytes()).await.unwrap();
+            assert_eq!(h.pdu().await.0.pdu_type, pdu_type::IC_RESP);
+            let mut c = Sqe::new_zeroed();
+            (c.opcode, c.flags, c.nsid) = (0x7f, 1 << 6, 1.into());
+            (c.cdw10, c.cdw11) = ((u32::from(qid) << 16).into(), 31.into());
+            (c.dptr.id, c.dptr.length) = (sgl::DATA_BLOCK_OFFSET, 1024.into());
+            let mut d = ConnectData::new_zeroed();
+            d.cntlid = cntlid.into();
+            put_str(&mut d.subnqn, NQN, 0);
+            put_str(&mut d.hostnqn, HOST, 0);
+            let cqe = h.command(&c, d.as_bytes()).await;
+            assert_eq!(cqe.status.get() >> 1, 0, "Connect qid {qid}");
+            (h, cqe.result.get() as u16)
+        }
+
+        /// Sends a capsule with `icd` in it.
+        async fn send(&mut self, sqe: &Sqe, icd: &[u8]) {
+            let pdo = if icd.is_empty() { 0 } else { 72 };
+            let mut cap = CapsuleCmd::new_zeroed();
+            cap.ch = pdu::common(pdu_type::CAPSULE_CMD, 0, 72, pdo, 72 + icd.len());
+            cap.sqe = *sqe;
+            self.wr.write_all(cap.as_bytes()).await.unwrap();
+            self.wr.write_all(icd).await.unwrap();
+        }
+
+        /// Sends a capsule and reads its response.
+        async fn command(&mut self, sqe: &Sqe, icd: &[u8]) -> p2pnvmf_nvmf::wire::Cqe {
+            self.send(sqe, icd).await;
+            let (ch, rest) = self.pdu().await;
+            assert_eq!(ch.pdu_type, pdu_type::CAPSULE_RESP);
+            p2pnvmf_nvmf::wire::Cqe::read_from_bytes(&rest[..16]).unwrap()
+        }
+
+        /// The next PDU: its common header and the rest.
+        async fn pdu(&mut self) -> (CommonHeader, Vec<u8>) {
+            let mut ch = [0u8; 8];
+            self.rd.read_exact(&mut ch).await.unwrap();
+            let ch = CommonHeader::read_from_bytes(&ch).unwrap();
+            let mut rest = vec![0u8; ch.plen.get() as usize - 8];
+            self.rd.read_exact(&mut rest).await.unwrap();
+            (ch, rest)
+        }
+
+        /// The next PDU if one comes within 200 ms.
+        async fn maybe_pdu(&mut self) -> Option<(CommonHeader, Vec<u8>)> {
+            tokio::time::timeout(Duration::from_millis(200), self.pdu()).await.ok()
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_beyond_the_r2t_data_limit_wait_for_their_r2t() {
+        let params = TcpParams { r2t_data: 256 << 10, ..TcpParams::default() };
+        let port = Port {
+            id: 1,
+            trtype: TrType::Tcp,
+            traddr: "127.0.0.1".into(),
+            trsvcid: "4420".into(),
+            params: params.transport_params(),
+        };
+        let ns = Namespace::new(NQN, 1, Arc::new(Sink));
+        let t = Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port.clone()]);
+        let (mut admin, cntlid) = Host::connect(&t, &port, params, 0, 0xffff).await;
+        let mut cc = Sqe::new_zeroed();
+        (cc.opcode, cc.cdw11, cc.cdw12) = (0x7f, 0x14.into(), (1 | 6 << 16 | 4 << 20).into());
+        assert_eq!(admin.command(&cc, &[]).await.status.get() >> 1, 0, "CC.EN");
+        let (mut io, _) = Host::connect(&t, &port, params, 1, cntlid).await;
+        // Three 128 KiB writes: two fit in 256 KiB of outstanding R2Ts, the third waits.
+        for cid in 0..3u16 {
+            let mut w = Sqe::new_zeroed();
+            (w.opcode, w.flags, w.cid, w.nsid) = (0x01, 1 << 6, cid.into(), 1.into());
+            (w.cdw10, w.cdw12) = ((u32::from(cid) * 256).into(), 255.into());
+            (w.dptr.id, w.dptr.length) = (sgl::TRANSPORT_DATA_BLOCK, (128 << 10).into());
+            io.send(&w, &[]).await;
+        }
+        let mut r2ts = Vec::new();
+        while let Some((ch, rest)) = io.maybe_pdu().await {
+            assert_eq!(ch.pdu_type, pdu_type::R2T);
+            r2ts.push(R2t::read_from_bytes(&[ch.as_bytes(), &rest].concat()).unwrap());
+        }
+        assert_eq!(r2ts.iter().map(|r| r.cccid.get()).collect::<Vec<_>>(), [0, 1], "the third write waits");
+        // The first write's data comes in: it completes, and the third gets its R2T.
+        let mut h2c = DataHeader::new_zeroed();
+        h2c.ch = pdu::common(pdu_type::H2C_DATA, flags::DATA_LAST, 24, 24, 24 + (128 << 10));
+        (h2c.cccid, h2c.ttag, h2c.datal) = (0.into(), r2ts[0].ttag, (128 << 10).into());
+        io.wr.write_all(h2c.as_bytes()).await.unwrap();
+        io.wr.write_all(&vec![0x5a; 128 << 10]).await.unwrap();
+        let mut seen = Vec::new();
+        while let Some((ch, rest)) = io.maybe_pdu().await {
+            seen.push((ch.pdu_type, u16::from_le_bytes([rest[0], rest[1]])));
+        }
+        assert!(seen.contains(&(pdu_type::R2T, 2)), "{seen:?}");
+        assert!(seen.iter().any(|&(t, _)| t == pdu_type::CAPSULE_RESP), "{seen:?}");
+    }
 
     #[test]
     fn a_chunk_back_from_the_backend_returns_to_its_slot_and_then_its_pool() {

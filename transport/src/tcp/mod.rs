@@ -20,11 +20,15 @@ pub struct TcpParams {
     pub max_xfer: u32,
     /// MAXH2CDATA announced in ICResp.
     pub maxh2cdata: u32,
+    /// Connections the listener holds at once; more are closed at once.
+    pub max_connections: usize,
+    /// Bytes one connection asks for with R2Ts and has not received yet.
+    pub r2t_data: usize,
 }
 
 impl Default for TcpParams {
     fn default() -> Self {
-        TcpParams { max_icd: 8192, max_xfer: 1 << 20, maxh2cdata: 1 << 20 }
+        TcpParams { max_icd: 8192, max_xfer: 1 << 20, maxh2cdata: 1 << 20, max_connections: 1024, r2t_data: 16 << 20 }
     }
 }
 
@@ -55,6 +59,12 @@ pub async fn serve(
         tokio::select! {
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    while conns.try_join_next().is_some() {}
+                    if conns.len() >= params.max_connections {
+                        warn!(port = port.id, %peer, limit = params.max_connections,
+                              "connection closed: the listener holds limits.connections_per_listener connections");
+                        continue;
+                    }
                     let _ = stream.set_nodelay(true);
                     conns.spawn(conn::run(stream.into_split(), peer, target.clone(), port.clone(), params, shutdown.clone()));
                 }
