@@ -18,7 +18,14 @@ const NQN: &str = "nqn.2026-11.io.p2pnvmf:fuzz";
 fuzz_target!(|input: &[u8]| {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
-        let params = TcpParams { max_icd: 8192, max_xfer: 1 << 17, maxh2cdata: 1 << 17 };
+        // A small R2T budget, so writes also take the waiting path.
+        let params = TcpParams {
+            max_icd: 8192,
+            max_xfer: 1 << 17,
+            maxh2cdata: 1 << 17,
+            r2t_data: 256 << 10,
+            ..TcpParams::default()
+        };
         let ns = Namespace::new(NQN, 1, Arc::new(RamBackend::new(1 << 20)));
         let port = Port {
             id: 1,
