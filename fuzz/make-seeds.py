@@ -56,7 +56,8 @@ def capsule(s, data=b""):
     return struct.pack("<BBBBI", 4, 0, hlen, hlen if data else 0, hlen + len(data)) + s + data
 
 
-ICREQ = struct.pack("<BBBBI", 0, 0, 128, 0, 128) + struct.pack("<HBBI", 0, 0, 0, 0) + bytes(116)
+ICREQ = struct.pack("<BBBBI", 0, 0, 128, 0, 128) + struct.pack("<HBBI", 0, 0, 0, 0) + bytes(112)
+assert len(ICREQ) == 128
 
 
 def main():
