@@ -187,6 +187,12 @@ impl QueueBuffers {
         self.slabs.iter().find(|(n, _)| *n == nsid).and_then(|(_, s)| s.revoked())
     }
 
+    /// Lets go of namespace `nsid`'s slab (its free chunks go back to the pool): the queue
+    /// uses host memory for it from now on.
+    pub fn forget(&mut self, nsid: u32) {
+        self.slabs.retain(|(n, _)| *n != nsid);
+    }
+
     /// Gives a chunk back to its slab.
     pub fn put(&mut self, w: Window) {
         if let Some((_, s)) = self.slabs.iter_mut().find(|(_, s)| s.owns(&w)) {

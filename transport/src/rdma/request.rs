@@ -371,8 +371,10 @@ impl Requests {
         let r = &self.reqs[usize::from(req)];
         let nsid = r.sqe.nsid.get();
         if let (Some(why), Some(ctrl)) = (self.p2p.revoked(nsid), self.queue.controller()) {
-            // The first queue to see it says it for the controller, which goes on in host memory.
+            // The first queue to see it says it for the controller, which goes on in host
+            // memory; each queue lets go of its share once.
             ctrl.drop_p2p_pool(nsid, &format!("the provider's memory was revoked: {why}"));
+            self.p2p.forget(nsid);
         }
         if let Some(w) = self.p2p.get(&r.sqe, r.len) {
             let base = w.mapping_range().0 as usize;
