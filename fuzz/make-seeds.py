@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Writes the seed corpora of the fuzz targets (corpus/<target>/): well-formed inputs the
-fuzzers mutate from, so they start past the handshakes. Run from fuzz/."""
+"""Writes the seeds of the fuzz targets' corpora (corpus/<target>/): well-formed inputs the
+fuzzers mutate from, so they start past the handshakes. The rest of each corpus is what fuzzing
+found, minimised (cargo fuzz cmin). Run from fuzz/."""
 import os
 import shutil
 import struct
@@ -61,9 +62,8 @@ assert len(ICREQ) == 128
 
 
 def main():
-    shutil.rmtree("corpus", ignore_errors=True)
     for t in ("tcp_connection", "admin_commands", "rdma_private_data", "config"):
-        os.makedirs(f"corpus/{t}")
+        os.makedirs(f"corpus/{t}", exist_ok=True)
     # NVMe/TCP: the handshake, Connect with in-capsule data, enable, then commands.
     icd = lambda n: (0, n, 0x01)  # in-capsule data block at offset 0
     stream = ICREQ + capsule(fabrics(1, cdw=(0, 31, 0, 0, 0, 0), sgl=icd(1024)), connect_data())
