@@ -209,6 +209,21 @@ impl Probe {
         Ok((admin, h))
     }
 
+    /// After a case that only sends and leaves: a new host still gets Identify Controller
+    /// answered, so a target that died or hung on the input fails the case.
+    fn still_serves(&self) -> R<()> {
+        let (mut h, _) = self.admin()?;
+        let mut id = sqe(0x06);
+        id.cdw10 = 1.into();
+        (id.dptr.id, id.dptr.length) = (sgl::TRANSPORT_DATA_BLOCK, 4096.into());
+        let (st, _, data) = h.command(&id, &[])?;
+        self.expect_status(st, Status::SUCCESS)?;
+        if data.len() != 4096 {
+            return Err(format!("Identify returned {} bytes, expected 4096", data.len()));
+        }
+        Ok(())
+    }
+
     fn expect_status(&self, got: Status, want: Status) -> R<()> {
         if got == want { Ok(()) } else { Err(format!("status {got}, expected {want}")) }
     }
@@ -265,7 +280,8 @@ impl Probe {
                     let mut h = Host::ready(a)?;
                     h.send(&pdu::common(pdu_type::CAPSULE_CMD, 0, 72, 0, 72).as_bytes()[..8])?;
                     h.send(&[0u8; 20])?;
-                    h.s.shutdown(Shutdown::Both).map_err(|e| e.to_string())
+                    h.s.shutdown(Shutdown::Both).map_err(|e| e.to_string())?;
+                    self.still_serves()
                 }),
             ),
             (
@@ -414,7 +430,8 @@ impl Probe {
                     b.extend_from_slice(&[0u8; 4]);
                     b.extend_from_slice(&[0xabu8; 4096]);
                     h.send(&b)?;
-                    h.s.shutdown(Shutdown::Both).map_err(|e| e.to_string())
+                    h.s.shutdown(Shutdown::Both).map_err(|e| e.to_string())?;
+                    self.still_serves()
                 }),
             ),
             (
