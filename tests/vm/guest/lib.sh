@@ -141,12 +141,12 @@ size = "256MiB"
 CFG
 }
 
-# fio_verify DEV BS [JOBS] [MIB]: MIB (64) MiB of random writes (split over JOBS disjoint regions) then
+# fio_verify DEV BS [JOBS] [MIB] [OFFSET_MIB]: MIB (64) MiB of random writes from OFFSET_MIB (0; split over JOBS disjoint regions) then
 # crc32c verify, at queue depth 32 per job; fails on any verify error.
 fio_verify() {
-    local dev=$1 bs=$2 jobs=${3:-1} mib=${4:-64} out
+    local dev=$1 bs=$2 jobs=${3:-1} mib=${4:-64} off=${5:-0} out
     out=$(fio --name="verify-$bs" --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite \
-        --bs="$bs" --size=$((mib / jobs))M --offset_increment=$((mib / jobs))M --numjobs="$jobs" \
+        --bs="$bs" --offset="${off}M" --size=$((mib / jobs))M --offset_increment=$((mib / jobs))M --numjobs="$jobs" \
         --group_reporting --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --verify_dump=0 --output-format=terse --terse-version=3 2>&1) || { echo "$out"; die "fio verify at $bs on $dev failed"; }
     # terse v3: field 5 is the error, 6 and 8 read KiB and IOPS, 47 and 49 write KiB and IOPS.
