@@ -179,9 +179,15 @@ struct Probe {
 impl Probe {
     /// An admin queue connected and enabled; returns the host and its controller ID.
     fn admin(&self) -> R<(Host, u16)> {
+        self.admin_with_kato(0)
+    }
+
+    /// An admin queue connected with keep-alive timeout `kato_ms` (0: none) and enabled.
+    fn admin_with_kato(&self, kato_ms: u32) -> R<(Host, u16)> {
         let mut h = Host::ready(self.args.addr)?;
-        let (st, cqe, _) =
-            h.command(&connect_sqe(0, 0), &connect_data(&self.args.subnqn, &self.args.hostnqn, 0xffff))?;
+        let mut c = connect_sqe(0, 0);
+        c.cdw12 = kato_ms.into();
+        let (st, cqe, _) = h.command(&c, &connect_data(&self.args.subnqn, &self.args.hostnqn, 0xffff))?;
         if !st.is_success() {
             return Err(format!("admin Connect failed: {st}"));
         }
@@ -222,6 +228,28 @@ impl Probe {
             return Err(format!("Identify returned {} bytes, expected 4096", data.len()));
         }
         Ok(())
+    }
+
+    /// A silent host's controller ends at its keep-alive timeout: both its connections are
+    /// closed by the target and its controller ID no longer takes an I/O queue.
+    fn keep_alive_expiry(&self) -> R<()> {
+        let (mut admin, cntlid) = self.admin_with_kato(1000)?;
+        let mut io = Host::ready(self.args.addr)?;
+        let data = connect_data(&self.args.subnqn, &self.args.hostnqn, cntlid);
+        let (st, _, _) = io.command(&connect_sqe(1, 0), &data)?;
+        self.expect_status(st, Status::SUCCESS)?;
+        std::thread::sleep(Duration::from_secs(3));
+        for (what, h) in [("admin", &mut admin), ("I/O", &mut io)] {
+            let mut b = [0u8; 1];
+            match h.s.read(&mut b) {
+                Ok(0) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Ok(_) => return Err(format!("the {what} queue still sends after the keep-alive timeout")),
+                Err(e) => return Err(format!("the {what} queue is still open 3 s after a 1 s keep-alive timeout: {e}")),
+            }
+        }
+        let (st, _, _) = Host::ready(self.args.addr)?.command(&connect_sqe(1, 0), &data)?;
+        self.expect_status(st, Status::CONNECT_INVALID_PARAMETERS.dnr())
     }
 
     fn expect_status(&self, got: Status, want: Status) -> R<()> {
@@ -434,6 +462,7 @@ impl Probe {
                     self.still_serves()
                 }),
             ),
+            ("a silent host's controller ends at its keep-alive timeout", Box::new(move || self.keep_alive_expiry())),
             (
                 "the target still serves a well-formed host",
                 Box::new(move || {
