@@ -245,7 +245,9 @@ impl Probe {
                 Ok(0) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
                 Ok(_) => return Err(format!("the {what} queue still sends after the keep-alive timeout")),
-                Err(e) => return Err(format!("the {what} queue is still open 3 s after a 1 s keep-alive timeout: {e}")),
+                Err(e) => {
+                    return Err(format!("the {what} queue is still open 3 s after a 1 s keep-alive timeout: {e}"));
+                }
             }
         }
         let (st, _, _) = Host::ready(self.args.addr)?.command(&connect_sqe(1, 0), &data)?;
