@@ -23,9 +23,19 @@ fn serve(args: &[&str], port: u16) -> Served {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn p2pnvmf");
-    let served = Served(child);
+    let mut served = Served(child);
     let start = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    loop {
+        // A target that could not bind exits: say so (a connect to a port nobody listens on
+        // can even succeed, by connecting to itself).
+        if let Some(st) = served.0.try_wait().unwrap() {
+            let log: Vec<String> =
+                BufReader::new(served.0.stderr.take().unwrap()).lines().map_while(Result::ok).collect();
+            panic!("p2pnvmf exited at start ({st}):\n{}", log.join("\n"));
+        }
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
         assert!(start.elapsed() < Duration::from_secs(10), "p2pnvmf did not listen on {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -60,8 +70,15 @@ fn terminate(mut s: Served) -> String {
     log.join("\n")
 }
 
+/// A free port below Linux's ephemeral range (32768 up): one from bind(0) is an ephemeral
+/// port, which the probes' own connections in a parallel test may take as their source port
+/// before the target binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    let start = 20000 + (std::process::id() % 10000) as u16;
+    (start..32768)
+        .chain(10000..start)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below 32768")
 }
 
 #[test]
