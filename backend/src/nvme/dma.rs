@@ -23,16 +23,27 @@ const PAGE: usize = 4096;
 /// Piece sizes of the physical-address mode: 4 KiB << class, up to one huge page.
 const CLASSES: usize = 10;
 
-/// Memory of the driver's that the SSD reaches by DMA. In physical-address mode it goes back
-/// to the huge pages it came from when dropped: keep it as long as the SSD may use it.
+/// Memory of the driver's that the SSD reaches by DMA, given back when dropped — unmapped
+/// from the IOMMU, or returned to the huge pages it came from: keep it as long as the SSD
+/// may use it.
 #[derive(Debug)]
 pub struct Dma {
     mem: Arc<Mapping>,
     off: usize,
     len: usize,
     addr: Addr,
-    /// The arena and size class it returns to (physical-address mode).
-    home: Option<(Arc<Arena>, usize)>,
+    home: Home,
+}
+
+/// Where a [`Dma`] goes back to.
+#[derive(Debug)]
+enum Home {
+    /// Its own mapping, unmapped from the IOMMU (the reserved IOVA span) and freed.
+    Iommu(Arc<Iommu>, u64),
+    /// The arena and size class of its piece.
+    Arena(Arc<Arena>, usize),
+    /// Whole huge pages of its own, freed with the mapping.
+    Own,
 }
 
 /// Where the SSD finds a piece of memory.
@@ -77,9 +88,18 @@ impl Dma {
 
 impl Drop for Dma {
     fn drop(&mut self) {
-        if let Some((arena, class)) = self.home.take() {
-            let Addr::Contiguous(phys) = self.addr else { unreachable!("arena pieces are contiguous") };
-            arena.lock()[class].push((self.mem.clone(), self.off, phys));
+        match std::mem::replace(&mut self.home, Home::Own) {
+            Home::Iommu(iommu, span) => {
+                let Addr::Contiguous(iova) = self.addr else { unreachable!("IOVA ranges are contiguous") };
+                if let Err(e) = iommu.unmap(iova, span) {
+                    tracing::warn!("unmapping driver memory at IOVA {iova:#x}: {e}");
+                }
+            }
+            Home::Arena(arena, class) => {
+                let Addr::Contiguous(phys) = self.addr else { unreachable!("arena pieces are contiguous") };
+                arena.lock()[class].push((self.mem.clone(), self.off, phys));
+            }
+            Home::Own => {}
         }
     }
 }
@@ -87,17 +107,17 @@ impl Drop for Dma {
 /// How the SSD's DMA addresses memory.
 #[derive(Debug)]
 pub enum DmaSpace {
-    Iommu(Iommu),
+    Iommu(Arc<Iommu>),
     Physical(Arc<Arena>),
 }
 
 impl DmaSpace {
     pub fn iommu(dev: Arc<VfioDevice>) -> DmaSpace {
-        DmaSpace::Iommu(Iommu {
+        DmaSpace::Iommu(Arc::new(Iommu {
             dev,
             free: Mutex::new(vec![(IOVA_BASE, IOVA_END - IOVA_BASE)]),
             pins: Mutex::new(Vec::new()),
-        })
+        }))
     }
 
     pub fn physical() -> DmaSpace {
@@ -150,7 +170,7 @@ pub struct Iommu {
     dev: Arc<VfioDevice>,
     /// Free IOVA ranges (start, length), first fit.
     free: Mutex<Vec<(u64, u64)>>,
-    /// The controller's own memory, kept alive for the device as long as it is open.
+    /// Peer memory mapped at IOVA = its bus address, kept alive for the device while it is open.
     pins: Mutex<Vec<MappingPin>>,
 }
 
@@ -204,12 +224,11 @@ impl Iommu {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).push((iova, span));
     }
 
-    fn alloc(&self, pci: PciAddr, len: usize) -> Result<Dma, String> {
+    fn alloc(self: &Arc<Self>, pci: PciAddr, len: usize) -> Result<Dma, String> {
         let mem = Arc::new(Mapping::host(len).map_err(|e| format!("{pci}: {len} bytes of DMA memory: {e}"))?);
-        let pin = MappingPin::of(&mem);
-        let (iova, _) = self.map(pci, &pin)?;
-        self.pins.lock().unwrap_or_else(|e| e.into_inner()).push(pin);
-        Ok(Dma { len: mem.len(), mem, off: 0, addr: Addr::Contiguous(iova), home: None })
+        // The Dma holds the mapping until it has unmapped it.
+        let (iova, span) = self.map(pci, &MappingPin::of(&mem))?;
+        Ok(Dma { len: mem.len(), mem, off: 0, addr: Addr::Contiguous(iova), home: Home::Iommu(self.clone(), span) })
     }
 }
 
@@ -250,7 +269,7 @@ impl Arena {
         if len > HUGE as usize {
             // Larger than a huge page: whole pages, each at its own physical address.
             let (mem, pages) = (self.pages)(pci, len.next_multiple_of(HUGE as usize))?;
-            return Ok(Dma { mem, off: 0, len, addr: Addr::HugePages(pages), home: None });
+            return Ok(Dma { mem, off: 0, len, addr: Addr::HugePages(pages), home: Home::Own });
         }
         let class = len.max(PAGE).div_ceil(PAGE).next_power_of_two().trailing_zeros() as usize;
         let mut free = self.lock();
@@ -273,7 +292,7 @@ impl Arena {
             free[c].push((mem.clone(), off + half, phys + half as u64));
         }
         drop(free);
-        Ok(Dma { mem, off, len: PAGE << class, addr: Addr::Contiguous(phys), home: Some((self.clone(), class)) })
+        Ok(Dma { mem, off, len: PAGE << class, addr: Addr::Contiguous(phys), home: Home::Arena(self.clone(), class) })
     }
 }
 

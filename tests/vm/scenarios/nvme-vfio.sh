@@ -95,6 +95,20 @@ done
 # The SSD reached every buffer where it was (RDMA's data area, NVMe/TCP's slot buffers).
 ! grep "bounce buffer" "$TARGET_LOG" || die "data went through bounce buffers"
 
+step "10 connect/disconnect cycles: the SSD's queues, lists and mappings are given back"
+# VmLck counts what VFIO pins for the SSD's DMA: a queue's memory must be unpinned at its close.
+vmlck() { awk '/^VmLck/ {print $2}' "/proc/$TARGET_PID/status"; }
+lck0=$(vmlck)
+for i in $(seq 10); do
+    dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 2)
+    dd if="$dev" of=/dev/null bs=4k count=16 iflag=direct status=none || die "read in cycle $i failed"
+    nvme_disconnect_nqn "$NQN" >/dev/null
+done
+sleep 1
+lck1=$(vmlck)
+echo "pinned for DMA: $lck0 kB before, $lck1 kB after 10 cycles"
+(( lck1 <= lck0 )) || die "pinned memory grew by $((lck1 - lck0)) kB over 10 cycles"
+
 step "a pattern written through the target, read back by the kernel's driver after exit"
 given_back_holds_pattern "$NQN" "$ssd"
 
