@@ -108,20 +108,21 @@ pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> V
                 info!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci, "p2p buffers: {how}");
                 pools.push(P2pPool { nsid: ns.nsid, provider: pci, pool, dma_buf });
             }
-            Err(reason) => {
-                // Expected for NVMe/TCP with `auto`; worth a warning where a NIC was meant to use it.
-                if *mover == Mover::Cpu {
-                    info!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci,
-                          "controller falls back to host memory: {reason}");
-                } else {
-                    warn!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid = ns.nsid, provider = %pci,
-                          "controller falls back to host memory: {reason}");
-                }
-                count_fallback("controller");
-            }
+            // Expected for NVMe/TCP with `auto`; worth a warning where a NIC was meant to use it.
+            Err(reason) => controller_fallback(ctrl, ns.nsid, pci, &reason, *mover != Mover::Cpu),
         }
     }
     pools
+}
+
+/// Logs (a warning when `warn`) and counts a controller-level fallback to host memory.
+pub(crate) fn controller_fallback(ctrl: &Controller, nsid: u32, provider: PciAddr, reason: &str, warn: bool) {
+    if warn {
+        warn!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid, %provider, "controller falls back to host memory: {reason}");
+    } else {
+        info!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid, %provider, "controller falls back to host memory: {reason}");
+    }
+    count_fallback("controller");
 }
 
 /// A queue's share of its controller's pools, taken once after Connect; per-I/O allocation

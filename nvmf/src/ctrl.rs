@@ -150,9 +150,8 @@ impl Controller {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let Some(i) = pools.iter().position(|p| p.nsid == nsid) else { return false };
         let p = pools.remove(i);
-        tracing::warn!(cntlid = self.cntlid, hostnqn = %self.hostnqn, nsid, provider = %p.provider,
-                       "controller falls back to host memory: {why}");
-        crate::buffers::count_fallback("controller");
+        drop(pools);
+        crate::buffers::controller_fallback(self, nsid, p.provider, why, true);
         true
     }
 

@@ -76,9 +76,7 @@ impl NvmeVfio {
         let facts = DeviceFacts { nsfeat: id.nsfeat, nows: id.nows, dlfeat: id.dlfeat, oncs: ctrl.id.oncs };
         Ok(NvmeVfio { shift: id.block_size.trailing_zeros(), ctrl, nsid, id, max_part, facts, sync: Mutex::new(None) })
     }
-}
 
-impl NvmeVfio {
     /// Calls `hook` with the reason when the controller is given up on.
     pub fn on_failure(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
         self.ctrl.on_failure(Box::new(hook));

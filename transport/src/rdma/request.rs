@@ -159,9 +159,9 @@ pub struct Requests {
     free: Vec<u16>,
     buffers: Buffers,
     /// The queue's share of its controller's p2p pools (I/O queues; set up after Connect)
-    /// and each pool's dma-buf MR lkey, by the pool's CPU address.
+    /// and the lkey of each pool's dma-buf MR.
     p2p: QueueBuffers,
-    lkeys: Vec<(usize, u32, Arc<ChunkPool>)>,
+    lkeys: Vec<(Arc<ChunkPool>, u32)>,
     p2p_set_up: bool,
     need_request: VecDeque<(usize, usize)>,
     need_buffer: VecDeque<u16>,
@@ -377,8 +377,7 @@ impl Requests {
             self.p2p.forget(nsid);
         }
         if let Some(w) = self.p2p.get(&r.sqe, r.len) {
-            let base = w.mapping_range().0 as usize;
-            let lkey = self.lkeys.iter().find(|(b, ..)| *b == base).expect("a registered pool's chunk").1;
+            let lkey = self.lkeys.iter().find(|(pool, _)| pool.owns(&w)).expect("a registered pool's chunk").1;
             self.reqs[usize::from(req)].mr = Mr::DmaBuf(lkey);
             return self.have_buffer(v, req, w);
         }
@@ -405,7 +404,7 @@ impl Requests {
                 Ok(lkey) => {
                     info!(cntlid = ctrl.cntlid, qid = self.queue.qid(), nsid = p.nsid, provider = %p.provider, lkey,
                           bytes = len, "p2p memory registered with the NIC (dma-buf MR)");
-                    self.lkeys.push((base, lkey, p.pool.clone()));
+                    self.lkeys.push((p.pool.clone(), lkey));
                     usable.push(p);
                 }
                 Err(e) => {
@@ -590,7 +589,7 @@ impl Requests {
     /// Whether a buffer in `mr` is in p2p memory that was revoked since.
     fn revoked(&self, mr: Mr) -> bool {
         let Mr::DmaBuf(lkey) = mr else { return false };
-        self.lkeys.iter().any(|(_, k, pool)| *k == lkey && pool.revoked().is_some())
+        self.lkeys.iter().any(|(pool, k)| *k == lkey && pool.revoked().is_some())
     }
 
     /// Gives request `req`'s buffer back where it came from.

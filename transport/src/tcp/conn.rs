@@ -493,12 +493,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     /// `r2t_data` allows (one at least); the others wait their turn, holding no buffer.
     fn request_data(&mut self, tag: u16, len: usize) -> Result<(), ConnError> {
         self.slots[usize::from(tag)].len = len;
-        if self.r2t_out > 0 && (self.r2t_out + len > self.params.r2t_data || !self.r2t_waiting.is_empty()) {
+        if self.r2t_out > 0 && (!self.r2t_waiting.is_empty() || !self.r2t_fits(len)) {
             self.slots[usize::from(tag)].state = State::AwaitingR2t;
             self.r2t_waiting.push_back(tag);
             return Ok(());
         }
         self.send_r2t(tag)
+    }
+
+    /// Whether an R2T for `len` more bytes fits the connection's budget (one always does when
+    /// none is outstanding, however large).
+    fn r2t_fits(&self, len: usize) -> bool {
+        self.r2t_out == 0 || self.r2t_out + len <= self.params.r2t_data
     }
 
     /// Lends the command its buffer and asks the host for its data.
@@ -543,8 +549,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         // The transfer is in: writes waiting for their R2T go as far as the limit lets them.
         self.r2t_out -= slot.len;
         while let Some(&next) = self.r2t_waiting.front() {
-            let want = self.slots[usize::from(next)].len;
-            if self.r2t_out > 0 && self.r2t_out + want > self.params.r2t_data {
+            if !self.r2t_fits(self.slots[usize::from(next)].len) {
                 break;
             }
             self.r2t_waiting.pop_front();
