@@ -609,7 +609,9 @@ mod tests {
         // SAFETY: the fd was just returned to us and is owned by nobody else.
         let f = unsafe { File::from_raw_fd(fd as i32) };
         f.set_len(len as u64).unwrap();
-        let m = p2pnvmf_p2p::mem::Mapping::fd(f.as_raw_fd(), 0, len).unwrap().device("test-provider".into(), None);
+        // SAFETY: a memfd of this test's own, sized before and mapped once.
+        let m = unsafe { p2pnvmf_p2p::mem::Mapping::fd(f.as_raw_fd(), 0, len) }.unwrap();
+        let m = m.device("test-provider".into(), None);
         m.into_windows(len).pop().unwrap()
     }
 

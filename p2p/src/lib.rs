@@ -2,7 +2,8 @@
 //! injectable sysfs root, p2p memory providers ([`provider`]: NVMe CMB, BARs, p2pmem) mapped
 //! through sysfs, VFIO or uio ([`mem`], [`vfio`], [`uio`]), Linux's path rules with offset-corrected
 //! addresses ([`path`]), chunk pools ([`pool`]) and the target-wide state and report
-//! ([`plan`]). Unsafe code lives in `mem`, `vfio` and `uio` only.
+//! ([`plan`]). Unsafe code lives in `mem`, `vfio` and `uio`, and in the one function of
+//! `provider` that maps a BAR through sysfs.
 #![deny(unsafe_code)]
 
 pub mod block;

@@ -8,12 +8,10 @@
 //! and the mapping stays alive while any window of it does (even one a device still writes).
 #![allow(unsafe_code)]
 
-use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::ops::Range;
 use std::ptr::{self, NonNull};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 const PAGE: u64 = 4096;
 const HUGE_PAGE: usize = 2 << 20;
@@ -29,23 +27,69 @@ pub struct Mapping {
     device: Option<Box<str>>,
     /// The PCI bus address of the mapping's first byte, where a peer device reaches it.
     bus: Option<u64>,
+    /// For a BAR: its range, held in this process's register of mapped BARs until unmapped.
+    claim: Option<Claim>,
 }
 
-// SAFETY: a Mapping owns its pages; concurrent users get disjoint chunks (pool) or use volatile
-// register access.
+// SAFETY: a Mapping owns its pages. Through a shared Mapping the bytes are reached only by
+// volatile 32-bit accesses, never by reference (safe code); references exist only through an
+// owned, disjoint Window or the `unsafe fn bytes` contract.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
 
-impl Mapping {
-    /// Maps `len` bytes of `path` from `offset` (any alignment), shared, read-write.
-    pub fn file(path: &Path, offset: u64, len: usize) -> io::Result<Mapping> {
-        let f = OpenOptions::new().read(true).write(true).open(path)?;
-        Self::fd(f.as_raw_fd(), offset, len)
-    }
+/// BAR ranges mapped in this process. A second mapping of the same bytes would let two sets of
+/// [`Window`]s alias them, so it is refused.
+static MAPPED: Mutex<Vec<BarRange>> = Mutex::new(Vec::new());
 
+#[derive(Debug, Clone, PartialEq)]
+struct BarRange {
+    function: Box<str>,
+    bar: u8,
+    bytes: Range<u64>,
+}
+
+/// A BAR range entered in [`MAPPED`], removed on drop.
+#[derive(Debug)]
+struct Claim(BarRange);
+
+impl Claim {
+    fn take(function: &str, bar: u8, bytes: Range<u64>) -> io::Result<Claim> {
+        let mut mapped = MAPPED.lock().unwrap_or_else(|e| e.into_inner());
+        let overlaps = |r: &&BarRange| {
+            *r.function == *function && r.bar == bar && r.bytes.start < bytes.end && bytes.start < r.bytes.end
+        };
+        if let Some(r) = mapped.iter().find(overlaps) {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "{function} BAR{bar} bytes {:#x}..{:#x} are already mapped in this process",
+                    r.bytes.start, r.bytes.end
+                ),
+            ));
+        }
+        let r = BarRange { function: function.into(), bar, bytes };
+        mapped.push(r.clone());
+        Ok(Claim(r))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        MAPPED.lock().unwrap_or_else(|e| e.into_inner()).retain(|r| *r != self.0);
+    }
+}
+
+impl Mapping {
     /// Maps `len` bytes of an open file or device fd from `offset`.
-    pub fn fd(fd: i32, offset: u64, len: usize) -> io::Result<Mapping> {
+    ///
+    /// # Safety
+    /// The caller promises that the range behaves as memory (a memory BAR or a file, not
+    /// registers with read side effects: those are reached through `read32`/`write32` only),
+    /// that it is not truncated or removed while mapped (a fault, not an error), and that
+    /// nothing else in this process maps the same range: [`Window`]s of two mappings of one
+    /// range would alias.
+    pub unsafe fn fd(fd: i32, offset: u64, len: usize) -> io::Result<Mapping> {
         let aligned = offset & !(PAGE - 1);
         let delta = (offset - aligned) as usize;
         let map_len = (delta + len).next_multiple_of(PAGE as usize);
@@ -55,6 +99,24 @@ impl Mapping {
             libc::mmap(ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, off)
         };
         Self::checked(p, map_len, delta, len)
+    }
+
+    /// Maps `len` bytes from `off` of memory BAR `bar` of PCI function `function` (its name or
+    /// sysfs directory, as every mapping of the function calls it), which `fd`
+    /// reaches from `fd_offset` (a sysfs `resourceN` from 0, a VFIO region from its offset).
+    /// Refused while another mapping of this process holds any of the same bytes.
+    ///
+    /// # Safety
+    /// `fd` from `fd_offset` is that BAR, and the BAR is memory (prefetchable or not, but without
+    /// read side effects in the range) that stays while mapped — the function is held (unbound,
+    /// bound to VFIO or uio) by this process.
+    pub unsafe fn bar(function: &str, bar: u8, fd: i32, fd_offset: u64, off: u64, len: usize) -> io::Result<Mapping> {
+        let claim = Claim::take(function, bar, off..off + len as u64)?;
+        // SAFETY: the BAR is memory that stays (the caller's promise), and the claim rules out
+        // a second mapping of the same bytes.
+        let mut m = unsafe { Self::fd(fd, fd_offset + off, len) }?;
+        m.claim = Some(claim);
+        Ok(m)
     }
 
     /// Anonymous host memory of `len` bytes in normal pages, touched only as used: for
@@ -104,7 +166,7 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Mapping { base, map_len, delta, len, device: None, bus: None })
+        Ok(Mapping { base, map_len, delta, len, device: None, bus: None, claim: None })
     }
 
     /// Marks the mapping as device memory of `provider`, for those who count or treat it apart,
@@ -161,30 +223,42 @@ impl Mapping {
         self.write32(off, v as u32);
     }
 
-    /// Copies `src` into the mapping at `off`.
+    /// Copies `src` into the mapping at `off`, in volatile 32-bit writes (as device memory
+    /// wants them, and because a device may read the range meanwhile: no reference to the
+    /// mapping's bytes is ever made). `off` and the length are multiples of 4.
     pub fn write_bytes(&self, off: usize, src: &[u8]) {
-        assert!(off + src.len() <= self.len, "write outside the mapping");
-        // SAFETY: in bounds; callers own the range they write (pool chunks are disjoint).
-        unsafe { ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(off), src.len()) }
+        assert!(off.is_multiple_of(4) && src.len().is_multiple_of(4), "unaligned copy into device memory");
+        for (i, w) in src.chunks_exact(4).enumerate() {
+            self.write32(off + 4 * i, u32::from_ne_bytes(w.try_into().expect("4 bytes")));
+        }
     }
 
-    /// Copies from the mapping at `off` into `dst`.
+    /// Copies from the mapping at `off` into `dst`, in volatile 32-bit reads (see
+    /// [`Mapping::write_bytes`]).
     pub fn read_bytes(&self, off: usize, dst: &mut [u8]) {
-        assert!(off + dst.len() <= self.len, "read outside the mapping");
-        // SAFETY: as in write_bytes.
-        unsafe { ptr::copy_nonoverlapping(self.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
+        assert!(off.is_multiple_of(4) && dst.len().is_multiple_of(4), "unaligned copy from device memory");
+        for (i, w) in dst.chunks_exact_mut(4).enumerate() {
+            w.copy_from_slice(&self.read32(off + 4 * i).to_ne_bytes());
+        }
     }
 
-    pub fn slice(&self, off: usize, len: usize) -> &[u8] {
-        assert!(off + len <= self.len, "slice outside the mapping");
-        // SAFETY: in bounds; lives as long as self.
+    /// Fills `len` bytes at `off` with zeroes (volatile, as [`Mapping::write_bytes`]).
+    pub fn zero(&self, off: usize, len: usize) {
+        assert!(off.is_multiple_of(4) && len.is_multiple_of(4), "unaligned clear of device memory");
+        for at in (off..off + len).step_by(4) {
+            self.write32(at, 0);
+        }
+    }
+
+    /// The bytes at `off`, as a reference, for memory a device writes and the CPU then reads in
+    /// place (a received capsule).
+    ///
+    /// # Safety
+    /// Nothing — CPU or device — writes the range while the reference lives.
+    pub unsafe fn bytes(&self, off: usize, len: usize) -> &[u8] {
+        assert!(off + len <= self.len, "bytes outside the mapping");
+        // SAFETY: in bounds; unchanged while borrowed (the caller's promise).
         unsafe { std::slice::from_raw_parts(self.as_ptr().add(off), len) }
-    }
-
-    pub fn slice_mut(&mut self, off: usize, len: usize) -> &mut [u8] {
-        assert!(off + len <= self.len, "slice outside the mapping");
-        // SAFETY: in bounds; exclusive through &mut self.
-        unsafe { std::slice::from_raw_parts_mut(self.as_ptr().add(off), len) }
     }
 }
 
@@ -335,6 +409,8 @@ impl Drop for Mapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn registers_of_a_file_mapping_at_an_unaligned_offset() {
@@ -343,17 +419,39 @@ mod tests {
         let path = dir.join("resource0");
         std::fs::write(&path, vec![0u8; 8192]).unwrap();
         {
-            let m = Mapping::file(&path, 4096 + 64, 128).unwrap();
+            let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+            // SAFETY: a file of this test's own, mapped once.
+            let m = unsafe { Mapping::fd(f.as_raw_fd(), 4096 + 64, 128) }.unwrap();
             m.write64_hi_lo(0x10, 0x1122_3344_5566_7788);
             assert_eq!(m.read64(0x10), 0x1122_3344_5566_7788);
-            m.write_bytes(100, b"abc");
-            let mut b = [0u8; 3];
+            m.write_bytes(100, b"abcd");
+            let mut b = [0u8; 4];
             m.read_bytes(100, &mut b);
-            assert_eq!(&b, b"abc");
+            assert_eq!(&b, b"abcd");
+            m.zero(100, 4);
+            m.read_bytes(100, &mut b);
+            assert_eq!(b, [0; 4]);
         }
         let raw = std::fs::read(&path).unwrap();
         assert_eq!(&raw[4096 + 64 + 0x10..][..8], &0x1122_3344_5566_7788u64.to_le_bytes());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_bar_range_is_mapped_once_at_a_time() {
+        let path = std::env::temp_dir().join(format!("p2pnvmf-bar-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4 * 4096]).unwrap();
+        let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // SAFETY: a file of this test's own standing in for a BAR.
+        let map = |off, len| unsafe { Mapping::bar("0000:01:00.0", 2, f.as_raw_fd(), 0, off, len) };
+        let first = map(4096, 8192).unwrap();
+        let again = map(8192, 4096).unwrap_err();
+        assert!(again.to_string().contains("0000:01:00.0 BAR2 bytes 0x1000..0x3000 are already mapped"), "{again}");
+        let beside = map(3 * 4096, 4096).unwrap();
+        drop(first);
+        let after = map(8192, 4096).unwrap();
+        drop((beside, after));
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]
@@ -381,9 +479,11 @@ mod tests {
 
     #[test]
     fn host_memory_is_usable_with_or_without_huge_pages() {
-        let mut m = Mapping::host(3 << 20).unwrap();
+        let m = Mapping::host(3 << 20).unwrap();
         assert_eq!(m.len(), 3 << 20);
-        m.slice_mut((3 << 20) - 4, 4).copy_from_slice(b"tail");
-        assert_eq!(m.slice((3 << 20) - 4, 4), b"tail");
+        m.write_bytes((3 << 20) - 4, b"tail");
+        let mut back = [0; 4];
+        m.read_bytes((3 << 20) - 4, &mut back);
+        assert_eq!(&back, b"tail");
     }
 }

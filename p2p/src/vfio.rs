@@ -139,7 +139,9 @@ impl VfioDevice {
         if off + len as u64 > info.size {
             return Err(format!("{}: {len} bytes at {off:#x} exceed BAR{bar} ({:#x} bytes)", self.name, info.size));
         }
-        Mapping::fd(self.device.as_raw_fd(), info.offset + off, len)
+        // SAFETY: the VFIO region of BAR `bar` of the device this process holds, which VFIO lets us
+        // map; VFIO keeps the device while a mapping of it lives.
+        unsafe { Mapping::bar(&self.name, bar, self.device.as_raw_fd(), info.offset, off, len) }
             .map_err(|e| format!("{}: mmap of BAR{bar} through VFIO: {e}", self.name))
     }
 

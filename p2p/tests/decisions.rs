@@ -111,10 +111,12 @@ fn providers_name_why_they_cannot_be_used() {
     assert!(cmb.is_usable(), "{:?}", cmb.unusable);
     std::fs::write(dir.join("sys/bus/pci/devices/0000:03:00.0/resource2"), vec![0u8; 64 << 20]).unwrap();
     let m = cmb.map().unwrap();
-    m.write_bytes(4096, b"p2p");
-    let mut back = [0u8; 3];
+    m.write_bytes(4096, b"p2p!");
+    let mut back = [0u8; 4];
     m.read_bytes(4096, &mut back);
-    assert_eq!(&back, b"p2p");
+    assert_eq!(&back, b"p2p!");
+    let twice = cmb.map().unwrap_err();
+    assert!(twice.contains("0000:03:00.0 BAR2 bytes") && twice.contains("already mapped in this process"), "{twice}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -420,15 +420,22 @@ impl Controller {
 
     /// Submits `sqe` on `q` and waits for its completion, polling: for admin commands and the
     /// shutdown flush, never for I/O. A status other than success, a controller given up on or
-    /// in fatal status, or no completion within `limit` is an error naming the command.
-    pub fn run(&self, q: &mut QueuePair, mut sqe: Sqe, cid: u16, limit: Duration) -> Result<Cqe, String> {
+    /// in fatal status, or no completion within `limit` is an error naming the command (and
+    /// the controller is given up on, so the SSD writes nothing more).
+    ///
+    /// # Safety
+    /// As for [`QueuePair::submit`]: the memory the entry names is the command's until this
+    /// returns.
+    #[allow(unsafe_code)]
+    pub unsafe fn run(&self, q: &mut QueuePair, mut sqe: Sqe, cid: u16, limit: Duration) -> Result<Cqe, String> {
         // A controller given up on answers nothing: fail at once instead of waiting.
         if let Some(why) = self.failed() {
             return Err(why);
         }
         let what = if q.qid == 0 { "admin command" } else { "I/O command" };
         sqe.cid.set(cid);
-        q.submit(&sqe);
+        // SAFETY: the caller's promise, passed on.
+        unsafe { q.submit(&sqe) };
         let start = Instant::now();
         loop {
             while let Some(cqe) = q.poll() {
@@ -461,22 +468,31 @@ impl Controller {
         }
     }
 
-    /// Runs one admin command and waits for its completion.
+    /// Runs one admin command and waits for its completion. Every command given here names
+    /// only memory of the controller's own: the admin data page, or a queue pair's memory
+    /// (held in `queue_mem` until the queue is deleted).
+    #[allow(unsafe_code)]
     fn admin_cmd(&self, sqe: Sqe) -> Result<Cqe, String> {
         let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let cid = a.next_cid;
         a.next_cid = a.next_cid.wrapping_add(1);
-        self.run(&mut a.q, sqe, cid, ADMIN_TIMEOUT)
+        // SAFETY: see above; the controller's memory outlives the command.
+        unsafe { self.run(&mut a.q, sqe, cid, ADMIN_TIMEOUT) }
     }
 
     /// Runs the admin command `cmd` makes for the admin data page (at its IOVA) and returns
     /// the first `len` bytes the controller put there; the page is the caller's until then.
+    #[allow(unsafe_code)]
     fn admin_read(&self, cmd: impl FnOnce(u64) -> Sqe, len: usize) -> Result<Vec<u8>, String> {
         let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let (cid, sqe) = (a.next_cid, cmd(a.buf.addr(0)));
         a.next_cid = a.next_cid.wrapping_add(1);
-        self.run(&mut a.q, sqe, cid, ADMIN_TIMEOUT)?;
-        Ok(a.buf.bytes(0, len.min(PAGE)).to_vec())
+        // SAFETY: the command names the admin data page, which the lock held keeps ours.
+        unsafe { self.run(&mut a.q, sqe, cid, ADMIN_TIMEOUT) }?;
+        let mut data = vec![0; len.min(PAGE).next_multiple_of(4)];
+        a.buf.read(0, &mut data);
+        data.truncate(len.min(PAGE));
+        Ok(data)
     }
 
     /// Identify data structure `cns` (for `nsid`).

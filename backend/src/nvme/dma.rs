@@ -70,14 +70,16 @@ impl Dma {
         }
     }
 
-    pub fn write(&self, at: usize, src: &[u8]) {
+    /// Copies `src` in at `at` (see [`Mapping::write_bytes`]: 4-byte units, no reference made).
+    pub fn write(&mut self, at: usize, src: &[u8]) {
         assert!(at + src.len() <= self.len, "write outside the DMA memory");
         self.mem.write_bytes(self.off + at, src);
     }
 
-    pub fn bytes(&self, at: usize, len: usize) -> &[u8] {
-        assert!(at + len <= self.len, "read outside the DMA memory");
-        self.mem.slice(self.off + at, len)
+    /// Copies out what is at `at` (the SSD may have written it: no reference is made).
+    pub fn read(&self, at: usize, dst: &mut [u8]) {
+        assert!(at + dst.len() <= self.len, "read outside the DMA memory");
+        self.mem.read_bytes(self.off + at, dst);
     }
 
     /// The mapping and offset of byte 0, for a queue pair laid out in it.
@@ -278,7 +280,7 @@ impl Arena {
                 let (m, off, phys) = free[c].pop().expect("not empty");
                 // A piece given back holds what its last user left (a completion queue's old
                 // entries would pass for new ones): cleared, as fresh huge pages are.
-                m.write_bytes(off, &vec![0; PAGE << class]);
+                m.zero(off, PAGE << class);
                 (m, off, phys, c)
             }
             None => {
@@ -344,15 +346,19 @@ mod tests {
         assert_eq!(a.addr(0) % HUGE, 0, "the first piece starts the huge page");
         assert_eq!(b.addr(0), a.addr(0) + 8192, "split from the upper half left free");
         assert_eq!(a.addr(5000), a.addr(0) + 5000);
-        a.write(4096, b"piece");
-        assert_eq!(a.bytes(4096, 5), b"piece");
+        let mut a = a;
+        a.write(4096, b"piece...");
+        let mut back = [0; 8];
+        a.read(4096, &mut back);
+        assert_eq!(&back, b"piece...");
         let a_at = a.addr(0);
         assert_eq!(free_bytes(&arena), HUGE as usize - 8192 - 4096, "the rest of the page is free");
         drop((a, b));
         assert_eq!(free_bytes(&arena), HUGE as usize, "given back");
         let reused = space.alloc(pci, 8192).unwrap();
         assert_eq!(reused.addr(0), a_at, "the same piece again");
-        assert_eq!(reused.bytes(4096, 5), [0; 5], "cleared for its next user");
+        reused.read(4096, &mut back);
+        assert_eq!(back, [0; 8], "cleared for its next user");
         drop(reused);
         let again = space.alloc(pci, 1 << 20).unwrap();
         assert_eq!(again.addr(0), start + (1 << 20), "the free upper half, not a new page");

@@ -5,5 +5,6 @@ pub mod ctrl;
 mod dma;
 pub mod ns;
 pub mod prp;
+#[allow(unsafe_code)]
 pub mod queue;
 pub mod spec;

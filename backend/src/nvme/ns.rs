@@ -105,6 +105,7 @@ impl Backend for NvmeVfio {
         self.ctrl.id.vwc
     }
 
+    #[allow(unsafe_code)]
     fn flush(&self) -> io::Result<()> {
         let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
         if sync.is_none() {
@@ -112,7 +113,8 @@ impl Backend for NvmeVfio {
         }
         let q = sync.as_mut().ok_or_else(|| io::Error::other("no free I/O queue pair for a flush"))?;
         let sqe = spec::command(opcode::FLUSH, self.nsid, (0, 0), [0; 6]);
-        self.ctrl.run(q, sqe, 0, FLUSH_TIMEOUT).map(drop).map_err(io::Error::other)
+        // SAFETY: a Flush names no memory.
+        unsafe { self.ctrl.run(q, sqe, 0, FLUSH_TIMEOUT) }.map(drop).map_err(io::Error::other)
     }
 
     fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
@@ -325,9 +327,14 @@ impl NvmeQueue {
     }
 
     /// Puts slot `cid`'s next part in the SQ (which has room).
+    #[allow(unsafe_code)]
     fn send(&mut self, cid: u16) -> io::Result<()> {
         let sqe = self.next_command(cid)?;
-        self.q.as_mut().expect("open").submit(&sqe);
+        // SAFETY: the entry names the slot's window (held in its request), its bounce buffer or
+        // this queue's list page, all kept until the completion is taken; a queue dropped
+        // with commands in flight waits for them, then deletes the SSD's queue pair, before
+        // its slots and their windows go (`Drop for NvmeQueue`).
+        unsafe { self.q.as_mut().expect("open").submit(&sqe) };
         self.slots[usize::from(cid)].since = Some(Instant::now());
         Ok(())
     }
@@ -339,7 +346,7 @@ impl NvmeQueue {
         if let (None, Op::Read { len, .. }, Ok(()), Some(w), Some(b)) =
             (slot.direct, req.op, &r, req.buf.as_mut(), &slot.bounce)
         {
-            w.bytes_mut()[..len].copy_from_slice(b.bytes(0, len));
+            b.read(0, &mut w.bytes_mut()[..len]);
         }
         if r.is_ok() {
             // Through the window's memory when the SSD reached it, else through the bounce buffer.
@@ -382,7 +389,7 @@ impl NvmeQueue {
         if slot.bounce.as_ref().is_none_or(|b| b.size() < len) {
             slot.bounce = Some(self.ns.ctrl.dma(len.next_power_of_two().max(PAGE)).map_err(io::Error::other)?);
         }
-        if let (Op::Write { .. }, Some(b)) = (req.op, &slot.bounce) {
+        if let (Op::Write { .. }, Some(b)) = (req.op, &mut slot.bounce) {
             b.write(0, &w.bytes()[..len]);
         }
         Ok(())

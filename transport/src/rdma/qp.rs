@@ -410,7 +410,7 @@ impl Verbs for Qp {
         invalidate: Option<u32>,
     ) -> io::Result<()> {
         let off = self.recv_area() + usize::from(req) * 16;
-        self.ctrl.slice_mut(off, 16).copy_from_slice(cqe.as_bytes());
+        self.ctrl.write_bytes(off, cqe.as_bytes());
         let mut rsp_sge = self.ctrl_sge(off, 16);
         let mut send = Self::send_wr(wr::SEND | u64::from(req), sys::wr_opcode::SEND, &mut rsp_sge, true);
         if let Some(key) = invalidate {
@@ -432,7 +432,8 @@ impl Verbs for Qp {
 
     fn capsule(&self, idx: usize) -> &[u8] {
         match &self.recv {
-            Recv::Own => self.ctrl.slice(idx * self.size.capsule, self.size.capsule),
+            // SAFETY: as for the shared queue below.
+            Recv::Own => unsafe { self.ctrl.bytes(idx * self.size.capsule, self.size.capsule) },
             // SAFETY: the state machine reads only capsules it received and has not posted
             // back; the device does not write those.
             Recv::Shared(srq) => unsafe { srq.capsule(idx) },
