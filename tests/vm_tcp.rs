@@ -34,6 +34,12 @@ fn vm_tcp_keepalive_restart() {
 
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_link_cut_during_fio() {
+    tcp_scenario("tcp-link-cut", "tcp-link-cut.sh").run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
 fn vm_tcp_bad_input_beside_fio() {
     tcp_scenario("tcp-bad-input", "tcp-bad-input.sh").run_ok();
 }

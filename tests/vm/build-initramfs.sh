@@ -12,7 +12,7 @@ die() { echo "tests/vm/build-initramfs.sh: $*" >&2; exit 1; }
 # Modules the scenarios load; their dependencies come from modules.dep.
 MODULES=(virtio_net 9pnet_virtio 9p configfs rdma_rxe crc32_generic crc32c_generic ib_uverbs
          rdma_ucm nvme nvme_rdma nvme_tcp nvmet nvmet_rdma nvmet_tcp brd null_blk vfio_pci
-         vfio_iommu_type1 uio_pci_generic)
+         vfio_iommu_type1 uio_pci_generic veth)
 
 for tool in dpkg depmod modprobe xz cpio; do
     command -v "$tool" >/dev/null || die "missing '$tool' (run tests/vm/deps.sh)"

@@ -227,6 +227,16 @@ target_usage() {
     echo "$(ls /proc/"$TARGET_PID"/fd | wc -l) $(awk '/^VmRSS/ {print $2}' /proc/"$TARGET_PID"/status)"
 }
 
+# target_rdma_objects: "pd=N cq=N qp=N mr=N cm_id=N", the RDMA objects the running target holds
+# (rdma-core's `rdma resource show`, by process id).
+target_rdma_objects() {
+    local t out=
+    for t in pd cq qp mr cm_id; do
+        out+="$t=$(rdma resource show "$t" | grep -c "pid $TARGET_PID " || true) "
+    done
+    echo "${out% }"
+}
+
 # wait_live CTRLDIR SECONDS: waits until the host controller is live again.
 wait_live() {
     local i
