@@ -27,10 +27,11 @@ enum Command {
     /// Show the PCIe devices that matter for p2p, each provider (programming NVMe CMBs) and
     /// the decision for each provider × client pair.
     Topology {
-        /// Where sysfs is mounted (a fixture tree in tests).
-        #[arg(long, default_value = "/")]
+        /// Where sysfs is mounted (`/sys`; a fixture tree's `sys` in tests).
+        #[arg(long, default_value = "/sys")]
         sysfs_root: PathBuf,
-        /// Take the providers and allowed host bridges from this configuration.
+        /// Take the providers and allowed host bridges from this file: a full configuration
+        /// or one with only `[p2p]`.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// Machine-readable output.
@@ -63,10 +64,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Topology { sysfs_root, config, json } => {
             let p2p_cfg = match &config {
-                Some(path) => p2pnvmf_config::Config::load(path)?.p2p,
+                Some(path) => p2pnvmf_config::Config::load_p2p(path)?,
                 None => p2pnvmf_config::P2p::default(),
             };
-            let sysfs = p2pnvmf_p2p::pci::Sysfs::new(&sysfs_root);
+            let sysfs = p2pnvmf_p2p::pci::Sysfs::at_mount(&sysfs_root).map_err(anyhow::Error::msg)?;
             let p2p = p2pnvmf_p2p::plan::P2p::discover(&sysfs, &p2p_cfg.providers, &p2p_cfg.allow_host_bridges, false)
                 .map_err(|e| anyhow::anyhow!("topology of {}: {e}", sysfs_root.display()))?;
             let mut report = p2p.report();

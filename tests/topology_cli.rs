@@ -9,7 +9,7 @@ fn topology(fixture: &str, extra: &[&str]) -> Value {
     let dir = p2pnvmf_p2p::fixture::copy(fixture);
     let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf"))
         .args(["topology", "--json", "--sysfs-root"])
-        .arg(&dir)
+        .arg(dir.join("sys"))
         .args(extra)
         .output()
         .unwrap();
@@ -78,4 +78,29 @@ fn config_providers_and_allowed_host_bridges_apply() {
     assert_eq!(v["providers"].as_array().unwrap().len(), 1);
     let d = decision(&v, "0001:02:00.0", "0001:01:00.0");
     assert_eq!((d["path"].as_str(), d["distance"].as_u64()), (Some("host-bridge"), Some(4)));
+}
+
+#[test]
+fn a_file_with_only_p2p_is_a_topology_config() {
+    let cfg = std::env::temp_dir().join(format!("p2pnvmf-topology-p2p-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "[p2p]\nallow_host_bridges = [\"8086:29c0\"]\n").unwrap();
+    let v = topology("pci-root-ports", &["--config", cfg.to_str().unwrap()]);
+    let d = decision(&v, "0001:02:00.0", "0001:01:00.0");
+    assert_eq!(d["path"], "host-bridge", "the allowed host bridge applies: {d}");
+    std::fs::write(&cfg, "[p2p]\nallow_host_bridges = [\"8086\"]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf")).args(["topology", "--config"]).arg(&cfg).output().unwrap();
+    std::fs::remove_file(&cfg).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains(":2:") && err.contains("allow_host_bridges"), "{err}");
+}
+
+#[test]
+fn sysfs_root_is_where_sysfs_is_mounted() {
+    let dir = p2pnvmf_p2p::fixture::copy("pci-rxe");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_p2pnvmf")).args(["topology", "--sysfs-root"]).arg(&dir).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success(), "the directory above sysfs is refused");
+    assert!(err.contains("is not where sysfs is mounted") && err.contains("did you mean"), "{err}");
 }

@@ -167,6 +167,14 @@ impl Config {
         Ok(Config::parse(&src, &path.display().to_string())?)
     }
 
+    /// Only the `[p2p]` table of `path`, which may hold nothing else (a full configuration is
+    /// checked whole).
+    pub fn load_p2p(path: &Path) -> Result<P2p, LoadError> {
+        let src =
+            std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+        Ok(raw::parse_p2p(&src, &path.display().to_string())?)
+    }
+
     /// The embedded default.
     pub fn default_config() -> Config {
         Config::parse(DEFAULT, "<embedded default>").expect("the embedded default is valid")

@@ -111,6 +111,18 @@ impl Ctx<'_> {
     }
 }
 
+/// The `[p2p]` table of a file that may hold only that (what `topology --config` reads); a
+/// file with listeners is checked whole, so its errors are not hidden.
+pub(crate) fn parse_p2p(src: &str, file: &str) -> Result<P2p, ConfigError> {
+    let cx = Ctx { src, file };
+    let raw: RawConfig =
+        toml::from_str(src).map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().trim().to_string()))?;
+    if !raw.listener.is_empty() {
+        return parse(src, file).map(|c| c.p2p);
+    }
+    raw.p2p.as_ref().map_or(Ok(P2p::default()), |r| p2p(&cx, r))
+}
+
 pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
     let cx = Ctx { src, file };
     let raw: RawConfig =

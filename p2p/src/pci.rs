@@ -163,6 +163,21 @@ impl Sysfs {
         Sysfs { root: root.into() }
     }
 
+    /// The tree whose sysfs is mounted at `mount` (`/sys`, or a fixture's `sys`): its parent is
+    /// the root the other paths (`proc/cpuinfo`) hang from.
+    pub fn at_mount(mount: &Path) -> Result<Sysfs, String> {
+        if !mount.join("bus/pci/devices").is_dir() {
+            let hint = if mount.join("sys/bus/pci/devices").is_dir() {
+                format!(" (did you mean {}?)", mount.join("sys").display())
+            } else {
+                String::new()
+            };
+            return Err(format!("{} is not where sysfs is mounted: it has no bus/pci/devices{hint}", mount.display()));
+        }
+        let root = mount.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
+        Ok(Sysfs::new(root))
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
