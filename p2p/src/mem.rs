@@ -27,8 +27,20 @@ pub struct Mapping {
     device: Option<Box<str>>,
     /// The PCI bus address of the mapping's first byte, where a peer device reaches it.
     bus: Option<u64>,
-    /// For a BAR: its range, held in this process's register of mapped BARs until unmapped.
+    /// For BAR memory: its range, held in this process's register of mapped BARs until unmapped.
     claim: Option<Claim>,
+    /// Registers, reached by volatile accesses only: never split into windows.
+    registers: bool,
+}
+
+/// What a BAR mapping is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarUse {
+    /// Registers (an NVMe controller's BAR0): volatile 32-bit accesses only, so a second
+    /// mapping of them aliases nothing; it cannot be split into windows.
+    Registers,
+    /// Memory handed out as windows: one mapping of its bytes in the process at a time.
+    Memory,
 }
 
 // SAFETY: a Mapping owns its pages. Through a shared Mapping the bytes are reached only by
@@ -104,18 +116,31 @@ impl Mapping {
     /// Maps `len` bytes from `off` of memory BAR `bar` of PCI function `function` (its name or
     /// sysfs directory, as every mapping of the function calls it), which `fd`
     /// reaches from `fd_offset` (a sysfs `resourceN` from 0, a VFIO region from its offset).
-    /// Refused while another mapping of this process holds any of the same bytes.
+    /// As [`BarUse::Memory`], refused while another memory mapping of this process holds any
+    /// of the same bytes.
     ///
     /// # Safety
-    /// `fd` from `fd_offset` is that BAR, and the BAR is memory (prefetchable or not, but without
-    /// read side effects in the range) that stays while mapped — the function is held (unbound,
-    /// bound to VFIO or uio) by this process.
-    pub unsafe fn bar(function: &str, bar: u8, fd: i32, fd_offset: u64, off: u64, len: usize) -> io::Result<Mapping> {
-        let claim = Claim::take(function, bar, off..off + len as u64)?;
-        // SAFETY: the BAR is memory that stays (the caller's promise), and the claim rules out
-        // a second mapping of the same bytes.
+    /// `fd` from `fd_offset` is that BAR, which stays while mapped (the function is held —
+    /// unbound, bound to VFIO or uio — by this process); as `Memory`, the range is memory
+    /// (no read side effects).
+    pub unsafe fn bar(
+        function: &str,
+        bar: u8,
+        fd: i32,
+        fd_offset: u64,
+        off: u64,
+        len: usize,
+        usage: BarUse,
+    ) -> io::Result<Mapping> {
+        let claim = match usage {
+            BarUse::Memory => Some(Claim::take(function, bar, off..off + len as u64)?),
+            BarUse::Registers => None,
+        };
+        // SAFETY: the BAR stays (the caller's promise); memory is claimed against a second
+        // mapping of the same bytes, registers are never split into windows.
         let mut m = unsafe { Self::fd(fd, fd_offset + off, len) }?;
-        m.claim = Some(claim);
+        m.claim = claim;
+        m.registers = usage == BarUse::Registers;
         Ok(m)
     }
 
@@ -166,7 +191,7 @@ impl Mapping {
             return Err(io::Error::last_os_error());
         }
         let base = NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Mapping { base, map_len, delta, len, device: None, bus: None, claim: None })
+        Ok(Mapping { base, map_len, delta, len, device: None, bus: None, claim: None, registers: false })
     }
 
     /// Marks the mapping as device memory of `provider`, for those who count or treat it apart,
@@ -274,6 +299,7 @@ impl Mapping {
     /// Splits the mapping into classes of windows, `(count, size)` each, one after the other
     /// (what does not fit is left out).
     pub fn split(self, classes: &[(usize, usize)]) -> Vec<Vec<Window>> {
+        assert!(!self.registers, "a register mapping cannot be split into windows");
         let map = Arc::new(self);
         let mut off = 0;
         classes
@@ -443,14 +469,17 @@ mod tests {
         std::fs::write(&path, vec![0u8; 4 * 4096]).unwrap();
         let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
         // SAFETY: a file of this test's own standing in for a BAR.
-        let map = |off, len| unsafe { Mapping::bar("0000:01:00.0", 2, f.as_raw_fd(), 0, off, len) };
+        let map = |off, len| unsafe { Mapping::bar("0000:01:00.0", 2, f.as_raw_fd(), 0, off, len, BarUse::Memory) };
         let first = map(4096, 8192).unwrap();
         let again = map(8192, 4096).unwrap_err();
         assert!(again.to_string().contains("0000:01:00.0 BAR2 bytes 0x1000..0x3000 are already mapped"), "{again}");
         let beside = map(3 * 4096, 4096).unwrap();
         drop(first);
         let after = map(8192, 4096).unwrap();
-        drop((beside, after));
+        // SAFETY: as above.
+        let regs = unsafe { Mapping::bar("0000:01:00.0", 2, f.as_raw_fd(), 0, 0, 4 * 4096, BarUse::Registers) };
+        assert!(regs.is_ok(), "registers may be mapped beside memory: volatile access aliases nothing");
+        drop((beside, after, regs));
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::mem::Mapping;
+use crate::mem::{BarUse, Mapping};
 use crate::pci::{Bar, Function, PciAddr, Sysfs};
 use crate::vfio::VfioDevice;
 
@@ -150,7 +150,7 @@ impl Source {
     }
 
     #[allow(unsafe_code)]
-    fn map(&self, len: usize) -> Result<Mapping, String> {
+    fn map(&self, len: usize, usage: BarUse) -> Result<Mapping, String> {
         match self {
             Source::Sysfs(path, off) => {
                 let err = |e: std::io::Error| format!("mapping {} at {off:#x}: {e}", path.display());
@@ -163,14 +163,14 @@ impl Source {
                 match bar {
                     // SAFETY: the sysfs file of a memory BAR (the provider was set up from its
                     // resource listing) of a function no kernel driver holds.
-                    Some(bar) => unsafe { Mapping::bar(&function, bar, f.as_raw_fd(), 0, *off, len) },
+                    Some(bar) => unsafe { Mapping::bar(&function, bar, f.as_raw_fd(), 0, *off, len, usage) },
                     // SAFETY: p2pmem's `allocate`: every mapping is fresh device memory the
                     // kernel's allocator hands to this mapping alone, kept until unmapped.
                     None => unsafe { Mapping::fd(f.as_raw_fd(), *off, len) },
                 }
                 .map_err(err)
             }
-            Source::Vfio(dev, bar, off) => dev.map_bar(*bar, *off, len),
+            Source::Vfio(dev, bar, off) => dev.map_bar(*bar, *off, len, usage),
         }
     }
 }
@@ -240,7 +240,7 @@ impl Provider {
         let size = self.p2pmem.map_or(self.size, |p| p.available);
         let len = usize::try_from(size).map_err(|_| format!("{size} bytes do not fit in memory"))?;
         let bus = (self.kind != Kind::P2pmem).then_some(self.bus_addr);
-        src.map(len).map(|m| m.device(self.pci.to_string(), bus))
+        src.map(len, BarUse::Memory).map(|m| m.device(self.pci.to_string(), bus))
     }
 
     fn new(f: &Function, kind: Kind, bar: Option<&Bar>) -> Provider {
@@ -313,7 +313,9 @@ impl Sysfs {
             }
         };
         let bar0 = f.bar(0).ok_or_else(|| format!("{}: NVMe without BAR0", f.addr))?;
-        let regs = src.map(bar0.size.min(4096) as usize).map_err(|e| format!("{}: BAR0 registers: {e}", f.addr))?;
+        let regs = src
+            .map(bar0.size.min(4096) as usize, BarUse::Registers)
+            .map_err(|e| format!("{}: BAR0 registers: {e}", f.addr))?;
         let cap = regs.read64(reg::CAP);
         let version = regs.read32(reg::VS);
         let cmbs = cap & reg::CAP_CMBS != 0;

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::mem::Mapping;
+use crate::mem::{BarUse, Mapping};
 
 /// PCI command register (config offset 4): memory space, bus master, INTx disable.
 const COMMAND: u64 = 4;
@@ -54,14 +54,14 @@ impl UioDevice {
     }
 
     /// Maps `len` bytes of BAR `bar` from `off` (sysfs `resourceN`).
-    pub fn map_bar(&self, bar: u8, off: u64, len: usize) -> Result<Mapping, String> {
+    pub fn map_bar(&self, bar: u8, off: u64, len: usize, usage: BarUse) -> Result<Mapping, String> {
         let path = self.dir.join(format!("resource{bar}"));
         let err = |e: io::Error| format!("{}: mapping {}: {e}", self.name, path.display());
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(err)?;
         // Named by its sysfs directory, as the provider's sysfs mappings are.
         let function = self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone());
         // SAFETY: the sysfs file of BAR `bar` of the function this process holds through uio.
-        unsafe { Mapping::bar(&function.to_string_lossy(), bar, f.as_raw_fd(), 0, off, len) }.map_err(err)
+        unsafe { Mapping::bar(&function.to_string_lossy(), bar, f.as_raw_fd(), 0, off, len, usage) }.map_err(err)
     }
 
     fn command(&self) -> Result<u16, String> {

@@ -16,7 +16,7 @@ use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_dma_map, vfio_region_info,
 };
 
-use crate::mem::{Mapping, MappingPin};
+use crate::mem::{BarUse, Mapping, MappingPin};
 use crate::pci::Function;
 
 /// `_IO(VFIO_TYPE, VFIO_BASE + n)` (include/uapi/linux/vfio.h).
@@ -131,7 +131,7 @@ impl VfioDevice {
     }
 
     /// Maps `len` bytes of BAR `bar` from `off`.
-    pub fn map_bar(&self, bar: u8, off: u64, len: usize) -> Result<Mapping, String> {
+    pub fn map_bar(&self, bar: u8, off: u64, len: usize, usage: BarUse) -> Result<Mapping, String> {
         let info = self.region(u32::from(bar))?;
         if info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
             return Err(format!("{}: VFIO does not allow mmap of BAR{bar}", self.name));
@@ -141,7 +141,7 @@ impl VfioDevice {
         }
         // SAFETY: the VFIO region of BAR `bar` of the device this process holds, which VFIO lets us
         // map; VFIO keeps the device while a mapping of it lives.
-        unsafe { Mapping::bar(&self.name, bar, self.device.as_raw_fd(), info.offset, off, len) }
+        unsafe { Mapping::bar(&self.name, bar, self.device.as_raw_fd(), info.offset, off, len, usage) }
             .map_err(|e| format!("{}: mmap of BAR{bar} through VFIO: {e}", self.name))
     }
 

@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::wire::{Cqe, Sqe};
-use p2pnvmf_p2p::mem::{Mapping, MappingPin};
+use p2pnvmf_p2p::mem::{BarUse, Mapping, MappingPin};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
 use p2pnvmf_p2p::uio::UioDevice;
 use p2pnvmf_p2p::vfio::VfioDevice;
@@ -343,8 +343,8 @@ impl Controller {
             }
         };
         let regs = Arc::new(match &access {
-            Access::Vfio(dev) => dev.map_bar(0, 0, 0x2000)?,
-            Access::Uio(dev) => dev.map_bar(0, 0, 0x2000)?,
+            Access::Vfio(dev) => dev.map_bar(0, 0, 0x2000, BarUse::Registers)?,
+            Access::Uio(dev) => dev.map_bar(0, 0, 0x2000, BarUse::Registers)?,
         });
         let cap = Cap(regs.read64(reg::CAP));
         if !cap.nvm() || cap.min_page() > PAGE {
