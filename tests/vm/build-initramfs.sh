@@ -12,7 +12,7 @@ die() { echo "tests/vm/build-initramfs.sh: $*" >&2; exit 1; }
 # Modules the scenarios load; their dependencies come from modules.dep.
 MODULES=(virtio_net 9pnet_virtio 9p configfs rdma_rxe crc32_generic crc32c_generic ib_uverbs
          rdma_ucm nvme nvme_rdma nvme_tcp nvmet nvmet_rdma nvmet_tcp brd null_blk vfio_pci
-         vfio_iommu_type1 uio_pci_generic veth)
+         vfio_iommu_type1 uio_pci_generic)
 
 for tool in dpkg depmod modprobe xz cpio; do
     command -v "$tool" >/dev/null || die "missing '$tool' (run tests/vm/deps.sh)"
@@ -22,6 +22,8 @@ FLAVOUR=${1:-debian}
 mkdir -p "$CACHE"
 case $FLAVOUR in
 debian)
+    # The link-cut scenario's veth pair; the P2PDMA kernel's minimal config has no veth.
+    MODULES+=(veth)
     deb=$(ls "$CACHE"/linux-image-6.12*-unsigned_*.deb 2>/dev/null | sort -V | tail -n1 || true)
     [[ -n $deb ]] || die "no linux-image-6.12 unsigned package in $CACHE (run tests/vm/deps.sh)"
     kkey=$(cat "$deb.sha256" 2>/dev/null || { sha256sum "$deb" | cut -c1-64 | tee "$deb.sha256"; })
