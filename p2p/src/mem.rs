@@ -10,6 +10,7 @@
 
 use std::io;
 use std::ops::Range;
+use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -113,8 +114,8 @@ impl Mapping {
         Self::checked(p, map_len, delta, len)
     }
 
-    /// Maps `len` bytes from `off` of memory BAR `bar` of PCI function `function` (its name or
-    /// sysfs directory, as every mapping of the function calls it), which `fd`
+    /// Maps `len` bytes from `off` of BAR `bar` of the PCI function whose sysfs directory is
+    /// `function` (resolved here, so every way of reaching the function names it alike), which `fd`
     /// reaches from `fd_offset` (a sysfs `resourceN` from 0, a VFIO region from its offset).
     /// As [`BarUse::Memory`], refused while another memory mapping of this process holds any
     /// of the same bytes.
@@ -124,7 +125,7 @@ impl Mapping {
     /// unbound, bound to VFIO or uio — by this process); as `Memory`, the range is memory
     /// (no read side effects).
     pub unsafe fn bar(
-        function: &str,
+        function: &Path,
         bar: u8,
         fd: i32,
         fd_offset: u64,
@@ -132,8 +133,9 @@ impl Mapping {
         len: usize,
         usage: BarUse,
     ) -> io::Result<Mapping> {
+        let function = function.canonicalize().unwrap_or_else(|_| function.to_path_buf());
         let claim = match usage {
-            BarUse::Memory => Some(Claim::take(function, bar, off..off + len as u64)?),
+            BarUse::Memory => Some(Claim::take(&function.to_string_lossy(), bar, off..off + len as u64)?),
             BarUse::Registers => None,
         };
         // SAFETY: the BAR stays (the caller's promise); memory is claimed against a second
@@ -469,15 +471,18 @@ mod tests {
         std::fs::write(&path, vec![0u8; 4 * 4096]).unwrap();
         let f = OpenOptions::new().read(true).write(true).open(&path).unwrap();
         // SAFETY: a file of this test's own standing in for a BAR.
-        let map = |off, len| unsafe { Mapping::bar("0000:01:00.0", 2, f.as_raw_fd(), 0, off, len, BarUse::Memory) };
+        let map = |off, len| unsafe {
+            Mapping::bar(Path::new("/x/0000:01:00.0"), 2, f.as_raw_fd(), 0, off, len, BarUse::Memory)
+        };
         let first = map(4096, 8192).unwrap();
         let again = map(8192, 4096).unwrap_err();
-        assert!(again.to_string().contains("0000:01:00.0 BAR2 bytes 0x1000..0x3000 are already mapped"), "{again}");
+        assert!(again.to_string().contains("/x/0000:01:00.0 BAR2 bytes 0x1000..0x3000 are already mapped"), "{again}");
         let beside = map(3 * 4096, 4096).unwrap();
         drop(first);
         let after = map(8192, 4096).unwrap();
         // SAFETY: as above.
-        let regs = unsafe { Mapping::bar("0000:01:00.0", 2, f.as_raw_fd(), 0, 0, 4 * 4096, BarUse::Registers) };
+        let regs =
+            unsafe { Mapping::bar(Path::new("/x/0000:01:00.0"), 2, f.as_raw_fd(), 0, 0, 4 * 4096, BarUse::Registers) };
         assert!(regs.is_ok(), "registers may be mapped beside memory: volatile access aliases nothing");
         drop((beside, after, regs));
         std::fs::remove_file(&path).unwrap();

@@ -156,14 +156,11 @@ impl Source {
                 let err = |e: std::io::Error| format!("mapping {} at {off:#x}: {e}", path.display());
                 let f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
                 let bar = path.file_name().and_then(|n| n.to_str()?.strip_prefix("resource")?.parse::<u8>().ok());
-                // The function's sysfs directory names it (and tells fixture trees apart).
-                let dir =
-                    path.parent().map(|d| d.canonicalize().unwrap_or_else(|_| d.to_path_buf())).unwrap_or_default();
-                let function = dir.to_string_lossy();
+                let function = path.parent().unwrap_or(path);
                 match bar {
                     // SAFETY: the sysfs file of a memory BAR (the provider was set up from its
                     // resource listing) of a function no kernel driver holds.
-                    Some(bar) => unsafe { Mapping::bar(&function, bar, f.as_raw_fd(), 0, *off, len, usage) },
+                    Some(bar) => unsafe { Mapping::bar(function, bar, f.as_raw_fd(), 0, *off, len, usage) },
                     // SAFETY: p2pmem's `allocate`: every mapping is fresh device memory the
                     // kernel's allocator hands to this mapping alone, kept until unmapped.
                     None => unsafe { Mapping::fd(f.as_raw_fd(), *off, len) },

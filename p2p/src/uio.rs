@@ -58,10 +58,8 @@ impl UioDevice {
         let path = self.dir.join(format!("resource{bar}"));
         let err = |e: io::Error| format!("{}: mapping {}: {e}", self.name, path.display());
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(err)?;
-        // Named by its sysfs directory, as the provider's sysfs mappings are.
-        let function = self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone());
         // SAFETY: the sysfs file of BAR `bar` of the function this process holds through uio.
-        unsafe { Mapping::bar(&function.to_string_lossy(), bar, f.as_raw_fd(), 0, off, len, usage) }.map_err(err)
+        unsafe { Mapping::bar(&self.dir, bar, f.as_raw_fd(), 0, off, len, usage) }.map_err(err)
     }
 
     fn command(&self) -> Result<u16, String> {

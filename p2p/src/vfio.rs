@@ -8,6 +8,7 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_BASE, VFIO_DEVICE_FEATURE_GET, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_GROUP_FLAGS_VIABLE,
@@ -139,9 +140,11 @@ impl VfioDevice {
         if off + len as u64 > info.size {
             return Err(format!("{}: {len} bytes at {off:#x} exceed BAR{bar} ({:#x} bytes)", self.name, info.size));
         }
+        // VFIO devices are real ones: their sysfs directory is under /sys.
+        let function = Path::new("/sys/bus/pci/devices").join(&self.name);
         // SAFETY: the VFIO region of BAR `bar` of the device this process holds, which VFIO lets us
         // map; VFIO keeps the device while a mapping of it lives.
-        unsafe { Mapping::bar(&self.name, bar, self.device.as_raw_fd(), info.offset, off, len, usage) }
+        unsafe { Mapping::bar(&function, bar, self.device.as_raw_fd(), info.offset, off, len, usage) }
             .map_err(|e| format!("{}: mmap of BAR{bar} through VFIO: {e}", self.name))
     }
 
