@@ -162,16 +162,14 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Config, LoadError> {
-        let src =
-            std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+        let src = read(path)?;
         Ok(Config::parse(&src, &path.display().to_string())?)
     }
 
     /// Only the `[p2p]` table of `path`, which may hold nothing else (a full configuration is
     /// checked whole).
     pub fn load_p2p(path: &Path) -> Result<P2p, LoadError> {
-        let src =
-            std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })?;
+        let src = read(path)?;
         Ok(raw::parse_p2p(&src, &path.display().to_string())?)
     }
 
@@ -179,4 +177,8 @@ impl Config {
     pub fn default_config() -> Config {
         Config::parse(DEFAULT, "<embedded default>").expect("the embedded default is valid")
     }
+}
+
+fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_path_buf(), source })
 }

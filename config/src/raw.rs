@@ -103,6 +103,11 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The file as TOML, before any of its values is checked.
+    fn raw(&self) -> Result<RawConfig, ConfigError> {
+        toml::from_str(self.src).map_err(|e| self.err(e.span().unwrap_or(0..0), e.message().trim().to_string()))
+    }
+
     fn err(&self, span: Range<usize>, message: String) -> ConfigError {
         let before = &self.src[..span.start.min(self.src.len())];
         let line = before.matches('\n').count() + 1;
@@ -115,8 +120,7 @@ impl Ctx<'_> {
 /// file with listeners is checked whole, so its errors are not hidden.
 pub(crate) fn parse_p2p(src: &str, file: &str) -> Result<P2p, ConfigError> {
     let cx = Ctx { src, file };
-    let raw: RawConfig =
-        toml::from_str(src).map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().trim().to_string()))?;
+    let raw = cx.raw()?;
     if !raw.listener.is_empty() {
         return parse(src, file).map(|c| c.p2p);
     }
@@ -125,8 +129,7 @@ pub(crate) fn parse_p2p(src: &str, file: &str) -> Result<P2p, ConfigError> {
 
 pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
     let cx = Ctx { src, file };
-    let raw: RawConfig =
-        toml::from_str(src).map_err(|e| cx.err(e.span().unwrap_or(0..0), e.message().trim().to_string()))?;
+    let raw = cx.raw()?;
     if raw.listener.is_empty() {
         return Err(cx.err(0..0, "no [[listener]]: the target would serve nothing".into()));
     }
