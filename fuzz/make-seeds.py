@@ -62,7 +62,7 @@ assert len(ICREQ) == 128
 
 
 def main():
-    for t in ("tcp_connection", "admin_commands", "rdma_private_data", "config"):
+    for t in ("tcp_connection", "admin_commands", "rdma_private_data", "config", "dhchap"):
         os.makedirs(f"corpus/{t}", exist_ok=True)
     # NVMe/TCP: the handshake, Connect with in-capsule data, enable, then commands.
     icd = lambda n: (0, n, 0x01)  # in-capsule data block at offset 0
@@ -83,6 +83,15 @@ def main():
     # RDMA CM private data: admin and I/O queue requests (RECFMT, QID, HRQSIZE, HSQSIZE).
     write("corpus/rdma_private_data/admin", struct.pack("<HHHH", 0, 0, 32, 31) + bytes(24))
     write("corpus/rdma_private_data/io", struct.pack("<HHHH", 0, 1, 128, 127) + bytes(24))
+    # DH-HMAC-CHAP: Negotiate (SHA-256/384/512, NULL and ffdhe groups), receive the challenge,
+    # a Reply of the right shape with a wrong response and a C2, receive Success1/Failure1.
+    ids = bytes([1, 2, 3]) + bytes(27) + bytes([0, 1, 2, 3, 4, 5]) + bytes(24)
+    negotiate = struct.pack("<BBHHBB", 0, 0, 0, 1, 0, 1) + struct.pack("<BBBB", 1, 0, 3, 6) + ids
+    reply = struct.pack("<BBHHBBBBHI", 1, 2, 0, 1, 32, 0, 1, 0, 0, 7) + bytes(32) + bytes([0x5A] * 32)
+    op = lambda kind, data, length=None: struct.pack("<BH", kind, len(data) if length is None else length) + data
+    write("corpus/dhchap/negotiate-reply", b"\0" + op(0, negotiate) + op(1, b"", 128) + op(0, reply) + op(1, b"", 128))
+    success2 = struct.pack("<BBHH", 1, 4, 0, 1) + bytes(10)
+    write("corpus/dhchap/out-of-order", b"\1" + op(0, success2) + op(0, negotiate) + op(0, negotiate) + op(1, b"", 16))
     # The configuration: the shipped ones.
     for src in ("../deploy/default.toml", "../deploy/examples/appliance.toml"):
         shutil.copy(src, f"corpus/config/{os.path.basename(src)}")

@@ -175,7 +175,10 @@ impl Live {
                 namespaces,
                 stats: IoStats::default(),
             });
-            info!(subnqn = %s.nqn, namespaces = live.namespaces.len(), allow_any_host = s.allow_any_host, hosts = s.hosts.len(), "subsystem ready");
+            info!(
+                subnqn = %s.nqn, namespaces = live.namespaces.len(), allow_any_host = s.allow_any_host, hosts = s.hosts.len(),
+                dhchap_hosts = s.hosts.iter().filter(|h| h.key.is_some()).count(), "subsystem ready"
+            );
             next.subsystems.insert(s.nqn.clone(), (s.clone(), live));
         }
         Ok(next)

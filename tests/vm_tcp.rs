@@ -49,3 +49,9 @@ fn vm_tcp_bad_input_beside_fio() {
 fn vm_tcp_persistent_discovery_aen() {
     tcp_scenario("tcp-discovery-aen", "tcp-discovery-aen.sh").run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_dhchap_authentication_tcp_and_rdma() {
+    tcp_scenario("auth", "auth.sh").run_ok();
+}

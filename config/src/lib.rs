@@ -110,7 +110,8 @@ pub struct Subsystem {
     pub serial: String,
     pub model: String,
     pub allow_any_host: bool,
-    pub hosts: Vec<String>,
+    /// `hosts = [...]` and `[[subsystem.host]]` tables, the latter with DH-HMAC-CHAP secrets.
+    pub hosts: Vec<p2pnvmf_nvmf::Host>,
     /// Names of the listeners it is exposed on; `None` for all.
     pub listeners: Option<Vec<String>>,
     pub namespaces: Vec<Namespace>,

@@ -6,6 +6,8 @@ use std::ops::Range;
 use serde::Deserialize;
 use toml::Spanned;
 
+use p2pnvmf_nvmf::Host;
+use p2pnvmf_nvmf::auth::{DHGROUP_NULL, Secret, ffdhe};
 use p2pnvmf_p2p::pci::PciAddr;
 use p2pnvmf_p2p::provider::{Kind, Spec};
 
@@ -78,9 +80,20 @@ struct RawSubsystem {
     allow_any_host: bool,
     #[serde(default)]
     hosts: Vec<Spanned<String>>,
+    #[serde(default)]
+    host: Vec<Spanned<RawHost>>,
     listeners: Option<Spanned<toml::Value>>,
     #[serde(default)]
     namespace: Vec<Spanned<RawNamespace>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    nqn: Spanned<String>,
+    dhchap_key: Option<Spanned<String>>,
+    dhchap_ctrl_key: Option<Spanned<String>>,
+    dhchap_dhgroup: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -357,12 +370,7 @@ fn subsystem(cx: &Ctx, i: usize, s: &Spanned<RawSubsystem>, listeners: &[Listene
         Some(v) => ascii_field(cx, &format!("{key}.model"), v, 40)?,
         None => "p2pnvmf".into(),
     };
-    let hosts = r
-        .hosts
-        .iter()
-        .enumerate()
-        .map(|(j, h)| nqn_field(cx, &format!("{key}.hosts[{j}]"), h))
-        .collect::<Result<Vec<_>, _>>()?;
+    let hosts = hosts(cx, &key, r)?;
     if !r.allow_any_host && hosts.is_empty() {
         return Err(cx.err(
             s.span(),
@@ -385,6 +393,60 @@ fn subsystem(cx: &Ctx, i: usize, s: &Spanned<RawSubsystem>, listeners: &[Listene
     }
     namespaces.sort_by_key(|n| n.nsid);
     Ok(Subsystem { nqn, serial, model, allow_any_host: r.allow_any_host, hosts, listeners, namespaces })
+}
+
+/// `hosts = [...]` (no secrets) and `[[subsystem.host]]` tables, each host once.
+fn hosts(cx: &Ctx, key: &str, r: &RawSubsystem) -> Result<Vec<Host>, ConfigError> {
+    let mut hosts: Vec<Host> = Vec::new();
+    let mut add = |h: Host, span: Range<usize>, what: String| {
+        if hosts.iter().any(|o| o.nqn == h.nqn) {
+            return Err(cx.err(span, format!("{what}: host {} is listed twice", h.nqn)));
+        }
+        hosts.push(h);
+        Ok(())
+    };
+    for (j, h) in r.hosts.iter().enumerate() {
+        let what = format!("{key}.hosts[{j}]");
+        add(Host::open(&nqn_field(cx, &what, h)?), h.span(), what)?;
+    }
+    for (j, t) in r.host.iter().enumerate() {
+        let (what, h) = (format!("{key}.host[{j}]"), t.get_ref());
+        let secret = |field: &str, v: &Option<Spanned<String>>| {
+            v.as_ref()
+                .map(|v| Secret::parse(v.get_ref()).map_err(|e| cx.err(v.span(), format!("{what}.{field}: {e}"))))
+                .transpose()
+        };
+        let (dhchap_key, ctrl_key) =
+            (secret("dhchap_key", &h.dhchap_key)?, secret("dhchap_ctrl_key", &h.dhchap_ctrl_key)?);
+        if ctrl_key.is_some() && dhchap_key.is_none() {
+            return Err(cx.err(
+                t.span(),
+                format!("{what}: dhchap_ctrl_key needs dhchap_key (the controller proves itself only to a host that authenticated)"),
+            ));
+        }
+        if r.allow_any_host && dhchap_key.is_some() {
+            return Err(cx.err(
+                t.span(),
+                format!("{what}: allow_any_host = true lets every host in without authentication; remove it to require dhchap_key"),
+            ));
+        }
+        let dhgroup = match &h.dhchap_dhgroup {
+            None => DHGROUP_NULL,
+            Some(_) if dhchap_key.is_none() => {
+                return Err(cx.err(t.span(), format!("{what}: dhchap_dhgroup needs dhchap_key")));
+            }
+            Some(v) if v.get_ref() == "null" => DHGROUP_NULL,
+            Some(v) => ffdhe::id(v.get_ref()).ok_or_else(|| {
+                cx.err(
+                    v.span(),
+                    format!("{what}.dhchap_dhgroup: '{}' is not null, ffdhe2048, ffdhe3072, ffdhe4096, ffdhe6144 or ffdhe8192", v.get_ref()),
+                )
+            })?,
+        };
+        let host = Host { nqn: nqn_field(cx, &format!("{what}.nqn"), &h.nqn)?, key: dhchap_key, ctrl_key, dhgroup };
+        add(host, t.span(), what)?;
+    }
+    Ok(hosts)
 }
 
 /// `listeners = "all"` or a list of listener names; `Some(vec![])` never escapes (means all).
@@ -700,7 +762,54 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.subsystems[0].listeners, Some(vec!["t".to_string()]));
-        assert_eq!(c.subsystems[0].hosts, vec!["nqn.h".to_string()]);
+        assert_eq!(c.subsystems[0].hosts, vec![Host::open("nqn.h")]);
+    }
+
+    #[test]
+    fn host_tables_carry_dhchap_secrets_and_errors_never_show_them() {
+        const KEY: &str = "DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:";
+        const CTRL: &str = "DHHC-1:02:ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1+f4CBgoOEhYaHiImKi4yNjo+QkZKTvGwQfg==:";
+        let sub = |body: &str| format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\n{body}");
+        let c = parse(
+            &sub(&format!(
+                "hosts = [\"nqn.a\"]\n[[subsystem.host]]\nnqn = \"nqn.b\"\ndhchap_key = \"{KEY}\"\n\
+                 dhchap_ctrl_key = \"{CTRL}\"\n[[subsystem.host]]\nnqn = \"nqn.c\"\ndhchap_key = \"{KEY}\"\n\
+                 dhchap_dhgroup = \"ffdhe3072\"\n"
+            )),
+            "t",
+        )
+        .unwrap();
+        let h = &c.subsystems[0].hosts;
+        assert_eq!(h.iter().map(|h| h.nqn.as_str()).collect::<Vec<_>>(), ["nqn.a", "nqn.b", "nqn.c"]);
+        assert_eq!(h[0], Host::open("nqn.a"));
+        assert_eq!(h[1].key, Some(Secret::parse(KEY).unwrap()));
+        assert_eq!(h[1].ctrl_key, Some(Secret::parse(CTRL).unwrap()));
+        assert_eq!((h[2].ctrl_key.as_ref(), h[2].dhgroup, h[1].dhgroup), (None, 2, DHGROUP_NULL));
+        assert!(!format!("{c:?}").contains("AAECAwQF"), "secrets stay out of Debug output");
+
+        // A mistyped secret: named by key and line, the secret itself not repeated.
+        let bad = KEY.replace("AAEC", "AAED");
+        let e = err(&sub(&format!("[[subsystem.host]]\nnqn = \"nqn.b\"\ndhchap_key = \"{bad}\"\n")));
+        assert_eq!(e.line, 9, "{e}");
+        assert!(e.message.starts_with("subsystem[0].host[0].dhchap_key: DHHC-1 secret: its CRC-32"), "{e}");
+        assert!(!e.message.contains("AAED"), "{e}");
+        let e = err(&sub("[[subsystem.host]]\nnqn = \"nqn.b\"\ndhchap_key = \"secret\"\n"));
+        assert!(e.message.contains("not a DH-HMAC-CHAP secret"), "{e}");
+        let e = err(&sub(&format!("[[subsystem.host]]\nnqn = \"nqn.b\"\ndhchap_ctrl_key = \"{CTRL}\"\n")));
+        assert!(e.message.contains("subsystem[0].host[0]: dhchap_ctrl_key needs dhchap_key"), "{e}");
+        let e =
+            err(&sub(&format!("allow_any_host = true\n[[subsystem.host]]\nnqn = \"nqn.b\"\ndhchap_key = \"{KEY}\"\n")));
+        assert!(e.message.contains("allow_any_host = true lets every host in"), "{e}");
+        let e = err(&sub(&format!(
+            "[[subsystem.host]]\nnqn = \"nqn.b\"\ndhchap_key = \"{KEY}\"\ndhchap_dhgroup = \"ffdhe1024\"\n"
+        )));
+        assert!(e.message.starts_with("subsystem[0].host[0].dhchap_dhgroup: 'ffdhe1024' is not null"), "{e}");
+        let e = err(&sub("[[subsystem.host]]\nnqn = \"nqn.b\"\ndhchap_dhgroup = \"null\"\n"));
+        assert!(e.message.contains("dhchap_dhgroup needs dhchap_key"), "{e}");
+        let e = err(&sub("hosts = [\"nqn.b\"]\n[[subsystem.host]]\nnqn = \"nqn.b\"\n"));
+        assert!(e.message.contains("subsystem[0].host[0]: host nqn.b is listed twice"), "{e}");
+        let e = err(&sub("[[subsystem.host]]\nnqn = \"nqn.b\"\ndhchap = 1\n"));
+        assert!(e.message.contains("unknown field `dhchap`"), "{e}");
     }
 
     #[test]

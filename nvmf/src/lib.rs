@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod buffers;
 pub mod ctrl;
 pub mod io;
@@ -18,6 +19,7 @@ pub mod subsystem;
 pub mod target;
 pub mod wire;
 
+pub use auth::Host;
 pub use ctrl::{Controller, Limits};
 pub use io::Completion;
 pub use ns::{Backend, BackendQueue, DeviceFacts, IoDone, IoRequest, Namespace, Op};

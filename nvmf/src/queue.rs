@@ -4,10 +4,12 @@
 
 use std::future::poll_fn;
 use std::sync::Arc;
+use std::time::Instant;
 
 use p2pnvmf_p2p::mem::Window;
 use tracing::{debug, info, warn};
 
+use crate::auth::{self, Session, Verdict};
 use crate::ctrl::Controller;
 use crate::io::{Completion, IoState};
 use crate::subsystem::Port;
@@ -21,6 +23,8 @@ pub mod fctype {
     pub const PROPERTY_SET: u8 = 0x00;
     pub const CONNECT: u8 = 0x01;
     pub const PROPERTY_GET: u8 = 0x04;
+    pub const AUTH_SEND: u8 = 0x05;
+    pub const AUTH_RECEIVE: u8 = 0x06;
 }
 
 /// Which way a command's data moves, from the opcode's (or fctype's) low two bits.
@@ -104,6 +108,8 @@ pub struct Queue {
     entries: u16,
     sqhd: u16,
     ctrl: Option<Arc<Controller>>,
+    /// DH-HMAC-CHAP state when the host has a key: commands wait until it succeeds.
+    auth: Option<Box<Session>>,
     sq_flow_disabled: bool,
     mover: crate::buffers::Mover,
     io: IoState,
@@ -118,6 +124,7 @@ impl Queue {
             entries: 1,
             sqhd: 0,
             ctrl: None,
+            auth: None,
             sq_flow_disabled: false,
             mover: crate::buffers::Mover::Cpu,
             io: IoState::default(),
@@ -155,11 +162,13 @@ impl Queue {
             // Fabrics carry data by SGL only (NVMe-oF 1.1, 2.2).
             return Err(Status::INVALID_FIELD.dnr());
         }
+        use fctype::*;
         if sqe.opcode == FABRICS_OPCODE {
             return match (sqe.fctype(), &self.ctrl) {
-                (fctype::CONNECT, None) => Ok(()),
-                (fctype::PROPERTY_GET | fctype::PROPERTY_SET, Some(_)) if self.qid == 0 => Ok(()),
-                (fctype::CONNECT | fctype::PROPERTY_GET | fctype::PROPERTY_SET, _) => {
+                (CONNECT, None) => Ok(()),
+                (AUTH_SEND | AUTH_RECEIVE, Some(_)) if self.auth.is_some() => Ok(()),
+                (PROPERTY_GET | PROPERTY_SET, Some(_)) if self.qid == 0 => self.authenticated(),
+                (CONNECT | PROPERTY_GET | PROPERTY_SET | AUTH_SEND | AUTH_RECEIVE, _) => {
                     Err(Status::COMMAND_SEQUENCE_ERROR.dnr())
                 }
                 _ => Err(Status::INVALID_OPCODE.dnr()),
@@ -168,6 +177,7 @@ impl Queue {
         let Some(ctrl) = &self.ctrl else {
             return Err(Status::COMMAND_SEQUENCE_ERROR.dnr());
         };
+        self.authenticated()?;
         if !ctrl.enabled() {
             return Err(Status::COMMAND_SEQUENCE_ERROR.dnr());
         }
@@ -179,16 +189,29 @@ impl Queue {
         if known { Ok(()) } else { Err(Status::INVALID_OPCODE.dnr()) }
     }
 
+    /// Commands other than Connect and authentication wait for DH-HMAC-CHAP to succeed on
+    /// this queue when the host has a key (NVMe Base 2.2, 8.3.4.5).
+    fn authenticated(&self) -> Result<(), Status> {
+        match &self.auth {
+            Some(s) if !s.authenticated() => Err(Status::AUTHENTICATION_REQUIRED.dnr()),
+            _ => Ok(()),
+        }
+    }
+
     /// Executes one command, known to the transport by `tag` (unique among its commands in
     /// flight). `buf` holds the host's data for host-to-controller commands and receives the
     /// data for controller-to-host ones; `len` is the SGL's length. An I/O command may be
     /// `Submitted`: it then keeps the window until its completion comes out of
     /// [`Queue::reap`]. Everything else finishes here and leaves `buf` where it was.
     pub fn execute(&mut self, tag: u16, sqe: &Sqe, buf: &mut Option<Window>, len: usize) -> Exec {
-        if let Some(c) = &self.ctrl {
+        let admitted = self.admit(sqe);
+        if let Some(c) = &self.ctrl
+            && admitted != Err(Status::AUTHENTICATION_REQUIRED.dnr())
+        {
+            // A host that has not authenticated does not keep its controller alive.
             c.touch();
         }
-        if let Err(s) = self.admit(sqe) {
+        if let Err(s) = admitted {
             debug!(opcode = sqe.opcode, qid = self.qid, %s, "command refused");
             return s.into();
         }
@@ -252,8 +275,61 @@ impl Queue {
                     Err(s) => Response::status(s),
                 }
             }
+            (fctype::AUTH_SEND | fctype::AUTH_RECEIVE, Some(c)) => {
+                let c = c.clone();
+                self.authenticate(&c, sqe, data)
+            }
             _ => self.connect(sqe, data),
         }
+    }
+
+    /// Authentication Send (a host message in `data`) and Receive (the controller's into
+    /// `data`): SECP, SPSP0/1 and TL/AL in CDW10/11 (NVMe Base 2.2, 5.3.1 and 5.3.2 as
+    /// fabrics carry them). A failed transaction tears the controller down once this command
+    /// completes, as Linux nvmet does.
+    fn authenticate(&mut self, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
+        let session = self.auth.as_mut().expect("admitted: the queue has a session");
+        let [_, spsp0, spsp1, secp] = sqe.cdw10.get().to_le_bytes();
+        let len = sqe.cdw11.get() as usize;
+        if secp != auth::SECP_DHCHAP || spsp0 != auth::SPSP_DHCHAP || spsp1 != auth::SPSP_DHCHAP || len == 0 {
+            return Response::status(Status::INVALID_FIELD.dnr());
+        }
+        if len != data.len() {
+            return Response::status(Status::DATA_SGL_LENGTH_INVALID.dnr());
+        }
+        let (verdict, response) = if sqe.fctype() == fctype::AUTH_SEND {
+            (session.send(data, Instant::now()), Response::ok())
+        } else {
+            match session.receive(data) {
+                Ok(v) => (v, Response::data(len)),
+                Err(short) => {
+                    debug!(qid = self.qid, al = len, needed = short.needed, "Authentication Receive buffer too small");
+                    return Response::status(Status::INVALID_FIELD.dnr());
+                }
+            }
+        };
+        match verdict {
+            Verdict::Pending => {}
+            Verdict::Authenticated { bidirectional } => info!(
+                cntlid = ctrl.cntlid, qid = self.qid, hostnqn = %ctrl.hostnqn, hash = session.hash().name(),
+                bidirectional, "host authenticated (DH-HMAC-CHAP)"
+            ),
+            Verdict::Failed(why) | Verdict::RefusedByHost(why) => {
+                let what = match verdict {
+                    Verdict::RefusedByHost(_) => {
+                        "the host refused the controller's response (is dhchap_ctrl_key the host's --dhchap-ctrl-secret?)"
+                    }
+                    _ => "the host did not prove its secret",
+                };
+                warn!(
+                    cntlid = ctrl.cntlid, qid = self.qid, hostnqn = %ctrl.hostnqn, subnqn = ctrl.subnqn(),
+                    reason = auth::failure::describe(why), "DH-HMAC-CHAP failed: {what}; tearing the controller down"
+                );
+                metrics::counter!("p2pnvmf_auth_failures_total").increment(1);
+                ctrl.kill("authentication failed");
+            }
+        }
+        response
     }
 
     /// Connect (NVMe-oF 1.1, 3.3): RECFMT, QID, SQSIZE, CATTR, KATO in the SQE; NQNs in data.
@@ -285,12 +361,17 @@ impl Queue {
                 self.entries = sqsize + 1;
                 self.sq_flow_disabled = cattr & (1 << 2) != 0;
                 info!(cntlid = c.cntlid, qid, sqsize, sq_flow_disabled = self.sq_flow_disabled, "queue connected");
-                let cntlid = c.cntlid;
+                let mut result = u32::from(c.cntlid);
                 if let (0, Some(p2p)) = (qid, self.target.p2p()) {
                     c.set_p2p_pools(crate::buffers::controller_pools(p2p, &c, &self.mover));
                 }
+                let host = c.subsys.as_ref().and_then(|s| s.host(&c.hostnqn));
+                self.auth = host.and_then(|h| Session::new(h, c.subnqn(), c.kato())).map(Box::new);
+                if self.auth.is_some() {
+                    result |= auth::CONNECT_AUTHREQ_ATR;
+                }
                 self.ctrl = Some(c);
-                Response::result(cntlid.into())
+                Response::result(result.into())
             }
             Err(e) => {
                 warn!(qid, status = %e.status, port = self.port.id, "connect refused");

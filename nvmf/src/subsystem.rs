@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::auth::Host;
 use crate::ns::Namespace;
 
 /// The well-known discovery subsystem NQN (NVMe Base 2.0, 4.5).
@@ -44,7 +45,8 @@ pub struct Subsystem {
     pub serial: String,
     pub model: String,
     pub allow_any_host: bool,
-    pub hosts: Vec<String>,
+    /// The hosts let in (when not any host), with the secrets those with a key must prove.
+    pub hosts: Vec<Host>,
     /// Port ids the subsystem is exposed on; `None` means every port.
     pub ports: Option<Vec<u16>>,
     /// Sorted by NSID.
@@ -106,7 +108,12 @@ impl Subsystem {
     }
 
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
-        self.allow_any_host || self.hosts.iter().any(|h| h == hostnqn)
+        self.allow_any_host || self.host(hostnqn).is_some()
+    }
+
+    /// The host's entry, whose secrets its queues authenticate with (any host allowed: none).
+    pub fn host(&self, hostnqn: &str) -> Option<&Host> {
+        self.hosts.iter().find(|h| h.nqn == hostnqn).filter(|_| !self.allow_any_host)
     }
 
     pub fn on_port(&self, port: u16) -> bool {

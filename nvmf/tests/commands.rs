@@ -114,7 +114,7 @@ fn subsystem(nqn: &str, any: bool, ports: Option<Vec<u16>>) -> Arc<Subsystem> {
         serial: "SN1".into(),
         model: "model".into(),
         allow_any_host: any,
-        hosts: vec![HOST.into()],
+        hosts: vec![p2pnvmf_nvmf::Host::open(HOST)],
         ports,
         namespaces: vec![ns],
         stats: IoStats::default(),
@@ -577,4 +577,65 @@ async fn submitted_commands_complete_out_of_order_with_their_windows() {
     assert_eq!((c.tag, c.response.data_len), (7, 3 * 4096));
     let data = c.buf.unwrap();
     assert!(data.bytes().chunks(4096).enumerate().all(|(i, b)| b.iter().all(|&x| x == 0x10 + i as u8)));
+}
+
+/// Authentication Send (0x05) or Receive (0x06) of DH-HMAC-CHAP with TL/AL `len`.
+fn auth_cmd(fctype: u32, len: usize) -> Sqe {
+    let mut s = sqe(0x7f);
+    s.nsid = fctype.into();
+    s.cdw10 = (0xe9 << 24 | 1 << 16 | 1 << 8).into();
+    s.cdw11 = (len as u32).into();
+    s
+}
+
+#[tokio::test]
+async fn a_host_with_a_key_must_authenticate_every_queue_first() {
+    const KEY: &str = "DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:";
+    let keyed = p2pnvmf_nvmf::Host {
+        key: Some(p2pnvmf_nvmf::auth::Secret::parse(KEY).unwrap()),
+        ..p2pnvmf_nvmf::Host::open(HOST)
+    };
+    let ns = Namespace::new(LOCKED, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None)));
+    let s = Subsystem { hosts: vec![keyed], allow_any_host: false, ..Subsystem::open(LOCKED, vec![ns]) };
+    let t = Target::new(vec![Arc::new(s)], vec![port(1)]);
+    let mut q = Queue::new(t.clone(), port(1));
+    let r = connect(&mut q, 0, LOCKED, HOST, 0xffff);
+    assert!(r.status.is_success());
+    assert_eq!(r.result >> 16 & 0x2, 0x2, "AUTHREQ.ATR set");
+    let cntlid = r.result as u16;
+    // Nothing but authentication runs before it succeeds: not even Property Get.
+    assert_eq!(prop_get(&mut q, 0x08, false).status, Status::AUTHENTICATION_REQUIRED.dnr());
+    assert_eq!(prop_set(&mut q, 0x14, CC_ENABLE).status, Status::AUTHENTICATION_REQUIRED.dnr());
+    assert_eq!(done(exec(&mut q, &sqe(0x06), &mut [0; 4096])).status, Status::AUTHENTICATION_REQUIRED.dnr());
+    // Wrong security protocol and a TL that is not the data's length.
+    let mut bad = auth_cmd(5, 8);
+    bad.cdw10 = (0xea << 24 | 1 << 16 | 1 << 8).into();
+    assert_eq!(done(exec(&mut q, &bad, &mut [0; 8])).status, Status::INVALID_FIELD.dnr());
+    assert_eq!(done(exec(&mut q, &auth_cmd(5, 9), &mut [0; 8])).status, Status::DATA_SGL_LENGTH_INVALID.dnr());
+    // Negotiate (SHA-256, NULL group), then the challenge.
+    let mut neg = vec![0u8; 72];
+    neg[4] = 1; // t_id
+    neg[7] = 1; // napd
+    neg[8] = 1; // authid DH-HMAC-CHAP
+    (neg[10], neg[11], neg[12]) = (1, 1, 1); // halen, dhlen, SHA-256; DH group 0 at idlist[30]
+    assert!(done(exec(&mut q, &auth_cmd(5, 72), &mut neg)).status.is_success());
+    let mut chal = [0u8; 128];
+    let r = done(exec(&mut q, &auth_cmd(6, 128), &mut chal));
+    assert!(r.status.is_success());
+    assert_eq!((chal[0], chal[1], chal[6], chal[8], chal[9]), (1, 0x01, 32, 1, 0), "challenge, hl 32, SHA-256, NULL");
+    // A reply with a response that is not HMAC(key, C1 ...): Failure1, and the controller goes.
+    let mut reply = vec![0u8; 16 + 64];
+    (reply[0], reply[1], reply[4], reply[6]) = (1, 0x02, 1, 32);
+    assert!(done(exec(&mut q, &auth_cmd(5, reply.len()), &mut reply)).status.is_success());
+    assert!(t.controller(cntlid).unwrap().dead_reason().is_none());
+    let mut fail = [0u8; 64];
+    assert!(done(exec(&mut q, &auth_cmd(6, 64), &mut fail)).status.is_success());
+    assert_eq!(fail[..8], [0, 0xf1, 0, 0, 1, 0, 1, 1], "Failure1: authentication failure, failed");
+    assert_eq!(t.controller(cntlid).and_then(|c| c.dead_reason()), Some("authentication failed"));
+    // Hosts without a key on the other subsystem are not asked to authenticate.
+    let t = target();
+    let r = connect(&mut Queue::new(t.clone(), port(2)), 0, LOCKED, HOST, 0xffff);
+    assert_eq!(r.result >> 16, 0);
+    let (mut q, _) = admin(&t, 1, OPEN);
+    assert_eq!(done(exec(&mut q, &auth_cmd(5, 72), &mut neg)).status, Status::COMMAND_SEQUENCE_ERROR.dnr());
 }
