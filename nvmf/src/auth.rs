@@ -489,6 +489,11 @@ impl Session {
         self.hash
     }
 
+    /// The DH group's name: `null` or `ffdhe<bits>`.
+    pub fn dhgroup(&self) -> &'static str {
+        ffdhe::name(self.dhgroup).unwrap_or("null")
+    }
+
     /// Authentication Send: a message from the host.
     pub fn send(&mut self, msg: &[u8], now: Instant) -> Verdict {
         if self.expires.is_some_and(|t| now > t) {

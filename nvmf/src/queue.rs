@@ -312,7 +312,7 @@ impl Queue {
             Verdict::Pending => {}
             Verdict::Authenticated { bidirectional } => info!(
                 cntlid = ctrl.cntlid, qid = self.qid, hostnqn = %ctrl.hostnqn, hash = session.hash().name(),
-                bidirectional, "host authenticated (DH-HMAC-CHAP)"
+                dhgroup = session.dhgroup(), bidirectional, "host authenticated (DH-HMAC-CHAP)"
             ),
             Verdict::Failed(why) | Verdict::RefusedByHost(why) => {
                 let what = match verdict {

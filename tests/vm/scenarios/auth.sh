@@ -21,13 +21,16 @@ authenticated() {
     [[ $((now - _seen)) -eq $1 ]] || { grep "DH-HMAC-CHAP" "$TARGET_LOG" | tail -n 8; die "expected $1 authentications, saw $((now - _seen))"; }
     _seen=$now
 }
-# refused WHAT ARGS...: nvme connect over TCP must fail, and leave no controller behind.
+# refused WHAT ERROR ARGS...: nvme connect over TCP must fail with ERROR (the host's errno text)
+# and leave no controller behind.
 refused() {
-    local what=$1; shift
+    local what=$1 error=$2 out; shift 2
     step "refused: $what"
-    if nvme connect -t tcp -a "$GUEST_IP" -s 4421 -n "$NQN" $(nvme_host_args) "$@" 2>&1; then
+    if out=$(nvme connect -t tcp -a "$GUEST_IP" -s 4421 -n "$NQN" $(nvme_host_args) "$@" 2>&1); then
         die "nvme connect with $what succeeded"
     fi
+    echo "$out"
+    grep -q "$error" <<<"$out" || die "nvme connect with $what did not fail with '$error'"
     sleep 0.5
     for c in /sys/class/nvme/nvme*; do
         [[ -e $c && $(cat "$c/subsysnqn") == "$NQN" ]] && die "a controller of $NQN is left after $what"
@@ -36,8 +39,11 @@ refused() {
 }
 
 step "TCP, host authenticates on the admin queue and 2 I/O queues"
+t0=$(date +%s.%N)
 dev=$(nvme_connect_dev tcp 4421 "$NQN" -i 2 --dhchap-secret="$KEY")
+echo "connect with the NULL group on 3 queues: $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f s", b - a }')"
 authenticated 3
+[[ $(grep -c 'dhgroup="null"' "$TARGET_LOG") -eq 3 ]] || die "the NULL group was not negotiated"
 grep -q "bidirectional=false" "$TARGET_LOG" || die "one-way authentication not logged as such"
 dmesg | grep -q "qid 0: authenticated" || die "the host did not log its authentication"
 fio_verify "$dev" 4k 2 32
@@ -56,12 +62,14 @@ authenticated 3
 fio_verify "$dev" 16k 2 32
 nvme_disconnect_nqn "$NQN"
 
-refused "a wrong host secret" --dhchap-secret="$WRONG"
+# The host's EKEYREJECTED: it received our AUTH_Failure1 (or, below, refused our response).
+refused "a wrong host secret" "Key was rejected by service" --dhchap-secret="$WRONG"
 grep -q 'reason="authentication failed (the response does not match the secret)"' "$TARGET_LOG" \
     || die "the target did not log why the wrong secret failed"
-refused "a wrong controller secret" --dhchap-secret="$KEY" --dhchap-ctrl-secret="$(nvme gen-dhchap-key --hmac=2 --key-length=48 --nqn="$NQN")"
+refused "a wrong controller secret" "Key was rejected by service" --dhchap-secret="$KEY" --dhchap-ctrl-secret="$(nvme gen-dhchap-key --hmac=2 --key-length=48 --nqn="$NQN")"
 grep -q "the host refused the controller.s response" "$TARGET_LOG" || die "the host's Failure2 was not logged"
-refused "no secret"
+# ENOKEY: the Connect response asked the host to authenticate (AUTHREQ.ATR) and it has no key.
+refused "no secret" "Required key not available"
 authenticated 0
 
 step "ffdhe3072 (dhchap_dhgroup, applied by SIGHUP): both ways over TCP and RDMA"
@@ -79,6 +87,7 @@ dev=$(nvme_connect_dev rdma 4420 "$NQN" -i 1 --dhchap-secret="$KEY" --dhchap-ctr
 authenticated 2
 verify_rw "$dev" 4
 nvme_disconnect_nqn "$NQN"
+[[ $(grep -c 'dhgroup="ffdhe3072"' "$TARGET_LOG") -eq 4 ]] || die "ffdhe3072 was not the group of all four queues"
 
 step "secrets stay out of the log"
 for s in "$KEY" "$CKEY" "$WRONG"; do
