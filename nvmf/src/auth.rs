@@ -711,7 +711,9 @@ impl Session {
         let (r, rest) = Reply::read_from_prefix(msg).map_err(|_| failure::INCORRECT_PAYLOAD)?;
         let hl = self.hash.size();
         let dhvlen = usize::from(r.dhvlen.get());
-        if usize::from(r.hl) != hl || dhvlen != self.dh.as_ref().map_or(0, |d| d.value_len()) || rest.len() < 2 * hl + dhvlen
+        if usize::from(r.hl) != hl
+            || dhvlen != self.dh.as_ref().map_or(0, |d| d.value_len())
+            || rest.len() < 2 * hl + dhvlen
         {
             return Err(failure::INCORRECT_PAYLOAD);
         }
