@@ -55,3 +55,9 @@ fn vm_tcp_persistent_discovery_aen() {
 fn vm_dhchap_authentication_tcp_and_rdma() {
     tcp_scenario("auth", "auth.sh").run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_reload_reaches_connected_hosts() {
+    tcp_scenario("tcp-reconfigure", "tcp-reconfigure.sh").run_ok();
+}

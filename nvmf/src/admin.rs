@@ -102,7 +102,7 @@ mod cns {
 fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
     let cns = sqe.cdw10.get() as u8;
     let mut page = [0u8; PAGE];
-    let subsys = match (&ctrl.subsys, cns) {
+    let subsys = match (ctrl.subsystem(), cns) {
         (_, cns::CONTROLLER) => {
             identify_controller(ctrl, &mut page);
             return reply(&page, data);
@@ -160,7 +160,8 @@ fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
 
 /// Identify Controller (NVMe Base 2.0, Figure 275; fabrics fields NVMe-oF 1.1, Figure 28).
 fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
-    let (serial, model) = match &ctrl.subsys {
+    let subsys = ctrl.subsystem();
+    let (serial, model) = match &subsys {
         Some(s) => (s.serial.as_str(), s.model.as_str()),
         None => ("", "p2pnvmf discovery"),
     };
@@ -184,7 +185,7 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     page[512] = 6 << 4 | 6; // SQES
     page[513] = 4 << 4 | 4; // CQES
     put16(page, 514, ctrl.limits().queue_entries); // MAXCMD
-    if let Some(s) = &ctrl.subsys {
+    if let Some(s) = ctrl.subsystem() {
         put32(page, 516, s.namespaces.last().map_or(0, |n| n.nsid)); // NN
         // ONCS: Compare (done by the target), Dataset Management and Write Zeroes where every
         // NVMe device behind a namespace has them.
@@ -213,7 +214,7 @@ fn get_log_page(target: &Target, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) 
         return Response::status(Status::DATA_SGL_LENGTH_INVALID.dnr());
     }
     let mut page = [0u8; PAGE];
-    let built: &[u8] = match (lid, &ctrl.subsys) {
+    let built: &[u8] = match (lid, &ctrl.subsystem()) {
         (lid::DISCOVERY, None) => {
             let log = target.discovery_log(&ctrl.hostnqn);
             return copy_log(&log, offset, len, data);
@@ -237,7 +238,12 @@ fn get_log_page(target: &Target, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) 
             put_str(&mut page[8..16], FIRMWARE_REVISION, b' ');
             &page[..512]
         }
-        (lid::CHANGED_NS_LIST, Some(_)) => &page[..],
+        (lid::CHANGED_NS_LIST, Some(_)) => {
+            for (i, nsid) in ctrl.take_changed_namespaces().into_iter().enumerate() {
+                put32(&mut page, i * 4, nsid);
+            }
+            &page[..]
+        }
         (lid::COMMAND_EFFECTS, Some(_)) => {
             command_effects(&mut page);
             &page[..]

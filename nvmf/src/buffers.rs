@@ -98,7 +98,7 @@ fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<D
 /// The controller-level decision for each p2p namespace: the pool its queues use, or host
 /// memory with the reason logged once and counted.
 pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> Vec<P2pPool> {
-    let Some(subsys) = &ctrl.subsys else { return Vec::new() };
+    let Some(subsys) = ctrl.subsystem() else { return Vec::new() };
     let mut pools = Vec::new();
     for ns in &subsys.namespaces {
         let NsBuffers::P2p { provider, required } = ns.buffers else { continue };

@@ -40,6 +40,14 @@ pub const AERL: u8 = 3;
 pub const AEN_DISCOVERY_LOG_CHANGE: u32 = 0x02 | 0xf0 << 8 | 0x70 << 16;
 /// Async Event Configuration bit enabling discovery log change notices (Figure 326).
 const AEC_DISCOVERY_LOG_CHANGE: u32 = 1 << 31;
+/// Completion DW0 of a Namespace Attribute Changed notice (Figure 151): type 2 (notice),
+/// information 00h, log page 04h (Changed Namespace List).
+pub const AEN_NS_ATTRIBUTE_CHANGED: u32 = 0x02 | 0x04 << 16;
+/// Async Event Configuration bit enabling Namespace Attribute Notices (Figure 326).
+const AEC_NS_ATTRIBUTE: u32 = 1 << 8;
+/// Entries of the Changed Namespace List log (Figure 209); more changes than that are reported
+/// as a first entry of FFFFFFFFh.
+const CHANGED_NS_MAX: usize = 1024;
 
 /// Controller register offsets (NVMe Base 2.0, Figure 33; NVMe-oF 1.1, Figure 7).
 pub mod reg {
@@ -72,14 +80,19 @@ struct State {
     /// Events waiting for an Async Event Request.
     events: Vec<u32>,
     io_qids: BTreeSet<u16>,
+    /// NSIDs added, removed or changed since the host last read the Changed Namespace List.
+    changed_ns: BTreeSet<u32>,
 }
 
 /// One host's association with a subsystem (or with the discovery subsystem).
 #[derive(Debug)]
 pub struct Controller {
     pub cntlid: u16,
-    /// `None` for a discovery controller.
-    pub subsys: Option<Arc<Subsystem>>,
+    subnqn: String,
+    /// `None` for a discovery controller. A reload that changes the subsystem replaces it here
+    /// and moves `generation` on, which queues compare per command instead of taking the lock.
+    subsys: Option<Mutex<Arc<Subsystem>>>,
+    generation: AtomicU64,
     pub hostnqn: String,
     pub hostid: [u8; 16],
     pub port: Port,
@@ -110,7 +123,9 @@ impl Controller {
             subsys.as_ref().is_some_and(|s| s.namespaces.iter().any(|n| n.backend.volatile_write_cache()));
         Controller {
             cntlid,
-            subsys,
+            subnqn: subsys.as_ref().map_or(crate::DISCOVERY_NQN.into(), |s| s.nqn.clone()),
+            subsys: subsys.map(Mutex::new),
+            generation: AtomicU64::new(0),
             hostnqn,
             hostid,
             port,
@@ -160,7 +175,49 @@ impl Controller {
     }
 
     pub fn subnqn(&self) -> &str {
-        self.subsys.as_ref().map_or(crate::DISCOVERY_NQN, |s| &s.nqn)
+        &self.subnqn
+    }
+
+    /// The subsystem as it is now (`None` for a discovery controller).
+    pub fn subsystem(&self) -> Option<Arc<Subsystem>> {
+        self.subsys.as_ref().map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Moves on each time a reload replaces the subsystem.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// A reload's new version of the subsystem: namespaces added, removed or changed (another
+    /// backend or size) go to the Changed Namespace List and raise a Namespace Attribute
+    /// Changed event. Returns those NSIDs.
+    pub(crate) fn replace_subsystem(&self, new: Arc<Subsystem>) -> Vec<u32> {
+        let Some(cell) = &self.subsys else { return Vec::new() };
+        let old = std::mem::replace(&mut *cell.lock().unwrap_or_else(|e| e.into_inner()), new.clone());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let same = |a: &crate::Namespace, b: &crate::Namespace| {
+            Arc::ptr_eq(&a.backend, &b.backend) && a.blocks() == b.blocks() && a.lba_shift == b.lba_shift
+        };
+        let changed: Vec<u32> = old
+            .namespaces
+            .iter()
+            .filter(|o| new.ns(o.nsid).is_none_or(|n| !same(o, n)))
+            .chain(new.namespaces.iter().filter(|n| old.ns(n.nsid).is_none()))
+            .map(|n| n.nsid)
+            .collect();
+        if !changed.is_empty() {
+            let mut st = self.state();
+            st.changed_ns.extend(&changed);
+            drop(st);
+            self.notify(AEN_NS_ATTRIBUTE_CHANGED);
+        }
+        changed
+    }
+
+    /// The Changed Namespace List log's entries (NVMe Base 2.0, 5.16.1.5), cleared by reading.
+    pub fn take_changed_namespaces(&self) -> Vec<u32> {
+        let changed = std::mem::take(&mut self.state().changed_ns);
+        if changed.len() > CHANGED_NS_MAX { vec![u32::MAX] } else { changed.into_iter().collect() }
     }
 
     /// Records host activity for the keep-alive timer (any command counts, as with TBKAS).
@@ -346,6 +403,7 @@ impl Controller {
         let mut st = self.state();
         let enabled = match event {
             AEN_DISCOVERY_LOG_CHANGE => st.async_event_config & AEC_DISCOVERY_LOG_CHANGE != 0,
+            AEN_NS_ATTRIBUTE_CHANGED => st.async_event_config & AEC_NS_ATTRIBUTE != 0,
             _ => true,
         };
         // One of a kind is enough: the host reads the log page to learn what changed.

@@ -40,11 +40,19 @@ pub struct Completion {
     pub buf: Option<Window>,
 }
 
-/// One namespace's backend queue on this queue.
+/// One namespace's backend queue on this queue, for the backend it was opened on (a reload
+/// may put another backend behind the same NSID).
 #[derive(Debug)]
 struct NsQueue {
     nsid: u32,
+    backend: Arc<dyn crate::Backend>,
     q: Box<dyn BackendQueue>,
+}
+
+impl NsQueue {
+    fn serves(&self, ns: &Namespace) -> bool {
+        self.nsid == ns.nsid && Arc::ptr_eq(&self.backend, &ns.backend)
+    }
 }
 
 /// A command with operations in flight.
@@ -217,7 +225,7 @@ impl IoState {
     /// Submits to `ns`'s backend queue (opened on first use); an inline completion is
     /// accounted at once.
     fn submit(&mut self, ns: &Namespace, depth: usize, req: IoRequest) {
-        let q = match self.queues.iter().position(|q| q.nsid == ns.nsid) {
+        let q = match self.queues.iter().position(|q| q.serves(ns)) {
             Some(i) => &mut self.queues[i],
             None => match open(ns, depth) {
                 Ok(mut q) => {
@@ -259,6 +267,13 @@ impl IoState {
             }
         }
         Poll::Pending
+    }
+
+    /// After a reload: closes the backend queues of namespaces `subsys` no longer has (or has
+    /// on another backend) once nothing is in flight on them; commands in flight there finish
+    /// and complete as usual.
+    pub(crate) fn retire(&mut self, subsys: &Subsystem) {
+        self.queues.retain(|q| q.q.in_flight() > 0 || subsys.ns(q.nsid).is_some_and(|ns| q.serves(ns)));
     }
 
     pub(crate) fn set_data_area(&mut self, area: MappingPin) {
@@ -350,5 +365,5 @@ impl Commands {
 }
 
 fn open(ns: &Namespace, depth: usize) -> io::Result<NsQueue> {
-    Ok(NsQueue { nsid: ns.nsid, q: Arc::clone(&ns.backend).open_queue(depth)? })
+    Ok(NsQueue { nsid: ns.nsid, backend: ns.backend.clone(), q: Arc::clone(&ns.backend).open_queue(depth)? })
 }

@@ -108,6 +108,10 @@ pub struct Queue {
     entries: u16,
     sqhd: u16,
     ctrl: Option<Arc<Controller>>,
+    /// The controller's subsystem as this queue last saw it, and its generation: refreshed
+    /// when a reload replaced it (a load per command, no lock).
+    subsys: Option<Arc<crate::Subsystem>>,
+    generation: u64,
     /// DH-HMAC-CHAP state when the host has a key: commands wait until it succeeds.
     auth: Option<Box<Session>>,
     sq_flow_disabled: bool,
@@ -124,6 +128,8 @@ impl Queue {
             entries: 1,
             sqhd: 0,
             ctrl: None,
+            subsys: None,
+            generation: 0,
             auth: None,
             sq_flow_disabled: false,
             mover: crate::buffers::Mover::Cpu,
@@ -217,7 +223,15 @@ impl Queue {
         }
         if self.qid != 0 && sqe.opcode != FABRICS_OPCODE {
             let ctrl = self.ctrl.as_ref().expect("admitted commands have a controller");
-            let Some(subsys) = &ctrl.subsys else { return Status::INVALID_OPCODE.dnr().into() };
+            let generation = ctrl.generation();
+            if self.subsys.is_none() || generation != self.generation {
+                self.subsys = ctrl.subsystem();
+                self.generation = generation;
+                if let Some(s) = &self.subsys {
+                    self.io.retire(s);
+                }
+            }
+            let Some(subsys) = &self.subsys else { return Status::INVALID_OPCODE.dnr().into() };
             return self.io.start(subsys, usize::from(self.entries), tag, sqe, buf, len);
         }
         // Fabrics and admin commands work on the bytes directly.
@@ -244,7 +258,7 @@ impl Queue {
 
     /// Hands every submitted command that finished to `out`, in completion order.
     pub fn reap(&mut self, out: &mut impl FnMut(Completion)) {
-        if let Some(subsys) = self.ctrl.as_ref().and_then(|c| c.subsys.as_ref()) {
+        if let Some(subsys) = &self.subsys {
             self.io.reap(subsys, out);
         }
     }
@@ -365,7 +379,8 @@ impl Queue {
                 if let (0, Some(p2p)) = (qid, self.target.p2p()) {
                     c.set_p2p_pools(crate::buffers::controller_pools(p2p, &c, &self.mover));
                 }
-                let host = c.subsys.as_ref().and_then(|s| s.host(&c.hostnqn));
+                let subsys = c.subsystem();
+                let host = subsys.as_ref().and_then(|s| s.host(&c.hostnqn));
                 self.auth = host.and_then(|h| Session::new(h, c.subnqn(), c.kato())).map(Box::new);
                 if self.auth.is_some() {
                     result |= auth::CONNECT_AUTHREQ_ATR;

@@ -89,18 +89,29 @@ impl Target {
     }
 
     /// Replaces the subsystems (a configuration reload): controllers of subsystems that are
-    /// gone, or of hosts no longer allowed, are torn down; the discovery log generation moves
-    /// on and discovery controllers get a Discovery Log Page Change notice.
+    /// gone, or of hosts no longer allowed, are torn down; the others get the new version of
+    /// their subsystem (namespaces added and removed, announced to the host by a Namespace
+    /// Attribute Changed event); the discovery log generation moves on and discovery
+    /// controllers get a Discovery Log Page Change notice.
     pub fn reconfigure(&self, subsystems: Vec<Arc<Subsystem>>) {
         *self.subsystems.write().unwrap_or_else(|e| e.into_inner()) = subsystems.clone();
         let ctrls: Vec<Arc<Controller>> = self.registry().ctrls.values().cloned().collect();
-        for c in &ctrls {
-            let Some(old) = &c.subsys else { continue };
-            let still =
-                subsystems.iter().any(|s| s.nqn == old.nqn && s.host_allowed(&c.hostnqn) && s.on_port(c.port.id));
-            if !still {
-                warn!(cntlid = c.cntlid, subnqn = %old.nqn, hostnqn = %c.hostnqn, "reconfigured: host may no longer use this subsystem; tearing the controller down");
-                self.remove_controller(c.cntlid);
+        for c in ctrls.iter().filter(|c| !c.is_discovery()) {
+            let new = subsystems
+                .iter()
+                .find(|s| s.nqn == c.subnqn() && s.host_allowed(&c.hostnqn) && s.on_port(c.port.id));
+            match new {
+                None => {
+                    warn!(cntlid = c.cntlid, subnqn = c.subnqn(), hostnqn = %c.hostnqn, "reconfigured: host may no longer use this subsystem; tearing the controller down");
+                    self.remove_controller(c.cntlid);
+                }
+                Some(s) if c.subsystem().is_some_and(|old| !Arc::ptr_eq(&old, s)) => {
+                    let changed = c.replace_subsystem(s.clone());
+                    if !changed.is_empty() {
+                        info!(cntlid = c.cntlid, subnqn = c.subnqn(), hostnqn = %c.hostnqn, ?changed, "reconfigured: namespaces changed; Namespace Attribute Changed sent");
+                    }
+                }
+                Some(_) => {}
             }
         }
         let generation = self.genctr.fetch_add(1, Ordering::Relaxed) + 1;
@@ -146,7 +157,7 @@ impl Target {
             Some(s)
         };
         let mut reg = self.registry();
-        let serving = reg.ctrls.values().filter(|c| c.subsys.is_some() && c.subnqn() == subnqn).count();
+        let serving = reg.ctrls.values().filter(|c| !c.is_discovery() && c.subnqn() == subnqn).count();
         if subsys.is_some() && serving >= usize::from(self.limits.controllers_per_subsystem) {
             warn!(
                 subnqn,
@@ -204,7 +215,7 @@ impl Target {
             );
             return Err(ConnectError::data_param(std::mem::offset_of!(ConnectData, hostid)));
         }
-        if ctrl.subsys.as_ref().is_some_and(|s| !s.host_allowed(hostnqn)) {
+        if ctrl.subsystem().is_some_and(|s| !s.host_allowed(hostnqn)) {
             return Err(ConnectError::new(Status::CONNECT_INVALID_HOST));
         }
         if ctrl.is_discovery() || !ctrl.enabled() {

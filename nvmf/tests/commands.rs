@@ -639,3 +639,68 @@ async fn a_host_with_a_key_must_authenticate_every_queue_first() {
     let (mut q, _) = admin(&t, 1, OPEN);
     assert_eq!(done(exec(&mut q, &auth_cmd(5, 72), &mut neg)).status, Status::COMMAND_SEQUENCE_ERROR.dnr());
 }
+
+/// Get Log Page `lid`, 4 KiB.
+fn log_page(q: &mut Queue, lid: u32) -> Vec<u8> {
+    let mut s = sqe(0x02);
+    s.cdw10 = (lid | 1023 << 16).into();
+    let mut page = vec![0u8; 4096];
+    assert!(done(exec(q, &s, &mut page)).status.is_success());
+    page
+}
+
+#[tokio::test]
+async fn reconfiguration_reaches_connected_controllers() {
+    let held = Held::default();
+    let ns1 = Namespace::new(OPEN, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), Some(held.clone()))));
+    let t = Target::new(vec![Arc::new(Subsystem::open(OPEN, vec![ns1.clone()]))], vec![port(1)]);
+    let (mut a, cntlid) = admin(&t, 1, OPEN);
+    // Enable Namespace Attribute Notices (AEC bit 8) and post a request.
+    let mut set = sqe(0x09);
+    (set.cdw10, set.cdw11) = (0x0b.into(), (1u32 << 8).into());
+    assert!(done(exec(&mut a, &set, &mut [])).status.is_success());
+    let mut aer = sqe(0x0c);
+    aer.cid = 5.into();
+    assert_eq!(exec(&mut a, &aer, &mut []), Exec::Deferred);
+    let mut q = io_queue(&t, cntlid);
+    // A write to NSID 1 stays in flight across the reload.
+    let mut w = Some(Window::host(4096).unwrap());
+    w.as_mut().unwrap().bytes_mut().fill(0x5a);
+    assert_eq!(q.execute(0, &rw(0x01, 0, 8), &mut w, 4096), Exec::Submitted);
+
+    // NSID 1 goes, NSID 2 comes.
+    let ns2 = Namespace::new(OPEN, 2, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None)));
+    t.reconfigure(vec![Arc::new(Subsystem::open(OPEN, vec![ns2]))]);
+    let c = t.controller(cntlid).expect("the controller stays");
+    assert_eq!(c.take_async_completions(), vec![(5, 0x04_0002)], "Namespace Attribute Changed, log page 04h");
+    let list = log_page(&mut a, 0x04);
+    assert_eq!(list[..12], [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0], "Changed Namespace List: 1 and 2");
+    assert!(log_page(&mut a, 0x04).iter().all(|&b| b == 0), "reading the log clears it");
+    let mut ident = sqe(0x06);
+    ident.cdw10 = 2.into();
+    let mut ids = vec![0u8; 4096];
+    done(exec(&mut a, &ident, &mut ids));
+    assert_eq!(ids[..8], [2, 0, 0, 0, 0, 0, 0, 0], "active namespace list");
+
+    // The write in flight finishes and completes; later commands for NSID 1 are refused.
+    held.lock().unwrap()[0].1 = true;
+    tokio::time::timeout(Duration::from_secs(1), q.io_ready()).await.expect("ready once released");
+    let mut statuses = Vec::new();
+    q.reap(&mut |c| statuses.push(c.response.status));
+    assert_eq!(statuses, [Status::SUCCESS]);
+    let mut r = Some(Window::host(4096).unwrap());
+    assert_eq!(done(q.execute(1, &rw(0x02, 0, 8), &mut r, 4096)).status, Status::INVALID_NAMESPACE.dnr());
+    let mut r2 = rw(0x02, 0, 8);
+    r2.nsid = 2.into();
+    assert!(done(q.execute(2, &r2, &mut r, 4096)).status.is_success(), "NSID 2 serves on the same queue");
+    assert_eq!(q.in_flight(), 0);
+
+    // An unchanged reload raises nothing; a host no longer allowed is disconnected.
+    t.reconfigure(t.subsystems());
+    assert!(c.take_async_completions().is_empty());
+    let mut locked = Subsystem::open(OPEN, Vec::new());
+    (locked.allow_any_host, locked.hosts) = (false, vec![p2pnvmf_nvmf::Host::open(OTHER_HOST)]);
+    t.reconfigure(vec![Arc::new(locked)]);
+    assert!(t.controller(cntlid).is_none());
+    assert_eq!(c.dead_reason(), Some("controller removed"));
+}
