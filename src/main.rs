@@ -1,5 +1,6 @@
 //! `p2pnvmf`: the NVMe-oF target appliance's command line.
 
+mod notify;
 mod serve;
 
 use std::path::PathBuf;

@@ -22,6 +22,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use crate::notify::Notifier;
+
 /// I/O queue pairs asked of an SSD driven through VFIO: one per target queue using it.
 const NVME_VFIO_QUEUES: u16 = 64;
 
@@ -308,16 +310,26 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let systemd = Notifier::from_env();
+    let serving = |t: &Target| {
+        format!("READY=1\nSTATUS=serving {} subsystem(s) on {} listener(s)", t.subsystems().len(), t.ports.len())
+    };
+    systemd.send(&serving(&target));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break info!("SIGINT: shutting down"),
             _ = term.recv() => break info!("SIGTERM: shutting down"),
             _ = hup.recv() => match &path {
-                Some(p) => reload(p, &mut cfg, &mut live, &target),
+                Some(p) => {
+                    systemd.send("RELOADING=1\nSTATUS=reloading the configuration");
+                    reload(p, &mut cfg, &mut live, &target);
+                    systemd.send(&serving(&target));
+                }
                 None => warn!("SIGHUP: serving the embedded default, no file to reload"),
             },
         }
     }
+    systemd.send("STOPPING=1\nSTATUS=stopping: closing connections, flushing namespaces");
     let _ = stop_tx.send(true);
     while listeners.join_next().await.is_some() {}
     for s in target.subsystems() {

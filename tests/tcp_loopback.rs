@@ -146,3 +146,46 @@ fn shipped_configs_pass_check_config() {
         assert!(out.status.success(), "{}: {}", f.display(), String::from_utf8_lossy(&out.stderr));
     }
 }
+
+/// Under systemd (`Type=notify`): READY=1 once the listener is up, RELOADING=1 then READY=1
+/// around a SIGHUP, STOPPING=1 at SIGTERM, through the socket $NOTIFY_SOCKET names.
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("p2pnvmf-notify-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cfg, sock) = (dir.join("t.toml"), dir.join("notify"));
+    let body = format!(
+        "[[listener]]\ntransport = \"tcp\"\naddress = \"127.0.0.1\"\nport = {port}\n\n\
+         [[subsystem]]\nnqn = \"nqn.2026-12.io.p2pnvmf:n\"\nallow_any_host = true\n\n\
+         [[subsystem.namespace]]\nnsid = 1\nbackend = \"ram\"\nsize = \"1MiB\"\n"
+    );
+    std::fs::write(&cfg, &body).unwrap();
+    let rx = UnixDatagram::bind(&sock).unwrap();
+    rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let next = || {
+        let mut buf = [0u8; 256];
+        let n = rx.recv(&mut buf).expect("a notification within 10 s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_p2pnvmf"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &sock)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let s = Served(child);
+    let ready = next();
+    assert_eq!(ready, "READY=1\nSTATUS=serving 1 subsystem(s) on 1 listener(s)");
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_ok(), "READY=1 came after the listener was up");
+    std::fs::write(&cfg, body.replace("size = \"1MiB\"", "size = \"2MiB\"")).unwrap();
+    let pid = s.0.id().to_string();
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert_eq!(next(), "RELOADING=1\nSTATUS=reloading the configuration");
+    assert_eq!(next(), ready);
+    let log = terminate(s);
+    assert!(next().starts_with("STOPPING=1\n"));
+    assert!(log.contains("SIGHUP: ") && log.contains(" applied"), "{log}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

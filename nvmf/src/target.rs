@@ -97,9 +97,8 @@ impl Target {
         *self.subsystems.write().unwrap_or_else(|e| e.into_inner()) = subsystems.clone();
         let ctrls: Vec<Arc<Controller>> = self.registry().ctrls.values().cloned().collect();
         for c in ctrls.iter().filter(|c| !c.is_discovery()) {
-            let new = subsystems
-                .iter()
-                .find(|s| s.nqn == c.subnqn() && s.host_allowed(&c.hostnqn) && s.on_port(c.port.id));
+            let new =
+                subsystems.iter().find(|s| s.nqn == c.subnqn() && s.host_allowed(&c.hostnqn) && s.on_port(c.port.id));
             match new {
                 None => {
                     warn!(cntlid = c.cntlid, subnqn = c.subnqn(), hostnqn = %c.hostnqn, "reconfigured: host may no longer use this subsystem; tearing the controller down");

@@ -9,7 +9,9 @@ PKGS=(qemu-system-x86 busybox-static nvme-cli rdma-core ibverbs-providers ibverb
       # The P2PDMA guest kernel of the p2pmem scenarios (tests/vm/build-p2pdma-kernel.sh).
       linux-source-6.12 make gcc libc6-dev bc bison flex libelf-dev libssl-dev
       # libFuzzer, built by the fuzz targets (fuzz/smoke.sh).
-      g++)
+      g++
+      # The unit file check (tests/deploy.rs: systemd-analyze verify).
+      systemd)
 
 die() { echo "tests/vm/deps.sh: $*" >&2; exit 1; }
 
