@@ -1,5 +1,6 @@
 //! `p2pnvmf`: the NVMe-oF target appliance's command line.
 
+mod admin_socket;
 mod notify;
 mod serve;
 
@@ -22,6 +23,24 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Where `p2pnvmf status` and `p2pnvmf reload` reach this target (mode 0600).
+        #[arg(long, default_value = admin_socket::DEFAULT_PATH)]
+        admin_socket: PathBuf,
+    },
+    /// Show what a running target serves: listeners, subsystems and namespaces with their
+    /// buffers, connected controllers, p2p providers and fallbacks.
+    Status {
+        #[arg(long, default_value = admin_socket::DEFAULT_PATH)]
+        socket: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a running target reload its configuration file; prints what changed or why the
+    /// reload was refused (then exits 1).
+    Reload {
+        #[arg(long, default_value = admin_socket::DEFAULT_PATH)]
+        socket: PathBuf,
     },
     /// Validate a configuration file without serving.
     CheckConfig { file: PathBuf },
@@ -52,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => {
+        Command::Serve { config, admin_socket } => {
             let cfg = match &config {
                 Some(path) => p2pnvmf_config::Config::load(path)?,
                 None => p2pnvmf_config::Config::default_config(),
@@ -61,7 +80,21 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the tokio runtime")?;
-            rt.block_on(serve::run(cfg, config))
+            rt.block_on(serve::run(cfg, config, &admin_socket))
+        }
+        Command::Status { socket, json } => {
+            let v = admin_socket::ask(&socket, "status")?;
+            print!("{}", if json { format!("{v:#}\n") } else { admin_socket::render(&v) });
+            Ok(())
+        }
+        Command::Reload { socket } => {
+            let v = admin_socket::ask(&socket, "reload")?;
+            let message = v["message"].as_str().unwrap_or_default();
+            if v["reloaded"].as_bool() != Some(true) {
+                anyhow::bail!("reload refused: {message}");
+            }
+            println!("{message}");
+            Ok(())
         }
         Command::Topology { sysfs_root, config, json } => {
             let p2p_cfg = match &config {

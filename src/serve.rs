@@ -19,9 +19,10 @@ use p2pnvmf_p2p::provider::Kind;
 use p2pnvmf_transport::rdma::{self, RdmaParams};
 use p2pnvmf_transport::tcp::{self, TcpParams};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use crate::admin_socket::{self, Ask};
 use crate::notify::Notifier;
 
 /// I/O queue pairs asked of an SSD driven through VFIO: one per target queue using it.
@@ -234,37 +235,130 @@ fn ports(cfg: &Config) -> Vec<Port> {
         .collect()
 }
 
-/// SIGHUP: re-reads the configuration file and applies subsystem changes. Listener changes
-/// need a restart; an invalid file changes nothing. Both are logged with the reason.
-fn reload(path: &Path, cfg: &mut Config, live: &mut Live, target: &Target) {
+/// A reload (SIGHUP or `p2pnvmf reload`): re-reads the configuration file and applies
+/// subsystem changes. Listener changes need a restart; an invalid file changes nothing. Logged
+/// with `why` as the prefix; returns what changed, or why nothing did.
+fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Target) -> Result<String, String> {
+    let refused = |reason: String| {
+        error!("{why}: reload refused, configuration unchanged: {reason}");
+        Err(reason)
+    };
     let new = match Config::load(path) {
         Ok(c) => c,
-        Err(e) => return error!("SIGHUP: reload refused, configuration unchanged: {e}"),
+        Err(e) => return refused(e.to_string()),
     };
     if new.listeners != cfg.listeners {
-        return error!("SIGHUP: reload refused: [[listener]] changed in {}; restart to apply", path.display());
+        return refused(format!("[[listener]] changed in {}; restart to apply", path.display()));
     }
     if new.p2p != cfg.p2p || new.metrics_listen != cfg.metrics_listen || new.limits != cfg.limits {
-        return error!(
-            "SIGHUP: reload refused: [p2p], [metrics] or [limits] changed in {}; restart to apply",
-            path.display()
-        );
+        return refused(format!("[p2p], [metrics] or [limits] changed in {}; restart to apply", path.display()));
     }
     if new.subsystems == cfg.subsystems {
-        return info!("SIGHUP: {} unchanged", path.display());
+        info!("{why}: {} unchanged", path.display());
+        return Ok(format!("{} unchanged", path.display()));
     }
     match live.build(&new) {
         Ok(next) => {
+            let nqns = |c: &Config| c.subsystems.iter().map(|s| s.nqn.clone()).collect::<Vec<_>>();
+            let (old_nqns, new_nqns) = (nqns(cfg), nqns(&new));
+            let added: Vec<_> = new_nqns.iter().filter(|n| !old_nqns.contains(n)).cloned().collect();
+            let removed: Vec<_> = old_nqns.iter().filter(|n| !new_nqns.contains(n)).cloned().collect();
+            let changed: Vec<_> = new
+                .subsystems
+                .iter()
+                .filter(|s| cfg.subsystems.iter().any(|o| o.nqn == s.nqn && o != *s))
+                .map(|s| s.nqn.clone())
+                .collect();
             target.reconfigure(next.list());
             *live = next;
             *cfg = new;
-            info!("SIGHUP: {} applied", path.display());
+            info!("{why}: {} applied", path.display());
+            Ok(format!(
+                "{} applied: subsystems added {added:?}, removed {removed:?}, changed {changed:?}",
+                path.display()
+            ))
         }
-        Err(e) => error!("SIGHUP: reload refused, configuration unchanged: {e:#}"),
+        Err(e) => refused(format!("{e:#}")),
     }
 }
 
-pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+/// What `p2pnvmf status` shows: listeners, subsystems and their namespaces' buffers, connected
+/// controllers, p2p providers and the fallbacks so far.
+fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
+    use serde_json::json;
+    let listeners: Vec<_> = cfg
+        .listeners
+        .iter()
+        .map(|l| json!({"name": l.name, "transport": format!("{:?}", l.transport).to_lowercase(), "address": l.address.to_string(), "port": l.port}))
+        .collect();
+    let p2p = live.p2p.as_ref().ok();
+    let subsystems: Vec<_> = cfg
+        .subsystems
+        .iter()
+        .map(|s| {
+            let namespaces: Vec<_> = s
+                .namespaces
+                .iter()
+                .map(|n| {
+                    let ns = live.subsystems.get(&s.nqn).and_then(|(_, l)| l.ns(n.nsid).cloned());
+                    let (backend, device) = match &n.backend {
+                        BackendCfg::Ram { .. } => ("ram", String::new()),
+                        BackendCfg::File { path, .. } => ("file", path.display().to_string()),
+                        BackendCfg::NvmeVfio { pci, device_nsid, .. } => {
+                            ("nvme-vfio", format!("{pci} nsid {device_nsid}"))
+                        }
+                    };
+                    let buffers = match ns.as_ref().map(|n| &n.buffers) {
+                        Some(NsBuffers::P2p { provider, .. }) => {
+                            p2p.map_or("p2p".into(), |p| format!("p2p {}", p.providers[*provider].pci))
+                        }
+                        _ => "host memory".into(),
+                    };
+                    json!({"nsid": n.nsid, "backend": backend, "device": device,
+                           "size": ns.map(|n| n.backend.size_bytes()), "buffers": buffers})
+                })
+                .collect();
+            let hosts: Vec<_> = s.hosts.iter().map(|h| json!({"nqn": h.nqn, "dhchap": h.key.is_some()})).collect();
+            json!({"nqn": s.nqn, "allow_any_host": s.allow_any_host, "hosts": hosts, "namespaces": namespaces})
+        })
+        .collect();
+    let controllers: Vec<_> = target
+        .controllers()
+        .iter()
+        .map(|c| {
+            let listener = cfg.listeners.get(usize::from(c.port.id) - 1).map(|l| l.name.clone());
+            let queues: Vec<_> =
+                c.io_queues().iter().map(|&(qid, entries)| json!({"qid": qid, "entries": entries})).collect();
+            json!({"cntlid": c.cntlid, "subnqn": c.subnqn(), "hostnqn": c.hostnqn,
+                   "transport": format!("{:?}", c.port.trtype).to_lowercase(), "listener": listener,
+                   "host_address": (!c.peer.is_empty()).then(|| c.peer.clone()),
+                   "kato_ms": c.kato().as_millis() as u64, "io_queues": queues})
+        })
+        .collect();
+    let p2p = match &live.p2p {
+        Err(e) => json!({"error": e}),
+        Ok(p) => {
+            let providers: Vec<_> = p
+                .providers
+                .iter()
+                .enumerate()
+                .map(|(i, pr)| match p.pool(i) {
+                    Ok(pool) => json!({"pci": pr.pci.to_string(), "kind": pr.kind.as_str(), "usable": true,
+                                       "chunks": pool.chunks(), "chunks_in_use": pool.chunks() - pool.free_chunks()}),
+                    Err(why) => {
+                        json!({"pci": pr.pci.to_string(), "kind": pr.kind.as_str(), "usable": false, "reason": why})
+                    }
+                })
+                .collect();
+            json!({"providers": providers})
+        }
+    };
+    let [namespace, controller, request] = p2pnvmf_nvmf::buffers::fallback_counts();
+    json!({"listeners": listeners, "subsystems": subsystems, "controllers": controllers, "p2p": p2p,
+           "fallbacks": {"namespace": namespace, "controller": controller, "request": request}})
+}
+
+pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> anyhow::Result<()> {
     if let Some(addr) = cfg.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
@@ -310,6 +404,14 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (asks_tx, mut asks) = mpsc::channel(8);
+    let admin = match admin_socket::bind(admin_path) {
+        Ok(l) => Some(tokio::spawn(admin_socket::serve(l, admin_path.to_path_buf(), asks_tx, stop_rx.clone()))),
+        Err(e) => {
+            warn!("admin socket unavailable (p2pnvmf status and reload will not reach this target): {e}");
+            None
+        }
+    };
     let systemd = Notifier::from_env();
     let serving = |t: &Target| {
         format!("READY=1\nSTATUS=serving {} subsystem(s) on {} listener(s)", t.subsystems().len(), t.ports.len())
@@ -322,16 +424,36 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             _ = hup.recv() => match &path {
                 Some(p) => {
                     systemd.send("RELOADING=1\nSTATUS=reloading the configuration");
-                    reload(p, &mut cfg, &mut live, &target);
+                    let _ = reload("SIGHUP", p, &mut cfg, &mut live, &target);
                     systemd.send(&serving(&target));
                 }
                 None => warn!("SIGHUP: serving the embedded default, no file to reload"),
+            },
+            Some(ask) = asks.recv() => match ask {
+                Ask::Status(reply) => {
+                    let _ = reply.send(status(&cfg, &live, &target));
+                }
+                Ask::Reload(reply) => {
+                    let r = match &path {
+                        Some(p) => {
+                            systemd.send("RELOADING=1\nSTATUS=reloading the configuration");
+                            let r = reload("admin socket", p, &mut cfg, &mut live, &target);
+                            systemd.send(&serving(&target));
+                            r
+                        }
+                        None => Err("serving the embedded default: there is no file to reload".into()),
+                    };
+                    let _ = reply.send(r);
+                }
             },
         }
     }
     systemd.send("STOPPING=1\nSTATUS=stopping: closing connections, flushing namespaces");
     let _ = stop_tx.send(true);
     while listeners.join_next().await.is_some() {}
+    if let Some(a) = admin {
+        let _ = a.await;
+    }
     for s in target.subsystems() {
         for ns in &s.namespaces {
             if let Err(e) = ns.backend.flush() {

@@ -189,3 +189,64 @@ fn systemd_hears_ready_reloading_and_stopping() {
     assert!(log.contains("SIGHUP: ") && log.contains(" applied"), "{log}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `p2pnvmf status` and `p2pnvmf reload` through the admin socket (mode 0600): what is served,
+/// what a reload changed, and why an invalid file was refused.
+#[test]
+fn status_and_reload_through_the_admin_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("p2pnvmf-admin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cfg, sock) = (dir.join("t.toml"), dir.join("admin.sock"));
+    let key = "DHHC-1:00:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh+KfiaR:";
+    let body = format!(
+        "[[listener]]\nname = \"lo\"\ntransport = \"tcp\"\naddress = \"127.0.0.1\"\nport = {port}\n\n\
+         [[subsystem]]\nnqn = \"nqn.2026-12.io.p2pnvmf:s\"\nhosts = [\"nqn.2026-12.io.p2pnvmf:h1\"]\n\
+         [[subsystem.host]]\nnqn = \"nqn.2026-12.io.p2pnvmf:h2\"\ndhchap_key = \"{key}\"\n\n\
+         [[subsystem.namespace]]\nnsid = 1\nbackend = \"ram\"\nsize = \"1MiB\"\n"
+    );
+    std::fs::write(&cfg, &body).unwrap();
+    let s = serve(&["--config", cfg.to_str().unwrap(), "--admin-socket", sock.to_str().unwrap()], port);
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_p2pnvmf")).args(args).arg("--socket").arg(&sock).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    };
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let (ok, json) = cli(&["status", "--json"]);
+    assert!(ok, "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["listeners"][0]["port"], port);
+    assert_eq!(v["listeners"][0]["transport"], "tcp");
+    let sub = &v["subsystems"][0];
+    assert_eq!(sub["hosts"][1], serde_json::json!({"nqn": "nqn.2026-12.io.p2pnvmf:h2", "dhchap": true}));
+    assert_eq!(sub["namespaces"][0]["size"], 1 << 20);
+    assert_eq!(sub["namespaces"][0]["buffers"], "host memory");
+    assert_eq!(v["controllers"], serde_json::json!([]));
+    assert!(!json.contains("AAECAwQF"), "no secret in the status");
+    let (ok, text) = cli(&["status"]);
+    assert!(ok && text.contains("nqn.2026-12.io.p2pnvmf:s  (2 host(s), 1 with DH-HMAC-CHAP)"), "{text}");
+    assert!(text.contains("nsid 1"), "{text}");
+
+    // A namespace added: the reload says what changed.
+    std::fs::write(&cfg, format!("{body}[[subsystem.namespace]]\nnsid = 2\nbackend = \"ram\"\nsize = \"2MiB\"\n"))
+        .unwrap();
+    let (ok, text) = cli(&["reload"]);
+    assert!(
+        ok && text.contains("applied: subsystems added [], removed [], changed [\"nqn.2026-12.io.p2pnvmf:s\"]"),
+        "{text}"
+    );
+    let (_, json) = cli(&["status", "--json"]);
+    assert!(json.contains("\"nsid\": 2"), "{json}");
+    // An invalid file: refused with its line, exit status 1, nothing changed.
+    std::fs::write(&cfg, format!("{body}bogus = 1\n")).unwrap();
+    let (ok, text) = cli(&["reload"]);
+    assert!(!ok && text.contains("reload refused: ") && text.contains("unknown field `bogus`"), "{text}");
+    let log = terminate(s);
+    assert!(log.contains("admin socket: reload refused"), "{log}");
+    assert!(!sock.exists(), "the socket goes with the target");
+    let (ok, text) = cli(&["status"]);
+    assert!(!ok && text.contains("is `p2pnvmf serve` running"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -5,6 +5,7 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use p2pnvmf_p2p::mem::Window;
 use p2pnvmf_p2p::path::{Client, Path};
@@ -49,9 +50,21 @@ pub struct P2pPool {
     pub dma_buf: Option<Arc<OwnedFd>>,
 }
 
-/// Counts one fallback to host memory at `level` ("namespace", "controller", "request").
+/// The levels of a fallback to host memory.
+pub const FALLBACK_LEVELS: [&str; 3] = ["namespace", "controller", "request"];
+static FALLBACKS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
+
+/// Counts one fallback to host memory at `level` (one of [`FALLBACK_LEVELS`]).
 pub fn count_fallback(level: &'static str) {
     metrics::counter!("p2pnvmf_p2p_fallbacks_total", "level" => level).increment(1);
+    if let Some(i) = FALLBACK_LEVELS.iter().position(|&l| l == level) {
+        FALLBACKS[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Fallbacks to host memory so far, per level of [`FALLBACK_LEVELS`] (`p2pnvmf status`).
+pub fn fallback_counts() -> [u64; 3] {
+    [0, 1, 2].map(|i| FALLBACKS[i].load(Ordering::Relaxed))
 }
 
 /// What the controller-level decision gives a controller for one provider.
@@ -225,7 +238,8 @@ mod tests {
         let subsys = Subsystem::open("nqn.x", vec![ns]);
         let params = TransportParams { ioccsz: 4, max_xfer: 1 << 17, msdbd: 1, keyed_sgls: true };
         let port = Port { id: 1, trtype: TrType::Rdma, traddr: "10.0.0.1".into(), trsvcid: "4420".into(), params };
-        Controller::new(1, Some(Arc::new(subsys)), "nqn.host".into(), [0; 16], port, 0, Default::default())
+        let who = crate::ctrl::Who { hostnqn: "nqn.host".into(), hostid: [0; 16], peer: String::new() };
+        Controller::new(1, Some(Arc::new(subsys)), who, port, 0, Default::default())
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Controllers: registers (via Fabrics Property Get/Set), features, async event requests,
 //! keep-alive, and teardown.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,9 +79,19 @@ struct State {
     aers: Vec<u16>,
     /// Events waiting for an Async Event Request.
     events: Vec<u32>,
-    io_qids: BTreeSet<u16>,
+    /// Connected I/O queues and their entries.
+    io_queues: BTreeMap<u16, u16>,
     /// NSIDs added, removed or changed since the host last read the Changed Namespace List.
     changed_ns: BTreeSet<u32>,
+}
+
+/// Who connected: the host NQN and Host Identifier of its Connect, and its address as the
+/// transport saw it.
+#[derive(Debug, Clone)]
+pub(crate) struct Who {
+    pub hostnqn: String,
+    pub hostid: [u8; 16],
+    pub peer: String,
 }
 
 /// One host's association with a subsystem (or with the discovery subsystem).
@@ -96,6 +106,8 @@ pub struct Controller {
     pub hostnqn: String,
     pub hostid: [u8; 16],
     pub port: Port,
+    /// The host's address as its admin queue's transport saw it (empty when it does not say).
+    pub peer: String,
     state: Mutex<State>,
     /// CSTS.RDY, read by every command: kept outside the lock so I/O never takes it.
     ready: AtomicBool,
@@ -113,12 +125,12 @@ impl Controller {
     pub(crate) fn new(
         cntlid: u16,
         subsys: Option<Arc<Subsystem>>,
-        hostnqn: String,
-        hostid: [u8; 16],
+        host: Who,
         port: Port,
         kato_ms: u32,
         limits: Limits,
     ) -> Self {
+        let Who { hostnqn, hostid, peer } = host;
         let write_cache =
             subsys.as_ref().is_some_and(|s| s.namespaces.iter().any(|n| n.backend.volatile_write_cache()));
         Controller {
@@ -129,6 +141,7 @@ impl Controller {
             hostnqn,
             hostid,
             port,
+            peer,
             state: Mutex::new(State { kato_ms, write_cache, ..State::default() }),
             ready: AtomicBool::new(false),
             born: Instant::now(),
@@ -326,15 +339,25 @@ impl Controller {
         Ok(())
     }
 
-    /// Records a newly connected I/O queue; refuses a qid already in use or out of range.
-    pub(crate) fn add_io_queue(&self, qid: u16) -> bool {
+    /// Records a newly connected I/O queue of `entries`; refuses a qid already in use or out
+    /// of range.
+    pub(crate) fn add_io_queue(&self, qid: u16, entries: u16) -> bool {
         let mut st = self.state();
         let max = st.queues.map_or(self.limits.io_queues, |q| q + 1);
-        qid <= max && st.io_qids.insert(qid)
+        if qid > max || st.io_queues.contains_key(&qid) {
+            return false;
+        }
+        st.io_queues.insert(qid, entries);
+        true
     }
 
     pub(crate) fn remove_io_queue(&self, qid: u16) {
-        self.state().io_qids.remove(&qid);
+        self.state().io_queues.remove(&qid);
+    }
+
+    /// The connected I/O queues: (qid, entries).
+    pub fn io_queues(&self) -> Vec<(u16, u16)> {
+        self.state().io_queues.iter().map(|(&q, &e)| (q, e)).collect()
     }
 
     /// Set Features (NVMe Base 2.0, 5.27.1). Returns the completion's DW0.

@@ -108,6 +108,8 @@ pub struct Queue {
     entries: u16,
     sqhd: u16,
     ctrl: Option<Arc<Controller>>,
+    /// The host's address, as the transport knows it.
+    peer: String,
     /// The controller's subsystem as this queue last saw it, and its generation: refreshed
     /// when a reload replaced it (a load per command, no lock).
     subsys: Option<Arc<crate::Subsystem>>,
@@ -128,6 +130,7 @@ impl Queue {
             entries: 1,
             sqhd: 0,
             ctrl: None,
+            peer: String::new(),
             subsys: None,
             generation: 0,
             auth: None,
@@ -141,6 +144,11 @@ impl Queue {
     /// controller's p2p decision depends on it.
     pub fn set_mover(&mut self, mover: crate::buffers::Mover) {
         self.mover = mover;
+    }
+
+    /// The host's address, for the controller an admin Connect creates (`p2pnvmf status`).
+    pub fn set_peer(&mut self, peer: String) {
+        self.peer = peer;
     }
 
     pub fn qid(&self) -> u16 {
@@ -365,9 +373,9 @@ impl Queue {
             Err(s) => return Response::status(s),
         };
         let ctrl = if qid == 0 {
-            self.target.connect_admin(&self.port, &cd, kato)
+            self.target.connect_admin(&self.port, &cd, kato, &self.peer)
         } else {
-            self.target.connect_io(&self.port, &cd, qid)
+            self.target.connect_io(&self.port, &cd, qid, sqsize + 1)
         };
         match ctrl {
             Ok(c) => {

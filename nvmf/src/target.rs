@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use zerocopy::IntoBytes;
 
 use crate::Status;
-use crate::ctrl::{Controller, Limits};
+use crate::ctrl::{Controller, Limits, Who};
 use crate::subsystem::{DISCOVERY_NQN, Port, Subsystem, TrType};
 use crate::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, get_str, put_str};
 
@@ -128,6 +128,13 @@ impl Target {
         self.registry().ctrls.get(&cntlid).cloned()
     }
 
+    /// Every controller, by controller ID.
+    pub fn controllers(&self) -> Vec<Arc<Controller>> {
+        let mut v: Vec<_> = self.registry().ctrls.values().cloned().collect();
+        v.sort_by_key(|c| c.cntlid);
+        v
+    }
+
     pub fn controller_count(&self) -> usize {
         self.registry().ctrls.len()
     }
@@ -139,6 +146,7 @@ impl Target {
         port: &Port,
         data: &ConnectData,
         kato_ms: u32,
+        peer: &str,
     ) -> Result<Arc<Controller>, ConnectError> {
         let (subnqn, hostnqn) = self.connect_nqns(data)?;
         if data.cntlid.get() != 0xffff {
@@ -174,8 +182,7 @@ impl Target {
         let ctrl = Arc::new(Controller::new(
             cntlid,
             subsys,
-            hostnqn.to_string(),
-            data.hostid,
+            Who { hostnqn: hostnqn.to_string(), hostid: data.hostid, peer: peer.to_string() },
             port.clone(),
             kato_ms,
             self.limits,
@@ -200,7 +207,13 @@ impl Target {
     /// I/O queue Connect: the controller must exist, be enabled and belong to this host — the
     /// same host NQN and Host Identifier as its admin queue (a host that names another's
     /// controller does not get a queue on it), still allowed by the subsystem.
-    pub fn connect_io(&self, port: &Port, data: &ConnectData, qid: u16) -> Result<Arc<Controller>, ConnectError> {
+    pub fn connect_io(
+        &self,
+        port: &Port,
+        data: &ConnectData,
+        qid: u16,
+        entries: u16,
+    ) -> Result<Arc<Controller>, ConnectError> {
         let (subnqn, hostnqn) = self.connect_nqns(data)?;
         let cntlid_off = std::mem::offset_of!(ConnectData, cntlid);
         let ctrl = self.controller(data.cntlid.get()).ok_or(ConnectError::data_param(cntlid_off))?;
@@ -220,7 +233,7 @@ impl Target {
         if ctrl.is_discovery() || !ctrl.enabled() {
             return Err(ConnectError::new(Status::COMMAND_SEQUENCE_ERROR));
         }
-        if !ctrl.add_io_queue(qid) {
+        if !ctrl.add_io_queue(qid, entries) {
             return Err(ConnectError::sqe_param(42));
         }
         ctrl.touch();

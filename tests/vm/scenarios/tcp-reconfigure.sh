@@ -1,8 +1,9 @@
 # Live reconfiguration reaching a connected host (NVMe/TCP): while fio verify runs on
 # namespace 1, a SIGHUP reload adds namespace 2 — the host sees it appear (Namespace Attribute
-# Changed event, Changed Namespace List, rescan) without reconnecting and it serves data — and
-# a second reload removes it again; fio finishes without an error. Last, a reload that drops
-# the host from the allow-list disconnects it.
+# Changed event, Changed Namespace List, rescan) without reconnecting and it serves data;
+# `p2pnvmf status` shows the controller; `p2pnvmf reload` removes namespace 2 again; fio
+# finishes without an error. Last, a reload that drops the host from the allow-list
+# disconnects it.
 NQN=nqn.2026-12.io.p2pnvmf:live
 CFG=/tmp/scn/target.toml
 tcp_config "$CFG" "$NQN" "hosts = [\"$HOSTNQN\"]"
@@ -46,9 +47,19 @@ nvme list | grep -q "$(basename "$dev2")" || die "nvme list does not show $dev2"
 grep -q "namespaces changed; Namespace Attribute Changed sent.*changed=\[2\]" "$TARGET_LOG" || die "no Namespace Attribute Changed for 2"
 verify_rw "$dev2" 8
 
-step "remove namespace 2 by SIGHUP: it disappears"
+step "p2pnvmf status shows the connected controller and both namespaces"
+"$P2PNVMF_BIN" status
+st=$("$P2PNVMF_BIN" status --json)
+grep -q "\"hostnqn\": \"$HOSTNQN\"" <<<"$st" || die "status lacks the connected host"
+grep -q "\"host_address\": \"$GUEST_IP:[0-9]*\"" <<<"$st" || die "status lacks the host's address"
+grep -q '"nsid": 2' <<<"$st" || die "status lacks namespace 2"
+grep -q '"entries": 128' <<<"$st" || die "status lacks the I/O queues' depth"
+
+step "remove namespace 2 with p2pnvmf reload: it disappears"
 tcp_config "$CFG" "$NQN" "hosts = [\"$HOSTNQN\"]"
-reload
+out=$("$P2PNVMF_BIN" reload) || die "p2pnvmf reload failed: $out"
+echo "$out"
+grep -q "applied: .*changed \[\"$NQN\"\]" <<<"$out" || die "p2pnvmf reload did not say what changed"
 for i in $(seq 100); do [[ -z $(ns_dev 2) ]] && break; sleep 0.1; done
 [[ -z $(ns_dev 2) ]] || { nvme list; die "namespace 2 is still on $cname"; }
 [[ $(cat "$ctrl/state") == live ]] || die "$cname is $(cat "$ctrl/state"), not live"

@@ -224,6 +224,7 @@ pub async fn run(
         r2t_out: 0,
         r2t_waiting: std::collections::VecDeque::new(),
     };
+    conn.queue.set_peer(peer.to_string());
     let result = tokio::select! {
         r = conn.serve() => r,
         _ = super::stopped(&mut shutdown) => Ok(()),

@@ -1,0 +1,193 @@
+//! The local admin socket behind `p2pnvmf status` and `p2pnvmf reload`: a client writes one
+//! request line (`status` or `reload`) and reads one JSON document back. The socket is the
+//! service user's alone (mode 0600), in /run/p2pnvmf (the unit's RuntimeDirectory). Requests
+//! are answered by the serve loop, the one place that holds the configuration.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use anyhow::Context;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info};
+
+pub const DEFAULT_PATH: &str = "/run/p2pnvmf/admin.sock";
+
+/// A request for the serve loop, with where its answer goes.
+#[derive(Debug)]
+pub enum Ask {
+    Status(oneshot::Sender<Value>),
+    /// Ok: what the reload changed; Err: why it was refused.
+    Reload(oneshot::Sender<Result<String, String>>),
+}
+
+/// Creates the socket at `path`, taking over a stale one (nobody answers) but never a live
+/// target's.
+pub fn bind(path: &Path) -> Result<UnixListener, String> {
+    let shown = path.display();
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!("{shown}: another p2pnvmf answers there"));
+        }
+        std::fs::remove_file(path).map_err(|e| format!("removing the stale {shown}: {e}"))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
+    let listener = UnixListener::bind(path).map_err(|e| format!("{shown}: {e}"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{shown}: making it the service user's alone: {e}"))?;
+    Ok(listener)
+}
+
+/// Answers connections until `stop`; removes the socket file then.
+pub async fn serve(
+    listener: UnixListener,
+    path: std::path::PathBuf,
+    asks: mpsc::Sender<Ask>,
+    mut stop: watch::Receiver<bool>,
+) {
+    info!(path = %path.display(), "admin socket ready (p2pnvmf status, p2pnvmf reload)");
+    loop {
+        tokio::select! {
+            c = listener.accept() => match c {
+                Ok((stream, _)) => { tokio::spawn(answer(stream, asks.clone())); }
+                Err(e) => debug!("admin socket accept: {e}"),
+            },
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn answer(stream: UnixStream, asks: mpsc::Sender<Ask>) {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    // One short line: a client cannot make the target buffer more.
+    if BufReader::new(rd.take(64)).read_line(&mut line).await.is_err() {
+        return;
+    }
+    let answer = match line.trim() {
+        "status" => {
+            let (tx, rx) = oneshot::channel();
+            match asks.send(Ask::Status(tx)).await {
+                Ok(()) => rx.await.unwrap_or_else(|_| json!({"error": "the target is stopping"})),
+                Err(_) => json!({"error": "the target is stopping"}),
+            }
+        }
+        "reload" => {
+            let (tx, rx) = oneshot::channel();
+            let r = match asks.send(Ask::Reload(tx)).await {
+                Ok(()) => rx.await.unwrap_or_else(|_| Err("the target is stopping".into())),
+                Err(_) => Err("the target is stopping".into()),
+            };
+            match r {
+                Ok(what) => json!({"reloaded": true, "message": what}),
+                Err(why) => json!({"reloaded": false, "message": why}),
+            }
+        }
+        other => json!({"error": format!("unknown request '{other}': status or reload")}),
+    };
+    let _ = wr.write_all(format!("{answer}\n").as_bytes()).await;
+}
+
+/// The client side: sends `request` to the target at `path` and returns its answer.
+pub fn ask(path: &Path, request: &str) -> anyhow::Result<Value> {
+    let mut s = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "connecting to {} (is `p2pnvmf serve` running, and may this user open its admin socket?)",
+            path.display()
+        )
+    })?;
+    s.write_all(format!("{request}\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).with_context(|| format!("reading the answer from {}", path.display()))?;
+    let v: Value =
+        serde_json::from_str(&out).with_context(|| format!("the answer from {} is not JSON", path.display()))?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        anyhow::bail!("{}: {e}", path.display());
+    }
+    Ok(v)
+}
+
+/// `status` as text for a person.
+pub fn render(v: &Value) -> String {
+    let s = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let list = |v: &Value, key: &str| v.get(key).and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut out = String::from("listeners:\n");
+    for l in list(v, "listeners") {
+        out += &format!("  {:<10} {:<5} {}:{}\n", s(&l["name"]), s(&l["transport"]), s(&l["address"]), s(&l["port"]));
+    }
+    out += "subsystems:\n";
+    for sub in list(v, "subsystems") {
+        let hosts = match sub["allow_any_host"].as_bool() {
+            Some(true) => "any host".to_string(),
+            _ => {
+                let h = list(&sub, "hosts");
+                let keyed = h.iter().filter(|h| h["dhchap"].as_bool() == Some(true)).count();
+                format!("{} host(s), {keyed} with DH-HMAC-CHAP", h.len())
+            }
+        };
+        out += &format!("  {}  ({hosts})\n", s(&sub["nqn"]));
+        for ns in list(&sub, "namespaces") {
+            out += &format!(
+                "    nsid {:<3} {:<9} {:>14} bytes  {}  buffers: {}\n",
+                s(&ns["nsid"]),
+                s(&ns["backend"]),
+                s(&ns["size"]),
+                s(&ns["device"]),
+                s(&ns["buffers"])
+            );
+        }
+    }
+    out += "controllers:\n";
+    for c in list(v, "controllers") {
+        let queues = list(&c, "io_queues");
+        let depths: Vec<String> = queues.iter().map(|q| s(&q["entries"])).collect();
+        out += &format!(
+            "  cntlid {:<4} {}  host {}  from {} over {} (listener {})  keep-alive {} ms  {} I/O queue(s) [{}]\n",
+            s(&c["cntlid"]),
+            s(&c["subnqn"]),
+            s(&c["hostnqn"]),
+            s(&c["host_address"]),
+            s(&c["transport"]),
+            s(&c["listener"]),
+            s(&c["kato_ms"]),
+            queues.len(),
+            depths.join(", ")
+        );
+    }
+    out += "p2p providers:\n";
+    match v["p2p"]["error"].as_str() {
+        Some(e) => out += &format!("  none: {e}\n"),
+        None => {
+            for p in list(&v["p2p"], "providers") {
+                out += &match p["usable"].as_bool() {
+                    Some(true) => format!(
+                        "  {} {}  {} of {} chunks in use\n",
+                        s(&p["pci"]),
+                        s(&p["kind"]),
+                        s(&p["chunks_in_use"]),
+                        s(&p["chunks"])
+                    ),
+                    _ => format!("  {} {}  unusable: {}\n", s(&p["pci"]), s(&p["kind"]), s(&p["reason"])),
+                };
+            }
+        }
+    }
+    let f = &v["fallbacks"];
+    out += &format!(
+        "fallbacks to host memory: namespace {}, controller {}, request {}\n",
+        s(&f["namespace"]),
+        s(&f["controller"]),
+        s(&f["request"])
+    );
+    out
+}
