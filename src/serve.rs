@@ -362,6 +362,15 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
     if let Some(addr) = cfg.metrics_listen {
         metrics_exporter_prometheus::PrometheusBuilder::new()
             .with_http_listener(addr)
+            // Latency as a histogram (else the exporter renders a summary): 10 µs to 1 s.
+            .set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("p2pnvmf_io_latency_seconds".into()),
+                &[
+                    10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3,
+                    250e-3, 1.0,
+                ],
+            )
+            .context("metrics: latency buckets")?
             .install()
             .with_context(|| format!("metrics.listen: serving Prometheus metrics on {addr}"))?;
         info!(%addr, "Prometheus metrics on http://{addr}/metrics");

@@ -61,3 +61,9 @@ fn vm_dhchap_authentication_tcp_and_rdma() {
 fn vm_tcp_reload_reaches_connected_hosts() {
     tcp_scenario("tcp-reconfigure", "tcp-reconfigure.sh").run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_tcp_metrics_match_fio() {
+    tcp_scenario("tcp-metrics", "tcp-metrics.sh").run_ok();
+}

@@ -7,6 +7,7 @@
 use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::warn;
@@ -28,6 +29,15 @@ pub mod opcode {
 
     pub fn changes_content(op: u8) -> bool {
         matches!(op, WRITE | WRITE_ZEROES | DATASET_MANAGEMENT)
+    }
+
+    /// Read (`Some(false)`), write (`Some(true)`) or another command, as metrics count them.
+    pub fn rw(op: u8) -> Option<bool> {
+        match op {
+            READ => Some(false),
+            WRITE => Some(true),
+            _ => None,
+        }
     }
 }
 
@@ -60,6 +70,7 @@ impl NsQueue {
 struct Inflight {
     opcode: u8,
     nsid: u32,
+    started: Instant,
     /// Bytes the command moves (reads and writes).
     len: usize,
     /// Operations not yet completed.
@@ -129,6 +140,9 @@ impl IoState {
         len: usize,
     ) -> Exec {
         if let Err(s) = self.plan(subsys, depth, tag, sqe, buf, len) {
+            if let Some(ns) = subsys.ns(sqe.nsid.get()) {
+                ns.metrics.record(opcode::rw(sqe.opcode), 0, s, std::time::Duration::ZERO);
+            }
             return s.into();
         }
         // Every operation may have finished inline already.
@@ -295,8 +309,16 @@ impl Commands {
         if self.inflight.len() <= t {
             self.inflight.resize_with(t + 1, || None);
         }
-        self.inflight[t] =
-            Some(Inflight { opcode, nsid, len, remaining: ops, status: Status::SUCCESS, host: None, scratch: None });
+        self.inflight[t] = Some(Inflight {
+            opcode,
+            nsid,
+            started: Instant::now(),
+            len,
+            remaining: ops,
+            status: Status::SUCCESS,
+            host: None,
+            scratch: None,
+        });
     }
 
     /// A reused compare buffer of at least `len` bytes.
@@ -356,6 +378,9 @@ impl Commands {
                 }
                 _ => {}
             }
+        }
+        if let Some(ns) = subsys.ns(f.nsid) {
+            ns.metrics.record(opcode::rw(f.opcode), f.len, response.status, f.started.elapsed());
         }
         if let Some(s) = f.scratch {
             self.scratch.push(s);

@@ -381,6 +381,7 @@ impl Queue {
             Ok(c) => {
                 self.qid = qid;
                 self.entries = sqsize + 1;
+                metrics::gauge!("p2pnvmf_queues", "transport" => self.port.trtype.as_str()).increment(1.0);
                 self.sq_flow_disabled = cattr & (1 << 2) != 0;
                 info!(cntlid = c.cntlid, qid, sqsize, sq_flow_disabled = self.sq_flow_disabled, "queue connected");
                 let mut result = u32::from(c.cntlid);
@@ -419,6 +420,7 @@ impl Queue {
 impl Drop for Queue {
     fn drop(&mut self) {
         if let Some(c) = self.ctrl.take() {
+            metrics::gauge!("p2pnvmf_queues", "transport" => self.port.trtype.as_str()).decrement(1.0);
             if self.qid == 0 {
                 // Losing the admin queue ends the association (as in Linux nvmet).
                 self.target.remove_controller(c.cntlid);

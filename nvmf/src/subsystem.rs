@@ -15,6 +15,16 @@ pub enum TrType {
     Tcp = 3,
 }
 
+impl TrType {
+    /// As metrics and `p2pnvmf status` label it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrType::Rdma => "rdma",
+            TrType::Tcp => "tcp",
+        }
+    }
+}
+
 /// What a transport tells the core about itself, for Identify and the discovery log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TransportParams {

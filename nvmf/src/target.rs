@@ -189,6 +189,7 @@ impl Target {
         ));
         reg.ctrls.insert(cntlid, ctrl.clone());
         drop(reg);
+        metrics::gauge!("p2pnvmf_controllers", "transport" => port.trtype.as_str()).increment(1.0);
         ctrl.touch();
         info!(cntlid, subnqn, hostnqn, port = port.id, kato_ms, "controller created");
         let (target, c) = (Arc::clone(self), ctrl.clone());
@@ -259,6 +260,7 @@ impl Target {
 
     pub fn remove_controller(&self, cntlid: u16) {
         if let Some(c) = self.registry().ctrls.remove(&cntlid) {
+            metrics::gauge!("p2pnvmf_controllers", "transport" => c.port.trtype.as_str()).decrement(1.0);
             c.kill("controller removed");
             info!(cntlid, subnqn = c.subnqn(), hostnqn = %c.hostnqn, "controller removed");
         }
