@@ -81,10 +81,7 @@ const DH_IDS_AT: usize = 30;
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 struct Negotiate {
-    auth_type: u8,
-    auth_id: u8,
-    rsvd: U16,
-    t_id: U16,
+    head: Header,
     sc_c: u8,
     napd: u8,
 }
@@ -104,10 +101,7 @@ struct Descriptor {
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 struct Challenge {
-    auth_type: u8,
-    auth_id: u8,
-    rsvd1: U16,
-    t_id: U16,
+    head: Header,
     hl: u8,
     rsvd2: u8,
     hashid: u8,
@@ -120,10 +114,7 @@ struct Challenge {
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 struct Reply {
-    auth_type: u8,
-    auth_id: u8,
-    rsvd1: U16,
-    t_id: U16,
+    head: Header,
     hl: u8,
     rsvd2: u8,
     cvalid: u8,
@@ -136,10 +127,7 @@ struct Reply {
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 struct Success1 {
-    auth_type: u8,
-    auth_id: u8,
-    rsvd1: U16,
-    t_id: U16,
+    head: Header,
     hl: u8,
     rsvd2: u8,
     rvalid: u8,
@@ -147,7 +135,7 @@ struct Success1 {
 }
 
 /// The common header of every message: type, id and transaction.
-#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable)]
+#[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 struct Header {
     auth_type: u8,
@@ -160,10 +148,7 @@ struct Header {
 #[derive(Debug, Clone, Copy, Default, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]
 struct Failure {
-    auth_type: u8,
-    auth_id: u8,
-    rsvd: U16,
-    t_id: U16,
+    head: Header,
     rescode: u8,
     rescode_exp: u8,
 }
@@ -565,9 +550,7 @@ impl Session {
                 self.s1 = nonzero_seqnum();
                 random(&mut self.c1[..hl]);
                 let head = Challenge {
-                    auth_type: auth_type::DHCHAP,
-                    auth_id: message::CHALLENGE,
-                    t_id: self.tid.into(),
+                    head: self.header(auth_type::DHCHAP, message::CHALLENGE),
                     hl: hl as u8,
                     hashid: self.hash as u8,
                     dhgid: self.dhgroup,
@@ -589,9 +572,7 @@ impl Session {
                     return Err(ShortBuffer { needed });
                 }
                 let head = Success1 {
-                    auth_type: auth_type::DHCHAP,
-                    auth_id: message::SUCCESS1,
-                    t_id: self.tid.into(),
+                    head: self.header(auth_type::DHCHAP, message::SUCCESS1),
                     hl: hl as u8,
                     rvalid: rvalid.into(),
                     ..Default::default()
@@ -633,9 +614,7 @@ impl Session {
 
     fn failure1(&mut self, out: &mut [u8], why: u8) -> Result<Verdict, ShortBuffer> {
         let f = Failure {
-            auth_type: auth_type::COMMON,
-            auth_id: message::FAILURE1,
-            t_id: self.tid.into(),
+            head: self.header(auth_type::COMMON, message::FAILURE1),
             rescode: REASON_AUTHENTICATION_FAILURE,
             rescode_exp: why,
             ..Default::default()
@@ -643,6 +622,10 @@ impl Session {
         let n = size_of::<Failure>().min(out.len());
         out[..n].copy_from_slice(&f.as_bytes()[..n]);
         Ok(self.fail(why))
+    }
+
+    fn header(&self, auth_type: u8, auth_id: u8) -> Header {
+        Header { auth_type, auth_id, rsvd: 0.into(), t_id: self.tid.into() }
     }
 
     fn fail(&mut self, why: u8) -> Verdict {
@@ -773,6 +756,10 @@ mod tests {
     }
 
     const SUB: &str = "nqn.2026-12.io.p2pnvmf:auth";
+
+    fn hdr(auth_type: u8, auth_id: u8, tid: u16) -> Header {
+        Header { auth_type, auth_id, rsvd: 0.into(), t_id: tid.into() }
+    }
     const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
 
     fn secret(hash: u8, byte: u8, len: usize) -> String {
@@ -800,7 +787,7 @@ mod tests {
             Descriptor { authid: 1, rsvd: 0, halen: hashes.len() as u8, dhlen: dhgroups.len() as u8, idlist: [0; 60] };
         d.idlist[..hashes.len()].copy_from_slice(hashes);
         d.idlist[30..30 + dhgroups.len()].copy_from_slice(dhgroups);
-        let n = Negotiate { auth_type: 0, auth_id: 0, rsvd: 0.into(), t_id: tid.into(), sc_c: 0, napd: 1 };
+        let n = Negotiate { head: hdr(0, message::NEGOTIATE, tid), sc_c: 0, napd: 1 };
         [n.as_bytes(), d.as_bytes()].concat()
     }
 
@@ -832,16 +819,13 @@ mod tests {
             let c1 = augment(hash, shared.as_deref(), &rest[..hl]);
             let key = self.key.for_nqn(self.hostnqn);
             let mut resp = [0; MAX_HASH];
-            let (s1, tid) = (c.seqnum.get().to_le_bytes(), c.t_id.get().to_le_bytes());
+            let (s1, tid) = (c.seqnum.get().to_le_bytes(), c.head.t_id.get().to_le_bytes());
             let parts: [&[u8]; 8] =
                 [&c1, &s1, &tid, &[0], b"HostHost", self.hostnqn.as_bytes(), &[0], self.subnqn.as_bytes()];
             hash.hmac(&key, &parts, &mut resp);
             let bidi = self.ctrl_key.is_some();
             let r = Reply {
-                auth_type: 1,
-                auth_id: message::REPLY,
-                rsvd1: 0.into(),
-                t_id: c.t_id,
+                head: hdr(1, message::REPLY, c.head.t_id.get()),
                 hl: hl as u8,
                 rsvd2: 0,
                 cvalid: bidi.into(),
@@ -863,7 +847,7 @@ mod tests {
             let parts: [&[u8]; 8] = [
                 &c2,
                 &7u32.to_le_bytes(),
-                &s.t_id.get().to_le_bytes(),
+                &s.head.t_id.get().to_le_bytes(),
                 &[0],
                 b"Controller",
                 self.subnqn.as_bytes(),
@@ -912,7 +896,7 @@ mod tests {
             return v;
         }
         assert!(t.check_success1(&buf, hash, shared.as_deref()), "the controller's response checks out");
-        let s2 = Header { auth_type: 1, auth_id: message::SUCCESS2, rsvd: 0.into(), t_id: 9.into() };
+        let s2 = hdr(1, message::SUCCESS2, 9);
         s.send(&[s2.as_bytes(), &[0; 10]].concat(), now)
     }
 
@@ -1050,14 +1034,7 @@ mod tests {
         s.receive(&mut buf).unwrap();
         assert!(!t.check_success1(&buf, hash, shared.as_deref()));
         // The host answers with Failure2; the session fails with its explanation.
-        let f = Failure {
-            auth_type: 0,
-            auth_id: message::FAILURE2,
-            t_id: 1.into(),
-            rescode: 1,
-            rescode_exp: 1,
-            ..Default::default()
-        };
+        let f = Failure { head: hdr(0, message::FAILURE2, 1), rescode: 1, rescode_exp: 1 };
         assert_eq!(s.send(f.as_bytes(), now), Verdict::RefusedByHost(failure::FAILED));
         assert!(!s.authenticated());
     }
@@ -1095,10 +1072,7 @@ mod tests {
         // A Reply before any Negotiate.
         let mut s = session(&h);
         let r = Reply {
-            auth_type: 1,
-            auth_id: 2,
-            rsvd1: 0.into(),
-            t_id: 0.into(),
+            head: hdr(1, message::REPLY, 0),
             hl: 32,
             rsvd2: 0,
             cvalid: 0,
