@@ -617,7 +617,6 @@ impl Session {
             head: self.header(auth_type::COMMON, message::FAILURE1),
             rescode: REASON_AUTHENTICATION_FAILURE,
             rescode_exp: why,
-            ..Default::default()
         };
         let n = size_of::<Failure>().min(out.len());
         out[..n].copy_from_slice(&f.as_bytes()[..n]);
