@@ -22,10 +22,10 @@ fn readme_keys() -> BTreeMap<String, BTreeSet<String>> {
             if let Some((parent, child)) = table.rsplit_once('.') {
                 keys.entry(parent.to_string()).or_default().insert(child.to_string());
             }
-        } else if let Some((k, _)) = line.trim_start_matches("# ").split_once(" = ") {
-            if k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
-                keys.entry(table.clone()).or_default().insert(k.to_string());
-            }
+        } else if let Some((k, _)) = line.trim_start_matches("# ").split_once(" = ")
+            && k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            keys.entry(table.clone()).or_default().insert(k.to_string());
         }
     }
     keys
