@@ -105,7 +105,15 @@ fn ns_buffers(
         }
         Err(why) => {
             info!(subnqn, nsid = n.nsid, "namespace falls back to host memory: {why}");
-            count_fallback("namespace");
+            // The backend says which decision found nothing.
+            count_fallback(
+                "namespace",
+                match n.backend {
+                    BackendCfg::File { .. } => "no_p2pmem_for_device",
+                    BackendCfg::Ram { .. } => "no_provider",
+                    BackendCfg::NvmeVfio { .. } => "no_provider_the_ssd_reaches",
+                },
+            );
             Ok(NsBuffers::Host)
         }
     }

@@ -381,7 +381,7 @@ impl FileQueue {
                 false
             }
             Some(Ok(())) => {
-                p2pnvmf_nvmf::buffers::count_fallback("request");
+                p2pnvmf_nvmf::buffers::count_fallback("request", "kernel_refused");
                 if !std::mem::replace(warned, true) {
                     warn!(path = %file.path.display(), provider = provider.as_deref().unwrap_or("-"), errno = e.raw_os_error(),
                           "request falls back to host memory: the kernel refused the p2p buffer ({e}); retried in host \

@@ -54,9 +54,10 @@ pub struct P2pPool {
 pub const FALLBACK_LEVELS: [&str; 3] = ["namespace", "controller", "request"];
 static FALLBACKS: [AtomicU64; 3] = [const { AtomicU64::new(0) }; 3];
 
-/// Counts one fallback to host memory at `level` (one of [`FALLBACK_LEVELS`]).
-pub fn count_fallback(level: &'static str) {
-    metrics::counter!("p2pnvmf_p2p_fallbacks_total", "level" => level).increment(1);
+/// Counts one fallback to host memory at `level` (one of [`FALLBACK_LEVELS`]) for `reason`, a
+/// short fixed code (the full reason goes to the log): the label set stays bounded.
+pub fn count_fallback(level: &'static str, reason: &'static str) {
+    metrics::counter!("p2pnvmf_p2p_fallbacks_total", "level" => level, "reason" => reason).increment(1);
     if let Some(i) = FALLBACK_LEVELS.iter().position(|&l| l == level) {
         FALLBACKS[i].fetch_add(1, Ordering::Relaxed);
     }
@@ -70,19 +71,24 @@ pub fn fallback_counts() -> [u64; 3] {
 /// What the controller-level decision gives a controller for one provider.
 type Decided = (Arc<ChunkPool>, Option<Arc<OwnedFd>>, &'static str);
 
+/// Why a controller falls back: the metrics' reason code and the log's words.
+type Refused = (&'static str, String);
+
 /// The controller-level decision for provider `provider`: its pool for `mover`, with how it is
 /// used, or the reason it falls back to host memory.
-fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<Decided, String> {
+fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<Decided, Refused> {
     let pci = p2p.providers[provider].pci;
     match mover {
         Mover::Cpu if required => p2p
             .pool(provider)
-            .map(|pool| (pool, None, "NVMe/TCP: the CPU copies between the socket and the provider's memory")),
-        Mover::Cpu => {
-            Err("NVMe/TCP moves data with the CPU; p2p memory pays off only for an RDMA NIC that reaches it \
-                           (buffers = \"p2p\" forces it)"
-                .into())
-        }
+            .map(|pool| (pool, None, "NVMe/TCP: the CPU copies between the socket and the provider's memory"))
+            .map_err(|e| ("provider_unusable", e)),
+        Mover::Cpu => Err((
+            "tcp_cpu_copies",
+            "NVMe/TCP moves data with the CPU; p2p memory pays off only for an RDMA NIC that reaches it \
+             (buffers = \"p2p\" forces it)"
+                .into(),
+        )),
         Mover::Rdma { device, dmabuf } => {
             let client = p2p.topology.rdma_client(device).unwrap_or_else(|| Client::Software {
                 name: device.clone(),
@@ -96,13 +102,13 @@ fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<D
                 Path::None => d.reason,
                 p => format!("{client} reaches {pci} by {} (distance {})", p.as_str(), d.distance.unwrap_or(0)),
             };
-            let pool = p2p.pool(provider)?;
+            let pool = p2p.pool(provider).map_err(|e| ("provider_unusable", e))?;
             let fd = p2p.dma_buf(provider).and_then(|fd| dmabuf.clone().map(|()| fd));
             match fd {
                 Ok(fd) => {
                     Ok((pool, Some(fd), "RDMA: the NIC moves data to and from the provider through a dma-buf MR"))
                 }
-                Err(e) => Err(format!("dma-buf: {e}; topology: {topology}")),
+                Err(e) => Err(("no_dmabuf", format!("dma-buf: {e}; topology: {topology}"))),
             }
         }
     }
@@ -122,20 +128,27 @@ pub(crate) fn controller_pools(p2p: &P2p, ctrl: &Controller, mover: &Mover) -> V
                 pools.push(P2pPool { nsid: ns.nsid, provider: pci, pool, dma_buf });
             }
             // Expected for NVMe/TCP with `auto`; worth a warning where a NIC was meant to use it.
-            Err(reason) => controller_fallback(ctrl, ns.nsid, pci, &reason, *mover != Mover::Cpu),
+            Err((code, reason)) => controller_fallback(ctrl, ns.nsid, pci, code, &reason, *mover != Mover::Cpu),
         }
     }
     pools
 }
 
 /// Logs (a warning when `warn`) and counts a controller-level fallback to host memory.
-pub(crate) fn controller_fallback(ctrl: &Controller, nsid: u32, provider: PciAddr, reason: &str, warn: bool) {
+pub(crate) fn controller_fallback(
+    ctrl: &Controller,
+    nsid: u32,
+    provider: PciAddr,
+    code: &'static str,
+    reason: &str,
+    warn: bool,
+) {
     if warn {
         warn!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid, %provider, "controller falls back to host memory: {reason}");
     } else {
         info!(cntlid = ctrl.cntlid, hostnqn = %ctrl.hostnqn, nsid, %provider, "controller falls back to host memory: {reason}");
     }
-    count_fallback("controller");
+    count_fallback("controller", code);
 }
 
 /// A queue's share of its controller's pools, taken once after Connect; per-I/O allocation
@@ -178,14 +191,14 @@ impl QueueBuffers {
         if let Some(chunk) = s.get(len) {
             return Some(chunk);
         }
-        count_fallback("request");
+        let (code, why) = if len > s.chunk_size() {
+            ("transfer_too_large", "the transfer is larger than a p2p chunk")
+        } else {
+            ("pool_exhausted", "the p2p pool is exhausted")
+        };
+        count_fallback("request", code);
         if !self.warned {
             self.warned = true;
-            let why = if len > s.chunk_size() {
-                "the transfer is larger than a p2p chunk"
-            } else {
-                "the p2p pool is exhausted"
-            };
             warn!(
                 nsid,
                 len,
@@ -250,21 +263,23 @@ mod tests {
         assert!(decide(&p2p, 0, true, &Mover::Cpu).is_ok());
         assert_eq!(controller_pools(&p2p, &controller(true), &Mover::Cpu).len(), 1);
         let reason = |required, mover: Mover| decide(&p2p, 0, required, &mover).unwrap_err();
-        assert!(reason(false, Mover::Cpu).contains("NVMe/TCP moves data with the CPU"));
+        let (code, why) = reason(false, Mover::Cpu);
+        assert!(code == "tcp_cpu_copies" && why.contains("NVMe/TCP moves data with the CPU"));
         let rdma = |dev: &str| Mover::Rdma { device: dev.into(), dmabuf: Ok(()) };
         // The fixture's CMB maps through sysfs: no dma-buf export, said first; the topology beside.
-        let nic = reason(true, rdma("mlx5_0"));
+        let (code, nic) = reason(true, rdma("mlx5_0"));
+        assert_eq!(code, "no_dmabuf");
         assert!(nic.starts_with("dma-buf: 0000:03:00.0 is not bound to vfio-pci"), "{nic}");
         assert!(
             nic.contains("topology: mlx5_0 (0000:04:00.0) reaches 0000:03:00.0 by bus-address (distance 4)"),
             "{nic}"
         );
-        assert!(reason(true, rdma("rxe9")).contains("rxe9 is not in /sys/class/infiniband"));
+        assert!(reason(true, rdma("rxe9")).1.contains("rxe9 is not in /sys/class/infiniband"));
         assert!(controller_pools(&p2p, &controller(false), &rdma("mlx5_0")).is_empty());
         // Exported (a fake exporter stands in for VFIO): the verbs library decides next.
         let p2p = p2p.with_exporter(|_| std::fs::File::open("/dev/null").map(Into::into).map_err(|e| e.to_string()));
         let old = Mover::Rdma { device: "mlx5_0".into(), dmabuf: Err("libibverbs has no ibv_reg_dmabuf_mr".into()) };
-        let nic = decide(&p2p, 0, false, &old).unwrap_err();
+        let (_, nic) = decide(&p2p, 0, false, &old).unwrap_err();
         assert!(nic.starts_with("dma-buf: libibverbs has no ibv_reg_dmabuf_mr; topology: mlx5_0"), "{nic}");
         let pools = controller_pools(&p2p, &controller(false), &rdma("mlx5_0"));
         assert_eq!(pools.len(), 1, "auto: the NIC gets the pool and its dma-buf");

@@ -174,12 +174,12 @@ impl Controller {
     /// Drops namespace `nsid`'s pool: a controller-level fallback found by an I/O queue (the
     /// NIC refused to register the provider's dma-buf), logged and counted once; queues that
     /// connect later use host memory. Whether there was a pool to drop.
-    pub fn drop_p2p_pool(&self, nsid: u32, why: &str) -> bool {
+    pub fn drop_p2p_pool(&self, nsid: u32, code: &'static str, why: &str) -> bool {
         let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
         let Some(i) = pools.iter().position(|p| p.nsid == nsid) else { return false };
         let p = pools.remove(i);
         drop(pools);
-        crate::buffers::controller_fallback(self, nsid, p.provider, why, true);
+        crate::buffers::controller_fallback(self, nsid, p.provider, code, why, true);
         true
     }
 

@@ -82,7 +82,8 @@ grep -q "controller falls back to host memory: dma-buf: $cmb is not bound to vfi
 fio_verify "$dev" 128k 2
 metrics=$(wget -qO- http://127.0.0.1:9464/metrics)
 echo "$metrics" | grep p2pnvmf_p2p
-echo "$metrics" | grep -q 'p2pnvmf_p2p_fallbacks_total{level="controller"} 1$' || die "controller fallback not counted once"
+echo "$metrics" | grep '^p2pnvmf_p2p_fallbacks_total{' | grep 'level="controller"' | grep 'reason="no_dmabuf"' | grep -q ' 1$' \
+    || die "controller fallback not counted once, with reason no_dmabuf"
 nvme_disconnect_nqn "$NQN"
 stop_target
 
@@ -101,7 +102,7 @@ grep -q "request falls back to host memory: the transfer is larger than a p2p ch
     || die "no request-level fallback reason"
 metrics=$(wget -qO- http://127.0.0.1:9464/metrics)
 echo "$metrics" | grep p2pnvmf_p2p
-n=$(echo "$metrics" | sed -n 's/^p2pnvmf_p2p_fallbacks_total{level="request"} //p')
+n=$(echo "$metrics" | grep '^p2pnvmf_p2p_fallbacks_total{' | grep 'level="request"' | grep 'reason="transfer_too_large"' | awk '{ print $NF }')
 [[ ${n:-0} -ge 32 ]] || die "expected >= 32 request fallbacks, metrics say '${n:-none}'"
 verify_rw "$dev" 16
 nvme_disconnect_nqn "$NQN"

@@ -373,7 +373,7 @@ impl Requests {
         if let (Some(why), Some(ctrl)) = (self.p2p.revoked(nsid), self.queue.controller()) {
             // The first queue to see it says it for the controller, which goes on in host
             // memory; each queue lets go of its share once.
-            ctrl.drop_p2p_pool(nsid, &format!("the provider's memory was revoked: {why}"));
+            ctrl.drop_p2p_pool(nsid, "revoked", &format!("the provider's memory was revoked: {why}"));
             self.p2p.forget(nsid);
         }
         if let Some(w) = self.p2p.get(&r.sqe, r.len) {
@@ -410,6 +410,7 @@ impl Requests {
                 Err(e) => {
                     ctrl.drop_p2p_pool(
                         p.nsid,
+                        "nic_refused_dmabuf",
                         &format!("dma-buf: the NIC does not register {}'s window: {e}", p.provider),
                     );
                 }
