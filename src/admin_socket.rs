@@ -167,6 +167,7 @@ pub fn render(v: &Value) -> String {
     out += "p2p providers:\n";
     match v["p2p"]["error"].as_str() {
         Some(e) => out += &format!("  none: {e}\n"),
+        None if list(&v["p2p"], "providers").is_empty() => out += "  none\n",
         None => {
             for p in list(&v["p2p"], "providers") {
                 out += &match p["usable"].as_bool() {
