@@ -32,6 +32,7 @@ int main(void) {
     O(ibv_device_attr, max_qp_rd_atom, "dev.max_qp_rd_atom");
     O(ibv_device_attr, max_qp_init_rd_atom, "dev.max_qp_init_rd_atom");
     O(rdma_cm_id, verbs, "cm_id.verbs"); O(rdma_cm_id, qp, "cm_id.qp");
+    O(rdma_cm_id, route.addr.src_addr, "cm_id.src_addr"); O(rdma_cm_id, route.addr.dst_addr, "cm_id.dst_addr");
     O(rdma_cm_event, event, "cm_event.event"); O(rdma_cm_event, status, "cm_event.status");
     O(rdma_cm_event, param.conn, "cm_event.conn");
     O(rdma_conn_param, private_data_len, "conn.private_data_len");
@@ -110,6 +111,8 @@ fn layouts_match_the_installed_headers() {
         ("dev.max_qp_init_rd_atom", offset_of!(IbvDeviceAttr, max_qp_init_rd_atom)),
         ("cm_id.verbs", offset_of!(RdmaCmId, verbs)),
         ("cm_id.qp", offset_of!(RdmaCmId, qp)),
+        ("cm_id.src_addr", offset_of!(RdmaCmId, src_addr)),
+        ("cm_id.dst_addr", offset_of!(RdmaCmId, dst_addr)),
         ("cm_event.event", offset_of!(RdmaCmEvent, event)),
         ("cm_event.status", offset_of!(RdmaCmEvent, status)),
         ("cm_event.conn", offset_of!(RdmaCmEvent, conn)),

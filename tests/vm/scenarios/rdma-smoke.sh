@@ -6,6 +6,8 @@ step "discover over rdma"
 nvme_discover_expect rdma 4420 "$NQN"
 step "connect over rdma"
 dev=$(nvme_connect_dev rdma 4420 "$NQN")
+"$P2PNVMF_BIN" status | grep "cntlid" | tee /dev/stderr | grep -q "from $GUEST_IP:[0-9]* over rdma" \
+    || die "p2pnvmf status lacks the RDMA host's address"
 step "verify 16 MiB on $dev"
 verify_rw "$dev" 16
 nvme_disconnect_nqn "$NQN"

@@ -83,6 +83,8 @@ pub(super) struct Event {
     pub status: i32,
     pub id: *mut sys::RdmaCmId,
     pub private: Vec<u8>,
+    /// The host's address (connect requests).
+    pub peer: Option<SocketAddr>,
     pub initiator_depth: u8,
     pub responder_resources: u8,
 }
@@ -105,6 +107,8 @@ pub(super) fn next_event(l: &Listener) -> Option<Event> {
             kind: r.event,
             status: r.status,
             id: r.id,
+            // A connect request's id routes to the host: its destination is the host's address.
+            peer: if r.id.is_null() { None } else { sys::socket_addr(&(*r.id).dst_addr) },
             private,
             initiator_depth: r.conn.initiator_depth,
             responder_resources: r.conn.responder_resources,

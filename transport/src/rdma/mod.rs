@@ -264,6 +264,9 @@ fn accept(
     let size = QpSize { depth, capsule, requests, small, large, send_wrs };
     let (mut qp, mut buffers) = Qp::create(api, ev.id, size, shared, params.busy_poll).map_err(no_res)?;
     let mut queue = Queue::new(target.clone(), port.clone());
+    if let Some(peer) = ev.peer {
+        queue.set_peer(peer.to_string());
+    }
     queue.set_mover(Mover::Rdma { device: qp.device_name(), dmabuf: sys::dmabuf_support(api) });
     queue.set_data_area(qp.data_area());
     let lim = Limits { requests, reads: usize::from(ord), send_slots: send_wrs, max_xfer, max_waiting: depth };

@@ -211,14 +211,41 @@ pub struct RdmaConnParam {
     pub qp_num: u32,
 }
 
-/// The head of `struct rdma_cm_id`.
+/// The head of `struct rdma_cm_id`, through its route's addresses (`route.addr`'s source and
+/// destination unions, each as large as a `sockaddr_storage`).
 #[repr(C)]
-#[derive(Debug)]
 pub struct RdmaCmId {
     pub verbs: *mut IbvContext,
     pub channel: *mut RdmaEventChannel,
     pub context: *mut c_void,
     pub qp: *mut IbvQp,
+    pub src_addr: libc::sockaddr_storage,
+    pub dst_addr: libc::sockaddr_storage,
+}
+
+/// The IPv4 or IPv6 address in `ss`, if it holds one.
+pub fn socket_addr(ss: &libc::sockaddr_storage) -> Option<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says a sockaddr_in is stored; sockaddr_storage is larger and
+            // at least as aligned.
+            let sin = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::from((Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()), u16::from_be(sin.sin_port))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for a sockaddr_in6.
+            let sin6 = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::from((Ipv6Addr::from(sin6.sin6_addr.s6_addr), u16::from_be(sin6.sin6_port))))
+        }
+        _ => None,
+    }
+}
+
+impl std::fmt::Debug for RdmaCmId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaCmId").field("verbs", &self.verbs).field("qp", &self.qp).finish_non_exhaustive()
+    }
 }
 
 /// The head of `struct rdma_cm_event` (the `ud` arm of `param` is never read).
