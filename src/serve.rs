@@ -294,10 +294,12 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
 /// controllers, p2p providers and the fallbacks so far.
 fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
     use serde_json::json;
+    // Ports are the listeners in order (`ports`): their transport names come from the core.
     let listeners: Vec<_> = cfg
         .listeners
         .iter()
-        .map(|l| json!({"name": l.name, "transport": format!("{:?}", l.transport).to_lowercase(), "address": l.address.to_string(), "port": l.port}))
+        .zip(&target.ports)
+        .map(|(l, p)| json!({"name": l.name, "transport": p.trtype.as_str(), "address": l.address.to_string(), "port": l.port}))
         .collect();
     let p2p = live.p2p.as_ref().ok();
     let subsystems: Vec<_> = cfg
@@ -308,7 +310,7 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
                 .namespaces
                 .iter()
                 .map(|n| {
-                    let ns = live.subsystems.get(&s.nqn).and_then(|(_, l)| l.ns(n.nsid).cloned());
+                    let ns = live.subsystems.get(&s.nqn).and_then(|(_, l)| l.ns(n.nsid));
                     let (backend, device) = match &n.backend {
                         BackendCfg::Ram { .. } => ("ram", String::new()),
                         BackendCfg::File { path, .. } => ("file", path.display().to_string()),
@@ -316,7 +318,7 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
                             ("nvme-vfio", format!("{pci} nsid {device_nsid}"))
                         }
                     };
-                    let buffers = match ns.as_ref().map(|n| &n.buffers) {
+                    let buffers = match ns.map(|n| &n.buffers) {
                         Some(NsBuffers::P2p { provider, .. }) => {
                             p2p.map_or("p2p".into(), |p| format!("p2p {}", p.providers[*provider].pci))
                         }
@@ -338,7 +340,7 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
             let queues: Vec<_> =
                 c.io_queues().iter().map(|&(qid, entries)| json!({"qid": qid, "entries": entries})).collect();
             json!({"cntlid": c.cntlid, "subnqn": c.subnqn(), "hostnqn": c.hostnqn,
-                   "transport": format!("{:?}", c.port.trtype).to_lowercase(), "listener": listener,
+                   "transport": c.port.trtype.as_str(), "listener": listener,
                    "host_address": (!c.peer.is_empty()).then(|| c.peer.clone()),
                    "kato_ms": c.kato().as_millis() as u64, "io_queues": queues})
         })
@@ -434,33 +436,32 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
         format!("READY=1\nSTATUS=serving {} subsystem(s) on {} listener(s)", t.subsystems().len(), t.ports.len())
     };
     systemd.send(&serving(&target));
+    // Both ways to ask for a reload (SIGHUP, `p2pnvmf reload`), with systemd told around it.
+    let reload_notified = |why: &str, cfg: &mut Config, live: &mut Live| match &path {
+        Some(p) => {
+            systemd.send("RELOADING=1\nSTATUS=reloading the configuration");
+            let r = reload(why, p, cfg, live, &target);
+            systemd.send(&serving(&target));
+            r
+        }
+        None => {
+            warn!("{why}: serving the embedded default, no file to reload");
+            Err("serving the embedded default: there is no file to reload".into())
+        }
+    };
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break info!("SIGINT: shutting down"),
             _ = term.recv() => break info!("SIGTERM: shutting down"),
-            _ = hup.recv() => match &path {
-                Some(p) => {
-                    systemd.send("RELOADING=1\nSTATUS=reloading the configuration");
-                    let _ = reload("SIGHUP", p, &mut cfg, &mut live, &target);
-                    systemd.send(&serving(&target));
-                }
-                None => warn!("SIGHUP: serving the embedded default, no file to reload"),
-            },
+            _ = hup.recv() => {
+                let _ = reload_notified("SIGHUP", &mut cfg, &mut live);
+            }
             Some(ask) = asks.recv() => match ask {
                 Ask::Status(reply) => {
                     let _ = reply.send(status(&cfg, &live, &target));
                 }
                 Ask::Reload(reply) => {
-                    let r = match &path {
-                        Some(p) => {
-                            systemd.send("RELOADING=1\nSTATUS=reloading the configuration");
-                            let r = reload("admin socket", p, &mut cfg, &mut live, &target);
-                            systemd.send(&serving(&target));
-                            r
-                        }
-                        None => Err("serving the embedded default: there is no file to reload".into()),
-                    };
-                    let _ = reply.send(r);
+                    let _ = reply.send(reload_notified("admin socket", &mut cfg, &mut live));
                 }
             },
         }

@@ -344,11 +344,13 @@ impl Controller {
     pub(crate) fn add_io_queue(&self, qid: u16, entries: u16) -> bool {
         let mut st = self.state();
         let max = st.queues.map_or(self.limits.io_queues, |q| q + 1);
-        if qid > max || st.io_queues.contains_key(&qid) {
-            return false;
+        match st.io_queues.entry(qid) {
+            std::collections::btree_map::Entry::Vacant(v) if qid <= max => {
+                v.insert(entries);
+                true
+            }
+            _ => false,
         }
-        st.io_queues.insert(qid, entries);
-        true
     }
 
     pub(crate) fn remove_io_queue(&self, qid: u16) {

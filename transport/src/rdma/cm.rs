@@ -95,7 +95,8 @@ pub(super) fn next_event(l: &Listener) -> Option<Event> {
     if unsafe { (l.api.rdma_get_cm_event)(l.channel, &mut ev) } != 0 {
         return None;
     }
-    // SAFETY: `ev` is valid until acked; private data is copied before the ack.
+    // SAFETY: `ev` is valid until acked; private data and the id's route address (the id
+    // lives on: a connect request's id is the new connection's) are copied before the ack.
     let e = unsafe {
         let r = &*ev;
         let private = if r.conn.private_data.is_null() {
