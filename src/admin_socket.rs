@@ -145,6 +145,12 @@ pub fn render(v: &Value) -> String {
                 s(&ns["device"]),
                 s(&ns["buffers"])
             );
+            out += &format!(
+                "             uuid {}  nguid {}  eui64 {}\n",
+                s(&ns["uuid"]),
+                s(&ns["nguid"]),
+                s(&ns["eui64"])
+            );
         }
     }
     out += "controllers:\n";

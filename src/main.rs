@@ -113,6 +113,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { file } => {
             let cfg = p2pnvmf_config::Config::load(&file)?;
+            for w in &cfg.warnings {
+                eprintln!("warning: {w}");
+            }
             let namespaces: usize = cfg.subsystems.iter().map(|s| s.namespaces.len()).sum();
             println!(
                 "{}: ok ({} listener(s), {} subsystem(s), {} namespace(s))",

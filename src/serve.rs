@@ -11,7 +11,7 @@ use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
 use p2pnvmf_nvmf::buffers::{NsBuffers, count_fallback};
-use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, Port, Subsystem, Target, TrType};
+use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, NsIds, Port, Subsystem, Target, TrType};
 use p2pnvmf_p2p::path::Client;
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
@@ -60,6 +60,17 @@ fn open_backend(
             Arc::new(b)
         }
     })
+}
+
+/// The identifiers a namespace reports: the configured ones, else those derived from NQN and
+/// NSID.
+fn namespace_ids(subnqn: &str, n: &p2pnvmf_config::Namespace) -> NsIds {
+    let derived = NsIds::derived(subnqn, n.nsid);
+    NsIds {
+        uuid: n.uuid.unwrap_or(derived.uuid),
+        nguid: n.nguid.unwrap_or(derived.nguid),
+        eui64: n.eui64.unwrap_or(derived.eui64),
+    }
 }
 
 /// The namespace-level buffer decision: p2p chunks from the first usable provider, or host
@@ -173,6 +184,7 @@ impl Live {
                         Namespace::new(&s.nqn, n.nsid, backend)
                     }
                 };
+                ns.ids = namespace_ids(&s.nqn, n);
                 ns.buffers = ns_buffers(&self.p2p, &s.nqn, n)?;
                 namespaces.push(ns);
             }
@@ -279,6 +291,10 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
                 .collect();
             target.reconfigure(next.list());
             *live = next;
+            // Warned once: what the running configuration already had was said before.
+            for w in new.warnings.iter().filter(|w| !cfg.warnings.iter().any(|o| o.message == w.message)) {
+                warn!("{why}: {w}");
+            }
             *cfg = new;
             info!("{why}: {} applied", path.display());
             Ok(format!(
@@ -324,8 +340,10 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
                         }
                         _ => "host memory".into(),
                     };
+                    let ids = ns.map(|n| n.ids).unwrap_or_default();
                     json!({"nsid": n.nsid, "backend": backend, "device": device,
-                           "size": ns.map(|n| n.backend.size_bytes()), "buffers": buffers})
+                           "size": ns.map(|n| n.backend.size_bytes()), "buffers": buffers,
+                           "uuid": ids.uuid_text(), "nguid": ids.nguid_text(), "eui64": ids.eui64_text()})
                 })
                 .collect();
             let hosts: Vec<_> = s.hosts.iter().map(|h| json!({"nqn": h.nqn, "dhchap": h.key.is_some()})).collect();
@@ -384,6 +402,9 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
             .install()
             .with_context(|| format!("metrics.listen: serving Prometheus metrics on {addr}"))?;
         info!(%addr, "Prometheus metrics on http://{addr}/metrics");
+    }
+    for w in &cfg.warnings {
+        warn!("{w}");
     }
     let p2p = discover_p2p(&cfg);
     let mut live = Live { subsystems: HashMap::new(), p2p: p2p.clone() }.build(&cfg)?;

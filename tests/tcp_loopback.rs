@@ -230,21 +230,36 @@ fn status_and_reload_through_the_admin_socket() {
     assert!(text.contains("nsid 1"), "{text}");
 
     // A namespace added: the reload says what changed.
-    std::fs::write(&cfg, format!("{body}[[subsystem.namespace]]\nnsid = 2\nbackend = \"ram\"\nsize = \"2MiB\"\n"))
-        .unwrap();
+    // With its own UUID and EUI-64 (kept from another target); and a subsystem named as
+    // blktests names them, served with one warning however often it is reloaded.
+    let more = "[[subsystem.namespace]]\nnsid = 2\nbackend = \"ram\"\nsize = \"2MiB\"\n\
+                uuid = \"91fdba0d-f87b-4c25-b80f-db7be1418b9e\"\neui64 = \"00:11:22:33:44:55:66:77\"\n\
+                [[subsystem]]\nnqn = \"blktests-subsystem-1\"\nallow_any_host = true\n";
+    std::fs::write(&cfg, format!("{body}{more}")).unwrap();
     let (ok, text) = cli(&["reload"]);
     assert!(
-        ok && text.contains("applied: subsystems added [], removed [], changed [\"nqn.2026-12.io.p2pnvmf:s\"]"),
+        ok && text.contains(
+            "applied: subsystems added [\"blktests-subsystem-1\"], removed [], changed [\"nqn.2026-12.io.p2pnvmf:s\"]"
+        ),
         "{text}"
     );
     let (_, json) = cli(&["status", "--json"]);
-    assert!(json.contains("\"nsid\": 2"), "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let ns2 = &v["subsystems"][0]["namespaces"][1];
+    assert_eq!(ns2["nsid"], 2, "{json}");
+    assert_eq!(ns2["uuid"], "91fdba0d-f87b-4c25-b80f-db7be1418b9e");
+    assert_eq!(ns2["eui64"], "0011223344556677");
+    assert_eq!(ns2["nguid"].as_str().map(str::len), Some(32), "the derived NGUID: {json}");
+    assert_eq!(v["subsystems"][1]["nqn"], "blktests-subsystem-1");
+    std::fs::write(&cfg, format!("{body}{more}serial = \"B1\"\n")).unwrap();
+    assert!(cli(&["reload"]).0);
     // An invalid file: refused with its line, exit status 1, nothing changed.
     std::fs::write(&cfg, format!("{body}bogus = 1\n")).unwrap();
     let (ok, text) = cli(&["reload"]);
     assert!(!ok && text.contains("reload refused: ") && text.contains("unknown field `bogus`"), "{text}");
     let log = terminate(s);
     assert!(log.contains("admin socket: reload refused"), "{log}");
+    assert_eq!(log.matches("'blktests-subsystem-1' is not in the NQN form").count(), 1, "{log}");
     assert!(!sock.exists(), "the socket goes with the target");
     let (ok, text) = cli(&["status"]);
     assert!(!ok && text.contains("is `p2pnvmf serve` running"), "{text}");

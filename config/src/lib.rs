@@ -5,6 +5,8 @@
 mod raw;
 mod size;
 
+pub use raw::NQN_MAX;
+
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
@@ -13,8 +15,8 @@ pub use size::parse_size;
 /// The embedded default configuration (`deploy/default.toml`).
 pub const DEFAULT: &str = include_str!("../../deploy/default.toml");
 
-/// A configuration error with its location.
-#[derive(Debug, thiserror::Error)]
+/// A configuration error (or warning) with its location.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}:{line}:{column}: {message}")]
 pub struct ConfigError {
     pub file: String,
@@ -102,6 +104,11 @@ pub struct Namespace {
     /// `provider`: the p2p provider (PCI address) its buffers must come from, instead of the
     /// nearest usable one.
     pub provider: Option<p2pnvmf_p2p::pci::PciAddr>,
+    /// `uuid`, `nguid`, `eui64`: identifiers that replace the derived ones (a volume moved
+    /// here keeps its identity); all zeroes means "not reported".
+    pub uuid: Option<[u8; 16]>,
+    pub nguid: Option<[u8; 16]>,
+    pub eui64: Option<[u8; 8]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,6 +132,8 @@ pub struct Config {
     /// `[metrics] listen`: where Prometheus scrapes `/metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub limits: Limits,
+    /// What was accepted but deserves the operator's eye, with its place in the file.
+    pub warnings: Vec<ConfigError>,
 }
 
 /// The `[limits]` section: what hosts get at most, refused with the specification's status

@@ -108,14 +108,23 @@ struct RawNamespace {
     dma: Option<Spanned<String>>,
     buffers: Option<Spanned<String>>,
     provider: Option<Spanned<String>>,
+    uuid: Option<Spanned<String>>,
+    nguid: Option<Spanned<String>>,
+    eui64: Option<Spanned<String>>,
 }
 
 struct Ctx<'a> {
     src: &'a str,
     file: &'a str,
+    /// What is accepted but worth telling the operator (a name not in the "nqn." form).
+    warnings: std::cell::RefCell<Vec<ConfigError>>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(src: &'a str, file: &'a str) -> Self {
+        Ctx { src, file, warnings: Default::default() }
+    }
+
     /// The file as TOML, before any of its values is checked.
     fn raw(&self) -> Result<RawConfig, ConfigError> {
         toml::from_str(self.src).map_err(|e| self.err(e.span().unwrap_or(0..0), e.message().trim().to_string()))
@@ -132,7 +141,7 @@ impl Ctx<'_> {
 /// The `[p2p]` table of a file that may hold only that (what `topology --config` reads); a
 /// file with listeners is checked whole, so its errors are not hidden.
 pub(crate) fn parse_p2p(src: &str, file: &str) -> Result<P2p, ConfigError> {
-    let cx = Ctx { src, file };
+    let cx = Ctx::new(src, file);
     let raw = cx.raw()?;
     if !raw.listener.is_empty() {
         return parse(src, file).map(|c| c.p2p);
@@ -141,7 +150,7 @@ pub(crate) fn parse_p2p(src: &str, file: &str) -> Result<P2p, ConfigError> {
 }
 
 pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
-    let cx = Ctx { src, file };
+    let cx = Ctx::new(src, file);
     let raw = cx.raw()?;
     if raw.listener.is_empty() {
         return Err(cx.err(0..0, "no [[listener]]: the target would serve nothing".into()));
@@ -173,7 +182,8 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         Some(r) => limits(&cx, r)?,
         None => Limits::default(),
     };
-    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits })
+    unique_namespace_ids(&cx, &raw, &subsystems)?;
+    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits, warnings: cx.warnings.into_inner() })
 }
 
 /// An integer key within `lo..=hi`, or `default` when absent.
@@ -346,13 +356,79 @@ fn ascii_field(cx: &Ctx, key: &str, v: &Spanned<String>, max: usize) -> Result<S
     Ok(s.clone())
 }
 
+/// Longest NQN (NVMe Base 2.0, 4.5): the Connect data and discovery log fields hold 256
+/// bytes, NUL-terminated; Linux (host and target) cut names at this length.
+pub const NQN_MAX: usize = 223;
+
+/// A subsystem or host NQN. Accepted as Linux's nvmet accepts it (any name of 1 to 223 bytes:
+/// existing set-ups such as blktests' `blktests-subsystem-1` keep their names); refused where
+/// it would not survive the wire (too long, a NUL — TOML strings are UTF-8 already). A name
+/// not in the "nqn." form NVMe Base 4.5 defines is served with a warning.
 fn nqn_field(cx: &Ctx, key: &str, v: &Spanned<String>) -> Result<String, ConfigError> {
     let s = v.get_ref();
-    // NVMe Base 2.0, 4.5: "nqn." prefix, at most 223 bytes of UTF-8.
-    if !s.starts_with("nqn.") || s.len() > 223 {
-        return Err(cx.err(v.span(), format!("{key}: '{s}' is not an NQN (\"nqn.\" prefix, at most 223 bytes)")));
+    if s.is_empty() || s.len() > NQN_MAX || s.contains('\0') {
+        return Err(cx.err(
+            v.span(),
+            format!("{key}: '{}' is not a usable NQN (1 to {NQN_MAX} bytes of UTF-8, no NUL)", s.escape_debug()),
+        ));
+    }
+    if !s.starts_with("nqn.") {
+        cx.warnings.borrow_mut().push(cx.err(
+            v.span(),
+            format!(
+                "{key}: '{s}' is not in the NQN form (\"nqn.yyyy-mm.reverse.domain:name\", NVMe Base 4.5); \
+                 served as given, as Linux's nvmet serves it"
+            ),
+        ));
     }
     Ok(s.clone())
+}
+
+/// A `bytes`-long identifier in hex: `uuid` in its 8-4-4-4-12 form, `nguid` and `eui64` as hex
+/// digits with optional `-` or `:` between bytes (as nvmet's configfs and nvme-cli print them).
+fn hex_id<const N: usize>(cx: &Ctx, key: &str, v: &Spanned<String>, form: &str) -> Result<[u8; N], ConfigError> {
+    let s = v.get_ref();
+    let digits: Vec<u8> = s.bytes().filter(|b| *b != b'-' && *b != b':').collect();
+    let bad = || cx.err(v.span(), format!("{key}: '{s}' is not {N} bytes in hex ({form})"));
+    if digits.len() != 2 * N || s.starts_with(['-', ':']) || s.ends_with(['-', ':']) {
+        return Err(bad());
+    }
+    let mut id = [0u8; N];
+    for (i, pair) in digits.chunks(2).enumerate() {
+        id[i] = std::str::from_utf8(pair).ok().and_then(|p| u8::from_str_radix(p, 16).ok()).ok_or_else(bad)?;
+    }
+    Ok(id)
+}
+
+/// Two namespaces with one identifier would be one volume to a host (which refuses the
+/// second: "duplicate IDs"); zero means "not reported" and may repeat.
+fn unique_namespace_ids(cx: &Ctx, raw: &RawConfig, subsystems: &[Subsystem]) -> Result<(), ConfigError> {
+    let mut seen: std::collections::HashMap<(&str, Vec<u8>), String> = Default::default();
+    for (i, s) in subsystems.iter().enumerate() {
+        for (j, n) in s.namespaces.iter().enumerate() {
+            let ids =
+                [("uuid", n.uuid.map(Vec::from)), ("nguid", n.nguid.map(Vec::from)), ("eui64", n.eui64.map(Vec::from))];
+            for (field, id) in ids {
+                let Some(id) = id.filter(|id| id.iter().any(|&b| b != 0)) else { continue };
+                let key = format!("subsystem[{i}].namespace[{j}].{field}");
+                if let Some(first) = seen.insert((field, id), key.clone()) {
+                    // The span of this namespace's key, for the line.
+                    let r = raw.subsystem[i]
+                        .get_ref()
+                        .namespace
+                        .iter()
+                        .find(|r| *r.get_ref().nsid.get_ref() == i64::from(n.nsid));
+                    let span = r.and_then(|r| match field {
+                        "uuid" => r.get_ref().uuid.as_ref(),
+                        "nguid" => r.get_ref().nguid.as_ref(),
+                        _ => r.get_ref().eui64.as_ref(),
+                    });
+                    return Err(cx.err(span.map_or(0..0, |v| v.span()), format!("{key}: the same {field} as {first}")));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn subsystem(cx: &Ctx, i: usize, s: &Spanned<RawSubsystem>, listeners: &[Listener]) -> Result<Subsystem, ConfigError> {
@@ -565,7 +641,14 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
         }
         Some(p) => Some(p.get_ref().parse().map_err(|e| cx.err(p.span(), format!("{key}.provider: {e}")))?),
     };
-    Ok(Namespace { nsid, backend, buffers, provider })
+    let uuid = r
+        .uuid
+        .as_ref()
+        .map(|v| hex_id(cx, &format!("{key}.uuid"), v, "e.g. \"91fdba0d-f87b-4c25-b80f-db7be1418b9e\""))
+        .transpose()?;
+    let nguid = r.nguid.as_ref().map(|v| hex_id(cx, &format!("{key}.nguid"), v, "32 hex digits")).transpose()?;
+    let eui64 = r.eui64.as_ref().map(|v| hex_id(cx, &format!("{key}.eui64"), v, "16 hex digits")).transpose()?;
+    Ok(Namespace { nsid, backend, buffers, provider, uuid, nguid, eui64 })
 }
 
 #[cfg(test)]
@@ -636,6 +719,94 @@ mod tests {
             assert!(e.message.contains(want), "{body}: {e}");
             assert_eq!(e.line, LISTENER.lines().count() + 2, "{body}: {e}");
         }
+    }
+
+    #[test]
+    fn names_nvmet_accepts_are_served_with_a_warning_once_and_wire_breakers_refused() {
+        let sub = |nqn: &str, host: &str| format!("{LISTENER}[[subsystem]]\nnqn = \"{nqn}\"\nhosts = [\"{host}\"]\n");
+        // blktests' names: no "nqn." prefix, as Linux's nvmet takes them.
+        let c = parse(&sub("blktests-subsystem-1", "nqn.2014-08.org.nvmexpress:uuid:0f01fb42"), "t.toml").unwrap();
+        assert_eq!(c.subsystems[0].nqn, "blktests-subsystem-1");
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        let w = &c.warnings[0];
+        assert_eq!((w.file.as_str(), w.line), ("t.toml", 6), "{w}");
+        assert!(w.message.starts_with("subsystem[0].nqn: 'blktests-subsystem-1' is not in the NQN form"), "{w}");
+        let c = parse(&sub("nqn.2026-12.io.x:a", "hostnqn"), "t").unwrap();
+        assert!(
+            c.warnings[0].message.starts_with("subsystem[0].hosts[0]: 'hostnqn' is not in the NQN form"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(parse(&sub("nqn.2026-12.io.x:a", "nqn.h"), "t").unwrap().warnings.is_empty());
+        // 223 bytes is the longest NQN; 224 would be cut by the host and the kernel target.
+        let longest = format!("nqn.{}", "a".repeat(219));
+        assert_eq!(parse(&sub(&longest, "nqn.h"), "t").unwrap().subsystems[0].nqn.len(), 223);
+        let e = err(&sub(&format!("{longest}b"), "nqn.h"));
+        assert!(e.message.contains("is not a usable NQN (1 to 223 bytes of UTF-8, no NUL)"), "{e}");
+        let e = err(&sub("nqn.a\\u0000b", "nqn.h"));
+        assert!(e.message.contains("'nqn.a\\0b' is not a usable NQN"), "{e}");
+        let e = err(&sub("nqn.x", "a\\u0000"));
+        assert!(e.message.starts_with("subsystem[0].hosts[0]:"), "{e}");
+        // A name that is not UTF-8 cannot even be read: the file is refused with its path.
+        let mut bytes = sub("nqn.x", "nqn.h").into_bytes();
+        let at = bytes.windows(5).position(|w| w == b"nqn.x").unwrap();
+        bytes[at + 4] = 0xff;
+        let path = std::env::temp_dir().join(format!("p2pnvmf-not-utf8-{}.toml", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(e.starts_with(&format!("{}: stream did not contain valid UTF-8", path.display())), "{e}");
+        let e = err(&sub("nqn.2014-08.org.nvmexpress.discovery", "nqn.h"));
+        assert!(e.message.contains("the discovery NQN is reserved"), "{e}");
+    }
+
+    #[test]
+    fn namespace_identifiers_parse_in_the_forms_tools_print_and_stay_unique() {
+        let ns = |nsid: u32, body: &str| {
+            format!("[[subsystem.namespace]]\nnsid = {nsid}\nbackend = \"ram\"\nsize = 4096\n{body}")
+        };
+        let sub = |nss: &str| format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\n{nss}");
+        let c = parse(
+            &sub(&ns(
+                1,
+                "uuid = \"91fdba0d-f87b-4c25-b80f-db7be1418b9e\"\nnguid = \"91FDBA0D-F87B-4C25-B80F-DB7BE1418B9E\"\n\
+                 eui64 = \"00:11:22:33:44:55:66:77\"\n",
+            )),
+            "t",
+        )
+        .unwrap();
+        let n = &c.subsystems[0].namespaces[0];
+        let id = [0x91, 0xfd, 0xba, 0x0d, 0xf8, 0x7b, 0x4c, 0x25, 0xb8, 0x0f, 0xdb, 0x7b, 0xe1, 0x41, 0x8b, 0x9e];
+        assert_eq!((n.uuid, n.nguid), (Some(id), Some(id)));
+        assert_eq!(n.eui64, Some([0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]));
+        let c = parse(&sub(&ns(1, "eui64 = \"0011223344556677\"\n")), "t").unwrap();
+        assert_eq!(
+            (c.subsystems[0].namespaces[0].eui64, c.subsystems[0].namespaces[0].uuid),
+            (Some([0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]), None)
+        );
+        for (body, want) in [
+            ("uuid = \"91fdba0d\"", "subsystem[0].namespace[0].uuid: '91fdba0d' is not 16 bytes in hex"),
+            ("nguid = \"zz\"", "subsystem[0].namespace[0].nguid: 'zz' is not 16 bytes in hex (32 hex digits)"),
+            ("eui64 = \"-0011223344556677\"", "eui64: '-0011223344556677' is not 8 bytes in hex"),
+            ("eui64 = \"001122334455667g\"", "is not 8 bytes in hex"),
+        ] {
+            let e = err(&sub(&ns(1, &format!("{body}\n"))));
+            assert!(e.message.contains(want), "{body}: {e}");
+            assert_eq!(e.line, 12, "{body}: {e}");
+        }
+        // A duplicate is refused at the second one's line; zero ("not reported") may repeat.
+        let two = |a: &str, b: &str| sub(&format!("{}{}", ns(1, a), ns(2, b)));
+        let e = err(&two(
+            "nguid = \"00112233445566778899aabbccddeeff\"\n",
+            "nguid = \"00112233-4455-6677-8899-aabbccddeeff\"\n",
+        ));
+        assert!(
+            e.message.contains("subsystem[0].namespace[1].nguid: the same nguid as subsystem[0].namespace[0].nguid"),
+            "{e}"
+        );
+        assert_eq!(e.line, 17, "{e}");
+        let zero = "nguid = \"00000000-0000-0000-0000-000000000000\"\n";
+        assert!(parse(&two(zero, zero), "t").is_ok());
     }
 
     #[test]
@@ -754,8 +925,8 @@ mod tests {
         let e =
             err(&format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nallow_any_host = true\nlisteners = [\"nope\"]\n"));
         assert!(e.message.contains("no listener named 'nope'"), "{e}");
-        let e = err(&format!("{LISTENER}[[subsystem]]\nnqn = \"x\"\nallow_any_host = true\n"));
-        assert!(e.message.contains("is not an NQN"), "{e}");
+        let e = err(&format!("{LISTENER}[[subsystem]]\nnqn = \"\"\nallow_any_host = true\n"));
+        assert!(e.message.contains("is not a usable NQN"), "{e}");
         let c = parse(
             &format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.x\"\nhosts = [\"nqn.h\"]\nlisteners = [\"t\"]\n"),
             "t",

@@ -123,6 +123,9 @@ fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
                 put64(&mut page, 8, blocks); // NCAP
                 put64(&mut page, 16, blocks); // NUSE
                 page[24] = 1 << 2; // NSFEAT: DAE (deallocated or unwritten error) supported
+                // NMIC: shared — every controller of the subsystem reaches it, as with the
+                // kernel target; without it a host refuses a second path's namespace.
+                page[30] = 1;
                 page[33] = 1 | 1 << 3; // DLFEAT: deallocated blocks read as zeroes; WZ dealloc
                 if let Some(d) = ns.backend.device() {
                     // An NVMe device's own features, as its Identify says.
@@ -130,7 +133,8 @@ fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
                     put16(&mut page, 72, d.nows);
                     page[33] = d.dlfeat;
                 }
-                page[104..120].copy_from_slice(&ns.nguid);
+                page[104..120].copy_from_slice(&ns.ids.nguid);
+                page[120..128].copy_from_slice(&ns.ids.eui64);
                 put32(&mut page, 128, (ns.lba_shift) << 16); // LBAF0: LBADS
             }
             reply(&page, data)
@@ -145,13 +149,18 @@ fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
             let Some(ns) = subsys.ns(nsid) else {
                 return Response::status(Status::INVALID_NAMESPACE.dnr());
             };
-            // NIDT 2 = NGUID, 3 = UUID, 4 = CSI (NVMe Base 2.0, Figure 277).
-            page[..4].copy_from_slice(&[2, 16, 0, 0]);
-            page[4..20].copy_from_slice(&ns.nguid);
-            page[20..24].copy_from_slice(&[3, 16, 0, 0]);
-            page[24..40].copy_from_slice(&ns.uuid);
-            page[40..44].copy_from_slice(&[4, 1, 0, 0]);
-            page[44] = 0; // NVM command set
+            // NIDT 1 = EUI-64, 2 = NGUID, 3 = UUID, 4 = CSI (NVMe Base 2.0, Figure 277); an
+            // identifier that is zero is not reported.
+            let ids = &ns.ids;
+            let mut at = 0;
+            for (nidt, id) in [(1u8, &ids.eui64[..]), (2, &ids.nguid[..]), (3, &ids.uuid[..]), (4, &[0u8][..])] {
+                if nidt != 4 && id.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                page[at..at + 4].copy_from_slice(&[nidt, id.len() as u8, 0, 0]);
+                page[at + 4..at + 4 + id.len()].copy_from_slice(id); // CSI 0: NVM command set
+                at += 4 + id.len();
+            }
             reply(&page, data)
         }
         _ => Response::status(Status::INVALID_FIELD.dnr()),
@@ -169,7 +178,8 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     put_str(&mut page[24..64], model, b' ');
     put_str(&mut page[64..72], FIRMWARE_REVISION, b' ');
     page[72] = 6; // RAB
-    page[76] = 1 << 1; // CMIC: may be accessed by several controllers
+    // CMIC: several ports (listeners) and several controllers reach the subsystem.
+    page[76] = 1 | 1 << 1;
     let params = ctrl.port.params;
     // MDTS in units of the 4 KiB minimum page size, as a power of two.
     page[77] = (params.max_xfer / 4096).max(1).ilog2() as u8;

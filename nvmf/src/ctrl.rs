@@ -209,7 +209,10 @@ impl Controller {
         let old = std::mem::replace(&mut *cell.lock().unwrap_or_else(|e| e.into_inner()), new.clone());
         self.generation.fetch_add(1, Ordering::AcqRel);
         let same = |a: &crate::Namespace, b: &crate::Namespace| {
-            Arc::ptr_eq(&a.backend, &b.backend) && a.blocks() == b.blocks() && a.lba_shift == b.lba_shift
+            Arc::ptr_eq(&a.backend, &b.backend)
+                && a.blocks() == b.blocks()
+                && a.lba_shift == b.lba_shift
+                && a.ids == b.ids
         };
         let changed: Vec<u32> = old
             .namespaces

@@ -121,8 +121,7 @@ pub struct Namespace {
     pub backend: Arc<dyn Backend>,
     /// log2 of the logical block size.
     pub lba_shift: u32,
-    pub nguid: [u8; 16],
-    pub uuid: [u8; 16],
+    pub ids: NsIds,
     /// Where its I/O buffers come from.
     pub buffers: crate::buffers::NsBuffers,
     pub metrics: NsMetrics,
@@ -183,19 +182,61 @@ impl NsMetrics {
     }
 }
 
-impl Namespace {
-    /// A namespace with NGUID and UUID derived from the subsystem NQN and NSID, so they stay
-    /// the same across restarts (hosts key multipath and udev names on them).
-    pub fn new(subnqn: &str, nsid: u32, backend: Arc<dyn Backend>) -> Self {
+/// A namespace's identifiers (NVMe Base 2.0, 4.7.1): what hosts key multipath, udev names
+/// and "is this the same volume" on. An all-zero identifier is not reported, as the
+/// specification reads zero.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NsIds {
+    pub nguid: [u8; 16],
+    pub uuid: [u8; 16],
+    pub eui64: [u8; 8],
+}
+
+impl NsIds {
+    /// NGUID and UUID derived from the subsystem NQN and NSID, so they stay the same across
+    /// restarts; no EUI-64 (it needs an IEEE OUI of our own).
+    pub fn derived(subnqn: &str, nsid: u32) -> Self {
         // Salts: "nguid" and "uuid" in ASCII.
         let nguid = stable_id(subnqn, nsid, 0x6e_6775_6964);
         let mut uuid = stable_id(subnqn, nsid, 0x7575_6964);
         // RFC 4122 version 8 (custom), variant 10.
         uuid[6] = (uuid[6] & 0x0f) | 0x80;
         uuid[8] = (uuid[8] & 0x3f) | 0x80;
+        NsIds { nguid, uuid, eui64: [0; 8] }
+    }
+}
+
+impl NsIds {
+    /// The UUID as RFC 4122 prints it, `None` when not reported.
+    pub fn uuid_text(&self) -> Option<String> {
+        let h = hex(&self.uuid)?;
+        Some(format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]))
+    }
+
+    /// The NGUID as 32 hex digits (as nvme-cli prints it), `None` when not reported.
+    pub fn nguid_text(&self) -> Option<String> {
+        hex(&self.nguid)
+    }
+
+    /// The EUI-64 as 16 hex digits, `None` when not reported.
+    pub fn eui64_text(&self) -> Option<String> {
+        hex(&self.eui64)
+    }
+}
+
+/// Lower-case hex of an identifier; `None` for zero, which is not reported.
+fn hex(id: &[u8]) -> Option<String> {
+    id.iter().any(|&b| b != 0).then(|| id.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Namespace {
+    /// A namespace with the identifiers [`NsIds::derived`] gives; the configuration may set
+    /// others (a volume that moved here keeps its identity).
+    pub fn new(subnqn: &str, nsid: u32, backend: Arc<dyn Backend>) -> Self {
         let lba_shift = backend.lba_shift();
         let metrics = NsMetrics::new(subnqn, nsid);
-        Namespace { nsid, backend, lba_shift, nguid, uuid, buffers: crate::buffers::NsBuffers::Host, metrics }
+        let ids = NsIds::derived(subnqn, nsid);
+        Namespace { nsid, backend, lba_shift, ids, buffers: crate::buffers::NsBuffers::Host, metrics }
     }
 
     pub fn block_size(&self) -> u32 {
@@ -277,11 +318,18 @@ pub(crate) mod tests {
         let a = Namespace::new("nqn.x", 1, Arc::new(Null));
         let b = Namespace::new("nqn.x", 1, Arc::new(Null));
         let c = Namespace::new("nqn.x", 2, Arc::new(Null));
-        assert_eq!(a.nguid, b.nguid);
-        assert_eq!(a.uuid, b.uuid);
-        assert_ne!(a.nguid, c.nguid);
-        assert_ne!(a.nguid, a.uuid);
-        assert_eq!(a.uuid[6] >> 4, 8);
+        assert_eq!(a.ids, b.ids);
+        assert_ne!(a.ids.nguid, c.ids.nguid);
+        assert_ne!(a.ids.nguid, a.ids.uuid);
+        assert_eq!(a.ids.uuid[6] >> 4, 8);
+        assert_eq!(a.ids.eui64, [0; 8]);
+        let ids = NsIds {
+            uuid: *b"\x91\xfd\xba\x0d\xf8\x7b\x4c\x25\xb8\x0f\xdb\x7b\xe1\x41\x8b\x9e",
+            nguid: [0; 16],
+            eui64: [0xab; 8],
+        };
+        assert_eq!(ids.uuid_text().as_deref(), Some("91fdba0d-f87b-4c25-b80f-db7be1418b9e"));
+        assert_eq!((ids.nguid_text(), ids.eui64_text().as_deref()), (None, Some("abababababababab")));
         assert_eq!(a.blocks(), 2048);
     }
 

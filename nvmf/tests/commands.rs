@@ -289,10 +289,15 @@ async fn identify_controller_namespace_and_lists() {
     assert_eq!(get_str(&page[768..1024]), Some(OPEN));
     assert_eq!(u32::from_le_bytes(page[1792..1796].try_into().unwrap()), 516);
     assert_eq!(u32::from_le_bytes(page[516..520].try_into().unwrap()), 1, "NN");
+    assert_eq!(page[76], 0b11, "CMIC: multi-port, multi-controller (no ANA)");
     id.cdw10 = 0.into();
     id.nsid = 1.into();
     done(exec(&mut q, &id, &mut page));
     assert_eq!(u64::from_le_bytes(page[..8].try_into().unwrap()), 2048, "NSZE in 512-byte blocks");
+    assert_eq!(page[30], 1, "NMIC: shared, so a host puts every path's namespace under one head");
+    let nguid = page[104..120].to_vec();
+    assert_ne!(nguid, [0; 16], "the derived NGUID");
+    assert_eq!(&page[120..128], &[0; 8], "no EUI-64 unless configured");
     id.nsid = 5.into();
     done(exec(&mut q, &id, &mut page));
     assert!(page.iter().all(|&b| b == 0), "an inactive NSID reads as zeroes");
@@ -306,7 +311,34 @@ async fn identify_controller_namespace_and_lists() {
     id.nsid = 1.into();
     done(exec(&mut q, &id, &mut page));
     assert_eq!((page[0], page[1], page[20], page[21], page[40]), (2, 16, 3, 16, 4));
+    assert_eq!(&page[4..20], &nguid[..], "the same NGUID in both pages");
     assert_eq!(page[24 + 6] >> 4, 8, "UUID version");
+    assert_eq!(&page[45..64], &[0; 19], "nothing after the CSI descriptor");
+}
+
+#[tokio::test]
+async fn configured_identifiers_reach_identify_and_a_zero_one_is_not_reported() {
+    let mut ns = Namespace::new(OPEN, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None)));
+    let uuid = *b"\x91\xfd\xba\x0d\xf8\x7b\x4c\x25\xb8\x0f\xdb\x7b\xe1\x41\x8b\x9e";
+    ns.ids = p2pnvmf_nvmf::NsIds { nguid: [0; 16], uuid, eui64: [0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77] };
+    let subsys = Subsystem::open(OPEN, vec![ns]);
+    let t = Target::new(vec![Arc::new(subsys)], vec![port(1)]);
+    let (mut q, _) = admin(&t, 1, OPEN);
+    let mut page = vec![0u8; 4096];
+    let mut id = sqe(0x06);
+    id.nsid = 1.into();
+    done(exec(&mut q, &id, &mut page));
+    assert_eq!(&page[104..120], &[0; 16], "NGUID zero: not reported");
+    assert_eq!(&page[120..128], &[0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77], "EUI64");
+    id.cdw10 = 3.into();
+    done(exec(&mut q, &id, &mut page));
+    // EUI-64 (type 1, 8 bytes), UUID (type 3), CSI (type 4); no NGUID descriptor.
+    assert_eq!(&page[..4], &[1, 8, 0, 0]);
+    assert_eq!(&page[4..12], &[0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77]);
+    assert_eq!(&page[12..16], &[3, 16, 0, 0]);
+    assert_eq!(&page[16..32], &uuid);
+    assert_eq!(&page[32..37], &[4, 1, 0, 0, 0]);
+    assert!(page[37..].iter().all(|&b| b == 0));
 }
 
 #[tokio::test]
