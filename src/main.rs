@@ -1,6 +1,7 @@
 //! `p2pnvmf`: the NVMe-oF target appliance's command line.
 
 mod admin_socket;
+mod import_nvmetcli;
 mod notify;
 mod serve;
 
@@ -44,6 +45,10 @@ enum Command {
     },
     /// Validate a configuration file without serving.
     CheckConfig { file: PathBuf },
+    /// Turn a kernel nvmet configuration saved by `nvmetcli save` (JSON) into p2pnvmf's
+    /// TOML on standard output; what cannot be carried over is listed on standard error and
+    /// as comments at the top.
+    ImportNvmetcli { file: PathBuf },
     /// Show the PCIe devices that matter for p2p, each provider (programming NVMe CMBs) and
     /// the decision for each provider × client pair.
     Topology {
@@ -109,6 +114,18 @@ fn main() -> anyhow::Result<()> {
             report.dmabuf = p2p.dma_buf_report(&verbs);
             report.kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok().map(|r| r.trim().to_string());
             print!("{}", if json { report.to_json() + "\n" } else { report.to_text() });
+            Ok(())
+        }
+        Command::ImportNvmetcli { file } => {
+            let json = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let imported = import_nvmetcli::import(&json).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            // What it wrote must be a configuration this binary serves.
+            p2pnvmf_config::Config::parse(&imported.toml, "<imported>")
+                .with_context(|| format!("{}: the imported configuration is not valid", file.display()))?;
+            for n in &imported.notes {
+                eprintln!("not carried over: {n}");
+            }
+            print!("{}", imported.toml);
             Ok(())
         }
         Command::CheckConfig { file } => {
