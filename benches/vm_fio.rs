@@ -106,13 +106,13 @@ fn fmt(x: f64) -> String {
 fn main() {
     let runtime = std::env::var("BENCH_RUNTIME").unwrap_or_else(|_| "5".into());
     let runs = std::env::var("BENCH_RUNS").unwrap_or_else(|_| "3".into());
-    let mut scn = Scenario::new("bench-fio", Topology::nic_only(), "bench-fio.sh")
+    let scn = Scenario::new("bench-fio", Topology::nic_only(), "bench-fio.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .env("BENCH_RUNTIME", runtime.clone())
         .env("BENCH_RUNS", runs.clone())
-        .timeout(std::time::Duration::from_secs(5400));
-    // brd devices, a RAM namespace and 32 RDMA queues' data areas at once.
-    scn.memory_mib = 4096;
+        .timeout(std::time::Duration::from_secs(5400))
+        // brd devices, a RAM namespace and 32 RDMA queues' data areas at once.
+        .memory(4096);
     let out = scn.run_ok();
     let dir = out.run_dir.join("results");
 

@@ -67,3 +67,15 @@ fn vm_tcp_reload_reaches_connected_hosts() {
 fn vm_tcp_metrics_match_fio() {
     tcp_scenario("tcp-metrics", "tcp-metrics.sh").run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_two_controllers_and_two_host_identities_share_a_namespace() {
+    tcp_scenario("multipath", "multipath.sh").timeout(std::time::Duration::from_secs(400)).run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_import_nvmetcli_keeps_what_the_host_sees() {
+    tcp_scenario("import-nvmetcli", "import-nvmetcli.sh").run_ok();
+}

@@ -61,6 +61,11 @@ impl Status {
         Status(self.0 | Self::DNR)
     }
 
+    /// The same status, retryable.
+    pub const fn without_dnr(self) -> Self {
+        Status(self.0 & !Self::DNR)
+    }
+
     pub const fn is_success(self) -> bool {
         self.0 & 0x7ff == 0
     }

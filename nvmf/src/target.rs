@@ -29,6 +29,11 @@ impl ConnectError {
         ConnectError { status: Status::CONNECT_INVALID_PARAMETERS.dnr(), result: 1 << 16 | offset as u32 }
     }
 
+    /// The same without Do Not Retry: the host may succeed later and keeps trying.
+    fn retry(self) -> Self {
+        ConnectError { status: self.status.without_dnr(), ..self }
+    }
+
     /// Invalid parameter at byte `offset` of the Connect SQE (IATTR = 0).
     pub fn sqe_param(offset: usize) -> Self {
         ConnectError { status: Status::CONNECT_INVALID_PARAMETERS.dnr(), result: offset as u32 }
@@ -44,6 +49,11 @@ struct Registry {
 #[derive(Debug)]
 pub struct Target {
     subsystems: RwLock<Vec<Arc<Subsystem>>>,
+    /// NQNs a reconfiguration took away (and none has brought back): their hosts' reconnects
+    /// are refused without Do Not Retry, so a subsystem torn down and set up again — a planned
+    /// move, a test harness — finds its hosts back (Linux's nvmet gets there by closing a port
+    /// left without subsystems; a listener of ours serves on).
+    withdrawn: Mutex<std::collections::HashSet<String>>,
     pub ports: Vec<Port>,
     registry: Mutex<Registry>,
     genctr: AtomicU64,
@@ -62,6 +72,7 @@ impl Target {
     pub fn with_limits(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>, limits: Limits) -> Arc<Self> {
         Arc::new(Target {
             subsystems: RwLock::new(subsystems),
+            withdrawn: Mutex::default(),
             ports,
             registry: Mutex::new(Registry { next: 1, ..Registry::default() }),
             genctr: AtomicU64::new(1),
@@ -94,7 +105,15 @@ impl Target {
     /// Attribute Changed event); the discovery log generation moves on and discovery
     /// controllers get a Discovery Log Page Change notice.
     pub fn reconfigure(&self, subsystems: Vec<Arc<Subsystem>>) {
-        *self.subsystems.write().unwrap_or_else(|e| e.into_inner()) = subsystems.clone();
+        let old =
+            std::mem::replace(&mut *self.subsystems.write().unwrap_or_else(|e| e.into_inner()), subsystems.clone());
+        {
+            let mut withdrawn = self.withdrawn.lock().unwrap_or_else(|e| e.into_inner());
+            withdrawn.extend(old.iter().map(|s| s.nqn.clone()));
+            for s in &subsystems {
+                withdrawn.remove(&s.nqn);
+            }
+        }
         let ctrls: Vec<Arc<Controller>> = self.registry().ctrls.values().cloned().collect();
         for c in ctrls.iter().filter(|c| !c.is_discovery()) {
             let new =
@@ -156,7 +175,7 @@ impl Target {
         let subsys = if subnqn == DISCOVERY_NQN {
             None
         } else {
-            let s = self.subsystem_for(subnqn, port)?;
+            let s = self.subsystem_for(subnqn, hostnqn, port)?;
             if !s.host_allowed(hostnqn) {
                 warn!(subnqn, hostnqn, "host not in the subsystem's allow-list");
                 return Err(ConnectError::new(Status::CONNECT_INVALID_HOST));
@@ -251,11 +270,21 @@ impl Target {
         Ok((subnqn, hostnqn))
     }
 
-    fn subsystem_for(&self, subnqn: &str, port: &Port) -> Result<Arc<Subsystem>, ConnectError> {
-        self.subsystems()
-            .into_iter()
-            .find(|s| s.nqn == subnqn && s.on_port(port.id))
-            .ok_or(ConnectError::data_param(std::mem::offset_of!(ConnectData, subnqn)))
+    fn subsystem_for(&self, subnqn: &str, hostnqn: &str, port: &Port) -> Result<Arc<Subsystem>, ConnectError> {
+        if let Some(s) = self.subsystems().into_iter().find(|s| s.nqn == subnqn && s.on_port(port.id)) {
+            return Ok(s);
+        }
+        let refused = ConnectError::data_param(std::mem::offset_of!(ConnectData, subnqn));
+        if self.withdrawn.lock().unwrap_or_else(|e| e.into_inner()).contains(subnqn) {
+            info!(
+                subnqn,
+                hostnqn,
+                "Connect for a subsystem a reload took away: refused without Do Not Retry, so the host tries again"
+            );
+            return Err(refused.retry());
+        }
+        warn!(subnqn, hostnqn, port = port.id, "Connect for a subsystem not served on this port");
+        Err(refused)
     }
 
     pub fn remove_controller(&self, cntlid: u16) {

@@ -736,3 +736,22 @@ async fn reconfiguration_reaches_connected_controllers() {
     assert!(t.controller(cntlid).is_none());
     assert_eq!(c.dead_reason(), Some("controller removed"));
 }
+
+#[tokio::test]
+async fn a_subsystem_taken_away_by_a_reload_is_refused_without_do_not_retry_until_it_is_back() {
+    let t = target();
+    let (_a, _) = admin(&t, 1, OPEN);
+    let dnr = |r: &Response| r.status == Status::CONNECT_INVALID_PARAMETERS.dnr();
+    let retry = |r: &Response| r.status == Status::CONNECT_INVALID_PARAMETERS.without_dnr();
+    // Never served: Do Not Retry, pointing at the subsystem NQN (IATTR 1, offset 256).
+    let r = connect(&mut Queue::new(t.clone(), port(1)), 0, "nqn.2026-12.io.p2pnvmf:never", HOST, 0xffff);
+    assert!(dnr(&r) && r.result == 0x1_0100, "{r:?}");
+    // OPEN torn down: its host's reconnects are told to try again, at the same parameter.
+    t.reconfigure(vec![subsystem(LOCKED, false, Some(vec![2]))]);
+    let r = connect(&mut Queue::new(t.clone(), port(1)), 0, OPEN, HOST, 0xffff);
+    assert!(retry(&r) && r.result == 0x1_0100, "{r:?}");
+    // Set up again: served. A subsystem served, just not on this port, is refused for good.
+    t.reconfigure(vec![subsystem(OPEN, true, None), subsystem(LOCKED, false, Some(vec![2]))]);
+    assert!(connect(&mut Queue::new(t.clone(), port(1)), 0, OPEN, HOST, 0xffff).status.is_success());
+    assert!(dnr(&connect(&mut Queue::new(t.clone(), port(1)), 0, LOCKED, HOST, 0xffff)));
+}

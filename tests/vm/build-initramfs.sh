@@ -22,8 +22,9 @@ FLAVOUR=${1:-debian}
 mkdir -p "$CACHE"
 case $FLAVOUR in
 debian)
-    # The link-cut scenario's veth pair; the P2PDMA kernel's minimal config has no veth.
-    MODULES+=(veth)
+    # The link-cut scenario's veth pair, and what blktests' nvme group asks for (loop devices,
+    # xfs, scsi_debug); the P2PDMA kernel's minimal config has none of them.
+    MODULES+=(veth loop xfs scsi_debug)
     deb=$(ls "$CACHE"/linux-image-6.12*-unsigned_*.deb 2>/dev/null | sort -V | tail -n1 || true)
     [[ -n $deb ]] || die "no linux-image-6.12 unsigned package in $CACHE (run tests/vm/deps.sh)"
     kkey=$(cat "$deb.sha256" 2>/dev/null || { sha256sum "$deb" | cut -c1-64 | tee "$deb.sha256"; })
@@ -69,6 +70,9 @@ if [[ ! -f $out/initramfs.cpio ]]; then
         esac
     done
     cp "$kx/lib/modules/$kver"/modules.{order,builtin,builtin.modinfo} "$root/lib/modules/$kver/" 2>/dev/null || true
+    # The kernel's configuration beside its modules, for tools that read /boot/config-$(uname -r)
+    # (blktests): the guest sees it as /tmp/rig/lib/modules/$KVER/config.
+    [[ ! -f $kx/boot/config-$kver ]] || cp "$kx/boot/config-$kver" "$root/lib/modules/$kver/config"
     depmod -b "$root" "$kver"
     install -m 0755 "$HERE/guest/init" "$root/init"
     (cd "$root" && find . | cpio -o -H newc --quiet) > "$out.tmp/initramfs.cpio"

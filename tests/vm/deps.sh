@@ -11,7 +11,10 @@ PKGS=(qemu-system-x86 busybox-static nvme-cli rdma-core ibverbs-providers ibverb
       # libFuzzer, built by the fuzz targets (fuzz/smoke.sh).
       g++
       # The unit file check (tests/deploy.rs: systemd-analyze verify).
-      systemd)
+      systemd
+      # blktests' nvme group in the guest (tests/vm/scenarios/blktests.sh): gawk, and mkfs.xfs
+      # for its xfs tests.
+      gawk xfsprogs)
 
 die() { echo "tests/vm/deps.sh: $*" >&2; exit 1; }
 

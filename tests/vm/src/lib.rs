@@ -373,6 +373,12 @@ impl Scenario {
         self
     }
 
+    /// Guest memory (2048 MiB unless set).
+    pub fn memory(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
         self

@@ -1,0 +1,196 @@
+//! blktests' nvme group — the suite the Linux NVMe maintainers run for every target change —
+//! against p2pnvmf in the VM, over NVMe/TCP and NVMe/RDMA (rxe), with namespaces on a block
+//! device and on an SSD the target drives itself (nvme-vfio). blktests reaches the target
+//! through `tests/blktests/nvme-target-control` (its NVME_TARGET_CONTROL interface).
+//!
+//! Every test's outcome is compared with [`expected`]: a test that should pass and does not, a
+//! test expected to fail or be skipped that passes, a test that goes missing — each fails the
+//! run, so the table (and the README's, drawn from it) stays what the suite really does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use p2pnvmf_vmrig::{Nvme, Scenario, Topology, repo_root};
+
+/// What a test does against p2pnvmf, and the evidence when it is not a plain pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Pass,
+    /// Skipped by blktests, with its own reason (words of it).
+    NotRun(&'static str),
+    /// Fails only because blktests writes nvmet's configfs even when NVME_TARGET_CONTROL names
+    /// an external target: the failed output shows the write.
+    Configfs(&'static str),
+    /// Passes without reaching the target: it finds its ports in nvmet's configfs (none) and
+    /// connects nothing; its full output shows it.
+    Vacuous(&'static str),
+    /// Fails on the host's side: the same host fails the same way against the kernel's own
+    /// nvmet in the same VM (the scenario's reference run).
+    HostSide(&'static str),
+    /// Needs a local NVMe device (TEST_DEVS): `check` does not list it for a fabrics target.
+    NotListed,
+}
+
+/// The nvme group at blktests a608cb5, on the Debian 6.12 guest, against p2pnvmf.
+fn expected(test: &str) -> Expect {
+    use Expect::*;
+    let n: u32 = test.trim_start_matches("nvme/").parse().expect("nvme/NNN");
+    match n {
+        // Loop-transport tests.
+        2 | 16 | 17 | 52 => NotRun("is not supported in this test"),
+        55 => NotRun("kernel option DEBUG_ATOMIC_SLEEP has not been enabled"),
+        30 => NotRun("Linux kernel soft target not available"),
+        32..=37 | 39 | 49 | 50 | 53 | 59 | 64 | 66 | 67 => NotListed,
+        // Host DH-HMAC-CHAP attributes set with _set_nvmet_hostkey/_ctrlkey/_hash/_dhgroup.
+        42..=45 => Configfs("/sys/kernel/config/nvmet/hosts/nqn.2014-08.org.nvmexpress:uuid:0f01fb42"),
+        46 => NotRun("valid NORMAL_USER is not specified"),
+        // Reads nvmet's attr_qid_max to decide.
+        48 => NotRun("missing attr_qid_max feature"),
+        51 => Configfs("/sys/kernel/config/nvmet/subsystems/blktests-subsystem-1/namespaces/1/enable"),
+        // Looks for nvmet's resv_enable (reservations: a later issue).
+        54 => NotRun("missing reservation feature"),
+        56 => NotRun("kernel option ULP_DDP has not been enabled"),
+        57 => Vacuous("disconnected 0 controller(s)"),
+        58 => {
+            Configfs("cannot create directory '/sys/kernel/config/nvmet/subsystems/blktests-subsystem-1/namespaces/1'")
+        }
+        60 => NotRun("kernel option NVME_TARGET_DEBUGFS has not been enabled"),
+        62 | 63 => NotRun("tlshd"),
+        65 => NotRun("kernel does not support unmap write zeroes sysfs interface"),
+        // delayed_removal_secs came with Linux 6.16; the guest's host is 6.12.
+        68 => HostSide("delayed_removal_secs: Permission denied"),
+        69 => NotRun("kernel option KASAN has not been enabled"),
+        _ => Pass,
+    }
+}
+
+/// blktests at the commit in `../shared/third_party` (a608cb5).
+const BLKTESTS_TAR: &str = "blktests-a608cb5.tar.gz";
+
+fn tarball() -> PathBuf {
+    let p = repo_root().join("../shared/third_party").join(BLKTESTS_TAR);
+    assert!(p.is_file(), "{} is missing", p.display());
+    p
+}
+
+/// The nvme group's tests in the tarball's listing (`tests/nvme/NNN`).
+fn group(run_dir: &Path) -> Vec<String> {
+    let out = std::process::Command::new("tar").arg("tzf").arg(tarball()).output().expect("tar");
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("blktests/tests/nvme/"))
+        .filter(|t| t.len() == 3 && t.bytes().all(|b| b.is_ascii_digit()))
+        .map(|t| format!("nvme/{t}"))
+        .collect();
+    v.sort();
+    assert!(v.len() > 50, "nvme tests in {}: {v:?} (run {})", BLKTESTS_TAR, run_dir.display());
+    v
+}
+
+/// One outcome per (transport, test) from the scenario's summary.
+fn outcomes(run_dir: &Path) -> BTreeMap<(String, String), (String, String)> {
+    let tsv = std::fs::read_to_string(run_dir.join("blktests-summary.tsv")).expect("the summary");
+    tsv.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(4, '\t').collect();
+            (f.len() == 4).then(|| ((f[0].into(), f[1].into()), (f[2].into(), f[3].into())))
+        })
+        .collect()
+}
+
+/// The full output blktests kept of `test` in a run's results.
+fn full_output(run_dir: &Path, run: &str, test: &str) -> String {
+    let dir = run_dir.join(format!("bt-results-{run}"));
+    let Ok(entries) = std::fs::read_dir(&dir) else { return String::new() };
+    entries
+        .flatten()
+        .map(|e| e.path().join(format!("{test}.full")))
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+}
+
+/// Runs `tests` (all of the group when empty) over each of `trtypes` with `backend`, and checks
+/// every outcome against [`expected`].
+fn run(name: &str, topology: Topology, backend: &str, trtypes: &str, tests: &[&str], img: &str) {
+    let host_side: Vec<&str> = ["nvme/068"].into_iter().filter(|t| tests.is_empty() || tests.contains(t)).collect();
+    let out = Scenario::new(name, topology, "blktests.sh")
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .binary("BT_CONTROL", repo_root().join("tests/blktests/nvme-target-control"))
+        .binary("BLKTESTS_TAR", tarball())
+        .env("BT_TRTYPES", trtypes)
+        .env("BT_BACKEND", backend)
+        .env("BT_IMG_SIZE", img)
+        .env("BT_TESTS", tests.join(" "))
+        .env("BT_REFERENCE", host_side.join(" "))
+        .memory(4096)
+        .timeout(Duration::from_secs(2400))
+        .run_ok();
+    let got = outcomes(&out.run_dir);
+    let all = group(&out.run_dir);
+    let wanted: Vec<&String> = all.iter().filter(|t| tests.is_empty() || tests.contains(&t.as_str())).collect();
+    let mut wrong = Vec::new();
+    for tr in trtypes.split_whitespace() {
+        let run = format!("{tr}-{backend}");
+        for test in &wanted {
+            let want = expected(test);
+            let Some((status, detail)) = got.get(&(tr.to_string(), test.to_string())) else {
+                if want != Expect::NotListed {
+                    wrong.push(format!("{tr} {test}: expected {want:?}, blktests did not list it"));
+                }
+                continue;
+            };
+            eprintln!("{tr:5} {test:9} {status:8} {}", if status == "passed" { "" } else { detail.as_str() });
+            let ok = match want {
+                Expect::Pass => status == "passed",
+                Expect::NotRun(why) => status == "not run" && detail.contains(why),
+                Expect::Configfs(evidence) => status == "failed" && detail.contains(evidence),
+                Expect::Vacuous(evidence) => {
+                    status == "passed"
+                        && full_output(&out.run_dir, &run, test.trim_start_matches("nvme/")).contains(evidence)
+                }
+                Expect::HostSide(evidence) => {
+                    let kernel = got.get(&("kernel-tcp".to_string(), test.to_string()));
+                    status == "failed"
+                        && detail.contains(evidence)
+                        && kernel.is_some_and(|(s, d)| s == "failed" && d.contains(evidence))
+                }
+                Expect::NotListed => false,
+            };
+            if !ok {
+                wrong.push(format!("{tr} {test}: expected {want:?}, got {status}: {detail}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "blktests outcomes differ from the expected ones:\n{}", wrong.join("\n"));
+}
+
+/// The whole group, over both transports, each namespace a file namespace on a loop device
+/// (as blktests' own set-up gives the kernel target).
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_blktests_nvme_on_a_block_device() {
+    // 012's xfs test needs 350 MiB.
+    run("blktests-device", Topology::nic_only(), "device", "tcp rdma", &[], "350M");
+}
+
+/// The nvme-vfio backend: each subsystem blktests sets up takes the SSD (vfio-pci, the guest
+/// IOMMU) and gives it back at cleanup. Tests that need many namespaces or subsystems at once do
+/// not fit one SSD; CI runs the tests that move data or check identities
+/// (`BT_NVME_VFIO_ALL=1` runs the whole group, 350 MiB SSD).
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_blktests_nvme_on_nvme_vfio() {
+    let all = std::env::var_os("BT_NVME_VFIO_ALL").is_some();
+    let subset = [
+        "nvme/004", "nvme/006", "nvme/008", "nvme/010", "nvme/014", "nvme/018", "nvme/019", "nvme/021", "nvme/022",
+        "nvme/023", "nvme/026", "nvme/029", "nvme/040", "nvme/047", "nvme/061",
+    ];
+    let (tests, size_mib): (&[&str], u64) = if all { (&[], 350) } else { (&subset, 128) };
+    let topo = Topology::new()
+        .iommu()
+        .root_port("rp1")
+        .nvme("ssd", "rp1", Nvme { serial: "BLKTESTS1".into(), size_mib, cmb_mib: None, block_size: None })
+        .nic("pcie.0");
+    run("blktests-nvme-vfio", topo, "nvme-vfio", "tcp rdma", tests, &format!("{size_mib}M"));
+}
