@@ -46,6 +46,14 @@ pub enum Addressing {
 }
 
 impl Addressing {
+    /// As the configuration says it (`dma`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Addressing::Iommu => "iommu",
+            Addressing::Physical => "physical",
+        }
+    }
+
     /// The kernel driver that hands the function to user space in this mode.
     fn driver(self) -> &'static str {
         match self {
@@ -54,6 +62,16 @@ impl Addressing {
         }
     }
 }
+
+/// The SSDs this process drives: one [`Controller`] each, and the functions claimed (until the
+/// claim has given one back). A namespace set up again by a reload while the queues of its
+/// previous set-up still finish their I/O shares that controller; one still being given back
+/// is waited for — instead of two owners racing over bind, reset and unbind.
+static DRIVEN: Mutex<Vec<(PciAddr, std::sync::Weak<Controller>)>> = Mutex::new(Vec::new());
+static CLAIMED: (Mutex<Vec<PciAddr>>, std::sync::Condvar) = (Mutex::new(Vec::new()), std::sync::Condvar::new());
+/// How long a claim waits for the previous owner to give the function back (its shutdown
+/// waits up to CAP.TO, then vfio-pci's unbind for every file to close).
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
 
 /// What we did to own the function, undone on drop.
 #[derive(Debug)]
@@ -66,6 +84,21 @@ struct Claim {
 
 impl Claim {
     fn take(sysfs: &Sysfs, pci: PciAddr, mode: Addressing) -> Result<Claim, String> {
+        let (claimed, released) = &CLAIMED;
+        let held = claimed.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut held, wait) =
+            released.wait_timeout_while(held, RELEASE_WAIT, |h| h.contains(&pci)).unwrap_or_else(|e| e.into_inner());
+        if wait.timed_out() {
+            return Err(format!(
+                "{pci}: still driven by this target after {RELEASE_WAIT:?} (its last user does not let go)"
+            ));
+        }
+        let claim = Self::take_unlisted(sysfs, pci, mode)?;
+        held.push(pci);
+        Ok(claim)
+    }
+
+    fn take_unlisted(sysfs: &Sysfs, pci: PciAddr, mode: Addressing) -> Result<Claim, String> {
         let dir = sysfs.function_dir(pci);
         if !dir.exists() {
             return Err(format!("{pci}: no such PCI function ({} is absent)", dir.display()));
@@ -129,13 +162,17 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let Some(driver) = self.bound_by_us else { return };
-        let dir = Sysfs::new(&self.sysfs).function_dir(self.pci);
-        let unbind = self.sysfs.join("sys/bus/pci/drivers").join(driver).join("unbind");
-        if let Err(e) = std::fs::write(&unbind, self.pci.to_string()) {
-            warn!(pci = %self.pci, "unbinding from {driver} at exit: {e}");
+        if let Some(driver) = self.bound_by_us {
+            let dir = Sysfs::new(&self.sysfs).function_dir(self.pci);
+            let unbind = self.sysfs.join("sys/bus/pci/drivers").join(driver).join("unbind");
+            if let Err(e) = std::fs::write(&unbind, self.pci.to_string()) {
+                warn!(pci = %self.pci, "unbinding from {driver} at exit: {e}");
+            }
+            let _ = std::fs::write(dir.join("driver_override"), "\n");
         }
-        let _ = std::fs::write(dir.join("driver_override"), "\n");
+        let (claimed, released) = &CLAIMED;
+        claimed.lock().unwrap_or_else(|e| e.into_inner()).retain(|p| *p != self.pci);
+        released.notify_all();
     }
 }
 
@@ -318,6 +355,30 @@ fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(),
 }
 
 impl Controller {
+    /// The controller of `pci`: the one this process drives already (another namespace of the
+    /// SSD, or the same one set up again), else [`Controller::open`]ed.
+    pub fn shared(sysfs: &Sysfs, pci: PciAddr, want: u16, mode: Addressing) -> Result<Arc<Controller>, String> {
+        let mut driven = DRIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        driven.retain(|(_, c)| c.strong_count() > 0);
+        if let Some(c) = driven.iter().find(|(p, _)| *p == pci).and_then(|(_, c)| c.upgrade()) {
+            if c.mode() != mode {
+                return Err(format!("{pci} is driven with dma = \"{}\" already", c.mode().as_str()));
+            }
+            info!(%pci, "NVMe controller driven already: shared");
+            return Ok(c);
+        }
+        let c = Arc::new(Controller::open(sysfs, pci, want, mode)?);
+        driven.push((pci, Arc::downgrade(&c)));
+        Ok(c)
+    }
+
+    fn mode(&self) -> Addressing {
+        match self.access {
+            Access::Vfio(_) => Addressing::Iommu,
+            Access::Uio(_) => Addressing::Physical,
+        }
+    }
+
     /// Takes `pci` (see the module documentation) for `mode`, resets it and brings it up with
     /// at most `want` I/O queue pairs.
     pub fn open(sysfs: &Sysfs, pci: PciAddr, want: u16, mode: Addressing) -> Result<Controller, String> {
@@ -745,6 +806,32 @@ mod tests {
         // Bound to the other mode's driver: refused, not rebound behind its user's back.
         let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err();
         assert!(e.contains("is bound to the kernel driver vfio-pci"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_second_claim_waits_until_the_first_owner_has_given_the_function_back() {
+        let (s, dir) = sysfs();
+        let nvme: PciAddr = "0000:03:00.0".parse().unwrap();
+        let drivers = dir.join("sys/bus/pci/drivers");
+        std::fs::create_dir_all(drivers.join("vfio-pci")).unwrap();
+        let fdir = s.function_dir(nvme);
+        std::os::unix::fs::symlink(drivers.join("vfio-pci"), fdir.join("driver")).unwrap();
+        let first = Claim::take(&s, nvme, Addressing::Iommu).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s2 = s.clone();
+        let waiter = std::thread::spawn(move || {
+            let second = Claim::take(&s2, nvme, Addressing::Iommu);
+            tx.send(Instant::now()).unwrap();
+            second.map(drop)
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(rx.try_recv().is_err(), "the second claim went ahead while the first held the function");
+        let released = Instant::now();
+        drop(first);
+        let got = rx.recv_timeout(Duration::from_secs(5)).expect("the second claim after the release");
+        assert!(got >= released);
+        waiter.join().unwrap().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

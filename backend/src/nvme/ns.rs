@@ -62,7 +62,7 @@ pub struct NvmeVfio {
 impl NvmeVfio {
     /// Opens namespace `nsid` of the SSD at `pci`, with up to `queues` I/O queue pairs.
     pub fn open(sysfs: &Sysfs, pci: PciAddr, nsid: u32, queues: u16, mode: Addressing) -> Result<NvmeVfio, String> {
-        let ctrl = Arc::new(Controller::open(sysfs, pci, queues.saturating_add(1), mode)?);
+        let ctrl = Controller::shared(sysfs, pci, queues.saturating_add(1), mode)?;
         let id = ctrl.namespace(nsid)?;
         if id.metadata != 0 || !matches!(id.block_size, 512 | 4096) {
             return Err(format!(
@@ -171,10 +171,11 @@ enum Irq {
     Async(AsyncFd<std::fs::File>),
 }
 
-/// One target I/O queue's queue pair on the SSD.
+/// One target I/O queue's queue pair on the SSD. `ns` is the last field: the queue may hold
+/// the controller's last reference, whose drop gives the function back — vfio-pci's unbind then
+/// waits for every file and mapping of the device, the queue's own DMA memory among them.
 #[derive(Debug)]
 pub struct NvmeQueue {
-    ns: Arc<NvmeVfio>,
     q: Option<QueuePair>,
     irq: Irq,
     slots: Vec<Slot>,
@@ -198,6 +199,7 @@ pub struct NvmeQueue {
     checked: Instant,
     /// Bus addresses of peer memory this queue knows the SSD reaches.
     peers: Vec<u64>,
+    ns: Arc<NvmeVfio>,
 }
 
 /// Mappings a queue maps for the SSD on first sight, at most (a slot buffer each, and a few

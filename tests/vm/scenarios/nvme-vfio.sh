@@ -109,6 +109,27 @@ lck1=$(vmlck)
 echo "pinned for DMA: $lck0 kB before, $lck1 kB after 10 cycles"
 (( lck1 <= lck0 )) || die "pinned memory grew by $((lck1 - lck0)) kB over 10 cycles"
 
+step "a second subsystem on the same SSD: one controller, shared; the first serves on when it goes"
+SHARED=nqn.2026-12.io.p2pnvmf:same-ssd
+cp /tmp/scn/target.toml /tmp/scn/target.one.toml
+printf '\n[[subsystem]]\nnqn = "%s"\nallow_any_host = true\n[[subsystem.namespace]]\nnsid = 1\nbackend = "nvme-vfio"\npci = "%s"\n' \
+    "$SHARED" "$ssd" >> /tmp/scn/target.toml
+"$P2PNVMF_BIN" reload || die "reload adding $SHARED"
+grep -q "NVMe controller driven already: shared" "$TARGET_LOG" || die "the SSD was not shared"
+one=$(nvme_connect_dev tcp 4421 "$NQN" -i 1)
+two=$(nvme_connect_dev tcp 4421 "$SHARED" -i 1)
+head -c $((4 << 20)) /dev/urandom > /tmp/pattern
+dd if=/tmp/pattern of="$one" bs=1M seek=8 oflag=direct status=none || die "write through $NQN"
+dd if="$two" of=/tmp/readback bs=1M skip=8 count=4 iflag=direct status=none || die "read through $SHARED"
+cmp /tmp/pattern /tmp/readback || die "$SHARED reads other bytes than $NQN wrote"
+nvme_disconnect_nqn "$SHARED" >/dev/null
+cp /tmp/scn/target.one.toml /tmp/scn/target.toml
+shutdowns=$(grep -c "NVMe controller shut down" "$TARGET_LOG" || true)
+"$P2PNVMF_BIN" reload || die "reload removing $SHARED"
+verify_rw "$one" 8
+[[ $(grep -c "NVMe controller shut down" "$TARGET_LOG" || true) == "$shutdowns" ]] || die "removing $SHARED shut the SSD down"
+nvme_disconnect_nqn "$NQN" >/dev/null
+
 step "a pattern written through the target, read back by the kernel's driver after exit"
 given_back_holds_pattern "$NQN" "$ssd"
 

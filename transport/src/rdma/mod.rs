@@ -56,7 +56,7 @@ pub struct RdmaParams {
 
 impl Default for RdmaParams {
     fn default() -> Self {
-        RdmaParams { max_icd: 8192, max_xfer: 128 << 10, busy_poll: false, srq: None, max_connections: 1024 }
+        RdmaParams { max_icd: 8192, max_xfer: 1 << 20, busy_poll: false, srq: None, max_connections: 1024 }
     }
 }
 
@@ -193,6 +193,7 @@ fn handle_event(
 
 /// Bytes of a small data buffer: 4 KiB I/O and in-capsule data up to the default 8 KiB, twice.
 const SMALL_BUFFER: usize = 16 << 10;
+const LARGE_BUFFER: usize = 128 << 10;
 
 /// Outstanding Async Event Requests may need response capsules of their own.
 const EVENT_RSPS: usize = p2pnvmf_nvmf::ctrl::AERL as usize + 1;
@@ -255,14 +256,17 @@ fn accept(
     // entries (RDMA WRITE + SEND), bounded by the device.
     let requests = 2 * depth + EVENT_RSPS;
     let send_wrs = (2 * requests).min(max_qp_wr.max(2) as usize);
-    // Data buffers: a small one per command (4 KiB I/O, in-capsule data, admin pages) and an
-    // eighth as many of the largest transfer; a command waits when its kind runs out. Pinned
-    // for the MR, so this is the queue's memory cost (depth 128: 2 + 2 MiB).
+    // Data buffers: a small one per command (4 KiB I/O, in-capsule data, admin pages), an
+    // eighth as many of 128 KiB (what a host's large I/O mostly is) and a few of the largest
+    // transfer (MDTS: nvme-cli's passthrough I/O, 1 MiB bios); a command takes the smallest
+    // free one that fits and waits when none does. Pinned for the MR, so this is the queue's
+    // memory cost (depth 128: 2 + 2 + 2 MiB).
     let max_xfer = params.max_xfer as usize;
-    let small = (depth, SMALL_BUFFER.max(capsule - 64).min(max_xfer));
-    let large = ((depth / 8).max(4), max_xfer);
-    let size = QpSize { depth, capsule, requests, small, large, send_wrs };
-    let (mut qp, mut buffers) = Qp::create(api, ev.id, size, shared, params.busy_poll).map_err(no_res)?;
+    let small = SMALL_BUFFER.max(capsule - 64).min(max_xfer);
+    let large = LARGE_BUFFER.clamp(small, max_xfer);
+    let buffers = [(depth, small), ((depth / 8).max(4), large), ((depth / 64).max(2), max_xfer)];
+    let size = QpSize { depth, capsule, requests, buffers, send_wrs };
+    let (mut qp, buffers) = Qp::create(api, ev.id, size, shared, params.busy_poll).map_err(no_res)?;
     let mut queue = Queue::new(target.clone(), port.clone());
     if let Some(peer) = ev.peer {
         queue.set_peer(peer.to_string());
@@ -270,9 +274,7 @@ fn accept(
     queue.set_mover(Mover::Rdma { device: qp.device_name(), dmabuf: sys::dmabuf_support(api) });
     queue.set_data_area(qp.data_area());
     let lim = Limits { requests, reads: usize::from(ord), send_slots: send_wrs, max_xfer, max_waiting: depth };
-    let large_buffers = buffers.pop().unwrap_or_default();
-    let small_buffers = buffers.pop().unwrap_or_default();
-    let reqs = Requests::new(queue, small_buffers, large_buffers, lim);
+    let reqs = Requests::new(queue, buffers, lim);
     let rep = wire::accept(req.depth);
     qp.accept(rep.as_bytes(), ird, ord).map_err(no_res)?;
     info!(

@@ -46,9 +46,9 @@ pub struct QpSize {
     pub capsule: usize,
     /// Request contexts, each with a response capsule.
     pub requests: usize,
-    /// Data buffers: (count, bytes) of small ones, then of large ones (`max_xfer` bytes).
-    pub small: (usize, usize),
-    pub large: (usize, usize),
+    /// Data buffers: (count, bytes) of each size class, smallest first; the last holds the
+    /// largest transfer.
+    pub buffers: [(usize, usize); 3],
     /// Send-queue entries.
     pub send_wrs: usize,
 }
@@ -110,7 +110,7 @@ impl Drop for Qp {
 
 impl Qp {
     /// Creates everything for the connect request on `id` (not yet accepted). Returns the
-    /// data buffers as windows, small ones then large ones. On error, what was created is freed
+    /// data buffers as windows, one list per size class. On error, what was created is freed
     /// (the id stays the listener's to reject).
     pub fn create(
         api: &'static Api,
@@ -121,13 +121,13 @@ impl Qp {
     ) -> io::Result<(Qp, Vec<Vec<Window>>)> {
         let recv_area = if shared.is_some() { 0 } else { size.depth * size.capsule };
         let ctrl_len = recv_area + size.requests * 16;
-        let data_len = size.small.0 * size.small.1 + size.large.0 * size.large.1;
+        let data_len = size.buffers.iter().map(|(n, len)| n * len).sum();
         let ctrl = Mapping::host(ctrl_len)
             .map_err(|e| io::Error::new(e.kind(), format!("{ctrl_len} bytes of queue memory: {e}")))?;
         let data = Mapping::host(data_len)
             .map_err(|e| io::Error::new(e.kind(), format!("{data_len} bytes of data buffers: {e}")))?;
         let (data_ptr, data_len) = (data.as_ptr(), data.len());
-        let windows = data.split(&[size.small, size.large]);
+        let windows = data.split(&size.buffers);
         let pin = windows
             .iter()
             .flatten()

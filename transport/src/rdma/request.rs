@@ -177,31 +177,41 @@ pub struct Requests {
     reaped: Vec<Completion>,
 }
 
-/// The queue's data buffers, in two sizes.
+/// The queue's data buffers, in classes of one size each, smallest first.
 #[derive(Debug)]
 struct Buffers {
-    small: Vec<Window>,
-    large: Vec<Window>,
-    small_size: usize,
+    classes: Vec<(usize, Vec<Window>)>,
 }
 
 impl Buffers {
-    /// A buffer for `len` bytes: a small one when it fits and one is free, else a large one.
+    fn new(classes: Vec<Vec<Window>>) -> Self {
+        let mut classes: Vec<(usize, Vec<Window>)> =
+            classes.into_iter().filter_map(|c| Some((c.first()?.len(), c))).collect();
+        classes.sort_by_key(|c| c.0);
+        Buffers { classes }
+    }
+
+    /// The smallest free buffer that holds `len` bytes: a command takes a larger class only
+    /// when its own is used up.
     fn take(&mut self, len: usize) -> Option<Window> {
-        if len <= self.small_size
-            && let Some(w) = self.small.pop()
-        {
-            return Some(w);
-        }
-        if self.large.last().is_some_and(|w| w.len() >= len) { self.large.pop() } else { None }
+        self.classes.iter_mut().filter(|c| c.0 >= len).find_map(|c| c.1.pop())
     }
 
     fn can(&self, len: usize) -> bool {
-        (len <= self.small_size && !self.small.is_empty()) || self.large.last().is_some_and(|w| w.len() >= len)
+        self.classes.iter().any(|c| c.0 >= len && !c.1.is_empty())
     }
 
     fn give(&mut self, w: Window) {
-        if w.len() <= self.small_size { self.small.push(w) } else { self.large.push(w) }
+        let class = self.classes.iter_mut().find(|c| c.0 == w.len()).expect("a buffer goes back to its class");
+        class.1.push(w);
+    }
+
+    fn free(&self) -> usize {
+        self.classes.iter().map(|c| c.1.len()).sum()
+    }
+
+    fn largest(&self) -> usize {
+        self.classes.last().map_or(0, |c| c.0)
     }
 }
 
@@ -209,16 +219,16 @@ impl Buffers {
 pub type Fatal = io::Error;
 
 impl Requests {
-    /// A queue's requests over its data buffers (windows of its data area): `small` ones
-    /// (all of one size) and `large` ones of the largest transfer.
-    pub fn new(queue: Queue, small: Vec<Window>, large: Vec<Window>, lim: Limits) -> Requests {
+    /// A queue's requests over its data buffers (windows of its data area), in classes of one
+    /// size each; the largest class holds the largest transfer.
+    pub fn new(queue: Queue, buffers: Vec<Vec<Window>>, lim: Limits) -> Requests {
         let n = lim.requests;
-        let small_size = small.first().map_or(0, Window::len);
-        assert!(large.iter().all(|w| w.len() >= lim.max_xfer), "large buffers hold the largest transfer");
+        let buffers = Buffers::new(buffers);
+        assert!(buffers.largest() >= lim.max_xfer, "the largest buffers hold the largest transfer");
         Requests {
             reqs: (0..n).map(|_| Req::new()).collect(),
             free: (0..n as u16).rev().collect(),
-            buffers: Buffers { small, large, small_size },
+            buffers,
             p2p: QueueBuffers::default(),
             lkeys: Vec::new(),
             p2p_set_up: false,
@@ -245,7 +255,7 @@ impl Requests {
     }
 
     pub fn free_buffers(&self) -> usize {
-        self.buffers.small.len() + self.buffers.large.len()
+        self.buffers.free()
     }
 
     fn set(&mut self, req: u16, state: State) {
@@ -812,7 +822,7 @@ mod tests {
     /// Requests with `buffers` large buffers only.
     fn requests(t: &Arc<Target>, buffers: usize, lim: Limits) -> Requests {
         let area = Mapping::host(buffers * lim.max_xfer).unwrap();
-        Requests::new(Queue::new(t.clone(), port()), Vec::new(), area.into_windows(lim.max_xfer), lim)
+        Requests::new(Queue::new(t.clone(), port()), vec![area.into_windows(lim.max_xfer)], lim)
     }
 
     const LIM: Limits = Limits { requests: 8, reads: 4, send_slots: 16, max_xfer: 8192, max_waiting: 4 };
@@ -1102,12 +1112,29 @@ mod tests {
         assert_eq!(r.state(1), State::Executing, "the freed buffer went to the waiting request");
     }
 
+    #[test]
+    fn a_command_takes_the_smallest_free_buffer_that_fits() {
+        let classes = Mapping::host(16384 + 2 * 4096 + 8192).unwrap().split(&[(1, 16384), (2, 4096), (1, 8192)]);
+        let mut b = Buffers::new(classes);
+        assert_eq!((b.largest(), b.free()), (16384, 4));
+        let (x, y) = (b.take(100).unwrap(), b.take(4096).unwrap());
+        assert_eq!((x.len(), y.len()), (4096, 4096));
+        let z = b.take(10).unwrap();
+        assert_eq!(z.len(), 8192, "the small ones used up: the next class");
+        assert!(b.can(16384) && !b.can(16385));
+        assert_eq!(b.take(9000).unwrap().len(), 16384);
+        assert!(b.take(1).is_none() && !b.can(1));
+        b.give(z);
+        b.give(x);
+        assert_eq!(b.take(4096).unwrap().len(), 4096, "back in its own class");
+        assert_eq!(b.take(4096).unwrap().len(), 8192);
+    }
+
     #[tokio::test]
     async fn small_commands_are_not_held_up_by_a_large_one_waiting() {
         let Rig { held, _admin, mut f, mut r } = io_rig(|t| {
             let classes = Mapping::host(2 * 4096 + 8192).unwrap().split(&[(2, 4096), (1, 8192)]);
-            let [small, large] = <[Vec<Window>; 2]>::try_from(classes).unwrap();
-            Requests::new(Queue::new(t.clone(), port()), small, large, LIM)
+            Requests::new(Queue::new(t.clone(), port()), classes, LIM)
         });
         let mut big = read_sqe(70, 0, 0xa);
         (big.dptr.length, big.cdw12) = ((8192 | 0xa << 24).into(), 15.into());
