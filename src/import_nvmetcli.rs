@@ -172,8 +172,10 @@ pub fn import(json: &str) -> Result<Imported, String> {
                 ));
             }
         }
+        // What p2pnvmf reports itself: NVMe 1.3, no IEEE OUI, its own firmware revision.
+        let ours = |a: &str, v: &str| (a == "version" && v == "1.3") || (a == "ieee_oui" && v == "0x000000");
         for a in ["version", "firmware", "ieee_oui"] {
-            if let Some(v) = attr(s, "attr", a) {
+            if let Some(v) = attr(s, "attr", a).filter(|v| !ours(a, v)) {
                 notes.push(format!("{what}: attr.{a} '{v}': p2pnvmf reports its own"));
             }
         }
@@ -301,7 +303,7 @@ mod tests {
            {"device": {"path": "/dev/loop9"}, "enable": 0, "nsid": 3}
          ],
          "nqn": "blktests-subsystem-1"},
-        {"allowed_hosts": [], "attr": {"allow_any_host": "1", "serial": "0123456789abcdef"},
+        {"allowed_hosts": [], "attr": {"allow_any_host": "1", "serial": "0123456789abcdef", "version": "1.4", "ieee_oui": "0x000000"},
          "namespaces": [{"device": {"path": "/dev/ram0", "uuid": "11111111-2222-4333-8444-555555555555"}, "enable": 1, "nsid": 1}],
          "nqn": "nqn.2026-12.io.example:any"},
         {"allowed_hosts": [], "attr": {"allow_any_host": "1"}, "namespaces": [], "nqn": "nqn.2026-12.io.example:nowhere"},
@@ -347,6 +349,7 @@ mod tests {
             "port 2: ANA group 2 state 'inaccessible': ANA is not supported yet",
             "port 3: transport 'fc' (p2pnvmf serves tcp and rdma): left out",
             "subsystem blktests-subsystem-1: attr.firmware '6.12.118': p2pnvmf reports its own",
+            "subsystem nqn.2026-12.io.example:any: attr.version '1.4': p2pnvmf reports its own",
             "subsystem blktests-subsystem-1: host nqn.2014-08.org.nvmexpress:uuid:0f01fb42-9f7f-4856-b0b3-51e60b8de349: dhchap hash 'hmac(sha512)'",
             "subsystem blktests-subsystem-1 namespace 2: ANA group 2: ANA is not supported yet",
             "subsystem blktests-subsystem-1 namespace 2: resv.enable: reservations are not supported yet",

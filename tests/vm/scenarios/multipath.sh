@@ -13,9 +13,11 @@ UUID=3c2d7a1e-5b4f-4c6e-8a9d-0b1c2d3e4f50
 modprobe brd rd_nr=1 rd_size=131072 || die "modprobe brd"
 cfg=/tmp/scn/target.toml
 : > "$cfg"
+# port T I: our listener I (0-2) of transport T.
+port() { if [[ $1 == rdma ]]; then echo $((4423 + $2)); else echo $((4420 + $2)); fi; }
 for t in tcp rdma; do
     for i in 0 1 2; do
-        port=$((4420 + i + (t == rdma ? 3 : 0)))
+        port=$(port "$t" "$i")
         printf '[[listener]]\nname = "%s%d"\ntransport = "%s"\naddress = "%s"\nport = %d\n\n' "$t" "$i" "$t" "$GUEST_IP" "$port" >> "$cfg"
     done
 done
@@ -32,8 +34,6 @@ uuid = "$UUID"
 CFG
 start_target "$cfg"
 
-# port T I: our listener I (0-2) of transport T.
-port() { echo $((4420 + $2 + ($1 == rdma ? 3 : 0))); }
 # connect T I [host2]: connects and echoes the new controller (nvmeX).
 connect() {
     local before after c
@@ -56,6 +56,14 @@ disks() {
         [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && $(cat "$b/uuid" 2>/dev/null) == "$UUID" ]] && echo "${b##*/}"
     done
 }
+# paths: the hidden per-controller disks (nvmeXcYnZ) of $NQN's namespace, under its head.
+paths() {
+    local b
+    for b in /sys/block/nvme*c*n*; do
+        [[ -e $b && $(cat "$b/uuid" 2>/dev/null) == "$UUID" ]] && echo "${b##*/}"
+    done
+    return 0
+}
 no_duplicate_ids() {
     if dmesg | grep -E "duplicate IDs|IDs don't match|Duplicate unshared"; then die "the host refused a controller's namespace"; fi
 }
@@ -68,9 +76,8 @@ for t in tcp rdma; do
     mapfile -t heads < <(disks)
     [[ ${#heads[@]} -eq 1 ]] || { ls /sys/block; die "expected one head device for $NQN, found ${#heads[*]}: ${heads[*]}"; }
     head=${heads[0]}
-    paths=$(ls "/sys/block/$head/multipath" | tr '\n' ' ')
-    echo "head /dev/$head with paths: $paths"
-    [[ $(ls "/sys/block/$head/multipath" | wc -l) -eq 3 ]] || die "/dev/$head has paths '$paths', not three"
+    echo "head /dev/$head with paths: $(paths | tr '\n' ' ')"
+    [[ $(paths | wc -l) -eq 3 ]] || die "/dev/$head has paths '$(paths | tr '\n' ' ')', not three"
     nvme list-subsys "/dev/$head" | tee /tmp/subsys.txt
     [[ $(grep -c " $t traddr=" /tmp/subsys.txt) -eq 3 ]] || die "nvme list-subsys does not show three $t paths"
     no_duplicate_ids
@@ -83,7 +90,7 @@ for t in tcp rdma; do
     wait "$fio_pid"
     cat /tmp/fio.out
     [[ $(cat /tmp/fio.rc) == 0 ]] || die "fio verify through /dev/$head failed when $c1 went away"
-    [[ $(ls "/sys/block/$head/multipath" | wc -l) -eq 2 ]] || die "the head did not lose exactly one path"
+    [[ $(paths | wc -l) -eq 2 ]] || die "the head did not lose exactly one path: $(paths | tr '\n' ' ')"
     nvme_disconnect_all=$(nvme disconnect -n "$NQN") || die "disconnect $NQN"
     echo "$nvme_disconnect_all"
     [[ -z $(disks) ]] || die "block devices of $NQN left after disconnecting"
