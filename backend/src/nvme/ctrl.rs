@@ -364,6 +364,9 @@ impl Controller {
             if c.mode() != mode {
                 return Err(format!("{pci} is driven with dma = \"{}\" already", c.mode().as_str()));
             }
+            if let Some(why) = c.failed() {
+                return Err(format!("{pci} was given up on ({why}) and its queues still close; try again"));
+            }
             info!(%pci, "NVMe controller driven already: shared");
             return Ok(c);
         }
