@@ -10,7 +10,9 @@ nvme_discover_expect tcp 4420 "$NQN"
 step "connect -i 4"
 dev=$(nvme_connect_dev tcp 4420 "$NQN" -i 4)
 ctrl=$(ctrl_of_nqn "$NQN")
-queues=$(ls -d /sys/block/"$(basename "$dev")"/mq/* | wc -l)
+# The namespace is shared (NMIC), so $dev is the host's multipath head; the hardware queues
+# are its path's, the controller's own disk.
+queues=$(ls -d "$ctrl"/nvme*n1/mq/* | wc -l)
 want=$(( $(nproc) < 4 ? $(nproc) : 4 ))  # the host uses at most one I/O queue per CPU
 echo "$dev on $(basename "$ctrl"): $queues blk-mq hardware queues"
 [[ $queues -eq $want ]] || die "expected $want I/O queues, the host has $queues"

@@ -22,7 +22,8 @@ sleep 1
 ns_dev() {
     local b
     for b in /sys/block/nvme*n*; do
-        [[ -e $b/nsid && $(cat "$b/nsid") == "$1" ]] || continue
+        # The head (nvmeXnY), not its hidden paths (nvmeXcYnZ), which have no device node.
+        [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && -e $b/nsid && $(cat "$b/nsid") == "$1" ]] || continue
         readlink -f "$b/device" "$b/device"/nvme* 2>/dev/null | grep -q "/$cname" && { echo "/dev/${b##*/}"; return; }
     done
 }
