@@ -110,7 +110,8 @@ fn outcomes(run_dir: &Path) -> BTreeMap<(String, String), (String, String)> {
         .collect()
 }
 
-/// The full output blktests kept of `test` in a run's results.
+/// The full output blktests kept of `test` (`nvme/NNN`) in a run's results
+/// (`bt-results-RUN/<device and conditions>/nvme/NNN.full`).
 fn full_output(run_dir: &Path, run: &str, test: &str) -> String {
     let dir = run_dir.join(format!("bt-results-{run}"));
     let Ok(entries) = std::fs::read_dir(&dir) else { return String::new() };
@@ -156,8 +157,7 @@ fn run(name: &str, topology: Topology, backend: &str, trtypes: &str, tests: &[St
                 Expect::NotRun(why) => status == "not run" && detail.contains(why),
                 Expect::Configfs(evidence) => status == "failed" && detail.contains(evidence),
                 Expect::Vacuous(evidence) => {
-                    status == "passed"
-                        && full_output(&out.run_dir, &run, test.trim_start_matches("nvme/")).contains(evidence)
+                    status == "passed" && full_output(&out.run_dir, &run, test).contains(evidence)
                 }
                 Expect::HostSide(evidence) => {
                     let kernel = got.get(&("kernel-tcp".to_string(), test.to_string()));
@@ -201,4 +201,15 @@ fn vm_blktests_nvme_on_nvme_vfio() {
         .nvme("ssd", "rp1", Nvme { serial: "BLKTESTS1".into(), size_mib, cmb_mib: None, block_size: None })
         .nic("pcie.0");
     run("blktests-nvme-vfio", topo, "nvme-vfio", "tcp rdma", &tests, &format!("{size_mib}M"));
+}
+
+#[test]
+fn a_tests_full_output_is_found_under_its_conditions_directory() {
+    let dir = std::env::temp_dir().join(format!("p2pnvmf-bt-full-{}", std::process::id()));
+    let nvme = dir.join("bt-results-tcp-device/nodev_tr_tcp/nvme");
+    std::fs::create_dir_all(&nvme).unwrap();
+    std::fs::write(nvme.join("057.full"), "NQN:blktests-subsystem-1 disconnected 0 controller(s)\n").unwrap();
+    assert!(full_output(&dir, "tcp-device", "nvme/057").contains("disconnected 0 controller(s)"));
+    assert_eq!(full_output(&dir, "rdma-device", "nvme/057"), "");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
