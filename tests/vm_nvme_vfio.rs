@@ -72,3 +72,19 @@ fn vm_nvme_vfio_physical_addresses_without_an_iommu() {
         .timeout(std::time::Duration::from_secs(600))
         .run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_media_errors_reach_the_host_with_their_meaning() {
+    // Sectors 2048 (reads) and 4096 (writes) of the SSD's medium fail, as media-errors.sh expects.
+    let topo = Topology::new()
+        .iommu()
+        .root_port("rp1")
+        .nvme("ssd", "rp1", Nvme { serial: "BADSSD1".into(), size_mib: 64, cmb_mib: None, block_size: None })
+        .failing_sectors("ssd", &[2048], &[4096])
+        .nic("pcie.0");
+    Scenario::new("media-errors", topo, "media-errors.sh")
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .timeout(std::time::Duration::from_secs(600))
+        .run_ok();
+}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
+use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoError, IoRequest, Op};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::{info, warn};
 
@@ -332,7 +332,7 @@ impl Pending {
             }
             self.req.buf = Some(dev);
         }
-        self.req.done(r)
+        self.req.done(r.map_err(IoError::Os))
     }
 }
 
@@ -370,9 +370,15 @@ impl FileQueue {
     }
 
     /// What to do with `p` finished with `r`: a read or write the kernel refused on device
-    /// memory runs again in host memory (`true`); anything else is done.
+    /// memory runs again in host memory (`true`); anything else is done — an I/O error of the
+    /// storage is the host's to hear, not a reason to try other memory.
     fn falls_back(warned: &mut bool, file: &FileBackend, p: &mut Pending, r: &io::Result<()>) -> bool {
+        // The errnos of a refused pin: EREMOTEIO for p2p pages the I/O path may not use
+        // (no FOLL_PCI_P2PDMA), EFAULT for memory without struct pages (a BAR's PFN mapping).
         let Err(e) = r else { return false };
+        if !matches!(e.raw_os_error(), Some(libc::EREMOTEIO | libc::EFAULT)) {
+            return false;
+        }
         let provider = p.req.buf.as_ref().and_then(Window::device).map(str::to_owned);
         match p.bounce() {
             None => false,
@@ -503,7 +509,7 @@ mod tests {
         assert!(back.bytes()[512..4096].iter().all(|&b| b == 0xab), "untouched");
         assert!(back.bytes()[4096..].iter().all(|&b| b == 0), "deallocated");
         let e = run(&mut *q, 7, Op::Read { offset: (1 << 20) - 512, len: 4096 }, Some(filled(4096, 0)));
-        assert_eq!(e.result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert!(matches!(e.result, Err(IoError::Os(e)) if e.kind() == io::ErrorKind::UnexpectedEof));
         std::fs::remove_file(&path).unwrap();
     }
 

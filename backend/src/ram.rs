@@ -5,7 +5,7 @@ use std::io;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Op};
+use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoError, IoRequest, Op};
 
 const CHUNK_SHIFT: u32 = 16;
 const CHUNK: usize = 1 << CHUNK_SHIFT;
@@ -131,7 +131,7 @@ pub struct RamQueue(Arc<RamBackend>);
 impl BackendQueue for RamQueue {
     fn submit(&mut self, mut req: IoRequest) -> Option<IoDone> {
         let r = self.0.run(&mut req);
-        Some(req.done(r))
+        Some(req.done(r.map_err(IoError::Os)))
     }
 
     fn reap(&mut self, _: &mut dyn FnMut(IoDone)) {}

@@ -13,7 +13,7 @@ use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::warn;
 
 use crate::Status;
-use crate::ns::{BackendQueue, IoDone, IoRequest, Namespace, Op, io_error_status};
+use crate::ns::{BackendQueue, IoDone, IoError, IoRequest, Namespace, Op};
 use crate::queue::{Exec, Response};
 use crate::subsystem::Subsystem;
 use crate::wire::Sqe;
@@ -251,7 +251,7 @@ impl IoState {
                 }
                 Err(e) => {
                     warn!(nsid = ns.nsid, "opening the namespace's backend for this queue: {e}");
-                    self.cmds.account(req.done(Err(e)));
+                    self.cmds.account(req.done(Err(e.into())));
                     return;
                 }
             },
@@ -341,10 +341,8 @@ impl Commands {
         if let Err(e) = &done.result
             && f.status.is_success()
         {
-            f.status = io_error_status(e);
-            if f.status == Status::INTERNAL_ERROR {
-                warn!(nsid = f.nsid, opcode = f.opcode, "I/O failed: {e}");
-            }
+            f.status = failure_status(f.opcode, e);
+            warn!(nsid = f.nsid, opcode = f.opcode, status = %f.status, "I/O failed: {e}");
         }
         match done.buf {
             // Compare read into the scratch buffer; other commands lent the host's window.
@@ -389,6 +387,72 @@ impl Commands {
     }
 }
 
+/// The status a host gets for a command that failed below the target: an NVMe device's own
+/// status as it is; an errno as nvmet's errno_to_nvme_status maps the few a host can act on,
+/// and an I/O error of the storage (EIO, or ENODATA for the block layer's medium error) as the
+/// media error an SSD reports for it (qemu's NVMe model does the same) — retryable, since a
+/// transient fault may clear.
+pub fn failure_status(op: u8, e: &IoError) -> Status {
+    let errno = match e {
+        IoError::Device { status, .. } => return *status,
+        IoError::Os(e) => e.raw_os_error(),
+    };
+    match errno {
+        Some(libc_errno::ENOSPC) => Status::CAPACITY_EXCEEDED.dnr(),
+        Some(libc_errno::EINVAL) => Status::INVALID_FIELD.dnr(),
+        Some(libc_errno::EOPNOTSUPP) => Status::INVALID_OPCODE.dnr(),
+        Some(libc_errno::EIO | libc_errno::ENODATA) => match op {
+            opcode::READ | opcode::COMPARE => Status::UNRECOVERED_READ_ERROR,
+            opcode::WRITE | opcode::WRITE_ZEROES | opcode::FLUSH => Status::WRITE_FAULT,
+            _ => Status::INTERNAL_ERROR,
+        },
+        _ => Status::INTERNAL_ERROR,
+    }
+}
+
+/// Linux errnos (asm-generic/errno*.h), the ones the I/O path maps; nvmf has no libc.
+mod libc_errno {
+    pub const EIO: i32 = 5;
+    pub const EINVAL: i32 = 22;
+    pub const ENOSPC: i32 = 28;
+    pub const ENODATA: i32 = 61;
+    pub const EOPNOTSUPP: i32 = 95;
+}
+
 fn open(ns: &Namespace, depth: usize) -> io::Result<NsQueue> {
     Ok(NsQueue { nsid: ns.nsid, backend: ns.backend.clone(), q: Arc::clone(&ns.backend).open_queue(depth)? })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    #[test]
+    fn a_failure_keeps_its_meaning_at_the_wire() {
+        let dev = |s: Status| IoError::Device { device: "0000:01:00.0".parse().unwrap(), status: s };
+        // The SSD's own status, DNR and all, whatever the command.
+        assert_eq!(
+            failure_status(opcode::READ, &dev(Status::UNRECOVERED_READ_ERROR.dnr())),
+            Status::UNRECOVERED_READ_ERROR.dnr()
+        );
+        assert_eq!(failure_status(opcode::WRITE, &dev(Status::LBA_OUT_OF_RANGE)), Status::LBA_OUT_OF_RANGE);
+        // An errno: a storage I/O error is a media error of the command's direction.
+        for errno in [5, 61] {
+            assert_eq!(failure_status(opcode::READ, &IoError::errno(errno)), Status::UNRECOVERED_READ_ERROR);
+            assert_eq!(failure_status(opcode::COMPARE, &IoError::errno(errno)), Status::UNRECOVERED_READ_ERROR);
+            for op in [opcode::WRITE, opcode::WRITE_ZEROES, opcode::FLUSH] {
+                assert_eq!(failure_status(op, &IoError::errno(errno)), Status::WRITE_FAULT);
+            }
+            assert_eq!(failure_status(opcode::DATASET_MANAGEMENT, &IoError::errno(errno)), Status::INTERNAL_ERROR);
+        }
+        assert_eq!(failure_status(opcode::WRITE, &IoError::errno(28)), Status::CAPACITY_EXCEEDED.dnr());
+        assert_eq!(failure_status(opcode::WRITE, &IoError::errno(22)), Status::INVALID_FIELD.dnr());
+        assert_eq!(failure_status(opcode::WRITE_ZEROES, &IoError::errno(95)), Status::INVALID_OPCODE.dnr());
+        assert_eq!(
+            failure_status(opcode::READ, &IoError::Os(io::ErrorKind::UnexpectedEof.into())),
+            Status::INTERNAL_ERROR
+        );
+        assert_eq!(failure_status(opcode::READ, &IoError::other("controller given up on")), Status::INTERNAL_ERROR);
+    }
 }

@@ -22,7 +22,7 @@ pub mod wire;
 pub use auth::Host;
 pub use ctrl::{Controller, Limits};
 pub use io::Completion;
-pub use ns::{Backend, BackendQueue, DeviceFacts, IoDone, IoRequest, Namespace, NsIds, Op};
+pub use ns::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Namespace, NsIds, Op};
 pub use queue::{Direction, Exec, Queue, Response};
 pub use status::{Status, sct};
 pub use subsystem::{DISCOVERY_NQN, IoStats, Port, Subsystem, TrType, TransportParams};

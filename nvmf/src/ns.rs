@@ -9,6 +9,9 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 
 use p2pnvmf_p2p::mem::{MappingPin, Window};
+use p2pnvmf_p2p::pci::PciAddr;
+
+use crate::Status;
 
 /// One operation on a backend. Offsets and lengths are bytes, always multiples of the
 /// namespace's block size and inside `size_bytes`: the I/O path checks before submitting.
@@ -49,13 +52,38 @@ pub struct IoRequest {
 #[derive(Debug)]
 pub struct IoDone {
     pub tag: u16,
-    pub result: io::Result<()>,
+    pub result: Result<(), IoError>,
     pub buf: Option<Window>,
 }
 
 impl IoRequest {
-    pub fn done(self, result: io::Result<()>) -> IoDone {
+    pub fn done(self, result: Result<(), IoError>) -> IoDone {
         IoDone { tag: self.tag, result, buf: self.buf }
+    }
+}
+
+/// Why an operation failed, kept as the layer below said it so that the host hears its
+/// meaning (the I/O path maps it to the command's status).
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    /// An NVMe device completed the command with this status: the host gets it as it is.
+    #[error("{device}: {status}")]
+    Device { device: PciAddr, status: Status },
+    /// The kernel's errno (file and block-device namespaces, and what a driver's own system
+    /// calls return).
+    #[error(transparent)]
+    Os(#[from] io::Error),
+}
+
+impl IoError {
+    /// A failure that is neither a device's status nor an errno (a controller given up on):
+    /// the host gets Internal Error.
+    pub fn other(why: impl Into<String>) -> IoError {
+        IoError::Os(io::Error::other(why.into()))
+    }
+
+    pub fn errno(errno: i32) -> IoError {
+        IoError::Os(io::Error::from_raw_os_error(errno))
     }
 }
 
@@ -264,18 +292,6 @@ fn stable_id(subnqn: &str, nsid: u32, salt: u64) -> [u8; 16] {
     id
 }
 
-/// Maps an I/O error to the NVMe status the host sees (cf. nvmet's errno_to_nvme_status).
-pub fn io_error_status(e: &io::Error) -> crate::Status {
-    use crate::Status;
-    // ENOSPC, EINVAL, EOPNOTSUPP: the few errnos a host can act on.
-    match e.raw_os_error() {
-        Some(28) => Status::CAPACITY_EXCEEDED.dnr(),
-        Some(22) => Status::INVALID_FIELD.dnr(),
-        Some(95) => Status::INVALID_OPCODE.dnr(),
-        _ => Status::INTERNAL_ERROR,
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -331,12 +347,5 @@ pub(crate) mod tests {
         assert_eq!(ids.uuid_text().as_deref(), Some("91fdba0d-f87b-4c25-b80f-db7be1418b9e"));
         assert_eq!((ids.nguid_text(), ids.eui64_text().as_deref()), (None, Some("abababababababab")));
         assert_eq!(a.blocks(), 2048);
-    }
-
-    #[test]
-    fn errno_mapping() {
-        let s = io_error_status(&io::Error::from_raw_os_error(28));
-        assert_eq!(s, crate::Status::CAPACITY_EXCEEDED.dnr());
-        assert_eq!(io_error_status(&io::Error::other("x")), crate::Status::INTERNAL_ERROR);
     }
 }

@@ -14,7 +14,9 @@ PKGS=(qemu-system-x86 busybox-static nvme-cli rdma-core ibverbs-providers ibverb
       systemd
       # blktests' nvme group in the guest (tests/vm/scenarios/blktests.sh): gawk, and mkfs.xfs
       # for its xfs tests.
-      gawk xfsprogs)
+      gawk xfsprogs
+      # The media-errors scenario's dm "error" target.
+      dmsetup)
 
 die() { echo "tests/vm/deps.sh: $*" >&2; exit 1; }
 

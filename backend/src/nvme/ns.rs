@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::io::opcode;
 use p2pnvmf_nvmf::wire::Sqe;
-use p2pnvmf_nvmf::{Backend, BackendQueue, DeviceFacts, IoDone, IoRequest, Op};
+use p2pnvmf_nvmf::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Op, Status};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
 use tokio::io::unix::AsyncFd;
@@ -135,6 +135,7 @@ impl Backend for NvmeVfio {
             slots,
             free: (0..depth).rev().collect(),
             waiting: VecDeque::new(),
+            backlog: VecDeque::new(),
             lists,
             mapped: Vec::new(),
             own,
@@ -182,6 +183,8 @@ pub struct NvmeQueue {
     free: Vec<u16>,
     /// Commands whose next part waits for room in the SQ.
     waiting: VecDeque<u16>,
+    /// Operations that wait for a free slot.
+    backlog: VecDeque<IoRequest>,
     lists: Dma,
     /// Host memory mapped for the SSD by this queue: its data area (registered) and the
     /// mappings of windows seen (an NVMe/TCP slot's buffer), each with its IOVA and reserved
@@ -342,7 +345,7 @@ impl NvmeQueue {
     }
 
     /// Ends slot `cid`'s request with `r`: a read's bounced data goes to its window first.
-    fn finish(&mut self, cid: u16, r: io::Result<()>) -> IoDone {
+    fn finish(&mut self, cid: u16, r: Result<(), IoError>) -> IoDone {
         let slot = &mut self.slots[usize::from(cid)];
         let mut req = slot.req.take().expect("a slot in use holds its request");
         if let (None, Op::Read { len, .. }, Ok(()), Some(w), Some(b)) =
@@ -359,6 +362,17 @@ impl NvmeQueue {
         self.free.push(cid);
         self.in_flight -= 1;
         req.done(r)
+    }
+
+    /// Starts `req` in free slot `cid`: `Some` when it failed at once.
+    fn start(&mut self, cid: u16, req: IoRequest) -> Option<IoDone> {
+        let slot = &mut self.slots[usize::from(cid)];
+        (slot.req, slot.done, slot.part, slot.since) = (Some(req), 0, 0, Some(Instant::now()));
+        self.in_flight += 1;
+        if let Err(e) = self.prepare(cid).and_then(|()| self.issue(cid)) {
+            return Some(self.finish(cid, Err(e.into())));
+        }
+        None
     }
 
     /// Finds where the SSD reaches a read's or write's window, or gives the request the bounce
@@ -398,20 +412,6 @@ impl NvmeQueue {
     }
 }
 
-/// What an NVMe status means to the target: an errno the core maps to the host's status.
-fn status_error(pci: PciAddr, s: u16) -> io::Error {
-    let (sct, sc) = (s >> 8 & 0x7, s & 0xff);
-    let errno = match (sct, sc) {
-        // LBA Out of Range, Invalid Field.
-        (0, 0x80) | (0, 0x02) => libc::EINVAL,
-        _ => libc::EIO,
-    };
-    io::Error::new(
-        io::Error::from_raw_os_error(errno).kind(),
-        format!("{pci}: SSD status {s:#x} (SCT {sct}, SC {sc:#04x})"),
-    )
-}
-
 impl NvmeQueue {
     /// With commands at the SSD: a controller found broken, or a command older than
     /// [`COMMAND_TIMEOUT`], gets the controller given up on (disabled, so it does no more DMA)
@@ -430,9 +430,12 @@ impl NvmeQueue {
             Ok(()) => return,
         };
         self.waiting.clear();
+        for req in self.backlog.drain(..) {
+            done(req.done(Err(IoError::other(why.clone()))));
+        }
         for cid in 0..self.slots.len() as u16 {
             if self.slots[usize::from(cid)].req.is_some() {
-                done(self.finish(cid, Err(io::Error::other(why.clone()))));
+                done(self.finish(cid, Err(IoError::other(why.clone()))));
             }
         }
     }
@@ -447,21 +450,18 @@ impl BackendQueue for NvmeQueue {
             _ => false,
         };
         if unsupported {
-            return Some(req.done(Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))));
+            return Some(req.done(Err(IoError::errno(libc::EOPNOTSUPP))));
         }
         if let Some(why) = self.ns.ctrl.failed() {
-            return Some(req.done(Err(io::Error::other(why))));
+            return Some(req.done(Err(IoError::other(why))));
         }
+        // More operations than slots (a Dataset Management of many ranges on a busy queue):
+        // the rest wait for a completion to free a slot.
         let Some(cid) = self.free.pop() else {
-            return Some(req.done(Err(io::Error::other("more commands than the queue holds"))));
+            self.backlog.push_back(req);
+            return None;
         };
-        let slot = &mut self.slots[usize::from(cid)];
-        (slot.req, slot.done, slot.part, slot.since) = (Some(req), 0, 0, Some(Instant::now()));
-        self.in_flight += 1;
-        if let Err(e) = self.prepare(cid).and_then(|()| self.issue(cid)) {
-            return Some(self.finish(cid, Err(e)));
-        }
-        None
+        self.start(cid, req)
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
@@ -481,25 +481,33 @@ impl BackendQueue for NvmeQueue {
                     slot.done += slot.part;
                     if slot.done < total {
                         if let Err(e) = self.issue(cid) {
-                            done(self.finish(cid, Err(e)));
+                            done(self.finish(cid, Err(e.into())));
                         }
                     } else {
                         done(self.finish(cid, Ok(())));
                     }
                 }
                 s => {
-                    let pci = self.ns.ctrl.pci;
-                    done(self.finish(cid, Err(status_error(pci, s))));
+                    let e = IoError::Device { device: self.ns.ctrl.pci, status: Status::from_device(s) };
+                    done(self.finish(cid, Err(e)));
                 }
             }
         }
         self.q.as_mut().expect("open").ring_cq();
         self.see_to_health(done);
-        // Completions made room: parts that waited go now.
+        // Completions made room: parts that waited go now, then operations that waited for a slot.
         while !self.waiting.is_empty() && self.q.as_ref().expect("open").has_room() {
             let cid = self.waiting.pop_front().expect("not empty");
             if let Err(e) = self.send(cid) {
-                done(self.finish(cid, Err(e)));
+                done(self.finish(cid, Err(e.into())));
+            }
+        }
+        while !self.backlog.is_empty()
+            && let Some(cid) = self.free.pop()
+        {
+            let req = self.backlog.pop_front().expect("not empty");
+            if let Some(d) = self.start(cid, req) {
+                done(d);
             }
         }
     }
@@ -538,7 +546,7 @@ impl BackendQueue for NvmeQueue {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight
+        self.in_flight + self.backlog.len()
     }
 
     fn register(&mut self, area: &MappingPin) {

@@ -60,6 +60,16 @@ nvme_connect_dev() {
     die "no block device appeared after connecting to $nqn over $t"
 }
 
+# ns_dev CTRL NSID: the host's block device of namespace NSID on controller CTRL (nvmeX), if it
+# has one: the head (nvmeXnY, whose Y need not be NSID), not its hidden paths (nvmeXcYnZ).
+ns_dev() {
+    local b
+    for b in /sys/block/nvme*n*; do
+        [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && -e $b/nsid && $(cat "$b/nsid") == "$2" ]] || continue
+        readlink -f "$b/device" "$b/device"/nvme* 2>/dev/null | grep -q "/$1\$" && { echo "/dev/${b##*/}"; return; }
+    done
+}
+
 # verify_rw DEVICE MIB: writes MIB of random data with O_DIRECT, reads it back, compares.
 verify_rw() {
     local dev=$1 mib=$2

@@ -18,15 +18,6 @@ cname=$(basename "$ctrl")
 fio_pid=$!
 sleep 1
 
-# ns_dev NSID: the host's block device of namespace NSID on our controller, if it has one.
-ns_dev() {
-    local b
-    for b in /sys/block/nvme*n*; do
-        # The head (nvmeXnY), not its hidden paths (nvmeXcYnZ), which have no device node.
-        [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && -e $b/nsid && $(cat "$b/nsid") == "$1" ]] || continue
-        readlink -f "$b/device" "$b/device"/nvme* 2>/dev/null | grep -q "/$cname" && { echo "/dev/${b##*/}"; return; }
-    done
-}
 # reload: SIGHUP and wait for the target to apply the file.
 reloads=0
 reload() {
@@ -40,8 +31,8 @@ reload() {
 step "add namespace 2 by SIGHUP: it appears on the connected host"
 echo "$NS2" >>"$CFG"
 reload
-for i in $(seq 100); do [[ -n $(ns_dev 2) ]] && break; sleep 0.1; done
-dev2=$(ns_dev 2)
+for i in $(seq 100); do [[ -n $(ns_dev "$cname" 2) ]] && break; sleep 0.1; done
+dev2=$(ns_dev "$cname" 2)
 [[ -n $dev2 ]] || { nvme list; die "namespace 2 did not appear on $cname"; }
 echo "namespace 2 appeared as $dev2 within $((i / 10)).$((i % 10)) s; $cname is $(cat "$ctrl/state")"
 nvme list | grep -q "$(basename "$dev2")" || die "nvme list does not show $dev2"
@@ -61,8 +52,8 @@ tcp_config "$CFG" "$NQN" "hosts = [\"$HOSTNQN\"]"
 out=$("$P2PNVMF_BIN" reload) || die "p2pnvmf reload failed: $out"
 echo "$out"
 grep -q "applied: .*changed \[\"$NQN\"\]" <<<"$out" || die "p2pnvmf reload did not say what changed"
-for i in $(seq 100); do [[ -z $(ns_dev 2) ]] && break; sleep 0.1; done
-[[ -z $(ns_dev 2) ]] || { nvme list; die "namespace 2 is still on $cname"; }
+for i in $(seq 100); do [[ -z $(ns_dev "$cname" 2) ]] && break; sleep 0.1; done
+[[ -z $(ns_dev "$cname" 2) ]] || { nvme list; die "namespace 2 is still on $cname"; }
 [[ $(cat "$ctrl/state") == live ]] || die "$cname is $(cat "$ctrl/state"), not live"
 
 step "fio on namespace 1 finished without an error"

@@ -54,12 +54,33 @@ pub struct Nvme {
     pub block_size: Option<u32>,
 }
 
+/// Sectors an SSD's medium fails (`Topology::failing_sectors`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Failing {
+    reads: Vec<u64>,
+    writes: Vec<u64>,
+}
+
+impl Failing {
+    /// blkdebug's configuration: an `[inject-error]` rule per sector, EIO every time.
+    fn blkdebug_config(&self) -> Option<String> {
+        let rules = |event: &str, sectors: &[u64]| {
+            sectors
+                .iter()
+                .map(|s| format!("[inject-error]\nevent = \"{event}\"\nerrno = \"5\"\nsector = \"{s}\"\n\n"))
+                .collect::<String>()
+        };
+        let conf = rules("read_aio", &self.reads) + &rules("write_aio", &self.writes);
+        (!conf.is_empty()).then_some(conf)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Device {
     RootPort { id: String, chassis: u32 },
     SwitchUpstream { id: String, bus: Bus },
     SwitchDownstream { id: String, bus: Bus, chassis: u32 },
-    Nvme { id: String, bus: Bus, nvme: Nvme },
+    Nvme { id: String, bus: Bus, nvme: Nvme, failing: Failing },
     Nic { bus: Bus },
     Ivshmem { id: String, bus: Bus, size_mib: u32 },
 }
@@ -105,7 +126,22 @@ impl Topology {
     }
 
     pub fn nvme(mut self, id: &str, on: &str, nvme: Nvme) -> Self {
-        self.devices.push(Device::Nvme { id: id.into(), bus: on.into(), nvme });
+        self.devices.push(Device::Nvme { id: id.into(), bus: on.into(), nvme, failing: Failing::default() });
+        self
+    }
+
+    /// Makes the medium of SSD `id` fail reads of `reads` and writes of `writes` (512-byte
+    /// sectors; every I/O that touches one fails with EIO) through qemu's blkdebug driver:
+    /// qemu's NVMe model answers such a read with Unrecovered Read Error and a write with Write
+    /// Fault, as an SSD with a bad block would.
+    pub fn failing_sectors(mut self, id: &str, reads: &[u64], writes: &[u64]) -> Self {
+        for d in &mut self.devices {
+            if let Device::Nvme { id: i, failing, .. } = d
+                && i == id
+            {
+                *failing = Failing { reads: reads.to_vec(), writes: writes.to_vec() };
+            }
+        }
         self
     }
 
@@ -155,11 +191,19 @@ impl Topology {
                     "-device",
                     format!("xio3130-downstream,id={id},bus={},chassis={chassis},slot={chassis}", bus.qemu_name()),
                 ),
-                Device::Nvme { id, bus, nvme } => {
+                Device::Nvme { id, bus, nvme, failing } => {
                     let img = run_dir.join(format!("{id}.img"));
                     let f = std::fs::File::create(&img).map_err(|e| RigError::io(&img, e))?;
                     f.set_len(nvme.size_mib << 20).map_err(|e| RigError::io(&img, e))?;
-                    push("-drive", format!("file={},if=none,id=drv-{id},format=raw", img.display()));
+                    let file = match failing.blkdebug_config() {
+                        Some(conf) => {
+                            let path = run_dir.join(format!("{id}.blkdebug"));
+                            std::fs::write(&path, conf).map_err(|e| RigError::io(&path, e))?;
+                            format!("blkdebug:{}:{}", path.display(), img.display())
+                        }
+                        None => img.display().to_string(),
+                    };
+                    push("-drive", format!("file={file},if=none,id=drv-{id},format=raw"));
                     let mut d = format!("nvme,id={id},bus={},serial={},drive=drv-{id}", bus.qemu_name(), nvme.serial);
                     if let Some(cmb) = nvme.cmb_mib {
                         let _ = write!(d, ",cmb_size_mb={cmb}");
@@ -590,6 +634,25 @@ mod tests {
         assert_eq!(devices[10], "nvme,id=other,bus=rp2,serial=N2,drive=drv-other");
         assert_eq!(t.kernel_args(), "intel_iommu=on");
         assert_eq!(std::fs::metadata(dir.join("cmb.img")).unwrap().len(), 1 << 20);
+    }
+
+    #[test]
+    fn failing_sectors_become_a_blkdebug_drive() {
+        let dir = std::env::temp_dir().join("p2pnvmf-vmrig-unit-blkdebug");
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Topology::new()
+            .nvme("bad", "pcie.0", Nvme { serial: "BAD1".into(), size_mib: 1, cmb_mib: None, block_size: None })
+            .failing_sectors("bad", &[2048], &[4096])
+            .nic("pcie.0");
+        let args = t.qemu_args(&dir).unwrap();
+        let conf = dir.join("bad.blkdebug");
+        let drive =
+            format!("file=blkdebug:{}:{},if=none,id=drv-bad,format=raw", conf.display(), dir.join("bad.img").display());
+        assert!(args.contains(&drive), "{args:?}");
+        let conf = std::fs::read_to_string(conf).unwrap();
+        assert_eq!(conf.matches("[inject-error]").count(), 2);
+        assert!(conf.contains("event = \"read_aio\"\nerrno = \"5\"\nsector = \"2048\""), "{conf}");
+        assert!(conf.contains("event = \"write_aio\"\nerrno = \"5\"\nsector = \"4096\""), "{conf}");
     }
 
     #[test]
