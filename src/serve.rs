@@ -10,12 +10,10 @@ use p2pnvmf_backend::nvme::ctrl::Addressing;
 use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
-use p2pnvmf_nvmf::buffers::{NsBuffers, count_fallback};
+use p2pnvmf_nvmf::buffers::{self, NsBuffers, NsStorage};
 use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, NsIds, Port, Subsystem, Target, TrType};
-use p2pnvmf_p2p::path::Client;
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
-use p2pnvmf_p2p::provider::Kind;
 use p2pnvmf_transport::rdma::{self, RdmaParams};
 use p2pnvmf_transport::tcp::{self, TcpParams};
 use tokio::signal::unix::{SignalKind, signal};
@@ -73,8 +71,7 @@ fn namespace_ids(subnqn: &str, n: &p2pnvmf_config::Namespace) -> NsIds {
     }
 }
 
-/// The namespace-level buffer decision: p2p chunks from the first usable provider, or host
-/// memory with the reason (logged and counted) — or, for `buffers = "p2p"`, a refusal.
+/// The namespace-level buffer decision for `n` (`buffers::for_namespace`), as the config asks it.
 fn ns_buffers(
     p2p: &Result<Arc<P2p>, String>,
     subnqn: &str,
@@ -85,49 +82,13 @@ fn ns_buffers(
         Buffers::Auto => false,
         Buffers::P2p => true,
     };
-    let provider = match &n.backend {
-        BackendCfg::File { path, .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| {
-            let dev = Sysfs::new("/").block_device_of(path)?;
-            let (i, d) = p.for_block_device(&dev, n.provider)?;
-            info!(subnqn, nsid = n.nsid, device = %dev.name, ssd = ?dev.functions.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                  provider = %p.providers[i].pci, path = d.path.as_str(), distance = d.distance, "the SSD reaches p2pmem: {}", d.reason);
-            Ok(i)
-        }),
-        BackendCfg::Ram { .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| p.for_namespace(n.provider)),
-        // The SSD's own CMB first, else the nearest BAR window it reaches: its PRPs carry the
-        // memory's bus address. p2pmem is the kernel's to place, not ours.
-        BackendCfg::NvmeVfio { pci, .. } => p2p.as_ref().map_err(Clone::clone).and_then(|p| {
-            let client = Client::Pci { addr: *pci, name: None };
-            match p.nearest(&[client], |pr| pr.kind != Kind::P2pmem, n.provider)? {
-                Ok((i, _)) => Ok(i),
-                Err(why) if why.is_empty() => Err(format!("no CMB or memory BAR that {pci} reaches")),
-                Err(why) => Err(format!("no provider {pci} reaches: {}", why.join("; "))),
-            }
-        }),
+    let storage = match &n.backend {
+        BackendCfg::File { path, .. } => NsStorage::File(path),
+        BackendCfg::Ram { .. } => NsStorage::Ram,
+        BackendCfg::NvmeVfio { pci, .. } => NsStorage::NvmeVfio(*pci),
     };
-    match provider {
-        Ok(i) => {
-            let p = &p2p.as_ref().expect("a provider came from it").providers[i];
-            info!(subnqn, nsid = n.nsid, provider = %p.pci, kind = p.kind.as_str(), size = p.size, required, "p2p buffers available");
-            Ok(NsBuffers::P2p { provider: i, required })
-        }
-        Err(why) if required => {
-            anyhow::bail!("{subnqn} namespace {}: buffers = \"p2p\" but no usable provider: {why}", n.nsid)
-        }
-        Err(why) => {
-            info!(subnqn, nsid = n.nsid, "namespace falls back to host memory: {why}");
-            // The backend says which decision found nothing.
-            count_fallback(
-                "namespace",
-                match n.backend {
-                    BackendCfg::File { .. } => "no_p2pmem_for_device",
-                    BackendCfg::Ram { .. } => "no_provider",
-                    BackendCfg::NvmeVfio { .. } => "no_provider_the_ssd_reaches",
-                },
-            );
-            Ok(NsBuffers::Host)
-        }
-    }
+    buffers::for_namespace(p2p, &Sysfs::new("/"), (subnqn, n.nsid), storage, required, n.provider)
+        .map_err(anyhow::Error::msg)
 }
 
 /// The p2p state, read only when some namespace may use p2p memory.

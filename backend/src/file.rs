@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
+use p2pnvmf_nvmf::buffers::RequestFallbacks;
 use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoError, IoRequest, Op};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::{info, warn};
@@ -277,7 +278,7 @@ impl Backend for FileBackend {
             Engine::IoUring => Some(Ring::new(2 * depth as u32)?),
             Engine::Sync => None,
         };
-        Ok(Box::new(FileQueue { file: self, ring, moved: Moved::default(), warned: false }))
+        Ok(Box::new(FileQueue { file: self, ring, moved: Moved::default(), fallbacks: RequestFallbacks::default() }))
     }
 }
 
@@ -358,8 +359,7 @@ pub struct FileQueue {
     file: Arc<FileBackend>,
     ring: Option<Ring<Pending>>,
     moved: Moved,
-    /// A request fell back to host memory already (logged once per queue, counted every time).
-    warned: bool,
+    fallbacks: RequestFallbacks,
 }
 
 impl FileQueue {
@@ -372,7 +372,7 @@ impl FileQueue {
     /// What to do with `p` finished with `r`: a read or write the kernel refused on device
     /// memory runs again in host memory (`true`); anything else is done — an I/O error of the
     /// storage is the host's to hear, not a reason to try other memory.
-    fn falls_back(warned: &mut bool, file: &FileBackend, p: &mut Pending, r: &io::Result<()>) -> bool {
+    fn falls_back(fallbacks: &mut RequestFallbacks, file: &FileBackend, p: &mut Pending, r: &io::Result<()>) -> bool {
         // The errnos of a refused pin: EREMOTEIO for p2p pages the I/O path may not use
         // (no FOLL_PCI_P2PDMA), EFAULT for memory without struct pages (a BAR's PFN mapping).
         let Err(e) = r else { return false };
@@ -387,12 +387,12 @@ impl FileQueue {
                 false
             }
             Some(Ok(())) => {
-                p2pnvmf_nvmf::buffers::count_fallback("request", "kernel_refused");
-                if !std::mem::replace(warned, true) {
-                    warn!(path = %file.path.display(), provider = provider.as_deref().unwrap_or("-"), errno = e.raw_os_error(),
-                          "request falls back to host memory: the kernel refused the p2p buffer ({e}); retried in host \
-                           memory (logged once per queue)");
-                }
+                let why = format_args!(
+                    "the kernel refused the p2p buffer ({e}); retried in host memory ({}, provider {})",
+                    file.path.display(),
+                    provider.as_deref().unwrap_or("-")
+                );
+                fallbacks.fall_back("kernel_refused", &why);
                 true
             }
         }
@@ -404,7 +404,7 @@ impl BackendQueue for FileQueue {
         let mut p = Pending::new(&self.file, req);
         let Some(ring) = &mut self.ring else {
             let mut r = self.file.run_sync(&mut p.req);
-            if Self::falls_back(&mut self.warned, &self.file, &mut p, &r) {
+            if Self::falls_back(&mut self.fallbacks, &self.file, &mut p, &r) {
                 r = self.file.run_sync(&mut p.req);
             }
             return Some(finish_counted(&mut self.moved, p, r));
@@ -414,11 +414,11 @@ impl BackendQueue for FileQueue {
 
     fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
         let Some(ring) = &mut self.ring else { return };
-        let (file, moved, warned) = (&self.file, &mut self.moved, &mut self.warned);
+        let (file, moved, fallbacks) = (&self.file, &mut self.moved, &mut self.fallbacks);
         ring.reap(|ring, mut p, desc, res| {
             let r = match file.advance(&mut p, &desc, res) {
                 None => None,
-                Some(r) if Self::falls_back(warned, file, &mut p, &r) => None,
+                Some(r) if Self::falls_back(fallbacks, file, &mut p, &r) => None,
                 Some(r) => Some(r),
             };
             let d = match r {

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
+use crate::Status;
 use crate::ctrl::{AERL, Controller, VERSION, feat};
-use crate::queue::{Exec, Response};
+use crate::response::{Exec, Response};
 use crate::subsystem::Subsystem;
 use crate::target::Target;
-use crate::wire::{Sqe, put_str};
-use crate::{Status, io};
+use crate::wire::{Sqe, io_opcode, put_str};
 
 pub mod opcode {
     pub const GET_LOG_PAGE: u8 = 0x02;
@@ -296,8 +296,8 @@ fn command_effects(page: &mut [u8; PAGE]) {
     for op in (0..=u8::MAX).filter(|&op| supported(op, false)) {
         put32(page, usize::from(op) * 4, CSUPP);
     }
-    for op in io::opcode::ALL {
-        let lbcc = if io::opcode::changes_content(op) { LBCC } else { 0 };
+    for op in io_opcode::ALL {
+        let lbcc = if io_opcode::changes_content(op) { LBCC } else { 0 };
         put32(page, 1024 + usize::from(op) * 4, CSUPP | lbcc);
     }
 }

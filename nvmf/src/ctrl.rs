@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tokio::sync::{Notify, watch};
 
 use crate::Status;
-use crate::buffers::P2pPool;
+use crate::buffers::ControllerPools;
 use crate::subsystem::{Port, Subsystem};
 
 /// What the target grants hosts (`[limits]`), refused with the specification's status once
@@ -115,9 +115,8 @@ pub struct Controller {
     last_seen_ms: AtomicU64,
     dead: watch::Sender<Option<&'static str>>,
     event_ready: Notify,
-    /// p2p pools per namespace, decided at admin Connect; dropped when an I/O queue finds it
-    /// cannot use them after all (its NIC refused the dma-buf).
-    pools: Mutex<Vec<P2pPool>>,
+    /// p2p pools per namespace, decided at admin Connect.
+    pub p2p: Arc<ControllerPools>,
     limits: Limits,
 }
 
@@ -130,6 +129,7 @@ impl Controller {
         kato_ms: u32,
         limits: Limits,
     ) -> Self {
+        let p2p = Arc::new(ControllerPools::new(cntlid, &host.hostnqn));
         let Who { hostnqn, hostid, peer } = host;
         let write_cache =
             subsys.as_ref().is_some_and(|s| s.namespaces.iter().any(|n| n.backend.volatile_write_cache()));
@@ -148,7 +148,7 @@ impl Controller {
             last_seen_ms: AtomicU64::new(0),
             dead: watch::channel(None).0,
             event_ready: Notify::new(),
-            pools: Mutex::new(Vec::new()),
+            p2p,
             limits,
         }
     }
@@ -159,28 +159,6 @@ impl Controller {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The p2p pools its I/O queues take buffers from (empty: host memory); read once per
-    /// queue at Connect.
-    pub fn p2p_pools(&self) -> Vec<P2pPool> {
-        self.pools.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    pub(crate) fn set_p2p_pools(&self, pools: Vec<P2pPool>) {
-        *self.pools.lock().unwrap_or_else(|e| e.into_inner()) = pools;
-    }
-
-    /// Drops namespace `nsid`'s pool: a controller-level fallback found by an I/O queue (the
-    /// NIC refused to register the provider's dma-buf), logged and counted once; queues that
-    /// connect later use host memory. Whether there was a pool to drop.
-    pub fn drop_p2p_pool(&self, nsid: u32, code: &'static str, why: &str) -> bool {
-        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(i) = pools.iter().position(|p| p.nsid == nsid) else { return false };
-        let p = pools.remove(i);
-        drop(pools);
-        crate::buffers::controller_fallback(self, nsid, p.provider, code, why, true);
-        true
     }
 
     pub fn is_discovery(&self) -> bool {
@@ -453,54 +431,6 @@ impl Controller {
         let n = st.aers.len().min(st.events.len());
         let cids: Vec<u16> = st.aers.drain(..n).collect();
         cids.into_iter().zip(st.events.drain(..n)).collect()
-    }
-}
-
-/// What a queue's transport watches once Connect gave it a controller: the controller's
-/// teardown and, on the admin queue, its async events.
-#[derive(Debug, Default)]
-pub struct CtrlWatch {
-    dead: Option<watch::Receiver<Option<&'static str>>>,
-    events: Option<Arc<Controller>>,
-}
-
-/// What [`CtrlWatch::changed`] saw.
-#[derive(Debug)]
-pub enum Watched {
-    TornDown(Option<&'static str>),
-    /// Async events are ready to complete held requests (admin queue only).
-    Events(Arc<Controller>),
-}
-
-impl CtrlWatch {
-    /// Starts watching once the queue has a controller (returning true that once); a no-op
-    /// afterwards.
-    pub fn follow(&mut self, queue: &crate::Queue) -> bool {
-        if self.dead.is_none()
-            && let Some(c) = queue.controller()
-        {
-            self.dead = Some(c.watch_dead());
-            self.events = (queue.qid() == 0).then(|| c.clone());
-            return true;
-        }
-        false
-    }
-
-    /// For a transport's select loop: resolves on teardown or ready events; never before
-    /// Connect.
-    pub async fn changed(&mut self) -> Watched {
-        let (Some(dead), events) = (self.dead.as_mut(), &self.events) else {
-            return std::future::pending().await;
-        };
-        tokio::select! {
-            r = dead.wait_for(|r| r.is_some()) => Watched::TornDown(r.map(|r| *r).ok().flatten()),
-            () = async {
-                match events {
-                    Some(c) => c.event_ready().await,
-                    None => std::future::pending().await,
-                }
-            } => Watched::Events(events.clone().expect("branch runs with a controller")),
-        }
     }
 }
 

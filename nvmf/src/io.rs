@@ -14,32 +14,9 @@ use tracing::warn;
 
 use crate::Status;
 use crate::ns::{BackendQueue, IoDone, IoError, IoRequest, Namespace, Op};
-use crate::queue::{Exec, Response};
+use crate::response::{Exec, Response};
 use crate::subsystem::Subsystem;
-use crate::wire::Sqe;
-
-pub mod opcode {
-    pub const FLUSH: u8 = 0x00;
-    pub const WRITE: u8 = 0x01;
-    pub const READ: u8 = 0x02;
-    pub const COMPARE: u8 = 0x05;
-    pub const WRITE_ZEROES: u8 = 0x08;
-    pub const DATASET_MANAGEMENT: u8 = 0x09;
-    pub const ALL: [u8; 6] = [FLUSH, WRITE, READ, COMPARE, WRITE_ZEROES, DATASET_MANAGEMENT];
-
-    pub fn changes_content(op: u8) -> bool {
-        matches!(op, WRITE | WRITE_ZEROES | DATASET_MANAGEMENT)
-    }
-
-    /// Read (`Some(false)`), write (`Some(true)`) or another command, as metrics count them.
-    pub fn rw(op: u8) -> Option<bool> {
-        match op {
-            READ => Some(false),
-            WRITE => Some(true),
-            _ => None,
-        }
-    }
-}
+use crate::wire::{Sqe, io_opcode as opcode};
 
 /// A finished command of a queue: its tag, its response, and the data window it was lent (if
 /// it took one).

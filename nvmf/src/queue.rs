@@ -4,99 +4,20 @@
 
 use std::future::poll_fn;
 use std::sync::Arc;
-use std::time::Instant;
 
 use p2pnvmf_p2p::mem::Window;
-use tracing::{debug, info, warn};
+use tokio::sync::watch;
+use tracing::{debug, warn};
 
-use crate::auth::{self, Session, Verdict};
+use crate::auth::Session;
+use crate::buffers::{Mover, QueueBuffers};
 use crate::ctrl::Controller;
 use crate::io::{Completion, IoState};
+use crate::response::{Exec, Response};
 use crate::subsystem::Port;
-use crate::target::{ConnectError, Target, parse_connect_data};
-use crate::wire::{Cqe, Sqe};
-use crate::{Status, admin, io};
-
-/// Fabrics command opcode and command types (NVMe-oF 1.1, Figure 9).
-pub const FABRICS_OPCODE: u8 = 0x7f;
-pub mod fctype {
-    pub const PROPERTY_SET: u8 = 0x00;
-    pub const CONNECT: u8 = 0x01;
-    pub const PROPERTY_GET: u8 = 0x04;
-    pub const AUTH_SEND: u8 = 0x05;
-    pub const AUTH_RECEIVE: u8 = 0x06;
-}
-
-/// Which way a command's data moves, from the opcode's (or fctype's) low two bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    None,
-    HostToController,
-    ControllerToHost,
-    Bidirectional,
-}
-
-impl Direction {
-    pub fn of(sqe: &Sqe) -> Self {
-        let bits = if sqe.opcode == FABRICS_OPCODE { sqe.fctype() } else { sqe.opcode };
-        match bits & 3 {
-            0 => Direction::None,
-            1 => Direction::HostToController,
-            2 => Direction::ControllerToHost,
-            _ => Direction::Bidirectional,
-        }
-    }
-}
-
-/// A finished command: status, DW0/DW1, and how many bytes of the buffer go back to the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Response {
-    pub status: Status,
-    pub result: u64,
-    pub data_len: u32,
-}
-
-impl Response {
-    pub fn status(status: Status) -> Self {
-        Response { status, ..Default::default() }
-    }
-
-    pub fn ok() -> Self {
-        Response::default()
-    }
-
-    pub fn data(len: usize) -> Self {
-        Response { data_len: len as u32, ..Default::default() }
-    }
-
-    pub fn result(result: u64) -> Self {
-        Response { result, ..Default::default() }
-    }
-}
-
-/// What executing a command produced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exec {
-    Done(Response),
-    /// In flight at the backend: its [`Completion`] comes from [`Queue::reap`], with the data
-    /// window it took.
-    Submitted,
-    /// Held by the controller (an Async Event Request), completed later through the
-    /// controller's events; the transport frees the command's slot.
-    Deferred,
-}
-
-impl From<Response> for Exec {
-    fn from(r: Response) -> Self {
-        Exec::Done(r)
-    }
-}
-
-impl From<Status> for Exec {
-    fn from(s: Status) -> Self {
-        Exec::Done(Response::status(s))
-    }
-}
+use crate::target::Target;
+use crate::wire::{Cqe, Direction, FABRICS_OPCODE, Sqe, fctype, io_opcode};
+use crate::{Status, admin, fabrics};
 
 /// A queue's command context.
 #[derive(Debug)]
@@ -117,7 +38,7 @@ pub struct Queue {
     /// DH-HMAC-CHAP state when the host has a key: commands wait until it succeeds.
     auth: Option<Box<Session>>,
     sq_flow_disabled: bool,
-    mover: crate::buffers::Mover,
+    mover: Mover,
     io: IoState,
 }
 
@@ -135,14 +56,14 @@ impl Queue {
             generation: 0,
             auth: None,
             sq_flow_disabled: false,
-            mover: crate::buffers::Mover::Cpu,
+            mover: Mover::Cpu,
             io: IoState::default(),
         }
     }
 
     /// Who moves this queue's data (the CPU unless an RDMA transport says otherwise): the
     /// controller's p2p decision depends on it.
-    pub fn set_mover(&mut self, mover: crate::buffers::Mover) {
+    pub fn set_mover(&mut self, mover: Mover) {
         self.mover = mover;
     }
 
@@ -157,6 +78,15 @@ impl Queue {
 
     pub fn controller(&self) -> Option<&Arc<Controller>> {
         self.ctrl.as_ref()
+    }
+
+    /// This I/O queue's share of its controller's p2p pools (none for an admin queue, or
+    /// before Connect).
+    pub fn buffers(&self) -> QueueBuffers {
+        match &self.ctrl {
+            Some(c) if self.qid != 0 => QueueBuffers::of(&c.p2p, &c.p2p.current(), self.entries),
+            _ => QueueBuffers::default(),
+        }
     }
 
     /// Entries in the queue once connected (the host's SQSIZE + 1).
@@ -198,7 +128,7 @@ impl Queue {
         let known = if self.qid == 0 {
             admin::supported(sqe.opcode, ctrl.is_discovery())
         } else {
-            io::opcode::ALL.contains(&sqe.opcode) && !ctrl.is_discovery()
+            io_opcode::ALL.contains(&sqe.opcode) && !ctrl.is_discovery()
         };
         if known { Ok(()) } else { Err(Status::INVALID_OPCODE.dnr()) }
     }
@@ -283,124 +213,22 @@ impl Queue {
     }
 
     fn fabrics(&mut self, sqe: &Sqe, data: &mut [u8]) -> Response {
-        // ATTRIB bits 2:0: 0 = 4 bytes, 1 = 8 bytes (NVMe-oF 1.1, Figure 26).
-        let eight = sqe.cdw10.get() & 7 == 1;
         match (sqe.fctype(), &self.ctrl) {
-            (fctype::PROPERTY_GET, Some(c)) => match c.property_get(sqe.cdw11.get(), eight) {
-                Ok(v) => Response::result(v),
-                Err(s) => Response::status(s),
-            },
-            (fctype::PROPERTY_SET, Some(c)) => {
-                let value = u64::from(sqe.cdw12.get()) | u64::from(sqe.cdw13.get()) << 32;
-                match c.property_set(sqe.cdw11.get(), eight, value) {
-                    Ok(()) => Response::ok(),
-                    Err(s) => Response::status(s),
-                }
-            }
+            (fctype::PROPERTY_GET | fctype::PROPERTY_SET, Some(c)) => fabrics::property(c, sqe),
             (fctype::AUTH_SEND | fctype::AUTH_RECEIVE, Some(c)) => {
-                let c = c.clone();
-                self.authenticate(&c, sqe, data)
+                let session = self.auth.as_mut().expect("admitted: the queue has a session");
+                fabrics::authenticate(session, c, self.qid, sqe, data)
             }
-            _ => self.connect(sqe, data),
-        }
-    }
-
-    /// Authentication Send (a host message in `data`) and Receive (the controller's into
-    /// `data`): SECP, SPSP0/1 and TL/AL in CDW10/11 (NVMe Base 2.2, 5.3.1 and 5.3.2 as
-    /// fabrics carry them). A failed transaction tears the controller down once this command
-    /// completes, as Linux nvmet does.
-    fn authenticate(&mut self, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
-        let session = self.auth.as_mut().expect("admitted: the queue has a session");
-        let [_, spsp0, spsp1, secp] = sqe.cdw10.get().to_le_bytes();
-        let len = sqe.cdw11.get() as usize;
-        if secp != auth::SECP_DHCHAP || spsp0 != auth::SPSP_DHCHAP || spsp1 != auth::SPSP_DHCHAP || len == 0 {
-            return Response::status(Status::INVALID_FIELD.dnr());
-        }
-        if len != data.len() {
-            return Response::status(Status::DATA_SGL_LENGTH_INVALID.dnr());
-        }
-        let (verdict, response) = if sqe.fctype() == fctype::AUTH_SEND {
-            (session.send(data, Instant::now()), Response::ok())
-        } else {
-            match session.receive(data) {
-                Ok(v) => (v, Response::data(len)),
-                Err(short) => {
-                    debug!(qid = self.qid, al = len, needed = short.needed, "Authentication Receive buffer too small");
-                    return Response::status(Status::INVALID_FIELD.dnr());
+            _ => match fabrics::connect(&self.target, &self.port, &self.peer, &self.mover, sqe, data) {
+                Ok(c) => {
+                    metrics::gauge!("p2pnvmf_queues", "transport" => self.port.trtype.as_str()).increment(1.0);
+                    (self.qid, self.entries, self.sq_flow_disabled, self.auth) =
+                        (c.qid, c.entries, c.sq_flow_disabled, c.auth);
+                    self.ctrl = Some(c.ctrl);
+                    Response::result(c.result.into())
                 }
-            }
-        };
-        match verdict {
-            Verdict::Pending => {}
-            Verdict::Authenticated { bidirectional } => info!(
-                cntlid = ctrl.cntlid, qid = self.qid, hostnqn = %ctrl.hostnqn, hash = session.hash().name(),
-                dhgroup = session.dhgroup(), bidirectional, "host authenticated (DH-HMAC-CHAP)"
-            ),
-            Verdict::Failed(why) | Verdict::RefusedByHost(why) => {
-                let what = match verdict {
-                    Verdict::RefusedByHost(_) => {
-                        "the host refused the controller's response (is dhchap_ctrl_key the host's --dhchap-ctrl-secret?)"
-                    }
-                    _ => "the host did not prove its secret",
-                };
-                warn!(
-                    cntlid = ctrl.cntlid, qid = self.qid, hostnqn = %ctrl.hostnqn, subnqn = ctrl.subnqn(),
-                    reason = auth::failure::describe(why), "DH-HMAC-CHAP failed: {what}; tearing the controller down"
-                );
-                metrics::counter!("p2pnvmf_auth_failures_total").increment(1);
-                ctrl.kill("authentication failed");
-            }
-        }
-        response
-    }
-
-    /// Connect (NVMe-oF 1.1, 3.3): RECFMT, QID, SQSIZE, CATTR, KATO in the SQE; NQNs in data.
-    fn connect(&mut self, sqe: &Sqe, data: &[u8]) -> Response {
-        let refuse = |e: ConnectError| Response { status: e.status, result: e.result.into(), data_len: 0 };
-        let recfmt = sqe.cdw10.get() as u16;
-        let qid = (sqe.cdw10.get() >> 16) as u16;
-        let sqsize = sqe.cdw11.get() as u16;
-        let cattr = (sqe.cdw11.get() >> 16) as u8;
-        let kato = sqe.cdw12.get();
-        if recfmt != 0 {
-            return Response::status(Status::CONNECT_INCOMPATIBLE_FORMAT.dnr());
-        }
-        if sqsize == 0 || sqsize >= self.target.limits.queue_entries {
-            return refuse(ConnectError::sqe_param(44));
-        }
-        let cd = match parse_connect_data(data) {
-            Ok(cd) => cd,
-            Err(s) => return Response::status(s),
-        };
-        let ctrl = if qid == 0 {
-            self.target.connect_admin(&self.port, &cd, kato, &self.peer)
-        } else {
-            self.target.connect_io(&self.port, &cd, qid, sqsize + 1)
-        };
-        match ctrl {
-            Ok(c) => {
-                self.qid = qid;
-                self.entries = sqsize + 1;
-                metrics::gauge!("p2pnvmf_queues", "transport" => self.port.trtype.as_str()).increment(1.0);
-                self.sq_flow_disabled = cattr & (1 << 2) != 0;
-                info!(cntlid = c.cntlid, qid, sqsize, sq_flow_disabled = self.sq_flow_disabled, "queue connected");
-                let mut result = u32::from(c.cntlid);
-                if let (0, Some(p2p)) = (qid, self.target.p2p()) {
-                    c.set_p2p_pools(crate::buffers::controller_pools(p2p, &c, &self.mover));
-                }
-                let subsys = c.subsystem();
-                let host = subsys.as_ref().and_then(|s| s.host(&c.hostnqn));
-                self.auth = host.and_then(|h| Session::new(h, c.subnqn(), c.kato())).map(Box::new);
-                if self.auth.is_some() {
-                    result |= auth::CONNECT_AUTHREQ_ATR;
-                }
-                self.ctrl = Some(c);
-                Response::result(result.into())
-            }
-            Err(e) => {
-                warn!(qid, status = %e.status, port = self.port.id, "connect refused");
-                refuse(e)
-            }
+                Err(refused) => refused,
+            },
         }
     }
 
@@ -427,6 +255,54 @@ impl Drop for Queue {
             } else {
                 c.remove_io_queue(self.qid);
             }
+        }
+    }
+}
+
+/// What a queue's transport watches once Connect gave it a controller: the controller's
+/// teardown and, on the admin queue, its async events.
+#[derive(Debug, Default)]
+pub struct CtrlWatch {
+    dead: Option<watch::Receiver<Option<&'static str>>>,
+    events: Option<Arc<Controller>>,
+}
+
+/// What [`CtrlWatch::changed`] saw.
+#[derive(Debug)]
+pub enum Watched {
+    TornDown(Option<&'static str>),
+    /// Async events are ready to complete held requests (admin queue only).
+    Events(Arc<Controller>),
+}
+
+impl CtrlWatch {
+    /// Starts watching once the queue has a controller (returning true that once); a no-op
+    /// afterwards.
+    pub fn follow(&mut self, queue: &Queue) -> bool {
+        if self.dead.is_none()
+            && let Some(c) = queue.controller()
+        {
+            self.dead = Some(c.watch_dead());
+            self.events = (queue.qid() == 0).then(|| c.clone());
+            return true;
+        }
+        false
+    }
+
+    /// For a transport's select loop: resolves on teardown or ready events; never before
+    /// Connect.
+    pub async fn changed(&mut self) -> Watched {
+        let (Some(dead), events) = (self.dead.as_mut(), &self.events) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            r = dead.wait_for(|r| r.is_some()) => Watched::TornDown(r.map(|r| *r).ok().flatten()),
+            () = async {
+                match events {
+                    Some(c) => c.event_ready().await,
+                    None => std::future::pending().await,
+                }
+            } => Watched::Events(events.clone().expect("branch runs with a controller")),
         }
     }
 }

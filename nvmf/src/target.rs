@@ -1,16 +1,15 @@
-//! The target: subsystems, ports, the controller registry and the discovery log.
+//! The target: subsystems, ports and the controller registry.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tracing::{info, warn};
-use zerocopy::IntoBytes;
 
 use crate::Status;
 use crate::ctrl::{Controller, Limits, Who};
-use crate::subsystem::{DISCOVERY_NQN, Port, Subsystem, TrType};
-use crate::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, get_str, put_str};
+use crate::subsystem::{DISCOVERY_NQN, Port, Subsystem};
+use crate::wire::{ConnectData, get_str};
 
 /// A Connect refusal: the status and, for Connect Invalid Parameters, the IATTR/IPO in DW0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,60 +298,8 @@ impl Target {
         self.genctr.load(Ordering::Relaxed)
     }
 
-    /// The discovery log page (NVMe-oF 1.1, 5.3): one entry per port × subsystem the host may
-    /// see.
+    /// The discovery log page for `hostnqn`, as it stands now.
     pub fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
-        let mut entries = Vec::new();
-        let subsystems = self.subsystems();
-        for port in &self.ports {
-            for s in subsystems.iter().filter(|s| s.on_port(port.id) && s.host_allowed(hostnqn)) {
-                entries.push(discovery_entry(port, &s.nqn, self.limits.queue_entries));
-            }
-        }
-        let header = DiscoveryLogHeader {
-            genctr: self.generation().into(),
-            numrec: (entries.len() as u64).into(),
-            recfmt: 0.into(),
-            rsvd: [0; 1006],
-        };
-        let mut log = header.as_bytes().to_vec();
-        for e in &entries {
-            log.extend_from_slice(e.as_bytes());
-        }
-        log
+        crate::discovery::log(&self.subsystems(), &self.ports, hostnqn, self.generation(), self.limits.queue_entries)
     }
-}
-
-fn discovery_entry(port: &Port, subnqn: &str, asqsz: u16) -> DiscoveryLogEntry {
-    let mut e = DiscoveryLogEntry {
-        trtype: port.trtype as u8,
-        adrfam: if port.traddr.contains(':') { 2 } else { 1 },
-        subtype: 2, // NVM subsystem
-        treq: 0,
-        portid: port.id.into(),
-        cntlid: 0xffff.into(),
-        asqsz: asqsz.into(),
-        eflags: 0.into(),
-        rsvd1: [0; 20],
-        trsvcid: [0; 32],
-        rsvd2: [0; 192],
-        subnqn: [0; 256],
-        traddr: [0; 256],
-        tsas: [0; 256],
-    };
-    put_str(&mut e.trsvcid, &port.trsvcid, b' ');
-    put_str(&mut e.subnqn, subnqn, 0);
-    put_str(&mut e.traddr, &port.traddr, b' ');
-    if port.trtype == TrType::Rdma {
-        // RDMA_QPTYPE connected, RDMA_PRTYPE not specified, RDMA_CMS rdma_cm (Figure 32).
-        e.tsas[..3].copy_from_slice(&[1, 1, 1]);
-    }
-    e
-}
-
-/// Parses the Connect data of a capsule.
-pub fn parse_connect_data(data: &[u8]) -> Result<ConnectData, Status> {
-    use zerocopy::FromBytes;
-    let bytes = data.get(..1024).ok_or(Status::DATA_SGL_LENGTH_INVALID.dnr())?;
-    ConnectData::read_from_bytes(bytes).map_err(|_| Status::INTERNAL_ERROR)
 }

@@ -36,6 +36,61 @@ impl Sqe {
     }
 }
 
+/// Fabrics command opcode and command types (NVMe-oF 1.1, Figure 9).
+pub const FABRICS_OPCODE: u8 = 0x7f;
+pub mod fctype {
+    pub const PROPERTY_SET: u8 = 0x00;
+    pub const CONNECT: u8 = 0x01;
+    pub const PROPERTY_GET: u8 = 0x04;
+    pub const AUTH_SEND: u8 = 0x05;
+    pub const AUTH_RECEIVE: u8 = 0x06;
+}
+
+/// Which way a command's data moves, from the opcode's (or fctype's) low two bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    None,
+    HostToController,
+    ControllerToHost,
+    Bidirectional,
+}
+
+impl Direction {
+    pub fn of(sqe: &Sqe) -> Self {
+        let bits = if sqe.opcode == FABRICS_OPCODE { sqe.fctype() } else { sqe.opcode };
+        match bits & 3 {
+            0 => Direction::None,
+            1 => Direction::HostToController,
+            2 => Direction::ControllerToHost,
+            _ => Direction::Bidirectional,
+        }
+    }
+}
+
+/// Opcodes of the NVM command set (NVM Command Set 1.0, Figure 13).
+pub mod io_opcode {
+    pub const FLUSH: u8 = 0x00;
+    pub const WRITE: u8 = 0x01;
+    pub const READ: u8 = 0x02;
+    pub const COMPARE: u8 = 0x05;
+    pub const WRITE_ZEROES: u8 = 0x08;
+    pub const DATASET_MANAGEMENT: u8 = 0x09;
+    pub const ALL: [u8; 6] = [FLUSH, WRITE, READ, COMPARE, WRITE_ZEROES, DATASET_MANAGEMENT];
+
+    pub fn changes_content(op: u8) -> bool {
+        matches!(op, WRITE | WRITE_ZEROES | DATASET_MANAGEMENT)
+    }
+
+    /// Read (`Some(false)`), write (`Some(true)`) or another command, as metrics count them.
+    pub fn rw(op: u8) -> Option<bool> {
+        match op {
+            READ => Some(false),
+            WRITE => Some(true),
+            _ => None,
+        }
+    }
+}
+
 /// Completion queue entry, 16 bytes (NVMe Base 2.0, Figure 90).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable)]
 #[repr(C)]

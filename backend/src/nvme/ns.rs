@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use p2pnvmf_nvmf::io::opcode;
-use p2pnvmf_nvmf::wire::Sqe;
+use p2pnvmf_nvmf::buffers::RequestFallbacks;
+use p2pnvmf_nvmf::wire::{Sqe, io_opcode as opcode};
 use p2pnvmf_nvmf::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Op, Status};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
@@ -145,6 +145,7 @@ impl Backend for NvmeVfio {
             peers: Vec::new(),
             in_flight: 0,
             warned: false,
+            fallbacks: RequestFallbacks::default(),
         }))
     }
 }
@@ -191,7 +192,9 @@ pub struct NvmeQueue {
     /// span; kept alive and mapped until the queue closes.
     mapped: Vec<(MappingPin, u64, u64)>,
     in_flight: usize,
+    /// A host-memory window went through a bounce buffer (logged once per queue).
     warned: bool,
+    fallbacks: RequestFallbacks,
     /// The SSD's PCI address as p2p windows name their provider.
     own: String,
     moved: Moved,
@@ -392,7 +395,13 @@ impl NvmeQueue {
         if direct.is_some() {
             return Ok(());
         }
-        if !self.warned {
+        if let Some(provider) = w.device() {
+            // p2p memory the SSD does not reach: a request-level fallback to host memory.
+            let pci = self.ns.ctrl.pci;
+            let why =
+                format_args!("the SSD does not reach {provider}'s memory: data goes through a bounce buffer ({pci})");
+            self.fallbacks.fall_back("ssd_cannot_reach", &why);
+        } else if !self.warned {
             self.warned = true;
             let why = if self.ns.ctrl.maps_host_memory() {
                 "not mapped for it"

@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use p2pnvmf_nvmf::buffers::Mover;
-use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
+use p2pnvmf_nvmf::queue::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::{Port, Queue, Target, TransportParams};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;

@@ -379,13 +379,6 @@ impl Requests {
     /// buffer of the data area.
     fn wait_buffer(&mut self, v: &mut impl Verbs, req: u16) -> Result<(), Fatal> {
         let r = &self.reqs[usize::from(req)];
-        let nsid = r.sqe.nsid.get();
-        if let (Some(why), Some(ctrl)) = (self.p2p.revoked(nsid), self.queue.controller()) {
-            // The first queue to see it says it for the controller, which goes on in host
-            // memory; each queue lets go of its share once.
-            ctrl.drop_p2p_pool(nsid, "revoked", &format!("the provider's memory was revoked: {why}"));
-            self.p2p.forget(nsid);
-        }
         if let Some(w) = self.p2p.get(&r.sqe, r.len) {
             let lkey = self.lkeys.iter().find(|(pool, _)| pool.owns(&w)).expect("a registered pool's chunk").1;
             self.reqs[usize::from(req)].mr = Mr::DmaBuf(lkey);
@@ -407,7 +400,7 @@ impl Requests {
         let Some(ctrl) = self.queue.controller().cloned() else { return };
         self.p2p_set_up = true;
         let mut usable = Vec::new();
-        for p in ctrl.p2p_pools() {
+        for p in ctrl.p2p.current() {
             let Some(fd) = &p.dma_buf else { continue };
             let (base, len) = p.pool.span();
             match v.reg_dmabuf(fd.as_fd(), base as u64, len) {
@@ -418,15 +411,15 @@ impl Requests {
                     usable.push(p);
                 }
                 Err(e) => {
-                    ctrl.drop_p2p_pool(
+                    ctrl.p2p.drop_pool(
                         p.nsid,
                         "nic_refused_dmabuf",
-                        &format!("dma-buf: the NIC does not register {}'s window: {e}", p.provider),
+                        &format_args!("dma-buf: the NIC does not register {}'s window: {e}", p.provider),
                     );
                 }
             }
         }
-        self.p2p = QueueBuffers::of(&usable, self.queue.entries());
+        self.p2p = QueueBuffers::of(&ctrl.p2p, &usable, self.queue.entries());
     }
 
     /// The buffer is there: copy in-capsule data out (and give the receive buffer back),
@@ -970,7 +963,7 @@ mod tests {
         r.on_event(&mut f, Event::SendDone { req: 0 }).unwrap();
         r.on_event(&mut f, Event::SendDone { req: 1 }).unwrap();
         assert_eq!((r.count(State::Free), pool.free_chunks()), (8, shared), "every chunk back in the queue's slab");
-        assert_eq!(admin.queue.controller().unwrap().p2p_pools().len(), 1, "the controller keeps its pool");
+        assert_eq!(admin.queue.controller().unwrap().p2p.current().len(), 1, "the controller keeps its pool");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
@@ -1017,7 +1010,7 @@ mod tests {
         // New commands: host memory, and the controller has dropped the pool.
         recv(&mut r, &mut f, 3, &write_sqe(83, 0, 0xd));
         assert_eq!(f.data.last().map(|d| (d.1, d.2)), Some(("READ", Mr::Data)));
-        assert!(admin.queue.controller().unwrap().p2p_pools().is_empty());
+        assert!(admin.queue.controller().unwrap().p2p.current().is_empty());
         assert_eq!(
             f.data.iter().filter(|d| d.2 != Mr::Data).count(),
             1,
@@ -1034,7 +1027,7 @@ mod tests {
             let (t, dir) = p2p_target(&held);
             let (admin, mut r, mut f) = nic_rig(&t, Fake { reg_error: Some(errno), ..Fake::default() }, LIM);
             let ctrl = admin.queue.controller().unwrap().clone();
-            assert!(ctrl.p2p_pools().is_empty(), "errno {errno}: the controller dropped its pool");
+            assert!(ctrl.p2p.current().is_empty(), "errno {errno}: the controller dropped its pool");
             recv(&mut r, &mut f, 0, &write_sqe(60, 0, 0xa));
             r.on_event(&mut f, Event::ReadDone { req: 0 }).unwrap();
             assert_eq!(r.free_buffers(), 1, "the write holds a data-area buffer");

@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use p2pnvmf_nvmf::buffers::QueueBuffers;
-use p2pnvmf_nvmf::ctrl::{CtrlWatch, Watched};
+use p2pnvmf_nvmf::queue::{CtrlWatch, Watched};
 use p2pnvmf_nvmf::wire::{Sqe, sgl};
 use p2pnvmf_nvmf::{Completion, Direction, Exec, Port, Queue, Response, Status, Target};
 use p2pnvmf_p2p::mem::Window;
@@ -251,7 +251,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         let mut ctrl = CtrlWatch::default();
         loop {
             if ctrl.follow(&self.queue) {
-                self.bufs = QueueBuffers::for_queue(&self.queue);
+                self.bufs = self.queue.buffers();
             }
             // Wait for input without consuming it (cancel-safe), for finished commands, for a
             // dead controller or an async event.

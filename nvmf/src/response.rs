@@ -1,0 +1,53 @@
+//! What executing a command produces, as every executor (fabrics, admin, I/O) answers it.
+
+use crate::Status;
+
+/// A finished command: status, DW0/DW1, and how many bytes of the buffer go back to the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Response {
+    pub status: Status,
+    pub result: u64,
+    pub data_len: u32,
+}
+
+impl Response {
+    pub fn status(status: Status) -> Self {
+        Response { status, ..Default::default() }
+    }
+
+    pub fn ok() -> Self {
+        Response::default()
+    }
+
+    pub fn data(len: usize) -> Self {
+        Response { data_len: len as u32, ..Default::default() }
+    }
+
+    pub fn result(result: u64) -> Self {
+        Response { result, ..Default::default() }
+    }
+}
+
+/// What executing a command produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exec {
+    Done(Response),
+    /// In flight at the backend: its [`Completion`](crate::Completion) comes from [`Queue::reap`](crate::Queue::reap), with the data
+    /// window it took.
+    Submitted,
+    /// Held by the controller (an Async Event Request), completed later through the
+    /// controller's events; the transport frees the command's slot.
+    Deferred,
+}
+
+impl From<Response> for Exec {
+    fn from(r: Response) -> Self {
+        Exec::Done(r)
+    }
+}
+
+impl From<Status> for Exec {
+    fn from(s: Status) -> Self {
+        Exec::Done(Response::status(s))
+    }
+}
