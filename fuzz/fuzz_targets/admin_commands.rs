@@ -17,19 +17,27 @@ use zerocopy::{FromBytes, FromZeros, IntoBytes};
 const NQN: &str = "nqn.2026-11.io.p2pnvmf:fuzz";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:0f0f0f0f-0000-0000-0000-000000000001";
 
-/// Runs `sqe` with `data` as its buffer; returns the response's data length when done now.
-fn exec(q: &mut Queue, sqe: &Sqe, data: &[u8]) -> Option<u32> {
-    let mut w = Window::host(data.len().max(1)).expect("host memory");
-    w.bytes_mut()[..data.len()].copy_from_slice(data);
+/// Runs `sqe` as a transport would, `data` having come in its capsule: accepted, then executed
+/// with a buffer of the length its SGL names (`data` at its start); returns the response's data
+/// length when done now, and the buffer's.
+fn exec(q: &mut Queue, sqe: &Sqe, data: &[u8]) -> Option<(u32, usize)> {
+    let plan = match q.accept(sqe, data.len()) {
+        Ok(plan) => plan,
+        Err(_) => return Some((0, 0)),
+    };
+    let len = plan.len();
+    let mut w = Window::host(len.max(1)).expect("host memory");
+    let n = len.min(data.len());
+    w.bytes_mut()[..n].copy_from_slice(&data[..n]);
     let mut buf = Some(w);
-    match q.execute(0, sqe, &mut buf, data.len()) {
-        Exec::Done(r) => Some(r.data_len),
+    match q.execute(0, sqe, &mut buf, len) {
+        Exec::Done(r) => Some((r.data_len, len)),
         Exec::Submitted => {
-            let mut len = None;
-            while len.is_none() {
-                q.reap(&mut |c| len = Some(c.response.data_len));
+            let mut done = None;
+            while done.is_none() {
+                q.reap(&mut |c| done = Some(c.response.data_len));
             }
-            len
+            done.map(|n| (n, len))
         }
         Exec::Deferred => None,
     }
@@ -52,11 +60,12 @@ fuzz_target!(|input: &[u8]| {
         let mut q = Queue::new(t, port);
         let mut connect = fabrics(1);
         connect.cdw11 = 31.into();
+        (connect.dptr.id, connect.dptr.length) = (sgl::DATA_BLOCK_OFFSET, 1024.into());
         let mut d = ConnectData::new_zeroed();
         d.cntlid = 0xffff.into();
         put_str(&mut d.subnqn, NQN, 0);
         put_str(&mut d.hostnqn, HOST, 0);
-        assert_eq!(exec(&mut q, &connect, d.as_bytes()), Some(0));
+        assert_eq!(exec(&mut q, &connect, d.as_bytes()), Some((0, 1024)));
         // Property Set CC: enabled, 64-byte SQEs, 16-byte CQEs.
         let mut cc = fabrics(0);
         cc.flags = 0;
@@ -67,8 +76,8 @@ fuzz_target!(|input: &[u8]| {
             let sqe = Sqe::read_from_bytes(&rest[..64]).expect("64 bytes");
             let len = (usize::from(u16::from_le_bytes([rest[64], rest[65]])) % 8193).min(rest.len() - 66);
             let data = &rest[66..66 + len];
-            if let Some(n) = exec(&mut q, &sqe, data) {
-                assert!(n as usize <= len, "{n} bytes of data for a {len}-byte buffer: {sqe:?}");
+            if let Some((n, buffer)) = exec(&mut q, &sqe, data) {
+                assert!(n as usize <= buffer, "{n} bytes of data for a {buffer}-byte buffer: {sqe:?}");
             }
             rest = &rest[66 + len..];
         }

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod auth;
 pub mod buffers;
 pub mod ctrl;
+pub mod data;
 pub mod discovery;
 mod fabrics;
 pub mod io;
@@ -24,6 +25,7 @@ pub mod wire;
 
 pub use auth::Host;
 pub use ctrl::{Controller, Limits};
+pub use data::DataPlan;
 pub use io::Completion;
 pub use ns::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Namespace, NsIds, Op};
 pub use queue::Queue;

@@ -7,17 +7,26 @@ use std::sync::Arc;
 
 use p2pnvmf_p2p::mem::Window;
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::auth::Session;
 use crate::buffers::{Mover, QueueBuffers};
 use crate::ctrl::Controller;
+use crate::data::{self, DataPlan};
 use crate::io::{Completion, IoState};
 use crate::response::{Exec, Response};
-use crate::subsystem::Port;
+use crate::subsystem::{Port, TrType};
 use crate::target::Target;
 use crate::wire::{Cqe, Direction, FABRICS_OPCODE, Sqe, fctype, io_opcode};
 use crate::{Status, admin, fabrics};
+
+/// The span a transport runs one queue's task in: every line it logs names the host's
+/// address and, once Connect made the queue part of a controller, the host NQN, controller ID
+/// and queue ID, so one host's story can be followed in the log.
+pub fn span(transport: TrType, peer: &dyn std::fmt::Display) -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::info_span!("queue", transport = transport.as_str(), %peer, hostnqn = Empty, cntlid = Empty, qid = Empty)
+}
 
 /// A queue's command context.
 #[derive(Debug)]
@@ -99,9 +108,26 @@ impl Queue {
         self.sq_flow_disabled
     }
 
-    /// Checks that this queue, in its current state, accepts the command at all: queue state
-    /// and opcode come before any data transfer (as nvmet parses before mapping data).
-    pub fn admit(&self, sqe: &Sqe) -> Result<(), Status> {
+    /// Accepts a command that arrived on this queue — once, before any of its data moves, as
+    /// nvmet parses before mapping data: admitted in the queue's state (Connect first, then
+    /// authentication, an opcode of the queue's kind, an enabled controller) and its data
+    /// located by its SGL, `icd_len` bytes having come in the capsule. A connected host's
+    /// command keeps its controller alive unless refused for want of authentication. A refusal
+    /// is the status to complete the command with; an accepted command goes to
+    /// [`Queue::execute`] once its data is in its buffer.
+    pub fn accept(&self, sqe: &Sqe, icd_len: usize) -> Result<DataPlan, Status> {
+        let admitted = self.admit(sqe);
+        if let Some(c) = &self.ctrl
+            && admitted != Err(Status::AUTHENTICATION_REQUIRED.dnr())
+        {
+            c.touch();
+        }
+        admitted?;
+        data::locate(sqe, icd_len, &self.port.params)
+    }
+
+    /// Whether this queue, in its current state, takes the command at all.
+    fn admit(&self, sqe: &Sqe) -> Result<(), Status> {
         if sqe.psdt() == 0 && Direction::of(sqe) != Direction::None {
             // Fabrics carry data by SGL only (NVMe-oF 1.1, 2.2).
             return Err(Status::INVALID_FIELD.dnr());
@@ -142,25 +168,18 @@ impl Queue {
         }
     }
 
-    /// Executes one command, known to the transport by `tag` (unique among its commands in
-    /// flight). `buf` holds the host's data for host-to-controller commands and receives the
-    /// data for controller-to-host ones; `len` is the SGL's length. An I/O command may be
-    /// `Submitted`: it then keeps the window until its completion comes out of
-    /// [`Queue::reap`]. Everything else finishes here and leaves `buf` where it was.
+    /// Executes a command [`Queue::accept`] accepted, known to the transport by `tag` (unique
+    /// among its commands in flight). `buf` holds the host's data for host-to-controller
+    /// commands and receives the data for controller-to-host ones; `len` is the data's length.
+    /// An I/O command may be `Submitted`: it then keeps the window until its completion comes
+    /// out of [`Queue::reap`]. Everything else finishes here and leaves `buf` where it was.
     pub fn execute(&mut self, tag: u16, sqe: &Sqe, buf: &mut Option<Window>, len: usize) -> Exec {
-        let admitted = self.admit(sqe);
-        if let Some(c) = &self.ctrl
-            && admitted != Err(Status::AUTHENTICATION_REQUIRED.dnr())
-        {
-            // A host that has not authenticated does not keep its controller alive.
-            c.touch();
-        }
-        if let Err(s) = admitted {
-            debug!(opcode = sqe.opcode, qid = self.qid, %s, "command refused");
-            return s.into();
+        if self.ctrl.is_none() && (sqe.opcode != FABRICS_OPCODE || sqe.fctype() != fctype::CONNECT) {
+            warn!(tag, opcode = sqe.opcode, "a command was executed that was not accepted");
+            return Status::COMMAND_SEQUENCE_ERROR.dnr().into();
         }
         if self.qid != 0 && sqe.opcode != FABRICS_OPCODE {
-            let ctrl = self.ctrl.as_ref().expect("admitted commands have a controller");
+            let ctrl = self.ctrl.as_ref().expect("checked above");
             let generation = ctrl.generation();
             if self.subsys.is_none() || generation != self.generation {
                 self.subsys = ctrl.subsystem();
@@ -184,7 +203,7 @@ impl Queue {
         if sqe.opcode == FABRICS_OPCODE {
             return self.fabrics(sqe, data).into();
         }
-        let ctrl = self.ctrl.clone().expect("admitted commands have a controller");
+        let ctrl = self.ctrl.clone().expect("checked above");
         admin::execute(&self.target, &ctrl, sqe, data)
     }
 
@@ -282,6 +301,11 @@ impl CtrlWatch {
         if self.dead.is_none()
             && let Some(c) = queue.controller()
         {
+            // The queue's span (see [`span`]) names its host from now on.
+            let span = tracing::Span::current();
+            span.record("hostnqn", c.hostnqn.as_str());
+            span.record("cntlid", c.cntlid);
+            span.record("qid", queue.qid());
             self.dead = Some(c.watch_dead());
             self.events = (queue.qid() == 0).then(|| c.clone());
             return true;

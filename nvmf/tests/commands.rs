@@ -151,9 +151,17 @@ fn connect_with_id(q: &mut Queue, qid: u16, subnqn: &str, host: &str, hostid: [u
     done(exec(q, &s, d.as_mut_bytes()))
 }
 
-/// Executes `s` with `data` as its buffer (copied into a window and back), as a transport
-/// would with tag 0.
+/// Accepts and executes `s` with `data` as its buffer (copied into a window and back), as a
+/// transport would with tag 0: the SGL names `data`'s length unless the test set one.
 fn exec(q: &mut Queue, s: &Sqe, data: &mut [u8]) -> Exec {
+    let mut s = *s;
+    if s.dptr.length.get() == 0 {
+        s.dptr.length = (data.len() as u32).into();
+    }
+    if let Err(status) = q.accept(&s, 0) {
+        return status.into();
+    }
+    let s = &s;
     let mut w = Window::host(data.len().max(1)).unwrap();
     w.bytes_mut()[..data.len()].copy_from_slice(data);
     let mut buf = Some(w);

@@ -410,11 +410,15 @@ impl Probe {
                 }),
             ),
             (
-                "in-capsule data at a non-zero offset",
+                "in-capsule data at an offset past the capsule's data",
                 Box::new(move || {
                     let (_a, mut h) = self.io()?;
+                    // 512 bytes at offset 64 of 576 are there; at offset 577 they are not.
                     let mut s = rw(0x01, 1, 0, 1, 512, true);
                     s.dptr.addr = 64.into();
+                    let (st, _, _) = h.command(&s, &[0u8; 576])?;
+                    self.expect_status(st, Status::SUCCESS)?;
+                    s.dptr.addr = 577.into();
                     let (st, _, _) = h.command(&s, &[0u8; 576])?;
                     self.expect_status(st, Status::SGL_OFFSET_INVALID.dnr())
                 }),

@@ -25,11 +25,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use p2pnvmf_nvmf::buffers::Mover;
-use p2pnvmf_nvmf::queue::{CtrlWatch, Watched};
-use p2pnvmf_nvmf::{Port, Queue, Target, TransportParams};
+use p2pnvmf_nvmf::queue::{self, CtrlWatch, Watched};
+use p2pnvmf_nvmf::{Port, Queue, Target, TrType, TransportParams};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 use zerocopy::IntoBytes;
 
 pub use cm::Listener;
@@ -175,7 +175,8 @@ fn handle_event(
             Ok(conn) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 conns.insert(key, tx);
-                tasks.spawn(conn.run(rx, shutdown.clone()));
+                let span = queue::span(TrType::Rdma, &ev.peer.map_or_else(|| conn.peer.clone(), |p| p.to_string()));
+                tasks.spawn(conn.run(rx, shutdown.clone()).instrument(span));
             }
             Err((status, why)) => {
                 warn!(port = port.id, ?status, "RDMA connect request rejected: {why}");

@@ -26,11 +26,11 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
-use p2pnvmf_nvmf::wire::{Cqe, Sqe, sgl};
+use p2pnvmf_nvmf::wire::{Cqe, Sqe};
 
 pub use super::wire::Keyed;
 use p2pnvmf_nvmf::buffers::QueueBuffers;
-use p2pnvmf_nvmf::{Completion, Controller, Direction, Exec, Queue, Response, Status};
+use p2pnvmf_nvmf::{Completion, Controller, DataPlan, Direction, Exec, Queue, Response, Status};
 use p2pnvmf_p2p::mem::Window;
 use p2pnvmf_p2p::pool::ChunkPool;
 use tracing::{debug, info, trace};
@@ -315,7 +315,7 @@ impl Requests {
     /// A new command in `req` from receive buffer `idx`: checks, then what it needs first.
     fn start(&mut self, v: &mut impl Verbs, req: u16, idx: usize, len: usize) -> Result<(), Fatal> {
         let sqe = Sqe::read_from_bytes(&v.capsule(idx)[..64]).expect("64 bytes");
-        let plan = self.queue.admit(&sqe).and_then(|()| self.plan(&sqe, len - 64));
+        let plan = self.queue.accept(&sqe, len - 64).map(|d| Plan::of(&sqe, d));
         let r = &mut self.reqs[usize::from(req)];
         *r = Req { cid: sqe.cid.get(), sqe, ..Req::new() };
         trace!(req, cid = r.cid, opcode = sqe.opcode, "rdma request: new");
@@ -344,35 +344,6 @@ impl Requests {
             }
         }
         Ok(())
-    }
-
-    fn plan(&self, sqe: &Sqe, icd_len: usize) -> Result<Plan, Status> {
-        let dir = Direction::of(sqe);
-        if dir == Direction::None {
-            return Ok(Plan::None);
-        }
-        if dir == Direction::Bidirectional {
-            return Err(Status::INVALID_FIELD.dnr());
-        }
-        let d = sqe.dptr;
-        match d.id {
-            sgl::KEYED_DATA_BLOCK | sgl::KEYED_DATA_BLOCK_INVALIDATE => {
-                let k = Keyed::of(&d);
-                if k.len > self.lim.max_xfer {
-                    return Err(Status::DATA_SGL_LENGTH_INVALID.dnr());
-                }
-                Ok(Plan::Keyed(k))
-            }
-            sgl::DATA_BLOCK_OFFSET if dir == Direction::HostToController => {
-                let (o, len) = (d.addr.get(), d.length.get() as usize);
-                match o.checked_add(len as u64) {
-                    Some(end) if end <= icd_len as u64 => Ok(Plan::InCapsule(o as usize, len)),
-                    _ if o > icd_len as u64 => Err(Status::SGL_OFFSET_INVALID.dnr()),
-                    _ => Err(Status::DATA_SGL_LENGTH_INVALID.dnr()),
-                }
-            }
-            _ => Err(Status::SGL_TYPE_INVALID.dnr()),
-        }
     }
 
     /// A p2p chunk when the command's namespace has one for this queue, else a wait for a
@@ -648,13 +619,25 @@ enum Plan {
     InCapsule(usize, usize),
 }
 
+impl Plan {
+    /// What the request does for data the core located: a keyed transfer's key and address
+    /// come from the descriptor.
+    fn of(sqe: &Sqe, d: DataPlan) -> Plan {
+        match d {
+            DataPlan::None => Plan::None,
+            DataPlan::InCapsule { offset, len } => Plan::InCapsule(offset, len),
+            DataPlan::Transport { .. } => Plan::Keyed(Keyed::of(&sqe.dptr)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};
     use std::task::{Context, Poll};
 
     use p2pnvmf_nvmf::buffers::{Mover, NsBuffers};
-    use p2pnvmf_nvmf::wire::{ConnectData, put_str};
+    use p2pnvmf_nvmf::wire::{ConnectData, put_str, sgl};
     use p2pnvmf_nvmf::{
         Backend, BackendQueue, IoDone, IoRequest, Namespace, Port, Subsystem, Target, TrType, TransportParams,
     };

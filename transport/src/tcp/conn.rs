@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use p2pnvmf_nvmf::buffers::QueueBuffers;
 use p2pnvmf_nvmf::queue::{CtrlWatch, Watched};
-use p2pnvmf_nvmf::wire::{Sqe, sgl};
-use p2pnvmf_nvmf::{Completion, Direction, Exec, Port, Queue, Response, Status, Target};
+use p2pnvmf_nvmf::wire::Sqe;
+use p2pnvmf_nvmf::{Completion, DataPlan, Direction, Exec, Port, Queue, Response, Status, Target};
 use p2pnvmf_p2p::mem::Window;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
@@ -363,60 +363,39 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         slot.lend(chunk, l.data_len)?;
         let icd = &mut slot.buf().as_mut().expect("lent").bytes_mut()[..l.data_len];
         let digest_ok = self.wire.read_data(l, icd).await?;
-        let plan = self.queue.admit(&sqe).and_then(|()| self.plan(&sqe, l.data_len));
+        let plan = self.queue.accept(&sqe, l.data_len);
         trace!(tag, cid = sqe.cid.get(), opcode = sqe.opcode, "capsule");
         match (digest_ok, plan) {
             (false, _) => self.finish(tag, &Response::status(Status::DATA_TRANSFER_ERROR)),
             (true, Err(status)) => {
-                debug!(cid = sqe.cid.get(), opcode = sqe.opcode, %status, "command refused at transport level");
+                debug!(cid = sqe.cid.get(), opcode = sqe.opcode, %status, "command refused");
                 self.finish(tag, &Response::status(status));
             }
-            // In-capsule data stays where it arrived; data for the host may go through p2p.
-            (true, Ok(Plan::Now(len))) => {
-                if Direction::of(&sqe) == Direction::ControllerToHost {
-                    let chunk = self.bufs.get(&sqe, len);
-                    self.slots[usize::from(tag)].lend(chunk, len)?;
+            (true, Ok(DataPlan::Transport { len }))
+                if len > 0 && Direction::of(&sqe) == Direction::HostToController =>
+            {
+                self.request_data(tag, len)?
+            }
+            // In-capsule data stays where it arrived (moved to the buffer's start when the
+            // host placed it further in); data for the host may go through p2p.
+            (true, Ok(plan)) => {
+                let len = plan.len();
+                match plan {
+                    DataPlan::InCapsule { offset, len } if offset > 0 => {
+                        let slot = &mut self.slots[usize::from(tag)];
+                        slot.buf().as_mut().expect("lent").bytes_mut().copy_within(offset..offset + len, 0);
+                    }
+                    DataPlan::Transport { len } if Direction::of(&sqe) == Direction::ControllerToHost => {
+                        let chunk = self.bufs.get(&sqe, len);
+                        self.slots[usize::from(tag)].lend(chunk, len)?;
+                    }
+                    _ => {}
                 }
                 self.slots[usize::from(tag)].len = len;
                 self.execute(tag);
             }
-            (true, Ok(Plan::R2t(len))) => self.request_data(tag, len)?,
         }
         Ok(())
-    }
-
-    /// Decides where a command's data comes from, or refuses it with a status.
-    fn plan(&self, sqe: &Sqe, icd_len: usize) -> Result<Plan, Status> {
-        let dir = Direction::of(sqe);
-        let d = sqe.dptr;
-        let len = d.length.get() as usize;
-        match dir {
-            Direction::None => return Ok(Plan::Now(0)),
-            Direction::Bidirectional => return Err(Status::INVALID_FIELD.dnr()),
-            _ => {}
-        }
-        if len > self.params.max_xfer as usize {
-            return Err(Status::DATA_SGL_LENGTH_INVALID.dnr());
-        }
-        match d.id {
-            sgl::DATA_BLOCK_OFFSET if dir == Direction::HostToController => {
-                if d.addr.get() != 0 {
-                    Err(Status::SGL_OFFSET_INVALID.dnr())
-                } else if len > icd_len {
-                    Err(Status::DATA_SGL_LENGTH_INVALID.dnr())
-                } else {
-                    Ok(Plan::Now(len))
-                }
-            }
-            sgl::TRANSPORT_DATA_BLOCK if icd_len == 0 => {
-                if dir == Direction::HostToController && len > 0 {
-                    Ok(Plan::R2t(len))
-                } else {
-                    Ok(Plan::Now(len))
-                }
-            }
-            _ => Err(Status::SGL_TYPE_INVALID.dnr()),
-        }
     }
 
     /// Hands the command in `tag` to the core; answers it if it finished at once.
@@ -609,18 +588,11 @@ async fn write_segs(wr: &mut (impl AsyncWrite + Unpin), out: &Out, slots: &[Slot
     Ok(())
 }
 
-enum Plan {
-    /// Data (if any) is at hand: in the capsule, or to be produced for the host.
-    Now(usize),
-    /// Host-to-controller data to fetch with an R2T.
-    R2t(usize),
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
-    use p2pnvmf_nvmf::wire::{ConnectData, put_str};
+    use p2pnvmf_nvmf::wire::{ConnectData, put_str, sgl};
     use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Namespace, Subsystem, TrType};
     use p2pnvmf_p2p::pool::ChunkPool;
     use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
@@ -677,6 +649,22 @@ mod tests {
 
     impl Host {
         async fn connect(t: &Arc<Target>, port: &Port, params: TcpParams, qid: u16, cntlid: u16) -> (Host, u16) {
+            let mut h = Host::open(t, port, params).await;
+            let mut c = Sqe::new_zeroed();
+            (c.opcode, c.flags, c.nsid) = (0x7f, 1 << 6, 1.into());
+            (c.cdw10, c.cdw11) = ((u32::from(qid) << 16).into(), 31.into());
+            (c.dptr.id, c.dptr.length) = (sgl::DATA_BLOCK_OFFSET, 1024.into());
+            let mut d = ConnectData::new_zeroed();
+            d.cntlid = cntlid.into();
+            put_str(&mut d.subnqn, NQN, 0);
+            put_str(&mut d.hostnqn, HOST, 0);
+            let cqe = h.command(&c, d.as_bytes()).await;
+            assert_eq!(cqe.status.get() >> 1, 0, "Connect qid {qid}");
+            (h, cqe.result.get() as u16)
+        }
+
+        /// A connection of the target after the IC handshake.
+        async fn open(t: &Arc<Target>, port: &Port, params: TcpParams) -> Host {
             let (host, target) = tokio::io::duplex(1 << 20);
             let (_keep, shutdown) = watch::channel(false);
             let (t, port) = (t.clone(), port.clone());
@@ -690,17 +678,7 @@ mod tests {
             ic.ch = pdu::common(pdu_type::IC_REQ, 0, 128, 0, 128);
             h.wr.write_all(ic.as_bytes()).await.unwrap();
             assert_eq!(h.pdu().await.0.pdu_type, pdu_type::IC_RESP);
-            let mut c = Sqe::new_zeroed();
-            (c.opcode, c.flags, c.nsid) = (0x7f, 1 << 6, 1.into());
-            (c.cdw10, c.cdw11) = ((u32::from(qid) << 16).into(), 31.into());
-            (c.dptr.id, c.dptr.length) = (sgl::DATA_BLOCK_OFFSET, 1024.into());
-            let mut d = ConnectData::new_zeroed();
-            d.cntlid = cntlid.into();
-            put_str(&mut d.subnqn, NQN, 0);
-            put_str(&mut d.hostnqn, HOST, 0);
-            let cqe = h.command(&c, d.as_bytes()).await;
-            assert_eq!(cqe.status.get() >> 1, 0, "Connect qid {qid}");
-            (h, cqe.result.get() as u16)
+            h
         }
 
         /// Sends a capsule with `icd` in it.
@@ -780,6 +758,35 @@ mod tests {
         }
         assert!(seen.contains(&(pdu_type::R2T, 2)), "{seen:?}");
         assert!(seen.iter().any(|&(t, _)| t == pdu_type::CAPSULE_RESP), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn in_capsule_data_at_an_offset_is_taken_from_there() {
+        let params = TcpParams::default();
+        let port = Port {
+            id: 1,
+            trtype: TrType::Tcp,
+            traddr: "127.0.0.1".into(),
+            trsvcid: "4420".into(),
+            params: params.transport_params(),
+        };
+        let ns = Namespace::new(NQN, 1, Arc::new(Sink));
+        let t = Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port.clone()]);
+        // Connect's 1024 bytes 512 bytes into 1536 of in-capsule data: it connects only if the
+        // data was taken from the offset; an offset past the data is refused.
+        let mut c = Sqe::new_zeroed();
+        (c.opcode, c.flags, c.nsid, c.cdw11) = (0x7f, 1 << 6, 1.into(), 31.into());
+        (c.dptr.id, c.dptr.addr, c.dptr.length) = (sgl::DATA_BLOCK_OFFSET, 512.into(), 1024.into());
+        let mut d = ConnectData::new_zeroed();
+        d.cntlid = 0xffff.into();
+        put_str(&mut d.subnqn, NQN, 0);
+        put_str(&mut d.hostnqn, HOST, 0);
+        let icd = [vec![0xee; 512], d.as_bytes().to_vec()].concat();
+        let mut h = Host::open(&t, &port, params).await;
+        assert_eq!(h.command(&c, &icd).await.status.get() >> 1, 0, "Connect with its data at offset 512");
+        let mut h = Host::open(&t, &port, params).await;
+        c.dptr.addr = 1537.into();
+        assert_eq!(h.command(&c, &icd).await.status.get() >> 1, 0x16 | 1 << 14, "SGL Offset Invalid");
     }
 
     #[test]

@@ -5,11 +5,12 @@ pub mod pdu;
 
 use std::sync::Arc;
 
-use p2pnvmf_nvmf::{Port, Target, TransportParams};
+use p2pnvmf_nvmf::queue;
+use p2pnvmf_nvmf::{Port, Target, TrType, TransportParams};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 /// Per-listener NVMe/TCP settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +67,8 @@ pub async fn serve(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    conns.spawn(conn::run(stream.into_split(), peer, target.clone(), port.clone(), params, shutdown.clone()));
+                    let run = conn::run(stream.into_split(), peer, target.clone(), port.clone(), params, shutdown.clone());
+                    conns.spawn(run.instrument(queue::span(TrType::Tcp, &peer)));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
