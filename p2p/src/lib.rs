@@ -6,6 +6,7 @@
 //! `provider` that maps a BAR through sysfs.
 #![deny(unsafe_code)]
 
+pub mod addr;
 pub mod block;
 #[doc(hidden)]
 pub mod fixture;

@@ -14,6 +14,8 @@ use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::addr::BusAddr;
+
 const PAGE: u64 = 4096;
 const HUGE_PAGE: usize = 2 << 20;
 
@@ -27,7 +29,7 @@ pub struct Mapping {
     /// Device memory: the provider's name (a PCI address); `None` for host memory.
     device: Option<Box<str>>,
     /// The PCI bus address of the mapping's first byte, where a peer device reaches it.
-    bus: Option<u64>,
+    bus: Option<BusAddr>,
     /// For BAR memory: its range, held in this process's register of mapped BARs until unmapped.
     claim: Option<Claim>,
     /// Registers, reached by volatile accesses only: never split into windows.
@@ -199,7 +201,7 @@ impl Mapping {
     /// Marks the mapping as device memory of `provider`, for those who count or treat it apart,
     /// starting at PCI bus address `bus` when that is known (a BAR window; not p2pmem, whose
     /// allocations the kernel places).
-    pub fn device(mut self, provider: String, bus: Option<u64>) -> Mapping {
+    pub fn device(mut self, provider: String, bus: Option<BusAddr>) -> Mapping {
         self.device = Some(provider.into());
         self.bus = bus;
         self
@@ -367,7 +369,7 @@ impl Window {
     }
 
     /// The PCI bus address of the window's first byte, for device memory whose address is known.
-    pub fn bus_addr(&self) -> Option<u64> {
+    pub fn bus_addr(&self) -> Option<BusAddr> {
         Some(self.map.bus? + self.off as u64)
     }
 

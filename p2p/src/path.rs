@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
 
+use crate::addr::{BusAddr, CpuAddr};
 use crate::pci::{ACS_REDIRECTS, Error, Function, PciAddr, Sysfs};
 use crate::provider::Provider;
 use crate::rdma::RdmaDevice;
@@ -250,12 +251,22 @@ impl Topology {
     }
 }
 
+/// What a client puts on the wire for a byte of a provider's window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireAddr {
+    /// Below the same switch: the bus address.
+    Bus(BusAddr),
+    /// Through the host bridge: the CPU address (an IOMMU, where there is one, maps it).
+    Cpu(CpuAddr),
+}
+
 /// The address `client` must put on the wire for byte `off` of `provider`'s window, per
-/// `decision`; `None` when it has no path (the caller must use host memory).
-pub fn address(provider: &Provider, decision: &Decision, off: u64) -> Option<u64> {
+/// `decision`; `None` when it has no path (the caller must use host memory) or `off` leaves
+/// the address space.
+pub fn address(provider: &Provider, decision: &Decision, off: u64) -> Option<WireAddr> {
     match decision.path {
-        Path::BusAddress => Some(provider.bus_addr.wrapping_add(off)),
-        Path::HostBridge => Some(provider.cpu_addr.wrapping_add(off)),
+        Path::BusAddress => provider.bus_addr.checked_add(off).map(WireAddr::Bus),
+        Path::HostBridge => provider.cpu_addr.checked_add(off).map(WireAddr::Cpu),
         Path::None => None,
     }
 }

@@ -7,6 +7,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::addr::{BusAddr, CpuAddr};
+
 /// A PCI function address, `dddd:bb:dd.f`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PciAddr {
@@ -80,10 +82,10 @@ pub const ACS_REDIRECTS: u16 = 1 << 2 | 1 << 3 | 1 << 5;
 pub struct Bar {
     pub index: u8,
     /// CPU physical address (`resource`).
-    pub cpu_addr: u64,
+    pub cpu_addr: CpuAddr,
     pub size: u64,
     /// PCI bus address (the BAR register).
-    pub bus_addr: u64,
+    pub bus_addr: BusAddr,
     pub mem64: bool,
     pub prefetchable: bool,
     pub io: bool,
@@ -93,7 +95,7 @@ impl Bar {
     /// bus address − CPU address, as Linux keeps it per p2p provider (wrapping, may be
     /// "negative").
     pub fn bus_offset(&self) -> u64 {
-        self.bus_addr.wrapping_sub(self.cpu_addr)
+        self.bus_addr.offset_from(self.cpu_addr)
     }
 }
 
@@ -370,9 +372,9 @@ fn bars(cfg: &Config, resource: &str) -> Result<Vec<Bar>, String> {
         if start != 0 && end >= start {
             out.push(Bar {
                 index: i as u8,
-                cpu_addr: start,
+                cpu_addr: CpuAddr::new(start),
                 size: end - start + 1,
-                bus_addr,
+                bus_addr: BusAddr::new(bus_addr),
                 mem64,
                 prefetchable: !io && reg & (1 << 3) != 0,
                 io,
@@ -413,14 +415,14 @@ mod tests {
     fn bar_offset_wraps_like_linux() {
         let b = Bar {
             index: 2,
-            cpu_addr: 0x6000_0000_0000,
+            cpu_addr: CpuAddr::new(0x6000_0000_0000),
             size: 1 << 26,
-            bus_addr: 0x8000_0000,
+            bus_addr: BusAddr::new(0x8000_0000),
             mem64: true,
             prefetchable: true,
             io: false,
         };
-        assert_eq!(b.bus_offset().wrapping_add(b.cpu_addr), b.bus_addr);
+        assert_eq!(b.bus_offset().wrapping_add(b.cpu_addr.get()), b.bus_addr.get());
     }
 
     #[test]

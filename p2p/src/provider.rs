@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::addr::{BusAddr, CpuAddr};
 use crate::mem::{BarUse, Mapping};
 use crate::pci::{Bar, Function, PciAddr, Sysfs};
 use crate::vfio::VfioDevice;
@@ -71,8 +72,8 @@ impl CmbInfo {
 }
 
 /// CMBMSC value enabling the CMB at `bus_addr`: CRE, CMSE and CBA (4 KiB aligned).
-pub fn cmbmsc(bus_addr: u64) -> u64 {
-    reg::CMBMSC_CRE | reg::CMBMSC_CMSE | (bus_addr & !0xfff)
+pub fn cmbmsc(bus_addr: BusAddr) -> u64 {
+    reg::CMBMSC_CRE | reg::CMBMSC_CMSE | (bus_addr.get() & !0xfff)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,9 +109,9 @@ pub struct Provider {
     pub kind: Kind,
     pub bar: Option<u8>,
     /// CPU physical address of the window.
-    pub cpu_addr: u64,
+    pub cpu_addr: CpuAddr,
     /// PCI bus address of the window: what a peer below the same switch must use.
-    pub bus_addr: u64,
+    pub bus_addr: BusAddr,
     pub size: u64,
     pub cmb: Option<CmbInfo>,
     pub nvme_version: Option<u32>,
@@ -175,7 +176,7 @@ impl Source {
 impl Provider {
     /// bus address − CPU address (Linux's per-provider `bus_offset`).
     pub fn offset(&self) -> u64 {
-        self.bus_addr.wrapping_sub(self.cpu_addr)
+        self.bus_addr.offset_from(self.cpu_addr)
     }
 
     pub fn is_usable(&self) -> bool {
@@ -245,8 +246,8 @@ impl Provider {
             pci: f.addr,
             kind,
             bar: bar.map(|b| b.index),
-            cpu_addr: bar.map_or(0, |b| b.cpu_addr),
-            bus_addr: bar.map_or(0, |b| b.bus_addr),
+            cpu_addr: bar.map_or(CpuAddr::default(), |b| b.cpu_addr),
+            bus_addr: bar.map_or(BusAddr::default(), |b| b.bus_addr),
             size: bar.map_or(0, |b| b.size),
             cmb: None,
             nvme_version: None,
@@ -328,8 +329,10 @@ impl Sysfs {
         let mut p = Provider::new(f, Kind::NvmeCmb, Some(bar));
         p.cmb = Some(cmb);
         p.nvme_version = Some(version);
-        p.cpu_addr = bar.cpu_addr.wrapping_add(cmb.offset);
-        p.bus_addr = bar.bus_addr.wrapping_add(cmb.offset);
+        // Where the CMB starts (the BAR's start when the offset leaves the address space: the
+        // overrun below says why it is unusable).
+        p.cpu_addr = bar.cpu_addr.checked_add(cmb.offset).unwrap_or(bar.cpu_addr);
+        p.bus_addr = bar.bus_addr.checked_add(cmb.offset).unwrap_or(bar.bus_addr);
         p.size = cmb.size;
         if cmb.offset.checked_add(cmb.size).is_none_or(|end| end > bar.size) {
             p.unusable = Some(format!(
@@ -463,7 +466,7 @@ mod tests {
 
     #[test]
     fn cmbmsc_carries_the_bus_address() {
-        assert_eq!(cmbmsc(0x8800_0000), 0x8800_0003);
-        assert_eq!(cmbmsc(0x6000_0800_0000), 0x6000_0800_0003);
+        assert_eq!(cmbmsc(BusAddr::new(0x8800_0000)), 0x8800_0003);
+        assert_eq!(cmbmsc(BusAddr::new(0x6000_0800_0000)), 0x6000_0800_0003);
     }
 }

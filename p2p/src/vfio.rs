@@ -17,6 +17,7 @@ use vfio_bindings::bindings::vfio::{
     vfio_iommu_type1_dma_map, vfio_region_info,
 };
 
+use crate::addr::Iova;
 use crate::mem::{BarUse, Mapping, MappingPin};
 use crate::pci::Function;
 
@@ -163,13 +164,13 @@ impl VfioDevice {
 
     /// Makes the mapping behind `pin` reachable by the device's DMA at `iova` (IOMMU mode). The
     /// caller keeps `pin` for as long as the device may use it.
-    pub fn map_dma(&self, pin: &MappingPin, iova: u64) -> Result<(), String> {
+    pub fn map_dma(&self, pin: &MappingPin, iova: Iova) -> Result<(), String> {
         let (ptr, len) = pin.range();
         let mut map = vfio_iommu_type1_dma_map {
             argsz: size_of::<vfio_iommu_type1_dma_map>() as u32,
             flags: VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE,
             vaddr: ptr as u64,
-            iova,
+            iova: iova.get(),
             size: len.next_multiple_of(4096) as u64,
         };
         ioctl(&self.container, IOMMU_MAP_DMA, (&raw mut map).cast(), "VFIO_IOMMU_MAP_DMA")
@@ -178,9 +179,9 @@ impl VfioDevice {
     }
 
     /// Removes the DMA mapping of `len` bytes at `iova`.
-    pub fn unmap_dma(&self, iova: u64, len: usize) -> Result<(), String> {
+    pub fn unmap_dma(&self, iova: Iova, len: usize) -> Result<(), String> {
         // vfio_iommu_type1_dma_unmap without its trailing bitmap: argsz, flags, iova, size.
-        let mut unmap: [u64; 3] = [(size_of::<[u64; 3]>() as u64), iova, len.next_multiple_of(4096) as u64];
+        let mut unmap: [u64; 3] = [(size_of::<[u64; 3]>() as u64), iova.get(), len.next_multiple_of(4096) as u64];
         ioctl(&self.container, IOMMU_UNMAP_DMA, unmap.as_mut_ptr().cast(), "VFIO_IOMMU_UNMAP_DMA").map(drop)
     }
 

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use p2pnvmf_p2p::path::{Client, Path, Topology, address};
+use p2pnvmf_p2p::addr::BusAddr;
+use p2pnvmf_p2p::path::{Client, Path, Topology, WireAddr, address};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
 use p2pnvmf_p2p::plan::P2p;
 use p2pnvmf_p2p::provider::Kind;
@@ -71,11 +72,11 @@ fn d_with_a_host_bridge_offset_the_peer_gets_the_bus_address() {
     let providers = sysfs.providers(&t.functions, &[], true).unwrap();
     let p = &providers[0];
     assert_eq!((p.pci, p.kind, p.bar), (a("0000:03:00.0"), Kind::NvmeCmb, Some(2)));
-    assert_eq!((p.cpu_addr, p.bus_addr, p.size), (0x6000_0800_0000, 0x8800_0000, 64 << 20));
+    assert_eq!((p.cpu_addr.get(), p.bus_addr.get(), p.size), (0x6000_0800_0000, 0x8800_0000, 64 << 20));
     assert_eq!(p.offset(), 0x8000_0000u64.wrapping_sub(0x6000_0000_0000));
     let d = t.decide(p.pci, &nic(&t, "mlx5_0"));
     assert_eq!(d.path, Path::BusAddress, "{}", d.reason);
-    assert_eq!(address(p, &d, 0x1000), Some(0x8800_1000), "bus address, not CPU address");
+    assert_eq!(address(p, &d, 0x1000), Some(WireAddr::Bus(BusAddr::new(0x8800_1000))), "bus address, not CPU address");
     // CMBMSC was programmed with CRE | CMSE | the bus address, high dword first.
     let regs = std::fs::read(dir.join("sys/bus/pci/devices/0000:03:00.0/resource0")).unwrap();
     assert_eq!(u64::from_le_bytes(regs[0x50..0x58].try_into().unwrap()), 0x8800_0003);
@@ -137,13 +138,13 @@ fn a_configured_bar_and_the_kernels_p2pmem_are_providers() {
     let ps = sysfs.providers(&t.functions, &specs, true).unwrap();
     let (bar, p2pmem) = (&ps[0], &ps[1]);
     assert_eq!((bar.kind, bar.bar, bar.size, bar.cmb), (Kind::Bar, Some(2), 64 << 20, None));
-    assert_eq!((bar.cpu_addr, bar.bus_addr), (0x1_0600_0000, 0x1_0600_0000));
+    assert_eq!((bar.cpu_addr.get(), bar.bus_addr.get()), (0x1_0600_0000, 0x1_0600_0000));
     assert!(bar.check().is_ok(), "{:?}", bar.check());
     assert_eq!((p2pmem.kind, p2pmem.size), (Kind::P2pmem, 64 << 20));
     let info = p2pmem.p2pmem.unwrap();
     assert_eq!((info.available, info.published), (32 << 20, false));
     // Its addresses are those of the BAR that holds it.
-    assert_eq!((p2pmem.bar, p2pmem.cpu_addr, p2pmem.bus_addr), (Some(2), 0x1_0600_0000, 0x1_0600_0000));
+    assert_eq!((p2pmem.bar, p2pmem.cpu_addr.get(), p2pmem.bus_addr.get()), (Some(2), 0x1_0600_0000, 0x1_0600_0000));
     assert!(p2pmem.check().is_ok());
     // The p2pmem of a function without one is refused with the reason.
     let none = p2pnvmf_p2p::provider::Spec { pci: a("0000:00:02.0"), kind: Kind::P2pmem, bar: None };
@@ -218,7 +219,7 @@ fn a_file_namespace_takes_p2pmem_its_nvme_reaches_and_nothing_else() {
     let e = p2p.for_block_device(&nvme0n1, Some(a("0000:04:00.0"))).unwrap_err();
     assert_eq!(e, "provider 0000:04:00.0 is not a p2p provider here (p2pnvmf topology lists them)");
     // Addresses from the BAR holding it: the host bridge's offset shows.
-    assert_eq!((p.bar, p.cpu_addr, p.bus_addr), (Some(2), 0x6000_0800_0000, 0x8800_0000));
+    assert_eq!((p.bar, p.cpu_addr.get(), p.bus_addr.get()), (Some(2), 0x6000_0800_0000, 0x8800_0000));
     let report = p2p.report().to_text();
     assert!(report.contains("0000:03:00.0 p2pmem BAR2 cpu 0x600008000000 bus 0x88000000"), "{report}");
     assert!(report.contains("available 64 MiB published=0"), "{report}");

@@ -57,13 +57,13 @@ fn bars_carry_cpu_and_bus_addresses() {
     let idx: Vec<u8> = nvme.bars.iter().map(|b| b.index).collect();
     assert_eq!(idx, [0, 2], "BAR1 is the upper half of the 64-bit BAR0");
     let cmb = nvme.bars[1];
-    assert_eq!((cmb.cpu_addr, cmb.bus_addr, cmb.size), (0x6000_0800_0000, 0x8800_0000, 64 << 20));
+    assert_eq!((cmb.cpu_addr.get(), cmb.bus_addr.get(), cmb.size), (0x6000_0800_0000, 0x8800_0000, 64 << 20));
     assert!(cmb.mem64 && cmb.prefetchable && !cmb.io);
     // The address a peer must use is the bus address: CPU address + offset.
-    assert_eq!(cmb.cpu_addr.wrapping_add(cmb.bus_offset()), 0x8800_0000);
+    assert_eq!(cmb.cpu_addr.get().wrapping_add(cmb.bus_offset()), 0x8800_0000);
     assert_eq!(cmb.bus_offset(), 0x8000_0000u64.wrapping_sub(0x6000_0000_0000));
     let nic = fixture().function(a("0000:04:00.0")).unwrap();
-    assert_eq!((nic.bars[0].index, nic.bars[0].mem64, nic.bars[0].bus_addr), (1, false, 0x8100_0000));
+    assert_eq!((nic.bars[0].index, nic.bars[0].mem64, nic.bars[0].bus_addr.get()), (1, false, 0x8100_0000));
 }
 
 #[test]

@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::wire::{Cqe, Sqe};
+use p2pnvmf_p2p::addr::{BusAddr, Iova};
 use p2pnvmf_p2p::mem::{BarUse, Mapping, MappingPin};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
 use p2pnvmf_p2p::uio::UioDevice;
@@ -278,7 +279,7 @@ pub struct Controller {
     /// The controller's own CMB, enabled for data at a bus address.
     pub cmb: Option<Cmb>,
     /// Bus addresses of peer memory the SSD reaches (mapped at IOVA = bus address).
-    peers: Mutex<Vec<u64>>,
+    peers: Mutex<Vec<BusAddr>>,
     /// Why the controller was given up on (fatal status, reset, a command that never ended);
     /// from then on every command fails at once. `is_failed` is what the I/O path reads (no
     /// lock shared between queues per I/O).
@@ -305,7 +306,7 @@ impl std::fmt::Debug for Hooks {
 /// offset — the address programmed into CMBMSC.CBA, not the CPU address of any mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cmb {
-    pub bus: u64,
+    pub bus: BusAddr,
     pub size: u64,
 }
 
@@ -315,7 +316,7 @@ fn enable_cmb(sysfs: &Sysfs, f: &p2pnvmf_p2p::pci::Function) -> Option<Cmb> {
     match sysfs.nvme_cmb(f, true) {
         Ok(Some(p)) if p.is_usable() => {
             let cmb = Cmb { bus: p.bus_addr, size: p.size };
-            info!(pci = %f.addr, bus = format_args!("{:#x}", cmb.bus), size = cmb.size, "CMB enabled for data: PRPs carry its bus address");
+            info!(pci = %f.addr, bus = %cmb.bus, size = cmb.size, "CMB enabled for data: PRPs carry its bus address");
             Some(cmb)
         }
         Ok(Some(p)) => {
@@ -589,11 +590,11 @@ impl Controller {
     /// Maps memory someone else owns (a queue's data area) for the device; the caller keeps
     /// `pin` until it calls [`Controller::unmap`] with what this returned. Only through the
     /// IOMMU ([`Controller::maps_host_memory`]).
-    pub fn map(&self, pin: &MappingPin) -> Result<(u64, u64), String> {
+    pub fn map(&self, pin: &MappingPin) -> Result<(Iova, u64), String> {
         self.dma.map(self.pci, pin)
     }
 
-    pub fn unmap(&self, iova: u64, span: u64) -> Result<(), String> {
+    pub fn unmap(&self, iova: Iova, span: u64) -> Result<(), String> {
         self.dma.unmap(iova, span)
     }
 
@@ -652,15 +653,15 @@ impl Controller {
     /// Makes peer device memory starting at bus address `bus` (`pin` keeps it mapped)
     /// reachable by the SSD at that same address: through the IOMMU, mapped at IOVA = `bus`
     /// once per controller (queues ask once per peer, not per I/O).
-    pub fn peer(&self, pin: &MappingPin, bus: u64) -> Result<(), String> {
+    pub fn peer(&self, pin: &MappingPin, bus: BusAddr) -> Result<(), String> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if !peers.contains(&bus) {
             self.dma.map_at(self.pci, pin, bus)?;
-            let (at, bytes) = (format_args!("{bus:#x}"), pin.range().1);
+            let (at, bytes) = (bus, pin.range().1);
             if self.maps_host_memory() {
-                info!(pci = %self.pci, bus = at, bytes, "peer memory mapped for the SSD at IOVA = its bus address");
+                info!(pci = %self.pci, bus = %at, bytes, "peer memory mapped for the SSD at IOVA = its bus address");
             } else {
-                info!(pci = %self.pci, bus = at, bytes, "peer memory reached by the SSD at its bus address (no IOMMU)");
+                info!(pci = %self.pci, bus = %at, bytes, "peer memory reached by the SSD at its bus address (no IOMMU)");
             }
             peers.push(bus);
         }

@@ -8,6 +8,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
+use p2pnvmf_p2p::addr::{BusAddr, Iova};
 use p2pnvmf_p2p::mem::{Mapping, MappingPin};
 use p2pnvmf_p2p::pci::PciAddr;
 use p2pnvmf_p2p::vfio::VfioDevice;
@@ -93,7 +94,7 @@ impl Drop for Dma {
         match std::mem::replace(&mut self.home, Home::Own) {
             Home::Iommu(iommu, span) => {
                 let Addr::Contiguous(iova) = self.addr else { unreachable!("IOVA ranges are contiguous") };
-                if let Err(e) = iommu.unmap(iova, span) {
+                if let Err(e) = iommu.unmap(Iova::new(iova), span) {
                     tracing::warn!("unmapping driver memory at IOVA {iova:#x}: {e}");
                 }
             }
@@ -137,7 +138,7 @@ impl DmaSpace {
     /// Maps memory someone else owns for the SSD at an IOVA of ours; returns the IOVA and the
     /// length reserved (for [`DmaSpace::unmap`]). Physical-address mode cannot: the pages of
     /// others may move.
-    pub fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(u64, u64), String> {
+    pub fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(Iova, u64), String> {
         match self {
             DmaSpace::Iommu(s) => s.map(pci, pin),
             DmaSpace::Physical(_) => {
@@ -150,14 +151,14 @@ impl DmaSpace {
     /// IOMMU, mapped at IOVA = `bus`, so that the same address in a PRP works whether the
     /// switch routes it to the peer or sends it up to the IOMMU (ACS redirect, qemu); without
     /// an IOMMU the bus address reaches the peer as it is.
-    pub fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: u64) -> Result<(), String> {
+    pub fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: BusAddr) -> Result<(), String> {
         match self {
             DmaSpace::Iommu(s) => s.map_at(pci, pin, bus),
             DmaSpace::Physical(_) => Ok(()),
         }
     }
 
-    pub fn unmap(&self, iova: u64, span: u64) -> Result<(), String> {
+    pub fn unmap(&self, iova: Iova, span: u64) -> Result<(), String> {
         match self {
             DmaSpace::Iommu(s) => s.unmap(iova, span),
             DmaSpace::Physical(_) => Ok(()),
@@ -177,7 +178,7 @@ pub struct Iommu {
 }
 
 impl Iommu {
-    fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(u64, u64), String> {
+    fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(Iova, u64), String> {
         let span = (pin.range().1 as u64).next_multiple_of(HUGE);
         let iova = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -189,7 +190,7 @@ impl Iommu {
             } else {
                 free[i] = (at + span, len - span);
             }
-            at
+            Iova::new(at)
         };
         match self.dev.map_dma(pin, iova) {
             Ok(()) => Ok((iova, span)),
@@ -200,37 +201,48 @@ impl Iommu {
         }
     }
 
-    fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: u64) -> Result<(), String> {
+    fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: BusAddr) -> Result<(), String> {
         let span = (pin.range().1 as u64).next_multiple_of(PAGE as u64);
+        let end = bus
+            .checked_add(span)
+            .ok_or_else(|| format!("{pci}: peer memory at {bus:#x} ends past the address space"))?;
+        let (bus, end) = (bus.get(), end.get());
         {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = free.iter().position(|&(at, len)| at <= bus && bus + span <= at + len) {
+            if let Some(i) = free.iter().position(|&(at, len)| at <= bus && end <= at + len) {
                 let (at, len) = free.remove(i);
-                free.extend([(at, bus - at), (bus + span, at + len - bus - span)].into_iter().filter(|r| r.1 > 0));
-            } else if bus < IOVA_END && bus + span > IOVA_BASE {
+                free.extend([(at, bus - at), (end, at + len - end)].into_iter().filter(|r| r.1 > 0));
+            } else if bus < IOVA_END && end > IOVA_BASE {
                 return Err(format!("{pci}: peer memory at bus address {bus:#x} collides with IOVAs in use"));
             }
         }
-        self.dev.map_dma(pin, bus)?;
+        // Identity: the IOVA is the bus address, so one PRP address serves either route.
+        self.dev.map_dma(pin, Iova::new(bus))?;
         self.pins.lock().unwrap_or_else(|e| e.into_inner()).push(pin.clone());
         Ok(())
     }
 
-    fn unmap(&self, iova: u64, span: u64) -> Result<(), String> {
+    fn unmap(&self, iova: Iova, span: u64) -> Result<(), String> {
         let r = self.dev.unmap_dma(iova, span as usize);
         self.release(iova, span);
         r
     }
 
-    fn release(&self, iova: u64, span: u64) {
-        self.free.lock().unwrap_or_else(|e| e.into_inner()).push((iova, span));
+    fn release(&self, iova: Iova, span: u64) {
+        self.free.lock().unwrap_or_else(|e| e.into_inner()).push((iova.get(), span));
     }
 
     fn alloc(self: &Arc<Self>, pci: PciAddr, len: usize) -> Result<Dma, String> {
         let mem = Arc::new(Mapping::host(len).map_err(|e| format!("{pci}: {len} bytes of DMA memory: {e}"))?);
         // The Dma holds the mapping until it has unmapped it.
         let (iova, span) = self.map(pci, &MappingPin::of(&mem))?;
-        Ok(Dma { len: mem.len(), mem, off: 0, addr: Addr::Contiguous(iova), home: Home::Iommu(self.clone(), span) })
+        Ok(Dma {
+            len: mem.len(),
+            mem,
+            off: 0,
+            addr: Addr::Contiguous(iova.get()),
+            home: Home::Iommu(self.clone(), span),
+        })
     }
 }
 

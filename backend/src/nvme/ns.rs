@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use p2pnvmf_nvmf::buffers::RequestFallbacks;
 use p2pnvmf_nvmf::wire::{Sqe, io_opcode as opcode};
 use p2pnvmf_nvmf::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Op, Status};
+use p2pnvmf_p2p::addr::{BusAddr, Iova};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
 use tokio::io::unix::AsyncFd;
@@ -190,7 +191,7 @@ pub struct NvmeQueue {
     /// Host memory mapped for the SSD by this queue: its data area (registered) and the
     /// mappings of windows seen (an NVMe/TCP slot's buffer), each with its IOVA and reserved
     /// span; kept alive and mapped until the queue closes.
-    mapped: Vec<(MappingPin, u64, u64)>,
+    mapped: Vec<(MappingPin, Iova, u64)>,
     in_flight: usize,
     /// A host-memory window went through a bounce buffer (logged once per queue).
     warned: bool,
@@ -204,7 +205,7 @@ pub struct NvmeQueue {
     /// When the controller's health was last looked at.
     checked: Instant,
     /// Bus addresses of peer memory this queue knows the SSD reaches.
-    peers: Vec<u64>,
+    peers: Vec<BusAddr>,
     ns: Arc<NvmeVfio>,
 }
 
@@ -217,7 +218,7 @@ impl NvmeQueue {
     /// memory it maps now (once per mapping); `None` for memory it cannot map (device memory,
     /// for now) or when mapping fails.
     fn device_addr(&mut self, w: &Window) -> Option<u64> {
-        let at = |(pin, iova, _): &(MappingPin, u64, u64)| iova + (w.as_ptr() as u64 - pin.range().0 as u64);
+        let at = |(pin, iova, _): &(MappingPin, Iova, u64)| (*iova + (w.as_ptr() as u64 - pin.range().0 as u64)).get();
         if let Some(m) = self.mapped.iter().find(|(pin, ..)| pin.holds(w)) {
             return Some(at(m));
         }
@@ -225,17 +226,18 @@ impl NvmeQueue {
             // The SSD's own CMB: the bus address it was enabled at, plus the window's offset.
             if dev == self.own {
                 let cmb = self.ns.ctrl.cmb.filter(|c| w.offset() as u64 + w.len() as u64 <= c.size)?;
-                return Some(cmb.bus + w.offset() as u64);
+                return Some((cmb.bus + w.offset() as u64).get());
             }
-            // Peer memory: its bus address (mapped at that IOVA for the SSD, once).
-            let bus = w.bus_addr()? - w.offset() as u64;
-            if self.peers.contains(&bus) {
-                return Some(bus + w.offset() as u64);
+            // Peer memory: its bus address (its mapping mapped at that IOVA for the SSD, once).
+            let bus = w.bus_addr()?;
+            let base = BusAddr::new(bus.get() - w.offset() as u64);
+            if self.peers.contains(&base) {
+                return Some(bus.get());
             }
-            return match self.ns.ctrl.peer(&w.pin_mapping(), bus) {
+            return match self.ns.ctrl.peer(&w.pin_mapping(), base) {
                 Ok(()) => {
-                    self.peers.push(bus);
-                    Some(bus + w.offset() as u64)
+                    self.peers.push(base);
+                    Some(bus.get())
                 }
                 Err(e) => {
                     warn!(pci = %self.ns.ctrl.pci, provider = dev, "peer memory not reachable by the SSD (bounce buffers instead): {e}");
@@ -253,7 +255,7 @@ impl NvmeQueue {
     fn map(&mut self, pin: &MappingPin) -> Option<()> {
         match self.ns.ctrl.map(pin) {
             Ok((iova, span)) => {
-                debug!(pci = %self.ns.ctrl.pci, iova = format_args!("{iova:#x}"), bytes = pin.range().1, "host memory mapped for the SSD");
+                debug!(pci = %self.ns.ctrl.pci, %iova, bytes = pin.range().1, "host memory mapped for the SSD");
                 self.mapped.push((pin.clone(), iova, span));
                 Some(())
             }
