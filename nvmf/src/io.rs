@@ -42,6 +42,23 @@ impl NsQueue {
     }
 }
 
+/// A backend queue being opened off the queue's task, and the operations waiting for it.
+#[derive(Debug)]
+struct Opening {
+    nsid: u32,
+    backend: Arc<dyn crate::Backend>,
+    task: tokio::task::JoinHandle<io::Result<Box<dyn BackendQueue>>>,
+    /// What the opening gave, once it finished.
+    done: Option<io::Result<Box<dyn BackendQueue>>>,
+    waiting: Vec<IoRequest>,
+}
+
+impl Opening {
+    fn serves(&self, ns: &Namespace) -> bool {
+        self.nsid == ns.nsid && Arc::ptr_eq(&self.backend, &ns.backend)
+    }
+}
+
 /// A command with operations in flight.
 #[derive(Debug)]
 struct Inflight {
@@ -71,6 +88,7 @@ struct Commands {
 #[derive(Debug, Default)]
 pub(crate) struct IoState {
     queues: Vec<NsQueue>,
+    opening: Vec<Opening>,
     cmds: Commands,
     /// The transport's data area, registered with each backend queue as it opens.
     area: Option<MappingPin>,
@@ -213,19 +231,25 @@ impl IoState {
         Ok(())
     }
 
-    /// Submits to `ns`'s backend queue (opened on first use); an inline completion is
+    /// Submits to `ns`'s backend queue (opened on first use: off the queue's task for a
+    /// backend that opens slowly, the operation waiting meanwhile); an inline completion is
     /// accounted at once.
     fn submit(&mut self, ns: &Namespace, depth: usize, req: IoRequest) {
+        if let Some(o) = self.opening.iter_mut().find(|o| o.serves(ns)) {
+            o.waiting.push(req);
+            return;
+        }
         let q = match self.queues.iter().position(|q| q.serves(ns)) {
             Some(i) => &mut self.queues[i],
-            None => match open(ns, depth) {
-                Ok(mut q) => {
-                    if let Some(area) = &self.area {
-                        q.q.register(area);
-                    }
-                    self.queues.push(q);
-                    self.queues.last_mut().expect("pushed")
-                }
+            None if ns.backend.opens_slowly() && tokio::runtime::Handle::try_current().is_ok() => {
+                let backend = ns.backend.clone();
+                let task = tokio::task::spawn_blocking(move || backend.open_queue(depth));
+                let backend = ns.backend.clone();
+                self.opening.push(Opening { nsid: ns.nsid, backend, task, done: None, waiting: vec![req] });
+                return;
+            }
+            None => match Arc::clone(&ns.backend).open_queue(depth) {
+                Ok(q) => self.add_queue(ns.nsid, ns.backend.clone(), q),
                 Err(e) => {
                     warn!(nsid = ns.nsid, "opening the namespace's backend for this queue: {e}");
                     self.cmds.account(req.done(Err(e.into())));
@@ -238,8 +262,43 @@ impl IoState {
         }
     }
 
+    /// A backend queue opened for this queue: registered with the data area, and used from now on.
+    fn add_queue(&mut self, nsid: u32, backend: Arc<dyn crate::Backend>, mut q: Box<dyn BackendQueue>) -> &mut NsQueue {
+        if let Some(area) = &self.area {
+            q.register(area);
+        }
+        self.queues.push(NsQueue { nsid, backend, q });
+        self.queues.last_mut().expect("pushed")
+    }
+
+    /// Backend queues whose opening finished: the operations that waited go to them now, or
+    /// fail with the reason; commands that thereby finished go to `out`.
+    fn opened(&mut self, subsys: &Subsystem, out: &mut impl FnMut(Completion)) {
+        while let Some(i) = self.opening.iter().position(|o| o.done.is_some()) {
+            let o = self.opening.swap_remove(i);
+            let mut finished = Vec::new();
+            match o.done.expect("finished") {
+                Ok(q) => {
+                    let q = self.add_queue(o.nsid, o.backend, q);
+                    finished.extend(o.waiting.into_iter().filter_map(|req| q.q.submit(req)));
+                }
+                Err(e) => {
+                    warn!(nsid = o.nsid, "opening the namespace's backend for this queue: {e}");
+                    let why = e.to_string();
+                    finished.extend(o.waiting.into_iter().map(|req| req.done(Err(IoError::other(why.clone())))));
+                }
+            }
+            for d in finished {
+                if let Some(tag) = self.cmds.account(d) {
+                    out(self.cmds.complete(subsys, tag));
+                }
+            }
+        }
+    }
+
     /// Hands every command whose last operation finished to `out`, in completion order.
     pub(crate) fn reap(&mut self, subsys: &Subsystem, out: &mut impl FnMut(Completion)) {
+        self.opened(subsys, out);
         let IoState { queues, cmds, .. } = self;
         for q in queues.iter_mut().filter(|q| q.q.in_flight() > 0) {
             q.q.reap(&mut |d| {
@@ -252,6 +311,16 @@ impl IoState {
 
     /// Ready when some backend queue has completions to reap (never, with none in flight).
     pub(crate) fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut opened = false;
+        for o in self.opening.iter_mut().filter(|o| o.done.is_none()) {
+            if let Poll::Ready(r) = std::pin::Pin::new(&mut o.task).poll(cx) {
+                o.done = Some(r.unwrap_or_else(|e| Err(io::Error::other(format!("opening the backend queue: {e}")))));
+                opened = true;
+            }
+        }
+        if opened || self.opening.iter().any(|o| o.done.is_some()) {
+            return Poll::Ready(());
+        }
         for q in &mut self.queues {
             if q.q.poll_ready(cx).is_ready() {
                 return Poll::Ready(());
@@ -276,7 +345,8 @@ impl IoState {
 
     /// Operations in flight on every backend queue of this queue.
     pub(crate) fn in_flight(&self) -> usize {
-        self.queues.iter().map(|q| q.q.in_flight()).sum()
+        let waiting: usize = self.opening.iter().map(|o| o.waiting.len()).sum();
+        waiting + self.queues.iter().map(|q| q.q.in_flight()).sum::<usize>()
     }
 }
 
@@ -394,10 +464,6 @@ mod libc_errno {
     pub const ENOSPC: i32 = 28;
     pub const ENODATA: i32 = 61;
     pub const EOPNOTSUPP: i32 = 95;
-}
-
-fn open(ns: &Namespace, depth: usize) -> io::Result<NsQueue> {
-    Ok(NsQueue { nsid: ns.nsid, backend: ns.backend.clone(), q: Arc::clone(&ns.backend).open_queue(depth)? })
 }
 
 #[cfg(test)]

@@ -101,6 +101,11 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn flush(&self) -> io::Result<()>;
     /// This backend's side of one I/O queue of `depth` commands.
     fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>>;
+    /// Whether [`Backend::open_queue`] blocks for a while (admin commands to a device): the
+    /// core then opens the queue off the queue's task, its first operations waiting for it.
+    fn opens_slowly(&self) -> bool {
+        false
+    }
     /// What a backend on an NVMe device says of it, passed through to hosts instead of the
     /// target's own values; `None` for storage that is no NVMe device.
     fn device(&self) -> Option<&DeviceFacts> {

@@ -763,3 +763,68 @@ async fn a_subsystem_taken_away_by_a_reload_is_refused_without_do_not_retry_unti
     assert!(connect(&mut Queue::new(t.clone(), port(1)), 0, OPEN, HOST, 0xffff).status.is_success());
     assert!(dnr(&connect(&mut Queue::new(t.clone(), port(1)), 0, LOCKED, HOST, 0xffff)));
 }
+
+/// A namespace whose queues take a while to open (as an SSD's queue pair does, by admin
+/// commands), then serve from `Mem`; with `fail`, the opening fails instead.
+#[derive(Debug)]
+struct SlowOpen {
+    mem: Arc<Mem>,
+    fail: bool,
+}
+
+const OPENING: Duration = Duration::from_millis(300);
+
+impl Backend for SlowOpen {
+    fn size_bytes(&self) -> u64 {
+        self.mem.size_bytes()
+    }
+    fn volatile_write_cache(&self) -> bool {
+        true
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
+        std::thread::sleep(OPENING);
+        if self.fail {
+            return Err(io::Error::other("every granted I/O queue pair is in use"));
+        }
+        self.mem.clone().open_queue(depth)
+    }
+    fn opens_slowly(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_slowly_opening_backend_queue_opens_off_the_queue_task_while_its_first_command_waits() {
+    for fail in [false, true] {
+        let mem = Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None));
+        let ns = Namespace::new(OPEN, 1, Arc::new(SlowOpen { mem, fail }));
+        let t = Target::new(vec![Arc::new(Subsystem::open(OPEN, vec![ns]))], vec![port(1)]);
+        let (_a, cntlid) = admin(&t, 1, OPEN);
+        let mut q = io_queue(&t, cntlid);
+        let mut w = Window::host(4096).unwrap();
+        w.bytes_mut().fill(0x6b);
+        let mut b = Some(w);
+        // On this single-threaded runtime an opening on the queue's task would hold it for
+        // the whole opening; the write is submitted at once instead, and waits for the queue.
+        let started = std::time::Instant::now();
+        assert_eq!(q.execute(0, &rw(0x01, 8, 8), &mut b, 4096), Exec::Submitted);
+        assert!(started.elapsed() < OPENING / 2, "execute waited {:?} for the opening", started.elapsed());
+        assert_eq!(q.in_flight(), 1, "the waiting write counts as in flight");
+        tokio::time::timeout(Duration::from_secs(5), q.io_ready()).await.expect("ready once opened");
+        let mut got = Vec::new();
+        q.reap(&mut |c| got.push((c.tag, c.response.status)));
+        let want = if fail { Status::INTERNAL_ERROR } else { Status::SUCCESS };
+        assert_eq!(got, [(0, want)], "fail = {fail}");
+        assert_eq!(q.in_flight(), 0);
+        if !fail {
+            // The queue is open: a read runs inline and finds the write.
+            let mut r = Some(Window::host(4096).unwrap());
+            let resp = done(q.execute(1, &rw(0x02, 8, 8), &mut r, 4096));
+            assert!(resp.status.is_success());
+            assert!(r.unwrap().bytes().iter().all(|&x| x == 0x6b));
+        }
+    }
+}

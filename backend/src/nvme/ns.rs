@@ -118,6 +118,11 @@ impl Backend for NvmeVfio {
         unsafe { self.ctrl.run(q, sqe, 0, FLUSH_TIMEOUT) }.map(drop).map_err(io::Error::other)
     }
 
+    /// A queue pair is created by two admin commands, waited for by polling.
+    fn opens_slowly(&self) -> bool {
+        true
+    }
+
     fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
         let depth = depth.clamp(1, 1023) as u16;
         let q =
