@@ -62,9 +62,15 @@ impl<R: AsyncRead + Unpin> Wire<R> {
         Ok(())
     }
 
-    /// Reads `dst.len()` data bytes and the data digest; false when the digest is wrong.
+    /// Reads `dst.len()` data bytes and the data digest; false when the digest is wrong. The
+    /// data goes from the socket straight into `dst` (the command's buffer, a p2p chunk where
+    /// it has one), past the header buffer: only what that buffer holds already is copied.
     async fn read_data(&mut self, l: &Layout, dst: &mut [u8]) -> Result<bool, ConnError> {
-        self.rd.read_exact(dst).await?;
+        let held = self.rd.buffer();
+        let n = held.len().min(dst.len());
+        dst[..n].copy_from_slice(&held[..n]);
+        self.rd.consume(n);
+        self.rd.get_mut().read_exact(&mut dst[n..]).await?;
         if !l.ddgst {
             return Ok(true);
         }
