@@ -88,3 +88,18 @@ fn vm_media_errors_reach_the_host_with_their_meaning() {
         .timeout(std::time::Duration::from_secs(600))
         .run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_nvme_vfio_a_queue_beyond_the_ssds_queue_pairs_waits_for_one() {
+    let topo = Topology::new()
+        .iommu()
+        .root_port("rp1")
+        .nvme("ssd", "rp1", Nvme { serial: "QPSSD1".into(), size_mib: 64, cmb_mib: None, block_size: None })
+        .nvme_property("ssd", "max_ioqpairs=2")
+        .nic("pcie.0");
+    Scenario::new("nvme-vfio-queue-pairs", topo, "nvme-vfio-queue-pairs.sh")
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .timeout(std::time::Duration::from_secs(300))
+        .run_ok();
+}

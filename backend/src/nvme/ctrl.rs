@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -273,6 +273,8 @@ pub struct Controller {
     /// I/O queue pairs the controller granted (Set Features, Number of Queues).
     pub max_io_queues: u16,
     free_qids: Mutex<Vec<u16>>,
+    /// Signalled when a queue pair's ID goes back to `free_qids`.
+    qid_freed: Condvar,
     irqs: Irqs,
     /// Where each I/O queue pair lives, by queue id.
     queue_mem: Mutex<Vec<(u16, Dma)>>,
@@ -442,6 +444,7 @@ impl Controller {
             id: IdController::parse(&[0; PAGE]),
             max_io_queues: 0,
             free_qids: Mutex::new(Vec::new()),
+            qid_freed: Condvar::new(),
             irqs: Irqs::Msix(Vec::new()),
             queue_mem: Mutex::new(Vec::new()),
             cmb,
@@ -708,9 +711,39 @@ impl Controller {
             Ok(q)
         });
         if created.is_err() {
-            self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).push(qid);
+            self.free_qid(qid);
         }
         created.map(Some)
+    }
+
+    /// [`Controller::create_io_queue`], waiting up to `limit` for a pair to be given back when
+    /// every granted one is in use (another target queue closing gives its pair back); `None`
+    /// when none was in time. Blocks: for callers off the runtime's workers.
+    pub fn create_io_queue_waiting(&self, entries: u16, limit: Duration) -> Result<Option<QueuePair>, String> {
+        let deadline = Instant::now() + limit;
+        let mut waited = false;
+        loop {
+            if let Some(q) = self.create_io_queue(entries)? {
+                return Ok(Some(q));
+            }
+            let free = self.free_qids.lock().unwrap_or_else(|e| e.into_inner());
+            if !free.is_empty() {
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.failed().is_some() {
+                return Ok(None);
+            }
+            if !std::mem::replace(&mut waited, true) {
+                info!(pci = %self.pci, granted = self.max_io_queues, "every I/O queue pair is in use: waiting for one to be given back");
+            }
+            drop(self.qid_freed.wait_timeout(free, left).unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+
+    fn free_qid(&self, qid: u16) {
+        self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).push(qid);
+        self.qid_freed.notify_all();
     }
 
     /// Deletes an I/O queue pair (its commands must have completed).
@@ -724,7 +757,7 @@ impl Controller {
         if let Irqs::Intx(intx) = &self.irqs {
             intx.queues.lock().unwrap_or_else(|e| e.into_inner()).retain(|(q, _)| *q != qid);
         }
-        self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).push(qid);
+        self.free_qid(qid);
         r.map(drop)
     }
 }

@@ -37,6 +37,9 @@ const MAX_PART: usize = 1 << 20;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(8);
 /// How long a flush from outside any queue (at shutdown) may take.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a target queue's first command waits for a queue pair when every one the SSD
+/// granted is in use: well inside a Linux host's 30 s I/O timeout.
+const QUEUE_PAIR_WAIT: Duration = Duration::from_secs(20);
 /// How often a queue with commands at the SSD looks at the controller's health.
 const HEALTH_CHECK: Duration = Duration::from_secs(1);
 
@@ -125,10 +128,14 @@ impl Backend for NvmeVfio {
 
     fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
         let depth = depth.clamp(1, 1023) as u16;
-        let q =
-            self.ctrl.create_io_queue(depth + 1).map_err(io::Error::other)?.ok_or_else(|| {
-                io::Error::other(format!("{}: every granted I/O queue pair is in use", self.ctrl.pci))
-            })?;
+        let q = self.ctrl.create_io_queue_waiting(depth + 1, QUEUE_PAIR_WAIT).map_err(io::Error::other)?.ok_or_else(
+            || {
+                io::Error::other(format!(
+                    "{}: every granted I/O queue pair is in use (none given back within {QUEUE_PAIR_WAIT:?})",
+                    self.ctrl.pci
+                ))
+            },
+        )?;
         let irq = self.ctrl.irq(q.qid).map_err(io::Error::other)?;
         // One PRP list (or DSM range) page per command.
         let lists = self.ctrl.dma(usize::from(depth) * PAGE).map_err(io::Error::other)?;

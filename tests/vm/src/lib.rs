@@ -80,7 +80,7 @@ enum Device {
     RootPort { id: String, chassis: u32 },
     SwitchUpstream { id: String, bus: Bus },
     SwitchDownstream { id: String, bus: Bus, chassis: u32 },
-    Nvme { id: String, bus: Bus, nvme: Nvme, failing: Failing },
+    Nvme { id: String, bus: Bus, nvme: Nvme, failing: Failing, props: Vec<String> },
     Nic { bus: Bus },
     Ivshmem { id: String, bus: Bus, size_mib: u32 },
 }
@@ -126,7 +126,25 @@ impl Topology {
     }
 
     pub fn nvme(mut self, id: &str, on: &str, nvme: Nvme) -> Self {
-        self.devices.push(Device::Nvme { id: id.into(), bus: on.into(), nvme, failing: Failing::default() });
+        self.devices.push(Device::Nvme {
+            id: id.into(),
+            bus: on.into(),
+            nvme,
+            failing: Failing::default(),
+            props: Vec::new(),
+        });
+        self
+    }
+
+    /// Adds qemu device property `prop` (`key=value`, e.g. `max_ioqpairs=2`) to SSD `id`.
+    pub fn nvme_property(mut self, id: &str, prop: &str) -> Self {
+        for d in &mut self.devices {
+            if let Device::Nvme { id: i, props, .. } = d
+                && i == id
+            {
+                props.push(prop.into());
+            }
+        }
         self
     }
 
@@ -191,7 +209,7 @@ impl Topology {
                     "-device",
                     format!("xio3130-downstream,id={id},bus={},chassis={chassis},slot={chassis}", bus.qemu_name()),
                 ),
-                Device::Nvme { id, bus, nvme, failing } => {
+                Device::Nvme { id, bus, nvme, failing, props } => {
                     let img = run_dir.join(format!("{id}.img"));
                     let f = std::fs::File::create(&img).map_err(|e| RigError::io(&img, e))?;
                     f.set_len(nvme.size_mib << 20).map_err(|e| RigError::io(&img, e))?;
@@ -210,6 +228,9 @@ impl Topology {
                     }
                     if let Some(bs) = nvme.block_size {
                         let _ = write!(d, ",logical_block_size={bs},physical_block_size={bs}");
+                    }
+                    for p in props {
+                        let _ = write!(d, ",{p}");
                     }
                     push("-device", d);
                 }
@@ -643,12 +664,14 @@ mod tests {
         let t = Topology::new()
             .nvme("bad", "pcie.0", Nvme { serial: "BAD1".into(), size_mib: 1, cmb_mib: None, block_size: None })
             .failing_sectors("bad", &[2048], &[4096])
+            .nvme_property("bad", "max_ioqpairs=2")
             .nic("pcie.0");
         let args = t.qemu_args(&dir).unwrap();
         let conf = dir.join("bad.blkdebug");
         let drive =
             format!("file=blkdebug:{}:{},if=none,id=drv-bad,format=raw", conf.display(), dir.join("bad.img").display());
         assert!(args.contains(&drive), "{args:?}");
+        assert!(args.contains(&"nvme,id=bad,bus=pcie.0,serial=BAD1,drive=drv-bad,max_ioqpairs=2".to_string()), "{args:?}");
         let conf = std::fs::read_to_string(conf).unwrap();
         assert_eq!(conf.matches("[inject-error]").count(), 2);
         assert!(conf.contains("event = \"read_aio\"\nerrno = \"5\"\nsector = \"2048\""), "{conf}");
