@@ -32,14 +32,12 @@ fn exec(q: &mut Queue, sqe: &Sqe, data: &[u8]) -> Option<(u32, usize)> {
     let mut buf = Some(w);
     match q.execute(0, sqe, &mut buf, len) {
         Exec::Done(r) => Some((r.data_len, len)),
+        // Held (an Async Event Request) or at the backend, which finishes RAM operations inline.
         Exec::Submitted => {
             let mut done = None;
-            while done.is_none() {
-                q.reap(&mut |c| done = Some(c.response.data_len));
-            }
+            q.reap(&mut |c| done = Some(c.response.data_len));
             done.map(|n| (n, len))
         }
-        Exec::Deferred => None,
     }
 }
 

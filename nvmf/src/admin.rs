@@ -45,7 +45,7 @@ pub const FIRMWARE_REVISION: &str = env!("CARGO_PKG_VERSION");
 
 const PAGE: usize = 4096;
 
-pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, sqe: &Sqe, data: &mut [u8]) -> Exec {
+pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, tag: u16, sqe: &Sqe, data: &mut [u8]) -> Exec {
     let r = match sqe.opcode {
         opcode::IDENTIFY => identify(ctrl, sqe, data),
         opcode::GET_LOG_PAGE => get_log_page(target, ctrl, sqe, data),
@@ -60,8 +60,9 @@ pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, sqe: &Sqe, data: 
         }
         opcode::GET_FEATURES => get_features(ctrl, sqe, data),
         opcode::ASYNC_EVENT_REQUEST => {
-            return match ctrl.push_aer(sqe.cid.get()) {
-                Ok(None) => Exec::Deferred,
+            // Held, it completes through the queue's reap when an event comes.
+            return match ctrl.push_aer(tag) {
+                Ok(None) => Exec::Submitted,
                 Ok(Some(event)) => Response::result(event.into()).into(),
                 Err(s) => s.into(),
             };

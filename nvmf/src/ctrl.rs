@@ -75,7 +75,7 @@ struct State {
     queues: Option<u16>,
     async_event_config: u32,
     write_cache: bool,
-    /// CIDs of outstanding Async Event Requests.
+    /// Transport tags of outstanding Async Event Requests (on the admin queue).
     aers: Vec<u16>,
     /// Events waiting for an Async Event Request.
     events: Vec<u32>,
@@ -389,9 +389,9 @@ impl Controller {
         }
     }
 
-    /// An Async Event Request: completes at once with a waiting event (`Some(dw0)`), or is held
-    /// (`None`); refused past the limit (AERL + 1 outstanding).
-    pub fn push_aer(&self, cid: u16) -> Result<Option<u32>, Status> {
+    /// An Async Event Request (the transport's `tag`): completes at once with a waiting event
+    /// (`Some(dw0)`), or is held (`None`); refused past the limit (AERL + 1 outstanding).
+    pub fn push_aer(&self, tag: u16) -> Result<Option<u32>, Status> {
         let mut st = self.state();
         if !st.events.is_empty() {
             return Ok(Some(st.events.remove(0)));
@@ -399,7 +399,7 @@ impl Controller {
         if st.aers.len() > usize::from(AERL) {
             return Err(Status::ASYNC_EVENT_LIMIT_EXCEEDED.dnr());
         }
-        st.aers.push(cid);
+        st.aers.push(tag);
         Ok(None)
     }
 
@@ -425,12 +425,12 @@ impl Controller {
         self.event_ready.notified().await;
     }
 
-    /// Pairs held requests with waiting events: (CID, DW0) completions to send.
+    /// Pairs held requests with waiting events: (tag, DW0) completions to send.
     pub fn take_async_completions(&self) -> Vec<(u16, u32)> {
         let mut st = self.state();
         let n = st.aers.len().min(st.events.len());
-        let cids: Vec<u16> = st.aers.drain(..n).collect();
-        cids.into_iter().zip(st.events.drain(..n)).collect()
+        let tags: Vec<u16> = st.aers.drain(..n).collect();
+        tags.into_iter().zip(st.events.drain(..n)).collect()
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use p2pnvmf_p2p::mem::Window;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::auth::Session;
 use crate::buffers::{Mover, QueueBuffers};
@@ -204,19 +204,36 @@ impl Queue {
             return self.fabrics(sqe, data).into();
         }
         let ctrl = self.ctrl.clone().expect("checked above");
-        admin::execute(&self.target, &ctrl, sqe, data)
+        admin::execute(&self.target, &ctrl, tag, sqe, data)
     }
 
-    /// Resolves when submitted commands may have completed (never while none are in
+    /// Resolves when submitted commands may have completed — backend operations, or on the
+    /// admin queue an async event for a held Async Event Request (never while nothing is in
     /// flight); collect them with [`Queue::reap`].
     pub async fn io_ready(&mut self) {
-        poll_fn(|cx| self.io.poll_ready(cx)).await
+        let events = self.ctrl.clone().filter(|_| self.qid == 0);
+        tokio::select! {
+            () = poll_fn(|cx| self.io.poll_ready(cx)) => {}
+            () = async {
+                match &events {
+                    Some(c) => c.event_ready().await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
     }
 
-    /// Hands every submitted command that finished to `out`, in completion order.
+    /// Hands every submitted command that finished to `out`, in completion order: backend
+    /// operations, and on the admin queue Async Event Requests an event completes.
     pub fn reap(&mut self, out: &mut impl FnMut(Completion)) {
         if let Some(subsys) = &self.subsys {
             self.io.reap(subsys, out);
+        }
+        if let (0, Some(c)) = (self.qid, &self.ctrl) {
+            for (tag, dw0) in c.take_async_completions() {
+                info!(cntlid = c.cntlid, tag, dw0 = format_args!("{dw0:#x}"), "async event completed");
+                out(Completion { tag, response: Response::result(dw0.into()), buf: None });
+            }
         }
     }
 
@@ -278,20 +295,10 @@ impl Drop for Queue {
     }
 }
 
-/// What a queue's transport watches once Connect gave it a controller: the controller's
-/// teardown and, on the admin queue, its async events.
+/// What a queue's transport watches once Connect gave it a controller: its teardown.
 #[derive(Debug, Default)]
 pub struct CtrlWatch {
     dead: Option<watch::Receiver<Option<&'static str>>>,
-    events: Option<Arc<Controller>>,
-}
-
-/// What [`CtrlWatch::changed`] saw.
-#[derive(Debug)]
-pub enum Watched {
-    TornDown(Option<&'static str>),
-    /// Async events are ready to complete held requests (admin queue only).
-    Events(Arc<Controller>),
 }
 
 impl CtrlWatch {
@@ -307,26 +314,17 @@ impl CtrlWatch {
             span.record("cntlid", c.cntlid);
             span.record("qid", queue.qid());
             self.dead = Some(c.watch_dead());
-            self.events = (queue.qid() == 0).then(|| c.clone());
             return true;
         }
         false
     }
 
-    /// For a transport's select loop: resolves on teardown or ready events; never before
-    /// Connect.
-    pub async fn changed(&mut self) -> Watched {
-        let (Some(dead), events) = (self.dead.as_mut(), &self.events) else {
+    /// For a transport's select loop: resolves with the reason when the controller is torn
+    /// down; never before Connect.
+    pub async fn torn_down(&mut self) -> Option<&'static str> {
+        let Some(dead) = self.dead.as_mut() else {
             return std::future::pending().await;
         };
-        tokio::select! {
-            r = dead.wait_for(|r| r.is_some()) => Watched::TornDown(r.map(|r| *r).ok().flatten()),
-            () = async {
-                match events {
-                    Some(c) => c.event_ready().await,
-                    None => std::future::pending().await,
-                }
-            } => Watched::Events(events.clone().expect("branch runs with a controller")),
-        }
+        dead.wait_for(|r| r.is_some()).await.map(|r| *r).ok().flatten()
     }
 }

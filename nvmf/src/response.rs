@@ -32,12 +32,10 @@ impl Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exec {
     Done(Response),
-    /// In flight at the backend: its [`Completion`](crate::Completion) comes from [`Queue::reap`](crate::Queue::reap), with the data
-    /// window it took.
+    /// In flight — at the backend, or an Async Event Request held for an event: its
+    /// [`Completion`](crate::Completion) comes from [`Queue::reap`](crate::Queue::reap), with
+    /// the data window it took.
     Submitted,
-    /// Held by the controller (an Async Event Request), completed later through the
-    /// controller's events; the transport frees the command's slot.
-    Deferred,
 }
 
 impl From<Response> for Exec {

@@ -152,7 +152,7 @@ fn connect_with_id(q: &mut Queue, qid: u16, subnqn: &str, host: &str, hostid: [u
 }
 
 /// Accepts and executes `s` with `data` as its buffer (copied into a window and back), as a
-/// transport would with tag 0: the SGL names `data`'s length unless the test set one.
+/// transport would: the SGL names `data`'s length unless the test set one.
 fn exec(q: &mut Queue, s: &Sqe, data: &mut [u8]) -> Exec {
     let mut s = *s;
     if s.dptr.length.get() == 0 {
@@ -165,7 +165,8 @@ fn exec(q: &mut Queue, s: &Sqe, data: &mut [u8]) -> Exec {
     let mut w = Window::host(data.len().max(1)).unwrap();
     w.bytes_mut()[..data.len()].copy_from_slice(data);
     let mut buf = Some(w);
-    let e = q.execute(0, s, &mut buf, data.len());
+    // The CID as the tag: unique among a test's commands in flight, as a transport's tags are.
+    let e = q.execute(s.cid.get(), s, &mut buf, data.len());
     if let Some(w) = buf {
         data.copy_from_slice(&w.bytes()[..data.len()]);
     }
@@ -441,8 +442,10 @@ async fn features_and_async_events() {
     get.cdw10 = 0x42.into();
     assert_eq!(done(exec(&mut q, &get, &mut [])).status, Status::INVALID_FIELD.dnr());
     // AERL 3: four requests are held, the fifth is refused.
-    for _ in 0..4 {
-        assert_eq!(exec(&mut q, &sqe(0x0c), &mut []), Exec::Deferred);
+    for cid in 0..4 {
+        let mut aer = sqe(0x0c);
+        aer.cid = cid.into();
+        assert_eq!(exec(&mut q, &aer, &mut []), Exec::Submitted);
     }
     assert_eq!(done(exec(&mut q, &sqe(0x0c), &mut [])).status, Status::ASYNC_EVENT_LIMIT_EXCEEDED.dnr());
 }
@@ -544,18 +547,16 @@ async fn reconfiguration_notifies_discovery_controllers() {
     assert!(done(exec(&mut disc, &set, &mut [])).status.is_success());
     let mut aer = sqe(0x0c);
     aer.cid = 77.into();
-    assert_eq!(exec(&mut disc, &aer, &mut []), Exec::Deferred);
+    assert_eq!(exec(&mut disc, &aer, &mut []), Exec::Submitted);
     let (_open, open_id) = admin(&t, 1, OPEN);
     let gen_before = t.generation();
-    let dctrl = disc.controller().unwrap().clone();
-    let woken = tokio::spawn(async move {
-        dctrl.event_ready().await;
-        dctrl.take_async_completions()
-    });
-    // OPEN goes away, a new subsystem comes.
+    // OPEN goes away, a new subsystem comes: the held request completes through the queue.
     t.reconfigure(vec![subsystem(LOCKED, false, Some(vec![2])), subsystem("nqn.2026-11.io.p2pnvmf:new", true, None)]);
     assert_eq!(t.generation(), gen_before + 1);
-    assert_eq!(woken.await.unwrap(), vec![(77, 0x70_f002)]);
+    tokio::time::timeout(Duration::from_secs(1), disc.io_ready()).await.expect("woken by the event");
+    let mut got = Vec::new();
+    disc.reap(&mut |c| got.push((c.tag, c.response.result)));
+    assert_eq!(got, [(77, 0x70_f002)]);
     assert!(t.controller(open_id).is_none(), "controller of a removed subsystem is torn down");
     // A later change with no request held is kept until the host posts one.
     t.reconfigure(t.subsystems());
@@ -565,8 +566,10 @@ async fn reconfiguration_notifies_discovery_controllers() {
     connect(&mut quiet, 0, DISCOVERY_NQN, HOST, 0xffff);
     prop_set(&mut quiet, 0x14, 1);
     t.reconfigure(t.subsystems());
-    assert_eq!(exec(&mut quiet, &aer, &mut []), Exec::Deferred);
-    assert!(quiet.controller().unwrap().take_async_completions().is_empty());
+    assert_eq!(exec(&mut quiet, &aer, &mut []), Exec::Submitted);
+    let mut got = Vec::new();
+    quiet.reap(&mut |c| got.push(c.tag));
+    assert!(got.is_empty());
 }
 
 #[tokio::test]
@@ -701,7 +704,7 @@ async fn reconfiguration_reaches_connected_controllers() {
     assert!(done(exec(&mut a, &set, &mut [])).status.is_success());
     let mut aer = sqe(0x0c);
     aer.cid = 5.into();
-    assert_eq!(exec(&mut a, &aer, &mut []), Exec::Deferred);
+    assert_eq!(exec(&mut a, &aer, &mut []), Exec::Submitted);
     let mut q = io_queue(&t, cntlid);
     // A write to NSID 1 stays in flight across the reload.
     let mut w = Some(Window::host(4096).unwrap());
@@ -712,7 +715,9 @@ async fn reconfiguration_reaches_connected_controllers() {
     let ns2 = Namespace::new(OPEN, 2, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None)));
     t.reconfigure(vec![Arc::new(Subsystem::open(OPEN, vec![ns2]))]);
     let c = t.controller(cntlid).expect("the controller stays");
-    assert_eq!(c.take_async_completions(), vec![(5, 0x04_0002)], "Namespace Attribute Changed, log page 04h");
+    let mut got = Vec::new();
+    a.reap(&mut |c| got.push((c.tag, c.response.result)));
+    assert_eq!(got, [(5, 0x04_0002)], "Namespace Attribute Changed, log page 04h");
     let list = log_page(&mut a, 0x04);
     assert_eq!(list[..12], [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0], "Changed Namespace List: 1 and 2");
     assert!(log_page(&mut a, 0x04).iter().all(|&b| b == 0), "reading the log clears it");

@@ -671,7 +671,10 @@ mod tests {
         let drive =
             format!("file=blkdebug:{}:{},if=none,id=drv-bad,format=raw", conf.display(), dir.join("bad.img").display());
         assert!(args.contains(&drive), "{args:?}");
-        assert!(args.contains(&"nvme,id=bad,bus=pcie.0,serial=BAD1,drive=drv-bad,max_ioqpairs=2".to_string()), "{args:?}");
+        assert!(
+            args.contains(&"nvme,id=bad,bus=pcie.0,serial=BAD1,drive=drv-bad,max_ioqpairs=2".to_string()),
+            "{args:?}"
+        );
         let conf = std::fs::read_to_string(conf).unwrap();
         assert_eq!(conf.matches("[inject-error]").count(), 2);
         assert!(conf.contains("event = \"read_aio\"\nerrno = \"5\"\nsector = \"2048\""), "{conf}");

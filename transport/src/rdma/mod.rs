@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use p2pnvmf_nvmf::buffers::Mover;
-use p2pnvmf_nvmf::queue::{self, CtrlWatch, Watched};
+use p2pnvmf_nvmf::queue::{self, CtrlWatch};
 use p2pnvmf_nvmf::{Port, Queue, Target, TrType, TransportParams};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -344,14 +344,7 @@ impl Conn {
                     Some(CmNote::Disconnected(why)) => break why.to_string(),
                     None => break "listener gone".to_string(),
                 },
-                w = ctrl.changed() => match w {
-                    Watched::TornDown(reason) => break format!("controller gone ({})", reason.unwrap_or("?")),
-                    Watched::Events(c) => {
-                        if let Err(e) = self.reqs.post_events(&mut self.qp, &c) {
-                            break format!("{e}");
-                        }
-                    }
-                },
+                reason = ctrl.torn_down() => break format!("controller gone ({})", reason.unwrap_or("?")),
                 _ = shutdown.wait_for(|s| *s) => break "target shutting down".to_string(),
             }
             // Commands the backends finished: woken for them, or inline while we handled the rest.

@@ -30,7 +30,7 @@ use p2pnvmf_nvmf::wire::{Cqe, Sqe};
 
 pub use super::wire::Keyed;
 use p2pnvmf_nvmf::buffers::QueueBuffers;
-use p2pnvmf_nvmf::{Completion, Controller, DataPlan, Direction, Exec, Queue, Response, Status};
+use p2pnvmf_nvmf::{Completion, DataPlan, Direction, Exec, Queue, Response, Status};
 use p2pnvmf_p2p::mem::Window;
 use p2pnvmf_p2p::pool::ChunkPool;
 use tracing::{debug, info, trace};
@@ -167,8 +167,6 @@ pub struct Requests {
     need_buffer: VecDeque<u16>,
     need_read: VecDeque<u16>,
     need_send: VecDeque<u16>,
-    /// Async event completions waiting for a request context.
-    events: VecDeque<(u16, u32)>,
     reads_out: usize,
     send_free: usize,
     lim: Limits,
@@ -236,7 +234,6 @@ impl Requests {
             need_buffer: VecDeque::with_capacity(n),
             need_read: VecDeque::with_capacity(n),
             need_send: VecDeque::with_capacity(n),
-            events: VecDeque::new(),
             reads_out: 0,
             send_free: lim.send_slots,
             lim,
@@ -418,8 +415,6 @@ impl Requests {
         match self.queue.execute(req, &sqe, &mut r.buf, len) {
             Exec::Done(resp) => self.complete(req, resp),
             Exec::Submitted => self.set(req, State::Executing),
-            // Held by the controller: answered through its events, with another context.
-            Exec::Deferred => self.release(req),
         }
     }
 
@@ -453,15 +448,6 @@ impl Requests {
             self.complete(c.tag, c.response);
         }
         self.reaped = done;
-        self.process(v)
-    }
-
-    /// Async Event Request completions from the controller.
-    pub fn post_events(&mut self, v: &mut impl Verbs, ctrl: &Controller) -> Result<(), Fatal> {
-        for (cid, dw0) in ctrl.take_async_completions() {
-            info!(cntlid = ctrl.cntlid, cid, dw0 = format_args!("{dw0:#x}"), "async event completed");
-            self.events.push_back((cid, dw0));
-        }
         self.process(v)
     }
 
@@ -524,15 +510,6 @@ impl Requests {
             {
                 let req = self.free.pop().expect("checked non-empty");
                 self.start(v, req, idx, len)?;
-                moved = true;
-            }
-            while !self.free.is_empty()
-                && let Some((cid, dw0)) = self.events.pop_front()
-            {
-                let req = self.free.pop().expect("checked non-empty");
-                let r = &mut self.reqs[usize::from(req)];
-                *r = Req { cid, ..Req::new() };
-                self.complete(req, Response::result(dw0.into()));
                 moved = true;
             }
             if !moved {

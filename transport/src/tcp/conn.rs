@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use p2pnvmf_nvmf::buffers::QueueBuffers;
-use p2pnvmf_nvmf::queue::{CtrlWatch, Watched};
+use p2pnvmf_nvmf::queue::CtrlWatch;
 use p2pnvmf_nvmf::wire::Sqe;
 use p2pnvmf_nvmf::{Completion, DataPlan, Direction, Exec, Port, Queue, Response, Status, Target};
 use p2pnvmf_p2p::mem::Window;
@@ -268,18 +268,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     }
                 }
                 () = self.queue.io_ready() => {}
-                w = ctrl.changed() => match w {
-                    Watched::TornDown(reason) => {
-                        info!(qid = self.queue.qid(), reason, "controller gone: closing its queue");
-                        return Ok(());
-                    }
-                    Watched::Events(c) => {
-                        for (cid, dw0) in c.take_async_completions() {
-                            info!(cntlid = c.cntlid, cid, dw0 = format_args!("{dw0:#x}"), "async event completed");
-                            self.push_response(cid, &Response::result(dw0.into()));
-                        }
-                    }
-                },
+                reason = ctrl.torn_down() => {
+                    info!(qid = self.queue.qid(), reason, "controller gone: closing its queue");
+                    return Ok(());
+                }
             }
             // Every PDU already here, then every finished command, then one write.
             while !self.wire.rd.buffer().is_empty() {
@@ -411,7 +403,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         match self.queue.execute(tag, &sqe, slot.buf(), len) {
             Exec::Done(r) => self.finish(tag, &r),
             Exec::Submitted => slot.state = State::Executing,
-            Exec::Deferred => self.release(tag),
         }
     }
 
