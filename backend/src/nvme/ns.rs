@@ -101,8 +101,9 @@ impl Backend for NvmeVfio {
     }
 
     fn health_log(&self) -> Option<io::Result<Vec<u8>>> {
-        // SMART / Health Information for the whole controller.
-        Some(self.ctrl.log_page(0x02, u32::MAX, 512).map_err(io::Error::other))
+        // SMART / Health Information for the whole controller: an admin command, waited for
+        // with this worker's other tasks moved elsewhere.
+        Some(off_the_worker(|| self.ctrl.log_page(0x02, u32::MAX, 512)).map_err(io::Error::other))
     }
 
     fn volatile_write_cache(&self) -> bool {
@@ -160,6 +161,16 @@ impl Backend for NvmeVfio {
             warned: false,
             fallbacks: RequestFallbacks::default(),
         }))
+    }
+}
+
+/// Runs `f`, which waits on the SSD, letting a multi-threaded runtime move this worker's other
+/// tasks elsewhere meanwhile (elsewhere — a test's single-threaded runtime, no runtime — it
+/// just runs).
+fn off_the_worker<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

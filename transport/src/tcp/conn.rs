@@ -712,9 +712,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn writes_beyond_the_r2t_data_limit_wait_for_their_r2t() {
-        let params = TcpParams { r2t_data: 256 << 10, ..TcpParams::default() };
+    /// A target with one namespace that discards what it gets, on an NVMe/TCP port with `params`.
+    fn sink_target(params: TcpParams) -> (Arc<Target>, Port) {
         let port = Port {
             id: 1,
             trtype: TrType::Tcp,
@@ -723,7 +722,13 @@ mod tests {
             params: params.transport_params(),
         };
         let ns = Namespace::new(NQN, 1, Arc::new(Sink));
-        let t = Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port.clone()]);
+        (Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port.clone()]), port)
+    }
+
+    #[tokio::test]
+    async fn writes_beyond_the_r2t_data_limit_wait_for_their_r2t() {
+        let params = TcpParams { r2t_data: 256 << 10, ..TcpParams::default() };
+        let (t, port) = sink_target(params);
         let (mut admin, cntlid) = Host::connect(&t, &port, params, 0, 0xffff).await;
         let mut cc = Sqe::new_zeroed();
         (cc.opcode, cc.cdw11, cc.cdw12) = (0x7f, 0x14.into(), (1 | 6 << 16 | 4 << 20).into());
@@ -760,15 +765,7 @@ mod tests {
     #[tokio::test]
     async fn in_capsule_data_at_an_offset_is_taken_from_there() {
         let params = TcpParams::default();
-        let port = Port {
-            id: 1,
-            trtype: TrType::Tcp,
-            traddr: "127.0.0.1".into(),
-            trsvcid: "4420".into(),
-            params: params.transport_params(),
-        };
-        let ns = Namespace::new(NQN, 1, Arc::new(Sink));
-        let t = Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port.clone()]);
+        let (t, port) = sink_target(params);
         // Connect's 1024 bytes 512 bytes into 1536 of in-capsule data: it connects only if the
         // data was taken from the offset; an offset past the data is refused.
         let mut c = Sqe::new_zeroed();
