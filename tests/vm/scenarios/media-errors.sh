@@ -63,27 +63,10 @@ $((BAD_READ + 8)) $((131072 - BAD_READ - 8)) linear /dev/ram0 $((BAD_READ + 8))"
 DM_DISABLE_UDEV=1 dmsetup create media-bad <<<"$dm_table" || die "dmsetup create failed"
 dm=$(readlink -f /dev/mapper/media-bad)
 [[ -b $dm ]] || die "no block device for the dm target"
-cat > /tmp/scn/file.toml <<CFG
-[[listener]]
-name = "tcp0"
-transport = "tcp"
-address = "$GUEST_IP"
-port = 4420
-
-[[subsystem]]
-nqn = "$NQN"
-allow_any_host = true
-
-[[subsystem.namespace]]
-nsid = 1
-backend = "file"
-path = "/dev/$disk"
-
-[[subsystem.namespace]]
-nsid = 2
-backend = "file"
-path = "$dm"
-CFG
+# tcp_config's listener and subsystem; its namespace on the SSD's block device, a second on dm.
+tcp_config /tmp/scn/file.toml "$NQN"
+sed -i "s|^backend = \"ram\"$|backend = \"file\"\npath = \"/dev/$disk\"|; /^size = /d; /^serial = \|^model = /d" /tmp/scn/file.toml
+printf '\n[[subsystem.namespace]]\nnsid = 2\nbackend = "file"\npath = "%s"\n' "$dm" >> /tmp/scn/file.toml
 start_target /tmp/scn/file.toml 4420
 dev=$(nvme_connect_dev tcp 4420 "$NQN")
 ctrl=$(basename "$(ctrl_of_nqn "$NQN")")
