@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use p2pnvmf_backend::nvme::ctrl::Addressing;
 use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
@@ -41,11 +40,7 @@ fn open_backend(
             Arc::new(f)
         }
         BackendCfg::NvmeVfio { pci, device_nsid, dma } => {
-            let mode = match dma {
-                p2pnvmf_config::Addressing::Iommu => Addressing::Iommu,
-                p2pnvmf_config::Addressing::Physical => Addressing::Physical,
-            };
-            let b = NvmeVfio::open(&Sysfs::new("/"), *pci, *device_nsid, NVME_VFIO_QUEUES, mode)
+            let b = NvmeVfio::open(&Sysfs::new("/"), *pci, *device_nsid, NVME_VFIO_QUEUES, *dma)
                 .map_err(|e| anyhow::anyhow!("{subnqn} namespace {nsid}: backend nvme-vfio: {e}"))?;
             // The SSD's own CMB as a provider: a controller given up on (reset, fatal status)
             // takes its CMB with it, so RDMA queues stop using its dma-buf.

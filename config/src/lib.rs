@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 pub use size::parse_size;
 
+pub use p2pnvmf_p2p::addr::Addressing;
+
 /// The embedded default configuration (`deploy/default.toml`).
 pub const DEFAULT: &str = include_str!("../../deploy/default.toml");
 
@@ -65,15 +67,6 @@ pub enum Backend {
     File { path: PathBuf, size: Option<u64> },
     /// Namespace `device_nsid` of the NVMe SSD at `pci`, driven by the target itself.
     NvmeVfio { pci: p2pnvmf_p2p::pci::PciAddr, device_nsid: u32, dma: Addressing },
-}
-
-/// How an SSD the target drives addresses memory (`dma`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Addressing {
-    /// `"iommu"` (the default): vfio-pci, the SSD's DMA confined by the IOMMU.
-    Iommu,
-    /// `"physical"`: uio_pci_generic and physical addresses, for hosts without an IOMMU.
-    Physical,
 }
 
 /// Where a namespace's I/O buffers live.

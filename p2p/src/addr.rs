@@ -76,6 +76,27 @@ address! {
     Iova
 }
 
+/// How a device the target drives addresses memory for its DMA (`dma` in the configuration).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing {
+    /// `"iommu"` (the default): vfio-pci, the device's DMA confined by the IOMMU to what the
+    /// target maps for it (IOVAs).
+    Iommu,
+    /// `"physical"`: uio_pci_generic and physical addresses, for hosts without an IOMMU: nothing
+    /// confines the device's DMA, so it is used only when asked for.
+    Physical,
+}
+
+impl Addressing {
+    /// As the configuration says it (`dma`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Addressing::Iommu => "iommu",
+            Addressing::Physical => "physical",
+        }
+    }
+}
+
 impl BusAddr {
     /// Bus address − CPU address of the same byte: the host bridge's offset, as Linux keeps it
     /// per p2p provider (wrapping: it may be "negative").

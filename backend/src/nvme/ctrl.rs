@@ -18,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::wire::{Cqe, Sqe};
+pub use p2pnvmf_p2p::addr::Addressing;
 use p2pnvmf_p2p::addr::{BusAddr, Iova};
 use p2pnvmf_p2p::mem::{BarUse, Mapping, MappingPin};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
@@ -33,36 +34,16 @@ use super::spec::{self, Cap, IdController, IdNamespace, admin, reg};
 /// Admin queue depth.
 const ADMIN_ENTRIES: u16 = 32;
 /// How long an admin command may take before the controller is declared stuck.
+/// The kernel driver that hands the function to user space in `mode`.
+fn user_space_driver(mode: Addressing) -> &'static str {
+    match mode {
+        Addressing::Iommu => "vfio-pci",
+        Addressing::Physical => "uio_pci_generic",
+    }
+}
+
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const PAGE: usize = 4096;
-
-/// How the SSD's DMA addresses memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Addressing {
-    /// Through the IOMMU (vfio-pci): the SSD reaches only what the target maps for it.
-    Iommu,
-    /// Physical addresses, for hosts without an IOMMU (uio_pci_generic): nothing confines the
-    /// SSD's DMA, so it is used only when asked for.
-    Physical,
-}
-
-impl Addressing {
-    /// As the configuration says it (`dma`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Addressing::Iommu => "iommu",
-            Addressing::Physical => "physical",
-        }
-    }
-
-    /// The kernel driver that hands the function to user space in this mode.
-    fn driver(self) -> &'static str {
-        match self {
-            Addressing::Iommu => "vfio-pci",
-            Addressing::Physical => "uio_pci_generic",
-        }
-    }
-}
 
 /// The SSDs this process drives: one [`Controller`] each, and the functions claimed (until the
 /// claim has given one back). A namespace set up again by a reload while the queues of its
@@ -109,7 +90,7 @@ impl Claim {
                 .ok()
                 .and_then(|l| Some(l.file_name()?.to_string_lossy().into_owned()))
         };
-        let want = mode.driver();
+        let want = user_space_driver(mode);
         match driver(&dir).as_deref() {
             Some(d) if d == want => {
                 return Ok(Claim { sysfs: sysfs.root().to_path_buf(), pci, bound_by_us: None });
