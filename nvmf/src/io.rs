@@ -38,8 +38,13 @@ struct NsQueue {
 
 impl NsQueue {
     fn serves(&self, ns: &Namespace) -> bool {
-        self.nsid == ns.nsid && Arc::ptr_eq(&self.backend, &ns.backend)
+        serves(self.nsid, &self.backend, ns)
     }
+}
+
+/// Whether a backend queue for `nsid` on `backend` serves `ns` as it is now.
+fn serves(nsid: u32, backend: &Arc<dyn crate::Backend>, ns: &Namespace) -> bool {
+    nsid == ns.nsid && Arc::ptr_eq(backend, &ns.backend)
 }
 
 /// A backend queue being opened off the queue's task, and the operations waiting for it.
@@ -55,7 +60,7 @@ struct Opening {
 
 impl Opening {
     fn serves(&self, ns: &Namespace) -> bool {
-        self.nsid == ns.nsid && Arc::ptr_eq(&self.backend, &ns.backend)
+        serves(self.nsid, &self.backend, ns)
     }
 }
 
@@ -284,8 +289,10 @@ impl IoState {
                 }
                 Err(e) => {
                     warn!(nsid = o.nsid, "opening the namespace's backend for this queue: {e}");
-                    let why = e.to_string();
-                    finished.extend(o.waiting.into_iter().map(|req| req.done(Err(IoError::other(why.clone())))));
+                    // Each waiting operation gets the failure, its errno kept for the host's status.
+                    let (errno, why) = (e.raw_os_error(), e.to_string());
+                    let failure = || errno.map_or_else(|| IoError::other(why.clone()), IoError::errno);
+                    finished.extend(o.waiting.into_iter().map(|req| req.done(Err(failure()))));
                 }
             }
             for d in finished {

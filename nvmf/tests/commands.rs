@@ -770,11 +770,11 @@ async fn a_subsystem_taken_away_by_a_reload_is_refused_without_do_not_retry_unti
 }
 
 /// A namespace whose queues take a while to open (as an SSD's queue pair does, by admin
-/// commands), then serve from `Mem`; with `fail`, the opening fails instead.
+/// commands), then serve from `Mem`; with `fail`, the opening fails with its error instead.
 #[derive(Debug)]
 struct SlowOpen {
     mem: Arc<Mem>,
-    fail: bool,
+    fail: Option<fn() -> io::Error>,
 }
 
 const OPENING: Duration = Duration::from_millis(300);
@@ -791,8 +791,8 @@ impl Backend for SlowOpen {
     }
     fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
         std::thread::sleep(OPENING);
-        if self.fail {
-            return Err(io::Error::other("every granted I/O queue pair is in use"));
+        if let Some(fail) = self.fail {
+            return Err(fail());
         }
         self.mem.clone().open_queue(depth)
     }
@@ -803,7 +803,14 @@ impl Backend for SlowOpen {
 
 #[tokio::test]
 async fn a_slowly_opening_backend_queue_opens_off_the_queue_task_while_its_first_command_waits() {
-    for fail in [false, true] {
+    let no_pair: fn() -> io::Error = || io::Error::other("every granted I/O queue pair is in use");
+    let no_space: fn() -> io::Error = || io::Error::from_raw_os_error(28);
+    // The waiting write's status: success, or the opening's failure with its errno's meaning.
+    for (fail, want) in [
+        (None, Status::SUCCESS),
+        (Some(no_pair), Status::INTERNAL_ERROR),
+        (Some(no_space), Status::CAPACITY_EXCEEDED.dnr()),
+    ] {
         let mem = Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None));
         let ns = Namespace::new(OPEN, 1, Arc::new(SlowOpen { mem, fail }));
         let t = Target::new(vec![Arc::new(Subsystem::open(OPEN, vec![ns]))], vec![port(1)]);
@@ -821,10 +828,9 @@ async fn a_slowly_opening_backend_queue_opens_off_the_queue_task_while_its_first
         tokio::time::timeout(Duration::from_secs(5), q.io_ready()).await.expect("ready once opened");
         let mut got = Vec::new();
         q.reap(&mut |c| got.push((c.tag, c.response.status)));
-        let want = if fail { Status::INTERNAL_ERROR } else { Status::SUCCESS };
-        assert_eq!(got, [(0, want)], "fail = {fail}");
+        assert_eq!(got, [(0, want)]);
         assert_eq!(q.in_flight(), 0);
-        if !fail {
+        if fail.is_none() {
             // The queue is open: a read runs inline and finds the write.
             let mut r = Some(Window::host(4096).unwrap());
             let resp = done(q.execute(1, &rw(0x02, 8, 8), &mut r, 4096));
