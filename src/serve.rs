@@ -330,7 +330,7 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
                     Ok(pool) => json!({"pci": pr.pci.to_string(), "kind": pr.kind.as_str(), "usable": true,
                                        "chunks": pool.chunks(), "chunks_in_use": pool.chunks() - pool.free_chunks()}),
                     Err(why) => {
-                        json!({"pci": pr.pci.to_string(), "kind": pr.kind.as_str(), "usable": false, "reason": why})
+                        json!({"pci": pr.pci.to_string(), "kind": pr.kind.as_str(), "usable": false, "reason": why.to_string()})
                     }
                 })
                 .collect();

@@ -269,11 +269,11 @@ impl Backend for FileBackend {
         true
     }
 
-    fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+    fn flush(&self) -> Result<(), IoError> {
+        Ok(self.file.sync_data()?)
     }
 
-    fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
+    fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
         let ring = match self.engine {
             Engine::IoUring => Some(Ring::new(2 * depth as u32)?),
             Engine::Sync => None,

@@ -115,11 +115,11 @@ impl Backend for RamBackend {
         false
     }
 
-    fn flush(&self) -> io::Result<()> {
+    fn flush(&self) -> Result<(), IoError> {
         Ok(())
     }
 
-    fn open_queue(self: Arc<Self>, _depth: usize) -> io::Result<Box<dyn BackendQueue>> {
+    fn open_queue(self: Arc<Self>, _depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
         Ok(Box::new(RamQueue(self)))
     }
 }

@@ -143,18 +143,18 @@ pub fn for_namespace(
 ) -> Result<NsBuffers, String> {
     let found = p2p.as_ref().map_err(Clone::clone).and_then(|p| match storage {
         NsStorage::File(path) => {
-            let dev = sysfs.block_device_of(path)?;
-            let (i, d) = p.for_block_device(&dev, provider)?;
+            let dev = sysfs.block_device_of(path).map_err(|e| e.to_string())?;
+            let (i, d) = p.for_block_device(&dev, provider).map_err(|e| e.to_string())?;
             info!(subnqn, nsid, device = %dev.name, ssd = ?dev.functions.iter().map(ToString::to_string).collect::<Vec<_>>(),
                   provider = %p.providers[i].pci, path = d.path.as_str(), distance = d.distance, "the SSD reaches p2pmem: {}", d.reason);
             Ok(i)
         }
-        NsStorage::Ram => p.for_namespace(provider),
+        NsStorage::Ram => p.for_namespace(provider).map_err(|e| e.to_string()),
         // The SSD's own CMB first, else the nearest BAR window it reaches. p2pmem is the
         // kernel's to place, not ours.
         NsStorage::NvmeVfio(pci) => {
             let client = Client::Pci { addr: pci, name: None };
-            match p.nearest(&[client], |pr| pr.kind != Kind::P2pmem, provider)? {
+            match p.nearest(&[client], |pr| pr.kind != Kind::P2pmem, provider).map_err(|e| e.to_string())? {
                 Ok((i, _)) => Ok(i),
                 Err(why) if why.is_empty() => Err(format!("no CMB or memory BAR that {pci} reaches")),
                 Err(why) => Err(format!("no provider {pci} reaches: {}", why.join("; "))),
@@ -197,7 +197,7 @@ fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<D
         Mover::Cpu if required => p2p
             .pool(provider)
             .map(|pool| (pool, None, "NVMe/TCP: the CPU copies between the socket and the provider's memory"))
-            .map_err(|e| ("provider_unusable", e)),
+            .map_err(|e| ("provider_unusable", e.to_string())),
         Mover::Cpu => Err((
             "tcp_cpu_copies",
             "NVMe/TCP moves data with the CPU; p2p memory pays off only for an RDMA NIC that reaches it \
@@ -217,8 +217,8 @@ fn decide(p2p: &P2p, provider: usize, required: bool, mover: &Mover) -> Result<D
                 Path::None => d.reason,
                 p => format!("{client} reaches {pci} by {} (distance {})", p.as_str(), d.distance.unwrap_or(0)),
             };
-            let pool = p2p.pool(provider).map_err(|e| ("provider_unusable", e))?;
-            let fd = p2p.dma_buf(provider).and_then(|fd| dmabuf.clone().map(|()| fd));
+            let pool = p2p.pool(provider).map_err(|e| ("provider_unusable", e.to_string()))?;
+            let fd = p2p.dma_buf(provider).map_err(|e| e.to_string()).and_then(|fd| dmabuf.clone().map(|()| fd));
             match fd {
                 Ok(fd) => {
                     Ok((pool, Some(fd), "RDMA: the NIC moves data to and from the provider through a dma-buf MR"))
@@ -377,7 +377,7 @@ mod tests {
     #[test]
     fn each_mover_gets_the_pool_or_host_memory_with_a_reason() {
         let (p2p, dir) = p2p();
-        assert_eq!(p2p.for_namespace(None), Ok(0));
+        assert_eq!(p2p.for_namespace(None).ok(), Some(0));
         // NVMe/TCP with buffers = "p2p": the CPU copies through the provider's mapping.
         assert!(decide(&p2p, 0, true, &Mover::Cpu).is_ok());
         assert_eq!(pools(&p2p, true, &Mover::Cpu).len(), 1);
@@ -396,7 +396,9 @@ mod tests {
         assert!(reason(true, rdma("rxe9")).1.contains("rxe9 is not in /sys/class/infiniband"));
         assert!(pools(&p2p, false, &rdma("mlx5_0")).is_empty());
         // Exported (a fake exporter stands in for VFIO): the verbs library decides next.
-        let p2p = p2p.with_exporter(|_| std::fs::File::open("/dev/null").map(Into::into).map_err(|e| e.to_string()));
+        let p2p = p2p.with_exporter(|_| {
+            std::fs::File::open("/dev/null").map(Into::into).map_err(|e| p2pnvmf_p2p::Error::os("/dev/null", e))
+        });
         let old = Mover::Rdma { device: "mlx5_0".into(), dmabuf: Err("libibverbs has no ibv_reg_dmabuf_mr".into()) };
         let (_, nic) = decide(&p2p, 0, false, &old).unwrap_err();
         assert!(nic.starts_with("dma-buf: libibverbs has no ibv_reg_dmabuf_mr; topology: mlx5_0"), "{nic}");

@@ -4,7 +4,6 @@
 //! through [`IoState::reap`]. One command may take several operations (Flush of every
 //! namespace, a Deallocate per range): it completes when the last one does.
 
-use std::io;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -52,9 +51,9 @@ fn serves(nsid: u32, backend: &Arc<dyn crate::Backend>, ns: &Namespace) -> bool 
 struct Opening {
     nsid: u32,
     backend: Arc<dyn crate::Backend>,
-    task: tokio::task::JoinHandle<io::Result<Box<dyn BackendQueue>>>,
+    task: tokio::task::JoinHandle<Result<Box<dyn BackendQueue>, IoError>>,
     /// What the opening gave, once it finished.
-    done: Option<io::Result<Box<dyn BackendQueue>>>,
+    done: Option<Result<Box<dyn BackendQueue>, IoError>>,
     waiting: Vec<IoRequest>,
 }
 
@@ -257,7 +256,7 @@ impl IoState {
                 Ok(q) => self.add_queue(ns.nsid, ns.backend.clone(), q),
                 Err(e) => {
                     warn!(nsid = ns.nsid, "opening the namespace's backend for this queue: {e}");
-                    self.cmds.account(req.done(Err(e.into())));
+                    self.cmds.account(req.done(Err(e)));
                     return;
                 }
             },
@@ -289,10 +288,8 @@ impl IoState {
                 }
                 Err(e) => {
                     warn!(nsid = o.nsid, "opening the namespace's backend for this queue: {e}");
-                    // Each waiting operation gets the failure, its errno kept for the host's status.
-                    let (errno, why) = (e.raw_os_error(), e.to_string());
-                    let failure = || errno.map_or_else(|| IoError::other(why.clone()), IoError::errno);
-                    finished.extend(o.waiting.into_iter().map(|req| req.done(Err(failure()))));
+                    // Each waiting operation gets the failure, its meaning kept for the host's status.
+                    finished.extend(o.waiting.into_iter().map(|req| req.done(Err(e.replica()))));
                 }
             }
             for d in finished {
@@ -321,7 +318,8 @@ impl IoState {
         let mut opened = false;
         for o in self.opening.iter_mut().filter(|o| o.done.is_none()) {
             if let Poll::Ready(r) = std::pin::Pin::new(&mut o.task).poll(cx) {
-                o.done = Some(r.unwrap_or_else(|e| Err(io::Error::other(format!("opening the backend queue: {e}")))));
+                o.done =
+                    Some(r.unwrap_or_else(|e| Err(IoError::Unavailable(format!("opening the backend queue: {e}")))));
                 opened = true;
             }
         }
@@ -449,6 +447,7 @@ impl Commands {
 pub fn failure_status(op: u8, e: &IoError) -> Status {
     let errno = match e {
         IoError::Device { status, .. } => return *status,
+        IoError::Unavailable(_) => return Status::NAMESPACE_NOT_READY,
         IoError::Os(e) => e.raw_os_error(),
     };
     match errno {
@@ -503,6 +502,13 @@ mod tests {
             failure_status(opcode::READ, &IoError::Os(io::ErrorKind::UnexpectedEof.into())),
             Status::INTERNAL_ERROR
         );
-        assert_eq!(failure_status(opcode::READ, &IoError::other("controller given up on")), Status::INTERNAL_ERROR);
+        // A device that does not work now: retryable, whatever the command.
+        let gone = IoError::Unavailable("0000:01:00.0: controller fatal status".into());
+        for op in [opcode::READ, opcode::WRITE, opcode::FLUSH] {
+            assert_eq!(failure_status(op, &gone), Status::NAMESPACE_NOT_READY);
+        }
+        // The same failure for each operation it ends keeps its meaning.
+        assert_eq!(failure_status(opcode::WRITE, &IoError::errno(28).replica()), Status::CAPACITY_EXCEEDED.dnr());
+        assert_eq!(failure_status(opcode::READ, &gone.replica()), Status::NAMESPACE_NOT_READY);
     }
 }

@@ -73,17 +73,30 @@ pub enum IoError {
     /// calls return).
     #[error(transparent)]
     Os(#[from] io::Error),
+    /// The device behind the namespace does not work now (an NVMe controller given up on, no
+    /// I/O queue pair in time): the host gets Namespace Not Ready without DNR — it may retry
+    /// later. (A path error would send a multipathing host back to this same path at once, in
+    /// a loop, while ANA still calls it optimized.)
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl IoError {
-    /// A failure that is neither a device's status nor an errno (a controller given up on):
-    /// the host gets Internal Error.
-    pub fn other(why: impl Into<String>) -> IoError {
-        IoError::Os(io::Error::other(why.into()))
-    }
-
     pub fn errno(errno: i32) -> IoError {
         IoError::Os(io::Error::from_raw_os_error(errno))
+    }
+
+    /// The same failure again, for each of several operations it ends: its status, errno or
+    /// reason kept (an errno-less system error keeps its words as a reason).
+    pub fn replica(&self) -> IoError {
+        match self {
+            IoError::Device { device, status } => IoError::Device { device: *device, status: *status },
+            IoError::Os(e) => match e.raw_os_error() {
+                Some(errno) => IoError::errno(errno),
+                None => IoError::Os(io::Error::new(e.kind(), e.to_string())),
+            },
+            IoError::Unavailable(why) => IoError::Unavailable(why.clone()),
+        }
     }
 }
 
@@ -98,9 +111,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// Whether writes sit in a volatile cache until Flush (reported as VWC in Identify).
     fn volatile_write_cache(&self) -> bool;
     /// Flushes from outside any queue (at shutdown); may block.
-    fn flush(&self) -> io::Result<()>;
+    fn flush(&self) -> Result<(), IoError>;
     /// This backend's side of one I/O queue of `depth` commands.
-    fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>>;
+    fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError>;
     /// Whether [`Backend::open_queue`] blocks for a while (admin commands to a device): the
     /// core then opens the queue off the queue's task, its first operations waiting for it.
     fn opens_slowly(&self) -> bool {
@@ -113,7 +126,7 @@ pub trait Backend: Send + Sync + fmt::Debug {
     }
     /// The device's SMART / Health Information log page (512 bytes), read now; may block
     /// briefly (an admin command).
-    fn health_log(&self) -> Option<io::Result<Vec<u8>>> {
+    fn health_log(&self) -> Option<Result<Vec<u8>, IoError>> {
         None
     }
 }
@@ -311,10 +324,10 @@ pub(crate) mod tests {
         fn volatile_write_cache(&self) -> bool {
             false
         }
-        fn flush(&self) -> io::Result<()> {
+        fn flush(&self) -> Result<(), IoError> {
             Ok(())
         }
-        fn open_queue(self: Arc<Self>, _: usize) -> io::Result<Box<dyn BackendQueue>> {
+        fn open_queue(self: Arc<Self>, _: usize) -> Result<Box<dyn BackendQueue>, IoError> {
             Ok(Box::new(NullQueue))
         }
     }

@@ -45,6 +45,7 @@ codes! {
     SGL_OFFSET_INVALID = (sct::GENERIC, 0x16, "SGL Offset Invalid");
     LBA_OUT_OF_RANGE = (sct::GENERIC, 0x80, "LBA Out of Range");
     CAPACITY_EXCEEDED = (sct::GENERIC, 0x81, "Capacity Exceeded");
+    NAMESPACE_NOT_READY = (sct::GENERIC, 0x82, "Namespace Not Ready");
     INVALID_QUEUE_ID = (sct::COMMAND_SPECIFIC, 0x01, "Invalid Queue Identifier");
     ASYNC_EVENT_LIMIT_EXCEEDED = (sct::COMMAND_SPECIFIC, 0x05, "Asynchronous Event Request Limit Exceeded");
     INVALID_LOG_PAGE = (sct::COMMAND_SPECIFIC, 0x09, "Invalid Log Page");

@@ -1,14 +1,13 @@
 //! The core driven as a transport would drive it: SQEs and data buffers in, responses out.
 
-use std::io;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use p2pnvmf_nvmf::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, Sqe, get_str, put_str, sgl};
 use p2pnvmf_nvmf::{
-    Backend, BackendQueue, DISCOVERY_NQN, Exec, IoDone, IoRequest, IoStats, Limits, Namespace, Op, Port, Queue,
-    Response, Status, Subsystem, Target, TrType, TransportParams,
+    Backend, BackendQueue, DISCOVERY_NQN, Exec, IoDone, IoError, IoRequest, IoStats, Limits, Namespace, Op, Port,
+    Queue, Response, Status, Subsystem, Target, TrType, TransportParams,
 };
 use p2pnvmf_p2p::mem::Window;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
@@ -47,10 +46,10 @@ impl Backend for Mem {
     fn volatile_write_cache(&self) -> bool {
         true
     }
-    fn flush(&self) -> io::Result<()> {
+    fn flush(&self) -> Result<(), IoError> {
         Ok(())
     }
-    fn open_queue(self: Arc<Self>, _: usize) -> io::Result<Box<dyn BackendQueue>> {
+    fn open_queue(self: Arc<Self>, _: usize) -> Result<Box<dyn BackendQueue>, IoError> {
         let (held, hold) = match &self.1 {
             Some(h) => (h.clone(), true),
             None => (Held::default(), false),
@@ -774,7 +773,7 @@ async fn a_subsystem_taken_away_by_a_reload_is_refused_without_do_not_retry_unti
 #[derive(Debug)]
 struct SlowOpen {
     mem: Arc<Mem>,
-    fail: Option<fn() -> io::Error>,
+    fail: Option<fn() -> IoError>,
 }
 
 const OPENING: Duration = Duration::from_millis(300);
@@ -786,10 +785,10 @@ impl Backend for SlowOpen {
     fn volatile_write_cache(&self) -> bool {
         true
     }
-    fn flush(&self) -> io::Result<()> {
+    fn flush(&self) -> Result<(), IoError> {
         Ok(())
     }
-    fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
+    fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
         std::thread::sleep(OPENING);
         if let Some(fail) = self.fail {
             return Err(fail());
@@ -803,12 +802,12 @@ impl Backend for SlowOpen {
 
 #[tokio::test]
 async fn a_slowly_opening_backend_queue_opens_off_the_queue_task_while_its_first_command_waits() {
-    let no_pair: fn() -> io::Error = || io::Error::other("every granted I/O queue pair is in use");
-    let no_space: fn() -> io::Error = || io::Error::from_raw_os_error(28);
+    let no_pair: fn() -> IoError = || IoError::Unavailable("every granted I/O queue pair is in use".into());
+    let no_space: fn() -> IoError = || IoError::errno(28);
     // The waiting write's status: success, or the opening's failure with its errno's meaning.
     for (fail, want) in [
         (None, Status::SUCCESS),
-        (Some(no_pair), Status::INTERNAL_ERROR),
+        (Some(no_pair), Status::NAMESPACE_NOT_READY),
         (Some(no_space), Status::CAPACITY_EXCEEDED.dnr()),
     ] {
         let mem = Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None));

@@ -8,6 +8,7 @@
 
 pub mod addr;
 pub mod block;
+pub mod error;
 #[doc(hidden)]
 pub mod fixture;
 pub mod mem;
@@ -19,3 +20,5 @@ pub mod provider;
 pub mod rdma;
 pub mod uio;
 pub mod vfio;
+
+pub use error::Error;

@@ -138,13 +138,7 @@ impl Function {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {what}")]
-    Format { path: PathBuf, what: String },
-}
+pub use crate::Error;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_path_buf(), source }
@@ -167,14 +161,16 @@ impl Sysfs {
 
     /// The tree whose sysfs is mounted at `mount` (`/sys`, or a fixture's `sys`): its parent is
     /// the root the other paths (`proc/cpuinfo`) hang from.
-    pub fn at_mount(mount: &Path) -> Result<Sysfs, String> {
+    pub fn at_mount(mount: &Path) -> Result<Sysfs, Error> {
         if !mount.join("bus/pci/devices").is_dir() {
             let hint = if mount.join("sys/bus/pci/devices").is_dir() {
                 format!(" (did you mean {}?)", mount.join("sys").display())
             } else {
                 String::new()
             };
-            return Err(format!("{} is not where sysfs is mounted: it has no bus/pci/devices{hint}", mount.display()));
+            return Err(
+                format!("{} is not where sysfs is mounted: it has no bus/pci/devices{hint}", mount.display()).into()
+            );
         }
         let root = mount.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf);
         Ok(Sysfs::new(root))

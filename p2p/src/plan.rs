@@ -28,19 +28,22 @@ pub struct P2p {
 
 /// Exports a provider's window as a dma-buf: through VFIO ([`Provider::export_dma_buf`]);
 /// tests of the RDMA path put a fake exporter here.
-pub type Exporter = fn(&Provider) -> Result<OwnedFd, String>;
+pub type Exporter = fn(&Provider) -> Result<OwnedFd, Error>;
 
 impl P2p {
     /// Reads the topology and sets up the providers (programming CMBs); with `map`, maps the
     /// usable ones into pools (else only checks that they could be).
-    pub fn discover(sysfs: &Sysfs, specs: &[Spec], allow: &[(u16, u16)], map: bool) -> Result<P2p, String> {
-        let topology = Topology::read(sysfs, allow).map_err(|e: Error| e.to_string())?;
+    pub fn discover(sysfs: &Sysfs, specs: &[Spec], allow: &[(u16, u16)], map: bool) -> Result<P2p, Error> {
+        let topology = Topology::read(sysfs, allow)?;
         let providers = sysfs.providers(&topology.functions, specs, true)?;
         let pools = providers
             .iter()
-            .map(|p| match map {
-                true => p.map().and_then(|m| ChunkPool::new(m, CHUNK)).map(Some),
-                false => p.check().map(|()| None),
+            .map(|p| {
+                match map {
+                    true => p.map().and_then(|m| ChunkPool::new(m, CHUNK)).map(Some),
+                    false => p.check().map(|()| None),
+                }
+                .map_err(|e| e.to_string())
             })
             .collect();
         let dma_bufs = providers.iter().map(|_| OnceLock::new()).collect();
@@ -48,18 +51,20 @@ impl P2p {
     }
 
     /// The providers a namespace may use: all, or the one its `provider` key pins.
-    pub fn allowed(&self, pin: Option<PciAddr>) -> Result<Vec<usize>, String> {
+    pub fn allowed(&self, pin: Option<PciAddr>) -> Result<Vec<usize>, Error> {
         let all: Vec<usize> =
             (0..self.providers.len()).filter(|&i| pin.is_none_or(|p| self.providers[i].pci == p)).collect();
         match (pin, all.is_empty()) {
-            (Some(p), true) => Err(format!("provider {p} is not a p2p provider here (p2pnvmf topology lists them)")),
+            (Some(p), true) => {
+                Err(format!("provider {p} is not a p2p provider here (p2pnvmf topology lists them)").into())
+            }
             _ => Ok(all),
         }
     }
 
     /// The provider a namespace's buffers come from: the first with a pool (of those `pin`
     /// allows). `Err` lists why each provider is unusable.
-    pub fn for_namespace(&self, pin: Option<PciAddr>) -> Result<usize, String> {
+    pub fn for_namespace(&self, pin: Option<PciAddr>) -> Result<usize, Error> {
         let allowed = self.allowed(pin)?;
         if let Some(&i) = allowed.iter().find(|&&i| self.pools[i].is_ok()) {
             return Ok(i);
@@ -68,7 +73,7 @@ impl P2p {
             return Err("no p2p provider: no NVMe CMB, p2pmem or configured BAR was found".into());
         }
         let why: Vec<String> = allowed.iter().filter_map(|&i| self.pools[i].as_ref().err().cloned()).collect();
-        Err(why.join("; "))
+        Err(why.join("; ").into())
     }
 
     /// The nearest provider (of those `eligible` and `pin` allows) with a pool that every one
@@ -79,7 +84,7 @@ impl P2p {
         clients: &[Client],
         eligible: impl Fn(&Provider) -> bool,
         pin: Option<PciAddr>,
-    ) -> Result<Result<(usize, Decision), Vec<String>>, String> {
+    ) -> Result<Result<(usize, Decision), Vec<String>>, Error> {
         let allowed = self.allowed(pin)?;
         let mut why = Vec::new();
         let mut best: Option<(usize, Decision)> = None;
@@ -107,7 +112,7 @@ impl P2p {
     /// p2pmem provider with a pool (of those `pin` allows) that every function serving `dev`
     /// reaches, the nearest first — with how it reaches it; `Err` says why there is none. Only p2pmem qualifies: the
     /// kernel pins p2pmem pages for a device's DMA, never a user mapping of a BAR.
-    pub fn for_block_device(&self, dev: &BlockDevice, pin: Option<PciAddr>) -> Result<(usize, Decision), String> {
+    pub fn for_block_device(&self, dev: &BlockDevice, pin: Option<PciAddr>) -> Result<(usize, Decision), Error> {
         for f in &dev.functions {
             let func =
                 self.topology.function(*f).ok_or_else(|| format!("{}: {f} is not in the PCI topology", dev.name))?;
@@ -115,7 +120,8 @@ impl P2p {
                 return Err(format!(
                     "{} is on {f} (class {:06x}), not an NVMe controller: only the kernel's nvme driver does P2PDMA",
                     dev.name, func.class
-                ));
+                )
+                .into());
             }
         }
         let clients: Vec<Client> =
@@ -130,24 +136,28 @@ impl P2p {
                  or no driver published device memory), and the kernel's driver of {} can DMA only into p2pmem pages, \
                  not into a user mapping of device memory",
                 dev.name
-            ));
+            )
+            .into());
         }
-        Err(why.join("; "))
+        Err(why.join("; ").into())
     }
 
     /// Provider `index`'s pool, or why it has none.
-    pub fn pool(&self, index: usize) -> Result<Arc<ChunkPool>, String> {
+    pub fn pool(&self, index: usize) -> Result<Arc<ChunkPool>, Error> {
         match &self.pools[index] {
             Ok(Some(p)) => Ok(p.clone()),
-            Ok(None) => Err(format!("{} was not mapped", self.providers[index].pci)),
-            Err(why) => Err(why.clone()),
+            Ok(None) => Err(format!("{} was not mapped", self.providers[index].pci).into()),
+            Err(why) => Err(why.clone().into()),
         }
     }
 
     /// Provider `index`'s window as a dma-buf (exported on first use and kept: every RDMA
     /// queue registers the same one), or why it cannot be exported.
-    pub fn dma_buf(&self, index: usize) -> Result<Arc<OwnedFd>, String> {
-        self.dma_bufs[index].get_or_init(|| (self.exporter)(&self.providers[index]).map(Arc::new)).clone()
+    pub fn dma_buf(&self, index: usize) -> Result<Arc<OwnedFd>, Error> {
+        self.dma_bufs[index]
+            .get_or_init(|| (self.exporter)(&self.providers[index]).map(Arc::new).map_err(|e| e.to_string()))
+            .clone()
+            .map_err(Error::Unusable)
     }
 
     /// Exports dma-bufs with `exporter` instead of VFIO.
@@ -242,7 +252,7 @@ impl P2p {
     pub fn dma_buf_report(&self, verbs: &Result<(), String>) -> Vec<DmaBufReport> {
         let mut out = Vec::new();
         for (i, p) in self.providers.iter().enumerate() {
-            let why = self.dma_buf(i).map(drop).and_then(|()| verbs.clone()).err();
+            let why = self.dma_buf(i).map_err(|e| e.to_string()).map(drop).and_then(|()| verbs.clone()).err();
             for d in &self.topology.rdma {
                 out.push(DmaBufReport {
                     device: d.name.clone(),

@@ -3,6 +3,7 @@
 //! chunks when it starts (the only time the pool's lock is taken) and allocates from it alone.
 //! An empty slab means the request falls back to host memory; the caller counts that.
 
+use crate::Error;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::mem::{Home, Mapping, Window};
@@ -20,14 +21,14 @@ pub struct ChunkPool {
 
 impl ChunkPool {
     /// Chunks of `chunk` bytes (a power of two, at least 4 KiB) over `mem`.
-    pub fn new(mem: Mapping, chunk: usize) -> Result<Arc<ChunkPool>, String> {
+    pub fn new(mem: Mapping, chunk: usize) -> Result<Arc<ChunkPool>, Error> {
         if !chunk.is_power_of_two() || chunk < 4096 {
-            return Err(format!("chunk size {chunk} is not a power of two of at least 4096"));
+            return Err(format!("chunk size {chunk} is not a power of two of at least 4096").into());
         }
         let base = mem.as_ptr() as usize;
         let windows = mem.into_windows(chunk);
         if windows.is_empty() {
-            return Err(format!("the window holds no {chunk}-byte chunk"));
+            return Err(format!("the window holds no {chunk}-byte chunk").into());
         }
         let count = windows.len();
         Ok(Arc::new_cyclic(|me: &Weak<ChunkPool>| {
@@ -38,8 +39,9 @@ impl ChunkPool {
     }
 
     /// `count` chunks of host memory (huge pages when available).
-    pub fn host(chunk: usize, count: usize) -> Result<Arc<ChunkPool>, String> {
-        let mem = Mapping::host(chunk * count).map_err(|e| format!("{} bytes of host memory: {e}", chunk * count))?;
+    pub fn host(chunk: usize, count: usize) -> Result<Arc<ChunkPool>, Error> {
+        let mem = Mapping::host(chunk * count)
+            .map_err(|e| Error::os(format!("{} bytes of host memory", chunk * count), e))?;
         Self::new(mem, chunk)
     }
 

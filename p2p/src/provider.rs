@@ -2,6 +2,7 @@
 //! kernel's p2pmem. Each knows its window's CPU and bus address and how to map it, or says in
 //! words why it cannot be used.
 
+use crate::Error;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,18 +45,18 @@ pub struct CmbInfo {
 
 impl CmbInfo {
     /// Decodes CMBLOC and CMBSZ (NVMe Base 2.0, 3.1.4.12–13); `None` when CMBSZ is 0 (no CMB).
-    pub fn decode(cmbloc: u32, cmbsz: u32) -> Result<Option<CmbInfo>, String> {
+    pub fn decode(cmbloc: u32, cmbsz: u32) -> Result<Option<CmbInfo>, Error> {
         if cmbsz == 0 {
             return Ok(None);
         }
         let szu = (cmbsz >> 8) & 0xf;
         if szu > 6 {
-            return Err(format!("CMBSZ {cmbsz:#010x}: reserved size unit {szu}"));
+            return Err(format!("CMBSZ {cmbsz:#010x}: reserved size unit {szu}").into());
         }
         let unit = 4096u64 << (4 * szu);
         let bir = (cmbloc & 0x7) as u8;
         if !matches!(bir, 0 | 2..=5) {
-            return Err(format!("CMBLOC {cmbloc:#010x}: BIR {bir} is not a BAR"));
+            return Err(format!("CMBLOC {cmbloc:#010x}: BIR {bir} is not a BAR").into());
         }
         let bit = |n: u32| cmbsz & (1 << n) != 0;
         Ok(Some(CmbInfo {
@@ -151,10 +152,10 @@ impl Source {
     }
 
     #[allow(unsafe_code)]
-    fn map(&self, len: usize, usage: BarUse) -> Result<Mapping, String> {
+    fn map(&self, len: usize, usage: BarUse) -> Result<Mapping, Error> {
         match self {
             Source::Sysfs(path, off) => {
-                let err = |e: std::io::Error| format!("mapping {} at {off:#x}: {e}", path.display());
+                let err = |e: std::io::Error| Error::os(format!("mapping {} at {off:#x}", path.display()), e);
                 let f = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
                 let bar = path.file_name().and_then(|n| n.to_str()?.strip_prefix("resource")?.parse::<u8>().ok());
                 let function = path.parent().unwrap_or(path);
@@ -184,9 +185,9 @@ impl Provider {
     }
 
     /// Whether the window could be mapped: usable, and its resource file opens read-write.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Error> {
         if let Some(why) = &self.unusable {
-            return Err(why.clone());
+            return Err(why.clone().into());
         }
         match self.map_from.as_ref().ok_or("no mapping source")? {
             Source::Sysfs(path, _) => std::fs::OpenOptions::new()
@@ -194,45 +195,48 @@ impl Provider {
                 .write(true)
                 .open(path)
                 .map(drop)
-                .map_err(|e| format!("opening {}: {e}", path.display())),
+                .map_err(|e| Error::os(format!("opening {}", path.display()), e)),
             Source::Vfio(..) => Ok(()),
         }
     }
 
     /// Exports the window [`Provider::map`] maps as a dma-buf, for an RDMA NIC to register.
     /// Only VFIO exports a BAR; the reason says what is missing otherwise.
-    pub fn export_dma_buf(&self) -> Result<std::os::fd::OwnedFd, String> {
+    pub fn export_dma_buf(&self) -> Result<std::os::fd::OwnedFd, Error> {
         if let Some(why) = &self.unusable {
-            return Err(why.clone());
+            return Err(why.clone().into());
         }
         match self.map_from.as_ref().ok_or("no mapping source")? {
             _ if self.kind == Kind::P2pmem => Err(format!(
                 "{} is p2pmem, which the kernel's driver allocates and no interface exports as a dma-buf",
                 self.pci
-            )),
+            )
+            .into()),
             Source::Sysfs(..) => Err(format!(
                 "{} is not bound to vfio-pci, and only VFIO exports a BAR as a dma-buf (bind it to vfio-pci)",
                 self.pci
-            )),
+            )
+            .into()),
             Source::Vfio(dev, bar, off) => dev.export_dma_buf(*bar, *off, self.size).map_err(|e| {
                 let errno = e.raw_os_error().unwrap_or(0);
-                if errno == libc::ENOTTY || errno == libc::EINVAL {
+                let what = if errno == libc::ENOTTY || errno == libc::EINVAL {
                     format!(
-                        "this kernel cannot export a BAR as a dma-buf (VFIO_DEVICE_FEATURE_DMA_BUF on {}: {e}; needs \
-                         Linux 6.19 or later with CONFIG_VFIO_PCI_DMABUF and CONFIG_PCI_P2PDMA)",
+                        "this kernel cannot export a BAR as a dma-buf (needs Linux 6.19 or later with \
+                         CONFIG_VFIO_PCI_DMABUF and CONFIG_PCI_P2PDMA): VFIO_DEVICE_FEATURE_DMA_BUF on {}",
                         self.pci
                     )
                 } else {
-                    format!("VFIO_DEVICE_FEATURE_DMA_BUF on {} BAR{bar}: {e}", self.pci)
-                }
+                    format!("VFIO_DEVICE_FEATURE_DMA_BUF on {} BAR{bar}", self.pci)
+                };
+                Error::os(what, e)
             }),
         }
     }
 
     /// Maps the whole window for the CPU (to fill and drain buffers).
-    pub fn map(&self) -> Result<Mapping, String> {
+    pub fn map(&self) -> Result<Mapping, Error> {
         if let Some(why) = &self.unusable {
-            return Err(why.clone());
+            return Err(why.clone().into());
         }
         let src = self.map_from.as_ref().ok_or("no mapping source")?;
         let size = self.p2pmem.map_or(self.size, |p| p.available);
@@ -268,60 +272,61 @@ fn kernel_owner(f: &Function) -> Option<&str> {
 
 /// Turns on memory decoding of an unbound function (sysfs `enable`, which is what a driver's
 /// pci_enable_device does) so its BARs answer: until then reads return all ones.
-fn enable_memory(dir: &std::path::Path) -> Result<(), String> {
-    let config = std::fs::read(dir.join("config")).map_err(|e| format!("reading config: {e}"))?;
+fn enable_memory(dir: &std::path::Path) -> Result<(), Error> {
+    let config = std::fs::read(dir.join("config")).map_err(|e| Error::os("reading config", e))?;
     let command = config.get(4).copied().unwrap_or(0);
     if command & 0x2 != 0 {
         return Ok(());
     }
-    std::fs::write(dir.join("enable"), "1").map_err(|e| format!("enabling memory decoding (sysfs enable): {e}"))
+    std::fs::write(dir.join("enable"), "1").map_err(|e| Error::os("enabling memory decoding (sysfs enable)", e))
 }
 
 impl Sysfs {
     /// Where `f`'s BARs map from: VFIO when vfio-pci owns it, else sysfs (uio_pci_generic
     /// claims no BAR; memory decoding turned on first when `enable`); `Err` says why they
     /// cannot be mapped.
-    fn bar_source(&self, f: &Function, enable: bool) -> Result<Source, String> {
+    fn bar_source(&self, f: &Function, enable: bool) -> Result<Source, Error> {
         if let Some(d) = kernel_owner(f) {
             return Err(format!(
                 "{} is bound to the kernel driver {d}, which owns its BARs; unbind it (echo {} > \
                  /sys/bus/pci/drivers/{d}/unbind) to use its memory",
                 f.addr, f.addr
-            ));
+            )
+            .into());
         }
         if f.driver.as_deref() == Some("vfio-pci") {
             return Ok(Source::Vfio(VfioDevice::open(f)?, 0, 0));
         }
         let dir = self.function_dir(f.addr);
         if enable {
-            enable_memory(&dir).map_err(|e| format!("{}: {e}", f.addr))?;
+            enable_memory(&dir).map_err(|e| e.context(f.addr))?;
         }
         Ok(Source::Sysfs(dir.join("resource0"), 0))
     }
 
     /// An NVMe controller's CMB. With `program`, sets CMBMSC (CRE to read CMBLOC/CMBSZ, then
     /// CMSE and CBA = the CMB's *bus* address, high dword first) and checks CMBSTS.CBAI.
-    pub fn nvme_cmb(&self, f: &Function, program: bool) -> Result<Option<Provider>, String> {
+    pub fn nvme_cmb(&self, f: &Function, program: bool) -> Result<Option<Provider>, Error> {
         let src = match self.bar_source(f, program) {
             Ok(s) => s,
             Err(why) => {
                 let mut p = Provider::new(f, Kind::NvmeCmb, None);
-                p.unusable = Some(why);
+                p.unusable = Some(why.to_string());
                 return Ok(Some(p));
             }
         };
         let bar0 = f.bar(0).ok_or_else(|| format!("{}: NVMe without BAR0", f.addr))?;
         let regs = src
             .map(bar0.size.min(4096) as usize, BarUse::Registers)
-            .map_err(|e| format!("{}: BAR0 registers: {e}", f.addr))?;
+            .map_err(|e| e.context(format_args!("{}: BAR0 registers", f.addr)))?;
         let cap = regs.read64(reg::CAP);
         let version = regs.read32(reg::VS);
         let cmbs = cap & reg::CAP_CMBS != 0;
         if cmbs && program {
             regs.write64_hi_lo(reg::CMBMSC, reg::CMBMSC_CRE);
         }
-        let Some(cmb) = CmbInfo::decode(regs.read32(reg::CMBLOC), regs.read32(reg::CMBSZ))
-            .map_err(|e| format!("{}: {e}", f.addr))?
+        let Some(cmb) =
+            CmbInfo::decode(regs.read32(reg::CMBLOC), regs.read32(reg::CMBSZ)).map_err(|e| e.context(f.addr))?
         else {
             return Ok(None);
         };
@@ -367,15 +372,15 @@ impl Sysfs {
     }
 
     /// A whole memory BAR named in the config.
-    pub fn bar_provider(&self, f: &Function, index: u8) -> Result<Provider, String> {
+    pub fn bar_provider(&self, f: &Function, index: u8) -> Result<Provider, Error> {
         let bar = f.bar(index).ok_or_else(|| format!("{}: BAR{index} has no resource", f.addr))?;
         if bar.io {
-            return Err(format!("{}: BAR{index} is an I/O BAR, not memory", f.addr));
+            return Err(format!("{}: BAR{index} is an I/O BAR, not memory", f.addr).into());
         }
         let mut p = Provider::new(f, Kind::Bar, Some(bar));
         match self.bar_source(f, true) {
             Ok(src) => p.map_from = Some(src.at(index, 0)),
-            Err(why) => p.unusable = Some(why),
+            Err(why) => p.unusable = Some(why.to_string()),
         }
         Ok(p)
     }
@@ -403,7 +408,7 @@ impl Sysfs {
     }
 
     /// Providers: the configured ones, else every NVMe CMB and p2pmem found.
-    pub fn providers(&self, functions: &[Function], specs: &[Spec], program: bool) -> Result<Vec<Provider>, String> {
+    pub fn providers(&self, functions: &[Function], specs: &[Spec], program: bool) -> Result<Vec<Provider>, Error> {
         let mut out = Vec::new();
         if specs.is_empty() {
             for f in functions {
@@ -447,8 +452,8 @@ mod tests {
         let c = CmbInfo::decode(3 << 12 | 4, 16 << 12 | 1 << 8).unwrap().unwrap();
         assert_eq!((c.bir, c.offset, c.size, c.rds), (4, 3 << 16, 16 << 16, false));
         assert_eq!(CmbInfo::decode(2, 0).unwrap(), None);
-        assert!(CmbInfo::decode(1, 1 << 12).unwrap_err().contains("BIR 1"));
-        assert!(CmbInfo::decode(0, 1 << 12 | 7 << 8).unwrap_err().contains("size unit 7"));
+        assert!(CmbInfo::decode(1, 1 << 12).unwrap_err().to_string().contains("BIR 1"));
+        assert!(CmbInfo::decode(0, 1 << 12 | 7 << 8).unwrap_err().to_string().contains("size unit 7"));
     }
 
     proptest::proptest! {

@@ -6,6 +6,7 @@
 //! device is opened once, here, and held until nothing may DMA any more.
 #![allow(unsafe_code)]
 
+use crate::Error;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
@@ -32,7 +33,7 @@ pub struct UioDevice {
 impl UioDevice {
     /// Opens the function in `dir` (its sysfs directory), bound to uio_pci_generic; `/dev` is
     /// found below `root` (the sysfs root, `/` outside tests).
-    pub fn open(name: &str, dir: &Path, root: &Path) -> Result<UioDevice, String> {
+    pub fn open(name: &str, dir: &Path, root: &Path) -> Result<UioDevice, Error> {
         let uio = std::fs::read_dir(dir.join("uio"))
             .ok()
             .and_then(|mut d| d.find_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned())))
@@ -44,47 +45,47 @@ impl UioDevice {
             .read(true)
             .write(true)
             .open(&dev)
-            .map_err(|e| format!("{name}: opening {}: {e}", dev.display()))?;
+            .map_err(|e| Error::os(format!("{name}: opening {}", dev.display()), e))?;
         let config = OpenOptions::new()
             .read(true)
             .write(true)
             .open(dir.join("config"))
-            .map_err(|e| format!("{name}: opening its config space: {e}"))?;
+            .map_err(|e| Error::os(format!("{name}: opening its config space"), e))?;
         Ok(UioDevice { name: name.to_string(), dir: dir.to_path_buf(), config, uio })
     }
 
     /// Maps `len` bytes of BAR `bar` from `off` (sysfs `resourceN`).
-    pub fn map_bar(&self, bar: u8, off: u64, len: usize, usage: BarUse) -> Result<Mapping, String> {
+    pub fn map_bar(&self, bar: u8, off: u64, len: usize, usage: BarUse) -> Result<Mapping, Error> {
         let path = self.dir.join(format!("resource{bar}"));
-        let err = |e: io::Error| format!("{}: mapping {}: {e}", self.name, path.display());
+        let err = |e: io::Error| Error::os(format!("{}: mapping {}", self.name, path.display()), e);
         let f = OpenOptions::new().read(true).write(true).open(&path).map_err(err)?;
         // SAFETY: the sysfs file of BAR `bar` of the function this process holds through uio.
         unsafe { Mapping::bar(&self.dir, bar, f.as_raw_fd(), 0, off, len, usage) }.map_err(err)
     }
 
-    fn command(&self) -> Result<u16, String> {
+    fn command(&self) -> Result<u16, Error> {
         let mut b = [0u8; 2];
         self.config
             .read_exact_at(&mut b, COMMAND)
-            .map_err(|e| format!("{}: reading the command register: {e}", self.name))?;
+            .map_err(|e| Error::os(format!("{}: reading the command register", self.name), e))?;
         Ok(u16::from_le_bytes(b))
     }
 
-    fn set_command(&self, v: u16) -> Result<(), String> {
+    fn set_command(&self, v: u16) -> Result<(), Error> {
         self.config
             .write_all_at(&v.to_le_bytes(), COMMAND)
-            .map_err(|e| format!("{}: writing the command register: {e}", self.name))
+            .map_err(|e| Error::os(format!("{}: writing the command register", self.name), e))
     }
 
     /// Turns on memory decoding and bus mastering, and unmasks INTx.
-    pub fn enable(&self) -> Result<(), String> {
+    pub fn enable(&self) -> Result<(), Error> {
         let c = self.command()?;
         self.set_command((c | COMMAND_MEMORY | COMMAND_MASTER) & !COMMAND_INTX_DISABLE)
     }
 
     /// Unmasks INTx after an interrupt (the kernel masked it). The kernel touches the
     /// register only when INTx fires, which it cannot while masked: the read-modify-write is ours.
-    pub fn unmask_intx(&self) -> Result<(), String> {
+    pub fn unmask_intx(&self) -> Result<(), Error> {
         let c = self.command()?;
         if c & COMMAND_INTX_DISABLE == 0 {
             return Ok(());

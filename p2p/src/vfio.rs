@@ -4,6 +4,7 @@
 //! the kernel's no-IOMMU mode.
 #![allow(unsafe_code)]
 
+use crate::Error;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -60,10 +61,10 @@ pub struct VfioDevice {
     iommu: bool,
 }
 
-fn ioctl(fd: &File, req: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> Result<libc::c_int, String> {
+fn ioctl(fd: &File, req: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> Result<libc::c_int, Error> {
     // SAFETY: each caller passes the argument type its request expects.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req, arg) };
-    if rc < 0 { Err(format!("{what}: {}", io::Error::last_os_error())) } else { Ok(rc) }
+    if rc < 0 { Err(Error::os(what, io::Error::last_os_error())) } else { Ok(rc) }
 }
 
 /// Devices open in this process: a VFIO group opens once, so every user of a function (the p2p
@@ -72,7 +73,7 @@ static OPEN: std::sync::Mutex<Vec<(String, std::sync::Weak<VfioDevice>)>> = std:
 
 impl VfioDevice {
     /// The function's VFIO device, opened once per process and shared.
-    pub fn open(f: &Function) -> Result<std::sync::Arc<VfioDevice>, String> {
+    pub fn open(f: &Function) -> Result<std::sync::Arc<VfioDevice>, Error> {
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|(_, d)| d.strong_count() > 0);
         let name = f.addr.to_string();
@@ -84,9 +85,11 @@ impl VfioDevice {
         Ok(d)
     }
 
-    fn open_new(f: &Function) -> Result<VfioDevice, String> {
+    fn open_new(f: &Function) -> Result<VfioDevice, Error> {
         let group = f.iommu_group.ok_or_else(|| format!("{} is bound to vfio-pci but has no IOMMU group", f.addr))?;
-        let rw = |p: &str| OpenOptions::new().read(true).write(true).open(p).map_err(|e| format!("opening {p}: {e}"));
+        let rw = |p: &str| {
+            OpenOptions::new().read(true).write(true).open(p).map_err(|e| Error::os(format!("opening {p}"), e))
+        };
         // No-IOMMU mode names the group noiommu-N and needs its own IOMMU type.
         let (group_file, iommu) = match rw(&format!("/dev/vfio/{group}")) {
             Ok(g) => (g, VFIO_TYPE1v2_IOMMU),
@@ -102,7 +105,8 @@ impl VfioDevice {
             return Err(format!(
                 "IOMMU group {group} of {} is not viable: bind every device in it to vfio-pci",
                 f.addr
-            ));
+            )
+            .into());
         }
         let mut cfd = container.as_raw_fd();
         ioctl(&group_file, GROUP_SET_CONTAINER, (&raw mut cfd).cast(), "VFIO_GROUP_SET_CONTAINER")?;
@@ -126,45 +130,47 @@ impl VfioDevice {
         self.iommu
     }
 
-    fn region(&self, index: u32) -> Result<vfio_region_info, String> {
+    fn region(&self, index: u32) -> Result<vfio_region_info, Error> {
         let mut info = vfio_region_info { argsz: size_of::<vfio_region_info>() as u32, index, ..Default::default() };
         ioctl(&self.device, DEVICE_GET_REGION_INFO, (&raw mut info).cast(), "VFIO_DEVICE_GET_REGION_INFO")?;
         Ok(info)
     }
 
     /// Maps `len` bytes of BAR `bar` from `off`.
-    pub fn map_bar(&self, bar: u8, off: u64, len: usize, usage: BarUse) -> Result<Mapping, String> {
+    pub fn map_bar(&self, bar: u8, off: u64, len: usize, usage: BarUse) -> Result<Mapping, Error> {
         let info = self.region(u32::from(bar))?;
         if info.flags & VFIO_REGION_INFO_FLAG_MMAP == 0 {
-            return Err(format!("{}: VFIO does not allow mmap of BAR{bar}", self.name));
+            return Err(format!("{}: VFIO does not allow mmap of BAR{bar}", self.name).into());
         }
         if off + len as u64 > info.size {
-            return Err(format!("{}: {len} bytes at {off:#x} exceed BAR{bar} ({:#x} bytes)", self.name, info.size));
+            return Err(
+                format!("{}: {len} bytes at {off:#x} exceed BAR{bar} ({:#x} bytes)", self.name, info.size).into()
+            );
         }
         // VFIO devices are real ones: their sysfs directory is under /sys.
         let function = Path::new("/sys/bus/pci/devices").join(&self.name);
         // SAFETY: the VFIO region of BAR `bar` of the device this process holds, which VFIO lets us
         // map; VFIO keeps the device while a mapping of it lives.
         unsafe { Mapping::bar(&function, bar, self.device.as_raw_fd(), info.offset, off, len, usage) }
-            .map_err(|e| format!("{}: mmap of BAR{bar} through VFIO: {e}", self.name))
+            .map_err(|e| Error::os(format!("{}: mmap of BAR{bar} through VFIO", self.name), e))
     }
 
     /// Reads `buf.len()` bytes of config space at `off`.
-    pub fn config_read(&self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+    pub fn config_read(&self, off: u64, buf: &mut [u8]) -> Result<(), Error> {
         let at = self.region(VFIO_PCI_CONFIG_REGION_INDEX)?.offset + off;
         std::os::unix::fs::FileExt::read_exact_at(&self.device, buf, at)
-            .map_err(|e| format!("{}: reading config space at {off:#x}: {e}", self.name))
+            .map_err(|e| Error::os(format!("{}: reading config space at {off:#x}", self.name), e))
     }
 
-    pub fn config_write(&self, off: u64, buf: &[u8]) -> Result<(), String> {
+    pub fn config_write(&self, off: u64, buf: &[u8]) -> Result<(), Error> {
         let at = self.region(VFIO_PCI_CONFIG_REGION_INDEX)?.offset + off;
         std::os::unix::fs::FileExt::write_all_at(&self.device, buf, at)
-            .map_err(|e| format!("{}: writing config space at {off:#x}: {e}", self.name))
+            .map_err(|e| Error::os(format!("{}: writing config space at {off:#x}", self.name), e))
     }
 
     /// Makes the mapping behind `pin` reachable by the device's DMA at `iova` (IOMMU mode). The
     /// caller keeps `pin` for as long as the device may use it.
-    pub fn map_dma(&self, pin: &MappingPin, iova: Iova) -> Result<(), String> {
+    pub fn map_dma(&self, pin: &MappingPin, iova: Iova) -> Result<(), Error> {
         let (ptr, len) = pin.range();
         let mut map = vfio_iommu_type1_dma_map {
             argsz: size_of::<vfio_iommu_type1_dma_map>() as u32,
@@ -175,11 +181,11 @@ impl VfioDevice {
         };
         ioctl(&self.container, IOMMU_MAP_DMA, (&raw mut map).cast(), "VFIO_IOMMU_MAP_DMA")
             .map(drop)
-            .map_err(|e| format!("{}: mapping {len:#x} bytes for DMA at IOVA {iova:#x}: {e}", self.name))
+            .map_err(|e| e.context(format_args!("{}: mapping {len:#x} bytes for DMA at IOVA {iova:#x}", self.name)))
     }
 
     /// Removes the DMA mapping of `len` bytes at `iova`.
-    pub fn unmap_dma(&self, iova: Iova, len: usize) -> Result<(), String> {
+    pub fn unmap_dma(&self, iova: Iova, len: usize) -> Result<(), Error> {
         // vfio_iommu_type1_dma_unmap without its trailing bitmap: argsz, flags, iova, size.
         let mut unmap: [u64; 3] = [(size_of::<[u64; 3]>() as u64), iova.get(), len.next_multiple_of(4096) as u64];
         ioctl(&self.container, IOMMU_UNMAP_DMA, unmap.as_mut_ptr().cast(), "VFIO_IOMMU_UNMAP_DMA").map(drop)
@@ -215,7 +221,7 @@ impl VfioDevice {
     }
 
     /// Routes MSI-X vectors 0.. to `eventfds`.
-    pub fn msix(&self, eventfds: &[i32]) -> Result<(), String> {
+    pub fn msix(&self, eventfds: &[i32]) -> Result<(), Error> {
         // struct vfio_irq_set: argsz, flags, index, start, count, then one eventfd per vector.
         let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
         let mut set: Vec<u32> = vec![0, flags, VFIO_PCI_MSIX_IRQ_INDEX, 0, eventfds.len() as u32];

@@ -106,7 +106,7 @@ fn providers_name_why_they_cannot_be_used() {
     let p = &sysfs.providers(&t.functions, &[spec], false).unwrap()[0];
     assert!(p.unusable.as_deref().unwrap().contains("bound to the kernel driver mlx5_core"), "{:?}", p.unusable);
     let missing = p2pnvmf_p2p::provider::Spec { pci: a("0000:04:00.0"), kind: Kind::Bar, bar: Some(3) };
-    assert!(sysfs.providers(&t.functions, &[missing], false).unwrap_err().contains("BAR3 has no resource"));
+    assert!(sysfs.providers(&t.functions, &[missing], false).unwrap_err().to_string().contains("BAR3 has no resource"));
     // The CMB maps and holds data (a file stands in for the BAR here).
     let cmb = &sysfs.providers(&t.functions, &[], true).unwrap()[0];
     assert!(cmb.is_usable(), "{:?}", cmb.unusable);
@@ -116,7 +116,7 @@ fn providers_name_why_they_cannot_be_used() {
     let mut back = [0u8; 4];
     m.read_bytes(4096, &mut back);
     assert_eq!(&back, b"p2p!");
-    let twice = cmb.map().unwrap_err();
+    let twice = cmb.map().unwrap_err().to_string();
     assert!(twice.contains("0000:03:00.0 BAR2 bytes") && twice.contains("already mapped in this process"), "{twice}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -148,7 +148,7 @@ fn a_configured_bar_and_the_kernels_p2pmem_are_providers() {
     assert!(p2pmem.check().is_ok());
     // The p2pmem of a function without one is refused with the reason.
     let none = p2pnvmf_p2p::provider::Spec { pci: a("0000:00:02.0"), kind: Kind::P2pmem, bar: None };
-    let e = sysfs.providers(&t.functions, &[none], true).unwrap_err();
+    let e = sysfs.providers(&t.functions, &[none], true).unwrap_err().to_string();
     assert!(e.contains("CONFIG_PCI_P2PDMA"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -187,18 +187,19 @@ fn a_file_namespace_takes_p2pmem_its_nvme_reaches_and_nothing_else() {
     assert_eq!((nvme0n1.name.as_str(), nvme0n1.functions.clone()), ("nvme0n1", vec![a("0000:03:00.0")]));
     assert_eq!(disk(259, 1).unwrap(), nvme0n1, "a partition is served by its disk's controller");
     assert_eq!(disk(259, 2).unwrap().functions, [a("0000:03:00.0")], "a multipath head by its paths");
-    assert!(disk(1, 0).unwrap_err().contains("ram0 is not on a PCI device"));
-    assert!(disk(9, 9).unwrap_err().contains("not a block device the kernel lists"));
+    assert!(disk(1, 0).unwrap_err().to_string().contains("ram0 is not on a PCI device"));
+    assert!(disk(9, 9).unwrap_err().to_string().contains("not a block device the kernel lists"));
 
     // Debian's kernels: no p2pmem, and the CMB mapped through sysfs is no DMA target for the kernel.
     let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
     assert_eq!(p2p.providers.iter().map(|p| p.kind).collect::<Vec<_>>(), [Kind::NvmeCmb]);
-    let e = p2p.for_block_device(&nvme0n1, None).unwrap_err();
+    let e = p2p.for_block_device(&nvme0n1, None).unwrap_err().to_string();
     assert!(e.starts_with("no p2pmem") && e.contains("CONFIG_PCI_P2PDMA"), "{e}");
     let sda = disk(8, 0).unwrap();
     assert!(
         p2p.for_block_device(&sda, None)
             .unwrap_err()
+            .to_string()
             .contains("sda is on 0000:04:00.0 (class 020000), not an NVMe controller")
     );
 
@@ -216,7 +217,7 @@ fn a_file_namespace_takes_p2pmem_its_nvme_reaches_and_nothing_else() {
     // Pinned by `provider` (a PCI function): its p2pmem qualifies; a function that provides
     // nothing is named.
     assert_eq!(p2p.for_block_device(&nvme0n1, Some(a("0000:03:00.0"))).unwrap().0, 1);
-    let e = p2p.for_block_device(&nvme0n1, Some(a("0000:04:00.0"))).unwrap_err();
+    let e = p2p.for_block_device(&nvme0n1, Some(a("0000:04:00.0"))).unwrap_err().to_string();
     assert_eq!(e, "provider 0000:04:00.0 is not a p2p provider here (p2pnvmf topology lists them)");
     // Addresses from the BAR holding it: the host bridge's offset shows.
     assert_eq!((p.bar, p.cpu_addr.get(), p.bus_addr.get()), (Some(2), 0x6000_0800_0000, 0x8800_0000));
@@ -226,7 +227,7 @@ fn a_file_namespace_takes_p2pmem_its_nvme_reaches_and_nothing_else() {
     // Used up by others: nothing left to pool, said so.
     std::fs::write(p2pmem.join("available"), "0\n").unwrap();
     let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
-    let e = p2p.for_block_device(&nvme0n1, None).unwrap_err();
+    let e = p2p.for_block_device(&nvme0n1, None).unwrap_err().to_string();
     assert!(e.contains("p2pmem of 0000:03:00.0: 0000:03:00.0: p2pmem has no memory available"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -245,7 +246,7 @@ fn p2pmem_out_of_an_nvmes_reach_is_named() {
     let rel = dev("0001:02:00.0").join("nvme/nvme1/nvme1n1");
     block_link(&dir, "259:3", rel.strip_prefix(&dir).unwrap().to_str().unwrap());
     let p2p = P2p::discover(&sysfs, &[], &[], true).unwrap();
-    let e = p2p.for_block_device(&sysfs.block_device(259, 3).unwrap(), None).unwrap_err();
+    let e = p2p.for_block_device(&sysfs.block_device(259, 3).unwrap(), None).unwrap_err().to_string();
     assert!(e.contains("p2pmem of 0000:02:00.0 is out of reach of 0001:02:00.0: no common upstream switch"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }

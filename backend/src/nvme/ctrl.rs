@@ -26,6 +26,7 @@ use p2pnvmf_p2p::uio::UioDevice;
 use p2pnvmf_p2p::vfio::VfioDevice;
 use tracing::{info, warn};
 
+use super::Error;
 pub use super::dma::Dma;
 use super::dma::DmaSpace;
 use super::queue::{CQE_SIZE, QueuePair, SQE_SIZE, status};
@@ -65,25 +66,25 @@ struct Claim {
 }
 
 impl Claim {
-    fn take(sysfs: &Sysfs, pci: PciAddr, mode: Addressing) -> Result<Claim, String> {
+    fn take(sysfs: &Sysfs, pci: PciAddr, mode: Addressing) -> Result<Claim, Error> {
         let (claimed, released) = &CLAIMED;
         let held = claimed.lock().unwrap_or_else(|e| e.into_inner());
         let (mut held, wait) =
             released.wait_timeout_while(held, RELEASE_WAIT, |h| h.contains(&pci)).unwrap_or_else(|e| e.into_inner());
         if wait.timed_out() {
-            return Err(format!(
+            return Err(Error::Setup(format!(
                 "{pci}: still driven by this target after {RELEASE_WAIT:?} (its last user does not let go)"
-            ));
+            )));
         }
         let claim = Self::take_unlisted(sysfs, pci, mode)?;
         held.push(pci);
         Ok(claim)
     }
 
-    fn take_unlisted(sysfs: &Sysfs, pci: PciAddr, mode: Addressing) -> Result<Claim, String> {
+    fn take_unlisted(sysfs: &Sysfs, pci: PciAddr, mode: Addressing) -> Result<Claim, Error> {
         let dir = sysfs.function_dir(pci);
         if !dir.exists() {
-            return Err(format!("{pci}: no such PCI function ({} is absent)", dir.display()));
+            return Err(Error::Setup(format!("{pci}: no such PCI function ({} is absent)", dir.display())));
         }
         let driver = |dir: &Path| {
             std::fs::read_link(dir.join("driver"))
@@ -96,46 +97,48 @@ impl Claim {
                 return Ok(Claim { sysfs: sysfs.root().to_path_buf(), pci, bound_by_us: None });
             }
             Some("nvme") => {
-                return Err(format!(
+                return Err(Error::Setup(format!(
                     "{pci} is bound to the kernel's nvme driver, which may hold mounted filesystems on it: free it \
                      yourself (echo {pci} > /sys/bus/pci/drivers/nvme/unbind) to let the target take it, or serve \
                      its block device with backend = \"file\""
-                ));
+                )));
             }
             Some(d) => {
-                return Err(format!("{pci} is bound to the kernel driver {d}; unbind it to use it with nvme-vfio"));
+                return Err(Error::Setup(format!(
+                    "{pci} is bound to the kernel driver {d}; unbind it to use it with nvme-vfio"
+                )));
             }
             None => {}
         }
         match (mode, dir.join("iommu_group").exists()) {
             (Addressing::Iommu, false) => {
-                return Err(format!(
+                return Err(Error::Setup(format!(
                     "{pci}: no IOMMU group: the IOMMU is off (turn it on with intel_iommu=on or amd_iommu=on on the \
                      kernel command line); nvme-vfio needs it to keep the SSD's DMA to the target's memory, or \
                      dma = \"physical\" on the namespace to use physical addresses without one (nothing then \
                      stops the SSD from writing anywhere in memory)"
-                ));
+                )));
             }
             (Addressing::Physical, true) => {
-                return Err(format!(
+                return Err(Error::Setup(format!(
                     "{pci} has an IOMMU group: with the IOMMU on, the SSD's DMA to physical addresses would fault; \
                      drop dma = \"physical\" to go through the IOMMU"
-                ));
+                )));
             }
             _ => {}
         }
         let root = sysfs.root().join("sys/bus/pci");
         if !root.join("drivers").join(want).exists() {
-            return Err(format!("{pci}: the {want} driver is not loaded (modprobe {want})"));
+            return Err(Error::Setup(format!("{pci}: the {want} driver is not loaded (modprobe {want})")));
         }
         let write = |p: PathBuf, v: &str| {
-            std::fs::write(&p, v).map_err(|e| format!("{pci}: writing {v} to {}: {e}", p.display()))
+            std::fs::write(&p, v).map_err(Error::os(pci, format!("writing {v} to {}", p.display())))
         };
         write(dir.join("driver_override"), want)?;
         write(root.join("drivers_probe"), &pci.to_string())?;
         if driver(&dir).as_deref() != Some(want) {
             let _ = std::fs::write(dir.join("driver_override"), "\n");
-            return Err(format!("{pci}: {want} did not bind it (see the kernel log)"));
+            return Err(Error::Setup(format!("{pci}: {want} did not bind it (see the kernel log)")));
         }
         info!(%pci, driver = want, "bound for the nvme-vfio backend; given back at exit");
         Ok(Claim { sysfs: sysfs.root().to_path_buf(), pci, bound_by_us: Some(want) })
@@ -186,7 +189,7 @@ struct Intx {
 }
 
 impl Intx {
-    fn start(dev: Arc<UioDevice>, pci: PciAddr) -> Result<Intx, String> {
+    fn start(dev: Arc<UioDevice>, pci: PciAddr) -> Result<Intx, Error> {
         let queues: Arc<Mutex<Vec<(u16, File)>>> = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (q, halt) = (queues.clone(), stop.clone());
@@ -214,7 +217,7 @@ impl Intx {
                     }
                 }
             })
-            .map_err(|e| format!("{pci}: starting the interrupt thread: {e}"))?;
+            .map_err(Error::os(pci, "starting the interrupt thread"))?;
         Ok(Intx { queues, stop, thread: Some(thread) })
     }
 }
@@ -315,25 +318,28 @@ fn enable_cmb(sysfs: &Sysfs, f: &p2pnvmf_p2p::pci::Function) -> Option<Cmb> {
 }
 
 /// Waits within CAP.TO until CSTS shows `what` (`done`); fatal status is an error at once.
-fn wait_csts(pci: PciAddr, regs: &Mapping, cap: Cap, what: &str, done: impl Fn(u32) -> bool) -> Result<(), String> {
+fn wait_csts(pci: PciAddr, regs: &Mapping, cap: Cap, what: &str, done: impl Fn(u32) -> bool) -> Result<(), Error> {
     let start = Instant::now();
     let limit = Duration::from_millis(cap.timeout_ms());
     loop {
         let csts = regs.read32(reg::CSTS);
         if csts & reg::CSTS_CFS != 0 {
-            return Err(format!("{pci}: controller fatal status (CSTS {csts:#x})"));
+            return Err(Error::Failed(format!("{pci}: controller fatal status (CSTS {csts:#x})")));
         }
         if done(csts) {
             return Ok(());
         }
         if start.elapsed() > limit {
-            return Err(format!("{pci}: {what} not within CAP.TO ({} ms; CSTS {csts:#x})", limit.as_millis()));
+            return Err(Error::Failed(format!(
+                "{pci}: {what} not within CAP.TO ({} ms; CSTS {csts:#x})",
+                limit.as_millis()
+            )));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
 }
 
-fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(), String> {
+fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(), Error> {
     let what = format!("CSTS.RDY did not become {}", ready as u8);
     wait_csts(pci, regs, cap, &what, |csts| (csts & reg::CSTS_RDY != 0) == ready)
 }
@@ -341,15 +347,17 @@ fn wait_ready(pci: PciAddr, regs: &Mapping, cap: Cap, ready: bool) -> Result<(),
 impl Controller {
     /// The controller of `pci`: the one this process drives already (another namespace of the
     /// SSD, or the same one set up again), else [`Controller::open`]ed.
-    pub fn shared(sysfs: &Sysfs, pci: PciAddr, want: u16, mode: Addressing) -> Result<Arc<Controller>, String> {
+    pub fn shared(sysfs: &Sysfs, pci: PciAddr, want: u16, mode: Addressing) -> Result<Arc<Controller>, Error> {
         let mut driven = DRIVEN.lock().unwrap_or_else(|e| e.into_inner());
         driven.retain(|(_, c)| c.strong_count() > 0);
         if let Some(c) = driven.iter().find(|(p, _)| *p == pci).and_then(|(_, c)| c.upgrade()) {
             if c.mode() != mode {
-                return Err(format!("{pci} is driven with dma = \"{}\" already", c.mode().as_str()));
+                return Err(Error::Setup(format!("{pci} is driven with dma = \"{}\" already", c.mode().as_str())));
             }
             if let Some(why) = c.failed() {
-                return Err(format!("{pci} was given up on ({why}) and its queues still close; try again"));
+                return Err(Error::Failed(format!(
+                    "{pci} was given up on ({why}) and its queues still close; try again"
+                )));
             }
             info!(%pci, "NVMe controller driven already: shared");
             return Ok(c);
@@ -368,35 +376,40 @@ impl Controller {
 
     /// Takes `pci` (see the module documentation) for `mode`, resets it and brings it up with
     /// at most `want` I/O queue pairs.
-    pub fn open(sysfs: &Sysfs, pci: PciAddr, want: u16, mode: Addressing) -> Result<Controller, String> {
+    pub fn open(sysfs: &Sysfs, pci: PciAddr, want: u16, mode: Addressing) -> Result<Controller, Error> {
         let claim = Claim::take(sysfs, pci, mode)?;
-        let f = sysfs.function(pci).map_err(|e| e.to_string())?;
+        let f = sysfs.function(pci).map_err(Error::device(pci))?;
         let (access, dma) = match mode {
             Addressing::Iommu => {
-                let dev = VfioDevice::open(&f)?;
+                let dev = VfioDevice::open(&f).map_err(Error::device(pci))?;
                 if !dev.iommu() {
-                    return Err(format!("{pci}: VFIO in no-IOMMU mode: use dma = \"physical\" (uio_pci_generic)"));
+                    return Err(Error::Setup(format!(
+                        "{pci}: VFIO in no-IOMMU mode: use dma = \"physical\" (uio_pci_generic)"
+                    )));
                 }
                 // Memory space and bus mastering (PCI command register bits 1 and 2).
                 let mut cmd = [0u8; 2];
-                dev.config_read(4, &mut cmd)?;
-                dev.config_write(4, &(u16::from_le_bytes(cmd) | 0x6).to_le_bytes())?;
+                dev.config_read(4, &mut cmd).map_err(Error::device(pci))?;
+                dev.config_write(4, &(u16::from_le_bytes(cmd) | 0x6).to_le_bytes()).map_err(Error::device(pci))?;
                 (Access::Vfio(dev.clone()), DmaSpace::iommu(dev))
             }
             Addressing::Physical => {
-                let dev = Arc::new(UioDevice::open(&pci.to_string(), &sysfs.function_dir(pci), sysfs.root())?);
-                dev.enable()?;
+                let dev = Arc::new(
+                    UioDevice::open(&pci.to_string(), &sysfs.function_dir(pci), sysfs.root())
+                        .map_err(Error::device(pci))?,
+                );
+                dev.enable().map_err(Error::device(pci))?;
                 warn!(%pci, "physical-address mode: no IOMMU confines the SSD's DMA");
                 (Access::Uio(dev), DmaSpace::physical())
             }
         };
         let regs = Arc::new(match &access {
-            Access::Vfio(dev) => dev.map_bar(0, 0, 0x2000, BarUse::Registers)?,
-            Access::Uio(dev) => dev.map_bar(0, 0, 0x2000, BarUse::Registers)?,
+            Access::Vfio(dev) => dev.map_bar(0, 0, 0x2000, BarUse::Registers).map_err(Error::device(pci))?,
+            Access::Uio(dev) => dev.map_bar(0, 0, 0x2000, BarUse::Registers).map_err(Error::device(pci))?,
         });
         let cap = Cap(regs.read64(reg::CAP));
         if !cap.nvm() || cap.min_page() > PAGE {
-            return Err(format!("{pci}: CAP {:#x}: no NVM command set or no 4 KiB pages", cap.0));
+            return Err(Error::Setup(format!("{pci}: CAP {:#x}: no NVM command set or no 4 KiB pages", cap.0)));
         }
         // Firmware may have left the controller enabled (SeaBIOS does): reset it first.
         if regs.read32(reg::CC) & reg::CC_EN != 0 {
@@ -446,9 +459,9 @@ impl Controller {
                 let fds: Vec<OwnedFd> = (0..=c.max_io_queues)
                     .map(|_| p2pnvmf_p2p::vfio::eventfd())
                     .collect::<Result<_, _>>()
-                    .map_err(|e| format!("{pci}: eventfd: {e}"))?;
+                    .map_err(Error::os(pci, "eventfd"))?;
                 let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-                dev.msix(&raw).map_err(|e| format!("{pci}: MSI-X: {e}"))?;
+                dev.msix(&raw).map_err(Error::device(pci))?;
                 Irqs::Msix(fds)
             }
             Access::Uio(dev) => {
@@ -476,10 +489,10 @@ impl Controller {
     /// As for [`QueuePair::submit`]: the memory the entry names is the command's until this
     /// returns.
     #[allow(unsafe_code)]
-    pub unsafe fn run(&self, q: &mut QueuePair, mut sqe: Sqe, cid: u16, limit: Duration) -> Result<Cqe, String> {
+    pub unsafe fn run(&self, q: &mut QueuePair, mut sqe: Sqe, cid: u16, limit: Duration) -> Result<Cqe, Error> {
         // A controller given up on answers nothing: fail at once instead of waiting.
         if let Some(why) = self.failed() {
-            return Err(why);
+            return Err(Error::Failed(why));
         }
         let what = if q.qid == 0 { "admin command" } else { "I/O command" };
         sqe.cid.set(cid);
@@ -494,24 +507,22 @@ impl Controller {
                 q.ring_cq();
                 return match status(&cqe) {
                     0 => Ok(cqe),
-                    s => Err(format!(
-                        "{}: {what} {:#04x} failed with status {s:#x} (SCT {}, SC {:#04x})",
-                        self.pci,
-                        sqe.opcode,
-                        s >> 8 & 0x7,
-                        s & 0xff
-                    )),
+                    s => Err(Error::Status {
+                        pci: self.pci,
+                        what: format!("{what} {:#04x}", sqe.opcode),
+                        status: p2pnvmf_nvmf::Status::from_device(s),
+                    }),
                 };
             }
             if let Some(why) = self.failed() {
-                return Err(why);
+                return Err(Error::Failed(why));
             }
             let csts = self.regs.read32(reg::CSTS);
             if csts & reg::CSTS_CFS != 0 || start.elapsed() > limit {
-                return Err(format!(
+                return Err(Error::Failed(format!(
                     "{}: {what} {:#04x} got no completion within {limit:?} (CSTS {csts:#x})",
                     self.pci, sqe.opcode
-                ));
+                )));
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -521,7 +532,7 @@ impl Controller {
     /// only memory of the controller's own: the admin data page, or a queue pair's memory
     /// (held in `queue_mem` until the queue is deleted).
     #[allow(unsafe_code)]
-    fn admin_cmd(&self, sqe: Sqe) -> Result<Cqe, String> {
+    fn admin_cmd(&self, sqe: Sqe) -> Result<Cqe, Error> {
         let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let cid = a.next_cid;
         a.next_cid = a.next_cid.wrapping_add(1);
@@ -532,7 +543,7 @@ impl Controller {
     /// Runs the admin command `cmd` makes for the admin data page (at its IOVA) and returns
     /// the first `len` bytes the controller put there; the page is the caller's until then.
     #[allow(unsafe_code)]
-    fn admin_read(&self, cmd: impl FnOnce(u64) -> Sqe, len: usize) -> Result<Vec<u8>, String> {
+    fn admin_read(&self, cmd: impl FnOnce(u64) -> Sqe, len: usize) -> Result<Vec<u8>, Error> {
         let mut a = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         let (cid, sqe) = (a.next_cid, cmd(a.buf.addr(0)));
         a.next_cid = a.next_cid.wrapping_add(1);
@@ -545,41 +556,44 @@ impl Controller {
     }
 
     /// Identify data structure `cns` (for `nsid`).
-    pub fn identify(&self, cns: u32, nsid: u32) -> Result<Vec<u8>, String> {
+    pub fn identify(&self, cns: u32, nsid: u32) -> Result<Vec<u8>, Error> {
         self.admin_read(|iova| spec::identify(cns, nsid, iova), PAGE)
     }
 
     /// Identify Namespace `nsid`; an inactive or absent namespace is an error.
-    pub fn namespace(&self, nsid: u32) -> Result<IdNamespace, String> {
+    pub fn namespace(&self, nsid: u32) -> Result<IdNamespace, Error> {
         if nsid == 0 || nsid > self.id.nn {
-            return Err(format!("{}: namespace {nsid} does not exist (the controller has {})", self.pci, self.id.nn));
+            return Err(Error::Setup(format!(
+                "{}: namespace {nsid} does not exist (the controller has {})",
+                self.pci, self.id.nn
+            )));
         }
         let ns = IdNamespace::parse(&self.identify(admin::CNS_NAMESPACE, nsid)?);
         if !ns.active() {
-            return Err(format!("{}: namespace {nsid} is not active", self.pci));
+            return Err(Error::Setup(format!("{}: namespace {nsid} is not active", self.pci)));
         }
         Ok(ns)
     }
 
     /// A log page (at most 4 KiB), e.g. SMART / Health Information (02h).
-    pub fn log_page(&self, lid: u8, nsid: u32, len: usize) -> Result<Vec<u8>, String> {
+    pub fn log_page(&self, lid: u8, nsid: u32, len: usize) -> Result<Vec<u8>, Error> {
         self.admin_read(|iova| spec::get_log_page(lid, nsid, len.min(PAGE), iova), len)
     }
 
     /// Host memory of at least `len` bytes the SSD reaches.
-    pub fn dma(&self, len: usize) -> Result<Dma, String> {
+    pub fn dma(&self, len: usize) -> Result<Dma, Error> {
         self.dma.alloc(self.pci, len)
     }
 
     /// Maps memory someone else owns (a queue's data area) for the device; the caller keeps
     /// `pin` until it calls [`Controller::unmap`] with what this returned. Only through the
     /// IOMMU ([`Controller::maps_host_memory`]).
-    pub fn map(&self, pin: &MappingPin) -> Result<(Iova, u64), String> {
+    pub fn map(&self, pin: &MappingPin) -> Result<(Iova, u64), Error> {
         self.dma.map(self.pci, pin)
     }
 
-    pub fn unmap(&self, iova: Iova, span: u64) -> Result<(), String> {
-        self.dma.unmap(iova, span)
+    pub fn unmap(&self, iova: Iova, span: u64) -> Result<(), Error> {
+        self.dma.unmap(iova, span).map_err(Error::device(self.pci))
     }
 
     /// Whether memory others own can be given to the SSD: through the IOMMU, yes; at physical
@@ -603,15 +617,17 @@ impl Controller {
 
     /// Whether the controller still works: not given up on, CSTS.CFS clear and CSTS.RDY set (a
     /// function reset clears it). A controller found broken is given up on.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), Error> {
         if let Some(why) = self.failed() {
-            return Err(why);
+            return Err(Error::Failed(why));
         }
         let csts = self.regs.read32(reg::CSTS);
         match (csts & reg::CSTS_CFS != 0, csts & reg::CSTS_RDY != 0) {
             (false, true) => Ok(()),
-            (true, _) => Err(self.give_up(format!("controller fatal status (CSTS {csts:#x})"))),
-            (false, false) => Err(self.give_up(format!("the controller is no longer ready (reset? CSTS {csts:#x})"))),
+            (true, _) => Err(Error::Failed(self.give_up(format!("controller fatal status (CSTS {csts:#x})")))),
+            (false, false) => {
+                Err(Error::Failed(self.give_up(format!("the controller is no longer ready (reset? CSTS {csts:#x})"))))
+            }
         }
     }
 
@@ -637,7 +653,7 @@ impl Controller {
     /// Makes peer device memory starting at bus address `bus` (`pin` keeps it mapped)
     /// reachable by the SSD at that same address: through the IOMMU, mapped at IOVA = `bus`
     /// once per controller (queues ask once per peer, not per I/O).
-    pub fn peer(&self, pin: &MappingPin, bus: BusAddr) -> Result<(), String> {
+    pub fn peer(&self, pin: &MappingPin, bus: BusAddr) -> Result<(), Error> {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         if !peers.contains(&bus) {
             self.dma.map_at(self.pci, pin, bus)?;
@@ -654,16 +670,16 @@ impl Controller {
 
     /// The eventfd signalled when queue `qid` may have completions: MSI-X vector `qid`'s, or
     /// one of its own that the INTx thread signals on every interrupt.
-    pub fn irq(&self, qid: u16) -> Result<OwnedFd, String> {
+    pub fn irq(&self, qid: u16) -> Result<OwnedFd, Error> {
         let dup = |fd: &OwnedFd| {
-            fd.try_clone().map_err(|e| format!("{}: duplicating the eventfd of queue {qid}: {e}", self.pci))
+            fd.try_clone().map_err(Error::os(self.pci, format!("duplicating the eventfd of queue {qid}")))
         };
         match &self.irqs {
             Irqs::Msix(fds) => dup(fds
                 .get(usize::from(qid))
-                .ok_or_else(|| format!("{}: no interrupt vector for queue {qid}", self.pci))?),
+                .ok_or_else(|| Error::Setup(format!("{}: no interrupt vector for queue {qid}", self.pci)))?),
             Irqs::Intx(intx) => {
-                let fd = p2pnvmf_p2p::vfio::eventfd().map_err(|e| format!("{}: eventfd: {e}", self.pci))?;
+                let fd = p2pnvmf_p2p::vfio::eventfd().map_err(Error::os(self.pci, "eventfd"))?;
                 let mut queues = intx.queues.lock().unwrap_or_else(|e| e.into_inner());
                 queues.retain(|(q, _)| *q != qid);
                 queues.push((qid, File::from(dup(&fd)?)));
@@ -673,7 +689,7 @@ impl Controller {
     }
 
     /// Creates an I/O queue pair of `entries`; `None` when every granted pair is in use.
-    pub fn create_io_queue(&self, entries: u16) -> Result<Option<QueuePair>, String> {
+    pub fn create_io_queue(&self, entries: u16) -> Result<Option<QueuePair>, Error> {
         let Some(qid) = self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return Ok(None) };
         let entries = entries.clamp(2, self.cap.max_entries().min(4096) as u16);
         let sq_len = (usize::from(entries) * SQE_SIZE).next_multiple_of(PAGE);
@@ -700,7 +716,7 @@ impl Controller {
     /// [`Controller::create_io_queue`], waiting up to `limit` for a pair to be given back when
     /// every granted one is in use (another target queue closing gives its pair back); `None`
     /// when none was in time. Blocks: for callers off the runtime's workers.
-    pub fn create_io_queue_waiting(&self, entries: u16, limit: Duration) -> Result<Option<QueuePair>, String> {
+    pub fn create_io_queue_waiting(&self, entries: u16, limit: Duration) -> Result<Option<QueuePair>, Error> {
         let deadline = Instant::now() + limit;
         let mut waited = false;
         loop {
@@ -728,7 +744,7 @@ impl Controller {
     }
 
     /// Deletes an I/O queue pair (its commands must have completed).
-    pub fn delete_io_queue(&self, q: QueuePair) -> Result<(), String> {
+    pub fn delete_io_queue(&self, q: QueuePair) -> Result<(), Error> {
         let qid = q.qid;
         let r = self
             .admin_cmd(spec::delete_queue(admin::DELETE_SQ, qid))
@@ -774,32 +790,32 @@ mod tests {
     fn ownership_is_taken_only_where_it_is_free_to_take() {
         let (s, dir) = sysfs();
         let nvme: PciAddr = "0000:03:00.0".parse().unwrap();
-        let e = Claim::take(&s, "0000:7f:00.0".parse().unwrap(), Addressing::Iommu).unwrap_err();
+        let e = Claim::take(&s, "0000:7f:00.0".parse().unwrap(), Addressing::Iommu).unwrap_err().to_string();
         assert!(e.contains("0000:7f:00.0: no such PCI function"), "{e}");
         // No IOMMU (no group): refused before anything is written.
         let group = s.function_dir(nvme).join("iommu_group");
         let target = std::fs::read_link(&group).unwrap();
         std::fs::remove_file(&group).unwrap();
-        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err().to_string();
         assert!(
             e.contains("0000:03:00.0: no IOMMU group: the IOMMU is off") && e.contains("dma = \"physical\""),
             "{e}"
         );
         // Asked for physical addresses there: the uio driver is needed.
-        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err().to_string();
         assert!(e.contains("the uio_pci_generic driver is not loaded (modprobe uio_pci_generic)"), "{e}");
         std::os::unix::fs::symlink(target, &group).unwrap();
         // With an IOMMU group, physical addresses would fault: refused before anything is written.
-        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err().to_string();
         assert!(e.contains("has an IOMMU group") && e.contains("drop dma = \"physical\""), "{e}");
         // vfio-pci not loaded: nothing is written.
-        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err().to_string();
         assert!(e.contains("the vfio-pci driver is not loaded (modprobe vfio-pci)"), "{e}");
         // Loaded, but the bind does not happen (no kernel behind these files): undone, said so.
         let drivers = dir.join("sys/bus/pci/drivers");
         std::fs::create_dir_all(drivers.join("vfio-pci")).unwrap();
         std::fs::write(dir.join("sys/bus/pci/drivers_probe"), "").unwrap();
-        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err().to_string();
         assert!(e.contains("vfio-pci did not bind it"), "{e}");
         assert_eq!(std::fs::read_to_string(dir.join("sys/bus/pci/drivers_probe")).unwrap(), "0000:03:00.0");
         let fdir = s.function_dir(nvme);
@@ -808,7 +824,7 @@ mod tests {
         std::fs::create_dir_all(drivers.join("nvme")).unwrap();
         std::os::unix::fs::symlink(drivers.join("nvme"), fdir.join("driver")).unwrap();
         std::fs::write(fdir.join("driver_override"), "untouched").unwrap();
-        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Iommu).unwrap_err().to_string();
         assert!(
             e.contains("bound to the kernel's nvme driver") && e.contains("/sys/bus/pci/drivers/nvme/unbind"),
             "{e}"
@@ -822,7 +838,7 @@ mod tests {
         drop(c);
         assert!(!drivers.join("vfio-pci/unbind").exists(), "not unbound at the end");
         // Bound to the other mode's driver: refused, not rebound behind its user's back.
-        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err();
+        let e = Claim::take(&s, nvme, Addressing::Physical).unwrap_err().to_string();
         assert!(e.contains("is bound to the kernel driver vfio-pci"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
     }

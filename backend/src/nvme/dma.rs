@@ -5,6 +5,7 @@
 //! never cross a huge page (so each piece is physically contiguous), and memory others own
 //! cannot be given to the SSD at all.
 
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
@@ -12,6 +13,8 @@ use p2pnvmf_p2p::addr::{BusAddr, Iova};
 use p2pnvmf_p2p::mem::{Mapping, MappingPin};
 use p2pnvmf_p2p::pci::PciAddr;
 use p2pnvmf_p2p::vfio::VfioDevice;
+
+use super::Error;
 
 /// IOVAs the driver hands out for host memory: above the low 4 GiB (where 32-bit peer BARs'
 /// bus addresses live, which are mapped at IOVA = bus address) and below 2^39, the narrowest
@@ -128,7 +131,7 @@ impl DmaSpace {
     }
 
     /// `len` bytes of memory the SSD reaches.
-    pub fn alloc(&self, pci: PciAddr, len: usize) -> Result<Dma, String> {
+    pub fn alloc(&self, pci: PciAddr, len: usize) -> Result<Dma, Error> {
         match self {
             DmaSpace::Iommu(s) => s.alloc(pci, len),
             DmaSpace::Physical(a) => a.alloc(pci, len),
@@ -138,12 +141,12 @@ impl DmaSpace {
     /// Maps memory someone else owns for the SSD at an IOVA of ours; returns the IOVA and the
     /// length reserved (for [`DmaSpace::unmap`]). Physical-address mode cannot: the pages of
     /// others may move.
-    pub fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(Iova, u64), String> {
+    pub fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(Iova, u64), Error> {
         match self {
             DmaSpace::Iommu(s) => s.map(pci, pin),
-            DmaSpace::Physical(_) => {
-                Err(format!("{pci}: physical-address mode: the SSD reaches only the driver's locked huge pages"))
-            }
+            DmaSpace::Physical(_) => Err(Error::Setup(format!(
+                "{pci}: physical-address mode: the SSD reaches only the driver's locked huge pages"
+            ))),
         }
     }
 
@@ -151,14 +154,14 @@ impl DmaSpace {
     /// IOMMU, mapped at IOVA = `bus`, so that the same address in a PRP works whether the
     /// switch routes it to the peer or sends it up to the IOMMU (ACS redirect, qemu); without
     /// an IOMMU the bus address reaches the peer as it is.
-    pub fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: BusAddr) -> Result<(), String> {
+    pub fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: BusAddr) -> Result<(), Error> {
         match self {
             DmaSpace::Iommu(s) => s.map_at(pci, pin, bus),
             DmaSpace::Physical(_) => Ok(()),
         }
     }
 
-    pub fn unmap(&self, iova: Iova, span: u64) -> Result<(), String> {
+    pub fn unmap(&self, iova: Iova, span: u64) -> Result<(), p2pnvmf_p2p::Error> {
         match self {
             DmaSpace::Iommu(s) => s.unmap(iova, span),
             DmaSpace::Physical(_) => Ok(()),
@@ -178,12 +181,14 @@ pub struct Iommu {
 }
 
 impl Iommu {
-    fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(Iova, u64), String> {
+    fn map(&self, pci: PciAddr, pin: &MappingPin) -> Result<(Iova, u64), Error> {
         let span = (pin.range().1 as u64).next_multiple_of(HUGE);
         let iova = {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-            let i =
-                free.iter().position(|&(_, len)| len >= span).ok_or_else(|| format!("{pci}: IOVA space exhausted"))?;
+            let i = free
+                .iter()
+                .position(|&(_, len)| len >= span)
+                .ok_or_else(|| Error::os(pci, "IOVA space")(io::Error::from_raw_os_error(libc::ENOSPC)))?;
             let (at, len) = free[i];
             if len == span {
                 free.remove(i);
@@ -196,16 +201,16 @@ impl Iommu {
             Ok(()) => Ok((iova, span)),
             Err(e) => {
                 self.release(iova, span);
-                Err(e)
+                Err(Error::Device { pci, source: e })
             }
         }
     }
 
-    fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: BusAddr) -> Result<(), String> {
+    fn map_at(&self, pci: PciAddr, pin: &MappingPin, bus: BusAddr) -> Result<(), Error> {
         let span = (pin.range().1 as u64).next_multiple_of(PAGE as u64);
         let end = bus
             .checked_add(span)
-            .ok_or_else(|| format!("{pci}: peer memory at {bus:#x} ends past the address space"))?;
+            .ok_or_else(|| Error::Setup(format!("{pci}: peer memory at {bus:#x} ends past the address space")))?;
         let (bus, end) = (bus.get(), end.get());
         {
             let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -213,16 +218,18 @@ impl Iommu {
                 let (at, len) = free.remove(i);
                 free.extend([(at, bus - at), (end, at + len - end)].into_iter().filter(|r| r.1 > 0));
             } else if bus < IOVA_END && end > IOVA_BASE {
-                return Err(format!("{pci}: peer memory at bus address {bus:#x} collides with IOVAs in use"));
+                return Err(Error::Setup(format!(
+                    "{pci}: peer memory at bus address {bus:#x} collides with IOVAs in use"
+                )));
             }
         }
         // Identity: the IOVA is the bus address, so one PRP address serves either route.
-        self.dev.map_dma(pin, Iova::new(bus))?;
+        self.dev.map_dma(pin, Iova::new(bus)).map_err(Error::device(pci))?;
         self.pins.lock().unwrap_or_else(|e| e.into_inner()).push(pin.clone());
         Ok(())
     }
 
-    fn unmap(&self, iova: Iova, span: u64) -> Result<(), String> {
+    fn unmap(&self, iova: Iova, span: u64) -> Result<(), p2pnvmf_p2p::Error> {
         let r = self.dev.unmap_dma(iova, span as usize);
         self.release(iova, span);
         r
@@ -232,8 +239,8 @@ impl Iommu {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).push((iova.get(), span));
     }
 
-    fn alloc(self: &Arc<Self>, pci: PciAddr, len: usize) -> Result<Dma, String> {
-        let mem = Arc::new(Mapping::host(len).map_err(|e| format!("{pci}: {len} bytes of DMA memory: {e}"))?);
+    fn alloc(self: &Arc<Self>, pci: PciAddr, len: usize) -> Result<Dma, Error> {
+        let mem = Arc::new(Mapping::host(len).map_err(Error::os(pci, format!("{len} bytes of DMA memory")))?);
         // The Dma holds the mapping until it has unmapped it.
         let (iova, span) = self.map(pci, &MappingPin::of(&mem))?;
         Ok(Dma {
@@ -250,7 +257,7 @@ impl Iommu {
 type Piece = (Arc<Mapping>, usize, u64);
 
 /// Where huge pages come from: `len` bytes (a multiple of 2 MiB) and each page's address.
-type Pages = fn(PciAddr, usize) -> Result<(Arc<Mapping>, Box<[u64]>), String>;
+type Pages = fn(PciAddr, usize) -> Result<(Arc<Mapping>, Box<[u64]>), Error>;
 
 /// Locked huge pages of the physical-address mode, as free pieces per size class. Pieces are
 /// split from larger ones and never merged: the arena keeps what the busiest moment needed.
@@ -261,13 +268,14 @@ pub struct Arena {
 }
 
 /// Locked huge pages at their physical addresses.
-fn locked_huge_pages(pci: PciAddr, len: usize) -> Result<(Arc<Mapping>, Box<[u64]>), String> {
-    let mem = Mapping::locked_huge(len).map(Arc::new).map_err(|e| {
+fn locked_huge_pages(pci: PciAddr, len: usize) -> Result<(Arc<Mapping>, Box<[u64]>), Error> {
+    let mem = Mapping::locked_huge(len).map(Arc::new).map_err(Error::os(
+        pci,
         format!(
-            "{pci}: {len} bytes of locked 2 MiB huge pages for DMA: {e} (the physical-address mode takes its memory \
-             from reserved huge pages: echo N > /proc/sys/vm/nr_hugepages)"
-        )
-    })?;
+            "{len} bytes of locked 2 MiB huge pages for DMA (the physical-address mode takes its memory from \
+             reserved huge pages: echo N > /proc/sys/vm/nr_hugepages)"
+        ),
+    ))?;
     let pages = (0..mem.len() / HUGE as usize)
         .map(|i| physical(pci, mem.as_ptr() as usize + i * HUGE as usize))
         .collect::<Result<_, _>>()?;
@@ -279,7 +287,7 @@ impl Arena {
         self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn alloc(self: &Arc<Self>, pci: PciAddr, len: usize) -> Result<Dma, String> {
+    fn alloc(self: &Arc<Self>, pci: PciAddr, len: usize) -> Result<Dma, Error> {
         if len > HUGE as usize {
             // Larger than a huge page: whole pages, each at its own physical address.
             let (mem, pages) = (self.pages)(pci, len.next_multiple_of(HUGE as usize))?;
@@ -313,18 +321,18 @@ impl Arena {
 /// The physical address of the page at virtual address `addr` of this process, from
 /// /proc/self/pagemap (bit 63: present; bits 54:0: the page frame number, shown to
 /// CAP_SYS_ADMIN only).
-fn physical(pci: PciAddr, addr: usize) -> Result<u64, String> {
-    let err = |e: String| format!("{pci}: the physical address of DMA memory from /proc/self/pagemap: {e}");
-    let f = std::fs::File::open("/proc/self/pagemap").map_err(|e| err(e.to_string()))?;
+fn physical(pci: PciAddr, addr: usize) -> Result<u64, Error> {
+    const WHAT: &str = "the physical address of DMA memory from /proc/self/pagemap";
+    let f = std::fs::File::open("/proc/self/pagemap").map_err(Error::os(pci, WHAT))?;
     let mut entry = [0u8; 8];
-    f.read_exact_at(&mut entry, (addr / PAGE) as u64 * 8).map_err(|e| err(e.to_string()))?;
+    f.read_exact_at(&mut entry, (addr / PAGE) as u64 * 8).map_err(Error::os(pci, WHAT))?;
     let entry = u64::from_le_bytes(entry);
     let pfn = entry & ((1 << 55) - 1);
     if entry >> 63 == 0 {
-        return Err(err("the page is not present".into()));
+        return Err(Error::Setup(format!("{pci}: {WHAT}: the page is not present")));
     }
     if pfn == 0 {
-        return Err(err("no page frame number shown (needs CAP_SYS_ADMIN)".into()));
+        return Err(Error::Setup(format!("{pci}: {WHAT}: no page frame number shown (needs CAP_SYS_ADMIN)")));
     }
     Ok(pfn * PAGE as u64 + (addr % PAGE) as u64)
 }
@@ -335,10 +343,10 @@ mod tests {
 
     /// Normal memory posing as huge pages at made-up physical addresses (1 GiB + 4 MiB per call),
     /// so the arena's bookkeeping runs anywhere; the VM suite runs it on real huge pages.
-    fn fake_pages(_: PciAddr, len: usize) -> Result<(Arc<Mapping>, Box<[u64]>), String> {
+    fn fake_pages(pci: PciAddr, len: usize) -> Result<(Arc<Mapping>, Box<[u64]>), Error> {
         static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let base = (1 << 30) + CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * (4 << 20);
-        let mem = Arc::new(Mapping::host_small(len).map_err(|e| e.to_string())?);
+        let mem = Arc::new(Mapping::host_small(len).map_err(Error::os(pci, "host memory"))?);
         Ok((mem, (0..len as u64 / HUGE).map(|i| base + i * 2 * HUGE).collect()))
     }
 
@@ -380,7 +388,7 @@ mod tests {
         assert_eq!(big.addr((2 << 20) + 10), big.addr(0) + 2 * HUGE + 10);
         assert_ne!(big.addr((2 << 20) + 10), big.addr(0) + HUGE + 10);
         drop((again, big));
-        let e = space.map(pci, &MappingPin::of(&Arc::new(Mapping::host_small(4096).unwrap()))).unwrap_err();
+        let e = space.map(pci, &MappingPin::of(&Arc::new(Mapping::host_small(4096).unwrap()))).unwrap_err().to_string();
         assert!(e.contains("reaches only the driver's locked huge pages"), "{e}");
     }
 }

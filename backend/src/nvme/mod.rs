@@ -3,8 +3,11 @@
 
 pub mod ctrl;
 mod dma;
+pub mod error;
 pub mod ns;
 pub mod prp;
 #[allow(unsafe_code)]
 pub mod queue;
 pub mod spec;
+
+pub use error::Error;

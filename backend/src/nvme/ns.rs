@@ -23,6 +23,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 use zerocopy::IntoBytes;
 
+use super::Error;
 use super::ctrl::{Addressing, Controller, Dma};
 use super::prp;
 use super::queue::{QueuePair, status};
@@ -65,15 +66,15 @@ pub struct NvmeVfio {
 
 impl NvmeVfio {
     /// Opens namespace `nsid` of the SSD at `pci`, with up to `queues` I/O queue pairs.
-    pub fn open(sysfs: &Sysfs, pci: PciAddr, nsid: u32, queues: u16, mode: Addressing) -> Result<NvmeVfio, String> {
+    pub fn open(sysfs: &Sysfs, pci: PciAddr, nsid: u32, queues: u16, mode: Addressing) -> Result<NvmeVfio, Error> {
         let ctrl = Controller::shared(sysfs, pci, queues.saturating_add(1), mode)?;
         let id = ctrl.namespace(nsid)?;
         if id.metadata != 0 || !matches!(id.block_size, 512 | 4096) {
-            return Err(format!(
+            return Err(Error::Setup(format!(
                 "{pci}: namespace {nsid} is formatted with {}-byte blocks and {} bytes of metadata; the target \
                  serves 512 or 4096-byte blocks without metadata",
                 id.block_size, id.metadata
-            ));
+            )));
         }
         let max_part = ctrl.id.max_transfer(PAGE).unwrap_or(MAX_PART).min(MAX_PART);
         info!(%pci, nsid, blocks = id.nsze, block_size = id.block_size, max_part, vwc = ctrl.id.vwc, "NVMe namespace ready");
@@ -100,10 +101,10 @@ impl Backend for NvmeVfio {
         Some(&self.facts)
     }
 
-    fn health_log(&self) -> Option<io::Result<Vec<u8>>> {
+    fn health_log(&self) -> Option<Result<Vec<u8>, IoError>> {
         // SMART / Health Information for the whole controller: an admin command, waited for
         // with this worker's other tasks moved elsewhere.
-        Some(off_the_worker(|| self.ctrl.log_page(0x02, u32::MAX, 512)).map_err(io::Error::other))
+        Some(off_the_worker(|| self.ctrl.log_page(0x02, u32::MAX, 512)).map_err(IoError::from))
     }
 
     fn volatile_write_cache(&self) -> bool {
@@ -111,15 +112,17 @@ impl Backend for NvmeVfio {
     }
 
     #[allow(unsafe_code)]
-    fn flush(&self) -> io::Result<()> {
+    fn flush(&self) -> Result<(), IoError> {
         let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
         if sync.is_none() {
-            *sync = self.ctrl.create_io_queue(2).map_err(io::Error::other)?;
+            *sync = self.ctrl.create_io_queue(2)?;
         }
-        let q = sync.as_mut().ok_or_else(|| io::Error::other("no free I/O queue pair for a flush"))?;
+        let q = sync
+            .as_mut()
+            .ok_or_else(|| IoError::Unavailable(format!("{}: no free I/O queue pair for a flush", self.ctrl.pci)))?;
         let sqe = spec::command(opcode::FLUSH, self.nsid, (0, 0), [0; 6]);
         // SAFETY: a Flush names no memory.
-        unsafe { self.ctrl.run(q, sqe, 0, FLUSH_TIMEOUT) }.map(drop).map_err(io::Error::other)
+        Ok(unsafe { self.ctrl.run(q, sqe, 0, FLUSH_TIMEOUT) }.map(drop)?)
     }
 
     /// A queue pair is created by two admin commands, waited for by polling.
@@ -127,19 +130,17 @@ impl Backend for NvmeVfio {
         true
     }
 
-    fn open_queue(self: Arc<Self>, depth: usize) -> io::Result<Box<dyn BackendQueue>> {
+    fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
         let depth = depth.clamp(1, 1023) as u16;
-        let q = self.ctrl.create_io_queue_waiting(depth + 1, QUEUE_PAIR_WAIT).map_err(io::Error::other)?.ok_or_else(
-            || {
-                io::Error::other(format!(
-                    "{}: every granted I/O queue pair is in use (none given back within {QUEUE_PAIR_WAIT:?})",
-                    self.ctrl.pci
-                ))
-            },
-        )?;
-        let irq = self.ctrl.irq(q.qid).map_err(io::Error::other)?;
+        let q = self.ctrl.create_io_queue_waiting(depth + 1, QUEUE_PAIR_WAIT)?.ok_or_else(|| {
+            IoError::Unavailable(format!(
+                "{}: every granted I/O queue pair is in use (none given back within {QUEUE_PAIR_WAIT:?})",
+                self.ctrl.pci
+            ))
+        })?;
+        let irq = self.ctrl.irq(q.qid)?;
         // One PRP list (or DSM range) page per command.
-        let lists = self.ctrl.dma(usize::from(depth) * PAGE).map_err(io::Error::other)?;
+        let lists = self.ctrl.dma(usize::from(depth) * PAGE)?;
         let slots = (0..depth).map(|_| Slot::default()).collect();
         let own = self.ctrl.pci.to_string();
         Ok(Box::new(NvmeQueue {
@@ -397,22 +398,22 @@ impl NvmeQueue {
         let slot = &mut self.slots[usize::from(cid)];
         (slot.req, slot.done, slot.part, slot.since) = (Some(req), 0, 0, Some(Instant::now()));
         self.in_flight += 1;
-        if let Err(e) = self.prepare(cid).and_then(|()| self.issue(cid)) {
-            return Some(self.finish(cid, Err(e.into())));
+        if let Err(e) = self.prepare(cid).and_then(|()| Ok(self.issue(cid)?)) {
+            return Some(self.finish(cid, Err(e)));
         }
         None
     }
 
     /// Finds where the SSD reaches a read's or write's window, or gives the request the bounce
     /// buffer (a write's data copied there).
-    fn prepare(&mut self, cid: u16) -> io::Result<()> {
+    fn prepare(&mut self, cid: u16) -> Result<(), IoError> {
         let req = self.slots[usize::from(cid)].req.take().expect("set");
         let r = self.place(cid, &req);
         self.slots[usize::from(cid)].req = Some(req);
         r
     }
 
-    fn place(&mut self, cid: u16, req: &IoRequest) -> io::Result<()> {
+    fn place(&mut self, cid: u16, req: &IoRequest) -> Result<(), IoError> {
         let (Op::Read { len, .. } | Op::Write { len, .. }) = req.op else { return Ok(()) };
         let w = req.buf.as_ref().ok_or_else(|| io::Error::other("no buffer for a read or write"))?;
         let direct = self.device_addr(w);
@@ -437,7 +438,7 @@ impl NvmeQueue {
         }
         let slot = &mut self.slots[usize::from(cid)];
         if slot.bounce.as_ref().is_none_or(|b| b.size() < len) {
-            slot.bounce = Some(self.ns.ctrl.dma(len.next_power_of_two().max(PAGE)).map_err(io::Error::other)?);
+            slot.bounce = Some(self.ns.ctrl.dma(len.next_power_of_two().max(PAGE))?);
         }
         if let (Op::Write { .. }, Some(b)) = (req.op, &mut slot.bounce) {
             b.write(0, &w.bytes()[..len]);
@@ -459,17 +460,17 @@ impl NvmeQueue {
         let oldest = self.slots.iter().filter_map(|s| s.since).min();
         let late = oldest.is_some_and(|t| t.elapsed() > COMMAND_TIMEOUT);
         let why = match self.ns.ctrl.check() {
-            Err(why) => why,
+            Err(e) => e.to_string(),
             Ok(()) if late => self.ns.ctrl.give_up(format!("a command got no completion within {COMMAND_TIMEOUT:?}")),
             Ok(()) => return,
         };
         self.waiting.clear();
         for req in self.backlog.drain(..) {
-            done(req.done(Err(IoError::other(why.clone()))));
+            done(req.done(Err(IoError::Unavailable(why.clone()))));
         }
         for cid in 0..self.slots.len() as u16 {
             if self.slots[usize::from(cid)].req.is_some() {
-                done(self.finish(cid, Err(IoError::other(why.clone()))));
+                done(self.finish(cid, Err(IoError::Unavailable(why.clone()))));
             }
         }
     }
@@ -487,7 +488,7 @@ impl BackendQueue for NvmeQueue {
             return Some(req.done(Err(IoError::errno(libc::EOPNOTSUPP))));
         }
         if let Some(why) = self.ns.ctrl.failed() {
-            return Some(req.done(Err(IoError::other(why))));
+            return Some(req.done(Err(IoError::Unavailable(why))));
         }
         // More operations than slots (a Dataset Management of many ranges on a busy queue):
         // the rest wait for a completion to free a slot.

@@ -714,10 +714,10 @@ mod tests {
         fn volatile_write_cache(&self) -> bool {
             false
         }
-        fn flush(&self) -> io::Result<()> {
+        fn flush(&self) -> Result<(), p2pnvmf_nvmf::IoError> {
             Ok(())
         }
-        fn open_queue(self: Arc<Self>, _: usize) -> io::Result<Box<dyn BackendQueue>> {
+        fn open_queue(self: Arc<Self>, _: usize) -> Result<Box<dyn BackendQueue>, p2pnvmf_nvmf::IoError> {
             Ok(Box::new(SlowQueue(self.0.clone())))
         }
     }
@@ -874,9 +874,9 @@ mod tests {
     /// mlx5_0), exported as a dma-buf by a fake exporter (a file stands in for the fd).
     fn p2p_target(held: &Held) -> (Arc<Target>, std::path::PathBuf) {
         let dir = p2pnvmf_p2p::fixture::switch_with_cmb();
-        let p2p = P2p::discover(&Sysfs::new(&dir), &[], &[], true)
-            .unwrap()
-            .with_exporter(|_| std::fs::File::open("/dev/null").map(Into::into).map_err(|e| e.to_string()));
+        let p2p = P2p::discover(&Sysfs::new(&dir), &[], &[], true).unwrap().with_exporter(|_| {
+            std::fs::File::open("/dev/null").map(Into::into).map_err(|e| p2pnvmf_p2p::Error::os("/dev/null", e))
+        });
         let mut ns = Namespace::new(NQN, 1, Arc::new(Slow(held.clone())));
         ns.buffers = NsBuffers::P2p { provider: 0, required: false };
         let t = Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port()]);

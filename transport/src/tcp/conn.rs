@@ -612,10 +612,10 @@ mod tests {
         fn volatile_write_cache(&self) -> bool {
             false
         }
-        fn flush(&self) -> std::io::Result<()> {
+        fn flush(&self) -> Result<(), p2pnvmf_nvmf::IoError> {
             Ok(())
         }
-        fn open_queue(self: Arc<Self>, _: usize) -> std::io::Result<Box<dyn BackendQueue>> {
+        fn open_queue(self: Arc<Self>, _: usize) -> Result<Box<dyn BackendQueue>, p2pnvmf_nvmf::IoError> {
             Ok(Box::new(SinkQueue(Vec::new())))
         }
     }
