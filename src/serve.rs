@@ -8,13 +8,14 @@ use std::sync::Arc;
 use anyhow::Context;
 use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
-use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config, Transport};
+use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config};
 use p2pnvmf_nvmf::buffers::{self, NsBuffers, NsStorage};
-use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, NsIds, Port, Subsystem, Target, TrType};
+use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, NsIds, Port, Subsystem, Target};
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
-use p2pnvmf_transport::rdma::{self, RdmaParams};
-use p2pnvmf_transport::tcp::{self, TcpParams};
+use p2pnvmf_transport::Transport;
+use p2pnvmf_transport::rdma::RdmaParams;
+use p2pnvmf_transport::tcp::TcpParams;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -170,21 +171,20 @@ impl Live {
     }
 }
 
-fn rdma_params(l: &p2pnvmf_config::Listener, lim: &p2pnvmf_config::Limits) -> RdmaParams {
-    RdmaParams {
-        max_icd: l.inline_data_size,
-        busy_poll: l.busy_poll,
-        srq: l.srq_size.map(|n| n as usize),
-        max_connections: lim.connections_per_listener as usize,
-        ..RdmaParams::default()
-    }
-}
-
-fn tcp_params(lim: &p2pnvmf_config::Limits) -> TcpParams {
-    TcpParams {
-        max_connections: lim.connections_per_listener as usize,
-        r2t_data: lim.r2t_data as usize,
-        ..TcpParams::default()
+/// The transport a `[[listener]]` names, with its settings and `[limits]`.
+fn transport(l: &p2pnvmf_config::Listener, lim: &p2pnvmf_config::Limits) -> Box<dyn Transport> {
+    let max_connections = lim.connections_per_listener as usize;
+    match l.transport {
+        p2pnvmf_config::Transport::Tcp => {
+            Box::new(TcpParams { max_connections, r2t_data: lim.r2t_data as usize, ..TcpParams::default() })
+        }
+        p2pnvmf_config::Transport::Rdma => Box::new(RdmaParams {
+            max_icd: l.inline_data_size,
+            busy_poll: l.busy_poll,
+            srq: l.srq_size.map(|n| n as usize),
+            max_connections,
+            ..RdmaParams::default()
+        }),
     }
 }
 
@@ -202,10 +202,8 @@ fn ports(cfg: &Config) -> Vec<Port> {
         .iter()
         .enumerate()
         .map(|(i, l)| {
-            let (trtype, params) = match l.transport {
-                Transport::Tcp => (TrType::Tcp, TcpParams::default().transport_params()),
-                Transport::Rdma => (TrType::Rdma, rdma_params(l, &cfg.limits).transport_params()),
-            };
+            let t = transport(l, &cfg.limits);
+            let (trtype, params) = (t.trtype(), t.params());
             Port { id: i as u16 + 1, trtype, traddr: l.address.to_string(), trsvcid: l.port.to_string(), params }
         })
         .collect()
@@ -373,30 +371,18 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
     for port in target.ports.clone() {
         let addr = std::net::SocketAddr::new(port.traddr.parse()?, port.trsvcid.parse()?);
         let lcfg = &cfg.listeners[usize::from(port.id) - 1];
-        let name = &lcfg.name;
-        match port.trtype {
-            TrType::Tcp => {
-                let sock = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("listener {name}: binding NVMe/TCP on {addr}"))?;
-                info!(%addr, port = port.id, "NVMe/TCP listener ready");
-                listeners.spawn(tcp::serve(sock, target.clone(), port, tcp_params(&cfg.limits), stop_rx.clone()));
+        let (name, kind) = (lcfg.name.clone(), port.trtype.name());
+        // Fails at start-up, naming the cause (rdma-core missing, the address in use).
+        let bound = transport(lcfg, &cfg.limits)
+            .bind(addr)
+            .with_context(|| format!("listener {name}: binding {kind} on {addr}"))?;
+        info!(%addr, port = port.id, "{kind} listener ready");
+        let serving = bound.serve(target.clone(), port, stop_rx.clone());
+        listeners.spawn(async move {
+            if let Err(e) = serving.await {
+                error!("listener {name}: {kind} on {addr}: {e}");
             }
-            TrType::Rdma => {
-                // Fail at start-up, naming the library, when rdma-core is missing.
-                rdma::available().map_err(|e| anyhow::anyhow!("listener {name}: NVMe/RDMA on {addr}: {e}"))?;
-                let listener = rdma::Listener::bind(addr)
-                    .with_context(|| format!("listener {name}: binding NVMe/RDMA on {addr}"))?;
-                info!(%addr, port = port.id, "NVMe/RDMA listener ready");
-                let (target, stop, name, params) =
-                    (target.clone(), stop_rx.clone(), name.clone(), rdma_params(lcfg, &cfg.limits));
-                listeners.spawn(async move {
-                    if let Err(e) = rdma::serve(listener, target, port, params, stop).await {
-                        error!("listener {name}: NVMe/RDMA on {addr}: {e}");
-                    }
-                });
-            }
-        }
+        });
     }
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

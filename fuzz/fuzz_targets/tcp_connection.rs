@@ -32,7 +32,7 @@ fuzz_target!(|input: &[u8]| {
             trtype: TrType::Tcp,
             traddr: "127.0.0.1".into(),
             trsvcid: "4420".into(),
-            params: params.transport_params(),
+            params: p2pnvmf_transport::Transport::params(&params),
         };
         let t = Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port.clone()]);
         let (host, target_side) = tokio::io::duplex(64 << 10);

@@ -23,6 +23,14 @@ impl TrType {
             TrType::Tcp => "tcp",
         }
     }
+
+    /// As the specification names it, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrType::Rdma => "NVMe/RDMA",
+            TrType::Tcp => "NVMe/TCP",
+        }
+    }
 }
 
 /// What a transport tells the core about itself, for Identify and the discovery log.

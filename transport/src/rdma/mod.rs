@@ -32,6 +32,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, warn};
 use zerocopy::IntoBytes;
 
+use crate::{Listening, Serving, Transport};
 pub use cm::Listener;
 use cm::{Event, next_event};
 use qp::{Qp, QpSize};
@@ -60,9 +61,32 @@ impl Default for RdmaParams {
     }
 }
 
-impl RdmaParams {
-    pub fn transport_params(&self) -> TransportParams {
+/// NVMe/RDMA with these settings.
+impl Transport for RdmaParams {
+    fn trtype(&self) -> TrType {
+        TrType::Rdma
+    }
+
+    fn params(&self) -> TransportParams {
         TransportParams { ioccsz: (64 + self.max_icd) / 16, max_xfer: self.max_xfer, msdbd: 1, keyed_sgls: true }
+    }
+
+    /// Fails naming the library when rdma-core is missing.
+    fn bind(&self, addr: SocketAddr) -> io::Result<Box<dyn Listening>> {
+        available().map_err(io::Error::other)?;
+        Ok(Box::new(Bound { listener: Listener::bind(addr)?, params: *self }))
+    }
+}
+
+/// An NVMe/RDMA listener bound, not yet serving.
+struct Bound {
+    listener: Listener,
+    params: RdmaParams,
+}
+
+impl Listening for Bound {
+    fn serve(self: Box<Self>, target: Arc<Target>, port: Port, shutdown: watch::Receiver<bool>) -> Serving {
+        Box::pin(serve(self.listener, target, port, self.params, shutdown))
     }
 }
 
@@ -94,7 +118,7 @@ enum CmNote {
 }
 
 /// Accepts RDMA connections until `shutdown`, then waits for every queue to close.
-pub async fn serve(
+async fn serve(
     listener: Listener,
     target: Arc<Target>,
     port: Port,

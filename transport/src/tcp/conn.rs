@@ -719,7 +719,7 @@ mod tests {
             trtype: TrType::Tcp,
             traddr: "127.0.0.1".into(),
             trsvcid: "4420".into(),
-            params: params.transport_params(),
+            params: crate::Transport::params(&params),
         };
         let ns = Namespace::new(NQN, 1, Arc::new(Sink));
         (Target::new(vec![Arc::new(Subsystem::open(NQN, vec![ns]))], vec![port.clone()]), port)

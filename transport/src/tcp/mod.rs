@@ -3,6 +3,8 @@
 pub mod conn;
 pub mod pdu;
 
+use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use p2pnvmf_nvmf::queue;
@@ -11,6 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, warn};
+
+use crate::{Listening, Serving, Transport};
 
 /// Per-listener NVMe/TCP settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,10 +37,38 @@ impl Default for TcpParams {
     }
 }
 
-impl TcpParams {
-    /// What the core advertises for this transport (IOCCSZ covers the SQE plus ICD).
-    pub fn transport_params(&self) -> TransportParams {
+/// NVMe/TCP with these settings.
+impl Transport for TcpParams {
+    fn trtype(&self) -> TrType {
+        TrType::Tcp
+    }
+
+    /// IOCCSZ covers the SQE plus in-capsule data.
+    fn params(&self) -> TransportParams {
         TransportParams { ioccsz: (64 + self.max_icd) / 16, max_xfer: self.max_xfer, msdbd: 1, keyed_sgls: false }
+    }
+
+    fn bind(&self, addr: SocketAddr) -> io::Result<Box<dyn Listening>> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(Box::new(Bound { listener, params: *self }))
+    }
+}
+
+/// An NVMe/TCP listener bound, not yet serving.
+#[derive(Debug)]
+struct Bound {
+    listener: std::net::TcpListener,
+    params: TcpParams,
+}
+
+impl Listening for Bound {
+    fn serve(self: Box<Self>, target: Arc<Target>, port: Port, shutdown: watch::Receiver<bool>) -> Serving {
+        Box::pin(async move {
+            let listener = TcpListener::from_std(self.listener)?;
+            serve(listener, target, port, self.params, shutdown).await;
+            Ok(())
+        })
     }
 }
 
@@ -47,7 +79,7 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 
 /// Accepts connections on `listener` until `shutdown` turns true, then waits for every
 /// connection task to finish.
-pub async fn serve(
+async fn serve(
     listener: TcpListener,
     target: Arc<Target>,
     port: Port,
