@@ -85,6 +85,35 @@ struct Inflight {
 struct Commands {
     inflight: Vec<Option<Inflight>>,
     scratch: Vec<Window>,
+    failures: FailureLog,
+}
+
+/// Lines a queue logs for failed I/O per second: a failing device fails every command, and
+/// the log must stay readable (the metrics count every failure, by status).
+const FAILURES_LOGGED_PER_SECOND: u32 = 5;
+
+/// Which failed commands a queue logs: the first few of every second, the next line saying
+/// how many went unlogged meanwhile.
+#[derive(Debug, Default)]
+struct FailureLog {
+    second: Option<Instant>,
+    logged: u32,
+    unlogged: u64,
+}
+
+impl FailureLog {
+    /// Whether to log a failure seen at `now`, and how many went unlogged before it.
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        if self.second.is_none_or(|s| now.duration_since(s).as_secs() >= 1) {
+            (self.second, self.logged) = (Some(now), 0);
+        }
+        if self.logged == FAILURES_LOGGED_PER_SECOND {
+            self.unlogged += 1;
+            return None;
+        }
+        self.logged += 1;
+        Some(std::mem::take(&mut self.unlogged))
+    }
 }
 
 /// A queue's I/O execution state: backend queues per namespace (opened on first use) and the
@@ -394,7 +423,9 @@ impl Commands {
             && f.status.is_success()
         {
             f.status = failure_status(f.opcode, e);
-            warn!(nsid = f.nsid, opcode = f.opcode, status = %f.status, "I/O failed: {e}");
+            if let Some(unlogged) = self.failures.admit(Instant::now()) {
+                warn!(nsid = f.nsid, opcode = f.opcode, status = %f.status, unlogged, "I/O failed: {e}");
+            }
         }
         match done.buf {
             // Compare read into the scratch buffer; other commands lent the host's window.
@@ -476,6 +507,20 @@ mod libc_errno {
 mod tests {
     use super::*;
     use std::io;
+
+    #[test]
+    fn a_failing_device_logs_a_few_lines_a_second_and_counts_the_rest() {
+        let mut log = FailureLog::default();
+        let t0 = Instant::now();
+        let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        let first: Vec<_> = (0..8).map(|i| log.admit(at(i * 10))).collect();
+        let n = FAILURES_LOGGED_PER_SECOND as usize;
+        assert!(first[..n].iter().all(|l| *l == Some(0)), "{first:?}");
+        assert!(first[n..].iter().all(Option::is_none), "{first:?}");
+        // The next second's first line says how many the last one left out.
+        assert_eq!(log.admit(at(1000)), Some(8 - n as u64));
+        assert_eq!(log.admit(at(1001)), Some(0));
+    }
 
     #[test]
     fn a_failure_keeps_its_meaning_at_the_wire() {
