@@ -21,21 +21,21 @@ const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:0f0f0f0f-0000-0000-0000-0000
 /// with a buffer of the length its SGL names (`data` at its start); returns the response's data
 /// length when done now, and the buffer's.
 fn exec(q: &mut Queue, sqe: &Sqe, data: &[u8]) -> Option<(u32, usize)> {
-    let plan = match q.accept(sqe, data.len()) {
-        Ok(plan) => plan,
+    let mut req = match q.accept(sqe, data.len()) {
+        Ok(req) => req,
         Err(_) => return Some((0, 0)),
     };
-    let len = plan.len();
+    let len = req.len();
     let mut w = Window::host(len.max(1)).expect("host memory");
     let n = len.min(data.len());
     w.bytes_mut()[..n].copy_from_slice(&data[..n]);
-    let mut buf = Some(w);
-    match q.execute(0, sqe, &mut buf, len) {
-        Exec::Done(r) => Some((r.data_len, len)),
+    req.buf = Some(w);
+    match q.execute(0, req) {
+        Exec::Done(r) => Some((r.response.data_len, len)),
         // Held (an Async Event Request) or at the backend, which finishes RAM operations inline.
         Exec::Submitted => {
             let mut done = None;
-            q.reap(&mut |c| done = Some(c.response.data_len));
+            q.reap(&mut |c| done = Some(c.req.response.data_len));
             done.map(|n| (n, len))
         }
     }

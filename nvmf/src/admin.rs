@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::Status;
 use crate::ctrl::{AERL, Controller, VERSION, feat};
-use crate::response::{Exec, Response};
+use crate::response::Response;
 use crate::subsystem::Subsystem;
 use crate::target::Target;
 use crate::wire::{Sqe, io_opcode, put_str};
@@ -45,13 +45,21 @@ pub const FIRMWARE_REVISION: &str = env!("CARGO_PKG_VERSION");
 
 const PAGE: usize = 4096;
 
-pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, tag: u16, sqe: &Sqe, data: &mut [u8]) -> Exec {
+/// Executes an admin command on its data; `None` for an Async Event Request held until an event
+/// completes it (through the queue's reap).
+pub(crate) fn execute(
+    target: &Target,
+    ctrl: &Arc<Controller>,
+    tag: u16,
+    sqe: &Sqe,
+    data: &mut [u8],
+) -> Option<Response> {
     let r = match sqe.opcode {
         opcode::IDENTIFY => identify(ctrl, sqe, data),
         opcode::GET_LOG_PAGE => get_log_page(target, ctrl, sqe, data),
         opcode::SET_FEATURES => {
             if sqe.cdw10.get() & (1 << 31) != 0 {
-                return Status::FEATURE_NOT_SAVEABLE.dnr().into();
+                return Some(Response::status(Status::FEATURE_NOT_SAVEABLE.dnr()));
             }
             match ctrl.set_feature(sqe.cdw10.get() as u8, sqe.cdw11.get()) {
                 Ok(dw0) => Response::result(dw0.into()),
@@ -60,11 +68,10 @@ pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, tag: u16, sqe: &S
         }
         opcode::GET_FEATURES => get_features(ctrl, sqe, data),
         opcode::ASYNC_EVENT_REQUEST => {
-            // Held, it completes through the queue's reap when an event comes.
             return match ctrl.push_aer(tag) {
-                Ok(None) => Exec::Submitted,
-                Ok(Some(event)) => Response::result(event.into()).into(),
-                Err(s) => s.into(),
+                Ok(None) => None,
+                Ok(Some(event)) => Some(Response::result(event.into())),
+                Err(s) => Some(Response::status(s)),
             };
         }
         opcode::KEEP_ALIVE => Response::ok(),
@@ -73,7 +80,7 @@ pub(crate) fn execute(target: &Target, ctrl: &Arc<Controller>, tag: u16, sqe: &S
         opcode::ABORT => Response::result(1),
         _ => Response::status(Status::INVALID_OPCODE.dnr()),
     };
-    r.into()
+    Some(r)
 }
 
 fn put16(b: &mut [u8], off: usize, v: u16) {

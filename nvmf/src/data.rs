@@ -6,9 +6,10 @@ use crate::subsystem::TransportParams;
 use crate::wire::{Direction, Sqe, sgl};
 
 /// Where the data of an accepted command is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DataPlan {
     /// The command moves no data.
+    #[default]
     None,
     /// Host-to-controller data in the capsule: `len` bytes at `offset` of its in-capsule data.
     InCapsule { offset: usize, len: usize },

@@ -13,18 +13,10 @@ use tracing::warn;
 
 use crate::Status;
 use crate::ns::{BackendQueue, IoDone, IoError, IoRequest, Namespace, Op};
-use crate::response::{Exec, Response};
+use crate::request::{Completion, Exec, Request};
+use crate::response::Response;
 use crate::subsystem::Subsystem;
 use crate::wire::{Sqe, io_opcode as opcode};
-
-/// A finished command of a queue: its tag, its response, and the data window it was lent (if
-/// it took one).
-#[derive(Debug)]
-pub struct Completion {
-    pub tag: u16,
-    pub response: Response,
-    pub buf: Option<Window>,
-}
 
 /// One namespace's backend queue on this queue, for the backend it was opened on (a reload
 /// may put another backend behind the same NSID).
@@ -63,11 +55,12 @@ impl Opening {
     }
 }
 
-/// A command with operations in flight.
+/// A command with operations in flight: the request, and how its operations stand.
 #[derive(Debug)]
 struct Inflight {
-    opcode: u8,
-    nsid: u32,
+    /// Its buffer is away with the operation while one reads or writes it; a compare keeps
+    /// the host's data here and reads what the namespace holds into `scratch`.
+    req: Request,
     started: Instant,
     /// Bytes the command moves (reads and writes).
     len: usize,
@@ -75,9 +68,20 @@ struct Inflight {
     remaining: usize,
     /// The first failure among its operations.
     status: Status,
-    /// Compare: the host's data, then what the namespace holds.
-    host: Option<Window>,
     scratch: Option<Window>,
+}
+
+/// What an I/O command comes to once checked: the operations it submits.
+#[derive(Debug)]
+enum Planned {
+    /// Flush of every namespace (NSID FFFFFFFFh).
+    FlushAll,
+    /// A read or write of the command's buffer (a compare reads into `scratch`).
+    Data { op: Op, scratch: Option<Window> },
+    /// One operation without data.
+    One(Op),
+    /// Deallocate of each range.
+    Deallocate { ranges: Box<[(u64, u64)]> },
 }
 
 /// Commands in flight by tag, and compare buffers kept for reuse.
@@ -154,58 +158,72 @@ fn dsm_ranges(ns: &Namespace, sqe: &Sqe, data: &[u8], out: &mut [(u64, u64); 256
 }
 
 impl IoState {
-    /// Starts an I/O command. `buf` holds the host's data (writes) or receives the data
-    /// (reads); `len` is the SGL's length. A command that finishes at once returns `Done`
-    /// with `buf` given back; a submitted one keeps what it needs of `buf` until its
-    /// [`Completion`].
-    pub(crate) fn start(
-        &mut self,
-        subsys: &Subsystem,
-        depth: usize,
-        tag: u16,
-        sqe: &Sqe,
-        buf: &mut Option<Window>,
-        len: usize,
-    ) -> Exec {
-        if let Err(s) = self.plan(subsys, depth, tag, sqe, buf, len) {
-            if let Some(ns) = subsys.ns(sqe.nsid.get()) {
-                ns.metrics.record(opcode::rw(sqe.opcode), 0, s, std::time::Duration::ZERO);
+    /// Starts an I/O command: its buffer holds the host's data (writes) or receives the data
+    /// (reads). A command that finishes at once comes back `Done`; a submitted one is held —
+    /// its buffer lent to the operation that moves it — until it comes out of
+    /// [`IoState::reap`].
+    pub(crate) fn start(&mut self, subsys: &Subsystem, depth: usize, tag: u16, mut req: Request) -> Exec {
+        let planned = match self.plan(subsys, tag, &req) {
+            Ok(p) => p,
+            Err(s) => {
+                if let Some(ns) = subsys.ns(req.sqe.nsid.get()) {
+                    ns.metrics.record(opcode::rw(req.sqe.opcode), 0, s, std::time::Duration::ZERO);
+                }
+                req.response = Response::status(s);
+                return Exec::Done(req);
             }
-            return s.into();
+        };
+        let nsid = req.sqe.nsid.get();
+        match planned {
+            Planned::FlushAll => {
+                self.cmds.begin(tag, req, 0, subsys.namespaces.len());
+                for ns in &subsys.namespaces {
+                    self.submit(ns, depth, IoRequest { tag, op: Op::Flush, buf: None });
+                }
+            }
+            Planned::Data { op, scratch } => {
+                let len = match op {
+                    Op::Read { len, .. } | Op::Write { len, .. } => len,
+                    _ => 0,
+                };
+                let f = self.cmds.begin(tag, req, len, 1);
+                let buf = match scratch {
+                    Some(s) => s,
+                    None => f.req.buf.take().expect("checked by plan"),
+                };
+                let ns = subsys.ns(nsid).expect("checked by plan");
+                self.submit(ns, depth, IoRequest { tag, op, buf: Some(buf) });
+            }
+            Planned::One(op) => {
+                self.cmds.begin(tag, req, 0, 1);
+                let ns = subsys.ns(nsid).expect("checked by plan");
+                self.submit(ns, depth, IoRequest { tag, op, buf: None });
+            }
+            Planned::Deallocate { ranges } => {
+                self.cmds.begin(tag, req, 0, ranges.len());
+                let ns = subsys.ns(nsid).expect("checked by plan");
+                for &(offset, len) in &ranges {
+                    self.submit(ns, depth, IoRequest { tag, op: Op::Deallocate { offset, len }, buf: None });
+                }
+            }
         }
         // Every operation may have finished inline already.
         match self.cmds.inflight.get(usize::from(tag)) {
-            Some(Some(f)) if f.remaining == 0 => {
-                let c = self.cmds.complete(subsys, tag);
-                if c.buf.is_some() {
-                    *buf = c.buf;
-                }
-                Exec::Done(c.response)
-            }
+            Some(Some(f)) if f.remaining == 0 => Exec::Done(self.cmds.complete(subsys, tag).req),
             _ => Exec::Submitted,
         }
     }
 
-    fn plan(
-        &mut self,
-        subsys: &Subsystem,
-        depth: usize,
-        tag: u16,
-        sqe: &Sqe,
-        buf: &mut Option<Window>,
-        len: usize,
-    ) -> Result<(), Status> {
+    /// Checks an I/O command against its namespace and says what it submits.
+    fn plan(&mut self, subsys: &Subsystem, tag: u16, req: &Request) -> Result<Planned, Status> {
         if self.cmds.inflight.get(usize::from(tag)).is_some_and(Option::is_some) {
             warn!(tag, "a command was started on a tag still in flight");
             return Err(Status::INTERNAL_ERROR);
         }
+        let (sqe, len) = (&req.sqe, req.len());
         let nsid = sqe.nsid.get();
         if sqe.opcode == opcode::FLUSH && nsid == u32::MAX {
-            self.cmds.begin(tag, sqe.opcode, nsid, 0, subsys.namespaces.len());
-            for ns in &subsys.namespaces {
-                self.submit(ns, depth, IoRequest { tag, op: Op::Flush, buf: None });
-            }
-            return Ok(());
+            return Ok(Planned::FlushAll);
         }
         let ns = subsys.ns(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?;
         match sqe.opcode {
@@ -214,54 +232,37 @@ impl IoState {
                 if len as u64 != bytes {
                     return Err(Status::DATA_SGL_LENGTH_INVALID.dnr());
                 }
-                if buf.as_ref().is_none_or(|b| b.len() < len) {
+                if req.buf.as_ref().is_none_or(|b| b.len() < len) {
                     warn!(tag, len, "no data buffer of the command's length");
                     return Err(Status::INTERNAL_ERROR);
                 }
+                // Compare reads what the namespace holds beside the host's data.
                 let scratch = match sqe.opcode {
                     opcode::COMPARE => Some(self.cmds.scratch_for(len)?),
                     _ => None,
-                };
-                let data = buf.take().expect("checked above");
-                self.cmds.begin(tag, sqe.opcode, nsid, len, 1);
-                let buf = match scratch {
-                    // Compare reads what the namespace holds beside the host's data.
-                    Some(s) => {
-                        self.cmds.inflight[usize::from(tag)].as_mut().expect("begun above").host = Some(data);
-                        s
-                    }
-                    None => data,
                 };
                 let op = match sqe.opcode {
                     opcode::WRITE => Op::Write { offset, len },
                     _ => Op::Read { offset, len },
                 };
-                self.submit(ns, depth, IoRequest { tag, op, buf: Some(buf) });
+                Ok(Planned::Data { op, scratch })
             }
-            opcode::FLUSH => {
-                self.cmds.begin(tag, sqe.opcode, nsid, 0, 1);
-                self.submit(ns, depth, IoRequest { tag, op: Op::Flush, buf: None });
-            }
+            opcode::FLUSH => Ok(Planned::One(Op::Flush)),
             opcode::WRITE_ZEROES => {
                 let (offset, len) = lba_range(ns, sqe)?;
-                self.cmds.begin(tag, sqe.opcode, nsid, 0, 1);
-                self.submit(ns, depth, IoRequest { tag, op: Op::WriteZeroes { offset, len }, buf: None });
+                Ok(Planned::One(Op::WriteZeroes { offset, len }))
             }
             opcode::DATASET_MANAGEMENT => {
-                let data = buf.as_ref().map_or(&[][..], |b| &b.bytes()[..len.min(b.len())]);
+                let data = req.buf.as_ref().map_or(&[][..], |b| &b.bytes()[..len.min(b.len())]);
                 let mut ranges = [(0u64, 0u64); 256];
                 let nr = dsm_ranges(ns, sqe, data, &mut ranges)?;
                 // Only Deallocate (AD, CDW11 bit 2) has an effect.
                 let dealloc = sqe.cdw11.get() & (1 << 2) != 0;
-                let ranges = ranges[..nr].iter().filter(|r| dealloc && r.1 != 0);
-                self.cmds.begin(tag, sqe.opcode, nsid, 0, ranges.clone().count());
-                for &(offset, len) in ranges {
-                    self.submit(ns, depth, IoRequest { tag, op: Op::Deallocate { offset, len }, buf: None });
-                }
+                let ranges = ranges[..nr].iter().filter(|r| dealloc && r.1 != 0).copied().collect();
+                Ok(Planned::Deallocate { ranges })
             }
-            _ => return Err(Status::INVALID_OPCODE.dnr()),
+            _ => Err(Status::INVALID_OPCODE.dnr()),
         }
-        Ok(())
     }
 
     /// Submits to `ns`'s backend queue (opened on first use: off the queue's task for a
@@ -385,21 +386,20 @@ impl IoState {
 }
 
 impl Commands {
-    fn begin(&mut self, tag: u16, opcode: u8, nsid: u32, len: usize, ops: usize) {
+    /// Holds `req` in flight under `tag` with `ops` operations to wait for, `len` bytes to move.
+    fn begin(&mut self, tag: u16, req: Request, len: usize, ops: usize) -> &mut Inflight {
         let t = usize::from(tag);
         if self.inflight.len() <= t {
             self.inflight.resize_with(t + 1, || None);
         }
-        self.inflight[t] = Some(Inflight {
-            opcode,
-            nsid,
+        self.inflight[t].insert(Inflight {
+            req,
             started: Instant::now(),
             len,
             remaining: ops,
             status: Status::SUCCESS,
-            host: None,
             scratch: None,
-        });
+        })
     }
 
     /// A reused compare buffer of at least `len` bytes.
@@ -419,37 +419,39 @@ impl Commands {
             warn!(tag = done.tag, "completion for a command not in flight");
             return None;
         };
+        let (opcode, nsid) = (f.req.sqe.opcode, f.req.sqe.nsid.get());
         if let Err(e) = &done.result
             && f.status.is_success()
         {
-            f.status = failure_status(f.opcode, e);
+            f.status = failure_status(opcode, e);
             if let Some(unlogged) = self.failures.admit(Instant::now()) {
-                warn!(nsid = f.nsid, opcode = f.opcode, status = %f.status, unlogged, "I/O failed: {e}");
+                warn!(nsid, opcode, status = %f.status, unlogged, "I/O failed: {e}");
             }
         }
         match done.buf {
-            // Compare read into the scratch buffer; other commands lent the host's window.
-            Some(b) if f.opcode == opcode::COMPARE => f.scratch = Some(b),
-            Some(b) => f.host = Some(b),
+            // Compare read into the scratch buffer; other commands lent the request's buffer.
+            Some(b) if opcode == opcode::COMPARE => f.scratch = Some(b),
+            Some(b) => f.req.buf = Some(b),
             None => {}
         }
         f.remaining = f.remaining.saturating_sub(1);
         (f.remaining == 0).then_some(done.tag)
     }
 
-    /// The response of a command whose operations are all done.
+    /// The request whose operations are all done, its response set.
     fn complete(&mut self, subsys: &Subsystem, tag: u16) -> Completion {
-        let f = self.inflight[usize::from(tag)].take().expect("command in flight");
+        let mut f = self.inflight[usize::from(tag)].take().expect("command in flight");
+        let (opcode, nsid) = (f.req.sqe.opcode, f.req.sqe.nsid.get());
         let mut response = Response::status(f.status);
         if f.status.is_success() {
-            match f.opcode {
+            match opcode {
                 opcode::READ => {
                     subsys.stats.record_read(f.len as u64);
                     response = Response::data(f.len);
                 }
                 opcode::WRITE => subsys.stats.record_write(f.len as u64),
                 opcode::COMPARE => {
-                    let same = match (&f.host, &f.scratch) {
+                    let same = match (&f.req.buf, &f.scratch) {
                         (Some(h), Some(s)) => h.bytes()[..f.len] == s.bytes()[..f.len],
                         _ => false,
                     };
@@ -460,13 +462,14 @@ impl Commands {
                 _ => {}
             }
         }
-        if let Some(ns) = subsys.ns(f.nsid) {
-            ns.metrics.record(opcode::rw(f.opcode), f.len, response.status, f.started.elapsed());
+        if let Some(ns) = subsys.ns(nsid) {
+            ns.metrics.record(opcode::rw(opcode), f.len, response.status, f.started.elapsed());
         }
         if let Some(s) = f.scratch {
             self.scratch.push(s);
         }
-        Completion { tag, response, buf: f.host }
+        f.req.response = response;
+        Completion { tag, req: f.req }
     }
 }
 

@@ -5,16 +5,16 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 
-use p2pnvmf_p2p::mem::Window;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::auth::Session;
 use crate::buffers::{Mover, QueueBuffers};
 use crate::ctrl::Controller;
-use crate::data::{self, DataPlan};
-use crate::io::{Completion, IoState};
-use crate::response::{Exec, Response};
+use crate::data;
+use crate::io::IoState;
+use crate::request::{Completion, Exec, Request};
+use crate::response::Response;
 use crate::subsystem::{Port, TrType};
 use crate::target::Target;
 use crate::wire::{Cqe, Direction, FABRICS_OPCODE, Sqe, fctype, io_opcode};
@@ -49,6 +49,8 @@ pub struct Queue {
     sq_flow_disabled: bool,
     mover: Mover,
     io: IoState,
+    /// Async Event Requests held for an event, by tag (admin queue).
+    held: Vec<(u16, Request)>,
 }
 
 impl Queue {
@@ -67,6 +69,7 @@ impl Queue {
             sq_flow_disabled: false,
             mover: Mover::Cpu,
             io: IoState::default(),
+            held: Vec::new(),
         }
     }
 
@@ -113,9 +116,9 @@ impl Queue {
     /// authentication, an opcode of the queue's kind, an enabled controller) and its data
     /// located by its SGL, `icd_len` bytes having come in the capsule. A connected host's
     /// command keeps its controller alive unless refused for want of authentication. A refusal
-    /// is the status to complete the command with; an accepted command goes to
-    /// [`Queue::execute`] once its data is in its buffer.
-    pub fn accept(&self, sqe: &Sqe, icd_len: usize) -> Result<DataPlan, Status> {
+    /// is the status to complete the command with; an accepted command is a [`Request`] that
+    /// goes to [`Queue::execute`] once its data is in its buffer.
+    pub fn accept(&self, sqe: &Sqe, icd_len: usize) -> Result<Request, Status> {
         let admitted = self.admit(sqe);
         if let Some(c) = &self.ctrl
             && admitted != Err(Status::AUTHENTICATION_REQUIRED.dnr())
@@ -123,7 +126,8 @@ impl Queue {
             c.touch();
         }
         admitted?;
-        data::locate(sqe, icd_len, &self.port.params)
+        let plan = data::locate(sqe, icd_len, &self.port.params)?;
+        Ok(Request { sqe: *sqe, plan, ..Request::default() })
     }
 
     /// Whether this queue, in its current state, takes the command at all.
@@ -168,15 +172,16 @@ impl Queue {
         }
     }
 
-    /// Executes a command [`Queue::accept`] accepted, known to the transport by `tag` (unique
-    /// among its commands in flight). `buf` holds the host's data for host-to-controller
-    /// commands and receives the data for controller-to-host ones; `len` is the data's length.
-    /// An I/O command may be `Submitted`: it then keeps the window until its completion comes
-    /// out of [`Queue::reap`]. Everything else finishes here and leaves `buf` where it was.
-    pub fn execute(&mut self, tag: u16, sqe: &Sqe, buf: &mut Option<Window>, len: usize) -> Exec {
+    /// Executes a request [`Queue::accept`] made, known to the transport by `tag` (unique
+    /// among its commands in flight), its buffer holding the host's data for host-to-controller
+    /// commands and receiving the data for controller-to-host ones. An I/O command or an Async
+    /// Event Request may be `Submitted`: the request then comes back out of [`Queue::reap`].
+    pub fn execute(&mut self, tag: u16, mut req: Request) -> Exec {
+        let sqe = req.sqe;
         if self.ctrl.is_none() && (sqe.opcode != FABRICS_OPCODE || sqe.fctype() != fctype::CONNECT) {
             warn!(tag, opcode = sqe.opcode, "a command was executed that was not accepted");
-            return Status::COMMAND_SEQUENCE_ERROR.dnr().into();
+            req.response = Response::status(Status::COMMAND_SEQUENCE_ERROR.dnr());
+            return Exec::Done(req);
         }
         if self.qid != 0 && sqe.opcode != FABRICS_OPCODE {
             let ctrl = self.ctrl.as_ref().expect("checked above");
@@ -188,23 +193,40 @@ impl Queue {
                     self.io.retire(s);
                 }
             }
-            let Some(subsys) = &self.subsys else { return Status::INVALID_OPCODE.dnr().into() };
-            return self.io.start(subsys, usize::from(self.entries), tag, sqe, buf, len);
+            let Some(subsys) = &self.subsys else {
+                req.response = Response::status(Status::INVALID_OPCODE.dnr());
+                return Exec::Done(req);
+            };
+            return self.io.start(subsys, usize::from(self.entries), tag, req);
         }
         // Fabrics and admin commands work on the bytes directly.
-        let data = match buf {
+        let len = req.len();
+        let data = match &mut req.buf {
             Some(b) if b.len() >= len => &mut b.bytes_mut()[..len],
             _ if len == 0 => &mut [][..],
             _ => {
                 warn!(tag, len, "no data buffer of the command's length");
-                return Status::INTERNAL_ERROR.into();
+                req.response = Response::status(Status::INTERNAL_ERROR);
+                return Exec::Done(req);
             }
         };
-        if sqe.opcode == FABRICS_OPCODE {
-            return self.fabrics(sqe, data).into();
+        let response = if sqe.opcode == FABRICS_OPCODE {
+            Some(self.fabrics(&sqe, data))
+        } else {
+            let ctrl = self.ctrl.clone().expect("checked above");
+            admin::execute(&self.target, &ctrl, tag, &sqe, data)
+        };
+        match response {
+            Some(r) => {
+                req.response = r;
+                Exec::Done(req)
+            }
+            None => {
+                // An Async Event Request, held until an event completes it.
+                self.held.push((tag, req));
+                Exec::Submitted
+            }
         }
-        let ctrl = self.ctrl.clone().expect("checked above");
-        admin::execute(&self.target, &ctrl, tag, sqe, data)
     }
 
     /// Resolves when submitted commands may have completed — backend operations, or on the
@@ -223,7 +245,7 @@ impl Queue {
         }
     }
 
-    /// Hands every submitted command that finished to `out`, in completion order: backend
+    /// Hands every submitted request that finished to `out`, in completion order: backend
     /// operations, and on the admin queue Async Event Requests an event completes.
     pub fn reap(&mut self, out: &mut impl FnMut(Completion)) {
         if let Some(subsys) = &self.subsys {
@@ -231,8 +253,14 @@ impl Queue {
         }
         if let (0, Some(c)) = (self.qid, &self.ctrl) {
             for (tag, dw0) in c.take_async_completions() {
+                let Some(i) = self.held.iter().position(|(t, _)| *t == tag) else {
+                    warn!(cntlid = c.cntlid, tag, "an async event for no request held");
+                    continue;
+                };
                 info!(cntlid = c.cntlid, tag, dw0 = format_args!("{dw0:#x}"), "async event completed");
-                out(Completion { tag, response: Response::result(dw0.into()), buf: None });
+                let (tag, mut req) = self.held.swap_remove(i);
+                req.response = Response::result(dw0.into());
+                out(Completion { tag, req });
             }
         }
     }
@@ -268,14 +296,16 @@ impl Queue {
         }
     }
 
-    /// Builds the CQE for a finished command and advances the SQ head.
-    pub fn cqe(&mut self, cid: u16, r: &Response) -> Cqe {
+    /// The CQE that completes a finished request (its response), advancing the SQ head: the
+    /// one way every command of the queue is answered.
+    pub fn complete(&mut self, req: &Request) -> Cqe {
         self.sqhd = (self.sqhd + 1) % self.entries;
+        let r = &req.response;
         Cqe {
             result: r.result.into(),
             sqhd: self.sqhd.into(),
             sqid: self.qid.into(),
-            cid: cid.into(),
+            cid: req.sqe.cid,
             status: r.status.to_cqe_field().into(),
         }
     }

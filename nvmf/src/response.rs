@@ -27,25 +27,3 @@ impl Response {
         Response { result, ..Default::default() }
     }
 }
-
-/// What executing a command produced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exec {
-    Done(Response),
-    /// In flight — at the backend, or an Async Event Request held for an event: its
-    /// [`Completion`](crate::Completion) comes from [`Queue::reap`](crate::Queue::reap), with
-    /// the data window it took.
-    Submitted,
-}
-
-impl From<Response> for Exec {
-    fn from(r: Response) -> Self {
-        Exec::Done(r)
-    }
-}
-
-impl From<Status> for Exec {
-    fn from(s: Status) -> Self {
-        Exec::Done(Response::status(s))
-    }
-}

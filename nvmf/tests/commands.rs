@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use p2pnvmf_nvmf::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, Sqe, get_str, put_str, sgl};
 use p2pnvmf_nvmf::{
-    Backend, BackendQueue, DISCOVERY_NQN, Exec, IoDone, IoError, IoRequest, IoStats, Limits, Namespace, Op, Port,
-    Queue, Response, Status, Subsystem, Target, TrType, TransportParams,
+    Backend, BackendQueue, DISCOVERY_NQN, DataPlan, Exec, IoDone, IoError, IoRequest, IoStats, Limits, Namespace, Op,
+    Port, Queue, Request, Response, Status, Subsystem, Target, TrType, TransportParams,
 };
 use p2pnvmf_p2p::mem::Window;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
@@ -157,24 +157,35 @@ fn exec(q: &mut Queue, s: &Sqe, data: &mut [u8]) -> Exec {
     if s.dptr.length.get() == 0 {
         s.dptr.length = (data.len() as u32).into();
     }
-    if let Err(status) = q.accept(&s, 0) {
-        return status.into();
-    }
-    let s = &s;
+    let mut req = match q.accept(&s, 0) {
+        Ok(req) => req,
+        Err(status) => return Exec::Done(Request::answered(s, Response::status(status))),
+    };
     let mut w = Window::host(data.len().max(1)).unwrap();
     w.bytes_mut()[..data.len()].copy_from_slice(data);
-    let mut buf = Some(w);
+    req.buf = Some(w);
     // The CID as the tag: unique among a test's commands in flight, as a transport's tags are.
-    let e = q.execute(s.cid.get(), s, &mut buf, data.len());
-    if let Some(w) = buf {
+    let e = q.execute(s.cid.get(), req);
+    if let Exec::Done(Request { buf: Some(w), .. }) = &e {
         data.copy_from_slice(&w.bytes()[..data.len()]);
+    }
+    e
+}
+
+/// Executes `s` under `tag` with `buf` as its buffer of `len` bytes, as a transport does once
+/// the data is in; a buffer that comes back at once goes back into `buf`.
+fn submit(q: &mut Queue, tag: u16, s: &Sqe, buf: &mut Option<Window>, len: usize) -> Exec {
+    let plan = if len == 0 { DataPlan::None } else { DataPlan::Transport { len } };
+    let mut e = q.execute(tag, Request { sqe: *s, plan, buf: buf.take(), ..Request::default() });
+    if let Exec::Done(r) = &mut e {
+        *buf = r.buf.take();
     }
     e
 }
 
 fn done(e: Exec) -> Response {
     match e {
-        Exec::Done(r) => r,
+        Exec::Done(r) => r.response,
         other => panic!("{other:?}"),
     }
 }
@@ -444,7 +455,7 @@ async fn features_and_async_events() {
     for cid in 0..4 {
         let mut aer = sqe(0x0c);
         aer.cid = cid.into();
-        assert_eq!(exec(&mut q, &aer, &mut []), Exec::Submitted);
+        assert!(matches!(exec(&mut q, &aer, &mut []), Exec::Submitted));
     }
     assert_eq!(done(exec(&mut q, &sqe(0x0c), &mut [])).status, Status::ASYNC_EVENT_LIMIT_EXCEEDED.dnr());
 }
@@ -546,7 +557,7 @@ async fn reconfiguration_notifies_discovery_controllers() {
     assert!(done(exec(&mut disc, &set, &mut [])).status.is_success());
     let mut aer = sqe(0x0c);
     aer.cid = 77.into();
-    assert_eq!(exec(&mut disc, &aer, &mut []), Exec::Submitted);
+    assert!(matches!(exec(&mut disc, &aer, &mut []), Exec::Submitted));
     let (_open, open_id) = admin(&t, 1, OPEN);
     let gen_before = t.generation();
     // OPEN goes away, a new subsystem comes: the held request completes through the queue.
@@ -554,7 +565,7 @@ async fn reconfiguration_notifies_discovery_controllers() {
     assert_eq!(t.generation(), gen_before + 1);
     tokio::time::timeout(Duration::from_secs(1), disc.io_ready()).await.expect("woken by the event");
     let mut got = Vec::new();
-    disc.reap(&mut |c| got.push((c.tag, c.response.result)));
+    disc.reap(&mut |c| got.push((c.tag, c.req.response.result)));
     assert_eq!(got, [(77, 0x70_f002)]);
     assert!(t.controller(open_id).is_none(), "controller of a removed subsystem is torn down");
     // A later change with no request held is kept until the host posts one.
@@ -565,7 +576,7 @@ async fn reconfiguration_notifies_discovery_controllers() {
     connect(&mut quiet, 0, DISCOVERY_NQN, HOST, 0xffff);
     prop_set(&mut quiet, 0x14, 1);
     t.reconfigure(t.subsystems());
-    assert_eq!(exec(&mut quiet, &aer, &mut []), Exec::Submitted);
+    assert!(matches!(exec(&mut quiet, &aer, &mut []), Exec::Submitted));
     let mut got = Vec::new();
     quiet.reap(&mut |c| got.push(c.tag));
     assert!(got.is_empty());
@@ -585,14 +596,14 @@ async fn submitted_commands_complete_out_of_order_with_their_windows() {
         let mut w = Window::host(4096).unwrap();
         w.bytes_mut().fill(0x10 + tag as u8);
         let mut b = Some(w);
-        assert_eq!(q.execute(tag, &rw(0x01, u64::from(tag) * 8, 8), &mut b, 4096), Exec::Submitted);
+        assert!(matches!(submit(&mut q, tag, &rw(0x01, u64::from(tag) * 8, 8), &mut b, 4096), Exec::Submitted));
         assert!(b.is_none(), "the submitted command holds its window");
         bufs.push(b);
     }
     assert_eq!(q.in_flight(), 3);
     // A tag still in flight is refused, not overwritten.
     let mut dup = Some(Window::host(4096).unwrap());
-    assert_eq!(done(q.execute(1, &rw(0x02, 0, 8), &mut dup, 4096)).status, Status::INTERNAL_ERROR);
+    assert_eq!(done(submit(&mut q, 1, &rw(0x02, 0, 8), &mut dup, 4096)).status, Status::INTERNAL_ERROR);
     let mut reaped = Vec::new();
     q.reap(&mut |c| reaped.push(c.tag));
     assert!(reaped.is_empty(), "nothing finished yet");
@@ -601,9 +612,9 @@ async fn submitted_commands_complete_out_of_order_with_their_windows() {
         held.lock().unwrap().iter_mut().find(|(r, _)| r.tag == tag).unwrap().1 = true;
         tokio::time::timeout(Duration::from_secs(1), q.io_ready()).await.expect("ready once released");
         q.reap(&mut |c| {
-            assert!(c.response.status.is_success());
-            assert_eq!(c.buf.as_ref().map(Window::len), Some(4096), "the window comes back");
-            bufs[usize::from(c.tag)] = c.buf;
+            assert!(c.req.response.status.is_success());
+            assert_eq!(c.req.buf.as_ref().map(Window::len), Some(4096), "the window comes back");
+            bufs[usize::from(c.tag)] = c.req.buf;
             reaped.push(c.tag);
         });
     }
@@ -611,13 +622,13 @@ async fn submitted_commands_complete_out_of_order_with_their_windows() {
     assert_eq!(q.in_flight(), 0);
     // Read back the three blocks in one command.
     let mut back = Some(Window::host(3 * 4096).unwrap());
-    assert_eq!(q.execute(7, &rw(0x02, 0, 24), &mut back, 3 * 4096), Exec::Submitted);
+    assert!(matches!(submit(&mut q, 7, &rw(0x02, 0, 24), &mut back, 3 * 4096), Exec::Submitted));
     held.lock().unwrap()[0].1 = true;
     let mut got = None;
     q.reap(&mut |c| got = Some(c));
     let c = got.unwrap();
-    assert_eq!((c.tag, c.response.data_len), (7, 3 * 4096));
-    let data = c.buf.unwrap();
+    assert_eq!((c.tag, c.req.response.data_len), (7, 3 * 4096));
+    let data = c.req.buf.unwrap();
     assert!(data.bytes().chunks(4096).enumerate().all(|(i, b)| b.iter().all(|&x| x == 0x10 + i as u8)));
 }
 
@@ -703,19 +714,19 @@ async fn reconfiguration_reaches_connected_controllers() {
     assert!(done(exec(&mut a, &set, &mut [])).status.is_success());
     let mut aer = sqe(0x0c);
     aer.cid = 5.into();
-    assert_eq!(exec(&mut a, &aer, &mut []), Exec::Submitted);
+    assert!(matches!(exec(&mut a, &aer, &mut []), Exec::Submitted));
     let mut q = io_queue(&t, cntlid);
     // A write to NSID 1 stays in flight across the reload.
     let mut w = Some(Window::host(4096).unwrap());
     w.as_mut().unwrap().bytes_mut().fill(0x5a);
-    assert_eq!(q.execute(0, &rw(0x01, 0, 8), &mut w, 4096), Exec::Submitted);
+    assert!(matches!(submit(&mut q, 0, &rw(0x01, 0, 8), &mut w, 4096), Exec::Submitted));
 
     // NSID 1 goes, NSID 2 comes.
     let ns2 = Namespace::new(OPEN, 2, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), None)));
     t.reconfigure(vec![Arc::new(Subsystem::open(OPEN, vec![ns2]))]);
     let c = t.controller(cntlid).expect("the controller stays");
     let mut got = Vec::new();
-    a.reap(&mut |c| got.push((c.tag, c.response.result)));
+    a.reap(&mut |c| got.push((c.tag, c.req.response.result)));
     assert_eq!(got, [(5, 0x04_0002)], "Namespace Attribute Changed, log page 04h");
     let list = log_page(&mut a, 0x04);
     assert_eq!(list[..12], [1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0], "Changed Namespace List: 1 and 2");
@@ -730,13 +741,13 @@ async fn reconfiguration_reaches_connected_controllers() {
     held.lock().unwrap()[0].1 = true;
     tokio::time::timeout(Duration::from_secs(1), q.io_ready()).await.expect("ready once released");
     let mut statuses = Vec::new();
-    q.reap(&mut |c| statuses.push(c.response.status));
+    q.reap(&mut |c| statuses.push(c.req.response.status));
     assert_eq!(statuses, [Status::SUCCESS]);
     let mut r = Some(Window::host(4096).unwrap());
-    assert_eq!(done(q.execute(1, &rw(0x02, 0, 8), &mut r, 4096)).status, Status::INVALID_NAMESPACE.dnr());
+    assert_eq!(done(submit(&mut q, 1, &rw(0x02, 0, 8), &mut r, 4096)).status, Status::INVALID_NAMESPACE.dnr());
     let mut r2 = rw(0x02, 0, 8);
     r2.nsid = 2.into();
-    assert!(done(q.execute(2, &r2, &mut r, 4096)).status.is_success(), "NSID 2 serves on the same queue");
+    assert!(done(submit(&mut q, 2, &r2, &mut r, 4096)).status.is_success(), "NSID 2 serves on the same queue");
     assert_eq!(q.in_flight(), 0);
 
     // An unchanged reload raises nothing; a host no longer allowed is disconnected.
@@ -821,18 +832,18 @@ async fn a_slowly_opening_backend_queue_opens_off_the_queue_task_while_its_first
         // On this single-threaded runtime an opening on the queue's task would hold it for
         // the whole opening; the write is submitted at once instead, and waits for the queue.
         let started = std::time::Instant::now();
-        assert_eq!(q.execute(0, &rw(0x01, 8, 8), &mut b, 4096), Exec::Submitted);
+        assert!(matches!(submit(&mut q, 0, &rw(0x01, 8, 8), &mut b, 4096), Exec::Submitted));
         assert!(started.elapsed() < OPENING / 2, "execute waited {:?} for the opening", started.elapsed());
         assert_eq!(q.in_flight(), 1, "the waiting write counts as in flight");
         tokio::time::timeout(Duration::from_secs(5), q.io_ready()).await.expect("ready once opened");
         let mut got = Vec::new();
-        q.reap(&mut |c| got.push((c.tag, c.response.status)));
+        q.reap(&mut |c| got.push((c.tag, c.req.response.status)));
         assert_eq!(got, [(0, want)]);
         assert_eq!(q.in_flight(), 0);
         if fail.is_none() {
             // The queue is open: a read runs inline and finds the write.
             let mut r = Some(Window::host(4096).unwrap());
-            let resp = done(q.execute(1, &rw(0x02, 8, 8), &mut r, 4096));
+            let resp = done(submit(&mut q, 1, &rw(0x02, 8, 8), &mut r, 4096));
             assert!(resp.status.is_success());
             assert!(r.unwrap().bytes().iter().all(|&x| x == 0x6b));
         }

@@ -30,7 +30,7 @@ use p2pnvmf_nvmf::wire::{Cqe, Sqe};
 
 pub use super::wire::Keyed;
 use p2pnvmf_nvmf::buffers::QueueBuffers;
-use p2pnvmf_nvmf::{Completion, DataPlan, Direction, Exec, Queue, Response, Status};
+use p2pnvmf_nvmf::{Completion, DataPlan, Direction, Exec, Queue, Request, Response, Status};
 use p2pnvmf_p2p::mem::Window;
 use p2pnvmf_p2p::pool::ChunkPool;
 use tracing::{debug, info, trace};
@@ -98,41 +98,27 @@ pub enum State {
     Completing,
 }
 
+/// A request context: the command the core carries ([`Request`]: SQE, data plan, buffer,
+/// response; away with the core while it executes) and what NVMe/RDMA adds to it.
 #[derive(Debug)]
 struct Req {
     state: State,
-    sqe: Sqe,
+    cmd: Request,
     /// A receive buffer still held (in-capsule data not copied out yet).
     recv: Option<usize>,
     /// In-capsule data: offset after the SQE and length.
     icd: Option<(usize, usize)>,
     keyed: Option<Keyed>,
-    /// The command's data length.
-    len: usize,
-    buf: Option<Window>,
-    /// Where `buf` came from: the buffer choice, made once when the request got its buffer.
+    /// Where the command's buffer came from: the buffer choice, made once when the request
+    /// got its buffer.
     mr: Mr,
-    response: Response,
-    cid: u16,
     /// Send-queue slots its posts hold until the SEND completes.
     wrs: usize,
 }
 
 impl Req {
     fn new() -> Self {
-        Req {
-            state: State::Free,
-            sqe: Sqe::default(),
-            recv: None,
-            icd: None,
-            keyed: None,
-            len: 0,
-            buf: None,
-            mr: Mr::Data,
-            response: Response::ok(),
-            cid: 0,
-            wrs: 0,
-        }
+        Req { state: State::Free, cmd: Request::default(), recv: None, icd: None, keyed: None, mr: Mr::Data, wrs: 0 }
     }
 }
 
@@ -257,7 +243,7 @@ impl Requests {
 
     fn set(&mut self, req: u16, state: State) {
         let r = &mut self.reqs[usize::from(req)];
-        trace!(req, cid = r.cid, from = ?r.state, to = ?state, "rdma request");
+        trace!(req, cid = r.cmd.cid(), from = ?r.state, to = ?state, "rdma request");
         r.state = state;
     }
 
@@ -312,30 +298,38 @@ impl Requests {
     /// A new command in `req` from receive buffer `idx`: checks, then what it needs first.
     fn start(&mut self, v: &mut impl Verbs, req: u16, idx: usize, len: usize) -> Result<(), Fatal> {
         let sqe = Sqe::read_from_bytes(&v.capsule(idx)[..64]).expect("64 bytes");
-        let plan = self.queue.accept(&sqe, len - 64).map(|d| Plan::of(&sqe, d));
+        let accepted = self.queue.accept(&sqe, len - 64);
         let r = &mut self.reqs[usize::from(req)];
-        *r = Req { cid: sqe.cid.get(), sqe, ..Req::new() };
-        trace!(req, cid = r.cid, opcode = sqe.opcode, "rdma request: new");
-        match plan {
+        *r = Req::new();
+        trace!(req, cid = sqe.cid.get(), opcode = sqe.opcode, "rdma request: new");
+        let plan = match accepted {
+            Ok(cmd) => {
+                r.cmd = cmd;
+                Plan::of(&sqe, r.cmd.plan)
+            }
             Err(status) => {
+                r.cmd = Request::answered(sqe, Response::ok());
                 v.post_recv(idx)?;
                 self.complete(req, Response::status(status));
+                return Ok(());
             }
-            Ok(Plan::InCapsule(o, l)) => {
-                (r.recv, r.icd, r.len) = (Some(idx), Some((o, l)), l);
+        };
+        match plan {
+            Plan::InCapsule(o, l) => {
+                (r.recv, r.icd) = (Some(idx), Some((o, l)));
                 self.wait_buffer(v, req)?;
             }
-            Ok(Plan::Keyed(k)) if k.len > 0 => {
-                (r.keyed, r.len) = (Some(k), k.len);
+            Plan::Keyed(k) if k.len > 0 => {
+                r.keyed = Some(k);
                 v.post_recv(idx)?;
                 self.wait_buffer(v, req)?;
             }
-            Ok(Plan::Keyed(k)) => {
+            Plan::Keyed(k) => {
                 r.keyed = Some(k);
                 v.post_recv(idx)?;
                 self.execute(req);
             }
-            Ok(Plan::None) => {
+            Plan::None => {
                 v.post_recv(idx)?;
                 self.execute(req);
             }
@@ -347,7 +341,7 @@ impl Requests {
     /// buffer of the data area.
     fn wait_buffer(&mut self, v: &mut impl Verbs, req: u16) -> Result<(), Fatal> {
         let r = &self.reqs[usize::from(req)];
-        if let Some(w) = self.p2p.get(&r.sqe, r.len) {
+        if let Some(w) = self.p2p.get(&r.cmd.sqe, r.cmd.len()) {
             let lkey = self.lkeys.iter().find(|(pool, _)| pool.owns(&w)).expect("a registered pool's chunk").1;
             self.reqs[usize::from(req)].mr = Mr::DmaBuf(lkey);
             return self.have_buffer(v, req, w);
@@ -398,8 +392,8 @@ impl Requests {
             buf.bytes_mut()[..l].copy_from_slice(&v.capsule(idx)[64 + o..64 + o + l]);
             v.post_recv(idx)?;
         }
-        r.buf = Some(buf);
-        if r.keyed.is_some() && Direction::of(&r.sqe) == Direction::HostToController {
+        r.cmd.buf = Some(buf);
+        if r.keyed.is_some() && Direction::of(&r.cmd.sqe) == Direction::HostToController {
             self.set(req, State::TransferToControllerPending);
             self.need_read.push_back(req);
         } else {
@@ -411,9 +405,12 @@ impl Requests {
     /// Hands the command to the core: it finishes now, is submitted, or is held (an AER).
     fn execute(&mut self, req: u16) {
         let r = &mut self.reqs[usize::from(req)];
-        let (sqe, len) = (r.sqe, r.len);
-        match self.queue.execute(req, &sqe, &mut r.buf, len) {
-            Exec::Done(resp) => self.complete(req, resp),
+        match self.queue.execute(req, std::mem::take(&mut r.cmd)) {
+            Exec::Done(cmd) => {
+                let resp = cmd.response;
+                r.cmd = cmd;
+                self.complete(req, resp);
+            }
             Exec::Submitted => self.set(req, State::Executing),
         }
     }
@@ -425,7 +422,7 @@ impl Requests {
             // In-capsule data only ever flows to the controller.
             resp.data_len = 0;
         }
-        r.response = resp;
+        r.cmd.response = resp;
         self.set(req, State::ReadyToComplete);
         self.need_send.push_back(req);
     }
@@ -436,16 +433,15 @@ impl Requests {
         self.queue.reap(&mut |c| done.push(c));
         for c in done.drain(..) {
             let r = &mut self.reqs[usize::from(c.tag)];
-            if c.buf.is_some() {
-                r.buf = c.buf;
-            }
             if r.state != State::Executing {
                 return Err(io::Error::other(format!(
                     "backend completion for request {} in state {:?}",
                     c.tag, r.state
                 )));
             }
-            self.complete(c.tag, c.response);
+            let resp = c.req.response;
+            r.cmd = c.req;
+            self.complete(c.tag, resp);
         }
         self.reaped = done;
         self.process(v)
@@ -458,16 +454,18 @@ impl Requests {
             let mut moved = false;
             // Responses first: they free what the others wait for.
             while let Some(&req) = self.need_send.front() {
-                if self.revoked(self.reqs[usize::from(req)].mr) && self.reqs[usize::from(req)].response.data_len > 0 {
+                let revoked = self.revoked(self.reqs[usize::from(req)].mr);
+                let r = &mut self.reqs[usize::from(req)];
+                if revoked && r.cmd.response.data_len > 0 {
                     // Read data in revoked memory is not sent: the host gets an error instead.
-                    self.reqs[usize::from(req)].response = Response::status(Status::DATA_TRANSFER_ERROR);
+                    r.cmd.response = Response::status(Status::DATA_TRANSFER_ERROR);
                 }
                 let r = &self.reqs[usize::from(req)];
                 let write = r.keyed.filter(|k| {
-                    Direction::of(&r.sqe) == Direction::ControllerToHost
+                    Direction::of(&r.cmd.sqe) == Direction::ControllerToHost
                         && k.len > 0
-                        && r.response.data_len > 0
-                        && r.response.status.is_success()
+                        && r.cmd.response.data_len > 0
+                        && r.cmd.response.status.is_success()
                 });
                 let wrs = 1 + usize::from(write.is_some());
                 if self.send_free < wrs {
@@ -490,7 +488,7 @@ impl Requests {
                     continue;
                 }
                 let k = r.keyed.expect("reads are keyed");
-                v.post_read(req, r.buf.as_ref().expect("buffer before read"), k.len, &k, r.mr)?;
+                v.post_read(req, r.cmd.buf.as_ref().expect("buffer before read"), k.len, &k, r.mr)?;
                 self.reads_out += 1;
                 self.send_free -= 1;
                 self.set(req, State::TransferringHostToController);
@@ -498,9 +496,11 @@ impl Requests {
             }
             // The first waiting request whose kind of buffer is free: a large transfer waiting
             // does not hold up small ones behind it.
-            while let Some(i) = self.need_buffer.iter().position(|&q| self.buffers.can(self.reqs[usize::from(q)].len)) {
+            while let Some(i) =
+                self.need_buffer.iter().position(|&q| self.buffers.can(self.reqs[usize::from(q)].cmd.len()))
+            {
                 let req = self.need_buffer.remove(i).expect("found above");
-                let buf = self.buffers.take(self.reqs[usize::from(req)].len).expect("checked above");
+                let buf = self.buffers.take(self.reqs[usize::from(req)].cmd.len()).expect("checked above");
                 self.reqs[usize::from(req)].mr = Mr::Data;
                 self.have_buffer(v, req, buf)?;
                 moved = true;
@@ -520,11 +520,11 @@ impl Requests {
 
     fn send(&mut self, v: &mut impl Verbs, req: u16, write: Option<Keyed>) -> Result<(), Fatal> {
         let r = &self.reqs[usize::from(req)];
-        let cqe = self.queue.cqe(r.cid, &r.response);
+        let cqe = self.queue.complete(&r.cmd);
         let invalidate = r.keyed.filter(|k| k.invalidate).map(|k| k.key);
         let data = write.map(|k| {
-            let buf = r.buf.as_ref().expect("data to write lives in the buffer");
-            (buf, (r.response.data_len as usize).min(k.len), k, r.mr)
+            let buf = r.cmd.buf.as_ref().expect("data to write lives in the buffer");
+            (buf, (r.cmd.response.data_len as usize).min(k.len), k, r.mr)
         });
         v.post_send(req, &cqe, data.as_ref().map(|(b, n, k, mr)| (*b, *n, k, *mr)), invalidate)?;
         let wrs = 1 + usize::from(write.is_some());
@@ -547,7 +547,7 @@ impl Requests {
     /// Gives request `req`'s buffer back where it came from.
     fn give_buffer(&mut self, req: u16) {
         let r = &mut self.reqs[usize::from(req)];
-        if let Some(b) = r.buf.take() {
+        if let Some(b) = r.cmd.buf.take() {
             match r.mr {
                 Mr::Data => self.buffers.give(b),
                 Mr::DmaBuf(_) => self.p2p.put(b),
@@ -585,7 +585,7 @@ impl Requests {
 impl Requests {
     /// The request's data buffer, for a fake NIC that "writes" the host's data.
     fn buffer_mut(&mut self, req: u16) -> &mut Window {
-        self.reqs[usize::from(req)].buf.as_mut().expect("request holds a buffer")
+        self.reqs[usize::from(req)].cmd.buf.as_mut().expect("request holds a buffer")
     }
 }
 

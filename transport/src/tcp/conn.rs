@@ -11,8 +11,7 @@ use std::sync::Arc;
 
 use p2pnvmf_nvmf::buffers::QueueBuffers;
 use p2pnvmf_nvmf::queue::CtrlWatch;
-use p2pnvmf_nvmf::wire::Sqe;
-use p2pnvmf_nvmf::{Completion, DataPlan, Direction, Exec, Port, Queue, Response, Status, Target};
+use p2pnvmf_nvmf::{Completion, DataPlan, Direction, Exec, Port, Queue, Request, Response, Status, Target};
 use p2pnvmf_p2p::mem::Window;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
@@ -112,38 +111,48 @@ enum State {
 #[derive(Debug)]
 struct Slot {
     state: State,
-    sqe: Sqe,
-    len: usize,
-    /// The slot's own host buffer: grows to the largest transfer seen, then serves every
-    /// command without allocating; page-aligned for O_DIRECT.
+    /// The command (away with the core while it executes), its buffer lent from `own` or a
+    /// p2p chunk.
+    req: Request,
+    /// The slot's own host buffer, when the request does not hold it: grows to the largest
+    /// transfer seen, then serves every command without allocating; page-aligned for O_DIRECT.
     own: Option<Window>,
-    /// A p2p chunk lent for the current command.
-    chunk: Option<Window>,
-    /// The current command's data is in `chunk` (which is away with the backend while it
-    /// executes), not in `own`.
+    /// The request's buffer is a p2p chunk (back to its pool when done), not `own`.
     on_chunk: bool,
 }
 
 impl Slot {
     fn new() -> Self {
-        Slot { state: State::Free, sqe: Sqe::default(), len: 0, own: None, chunk: None, on_chunk: false }
+        Slot { state: State::Free, req: Request::default(), own: None, on_chunk: false }
     }
 
-    /// The buffer the current command uses.
-    fn buf(&mut self) -> &mut Option<Window> {
-        if self.on_chunk { &mut self.chunk } else { &mut self.own }
-    }
-
+    /// The data that goes to the host with the response.
     fn data(&self) -> &[u8] {
-        let w = if self.on_chunk { &self.chunk } else { &self.own };
-        w.as_ref().map_or(&[][..], |w| &w.bytes()[..self.len])
+        self.req.buf.as_ref().map_or(&[][..], |w| &w.bytes()[..self.req.data_out()])
     }
 
-    /// Gives the current command of `len` bytes the p2p `chunk`, or its own buffer without one.
-    fn lend(&mut self, chunk: Option<Window>, len: usize) -> std::io::Result<()> {
-        self.on_chunk = chunk.is_some();
-        self.chunk = chunk;
-        if self.on_chunk { Ok(()) } else { self.ensure_own(len) }
+    /// Gives the request the p2p `chunk`, or the own buffer (of at least `len` bytes) without
+    /// one; the buffer it held goes back first.
+    fn lend(&mut self, bufs: &mut QueueBuffers, chunk: Option<Window>, len: usize) -> std::io::Result<()> {
+        self.take_back(bufs);
+        match chunk {
+            Some(c) => (self.req.buf, self.on_chunk) = (Some(c), true),
+            None => {
+                self.ensure_own(len)?;
+                self.req.buf = self.own.take();
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the request's buffer back: a chunk to its pool, the own buffer home.
+    fn take_back(&mut self, bufs: &mut QueueBuffers) {
+        match (self.req.buf.take(), self.on_chunk) {
+            (Some(c), true) => bufs.put(c),
+            (Some(own), false) => self.own = Some(own),
+            (None, _) => {}
+        }
+        self.on_chunk = false;
     }
 
     /// Makes the own buffer hold at least `len` bytes.
@@ -343,10 +352,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     fn release(&mut self, tag: u16) {
         let slot = &mut self.slots[usize::from(tag)];
         slot.state = State::Free;
-        slot.on_chunk = false;
-        if let Some(c) = slot.chunk.take() {
-            self.bufs.put(c);
-        }
+        slot.take_back(&mut self.bufs);
         self.free.push(tag);
     }
 
@@ -357,82 +363,86 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         // In-capsule data of a write to a p2p namespace lands in the chunk the device reads.
         let chunk = if l.data_len > 0 { self.bufs.get(&sqe, l.data_len) } else { None };
         let slot = &mut self.slots[usize::from(tag)];
-        (slot.sqe, slot.len) = (sqe, l.data_len);
-        slot.lend(chunk, l.data_len)?;
-        let icd = &mut slot.buf().as_mut().expect("lent").bytes_mut()[..l.data_len];
+        slot.req.sqe = sqe;
+        slot.lend(&mut self.bufs, chunk, l.data_len)?;
+        let icd = &mut slot.req.buf.as_mut().expect("lent").bytes_mut()[..l.data_len];
         let digest_ok = self.wire.read_data(l, icd).await?;
-        let plan = self.queue.accept(&sqe, l.data_len);
+        let accepted = self.queue.accept(&sqe, l.data_len);
         trace!(tag, cid = sqe.cid.get(), opcode = sqe.opcode, "capsule");
-        match (digest_ok, plan) {
-            (false, _) => self.finish(tag, &Response::status(Status::DATA_TRANSFER_ERROR)),
+        let req = match (digest_ok, accepted) {
+            (true, Ok(req)) => req,
+            (false, _) => {
+                self.answer(tag, Status::DATA_TRANSFER_ERROR);
+                return Ok(());
+            }
             (true, Err(status)) => {
                 debug!(cid = sqe.cid.get(), opcode = sqe.opcode, %status, "command refused");
-                self.finish(tag, &Response::status(status));
+                self.answer(tag, status);
+                return Ok(());
             }
-            (true, Ok(DataPlan::Transport { len }))
-                if len > 0 && Direction::of(&sqe) == Direction::HostToController =>
-            {
-                self.request_data(tag, len)?
+        };
+        let slot = &mut self.slots[usize::from(tag)];
+        slot.req = Request { buf: slot.req.buf.take(), ..req };
+        match slot.req.plan {
+            DataPlan::Transport { len } if len > 0 && Direction::of(&sqe) == Direction::HostToController => {
+                return self.request_data(tag);
             }
             // In-capsule data stays where it arrived (moved to the buffer's start when the
             // host placed it further in); data for the host may go through p2p.
-            (true, Ok(plan)) => {
-                let len = plan.len();
-                match plan {
-                    DataPlan::InCapsule { offset, len } if offset > 0 => {
-                        let slot = &mut self.slots[usize::from(tag)];
-                        slot.buf().as_mut().expect("lent").bytes_mut().copy_within(offset..offset + len, 0);
-                    }
-                    DataPlan::Transport { len } if Direction::of(&sqe) == Direction::ControllerToHost => {
-                        let chunk = self.bufs.get(&sqe, len);
-                        self.slots[usize::from(tag)].lend(chunk, len)?;
-                    }
-                    _ => {}
-                }
-                self.slots[usize::from(tag)].len = len;
-                self.execute(tag);
+            DataPlan::InCapsule { offset, len } if offset > 0 => {
+                slot.req.buf.as_mut().expect("lent").bytes_mut().copy_within(offset..offset + len, 0);
             }
+            DataPlan::Transport { len } if Direction::of(&sqe) == Direction::ControllerToHost => {
+                let chunk = self.bufs.get(&sqe, len);
+                slot.lend(&mut self.bufs, chunk, len)?;
+            }
+            _ => {}
         }
+        self.execute(tag);
         Ok(())
     }
 
-    /// Hands the command in `tag` to the core; answers it if it finished at once.
+    /// Hands the request in `tag` to the core; answers it if it finished at once.
     fn execute(&mut self, tag: u16) {
         let slot = &mut self.slots[usize::from(tag)];
-        let (sqe, len) = (slot.sqe, slot.len);
-        match self.queue.execute(tag, &sqe, slot.buf(), len) {
-            Exec::Done(r) => self.finish(tag, &r),
+        match self.queue.execute(tag, std::mem::take(&mut slot.req)) {
+            Exec::Done(req) => {
+                slot.req = req;
+                self.finish(tag);
+            }
             Exec::Submitted => slot.state = State::Executing,
         }
     }
 
-    /// Collects every command the backends finished and answers it.
+    /// Answers the command in `tag` with `status`, without executing it.
+    fn answer(&mut self, tag: u16, status: Status) {
+        self.slots[usize::from(tag)].req.response = Response::status(status);
+        self.finish(tag);
+    }
+
+    /// Collects every request the backends finished and answers it.
     fn reap(&mut self) {
         let mut done = std::mem::take(&mut self.reaped);
         self.queue.reap(&mut |c: Completion| done.push(c));
         for c in done.drain(..) {
-            let slot = &mut self.slots[usize::from(c.tag)];
-            if let Some(b) = c.buf {
-                *slot.buf() = Some(b);
-            }
-            self.finish(c.tag, &c.response);
+            self.slots[usize::from(c.tag)].req = c.req;
+            self.finish(c.tag);
         }
         self.reaped = done;
     }
 
-    /// Queues a finished command's answer: C2HData (with SUCCESS where allowed) and/or a
+    /// Queues a finished request's answer: C2HData (with SUCCESS where allowed) and/or a
     /// response capsule. The slot is free once the batch is written.
-    fn finish(&mut self, tag: u16, r: &Response) {
+    fn finish(&mut self, tag: u16) {
         let slot = &mut self.slots[usize::from(tag)];
-        let cid = slot.sqe.cid.get();
+        let (cid, r) = (slot.req.cid(), slot.req.response);
         trace!(tag, cid, status = %r.status, "answer queued");
         slot.state = State::Sending;
         self.sending.push(tag);
-        if Direction::of(&slot.sqe) == Direction::ControllerToHost && r.data_len > 0 && r.status.is_success() {
-            slot.len = (r.data_len as usize).min(slot.len);
+        if Direction::of(&slot.req.sqe) == Direction::ControllerToHost && r.data_len > 0 && r.status.is_success() {
             // SUCCESS only when the host disabled SQ flow control: else it needs SQHD.
             let success = self.queue.sq_flow_disabled();
-            let h = pdu::c2h_data(cid, 0, slot.len, true, success, &self.wire.lim);
+            let h = pdu::c2h_data(cid, 0, slot.req.data_out(), true, success, &self.wire.lim);
             push_pdu(&mut self.out, h.as_bytes(), self.wire.lim.hdgst);
             self.out.segs.push(Seg::Data(tag));
             if self.wire.lim.ddgst {
@@ -442,11 +452,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                 return;
             }
         }
-        self.push_response(cid, r);
-    }
-
-    fn push_response(&mut self, cid: u16, r: &Response) {
-        let resp = pdu::capsule_resp(self.queue.cqe(cid, r), self.wire.lim.hdgst);
+        let resp = pdu::capsule_resp(self.queue.complete(&self.slots[usize::from(tag)].req), self.wire.lim.hdgst);
         push_pdu(&mut self.out, resp.as_bytes(), self.wire.lim.hdgst);
     }
 
@@ -468,8 +474,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     /// Sends an R2T for the command's whole transfer (at most MAXH2CDATA, which covers the
     /// largest transfer): several commands may be waiting for data at once, as many bytes as
     /// `r2t_data` allows (one at least); the others wait their turn, holding no buffer.
-    fn request_data(&mut self, tag: u16, len: usize) -> Result<(), ConnError> {
-        self.slots[usize::from(tag)].len = len;
+    fn request_data(&mut self, tag: u16) -> Result<(), ConnError> {
+        let len = self.slots[usize::from(tag)].req.len();
         if self.r2t_out > 0 && (!self.r2t_waiting.is_empty() || !self.r2t_fits(len)) {
             self.slots[usize::from(tag)].state = State::AwaitingR2t;
             self.r2t_waiting.push_back(tag);
@@ -487,11 +493,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
     /// Lends the command its buffer and asks the host for its data.
     fn send_r2t(&mut self, tag: u16) -> Result<(), ConnError> {
         let slot = &mut self.slots[usize::from(tag)];
-        let len = slot.len;
+        let len = slot.req.len();
         self.r2t_out += len;
-        slot.lend(self.bufs.get(&slot.sqe, len), len)?;
+        let chunk = self.bufs.get(&slot.req.sqe, len);
+        slot.lend(&mut self.bufs, chunk, len)?;
         slot.state = State::AwaitingData { received: 0, digest_error: false };
-        let r2t = pdu::r2t(slot.sqe.cid.get(), tag, 0, len as u32, self.wire.lim.hdgst);
+        let r2t = pdu::r2t(slot.req.cid(), tag, 0, len as u32, self.wire.lim.hdgst);
         push_pdu(&mut self.out, r2t.as_bytes(), self.wire.lim.hdgst);
         Ok(())
     }
@@ -504,7 +511,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         let Some(slot) = self
             .slots
             .get_mut(usize::from(tag))
-            .filter(|s| matches!(s.state, State::AwaitingData { .. }) && s.sqe.cid == h.cccid)
+            .filter(|s| matches!(s.state, State::AwaitingData { .. }) && s.req.sqe.cid == h.cccid)
         else {
             return Err(Fatal::header(10, "H2CData for an unknown transfer tag").into());
         };
@@ -512,28 +519,28 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
         if n != l.data_len {
             return Err(Fatal::header(16, "DATAL does not match PLEN").into());
         }
-        if off != received || off + n > slot.len {
+        if off != received || off + n > slot.req.len() {
             return Err(out_of_range("H2CData outside the R2T").into());
         }
-        let dst = &mut slot.buf().as_mut().expect("buffer set at R2T").bytes_mut()[off..off + n];
+        let dst = &mut slot.req.buf.as_mut().expect("buffer set at R2T").bytes_mut()[off..off + n];
         let ok = self.wire.read_data(l, dst).await?;
         let slot = &mut self.slots[usize::from(tag)];
         let (received, digest_error) = (received + n, digest_error || !ok);
         slot.state = State::AwaitingData { received, digest_error };
-        if received < slot.len {
+        if received < slot.req.len() {
             return Ok(());
         }
         // The transfer is in: writes waiting for their R2T go as far as the limit lets them.
-        self.r2t_out -= slot.len;
+        self.r2t_out -= slot.req.len();
         while let Some(&next) = self.r2t_waiting.front() {
-            if !self.r2t_fits(self.slots[usize::from(next)].len) {
+            if !self.r2t_fits(self.slots[usize::from(next)].req.len()) {
                 break;
             }
             self.r2t_waiting.pop_front();
             self.send_r2t(next)?;
         }
         if digest_error {
-            self.finish(tag, &Response::status(Status::DATA_TRANSFER_ERROR));
+            self.answer(tag, Status::DATA_TRANSFER_ERROR);
         } else {
             self.execute(tag);
         }
@@ -589,7 +596,7 @@ async fn write_segs(wr: &mut (impl AsyncWrite + Unpin), out: &Out, slots: &[Slot
 mod tests {
     use std::time::Duration;
 
-    use p2pnvmf_nvmf::wire::{ConnectData, put_str, sgl};
+    use p2pnvmf_nvmf::wire::{ConnectData, Sqe, put_str, sgl};
     use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoRequest, Namespace, Subsystem, TrType};
     use p2pnvmf_p2p::pool::ChunkPool;
     use tokio::io::{DuplexStream, ReadHalf, WriteHalf};
@@ -784,23 +791,31 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_back_from_the_backend_returns_to_its_slot_and_then_its_pool() {
+    fn a_chunk_back_from_the_core_returns_to_its_slot_and_then_its_pool() {
         let pool = ChunkPool::host(8192, 1).unwrap();
+        let mut bufs = QueueBuffers::default();
         let mut slab = pool.take(1);
         let mut slot = Slot::new();
         slot.ensure_own(4096).unwrap();
         let own = slot.own.as_ref().unwrap().as_ptr();
-        slot.len = 4096;
-        slot.lend(slab.get(4096), 4096).unwrap();
-        slot.buf().as_mut().unwrap().bytes_mut()[..3].copy_from_slice(b"p2p");
-        // An asynchronous backend takes the window while it executes and gives it back after.
-        let away = slot.buf().take().unwrap();
-        *slot.buf() = Some(away);
+        slot.req.plan = DataPlan::Transport { len: 4096 };
+        slot.req.response = Response::data(4096);
+        slot.lend(&mut bufs, slab.get(4096), 4096).unwrap();
+        slot.req.buf.as_mut().unwrap().bytes_mut()[..3].copy_from_slice(b"p2p");
+        // The core takes the request while it executes and gives it back after.
+        let away = std::mem::take(&mut slot.req);
+        slot.req = away;
         assert_eq!(&slot.data()[..3], b"p2p");
         assert_eq!(slot.own.as_ref().unwrap().as_ptr(), own, "the own buffer stays the slot's");
-        assert!(slab.put(slot.chunk.take().unwrap()) && slab.get(4096).is_some(), "the chunk went home");
-        // Without a chunk the command uses the own buffer.
-        slot.lend(None, 4096).unwrap();
-        assert_eq!(slot.buf().as_ref().unwrap().as_ptr(), own);
+        // Without a chunk the command uses the own buffer; the chunk goes back first.
+        let chunk = slot.req.buf.take().unwrap();
+        slot.req.buf = Some(chunk);
+        slot.on_chunk = false;
+        let chunk = slot.req.buf.take().unwrap();
+        assert!(slab.put(chunk) && slab.get(4096).is_some(), "the chunk went home");
+        slot.lend(&mut bufs, None, 4096).unwrap();
+        assert_eq!(slot.req.buf.as_ref().unwrap().as_ptr(), own);
+        slot.take_back(&mut bufs);
+        assert_eq!(slot.own.as_ref().unwrap().as_ptr(), own, "the own buffer is home again");
     }
 }
