@@ -2,6 +2,8 @@
 //! errors name the file, line and key.
 #![forbid(unsafe_code)]
 
+pub mod dhchap;
+pub mod pci;
 mod raw;
 mod size;
 
@@ -12,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 pub use size::parse_size;
 
-pub use p2pnvmf_p2p::addr::Addressing;
+pub use pci::Addressing;
 
 /// The embedded default configuration (`deploy/default.toml`).
 pub const DEFAULT: &str = include_str!("../../deploy/default.toml");
@@ -66,7 +68,7 @@ pub enum Backend {
     /// A regular file (created or extended to `size` when given) or a block device.
     File { path: PathBuf, size: Option<u64> },
     /// Namespace `device_nsid` of the NVMe SSD at `pci`, driven by the target itself.
-    NvmeVfio { pci: p2pnvmf_p2p::pci::PciAddr, device_nsid: u32, dma: Addressing },
+    NvmeVfio { pci: pci::PciAddr, device_nsid: u32, dma: Addressing },
 }
 
 /// Where a namespace's I/O buffers live.
@@ -86,7 +88,7 @@ pub struct P2p {
     /// Host bridges (vendor, device) the operator says forward p2p between root ports.
     pub allow_host_bridges: Vec<(u16, u16)>,
     /// `[[p2p.provider]]`; empty means every NVMe CMB found.
-    pub providers: Vec<p2pnvmf_p2p::provider::Spec>,
+    pub providers: Vec<pci::Spec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +98,7 @@ pub struct Namespace {
     pub buffers: Buffers,
     /// `provider`: the p2p provider (PCI address) its buffers must come from, instead of the
     /// nearest usable one.
-    pub provider: Option<p2pnvmf_p2p::pci::PciAddr>,
+    pub provider: Option<pci::PciAddr>,
     /// `uuid`, `nguid`, `eui64`: identifiers that replace the derived ones (a volume moved
     /// here keeps its identity); all zeroes means "not reported".
     pub uuid: Option<[u8; 16]>,
@@ -111,7 +113,7 @@ pub struct Subsystem {
     pub model: String,
     pub allow_any_host: bool,
     /// `hosts = [...]` and `[[subsystem.host]]` tables, the latter with DH-HMAC-CHAP secrets.
-    pub hosts: Vec<p2pnvmf_nvmf::Host>,
+    pub hosts: Vec<dhchap::Host>,
     /// Names of the listeners it is exposed on; `None` for all.
     pub listeners: Option<Vec<String>>,
     pub namespaces: Vec<Namespace>,

@@ -6,10 +6,8 @@ use std::ops::Range;
 use serde::Deserialize;
 use toml::Spanned;
 
-use p2pnvmf_nvmf::Host;
-use p2pnvmf_nvmf::auth::{DHGROUP_NULL, Secret, ffdhe};
-use p2pnvmf_p2p::pci::PciAddr;
-use p2pnvmf_p2p::provider::{Kind, Spec};
+use crate::dhchap::{self, DHGROUP_NULL, Host, Secret};
+use crate::pci::{Kind, PciAddr, Spec};
 
 use crate::{Backend, Buffers, Config, ConfigError, Limits, Listener, Namespace, P2p, Subsystem, Transport};
 
@@ -512,7 +510,7 @@ fn hosts(cx: &Ctx, key: &str, r: &RawSubsystem) -> Result<Vec<Host>, ConfigError
                 return Err(cx.err(t.span(), format!("{what}: dhchap_dhgroup needs dhchap_key")));
             }
             Some(v) if v.get_ref() == "null" => DHGROUP_NULL,
-            Some(v) => ffdhe::id(v.get_ref()).ok_or_else(|| {
+            Some(v) => dhchap::dhgroup_id(v.get_ref()).ok_or_else(|| {
                 cx.err(
                     v.span(),
                     format!("{what}.dhchap_dhgroup: '{}' is not null, ffdhe2048, ffdhe3072, ffdhe4096, ffdhe6144 or ffdhe8192", v.get_ref()),

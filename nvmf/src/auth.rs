@@ -16,6 +16,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
+pub use p2pnvmf_config::dhchap::{DHGROUP_NULL, Host, Secret, SecretError};
 use sha2::{Sha256, Sha384, Sha512};
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -71,8 +72,6 @@ pub mod failure {
 }
 
 const REASON_AUTHENTICATION_FAILURE: u8 = 0x01;
-/// The NULL DH group: challenges are used as they are.
-pub const DHGROUP_NULL: u8 = 0x00;
 const AUTH_ID_DHCHAP: u8 = 0x01;
 /// Hash identifiers sit at the start of the protocol descriptor's ID list, DH groups from here.
 const DH_IDS_AT: usize = 30;
@@ -164,6 +163,19 @@ pub enum Hash {
 /// The longest digest (SHA-512).
 const MAX_HASH: usize = 64;
 
+/// A secret's key as used for `nqn`: HMAC(transformation hash, key, NQN || "NVMe-over-Fabrics"),
+/// or the key itself without a transformation (as Linux's nvme_auth_transform_key).
+fn key_for(secret: &Secret, nqn: &str) -> Vec<u8> {
+    match Hash::from_id(secret.transform()) {
+        None => secret.key().to_vec(),
+        Some(h) => {
+            let mut out = [0; MAX_HASH];
+            h.hmac(secret.key(), &[nqn.as_bytes(), b"NVMe-over-Fabrics"], &mut out);
+            out[..h.size()].to_vec()
+        }
+    }
+}
+
 impl Hash {
     pub fn from_id(id: u8) -> Option<Hash> {
         match id {
@@ -216,146 +228,6 @@ impl Hash {
             Hash::Sha512 => run::<Hmac<Sha512>>(key, parts, out),
         }
     }
-}
-
-/// Why a `DHHC-1` secret was not taken.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SecretError {
-    #[error("not a DH-HMAC-CHAP secret: expected DHHC-1:<00..03>:<base64>: as `nvme gen-dhchap-key` prints")]
-    Format,
-    #[error("DHHC-1 secret: transformation hash {0:02} is not 00 (none), 01 (SHA-256), 02 (SHA-384) or 03 (SHA-512)")]
-    TransformHash(u8),
-    #[error("DHHC-1 secret: the key part is not valid base64")]
-    Base64,
-    #[error("DHHC-1 secret: the key is {0} bytes; it must be 32, 48 or 64 (plus its 4-byte CRC-32)")]
-    Length(usize),
-    #[error("DHHC-1 secret: its CRC-32 does not match the key (mistyped or truncated)")]
-    Crc,
-}
-
-/// A DH-HMAC-CHAP secret: the key and the hash that turns it into an NQN's key before use.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret {
-    key: Vec<u8>,
-    transform: Option<Hash>,
-}
-
-impl Secret {
-    /// Parses `DHHC-1:<hh>:<base64 of key || CRC-32 (little-endian)>:`, the representation
-    /// nvme-cli prints and Linux reads.
-    pub fn parse(s: &str) -> Result<Secret, SecretError> {
-        let rest = s.trim().strip_prefix("DHHC-1:").ok_or(SecretError::Format)?;
-        let (hh, rest) = rest.split_once(':').ok_or(SecretError::Format)?;
-        let b64 = rest.strip_suffix(':').unwrap_or(rest);
-        if hh.len() != 2 || b64.contains(':') {
-            return Err(SecretError::Format);
-        }
-        let id: u8 = hh.parse().map_err(|_| SecretError::Format)?;
-        let transform = match id {
-            0 => None,
-            _ => Some(Hash::from_id(id).ok_or(SecretError::TransformHash(id))?),
-        };
-        let mut key = base64_decode(b64).ok_or(SecretError::Base64)?;
-        let n = key.len().saturating_sub(4);
-        if ![32, 48, 64].contains(&n) {
-            return Err(SecretError::Length(n));
-        }
-        let crc = u32::from_le_bytes(key[n..].try_into().expect("four bytes"));
-        key.truncate(n);
-        if crc32(&key) != crc {
-            return Err(SecretError::Crc);
-        }
-        Ok(Secret { key, transform })
-    }
-
-    /// The key as used for `nqn`: HMAC(transform hash, key, NQN || "NVMe-over-Fabrics"), or the
-    /// key itself without a transformation (as Linux's nvme_auth_transform_key).
-    fn for_nqn(&self, nqn: &str) -> Vec<u8> {
-        match self.transform {
-            None => self.key.clone(),
-            Some(h) => {
-                let mut out = [0; MAX_HASH];
-                h.hmac(&self.key, &[nqn.as_bytes(), b"NVMe-over-Fabrics"], &mut out);
-                out[..h.size()].to_vec()
-            }
-        }
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DHHC-1:{:02}:<redacted>:", self.transform.map_or(0, |h| h as u8))
-    }
-}
-
-impl Drop for Secret {
-    fn drop(&mut self) {
-        self.key.fill(0);
-        std::hint::black_box(&self.key);
-    }
-}
-
-/// A host a subsystem lets in, with the secrets it authenticates with (none: it need not).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Host {
-    pub nqn: String,
-    /// `dhchap_key`: the host must prove it holds this secret on every queue.
-    pub key: Option<Secret>,
-    /// `dhchap_ctrl_key`: what the controller proves itself with when the host asks.
-    pub ctrl_key: Option<Secret>,
-    /// `dhchap_dhgroup`: [`DHGROUP_NULL`] or an [`ffdhe`] group identifier.
-    pub dhgroup: u8,
-}
-
-impl Host {
-    pub fn open(nqn: &str) -> Host {
-        Host { nqn: nqn.into(), key: None, ctrl_key: None, dhgroup: DHGROUP_NULL }
-    }
-}
-
-/// Standard base64 with padding (RFC 4648, 4), as DHHC-1 secrets use.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    if !b.len().is_multiple_of(4) {
-        return None;
-    }
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let mut out = Vec::with_capacity(b.len() / 4 * 3);
-    for (i, q) in b.chunks(4).enumerate() {
-        let last = i + 1 == b.len() / 4;
-        let pad = q.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && !last) {
-            return None;
-        }
-        let mut v = 0u32;
-        for &c in &q[..4 - pad] {
-            v = v << 6 | value(c)?;
-        }
-        v <<= 6 * pad as u32;
-        out.extend_from_slice(&v.to_be_bytes()[1..4 - pad]);
-    }
-    Some(out)
-}
-
-/// CRC-32 (IEEE 802.3, reflected, as zlib): the check a DHHC-1 secret carries.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { crc >> 1 ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
 }
 
 /// Fills `out` from the kernel's random source (challenges and sequence numbers must not be
@@ -584,7 +456,7 @@ impl Session {
                         // The host asked the controller to prove itself; it has no secret to.
                         return self.failure1(out, failure::FAILED);
                     };
-                    let key = ctrl_key.for_nqn(&self.subnqn);
+                    let key = key_for(ctrl_key, &self.subnqn);
                     let (s2, tid) = (self.s2.to_le_bytes(), self.tid.to_le_bytes());
                     let c2 = self.augmented(&c2);
                     let parts: [&[u8]; 8] = [
@@ -702,7 +574,7 @@ impl Session {
         if let Some(dh) = &self.dh {
             self.shared = Some(dh.shared(&rest[2 * hl..2 * hl + dhvlen]).ok_or(failure::DHGROUP_UNUSABLE)?);
         }
-        let key = self.key.for_nqn(&self.hostnqn);
+        let key = key_for(&self.key, &self.hostnqn);
         let (s1, tid) = (self.s1.to_le_bytes(), self.tid.to_le_bytes());
         let c1 = self.augmented(&self.c1);
         let parts: [&[u8]; 8] =
@@ -763,7 +635,7 @@ mod tests {
 
     fn secret(hash: u8, byte: u8, len: usize) -> String {
         let mut key = vec![byte; len];
-        let crc = crc32(&key);
+        let crc = p2pnvmf_config::dhchap::crc32(&key);
         key.extend_from_slice(&crc.to_le_bytes());
         format!("DHHC-1:{hash:02}:{}:", base64_encode(&key))
     }
@@ -816,7 +688,7 @@ mod tests {
                 }
             };
             let c1 = augment(hash, shared.as_deref(), &rest[..hl]);
-            let key = self.key.for_nqn(self.hostnqn);
+            let key = key_for(&self.key, self.hostnqn);
             let mut resp = [0; MAX_HASH];
             let (s1, tid) = (c.seqnum.get().to_le_bytes(), c.head.t_id.get().to_le_bytes());
             let parts: [&[u8]; 8] =
@@ -840,7 +712,7 @@ mod tests {
             let (s, rest) = Success1::read_from_prefix(msg).unwrap();
             let hl = hash.size();
             let Some(k) = &self.ctrl_key else { return s.rvalid == 0 };
-            let key = k.for_nqn(self.subnqn);
+            let key = key_for(k, self.subnqn);
             let mut expect = [0; MAX_HASH];
             let c2 = augment(hash, shared, &[0x5a; MAX_HASH][..hl]);
             let parts: [&[u8]; 8] = [
@@ -915,13 +787,13 @@ mod tests {
     fn secrets_parse_as_nvme_cli_prints_them() {
         // Printed by `nvme gen-dhchap-key --hmac=1` (nvme-cli 2.3).
         let s = Secret::parse("DHHC-1:01:hk+iuVEIKRzHyUOz3b6ml8E3Nx1PksD1xHSRgGHqrI2M8Fo5:").unwrap();
-        assert_eq!((s.key.len(), s.transform), (32, Some(Hash::Sha256)));
+        assert_eq!((s.key().len(), s.transform()), (32, Hash::Sha256 as u8));
         let s = Secret::parse(&secret(0, 7, 32)).unwrap();
-        assert_eq!((s.key.len(), s.transform), (32, None));
+        assert_eq!((s.key().len(), s.transform()), (32, 0));
         let k = secret(1, 7, 32);
-        assert_eq!(Secret::parse(&k).unwrap().transform, Some(Hash::Sha256));
+        assert_eq!(Secret::parse(&k).unwrap().transform(), Hash::Sha256 as u8);
         assert_eq!(format!("{:?}", Secret::parse(&k).unwrap()), "DHHC-1:01:<redacted>:");
-        assert_eq!(Secret::parse(&secret(3, 7, 64)).unwrap().key, vec![7; 64]);
+        assert_eq!(Secret::parse(&secret(3, 7, 64)).unwrap().key(), &[7; 64][..]);
         assert_eq!(Secret::parse("DHHC-2:00:abcd:"), Err(SecretError::Format));
         assert_eq!(Secret::parse(&secret(4, 7, 32)), Err(SecretError::TransformHash(4)));
         assert_eq!(Secret::parse(&secret(0, 7, 20)), Err(SecretError::Length(20)));
@@ -929,16 +801,6 @@ mod tests {
         let mut bad = secret(0, 7, 32);
         bad.replace_range(12..13, if &bad[12..13] == "A" { "B" } else { "A" });
         assert_eq!(Secret::parse(&bad), Err(SecretError::Crc));
-    }
-
-    #[test]
-    fn crc32_and_base64_are_the_standard_ones() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-        assert_eq!(base64_decode("TWFu").unwrap(), b"Man");
-        assert_eq!(base64_decode("TWE=").unwrap(), b"Ma");
-        assert_eq!(base64_decode("TQ==").unwrap(), b"M");
-        assert_eq!(base64_decode("TQ==TWFu"), None);
-        assert_eq!(base64_decode("TWF"), None);
     }
 
     #[test]

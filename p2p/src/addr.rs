@@ -6,6 +6,8 @@
 
 use std::fmt;
 
+pub use p2pnvmf_config::pci::Addressing;
+
 macro_rules! address {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -74,27 +76,6 @@ address! {
 address! {
     /// An I/O virtual address: what a device behind an IOMMU uses, mapped by whoever drives it.
     Iova
-}
-
-/// How a device the target drives addresses memory for its DMA (`dma` in the configuration).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Addressing {
-    /// `"iommu"` (the default): vfio-pci, the device's DMA confined by the IOMMU to what the
-    /// target maps for it (IOVAs).
-    Iommu,
-    /// `"physical"`: uio_pci_generic and physical addresses, for hosts without an IOMMU: nothing
-    /// confines the device's DMA, so it is used only when asked for.
-    Physical,
-}
-
-impl Addressing {
-    /// As the configuration says it (`dma`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Addressing::Iommu => "iommu",
-            Addressing::Physical => "physical",
-        }
-    }
 }
 
 impl BusAddr {

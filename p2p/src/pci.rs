@@ -3,48 +3,11 @@
 //! PCIe port type and ACS control from config space, and each BAR's CPU address (`resource`)
 //! and bus address (the BAR registers in `config`), hence its bus offset.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
+
+pub use p2pnvmf_config::pci::PciAddr;
 
 use crate::addr::{BusAddr, CpuAddr};
-
-/// A PCI function address, `dddd:bb:dd.f`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PciAddr {
-    pub domain: u32,
-    pub bus: u8,
-    pub dev: u8,
-    pub func: u8,
-}
-
-impl FromStr for PciAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("'{s}' is not a PCI address (dddd:bb:dd.f)");
-        let (domain, rest) = s.split_once(':').ok_or_else(bad)?;
-        let (bus, rest) = rest.split_once(':').ok_or_else(bad)?;
-        let (dev, func) = rest.split_once('.').ok_or_else(bad)?;
-        let hex = |v: &str, max: u32| u32::from_str_radix(v, 16).ok().filter(|n| *n <= max).ok_or_else(bad);
-        // Domains print as %04x: VMD domains (10000 and up) take five digits.
-        if !(4..=8).contains(&domain.len()) || bus.len() != 2 || dev.len() != 2 || func.len() != 1 {
-            return Err(bad());
-        }
-        Ok(PciAddr {
-            domain: hex(domain, u32::MAX)?,
-            bus: hex(bus, 0xff)? as u8,
-            dev: hex(dev, 0x1f)? as u8,
-            func: hex(func, 7)? as u8,
-        })
-    }
-}
-
-impl fmt::Display for PciAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:04x}:{:02x}:{:02x}.{:x}", self.domain, self.bus, self.dev, self.func)
-    }
-}
 
 /// PCIe device/port type (PCIe Base 6.0, 7.5.3.2, bits 7:4 of the capabilities register).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,8 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use p2pnvmf_config::pci::{Kind, Spec};
+
 use crate::addr::{BusAddr, CpuAddr};
 use crate::mem::{BarUse, Mapping};
 use crate::pci::{Bar, Function, PciAddr, Sysfs};
@@ -75,32 +77,6 @@ impl CmbInfo {
 /// CMBMSC value enabling the CMB at `bus_addr`: CRE, CMSE and CBA (4 KiB aligned).
 pub fn cmbmsc(bus_addr: BusAddr) -> u64 {
     reg::CMBMSC_CRE | reg::CMBMSC_CMSE | (bus_addr.get() & !0xfff)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    NvmeCmb,
-    Bar,
-    P2pmem,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::NvmeCmb => "nvme-cmb",
-            Kind::Bar => "bar",
-            Kind::P2pmem => "p2pmem",
-        }
-    }
-}
-
-/// A provider the configuration names.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Spec {
-    pub pci: PciAddr,
-    pub kind: Kind,
-    /// For `Kind::Bar`.
-    pub bar: Option<u8>,
 }
 
 /// One p2p memory window.

@@ -5,32 +5,19 @@ use std::sync::OnceLock;
 
 use num_bigint::BigUint;
 
-/// DH group identifiers (NVMe Base 2.2, 8.3.4.5.2) with the size and the X of RFC 7919's
-/// definition of each prime.
-const GROUPS: [(u8, &str, u32, u32); 5] = [
-    (1, "ffdhe2048", 2048, 560_316),
-    (2, "ffdhe3072", 3072, 2_625_351),
-    (3, "ffdhe4096", 4096, 5_736_041),
-    (4, "ffdhe6144", 6144, 15_705_020),
-    (5, "ffdhe8192", 8192, 10_965_728),
-];
+pub use p2pnvmf_config::dhchap::{dhgroup_id as id, dhgroup_name as name};
 
-/// The group of identifier `id` (1 to 5), if it is one.
-pub fn name(id: u8) -> Option<&'static str> {
-    GROUPS.iter().find(|g| g.0 == id).map(|g| g.1)
-}
-
-/// The identifier of the group named `name` (`ffdhe2048` …).
-pub fn id(name: &str) -> Option<u8> {
-    GROUPS.iter().find(|g| g.1 == name).map(|g| g.0)
-}
+/// DH group identifiers (NVMe Base 2.2, 8.3.4.5.2; named in [`p2pnvmf_config::dhchap::DHGROUPS`])
+/// with the size and the X of RFC 7919's definition of each prime.
+const GROUPS: [(u8, u32, u32); 5] =
+    [(1, 2048, 560_316), (2, 3072, 2_625_351), (3, 4096, 5_736_041), (4, 6144, 15_705_020), (5, 8192, 10_965_728)];
 
 /// The prime of group `id`, computed once from RFC 7919, appendix A:
 /// p = 2^b − 2^(b−64) + (⌊2^(b−130) · e⌋ + X) · 2^64 − 1.
 fn prime(id: u8) -> Option<&'static BigUint> {
     static PRIMES: [OnceLock<BigUint>; 5] = [const { OnceLock::new() }; 5];
     let i = GROUPS.iter().position(|g| g.0 == id)?;
-    let (_, _, b, x) = GROUPS[i];
+    let (_, b, x) = GROUPS[i];
     Some(PRIMES[i].get_or_init(|| {
         let one = BigUint::from(1u8);
         let e = scaled_e(b - 130);
@@ -105,7 +92,7 @@ mod tests {
 
     #[test]
     fn primes_are_rfc_7919s() {
-        for (id, _, bits, _) in GROUPS {
+        for (id, bits, _) in GROUPS {
             let p = prime(id).unwrap();
             assert_eq!(p.bits(), u64::from(bits));
             let hex = format!("{p:X}");
