@@ -91,7 +91,7 @@ fn vm_media_errors_reach_the_host_with_their_meaning() {
 
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
-fn vm_nvme_vfio_a_queue_beyond_the_ssds_queue_pairs_waits_for_one() {
+fn vm_nvme_vfio_queues_beyond_the_ssds_queue_pairs_share_one() {
     let topo = Topology::new()
         .iommu()
         .root_port("rp1")

@@ -13,7 +13,7 @@ use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,7 @@ use tracing::{info, warn};
 use super::Error;
 pub use super::dma::Dma;
 use super::dma::DmaSpace;
+use super::pair::{Pair, SharedPair};
 use super::queue::{CQE_SIZE, QueuePair, SQE_SIZE, status};
 use super::spec::{self, Cap, IdController, IdNamespace, admin, reg};
 
@@ -44,6 +45,9 @@ fn user_space_driver(mode: Addressing) -> &'static str {
 }
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Entries of the shared queue pair: room for several target queues' commands (a queue whose
+/// command finds the SQ full waits for room).
+const SHARED_ENTRIES: u16 = 1024;
 const PAGE: usize = 4096;
 
 /// The SSDs this process drives: one [`Controller`] each, and the functions claimed (until the
@@ -259,6 +263,8 @@ pub struct Controller {
     free_qids: Mutex<Vec<u16>>,
     /// Signalled when a queue pair's ID goes back to `free_qids`.
     qid_freed: Condvar,
+    /// The last granted pair, shared by the target queues beyond the granted ones.
+    shared: Mutex<Weak<SharedPair>>,
     irqs: Irqs,
     /// Where each I/O queue pair lives, by queue id.
     queue_mem: Mutex<Vec<(u16, Dma)>>,
@@ -439,6 +445,7 @@ impl Controller {
             max_io_queues: 0,
             free_qids: Mutex::new(Vec::new()),
             qid_freed: Condvar::new(),
+            shared: Mutex::new(Weak::new()),
             irqs: Irqs::Msix(Vec::new()),
             queue_mem: Mutex::new(Vec::new()),
             cmb,
@@ -669,7 +676,8 @@ impl Controller {
     }
 
     /// The eventfd signalled when queue `qid` may have completions: MSI-X vector `qid`'s, or
-    /// one of its own that the INTx thread signals on every interrupt.
+    /// one of its own that the INTx thread signals on every interrupt (each sharer of a pair
+    /// gets one; they go when the pair is deleted).
     pub fn irq(&self, qid: u16) -> Result<OwnedFd, Error> {
         let dup = |fd: &OwnedFd| {
             fd.try_clone().map_err(Error::os(self.pci, format!("duplicating the eventfd of queue {qid}")))
@@ -681,7 +689,6 @@ impl Controller {
             Irqs::Intx(intx) => {
                 let fd = p2pnvmf_p2p::vfio::eventfd().map_err(Error::os(self.pci, "eventfd"))?;
                 let mut queues = intx.queues.lock().unwrap_or_else(|e| e.into_inner());
-                queues.retain(|(q, _)| *q != qid);
                 queues.push((qid, File::from(dup(&fd)?)));
                 Ok(fd)
             }
@@ -713,15 +720,37 @@ impl Controller {
         created.map(Some)
     }
 
-    /// [`Controller::create_io_queue`], waiting up to `limit` for a pair to be given back when
-    /// every granted one is in use (another target queue closing gives its pair back); `None`
-    /// when none was in time. Blocks: for callers off the runtime's workers.
-    pub fn create_io_queue_waiting(&self, entries: u16, limit: Duration) -> Result<Option<QueuePair>, Error> {
+    /// A target queue's way to the SSD, for `entries` commands: a queue pair of its own while
+    /// more than one granted pair is free; the last granted one is created shared, and target
+    /// queues beyond the granted pairs share it. Waits up to `limit` for a pair to be given back
+    /// only when even the shared one takes no more sharers (CIDs); `None` when none was in
+    /// time. Blocks: for callers off the runtime's workers.
+    pub fn open_pair(&self, entries: u16, limit: Duration) -> Result<Option<Pair>, Error> {
         let deadline = Instant::now() + limit;
         let mut waited = false;
         loop {
-            if let Some(q) = self.create_io_queue(entries)? {
-                return Ok(Some(q));
+            let free = self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).len();
+            if free > 1
+                && let Some(q) = self.create_io_queue(entries)?
+            {
+                return Ok(Some(Pair::Own(q)));
+            }
+            {
+                let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(pair) = shared.upgrade()
+                    && let Some(share) = pair.join()
+                {
+                    info!(pci = %self.pci, granted = self.max_io_queues, sharers = pair.sharers(),
+                          "every other granted I/O queue pair is in use: this queue shares the last one");
+                    return Ok(Some(Pair::Shared(share)));
+                }
+                if free == 1
+                    && let Some(q) = self.create_io_queue(SHARED_ENTRIES)?
+                {
+                    let s = SharedPair::new(q);
+                    *shared = Arc::downgrade(&s);
+                    return Ok(Some(Pair::Shared(s.join().expect("a new pair takes sharers"))));
+                }
             }
             let free = self.free_qids.lock().unwrap_or_else(|e| e.into_inner());
             if !free.is_empty() {

@@ -5,6 +5,7 @@ pub mod ctrl;
 mod dma;
 pub mod error;
 pub mod ns;
+pub mod pair;
 pub mod prp;
 #[allow(unsafe_code)]
 pub mod queue;

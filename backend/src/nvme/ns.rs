@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::buffers::RequestFallbacks;
-use p2pnvmf_nvmf::wire::{Sqe, io_opcode as opcode};
+use p2pnvmf_nvmf::wire::{Cqe, Sqe, io_opcode as opcode};
 use p2pnvmf_nvmf::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Op, Status};
 use p2pnvmf_p2p::addr::{BusAddr, Iova};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
@@ -25,6 +25,7 @@ use zerocopy::IntoBytes;
 
 use super::Error;
 use super::ctrl::{Addressing, Controller, Dma};
+use super::pair::Pair;
 use super::prp;
 use super::queue::{QueuePair, status};
 use super::spec::{self, IdNamespace};
@@ -132,13 +133,14 @@ impl Backend for NvmeVfio {
 
     fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
         let depth = depth.clamp(1, 1023) as u16;
-        let q = self.ctrl.create_io_queue_waiting(depth + 1, QUEUE_PAIR_WAIT)?.ok_or_else(|| {
+        let q = self.ctrl.open_pair(depth + 1, QUEUE_PAIR_WAIT)?.ok_or_else(|| {
             IoError::Unavailable(format!(
-                "{}: every granted I/O queue pair is in use (none given back within {QUEUE_PAIR_WAIT:?})",
+                "{}: every granted I/O queue pair is in use and the shared one is full (none given back within \
+                 {QUEUE_PAIR_WAIT:?})",
                 self.ctrl.pci
             ))
         })?;
-        let irq = self.ctrl.irq(q.qid)?;
+        let irq = self.ctrl.irq(q.qid())?;
         // One PRP list (or DSM range) page per command.
         let lists = self.ctrl.dma(usize::from(depth) * PAGE)?;
         let slots = (0..depth).map(|_| Slot::default()).collect();
@@ -146,6 +148,7 @@ impl Backend for NvmeVfio {
         Ok(Box::new(NvmeQueue {
             ns: self,
             q: Some(q),
+            cqes: Vec::with_capacity(usize::from(depth)),
             irq: Irq::Fd(Some(irq)),
             slots,
             free: (0..depth).rev().collect(),
@@ -203,7 +206,9 @@ enum Irq {
 /// waits for every file and mapping of the device, the queue's own DMA memory among them.
 #[derive(Debug)]
 pub struct NvmeQueue {
-    q: Option<QueuePair>,
+    q: Option<Pair>,
+    /// Completions taken from the queue pair, reused.
+    cqes: Vec<Cqe>,
     irq: Irq,
     slots: Vec<Slot>,
     free: Vec<u16>,
@@ -352,25 +357,29 @@ impl NvmeQueue {
 
     /// Submits slot `cid`'s next part, or queues it until the SQ has room.
     fn issue(&mut self, cid: u16) -> io::Result<()> {
-        let q = self.q.as_mut().expect("open");
-        if !q.has_room() || !self.waiting.is_empty() {
+        let q = self.q.as_ref().expect("open");
+        if !self.waiting.is_empty() || !q.has_room() {
             self.waiting.push_back(cid);
             return Ok(());
         }
-        self.send(cid)
+        self.send(cid).map(drop)
     }
 
-    /// Puts slot `cid`'s next part in the SQ (which has room).
+    /// Puts slot `cid`'s next part in the SQ, or at the front of those waiting for room when
+    /// the SQ is full after all (a shared pair's other users took the room); false then.
     #[allow(unsafe_code)]
-    fn send(&mut self, cid: u16) -> io::Result<()> {
+    fn send(&mut self, cid: u16) -> io::Result<bool> {
         let sqe = self.next_command(cid)?;
         // SAFETY: the entry names the slot's window (held in its request), its bounce buffer or
         // this queue's list page, all kept until the completion is taken; a queue dropped
         // with commands in flight waits for them, then deletes the SSD's queue pair, before
         // its slots and their windows go (`Drop for NvmeQueue`).
-        unsafe { self.q.as_mut().expect("open").submit(&sqe) };
+        if !unsafe { self.q.as_mut().expect("open").submit(&sqe) } {
+            self.waiting.push_front(cid);
+            return Ok(false);
+        }
         self.slots[usize::from(cid)].since = Some(Instant::now());
-        Ok(())
+        Ok(true)
     }
 
     /// Ends slot `cid`'s request with `r`: a read's bounced data goes to its window first.
@@ -500,7 +509,9 @@ impl BackendQueue for NvmeQueue {
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(IoDone)) {
-        while let Some(cqe) = self.q.as_mut().expect("open").poll() {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        self.q.as_mut().expect("open").take_completions(&mut cqes);
+        for cqe in cqes.drain(..) {
             let cid = cqe.cid.get();
             let Some(slot) = self.slots.get_mut(usize::from(cid)).filter(|s| s.req.is_some()) else {
                 warn!(pci = %self.ns.ctrl.pci, cid, "completion for no command in flight; ignored");
@@ -528,13 +539,14 @@ impl BackendQueue for NvmeQueue {
                 }
             }
         }
-        self.q.as_mut().expect("open").ring_cq();
+        self.cqes = cqes;
         self.see_to_health(done);
         // Completions made room: parts that waited go now, then operations that waited for a slot.
-        while !self.waiting.is_empty() && self.q.as_ref().expect("open").has_room() {
-            let cid = self.waiting.pop_front().expect("not empty");
-            if let Err(e) = self.send(cid) {
-                done(self.finish(cid, Err(e.into())));
+        while let Some(cid) = self.waiting.pop_front() {
+            match self.send(cid) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => done(self.finish(cid, Err(e.into()))),
             }
         }
         while !self.backlog.is_empty()
@@ -559,6 +571,10 @@ impl BackendQueue for NvmeQueue {
         }
         if self.in_flight > 0 && self.health.as_mut().poll(cx).is_ready() {
             self.health.as_mut().reset(tokio::time::Instant::now() + HEALTH_CHECK);
+            return Poll::Ready(());
+        }
+        // A share of a pair: completions another sharer took from the CQ.
+        if self.q.as_ref().is_some_and(|q| q.has_inbox(cx.waker())) {
             return Poll::Ready(());
         }
         let Irq::Async(fd) = &self.irq else { unreachable!("set above") };
@@ -600,7 +616,7 @@ impl Drop for NvmeQueue {
             self.reap(&mut |_| {});
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
-        if let Some(q) = self.q.take()
+        if let Some(q) = self.q.take().and_then(Pair::close)
             && let Err(e) = self.ns.ctrl.delete_io_queue(q)
         {
             warn!(pci = %self.ns.ctrl.pci, "deleting an I/O queue pair: {e}");
