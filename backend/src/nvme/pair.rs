@@ -251,4 +251,28 @@ mod tests {
         assert!(b.close().is_none() && c.close().is_some(), "the last one out deletes it");
         assert!(shared.join().is_none(), "a closed pair takes no sharer");
     }
+
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_full_shared_sq_takes_nothing_until_a_completion_makes_room() {
+        let mem = Arc::new(Mapping::host_small(8192).unwrap());
+        let regs = Arc::new(Mapping::host_small(0x2000).unwrap());
+        let shared = SharedPair::new(QueuePair::new(2, 4, mem.clone(), 0, 4096, regs, 4));
+        let (mut a, mut b) = (Pair::Shared(shared.join().unwrap()), Pair::Shared(shared.join().unwrap()));
+        let sqe = Sqe::default();
+        // SAFETY: the entries name no memory (a controller played by this test).
+        let took = unsafe { [a.submit(&sqe), b.submit(&sqe), a.submit(&sqe), b.submit(&sqe)] };
+        assert_eq!(took, [true, true, true, false], "three entries, one always empty");
+        assert!(!a.has_room());
+        // The controller consumed the first entry: b's completion makes room, and a is told.
+        let woken = Arc::new(Count(AtomicUsize::new(0)));
+        assert!(!a.has_inbox(&Waker::from(woken.clone())));
+        post(&mem, 0, 1024);
+        let mut got = Vec::new();
+        b.take_completions(&mut got);
+        assert_eq!((got.len(), woken.0.load(Ordering::Relaxed)), (1, 1));
+        assert!(a.has_inbox(&Waker::from(woken.clone())), "a may send what waited");
+        // SAFETY: as above.
+        assert!(unsafe { a.submit(&sqe) });
+    }
 }

@@ -15,7 +15,7 @@ bus=$(bar_bus "$ssd" 2)
 step "SSD $ssd on vfio-pci, CMB (BAR2) at bus address $(printf '%#x' "$bus")"
 # What an RDMA controller would try: the CMB is VFIO's to export, which this kernel cannot.
 "$P2PNVMF_BIN" topology | sed -n '/^dma-buf registration/,$p'
-"$P2PNVMF_BIN" topology | grep -q "rxe0 x $ssd: not tried: this kernel cannot export a BAR as a dma-buf (VFIO_DEVICE_FEATURE_DMA_BUF on $ssd: Inappropriate ioctl for device" \
+"$P2PNVMF_BIN" topology | grep -q "rxe0 x $ssd: not tried: this kernel cannot export a BAR as a dma-buf (needs Linux 6.19 .*): VFIO_DEVICE_FEATURE_DMA_BUF on $ssd: Inappropriate ioctl for device" \
     || die "topology does not say why no dma-buf would be registered"
 
 # serve_with BUFFERS: the target on the SSD's namespace 1 with that buffer choice.
@@ -54,7 +54,7 @@ read -r tr cmb host < <(run_verify rdma 4420)
 echo "qemu traced $tr bytes CMB-addressed; p2pnvmf counted $cmb through the CMB, $host through host memory"
 # The CMB is mapped through VFIO, whose dma-buf export Debian's 6.12 lacks: that comes first.
 grep "controller falls back to host memory" "$TARGET_LOG" | tail -n 1
-grep -q "controller falls back to host memory: dma-buf: this kernel cannot export a BAR as a dma-buf (VFIO_DEVICE_FEATURE_DMA_BUF on $ssd: Inappropriate ioctl for device (os error 25); needs Linux 6.19.*; topology: rxe0 is a software RDMA device" "$TARGET_LOG" \
+grep -q "controller falls back to host memory: dma-buf: this kernel cannot export a BAR as a dma-buf (needs Linux 6.19 .*): VFIO_DEVICE_FEATURE_DMA_BUF on $ssd: Inappropriate ioctl for device (os error 25); topology: rxe0 is a software RDMA device" "$TARGET_LOG" \
     || die "no fallback reason"
 (( tr == 0 && cmb == 0 && host > 0 )) || die "rxe run: trace $tr, CMB $cmb, host $host"
 stop_target
