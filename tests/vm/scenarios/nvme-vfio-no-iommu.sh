@@ -44,7 +44,7 @@ step "no IOMMU and no opt-in: refused, the way out named"
 refused "$ssd: no IOMMU group: the IOMMU is off.*dma = \"physical\""
 step "dma = physical without huge pages reserved: refused, given back"
 echo 0 > /proc/sys/vm/nr_hugepages
-refused "locked 2 MiB huge pages for DMA: .*nr_hugepages" 'dma = "physical"'
+refused "$ssd: [0-9]* bytes of locked 2 MiB huge pages for DMA (.*nr_hugepages): Cannot allocate memory (os error 12)" 'dma = "physical"'
 echo 128 > /proc/sys/vm/nr_hugepages
 (( $(cat /proc/sys/vm/nr_hugepages) == 128 )) || die "could not reserve 128 huge pages"
 
