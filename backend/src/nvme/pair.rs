@@ -220,13 +220,20 @@ mod tests {
         mem.write32(at + 12, u32::from(cid) | 1 << 16);
     }
 
+    /// A shared queue pair 2 of `entries` in test memory (the SQ at 0, the CQ at 4096), and two
+    /// shares of it.
+    fn two_sharers(entries: u16) -> (Arc<Mapping>, Arc<SharedPair>, Pair, Pair) {
+        let mem = Arc::new(Mapping::host_small(8192).unwrap());
+        let regs = Arc::new(Mapping::host_small(0x2000).unwrap());
+        let shared = SharedPair::new(QueuePair::new(2, entries, mem.clone(), 0, 4096, regs, 4));
+        let (a, b) = (Pair::Shared(shared.join().unwrap()), Pair::Shared(shared.join().unwrap()));
+        (mem, shared, a, b)
+    }
+
     #[test]
     #[allow(unsafe_code)]
     fn each_sharer_gets_its_own_completions_and_is_woken_for_them() {
-        let mem = Arc::new(Mapping::host_small(8192).unwrap());
-        let regs = Arc::new(Mapping::host_small(0x2000).unwrap());
-        let shared = SharedPair::new(QueuePair::new(2, 64, mem.clone(), 0, 4096, regs, 4));
-        let (mut a, mut b) = (Pair::Shared(shared.join().unwrap()), Pair::Shared(shared.join().unwrap()));
+        let (mem, shared, mut a, mut b) = two_sharers(64);
         assert_eq!((shared.sharers(), a.qid()), (2, 2));
         let mut sqe = Sqe::default();
         sqe.cid.set(5);
@@ -255,10 +262,7 @@ mod tests {
     #[test]
     #[allow(unsafe_code)]
     fn a_full_shared_sq_takes_nothing_until_a_completion_makes_room() {
-        let mem = Arc::new(Mapping::host_small(8192).unwrap());
-        let regs = Arc::new(Mapping::host_small(0x2000).unwrap());
-        let shared = SharedPair::new(QueuePair::new(2, 4, mem.clone(), 0, 4096, regs, 4));
-        let (mut a, mut b) = (Pair::Shared(shared.join().unwrap()), Pair::Shared(shared.join().unwrap()));
+        let (mem, _shared, mut a, mut b) = two_sharers(4);
         let sqe = Sqe::default();
         // SAFETY: the entries name no memory (a controller played by this test).
         let took = unsafe { [a.submit(&sqe), b.submit(&sqe), a.submit(&sqe), b.submit(&sqe)] };
