@@ -38,6 +38,7 @@ pub mod lid {
     pub const CHANGED_NS_LIST: u8 = 0x04;
     pub const COMMAND_EFFECTS: u8 = 0x05;
     pub const DISCOVERY: u8 = 0x70;
+    pub const RESERVATION_NOTIFICATION: u8 = 0x80;
 }
 
 /// Firmware revision reported in Identify and the firmware slot log.
@@ -61,7 +62,14 @@ pub(crate) fn execute(
             if sqe.cdw10.get() & (1 << 31) != 0 {
                 return Some(Response::status(Status::FEATURE_NOT_SAVEABLE.dnr()));
             }
-            match ctrl.set_feature(sqe.cdw10.get() as u8, sqe.cdw11.get()) {
+            let fid = sqe.cdw10.get() as u8;
+            let set = match fid {
+                feat::RESERVATION_NOTIFICATION_MASK | feat::RESERVATION_PERSISTENCE => {
+                    set_reservation_feature(ctrl, fid, sqe.nsid.get(), sqe.cdw11.get())
+                }
+                _ => ctrl.set_feature(fid, sqe.cdw11.get()),
+            };
+            match set {
                 Ok(dw0) => Response::result(dw0.into()),
                 Err(s) => Response::status(s),
             }
@@ -141,6 +149,9 @@ fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
                     put16(&mut page, 72, d.nows);
                     page[33] = d.dlfeat;
                 }
+                // RESCAP: every reservation type, IEKEY as NVMe 1.3 defines it, and PTPL
+                // where a state directory keeps it.
+                page[31] = 0xfe | u8::from(ns.resv.ptpl_capable());
                 page[104..120].copy_from_slice(&ns.ids.nguid);
                 page[120..128].copy_from_slice(&ns.ids.eui64);
                 put32(&mut page, 128, (ns.lba_shift) << 16); // LBAF0: LBADS
@@ -206,9 +217,9 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     if let Some(s) = ctrl.subsystem() {
         put32(page, 516, s.namespaces.last().map_or(0, |n| n.nsid)); // NN
         // ONCS: Compare (done by the target), Dataset Management and Write Zeroes where every
-        // NVMe device behind a namespace has them.
+        // NVMe device behind a namespace has them, Reservations (kept by the target).
         let dsm_wz = s.namespaces.iter().filter_map(|n| n.backend.device()).fold(1 << 2 | 1 << 3, |a, d| a & d.oncs);
-        put16(page, 520, 1 | dsm_wz);
+        put16(page, 520, 1 | dsm_wz | 1 << 5); // ... and Reservations
         page[525] = s.namespaces.iter().any(|n| n.backend.volatile_write_cache()).into(); // VWC
         put32(page, 540, s.namespaces.len() as u32); // MNAN
     }
@@ -262,6 +273,10 @@ fn get_log_page(target: &Target, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) 
             }
             &page[..]
         }
+        (lid::RESERVATION_NOTIFICATION, Some(_)) => {
+            page[..64].copy_from_slice(&ctrl.take_reservation_notice());
+            &page[..64]
+        }
         (lid::COMMAND_EFFECTS, Some(_)) => {
             command_effects(&mut page);
             &page[..]
@@ -310,12 +325,48 @@ fn command_effects(page: &mut [u8; PAGE]) {
     }
 }
 
+/// Set Features Reservation Notification Mask (82h: bits 1–3 mask registration preempted,
+/// reservation released, reservation preempted) or Reservation Persistence (83h: bit 0 PTPL),
+/// of one namespace or, with NSID FFFFFFFFh, of all.
+fn set_reservation_feature(ctrl: &Controller, fid: u8, nsid: u32, cdw11: u32) -> Result<u32, Status> {
+    let subsys = ctrl.subsystem().ok_or(Status::INVALID_FIELD.dnr())?;
+    let namespaces: Vec<_> = match nsid {
+        u32::MAX => subsys.namespaces.iter().collect(),
+        _ => vec![subsys.ns(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?],
+    };
+    if fid == feat::RESERVATION_NOTIFICATION_MASK {
+        if cdw11 & !0b1110 != 0 {
+            return Err(Status::INVALID_FIELD.dnr());
+        }
+        ctrl.set_reservation_mask(namespaces.iter().map(|n| n.nsid), cdw11);
+        return Ok(0);
+    }
+    if cdw11 & !1 != 0 {
+        return Err(Status::INVALID_FIELD.dnr());
+    }
+    for ns in namespaces {
+        ns.resv.set_ptpl(cdw11 & 1 != 0)?;
+    }
+    Ok(0)
+}
+
 fn get_features(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
     let fid = sqe.cdw10.get() as u8;
     let sel = (sqe.cdw10.get() >> 8) & 7;
+    let reservation = matches!(fid, feat::RESERVATION_NOTIFICATION_MASK | feat::RESERVATION_PERSISTENCE);
     if sel == 3 {
-        // Supported capabilities: nothing saveable, nothing namespace-specific.
-        return Response::result(0);
+        // Supported capabilities: nothing saveable; the reservation features are
+        // namespace-specific (bit 1) and changeable (bit 2).
+        return Response::result(if reservation { 0b110 } else { 0 });
+    }
+    if reservation {
+        let Some(ns) = ctrl.subsystem().and_then(|s| s.ns(sqe.nsid.get()).cloned()) else {
+            return Response::status(Status::INVALID_NAMESPACE.dnr());
+        };
+        return Response::result(match fid {
+            feat::RESERVATION_NOTIFICATION_MASK => ctrl.reservation_mask(ns.nsid).into(),
+            _ => ns.resv.state().ptpl.into(),
+        });
     }
     if fid == feat::HOST_IDENTIFIER {
         // Fabrics use the 128-bit host identifier only (EXHID must be set).

@@ -45,6 +45,11 @@ const AEC_DISCOVERY_LOG_CHANGE: u32 = 1 << 31;
 pub const AEN_NS_ATTRIBUTE_CHANGED: u32 = 0x02 | 0x04 << 16;
 /// Async Event Configuration bit enabling Namespace Attribute Notices (Figure 326).
 const AEC_NS_ATTRIBUTE: u32 = 1 << 8;
+/// Completion DW0 of a Reservation Log Page Available event (Figure 151): type 6 (I/O command
+/// specific status), information 00h, log page 80h.
+pub const AEN_RESERVATION_LOG: u32 = 0x06 | 0x80 << 16;
+/// Reservation notices a controller keeps until its host reads them (as nvmet's 64).
+const RESV_LOG_MAX: usize = 64;
 /// Entries of the Changed Namespace List log (Figure 209); more changes than that are reported
 /// as a first entry of FFFFFFFFh.
 const CHANGED_NS_MAX: usize = 1024;
@@ -83,6 +88,17 @@ struct State {
     io_queues: BTreeMap<u16, u16>,
     /// NSIDs added, removed or changed since the host last read the Changed Namespace List.
     changed_ns: BTreeSet<u32>,
+    resv_log: ResvLog,
+    /// Reservation Notification Mask per NSID (Set Features 82h): notices the host masked.
+    resv_masks: BTreeMap<u32, u32>,
+}
+
+/// The Reservation Notification log of one controller (NVMe Base 2.0, 5.16.1.24): notices in
+/// order, each with its count; the count also moves on for a notice lost to a full log.
+#[derive(Debug, Default)]
+struct ResvLog {
+    count: u64,
+    entries: std::collections::VecDeque<(u64, crate::resv::NoticeKind, u32)>,
 }
 
 /// Who connected: the host NQN and Host Identifier of its Connect, and its address as the
@@ -212,6 +228,56 @@ impl Controller {
     pub fn take_changed_namespaces(&self) -> Vec<u32> {
         let changed = std::mem::take(&mut self.state().changed_ns);
         if changed.len() > CHANGED_NS_MAX { vec![u32::MAX] } else { changed.into_iter().collect() }
+    }
+
+    /// A reservation change of namespace `nsid` concerns this controller's host: logged and
+    /// announced unless the host masked that kind of notice (Set Features 82h).
+    pub fn reservation_notice(&self, nsid: u32, kind: crate::resv::NoticeKind) {
+        let mut st = self.state();
+        if st.resv_masks.get(&nsid).is_some_and(|m| m & 1 << kind as u32 != 0) {
+            return;
+        }
+        let log = &mut st.resv_log;
+        log.count = log.count.checked_add(1).unwrap_or(1);
+        if log.entries.len() == RESV_LOG_MAX {
+            tracing::warn!(
+                cntlid = self.cntlid,
+                nsid,
+                ?kind,
+                "reservation notification log full: notice lost (its count says so)"
+            );
+        } else {
+            let count = log.count;
+            log.entries.push_back((count, kind, nsid));
+        }
+        drop(st);
+        self.notify(AEN_RESERVATION_LOG);
+    }
+
+    /// The Reservation Notification log page (64 bytes, Figure 286): the oldest notice, taken
+    /// by reading, with how many more wait; zeroes when none does.
+    pub fn take_reservation_notice(&self) -> [u8; 64] {
+        let mut page = [0u8; 64];
+        let mut st = self.state();
+        if let Some((count, kind, nsid)) = st.resv_log.entries.pop_front() {
+            page[..8].copy_from_slice(&count.to_le_bytes());
+            page[8] = kind as u8;
+            page[9] = st.resv_log.entries.len().min(255) as u8;
+            page[12..16].copy_from_slice(&nsid.to_le_bytes());
+        }
+        page
+    }
+
+    /// Reservation Notification Mask of `nsids` (Set Features 82h; bits 1–3).
+    pub fn set_reservation_mask(&self, nsids: impl Iterator<Item = u32>, mask: u32) {
+        let mut st = self.state();
+        for nsid in nsids {
+            st.resv_masks.insert(nsid, mask);
+        }
+    }
+
+    pub fn reservation_mask(&self, nsid: u32) -> u32 {
+        self.state().resv_masks.get(&nsid).copied().unwrap_or(0)
     }
 
     /// Records host activity for the keep-alive timer (any command counts, as with TBKAS).
@@ -441,4 +507,6 @@ pub mod feat {
     pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
     pub const KEEP_ALIVE_TIMER: u8 = 0x0f;
     pub const HOST_IDENTIFIER: u8 = 0x81;
+    pub const RESERVATION_NOTIFICATION_MASK: u8 = 0x82;
+    pub const RESERVATION_PERSISTENCE: u8 = 0x83;
 }

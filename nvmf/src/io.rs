@@ -5,6 +5,7 @@
 //! namespace, a Deallocate per range): it completes when the last one does.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ use crate::Status;
 use crate::ns::{BackendQueue, IoDone, IoError, IoRequest, Namespace, Op};
 use crate::request::{Completion, Exec, Request};
 use crate::response::Response;
+use crate::resv::{Group, HostId, Reservation, Verdict};
 use crate::subsystem::Subsystem;
 use crate::wire::{Sqe, io_opcode as opcode};
 
@@ -69,6 +71,8 @@ struct Inflight {
     /// The first failure among its operations.
     status: Status,
     scratch: Option<Window>,
+    /// Counted among the queue's commands in flight on the namespace while it is.
+    _entered: Option<Entered>,
 }
 
 /// What an I/O command comes to once checked: the operations it submits.
@@ -90,6 +94,52 @@ struct Commands {
     inflight: Vec<Option<Inflight>>,
     scratch: Vec<Window>,
     failures: FailureLog,
+}
+
+/// What this queue knows of a namespace's reservation for its host: the verdict of the
+/// version it last saw, and its count of commands in flight there (what a Preempt and Abort
+/// waits on).
+#[derive(Debug)]
+struct ResvView {
+    nsid: u32,
+    resv: Arc<Reservation>,
+    seen: u64,
+    verdict: Verdict,
+    busy: Arc<AtomicU32>,
+}
+
+/// A command counted in flight on its namespace until this drops.
+#[derive(Debug)]
+struct Entered(Arc<AtomicU32>);
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The reservation step of the I/O pipeline: whether this queue's host may run a command of
+/// `group` on `ns` now (NVMe Base 2.0, 8.19), the command counted in flight first so that a
+/// Preempt and Abort changing the reservation meanwhile either sees it or is seen by it. A
+/// verdict is looked up again only when the reservation's version moved: one atomic load.
+fn enter(views: &mut Vec<ResvView>, ns: &Namespace, host: &HostId, group: Group) -> Result<Entered, Status> {
+    let i = match views.iter().position(|v| v.nsid == ns.nsid && Arc::ptr_eq(&v.resv, &ns.resv)) {
+        Some(i) => i,
+        None => {
+            let busy = ns.resv.track(host);
+            let (seen, verdict) = ns.resv.verdict(host);
+            views.push(ResvView { nsid: ns.nsid, resv: ns.resv.clone(), seen, verdict, busy });
+            views.len() - 1
+        }
+    };
+    let v = &mut views[i];
+    v.busy.fetch_add(1, Ordering::SeqCst);
+    let entered = Entered(v.busy.clone());
+    if v.resv.version() != v.seen {
+        (v.seen, v.verdict) = v.resv.verdict(host);
+    }
+    v.verdict.of(group)?;
+    Ok(entered)
 }
 
 /// Lines a queue logs for failed I/O per second: a failing device fails every command, and
@@ -127,6 +177,8 @@ pub(crate) struct IoState {
     queues: Vec<NsQueue>,
     opening: Vec<Opening>,
     cmds: Commands,
+    /// Reservations of the namespaces this queue used, for its host.
+    resv: Vec<ResvView>,
     /// The transport's data area, registered with each backend queue as it opens.
     area: Option<MappingPin>,
 }
@@ -162,8 +214,15 @@ impl IoState {
     /// (reads). A command that finishes at once comes back `Done`; a submitted one is held —
     /// its buffer lent to the operation that moves it — until it comes out of
     /// [`IoState::reap`].
-    pub(crate) fn start(&mut self, subsys: &Subsystem, depth: usize, tag: u16, mut req: Request) -> Exec {
-        let planned = match self.plan(subsys, tag, &req) {
+    pub(crate) fn start(
+        &mut self,
+        subsys: &Subsystem,
+        host: &HostId,
+        depth: usize,
+        tag: u16,
+        mut req: Request,
+    ) -> Exec {
+        let (planned, entered) = match self.plan(subsys, host, tag, &req) {
             Ok(p) => p,
             Err(s) => {
                 if let Some(ns) = subsys.ns(req.sqe.nsid.get()) {
@@ -176,8 +235,14 @@ impl IoState {
         let nsid = req.sqe.nsid.get();
         match planned {
             Planned::FlushAll => {
-                self.cmds.begin(tag, req, 0, subsys.namespaces.len());
-                for ns in &subsys.namespaces {
+                // Namespaces a reservation keeps this host from writing are not flushed.
+                let writable: Vec<&Namespace> = subsys
+                    .namespaces
+                    .iter()
+                    .filter(|ns| enter(&mut self.resv, ns, host, Group::Write).is_ok())
+                    .collect();
+                self.cmds.begin(tag, req, 0, writable.len(), None);
+                for ns in writable {
                     self.submit(ns, depth, IoRequest { tag, op: Op::Flush, buf: None });
                 }
             }
@@ -186,7 +251,7 @@ impl IoState {
                     Op::Read { len, .. } | Op::Write { len, .. } => len,
                     _ => 0,
                 };
-                let f = self.cmds.begin(tag, req, len, 1);
+                let f = self.cmds.begin(tag, req, len, 1, entered);
                 let buf = match scratch {
                     Some(s) => s,
                     None => f.req.buf.take().expect("checked by plan"),
@@ -195,12 +260,12 @@ impl IoState {
                 self.submit(ns, depth, IoRequest { tag, op, buf: Some(buf) });
             }
             Planned::One(op) => {
-                self.cmds.begin(tag, req, 0, 1);
+                self.cmds.begin(tag, req, 0, 1, entered);
                 let ns = subsys.ns(nsid).expect("checked by plan");
                 self.submit(ns, depth, IoRequest { tag, op, buf: None });
             }
             Planned::Deallocate { ranges } => {
-                self.cmds.begin(tag, req, 0, ranges.len());
+                self.cmds.begin(tag, req, 0, ranges.len(), entered);
                 let ns = subsys.ns(nsid).expect("checked by plan");
                 for &(offset, len) in &ranges {
                     self.submit(ns, depth, IoRequest { tag, op: Op::Deallocate { offset, len }, buf: None });
@@ -214,8 +279,15 @@ impl IoState {
         }
     }
 
-    /// Checks an I/O command against its namespace and says what it submits.
-    fn plan(&mut self, subsys: &Subsystem, tag: u16, req: &Request) -> Result<Planned, Status> {
+    /// Checks an I/O command against its namespace and its reservation and says what it
+    /// submits.
+    fn plan(
+        &mut self,
+        subsys: &Subsystem,
+        host: &HostId,
+        tag: u16,
+        req: &Request,
+    ) -> Result<(Planned, Option<Entered>), Status> {
         if self.cmds.inflight.get(usize::from(tag)).is_some_and(Option::is_some) {
             warn!(tag, "a command was started on a tag still in flight");
             return Err(Status::INTERNAL_ERROR);
@@ -223,10 +295,14 @@ impl IoState {
         let (sqe, len) = (&req.sqe, req.len());
         let nsid = sqe.nsid.get();
         if sqe.opcode == opcode::FLUSH && nsid == u32::MAX {
-            return Ok(Planned::FlushAll);
+            return Ok((Planned::FlushAll, None));
         }
         let ns = subsys.ns(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?;
-        match sqe.opcode {
+        let entered = match crate::resv::Group::of(sqe.opcode) {
+            Some(group) => Some(enter(&mut self.resv, ns, host, group)?),
+            None => None,
+        };
+        let planned = match sqe.opcode {
             opcode::READ | opcode::WRITE | opcode::COMPARE => {
                 let (offset, bytes) = lba_range(ns, sqe)?;
                 if len as u64 != bytes {
@@ -262,7 +338,8 @@ impl IoState {
                 Ok(Planned::Deallocate { ranges })
             }
             _ => Err(Status::INVALID_OPCODE.dnr()),
-        }
+        };
+        Ok((planned?, entered))
     }
 
     /// Submits to `ns`'s backend queue (opened on first use: off the queue's task for a
@@ -369,6 +446,8 @@ impl IoState {
     /// and complete as usual.
     pub(crate) fn retire(&mut self, subsys: &Subsystem) {
         self.queues.retain(|q| q.q.in_flight() > 0 || subsys.ns(q.nsid).is_some_and(|ns| q.serves(ns)));
+        // Commands in flight keep their count until they finish.
+        self.resv.retain(|v| subsys.ns(v.nsid).is_some_and(|ns| Arc::ptr_eq(&ns.resv, &v.resv)));
     }
 
     pub(crate) fn set_data_area(&mut self, area: MappingPin) {
@@ -387,7 +466,7 @@ impl IoState {
 
 impl Commands {
     /// Holds `req` in flight under `tag` with `ops` operations to wait for, `len` bytes to move.
-    fn begin(&mut self, tag: u16, req: Request, len: usize, ops: usize) -> &mut Inflight {
+    fn begin(&mut self, tag: u16, req: Request, len: usize, ops: usize, entered: Option<Entered>) -> &mut Inflight {
         let t = usize::from(tag);
         if self.inflight.len() <= t {
             self.inflight.resize_with(t + 1, || None);
@@ -399,6 +478,7 @@ impl Commands {
             remaining: ops,
             status: Status::SUCCESS,
             scratch: None,
+            _entered: entered,
         })
     }
 

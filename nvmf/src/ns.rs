@@ -171,6 +171,9 @@ pub struct Namespace {
     /// Where its I/O buffers come from.
     pub buffers: crate::buffers::NsBuffers,
     pub metrics: NsMetrics,
+    /// Its registrations and reservation, shared by every controller (kept by a reload that
+    /// keeps the namespace).
+    pub resv: Arc<crate::resv::Reservation>,
 }
 
 /// A namespace's I/O metrics, labelled `subnqn` and `nsid`: `p2pnvmf_io_commands_total` and
@@ -282,7 +285,8 @@ impl Namespace {
         let lba_shift = backend.lba_shift();
         let metrics = NsMetrics::new(subnqn, nsid);
         let ids = NsIds::derived(subnqn, nsid);
-        Namespace { nsid, backend, lba_shift, ids, buffers: crate::buffers::NsBuffers::Host, metrics }
+        let (buffers, resv) = (crate::buffers::NsBuffers::Host, Arc::default());
+        Namespace { nsid, backend, lba_shift, ids, buffers, metrics, resv }
     }
 
     pub fn block_size(&self) -> u32 {

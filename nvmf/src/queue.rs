@@ -14,6 +14,7 @@ use crate::ctrl::Controller;
 use crate::data;
 use crate::io::IoState;
 use crate::request::{Completion, Exec, Request};
+use crate::reservations::{self, Held};
 use crate::response::Response;
 use crate::subsystem::{Port, TrType};
 use crate::target::Target;
@@ -51,6 +52,8 @@ pub struct Queue {
     io: IoState,
     /// Async Event Requests held for an event, by tag (admin queue).
     held: Vec<(u16, Request)>,
+    /// Preempt and Abort commands waiting for the preempted hosts' commands, by tag.
+    draining: Vec<(u16, Request, Held)>,
 }
 
 impl Queue {
@@ -70,6 +73,7 @@ impl Queue {
             mover: Mover::Cpu,
             io: IoState::default(),
             held: Vec::new(),
+            draining: Vec::new(),
         }
     }
 
@@ -197,7 +201,16 @@ impl Queue {
                 req.response = Response::status(Status::INVALID_OPCODE.dnr());
                 return Exec::Done(req);
             };
-            return self.io.start(subsys, usize::from(self.entries), tag, req);
+            if io_opcode::is_reservation(sqe.opcode) {
+                return match reservations::execute(&self.target, ctrl, subsys, &mut req) {
+                    None => Exec::Done(req),
+                    Some(held) => {
+                        self.draining.push((tag, req, held));
+                        Exec::Submitted
+                    }
+                };
+            }
+            return self.io.start(subsys, &ctrl.hostid, usize::from(self.entries), tag, req);
         }
         // Fabrics and admin commands work on the bytes directly.
         let len = req.len();
@@ -229,13 +242,16 @@ impl Queue {
         }
     }
 
-    /// Resolves when submitted commands may have completed — backend operations, or on the
-    /// admin queue an async event for a held Async Event Request (never while nothing is in
-    /// flight); collect them with [`Queue::reap`].
+    /// Resolves when submitted commands may have completed — backend operations, a Preempt
+    /// and Abort whose wait may be over (looked at every millisecond), or on the admin queue an
+    /// async event for a held Async Event Request (never while nothing is in flight); collect
+    /// them with [`Queue::reap`].
     pub async fn io_ready(&mut self) {
         let events = self.ctrl.clone().filter(|_| self.qid == 0);
+        let draining = !self.draining.is_empty();
         tokio::select! {
             () = poll_fn(|cx| self.io.poll_ready(cx)) => {}
+            () = tokio::time::sleep(std::time::Duration::from_millis(1)), if draining => {}
             () = async {
                 match &events {
                     Some(c) => c.event_ready().await,
@@ -250,6 +266,11 @@ impl Queue {
     pub fn reap(&mut self, out: &mut impl FnMut(Completion)) {
         if let Some(subsys) = &self.subsys {
             self.io.reap(subsys, out);
+        }
+        while let Some(i) = self.draining.iter().position(|(_, _, held)| held.done()) {
+            let (tag, req, held) = self.draining.swap_remove(i);
+            held.finish();
+            out(Completion { tag, req });
         }
         if let (0, Some(c)) = (self.qid, &self.ctrl) {
             for (tag, dw0) in c.take_async_completions() {
@@ -313,6 +334,10 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
+        // A preempted host must not stay refused because the preempting one went away.
+        for (_, _, held) in self.draining.drain(..) {
+            held.finish();
+        }
         if let Some(c) = self.ctrl.take() {
             metrics::gauge!("p2pnvmf_queues", "transport" => self.port.trtype.as_str()).decrement(1.0);
             if self.qid == 0 {

@@ -43,9 +43,11 @@ codes! {
     DATA_SGL_LENGTH_INVALID = (sct::GENERIC, 0x0F, "Data SGL Length Invalid");
     SGL_TYPE_INVALID = (sct::GENERIC, 0x11, "SGL Descriptor Type Invalid");
     SGL_OFFSET_INVALID = (sct::GENERIC, 0x16, "SGL Offset Invalid");
+    HOST_ID_INCONSISTENT = (sct::GENERIC, 0x18, "Host Identifier Inconsistent Format");
     LBA_OUT_OF_RANGE = (sct::GENERIC, 0x80, "LBA Out of Range");
     CAPACITY_EXCEEDED = (sct::GENERIC, 0x81, "Capacity Exceeded");
     NAMESPACE_NOT_READY = (sct::GENERIC, 0x82, "Namespace Not Ready");
+    RESERVATION_CONFLICT = (sct::GENERIC, 0x83, "Reservation Conflict");
     INVALID_QUEUE_ID = (sct::COMMAND_SPECIFIC, 0x01, "Invalid Queue Identifier");
     ASYNC_EVENT_LIMIT_EXCEEDED = (sct::COMMAND_SPECIFIC, 0x05, "Asynchronous Event Request Limit Exceeded");
     INVALID_LOG_PAGE = (sct::COMMAND_SPECIFIC, 0x09, "Invalid Log Page");

@@ -75,7 +75,27 @@ pub mod io_opcode {
     pub const COMPARE: u8 = 0x05;
     pub const WRITE_ZEROES: u8 = 0x08;
     pub const DATASET_MANAGEMENT: u8 = 0x09;
-    pub const ALL: [u8; 6] = [FLUSH, WRITE, READ, COMPARE, WRITE_ZEROES, DATASET_MANAGEMENT];
+    pub const RESV_REGISTER: u8 = 0x0d;
+    pub const RESV_REPORT: u8 = 0x0e;
+    pub const RESV_ACQUIRE: u8 = 0x11;
+    pub const RESV_RELEASE: u8 = 0x15;
+    pub const ALL: [u8; 10] = [
+        FLUSH,
+        WRITE,
+        READ,
+        COMPARE,
+        WRITE_ZEROES,
+        DATASET_MANAGEMENT,
+        RESV_REGISTER,
+        RESV_REPORT,
+        RESV_ACQUIRE,
+        RESV_RELEASE,
+    ];
+
+    /// The reservation commands (NVMe Base 2.0, 7.2–7.5), executed by the target itself.
+    pub fn is_reservation(op: u8) -> bool {
+        matches!(op, RESV_REGISTER | RESV_REPORT | RESV_ACQUIRE | RESV_RELEASE)
+    }
 
     pub fn changes_content(op: u8) -> bool {
         matches!(op, WRITE | WRITE_ZEROES | DATASET_MANAGEMENT)

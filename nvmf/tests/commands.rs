@@ -849,3 +849,137 @@ async fn a_slowly_opening_backend_queue_opens_off_the_queue_task_while_its_first
         }
     }
 }
+
+const HOST_A_ID: [u8; 16] = [7; 16];
+const HOST_B_ID: [u8; 16] = [9; 16];
+
+/// A connected and enabled admin queue and an I/O queue of host `hostnqn`/`hostid` on `OPEN`.
+fn host_queues(t: &Arc<Target>, hostnqn: &str, hostid: [u8; 16]) -> (Queue, Queue) {
+    let mut a = Queue::new(t.clone(), port(1));
+    let r = connect_with_id(&mut a, 0, OPEN, hostnqn, hostid, 0xffff);
+    assert!(r.status.is_success());
+    assert!(prop_set(&mut a, 0x14, CC_ENABLE).status.is_success());
+    let mut io = Queue::new(t.clone(), port(1));
+    assert!(connect_with_id(&mut io, 1, OPEN, hostnqn, hostid, r.result as u16).status.is_success());
+    (a, io)
+}
+
+/// A reservation command (Register 0Dh, Acquire 11h, Release 15h) on namespace 1 with its keys.
+fn resv(q: &mut Queue, opcode: u8, cdw10: u32, keys: &[u64]) -> Exec {
+    let mut s = sqe(opcode);
+    s.nsid = 1.into();
+    s.cdw10 = cdw10.into();
+    let mut data: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+    exec(q, &s, &mut data)
+}
+
+/// Reservation Report (extended): (generation, type, registrants' (key, holds)).
+fn resv_report(q: &mut Queue) -> (u32, u8, Vec<(u64, bool)>) {
+    let mut s = sqe(0x0e);
+    s.nsid = 1.into();
+    s.cdw10 = 1023.into();
+    s.cdw11 = 1.into();
+    let mut page = vec![0u8; 4096];
+    assert_eq!(done(exec(q, &s, &mut page)).data_len, 4096);
+    let n = u16::from_le_bytes([page[5], page[6]]) as usize;
+    let regs = (0..n)
+        .map(|i| (u64::from_le_bytes(page[72 + i * 64..80 + i * 64].try_into().unwrap()), page[66 + i * 64] == 1));
+    (u32::from_le_bytes(page[..4].try_into().unwrap()), page[4], regs.collect())
+}
+
+#[tokio::test]
+async fn a_reservation_fences_the_other_host_and_tells_it_what_changed() {
+    let t = target();
+    let (mut a_admin, mut a) = host_queues(&t, HOST, HOST_A_ID);
+    let (_b_admin, mut b) = host_queues(&t, OTHER_HOST, HOST_B_ID);
+    let conflict = Status::RESERVATION_CONFLICT.dnr();
+    let mut block = vec![0x5a; 512];
+    // Identify: reservations in ONCS, every type in RESCAP, no PTPL without a state directory.
+    let mut id = vec![0u8; 4096];
+    let mut ident = sqe(0x06);
+    ident.cdw10 = 1.into();
+    done(exec(&mut a_admin, &ident, &mut id));
+    assert_ne!(u16::from_le_bytes([id[520], id[521]]) & 1 << 5, 0, "ONCS reservations");
+    (ident.cdw10, ident.nsid) = (0.into(), 1.into());
+    done(exec(&mut a_admin, &ident, &mut id));
+    assert_eq!(id[31], 0xfe, "RESCAP");
+
+    assert!(done(resv(&mut a, 0x0d, 0, &[0, 1])).status.is_success());
+    assert!(done(resv(&mut b, 0x0d, 0, &[0, 2])).status.is_success());
+    assert_eq!(done(resv(&mut b, 0x0d, 0, &[0, 3])).status, conflict, "registered with another key");
+    // A takes Write Exclusive: B may read, not write; A may do both.
+    assert!(done(resv(&mut a, 0x11, 1 << 8, &[1, 0])).status.is_success());
+    assert_eq!(done(exec(&mut b, &rw(0x01, 0, 1), &mut block)).status, conflict);
+    assert_eq!(done(exec(&mut b, &rw(0x08, 0, 1), &mut [])).status, conflict, "write zeroes");
+    assert!(done(exec(&mut b, &rw(0x02, 0, 1), &mut block)).status.is_success());
+    assert!(done(exec(&mut a, &rw(0x01, 0, 1), &mut block)).status.is_success());
+    assert_eq!(resv_report(&mut b), (2, 1, vec![(1, true), (2, false)]));
+    // A waits for events; B preempts A into Exclusive Access.
+    let mut aer = sqe(0x0c);
+    aer.cid = 40.into();
+    assert!(matches!(exec(&mut a_admin, &aer, &mut []), Exec::Submitted));
+    assert!(done(resv(&mut b, 0x11, 1 | 2 << 8, &[2, 1])).status.is_success());
+    assert_eq!(resv_report(&mut a), (3, 2, vec![(2, true)]));
+    assert_eq!(done(exec(&mut a, &rw(0x02, 0, 1), &mut block)).status, conflict, "A may not even read now");
+    // A's host hears of it: the event, then the log page says what happened and to which namespace.
+    tokio::time::timeout(Duration::from_secs(1), a_admin.io_ready()).await.expect("an event");
+    let mut events = Vec::new();
+    a_admin.reap(&mut |c| events.push((c.tag, c.req.response.result)));
+    assert_eq!(events, [(40, 0x0080_0006)]);
+    let page = log_page(&mut a_admin, 0x80);
+    assert_eq!((u64::from_le_bytes(page[..8].try_into().unwrap()), page[8], page[9]), (1, 1, 0));
+    assert_eq!(u32::from_le_bytes(page[12..16].try_into().unwrap()), 1);
+    assert!(log_page(&mut a_admin, 0x80)[..64].iter().all(|&b| b == 0), "read once");
+    // Features: the notification mask per namespace; PTPL needs a state directory.
+    let mut set = sqe(0x09);
+    (set.cdw10, set.nsid, set.cdw11) = (0x82.into(), 1.into(), 0b0010.into());
+    assert!(done(exec(&mut a_admin, &set, &mut [])).status.is_success());
+    set.cdw11 = 1.into();
+    assert_eq!(done(exec(&mut a_admin, &set, &mut [])).status, Status::INVALID_FIELD.dnr());
+    let mut get = sqe(0x0a);
+    (get.cdw10, get.nsid) = (0x82.into(), 1.into());
+    assert_eq!(done(exec(&mut a_admin, &get, &mut [])).result, 0b0010);
+    (set.cdw10, set.cdw11) = (0x83.into(), 1.into());
+    assert_eq!(done(exec(&mut a_admin, &set, &mut [])).status, Status::INVALID_FIELD.dnr());
+    get.nsid = 5.into();
+    assert_eq!(done(exec(&mut a_admin, &get, &mut [])).status, Status::INVALID_NAMESPACE.dnr());
+    // Clear by B: A is no longer registered, so no notice; every host may write again.
+    assert!(done(resv(&mut b, 0x15, 1, &[2])).status.is_success());
+    assert_eq!(resv_report(&mut a), (4, 0, vec![]));
+    assert!(done(exec(&mut a, &rw(0x01, 0, 1), &mut block)).status.is_success());
+}
+
+#[tokio::test]
+async fn preempt_and_abort_completes_after_the_preempted_hosts_commands_in_flight() {
+    let held = Held::default();
+    let ns = Namespace::new(OPEN, 1, Arc::new(Mem(Mutex::new(vec![0; 1 << 20]), Some(held.clone()))));
+    let t = Target::new(vec![Arc::new(Subsystem::open(OPEN, vec![ns]))], vec![port(1)]);
+    let (_a_admin, mut a) = host_queues(&t, HOST, HOST_A_ID);
+    let (_b_admin, mut b) = host_queues(&t, OTHER_HOST, HOST_B_ID);
+    assert!(done(resv(&mut a, 0x0d, 0, &[0, 1])).status.is_success());
+    assert!(done(resv(&mut b, 0x0d, 0, &[0, 2])).status.is_success());
+    assert!(done(resv(&mut b, 0x11, 1 << 8, &[2, 0])).status.is_success());
+    // B, holding Write Exclusive, has a write at the backend when A preempts and aborts it.
+    let mut w = Some(Window::host(512).unwrap());
+    assert!(matches!(submit(&mut b, 3, &rw(0x01, 0, 1), &mut w, 512), Exec::Submitted));
+    assert!(matches!(resv(&mut a, 0x11, 2 | 1 << 8, &[1, 2]), Exec::Submitted), "waits for B's write");
+    // Meanwhile B's new commands are refused (retryable), and the acquire stays pending.
+    let mut r = Some(Window::host(512).unwrap());
+    assert_eq!(done(submit(&mut b, 4, &rw(0x02, 0, 1), &mut r, 512)).status, Status::ABORTED_BY_REQUEST);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut acquired = Vec::new();
+    a.reap(&mut |c| acquired.push(c.req.response.status));
+    assert!(acquired.is_empty(), "B's write still in flight");
+    // B's write finishes: the acquire completes after it.
+    held.lock().unwrap()[0].1 = true;
+    b.reap(&mut |c| {
+        assert!(c.req.response.status.is_success());
+        w = c.req.buf;
+    });
+    tokio::time::timeout(Duration::from_secs(1), a.io_ready()).await.expect("the acquire's wait ends");
+    a.reap(&mut |c| acquired.push(c.req.response.status));
+    assert_eq!(acquired, [Status::SUCCESS]);
+    // B, unregistered, may read under Write Exclusive again but not write.
+    assert!(matches!(submit(&mut b, 4, &rw(0x02, 0, 1), &mut r, 512), Exec::Submitted));
+    assert_eq!(done(submit(&mut b, 5, &rw(0x01, 0, 1), &mut w, 512)).status, Status::RESERVATION_CONFLICT.dnr());
+}
