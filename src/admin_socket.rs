@@ -151,6 +151,20 @@ pub fn render(v: &Value) -> String {
                 s(&ns["nguid"]),
                 s(&ns["eui64"])
             );
+            let r = &ns["reservation"];
+            let regs = list(r, "registrants");
+            if !regs.is_empty() || r["ptpl"].as_bool() == Some(true) {
+                let holder = match r["type"].as_u64() {
+                    Some(0) | None => "no reservation".to_string(),
+                    Some(t) => format!("type {t} held by {}", s(&r["holder"])),
+                };
+                out += &format!(
+                    "             reservation: {holder}, {} registrant(s), generation {}, PTPL {}\n",
+                    regs.len(),
+                    s(&r["generation"]),
+                    if r["ptpl"].as_bool() == Some(true) { "on" } else { "off" }
+                );
+            }
         }
     }
     out += "controllers:\n";

@@ -10,6 +10,7 @@ use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config};
 use p2pnvmf_nvmf::buffers::{self, NsBuffers, NsStorage};
+use p2pnvmf_nvmf::resv::{self, FileStore, Reservation};
 use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, NsIds, Port, Subsystem, Target};
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
@@ -108,6 +109,20 @@ fn discover_p2p(cfg: &Config) -> Result<Arc<P2p>, String> {
     Ok(Arc::new(p))
 }
 
+/// A namespace's reservation kept under `dir` while PTPL is on: what a previous run kept is
+/// loaded (and said), a damaged state file refused with its path.
+fn persistent_reservation(dir: &Path, subnqn: &str, nsid: u32) -> anyhow::Result<Reservation> {
+    let store = FileStore::new(dir, subnqn, nsid);
+    let path = store.path().to_path_buf();
+    let r = Reservation::persistent(Box::new(store)).with_context(|| format!("subsystem {subnqn} namespace {nsid}"))?;
+    let st = r.state();
+    if st.ptpl {
+        info!(subnqn, nsid, path = %path.display(), generation = st.generation, registrants = st.registrants.len(),
+              rtype = st.holder.map_or(0, |h| h.rtype as u8), "reservation kept through the restart (PTPL)");
+    }
+    Ok(r)
+}
+
 /// The live subsystems by NQN, with the configuration each was built from, so a reload keeps
 /// what did not change (a RAM namespace keeps its data, a file stays open, counters go on).
 struct Live {
@@ -138,7 +153,11 @@ impl Live {
                     None => {
                         let backend = open_backend(&self.p2p, &s.nqn, n.nsid, &n.backend)?;
                         info!(subnqn = %s.nqn, nsid = n.nsid, size = backend.size_bytes(), backend = ?n.backend, "namespace ready");
-                        Namespace::new(&s.nqn, n.nsid, backend)
+                        let mut ns = Namespace::new(&s.nqn, n.nsid, backend);
+                        if let Some(dir) = &cfg.reservations_state_dir {
+                            ns.resv = Arc::new(persistent_reservation(dir, &s.nqn, n.nsid)?);
+                        }
+                        ns
                     }
                 };
                 ns.ids = namespace_ids(&s.nqn, n);
@@ -224,8 +243,15 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
     if new.listeners != cfg.listeners {
         return refused(format!("[[listener]] changed in {}; restart to apply", path.display()));
     }
-    if new.p2p != cfg.p2p || new.metrics_listen != cfg.metrics_listen || new.limits != cfg.limits {
-        return refused(format!("[p2p], [metrics] or [limits] changed in {}; restart to apply", path.display()));
+    if new.p2p != cfg.p2p
+        || new.metrics_listen != cfg.metrics_listen
+        || new.limits != cfg.limits
+        || new.reservations_state_dir != cfg.reservations_state_dir
+    {
+        return refused(format!(
+            "[p2p], [metrics], [limits] or [reservations] changed in {}; restart to apply",
+            path.display()
+        ));
     }
     if new.subsystems == cfg.subsystems {
         info!("{why}: {} unchanged", path.display());
@@ -272,38 +298,49 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
         .map(|(l, p)| json!({"name": l.name, "transport": p.trtype.as_str(), "address": l.address.to_string(), "port": l.port}))
         .collect();
     let p2p = live.p2p.as_ref().ok();
-    let subsystems: Vec<_> = cfg
-        .subsystems
-        .iter()
-        .map(|s| {
-            let namespaces: Vec<_> = s
-                .namespaces
-                .iter()
-                .map(|n| {
-                    let ns = live.subsystems.get(&s.nqn).and_then(|(_, l)| l.ns(n.nsid));
-                    let (backend, device) = match &n.backend {
-                        BackendCfg::Ram { .. } => ("ram", String::new()),
-                        BackendCfg::File { path, .. } => ("file", path.display().to_string()),
-                        BackendCfg::NvmeVfio { pci, device_nsid, .. } => {
-                            ("nvme-vfio", format!("{pci} nsid {device_nsid}"))
-                        }
-                    };
-                    let buffers = match ns.map(|n| &n.buffers) {
-                        Some(NsBuffers::P2p { provider, .. }) => {
-                            p2p.map_or("p2p".into(), |p| format!("p2p {}", p.providers[*provider].pci))
-                        }
-                        _ => "host memory".into(),
-                    };
-                    let ids = ns.map(|n| n.ids).unwrap_or_default();
-                    json!({"nsid": n.nsid, "backend": backend, "device": device,
+    let subsystems: Vec<_> =
+        cfg.subsystems
+            .iter()
+            .map(|s| {
+                let namespaces: Vec<_> =
+                    s.namespaces
+                        .iter()
+                        .map(|n| {
+                            let ns = live.subsystems.get(&s.nqn).and_then(|(_, l)| l.ns(n.nsid));
+                            let (backend, device) = match &n.backend {
+                                BackendCfg::Ram { .. } => ("ram", String::new()),
+                                BackendCfg::File { path, .. } => ("file", path.display().to_string()),
+                                BackendCfg::NvmeVfio { pci, device_nsid, .. } => {
+                                    ("nvme-vfio", format!("{pci} nsid {device_nsid}"))
+                                }
+                            };
+                            let buffers = match ns.map(|n| &n.buffers) {
+                                Some(NsBuffers::P2p { provider, .. }) => {
+                                    p2p.map_or("p2p".into(), |p| format!("p2p {}", p.providers[*provider].pci))
+                                }
+                                _ => "host memory".into(),
+                            };
+                            let ids = ns.map(|n| n.ids).unwrap_or_default();
+                            let reservation =
+                                ns.map(|n| {
+                                    let st = n.resv.state();
+                                    let registrants: Vec<_> = st.registrants.iter()
+                            .map(|r| json!({"hostid": resv::host_text(&r.host), "key": format!("{:#x}", r.key)}))
+                            .collect();
+                                    json!({"generation": st.generation, "type": st.holder.map_or(0, |h| h.rtype as u8),
+                               "holder": st.holder.map(|h| resv::host_text(&h.host)), "registrants": registrants,
+                               "ptpl": st.ptpl})
+                                });
+                            json!({"nsid": n.nsid, "backend": backend, "device": device,
                            "size": ns.map(|n| n.backend.size_bytes()), "buffers": buffers,
-                           "uuid": ids.uuid_text(), "nguid": ids.nguid_text(), "eui64": ids.eui64_text()})
-                })
-                .collect();
-            let hosts: Vec<_> = s.hosts.iter().map(|h| json!({"nqn": h.nqn, "dhchap": h.key.is_some()})).collect();
-            json!({"nqn": s.nqn, "allow_any_host": s.allow_any_host, "hosts": hosts, "namespaces": namespaces})
-        })
-        .collect();
+                           "uuid": ids.uuid_text(), "nguid": ids.nguid_text(), "eui64": ids.eui64_text(),
+                           "reservation": reservation})
+                        })
+                        .collect();
+                let hosts: Vec<_> = s.hosts.iter().map(|h| json!({"nqn": h.nqn, "dhchap": h.key.is_some()})).collect();
+                json!({"nqn": s.nqn, "allow_any_host": s.allow_any_host, "hosts": hosts, "namespaces": namespaces})
+            })
+            .collect();
     let controllers: Vec<_> = target
         .controllers()
         .iter()

@@ -51,9 +51,18 @@ fn parser_keys(table: &str) -> BTreeSet<String> {
 #[test]
 fn the_readme_reference_lists_exactly_what_the_parser_accepts() {
     let readme = readme_keys();
-    let tables: BTreeSet<&str> =
-        ["listener", "subsystem", "subsystem.host", "subsystem.namespace", "p2p", "p2p.provider", "metrics", "limits"]
-            .into();
+    let tables: BTreeSet<&str> = [
+        "listener",
+        "subsystem",
+        "subsystem.host",
+        "subsystem.namespace",
+        "p2p",
+        "p2p.provider",
+        "metrics",
+        "limits",
+        "reservations",
+    ]
+    .into();
     assert_eq!(readme.keys().map(String::as_str).collect::<BTreeSet<_>>(), tables, "tables in the README");
     let top: BTreeSet<String> = tables.iter().filter(|t| !t.contains('.')).map(|t| t.to_string()).collect();
     assert_eq!(top, parser_keys(""), "top-level tables: README (left) vs parser (right)");

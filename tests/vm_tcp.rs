@@ -79,3 +79,14 @@ fn vm_two_controllers_and_two_host_identities_share_a_namespace() {
 fn vm_import_nvmetcli_keeps_what_the_host_sees() {
     tcp_scenario("import-nvmetcli", "import-nvmetcli.sh").run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_reservations_fence_hosts_and_persist_through_a_restart() {
+    let blktests = p2pnvmf_vmrig::repo_root().join("../shared/third_party/blktests-a608cb5.tar.gz");
+    tcp_scenario("reservations", "reservations.sh")
+        .binary("P2PNVMF_PR_IOCTL", env!("CARGO_BIN_EXE_pr-ioctl"))
+        .binary("BLKTESTS_TAR", blktests)
+        .timeout(std::time::Duration::from_secs(600))
+        .run_ok();
+}

@@ -127,6 +127,9 @@ pub struct Config {
     /// `[metrics] listen`: where Prometheus scrapes `/metrics`.
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub limits: Limits,
+    /// `[reservations] state_dir`: where namespaces keep registrations and reservations that
+    /// persist through power loss (PTPL); without it they end with the process.
+    pub reservations_state_dir: Option<PathBuf>,
     /// What was accepted but deserves the operator's eye, with its place in the file.
     pub warnings: Vec<ConfigError>,
 }

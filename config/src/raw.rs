@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -21,6 +22,13 @@ struct RawConfig {
     p2p: Option<RawP2p>,
     metrics: Option<RawMetrics>,
     limits: Option<RawLimits>,
+    reservations: Option<RawReservations>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReservations {
+    state_dir: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -180,8 +188,17 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         Some(r) => limits(&cx, r)?,
         None => Limits::default(),
     };
+    let reservations_state_dir = match &raw.reservations {
+        Some(r) if Path::new(r.state_dir.get_ref()).is_absolute() => Some(PathBuf::from(r.state_dir.get_ref())),
+        Some(r) => {
+            let why = format!("reservations.state_dir: '{}' is not an absolute path", r.state_dir.get_ref());
+            return Err(cx.err(r.state_dir.span(), why));
+        }
+        None => None,
+    };
     unique_namespace_ids(&cx, &raw, &subsystems)?;
-    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits, warnings: cx.warnings.into_inner() })
+    let warnings = cx.warnings.into_inner();
+    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits, reservations_state_dir, warnings })
 }
 
 /// An integer key within `lo..=hi`, or `default` when absent.
@@ -895,6 +912,10 @@ mod tests {
         assert!(prov("pci = \"0000:03:00.0\"\nkind = \"cmb\"\n").message.contains("unknown kind 'cmb'"));
         let c = parse(&format!("{LISTENER}[metrics]\nlisten = \"127.0.0.1:9464\"\n"), "t").unwrap();
         assert_eq!(c.metrics_listen, Some("127.0.0.1:9464".parse().unwrap()));
+        let c = parse(&format!("{LISTENER}[reservations]\nstate_dir = \"/var/lib/p2pnvmf\"\n"), "t").unwrap();
+        assert_eq!(c.reservations_state_dir.as_deref(), Some(std::path::Path::new("/var/lib/p2pnvmf")));
+        let e = err(&format!("{LISTENER}[reservations]\nstate_dir = \"state\"\n"));
+        assert!(e.message.contains("reservations.state_dir: 'state' is not an absolute path") && e.line == 6, "{e}");
         assert!(err(&format!("{LISTENER}[metrics]\nlisten = \"9464\"\n")).message.contains("metrics.listen: '9464'"));
         let e = err(&format!("{LISTENER}[p2p]\nallow_host_bridges = [\"intel\"]\n"));
         assert!(e.message.contains("allow_host_bridges[0]: 'intel' is not vendor:device"), "{e}");

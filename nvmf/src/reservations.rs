@@ -4,6 +4,7 @@
 //! have (log page 80h and its event).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tracing::{info, warn};
 
@@ -19,8 +20,10 @@ use crate::{Namespace, Status};
 /// A Preempt and Abort waiting for the preempted hosts' commands in flight before it completes.
 #[derive(Debug)]
 pub struct Held {
+    nsid: u32,
     resv: Arc<Reservation>,
     drain: Drain,
+    since: Instant,
 }
 
 impl Held {
@@ -31,6 +34,11 @@ impl Held {
     /// The preempted hosts' new commands are no longer refused for the wait.
     pub fn finish(self) {
         self.resv.drained(&self.drain);
+        info!(
+            nsid = self.nsid,
+            waited_us = self.since.elapsed().as_micros() as u64,
+            "preempt and abort: the preempted hosts' commands ended"
+        );
     }
 }
 
@@ -87,7 +95,14 @@ pub(crate) fn execute(target: &Target, ctrl: &Controller, subsys: &Subsystem, re
             }
             notify(target, subsys, ns, &change.notices);
             req.response = Response::ok();
-            drain.map(|drain| Held { resv: ns.resv.clone(), drain })
+            drain.map(|drain| {
+                info!(
+                    nsid = ns.nsid,
+                    in_flight = drain.in_flight(),
+                    "preempt and abort: waiting for the preempted hosts' commands in flight"
+                );
+                Held { nsid: ns.nsid, resv: ns.resv.clone(), drain, since: Instant::now() }
+            })
         }
         Err(s) => {
             info!(nsid = ns.nsid, opcode = sqe.opcode, cdw10 = format_args!("{cdw10:#x}"), status = %s, "reservation command refused");

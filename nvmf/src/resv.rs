@@ -20,6 +20,12 @@ pub use store::{FileStore, Store, StoreError};
 /// A host identifier (the 128-bit Host Identifier of Connect).
 pub type HostId = [u8; 16];
 
+/// A host identifier as hosts write it (a UUID: nvme-cli's --hostid, /etc/nvme/hostid).
+pub fn host_text(id: &HostId) -> String {
+    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
 /// Reservation types (NVMe Base 2.0, Figure 565).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RType {
@@ -410,7 +416,9 @@ impl Verdict {
 }
 
 /// While a Preempt and Abort waits for a preempted host's commands in flight, that host's new
-/// commands to the namespace are refused with this retryable status (nvmet refuses them too).
+/// commands the reservation still allows are refused with this retryable status (nvmet refuses
+/// them with Internal Error), so that the wait ends; those it no longer allows get Reservation
+/// Conflict.
 const DRAINING: Status = Status::ABORTED_BY_REQUEST;
 
 #[derive(Debug, Default)]
@@ -471,11 +479,14 @@ impl Reservation {
     pub fn verdict(&self, me: &HostId) -> (u64, Verdict) {
         let inner = self.inner();
         let version = self.version.load(Ordering::SeqCst);
-        if inner.draining.contains(me) {
-            return (version, Verdict { read: Err(DRAINING), write: Err(DRAINING) });
-        }
-        let st = &inner.state;
-        (version, Verdict { read: access(st, me, Group::Read), write: access(st, me, Group::Write) })
+        let (st, draining) = (&inner.state, inner.draining.contains(me));
+        // A host being drained gets the conflict the new reservation gives it; what it may
+        // still do waits (retryably) for the drain.
+        let verdict = |group| match access(st, me, group) {
+            Ok(()) if draining => Err(DRAINING),
+            other => other,
+        };
+        (version, Verdict { read: verdict(Group::Read), write: verdict(Group::Write) })
     }
 
     /// A queue of host `me` counts its commands in flight on the namespace in the counter this
@@ -560,7 +571,12 @@ pub struct Drain {
 
 impl Drain {
     pub fn done(&self) -> bool {
-        self.counters.iter().all(|c| c.load(Ordering::SeqCst) == 0)
+        self.in_flight() == 0
+    }
+
+    /// The preempted hosts' commands still in flight on the namespace.
+    pub fn in_flight(&self) -> u32 {
+        self.counters.iter().map(|c| c.load(Ordering::SeqCst)).sum()
     }
 }
 

@@ -23,8 +23,9 @@ mkdir -p "$CACHE"
 case $FLAVOUR in
 debian)
     # The link-cut scenario's veth pair, and what blktests' nvme group asks for (loop devices,
-    # xfs, scsi_debug) and the media-errors scenario's device mapper; the P2PDMA kernel's minimal config has none of them.
-    MODULES+=(veth loop xfs scsi_debug dm_mod)
+    # xfs, scsi_debug), the media-errors scenario's device mapper and the reservations
+    # scenario's slow writes (dm-delay); the P2PDMA kernel's minimal config has none of them.
+    MODULES+=(veth loop xfs scsi_debug dm_mod dm_delay)
     deb=$(ls "$CACHE"/linux-image-6.12*-unsigned_*.deb 2>/dev/null | sort -V | tail -n1 || true)
     [[ -n $deb ]] || die "no linux-image-6.12 unsigned package in $CACHE (run tests/vm/deps.sh)"
     kkey=$(cat "$deb.sha256" 2>/dev/null || { sha256sum "$deb" | cut -c1-64 | tee "$deb.sha256"; })

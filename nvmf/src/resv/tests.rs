@@ -249,6 +249,7 @@ fn preempt_and_abort_waits_for_the_preempted_hosts_queues_and_refuses_their_new_
     assert!(r.version() > v0);
     assert!(!drain.done());
     assert_eq!(r.verdict(&B).1.read, Err(Status::ABORTED_BY_REQUEST));
+    assert_eq!(r.verdict(&B).1.write, Err(Status::RESERVATION_CONFLICT.dnr()), "fenced at once");
     // Only the preempted host's queues count.
     b_queue.fetch_sub(1, Ordering::SeqCst);
     assert!(drain.done());
