@@ -259,3 +259,43 @@ fn preempt_and_abort_waits_for_the_preempted_hosts_queues_and_refuses_their_new_
     drop(b_queue);
     assert_eq!(r.track(&C).load(Ordering::SeqCst), 0);
 }
+
+proptest::proptest! {
+    /// Any sequence of reservation commands from three hosts, with any CDW10 and keys from a
+    /// small set (so that they match now and then): never a panic, and the state stays whole —
+    /// each host registered once, the holder registered, the generation never going back.
+    #[test]
+    fn any_command_sequence_keeps_the_state_whole(
+        cmds in proptest::collection::vec((0usize..3, 0u8..4, proptest::prelude::any::<u32>(), 0u64..4, 0u64..4, 0u8..8), 1..40)
+    ) {
+        let r = Reservation::default();
+        let hosts = [A, B, C];
+        let mut generation = 0;
+        for (h, op, cdw10, k1, k2_, rtype) in cmds {
+            let me = &hosts[h];
+            // Half the time a well-formed CDW10 (action in bits 2:0, type in 15:8).
+            let cdw10 = if cdw10 & 1 == 0 { (cdw10 >> 1) & 7 | u32::from(rtype) << 8 } else { cdw10 };
+            let data = k2(k1, k2_);
+            let _ = match op {
+                0 => r.apply(|st, cap| register(st, me, cdw10, &data, cap)),
+                1 => r.apply(|st, _| acquire(st, me, cdw10, &data)),
+                2 => r.apply(|st, _| release(st, me, cdw10, &data)),
+                _ => {
+                    let mut out = vec![0u8; 256];
+                    let _ = report(&r.state(), cdw10, cdw10 >> 7, &mut out);
+                    continue;
+                }
+            };
+            let st = r.state();
+            let mut ids: Vec<_> = st.registrants.iter().map(|x| x.host).collect();
+            ids.sort();
+            ids.dedup();
+            proptest::prop_assert_eq!(ids.len(), st.registrants.len());
+            if let Some(hd) = st.holder {
+                proptest::prop_assert!(st.registrants.iter().any(|x| x.host == hd.host), "{:?}", st);
+            }
+            proptest::prop_assert!(st.generation >= generation);
+            generation = st.generation;
+        }
+    }
+}
