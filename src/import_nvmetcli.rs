@@ -248,8 +248,8 @@ pub fn import(json: &str) -> Result<Imported, String> {
             if let Some(g) = grpid.filter(|g| g != "1") {
                 notes.push(format!("{ns}: ANA group {g}: ANA is not supported yet"));
             }
-            if attr(n, "resv", "enable").is_some_and(|v| v != "0") {
-                notes.push(format!("{ns}: resv.enable: reservations are not supported yet"));
+            if attr(n, "resv", "enable").is_some_and(|v| v == "0") {
+                notes.push(format!("{ns}: resv.enable 0: p2pnvmf answers reservation commands on every namespace"));
             }
         }
         subsystems.push('\n');
@@ -352,7 +352,7 @@ mod tests {
             "subsystem nqn.2026-12.io.example:any: attr.version '1.4': p2pnvmf reports its own",
             "subsystem blktests-subsystem-1: host nqn.2014-08.org.nvmexpress:uuid:0f01fb42-9f7f-4856-b0b3-51e60b8de349: dhchap hash 'hmac(sha512)'",
             "subsystem blktests-subsystem-1 namespace 2: ANA group 2: ANA is not supported yet",
-            "subsystem blktests-subsystem-1 namespace 2: resv.enable: reservations are not supported yet",
+            "subsystem blktests-subsystem-1 namespace 1: resv.enable 0: p2pnvmf answers reservation commands on every namespace",
             "subsystem blktests-subsystem-1 namespace 3: disabled in nvmet: left out",
             "subsystem nqn.2026-12.io.example:nowhere: on no tcp or rdma port (the kernel does not serve it): left out",
             "subsystem nqn.2026-12.io.example:pt: a passthru controller cannot be carried over: left out",

@@ -8,7 +8,8 @@ use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
+use p2pnvmf_nvmf::resv::RType;
 
 #[derive(Debug, Parser)]
 #[command(about = "Persistent reservations through the kernel's PR ioctls")]
@@ -17,17 +18,6 @@ struct Args {
     dev: PathBuf,
     #[command(subcommand)]
     op: Op,
-}
-
-/// The block layer's reservation types (linux/pr.h, enum pr_type).
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Type {
-    WriteExclusive = 1,
-    ExclusiveAccess = 2,
-    WriteExclusiveRegOnly = 3,
-    ExclusiveAccessRegOnly = 4,
-    WriteExclusiveAllRegs = 5,
-    ExclusiveAccessAllRegs = 6,
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,21 +31,21 @@ enum Op {
     },
     Reserve {
         key: String,
-        #[arg(value_enum)]
-        rtype: Type,
+        #[arg(value_parser = rtype)]
+        rtype: u8,
     },
     Release {
         key: String,
-        #[arg(value_enum)]
-        rtype: Type,
+        #[arg(value_parser = rtype)]
+        rtype: u8,
     },
     /// As the host registered with `mine`, takes the reservation of the holder registered with
     /// `victim` (or unregisters the hosts with that key) — the kernel's old_key and new_key.
     Preempt {
         mine: String,
         victim: String,
-        #[arg(value_enum)]
-        rtype: Type,
+        #[arg(value_parser = rtype)]
+        rtype: u8,
         /// IOC_PR_PREEMPT_ABORT: the preempted hosts' commands end first.
         #[arg(long)]
         abort: bool,
@@ -82,6 +72,12 @@ fn pr_status(v: i32) -> &'static str {
     }
 }
 
+/// A reservation type: the block layer's enum pr_type (linux/pr.h) has the NVMe numbers, 1
+/// Write Exclusive to 6 Exclusive Access All Registrants.
+fn rtype(s: &str) -> Result<u8, String> {
+    s.parse().ok().and_then(RType::from_u8).map(|t| t as u8).ok_or_else(|| format!("'{s}' is not a type from 1 to 6"))
+}
+
 fn key(s: &str) -> anyhow::Result<u64> {
     Ok(match s.strip_prefix("0x") {
         Some(h) => u64::from_str_radix(h, 16)?,
@@ -99,10 +95,10 @@ fn main() -> anyhow::Result<()> {
         Op::Register { old, new, ignore_key } => {
             (200, [key(old)?, key(new)?, if *ignore_key { PR_FL_IGNORE_KEY } else { 0 }])
         }
-        Op::Reserve { key: k, rtype } => (201, [key(k)?, *rtype as u64, 0]),
-        Op::Release { key: k, rtype } => (202, [key(k)?, *rtype as u64, 0]),
+        Op::Reserve { key: k, rtype } => (201, [key(k)?, u64::from(*rtype), 0]),
+        Op::Release { key: k, rtype } => (202, [key(k)?, u64::from(*rtype), 0]),
         Op::Preempt { mine, victim, rtype, abort } => {
-            (if *abort { 204 } else { 203 }, [key(mine)?, key(victim)?, *rtype as u64])
+            (if *abort { 204 } else { 203 }, [key(mine)?, key(victim)?, u64::from(*rtype)])
         }
         Op::Clear { key: k } => (205, [key(k)?, 0, 0]),
     };

@@ -60,6 +60,19 @@ nvme_connect_dev() {
     die "no block device appeared after connecting to $nqn over $t"
 }
 
+# nvme_connect_ctrl TRANSPORT PORT NQN [nvme connect args]: connects (as this host unless the
+# args name another with --hostnqn/--hostid) and prints the new controller (nvmeX).
+nvme_connect_ctrl() {
+    local t=$1 port=$2 nqn=$3 before after c; shift 3
+    [[ " $* " == *" --hostnqn="* ]] || set -- $(nvme_host_args) "$@"
+    before=$(ls /sys/class/nvme)
+    nvme connect -t "$t" -a "$GUEST_IP" -s "$port" -n "$nqn" "$@" >&2 || die "nvme connect -t $t -s $port -n $nqn $* failed"
+    after=$(ls /sys/class/nvme)
+    c=$(comm -13 <(echo "$before" | sort) <(echo "$after" | sort) | head -n1)
+    [[ -n $c ]] || die "no new controller after connecting to $nqn over $t port $port"
+    echo "$c"
+}
+
 # ns_dev CTRL NSID: the host's block device of namespace NSID on controller CTRL (nvmeX), if it
 # has one: the head (nvmeXnY, whose Y need not be NSID), not its hidden paths (nvmeXcYnZ).
 ns_dev() {

@@ -34,19 +34,13 @@ uuid = "$UUID"
 CFG
 start_target "$cfg"
 
-# connect T I [host2]: connects and echoes the new controller (nvmeX).
+# connect T I [host2]: connects to listener I of transport T and echoes the new controller.
 connect() {
-    local before after c
-    before=$(ls /sys/class/nvme)
     if [[ ${3:-} == host2 ]]; then
-        nvme connect -t "$1" -a "$GUEST_IP" -s "$(port "$1" "$2")" -n "$NQN" --hostnqn="$HOST2NQN" --hostid="$HOST2ID" >&2
+        nvme_connect_ctrl "$1" "$(port "$1" "$2")" "$NQN" --hostnqn="$HOST2NQN" --hostid="$HOST2ID"
     else
-        nvme connect -t "$1" -a "$GUEST_IP" -s "$(port "$1" "$2")" -n "$NQN" $(nvme_host_args) >&2
-    fi || die "nvme connect -t $1 to listener $2 ${3:-} failed"
-    after=$(ls /sys/class/nvme)
-    c=$(comm -13 <(echo "$before" | sort) <(echo "$after" | sort) | head -n1)
-    [[ -n $c ]] || die "no new controller after connecting over $1 to listener $2"
-    echo "$c"
+        nvme_connect_ctrl "$1" "$(port "$1" "$2")" "$NQN"
+    fi
 }
 # disks: the namespace block devices (nvmeXnY) of $NQN, settled.
 disks() {

@@ -62,16 +62,11 @@ start_target "$cfg"
 modprobe -r nvme_tcp nvme_rdma nvme_fabrics nvme_core || die "unloading the host's nvme modules"
 modprobe nvme_core multipath=N && modprobe nvme_tcp && modprobe nvme_rdma || die "reloading nvme_core multipath=N"
 
-# attach T PORT [host2]: connects and echoes the new controller's namespace 1 and 2 devices.
+# attach T PORT [host2]: connects and echoes the new controller and its namespace 1 and 2 devices.
 attach() {
-    local before after c ids
-    before=$(ls /sys/class/nvme)
-    if [[ ${3:-} == host2 ]]; then ids="--hostnqn=$HOST2NQN --hostid=$HOST2ID"; else ids=$(nvme_host_args); fi
-    nvme connect -t "$1" -a "$GUEST_IP" -s "$2" -n "$NQN" $ids --reconnect-delay=1 --ctrl-loss-tmo=60 >&2 \
-        || die "nvme connect -t $1 -s $2 ${3:-} failed"
-    after=$(ls /sys/class/nvme)
-    c=$(comm -13 <(echo "$before" | sort) <(echo "$after" | sort) | head -n1)
-    [[ -n $c ]] || die "no new controller"
+    local c ids=()
+    [[ ${3:-} == host2 ]] && ids=(--hostnqn="$HOST2NQN" --hostid="$HOST2ID")
+    c=$(nvme_connect_ctrl "$1" "$2" "$NQN" "${ids[@]}" --reconnect-delay=1 --ctrl-loss-tmo=60)
     for _ in $(seq 50); do [[ -n $(ns_dev "$c" 2) ]] && break; sleep 0.1; done
     echo "$c $(ns_dev "$c" 1) $(ns_dev "$c" 2)"
 }
@@ -158,15 +153,15 @@ step "the kernel's PR ioctls: register, reserve, preempt, clear; the event and l
 PR=$P2PNVMF_PR_IOCTL
 "$PR" "$d1" register 0x11 0x101 >/dev/null || die "IOC_PR_REGISTER replace"
 "$PR" "$d2" register 0 0x202 || die "IOC_PR_REGISTER"
-"$PR" "$d1" reserve 0x101 write-exclusive || die "IOC_PR_RESERVE"
-out=$("$PR" "$d2" reserve 0x202 write-exclusive 2>&1) && die "host 2 reserved what host 1 holds"
+"$PR" "$d1" reserve 0x101 1 || die "IOC_PR_RESERVE"
+out=$("$PR" "$d2" reserve 0x202 1 2>&1) && die "host 2 reserved what host 1 holds"
 grep -q "reservation conflict" <<<"$out" || die "IOC_PR_RESERVE by host 2: $out"
 [[ $(may write "$d2") == no && $(may read "$d2") == yes ]] || die "write exclusive through the ioctl does not fence host 2's writes"
 # The host kernel's uevents (udevadm refuses to run in the guest's chroot): one block per event.
 busybox uevent sh -c 'env; echo' > /tmp/scn/uevents 2>&1 &
 monitor=$!
 sleep 0.5
-"$PR" "$d2" preempt 0x202 0x101 exclusive-access || die "IOC_PR_PREEMPT"
+"$PR" "$d2" preempt 0x202 0x101 2 || die "IOC_PR_PREEMPT"
 for _ in $(seq 50); do grep -q "NVME_AEN=0x800006" /tmp/scn/uevents && break; sleep 0.1; done
 kill "$monitor"
 event=$(awk -v RS= '/NVME_AEN=0x800006/' /tmp/scn/uevents)
@@ -183,12 +178,15 @@ report "$d2" | tr '\n' ' '; echo
 
 step "preempt and abort with host 2's writes in flight: they end, and none lands after the preempt"
 "$PR" "$d1" register 0 0x101 >/dev/null && "$PR" "$d2" register 0 0x202 >/dev/null || die "registrations"
-"$PR" "$d2" reserve 0x202 write-exclusive-reg-only >/dev/null || die "host 2 reserve"
+"$PR" "$d2" reserve 0x202 3 >/dev/null || die "host 2 reserve"
 fio --name=host2 --filename="$d2" --ioengine=libaio --direct=1 --rw=randwrite --bs=4k --iodepth=32 \
     --size=8M --time_based --runtime=60 --output=/tmp/scn/fio-host2.out >/dev/null 2>&1 &
 fio_pid=$!
-sleep 3
-"$PR" "$d1" preempt 0x101 0x202 write-exclusive --abort || die "IOC_PR_PREEMPT_ABORT"
+# Host 2's block layer has writes in flight (its inflight counters) before host 1 preempts.
+for _ in $(seq 200); do read -r _ w < "/sys/block/${d2#/dev/}/inflight"; ((w >= 8)) && break; sleep 0.1; done
+echo "host 2's writes in flight at its block layer: $w"
+((w >= 8)) || die "host 2's fio has no writes in flight after 20 s"
+"$PR" "$d1" preempt 0x101 0x202 1 --abort || die "IOC_PR_PREEMPT_ABORT"
 head -c $((8 << 20)) /dev/urandom > /tmp/pattern
 dd if=/tmp/pattern of="$d1" bs=1M oflag=direct status=none || die "host 1's write after the preempt"
 wait "$fio_pid" && die "host 2's fio went on writing after it was preempted"
@@ -204,7 +202,7 @@ grep "preempt and abort: waiting" "$TARGET_LOG" | tail -n1 | grep -q "in_flight=
 "$PR" "$d1" clear 0x101 >/dev/null || die "clear"
 
 step "PTPL: namespace 1 (the kernel's PR register sets it) keeps its reservation through SIGKILL and restart; namespace 2 does not"
-"$PR" "$d1" register 0 0x101 >/dev/null && "$PR" "$d1" reserve 0x101 write-exclusive >/dev/null || die "host 1 reserve"
+"$PR" "$d1" register 0 0x101 >/dev/null && "$PR" "$d1" reserve 0x101 1 >/dev/null || die "host 1 reserve"
 "$PR" "$d2" register 0 0x202 >/dev/null || die "host 2 register"
 resv register "$d1b" --nrkey=0x33 --rrega=0
 resv acquire "$d1b" --crkey=0x33 --rtype=2 --racqa=0
