@@ -71,8 +71,8 @@ struct Inflight {
     /// The first failure among its operations.
     status: Status,
     scratch: Option<Window>,
-    /// Counted among the queue's commands in flight on the namespace while it is.
-    _entered: Option<Entered>,
+    /// The reservation view whose count of commands in flight holds it.
+    entered: Option<usize>,
 }
 
 /// What an I/O command comes to once checked: the operations it submits.
@@ -94,6 +94,20 @@ struct Commands {
     inflight: Vec<Option<Inflight>>,
     scratch: Vec<Window>,
     failures: FailureLog,
+    /// Reservations of the namespaces this queue used, for its host (kept while a command
+    /// counts on them: commands hold their index).
+    views: Vec<ResvView>,
+}
+
+impl Drop for Commands {
+    /// A queue that goes away with commands in flight no longer counts them: a Preempt and
+    /// Abort waiting on them ends.
+    fn drop(&mut self) {
+        let entered: Vec<usize> = self.inflight.iter().flatten().filter_map(|f| f.entered).collect();
+        for i in entered {
+            self.leave(i);
+        }
+    }
 }
 
 /// What this queue knows of a namespace's reservation for its host: the verdict of the
@@ -105,41 +119,43 @@ struct ResvView {
     resv: Arc<Reservation>,
     seen: u64,
     verdict: Verdict,
+    /// Commands in flight there; `busy` shows it to a Preempt and Abort (this queue alone
+    /// writes it, so a store does, no read-modify-write).
+    count: u32,
     busy: Arc<AtomicU32>,
-}
-
-/// A command counted in flight on its namespace until this drops.
-#[derive(Debug)]
-struct Entered(Arc<AtomicU32>);
-
-impl Drop for Entered {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// The reservation step of the I/O pipeline: whether this queue's host may run a command of
 /// `group` on `ns` now (NVMe Base 2.0, 8.19), the command counted in flight first so that a
 /// Preempt and Abort changing the reservation meanwhile either sees it or is seen by it. A
 /// verdict is looked up again only when the reservation's version moved: one atomic load.
-fn enter(views: &mut Vec<ResvView>, ns: &Namespace, host: &HostId, group: Group) -> Result<Entered, Status> {
+/// Returns the view whose count the command holds until [`Commands::complete`].
+fn enter(views: &mut Vec<ResvView>, ns: &Namespace, host: &HostId, group: Group) -> Result<usize, Status> {
     let i = match views.iter().position(|v| v.nsid == ns.nsid && Arc::ptr_eq(&v.resv, &ns.resv)) {
         Some(i) => i,
         None => {
             let busy = ns.resv.track(host);
             let (seen, verdict) = ns.resv.verdict(host);
-            views.push(ResvView { nsid: ns.nsid, resv: ns.resv.clone(), seen, verdict, busy });
+            views.push(ResvView { nsid: ns.nsid, resv: ns.resv.clone(), seen, verdict, count: 0, busy });
             views.len() - 1
         }
     };
     let v = &mut views[i];
-    v.busy.fetch_add(1, Ordering::SeqCst);
-    let entered = Entered(v.busy.clone());
+    v.count += 1;
+    // Sequentially consistent, before the version is loaded (also so): a change either sees
+    // this count or is seen below.
+    v.busy.store(v.count, Ordering::SeqCst);
     if v.resv.version() != v.seen {
         (v.seen, v.verdict) = v.resv.verdict(host);
     }
-    v.verdict.of(group)?;
-    Ok(entered)
+    match v.verdict.of(group) {
+        Ok(()) => Ok(i),
+        Err(s) => {
+            v.count -= 1;
+            v.busy.store(v.count, Ordering::Release);
+            Err(s)
+        }
+    }
 }
 
 /// Lines a queue logs for failed I/O per second: a failing device fails every command, and
@@ -177,8 +193,6 @@ pub(crate) struct IoState {
     queues: Vec<NsQueue>,
     opening: Vec<Opening>,
     cmds: Commands,
-    /// Reservations of the namespaces this queue used, for its host.
-    resv: Vec<ResvView>,
     /// The transport's data area, registered with each backend queue as it opens.
     area: Option<MappingPin>,
 }
@@ -235,12 +249,15 @@ impl IoState {
         let nsid = req.sqe.nsid.get();
         match planned {
             Planned::FlushAll => {
-                // Namespaces a reservation keeps this host from writing are not flushed.
-                let writable: Vec<&Namespace> = subsys
-                    .namespaces
-                    .iter()
-                    .filter(|ns| enter(&mut self.resv, ns, host, Group::Write).is_ok())
-                    .collect();
+                // Namespaces a reservation keeps this host from writing are not flushed (nor
+                // counted for a Preempt and Abort: a flush changes no data).
+                let mut writable = Vec::new();
+                for ns in &subsys.namespaces {
+                    if let Ok(i) = enter(&mut self.cmds.views, ns, host, Group::Write) {
+                        self.cmds.leave(i);
+                        writable.push(ns);
+                    }
+                }
                 self.cmds.begin(tag, req, 0, writable.len(), None);
                 for ns in writable {
                     self.submit(ns, depth, IoRequest { tag, op: Op::Flush, buf: None });
@@ -287,7 +304,7 @@ impl IoState {
         host: &HostId,
         tag: u16,
         req: &Request,
-    ) -> Result<(Planned, Option<Entered>), Status> {
+    ) -> Result<(Planned, Option<usize>), Status> {
         if self.cmds.inflight.get(usize::from(tag)).is_some_and(Option::is_some) {
             warn!(tag, "a command was started on a tag still in flight");
             return Err(Status::INTERNAL_ERROR);
@@ -299,7 +316,7 @@ impl IoState {
         }
         let ns = subsys.ns(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?;
         let entered = match crate::resv::Group::of(sqe.opcode) {
-            Some(group) => Some(enter(&mut self.resv, ns, host, group)?),
+            Some(group) => Some(enter(&mut self.cmds.views, ns, host, group)?),
             None => None,
         };
         let planned = match sqe.opcode {
@@ -446,8 +463,10 @@ impl IoState {
     /// and complete as usual.
     pub(crate) fn retire(&mut self, subsys: &Subsystem) {
         self.queues.retain(|q| q.q.in_flight() > 0 || subsys.ns(q.nsid).is_some_and(|ns| q.serves(ns)));
-        // Commands in flight keep their count until they finish.
-        self.resv.retain(|v| subsys.ns(v.nsid).is_some_and(|ns| Arc::ptr_eq(&ns.resv, &v.resv)));
+        // Commands in flight hold their view's index: views go only when none is in flight.
+        if self.cmds.inflight.iter().all(Option::is_none) {
+            self.cmds.views.retain(|v| subsys.ns(v.nsid).is_some_and(|ns| Arc::ptr_eq(&ns.resv, &v.resv)));
+        }
     }
 
     pub(crate) fn set_data_area(&mut self, area: MappingPin) {
@@ -466,7 +485,7 @@ impl IoState {
 
 impl Commands {
     /// Holds `req` in flight under `tag` with `ops` operations to wait for, `len` bytes to move.
-    fn begin(&mut self, tag: u16, req: Request, len: usize, ops: usize, entered: Option<Entered>) -> &mut Inflight {
+    fn begin(&mut self, tag: u16, req: Request, len: usize, ops: usize, entered: Option<usize>) -> &mut Inflight {
         let t = usize::from(tag);
         if self.inflight.len() <= t {
             self.inflight.resize_with(t + 1, || None);
@@ -478,7 +497,7 @@ impl Commands {
             remaining: ops,
             status: Status::SUCCESS,
             scratch: None,
-            _entered: entered,
+            entered,
         })
     }
 
@@ -518,9 +537,19 @@ impl Commands {
         (f.remaining == 0).then_some(done.tag)
     }
 
+    /// A command counted on view `i` no longer is.
+    fn leave(&mut self, i: usize) {
+        let v = &mut self.views[i];
+        v.count -= 1;
+        v.busy.store(v.count, Ordering::Release);
+    }
+
     /// The request whose operations are all done, its response set.
     fn complete(&mut self, subsys: &Subsystem, tag: u16) -> Completion {
         let mut f = self.inflight[usize::from(tag)].take().expect("command in flight");
+        if let Some(i) = f.entered {
+            self.leave(i);
+        }
         let (opcode, nsid) = (f.req.sqe.opcode, f.req.sqe.nsid.get());
         let mut response = Response::status(f.status);
         if f.status.is_success() {

@@ -943,9 +943,13 @@ async fn a_reservation_fences_the_other_host_and_tells_it_what_changed() {
     assert_eq!(done(exec(&mut a_admin, &set, &mut [])).status, Status::INVALID_FIELD.dnr());
     get.nsid = 5.into();
     assert_eq!(done(exec(&mut a_admin, &get, &mut [])).status, Status::INVALID_NAMESPACE.dnr());
+    // With registration-preempted notices masked, a preemption leaves no entry.
+    assert!(done(resv(&mut a, 0x0d, 0, &[0, 1])).status.is_success());
+    assert!(done(resv(&mut b, 0x11, 1 | 2 << 8, &[2, 1])).status.is_success());
+    assert!(log_page(&mut a_admin, 0x80)[..64].iter().all(|&b| b == 0), "masked");
     // Clear by B: A is no longer registered, so no notice; every host may write again.
     assert!(done(resv(&mut b, 0x15, 1, &[2])).status.is_success());
-    assert_eq!(resv_report(&mut a), (4, 0, vec![]));
+    assert_eq!(resv_report(&mut a), (6, 0, vec![]));
     assert!(done(exec(&mut a, &rw(0x01, 0, 1), &mut block)).status.is_success());
 }
 

@@ -22,7 +22,8 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Op {
-    /// Registers `new` (with `old` = 0) or replaces `old` by `new`; `new` = 0 unregisters.
+    /// Registers `new` (with `old` = 0) or replaces `old` by `new` (Linux's NVMe host has no
+    /// unregister here: `new` = 0 replaces the key with 0).
     Register {
         old: String,
         new: String,

@@ -175,6 +175,20 @@ read -r -a b <<<"$log"
 report "$d2" | tr '\n' ' '; echo
 "$PR" "$d2" clear 0x202 || die "IOC_PR_CLEAR"
 [[ $(report "$d1" | grep -c rkey) -eq 0 && $(may write "$d1") == yes ]] || die "clear left registrations or a reservation"
+# Every type through IOC_PR_RESERVE and IOC_PR_RELEASE: host 2 (not registered) may never write,
+# and may read under the Write Exclusive types (1, 3, 5) only.
+"$PR" "$d1" register 0 0x101 >/dev/null || die "IOC_PR_REGISTER"
+"$PR" "$d1" register 0x999 0x111 --ignore-key >/dev/null || die "IOC_PR_REGISTER with PR_FL_IGNORE_KEY"
+for t in 1 2 3 4 5 6; do
+    "$PR" "$d1" reserve 0x111 "$t" >/dev/null || die "IOC_PR_RESERVE type $t"
+    got="$(may read "$d2") $(may write "$d2")"
+    if ((t % 2)); then want="yes no"; else want="no no"; fi
+    [[ $got == "$want" ]] || die "PR type $t: host 2 got '$got', not '$want'"
+    "$PR" "$d1" release 0x111 "$t" >/dev/null || die "IOC_PR_RELEASE type $t"
+done
+echo "IOC_PR_RESERVE/RELEASE of types 1-6: host 2 refused as each type says"
+# (Linux turns a registration to key 0 into a Replace, so it ends with a Clear.)
+"$PR" "$d1" clear 0x111 >/dev/null || die "IOC_PR_CLEAR"
 
 step "preempt and abort with host 2's writes in flight: they end, and none lands after the preempt"
 "$PR" "$d1" register 0 0x101 >/dev/null && "$PR" "$d2" register 0 0x202 >/dev/null || die "registrations"
