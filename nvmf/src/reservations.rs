@@ -31,13 +31,15 @@ impl Held {
         self.drain.done()
     }
 
-    /// The preempted hosts' new commands are no longer refused for the wait.
+    /// The preempted hosts' new commands are no longer refused for the wait (over, or given up
+    /// with the preempting host's queue: `in_flight` then says what was left).
     pub fn finish(self) {
         self.resv.drained(&self.drain);
         info!(
             nsid = self.nsid,
             waited_us = self.since.elapsed().as_micros() as u64,
-            "preempt and abort: the preempted hosts' commands ended"
+            in_flight = self.drain.in_flight(),
+            "preempt and abort: the wait for the preempted hosts' commands is over"
         );
     }
 }
