@@ -164,6 +164,11 @@ wait "$fio_pid" && die "fio kept running on a reset SSD"
 echo "fio ended with errors $((SECONDS - t0)) s after the reset"
 (( SECONDS - t0 < 25 )) || die "host commands waited $((SECONDS - t0)) s for an answer"
 grep "NVMe controller given up" "$TARGET_LOG" || die "no reason logged for the failed SSD"
+# The host's own view of the status: a passthrough read (not retried by the host) of the
+# given-up SSD's namespace gets Namespace Not Ready, retryable (00/82h, no DNR).
+out=$(nvme read "$dev" -s 0 -c 0 -z "$(blockdev --getss "$dev")" -d /dev/null 2>&1) && die "a read of the given-up SSD succeeded"
+echo "nvme read after the reset: ${out##*NVMe status: }"
+grep -qF "(0x82)" <<<"$out" || die "the host did not read Namespace Not Ready (00/82h) back: $out"
 nvme_disconnect_nqn "$NQN" >/dev/null
 other=$(nvme_connect_dev tcp 4421 "$RAMNQN" -i 1)
 verify_rw "$other" 8
