@@ -10,7 +10,8 @@ use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config};
 use p2pnvmf_nvmf::buffers::{self, NsBuffers, NsStorage};
-use p2pnvmf_nvmf::resv::{self, FileStore, Reservation};
+use p2pnvmf_nvmf::resv::{FileStore, Reservation};
+use p2pnvmf_nvmf::wire::uuid_text;
 use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, NsIds, Port, Subsystem, Target};
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
@@ -288,6 +289,18 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
 
 /// What `p2pnvmf status` shows: listeners, subsystems and their namespaces' buffers, connected
 /// controllers, p2p providers and the fallbacks so far.
+/// A namespace's reservation as `status` shows it.
+fn reservation_status(ns: &Namespace) -> serde_json::Value {
+    let st = ns.resv.state();
+    let registrants: Vec<_> = st
+        .registrants
+        .iter()
+        .map(|r| serde_json::json!({"hostid": uuid_text(&r.host), "key": format!("{:#x}", r.key)}))
+        .collect();
+    serde_json::json!({"generation": st.generation, "type": st.holder.map_or(0, |h| h.rtype as u8),
+                       "holder": st.holder.map(|h| uuid_text(&h.host)), "registrants": registrants, "ptpl": st.ptpl})
+}
+
 fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
     use serde_json::json;
     // Ports are the listeners in order (`ports`): their transport names come from the core.
@@ -298,49 +311,39 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
         .map(|(l, p)| json!({"name": l.name, "transport": p.trtype.as_str(), "address": l.address.to_string(), "port": l.port}))
         .collect();
     let p2p = live.p2p.as_ref().ok();
-    let subsystems: Vec<_> =
-        cfg.subsystems
-            .iter()
-            .map(|s| {
-                let namespaces: Vec<_> =
-                    s.namespaces
-                        .iter()
-                        .map(|n| {
-                            let ns = live.subsystems.get(&s.nqn).and_then(|(_, l)| l.ns(n.nsid));
-                            let (backend, device) = match &n.backend {
-                                BackendCfg::Ram { .. } => ("ram", String::new()),
-                                BackendCfg::File { path, .. } => ("file", path.display().to_string()),
-                                BackendCfg::NvmeVfio { pci, device_nsid, .. } => {
-                                    ("nvme-vfio", format!("{pci} nsid {device_nsid}"))
-                                }
-                            };
-                            let buffers = match ns.map(|n| &n.buffers) {
-                                Some(NsBuffers::P2p { provider, .. }) => {
-                                    p2p.map_or("p2p".into(), |p| format!("p2p {}", p.providers[*provider].pci))
-                                }
-                                _ => "host memory".into(),
-                            };
-                            let ids = ns.map(|n| n.ids).unwrap_or_default();
-                            let reservation =
-                                ns.map(|n| {
-                                    let st = n.resv.state();
-                                    let registrants: Vec<_> = st.registrants.iter()
-                            .map(|r| json!({"hostid": resv::host_text(&r.host), "key": format!("{:#x}", r.key)}))
-                            .collect();
-                                    json!({"generation": st.generation, "type": st.holder.map_or(0, |h| h.rtype as u8),
-                               "holder": st.holder.map(|h| resv::host_text(&h.host)), "registrants": registrants,
-                               "ptpl": st.ptpl})
-                                });
-                            json!({"nsid": n.nsid, "backend": backend, "device": device,
+    let subsystems: Vec<_> = cfg
+        .subsystems
+        .iter()
+        .map(|s| {
+            let namespaces: Vec<_> = s
+                .namespaces
+                .iter()
+                .map(|n| {
+                    let ns = live.subsystems.get(&s.nqn).and_then(|(_, l)| l.ns(n.nsid));
+                    let (backend, device) = match &n.backend {
+                        BackendCfg::Ram { .. } => ("ram", String::new()),
+                        BackendCfg::File { path, .. } => ("file", path.display().to_string()),
+                        BackendCfg::NvmeVfio { pci, device_nsid, .. } => {
+                            ("nvme-vfio", format!("{pci} nsid {device_nsid}"))
+                        }
+                    };
+                    let buffers = match ns.map(|n| &n.buffers) {
+                        Some(NsBuffers::P2p { provider, .. }) => {
+                            p2p.map_or("p2p".into(), |p| format!("p2p {}", p.providers[*provider].pci))
+                        }
+                        _ => "host memory".into(),
+                    };
+                    let ids = ns.map(|n| n.ids).unwrap_or_default();
+                    json!({"nsid": n.nsid, "backend": backend, "device": device,
                            "size": ns.map(|n| n.backend.size_bytes()), "buffers": buffers,
                            "uuid": ids.uuid_text(), "nguid": ids.nguid_text(), "eui64": ids.eui64_text(),
-                           "reservation": reservation})
-                        })
-                        .collect();
-                let hosts: Vec<_> = s.hosts.iter().map(|h| json!({"nqn": h.nqn, "dhchap": h.key.is_some()})).collect();
-                json!({"nqn": s.nqn, "allow_any_host": s.allow_any_host, "hosts": hosts, "namespaces": namespaces})
-            })
-            .collect();
+                           "reservation": ns.map(reservation_status)})
+                })
+                .collect();
+            let hosts: Vec<_> = s.hosts.iter().map(|h| json!({"nqn": h.nqn, "dhchap": h.key.is_some()})).collect();
+            json!({"nqn": s.nqn, "allow_any_host": s.allow_any_host, "hosts": hosts, "namespaces": namespaces})
+        })
+        .collect();
     let controllers: Vec<_> = target
         .controllers()
         .iter()

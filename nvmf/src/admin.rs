@@ -360,7 +360,8 @@ fn get_features(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
         return Response::result(if reservation { 0b110 } else { 0 });
     }
     if reservation {
-        let Some(ns) = ctrl.subsystem().and_then(|s| s.ns(sqe.nsid.get()).cloned()) else {
+        let subsys = ctrl.subsystem();
+        let Some(ns) = subsys.as_deref().and_then(|s| s.ns(sqe.nsid.get())) else {
             return Response::status(Status::INVALID_NAMESPACE.dnr());
         };
         return Response::result(match fid {

@@ -142,8 +142,8 @@ fn enter(views: &mut Vec<ResvView>, ns: &Namespace, host: &HostId, group: Group)
     };
     let v = &mut views[i];
     v.count += 1;
-    // Sequentially consistent, before the version is loaded (also so): a change either sees
-    // this count or is seen below.
+    // Stored, then the version loaded, both sequentially consistent: a change to the
+    // reservation (its version moved after the state) either sees this count or is seen here.
     v.busy.store(v.count, Ordering::SeqCst);
     if v.resv.version() != v.seen {
         (v.seen, v.verdict) = v.resv.verdict(host);
@@ -315,7 +315,7 @@ impl IoState {
             return Ok((Planned::FlushAll, None));
         }
         let ns = subsys.ns(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?;
-        let entered = match crate::resv::Group::of(sqe.opcode) {
+        let entered = match Group::of(sqe.opcode) {
             Some(group) => Some(enter(&mut self.cmds.views, ns, host, group)?),
             None => None,
         };

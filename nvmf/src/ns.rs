@@ -258,24 +258,23 @@ impl NsIds {
 impl NsIds {
     /// The UUID as RFC 4122 prints it, `None` when not reported.
     pub fn uuid_text(&self) -> Option<String> {
-        let h = hex(&self.uuid)?;
-        Some(format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..]))
+        reported(&self.uuid).then(|| crate::wire::uuid_text(&self.uuid))
     }
 
     /// The NGUID as 32 hex digits (as nvme-cli prints it), `None` when not reported.
     pub fn nguid_text(&self) -> Option<String> {
-        hex(&self.nguid)
+        reported(&self.nguid).then(|| crate::wire::hex(&self.nguid))
     }
 
     /// The EUI-64 as 16 hex digits, `None` when not reported.
     pub fn eui64_text(&self) -> Option<String> {
-        hex(&self.eui64)
+        reported(&self.eui64).then(|| crate::wire::hex(&self.eui64))
     }
 }
 
-/// Lower-case hex of an identifier; `None` for zero, which is not reported.
-fn hex(id: &[u8]) -> Option<String> {
-    id.iter().any(|&b| b != 0).then(|| id.iter().map(|b| format!("{b:02x}")).collect())
+/// Whether an identifier is reported: zero is not.
+fn reported(id: &[u8]) -> bool {
+    id.iter().any(|&b| b != 0)
 }
 
 impl Namespace {

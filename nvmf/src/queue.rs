@@ -214,14 +214,10 @@ impl Queue {
         }
         // Fabrics and admin commands work on the bytes directly.
         let len = req.len();
-        let data = match &mut req.buf {
-            Some(b) if b.len() >= len => &mut b.bytes_mut()[..len],
-            _ if len == 0 => &mut [][..],
-            _ => {
-                warn!(tag, len, "no data buffer of the command's length");
-                req.response = Response::status(Status::INTERNAL_ERROR);
-                return Exec::Done(req);
-            }
+        let Some(data) = req.data_mut() else {
+            warn!(tag, len, "no data buffer of the command's length");
+            req.response = Response::status(Status::INTERNAL_ERROR);
+            return Exec::Done(req);
         };
         let response = if sqe.opcode == FABRICS_OPCODE {
             Some(self.fabrics(&sqe, data))

@@ -41,6 +41,17 @@ impl Request {
         self.plan.is_empty()
     }
 
+    /// The command's data, in its buffer (empty for a command that moves none); `None` when the
+    /// buffer cannot hold it — the transport's mistake, not the host's.
+    pub fn data_mut(&mut self) -> Option<&mut [u8]> {
+        let len = self.len();
+        match &mut self.buf {
+            Some(b) if b.len() >= len => Some(&mut b.bytes_mut()[..len]),
+            _ if len == 0 => Some(&mut []),
+            _ => None,
+        }
+    }
+
     /// Bytes of its buffer that go back to the host with the response: the response's data
     /// length, never more than the command's.
     pub fn data_out(&self) -> usize {

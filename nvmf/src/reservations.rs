@@ -53,9 +53,10 @@ pub(crate) fn execute(target: &Target, ctrl: &Controller, subsys: &Subsystem, re
         return None;
     };
     let len = req.len();
-    let data = match &mut req.buf {
-        Some(b) if b.len() >= len => &mut b.bytes_mut()[..len],
-        _ => &mut [][..],
+    let Some(data) = req.data_mut() else {
+        warn!(nsid = ns.nsid, len, "no data buffer of the command's length");
+        req.response = Response::status(Status::INTERNAL_ERROR);
+        return None;
     };
     let (me, cdw10) = (&ctrl.hostid, sqe.cdw10.get());
     if sqe.opcode == opcode::RESV_REPORT {

@@ -20,12 +20,6 @@ pub use store::{FileStore, Store, StoreError};
 /// A host identifier (the 128-bit Host Identifier of Connect).
 pub type HostId = [u8; 16];
 
-/// A host identifier as hosts write it (a UUID: nvme-cli's --hostid, /etc/nvme/hostid).
-pub fn host_text(id: &HostId) -> String {
-    let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
-}
-
 /// Reservation types (NVMe Base 2.0, Figure 565).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RType {
@@ -116,6 +110,13 @@ pub struct Change {
     pub aborted: Vec<HostId>,
 }
 
+impl Change {
+    /// No change yet: `state` as it is, nobody to tell or wait for.
+    fn of(state: State) -> Change {
+        Change { state, notices: Vec::new(), aborted: Vec::new() }
+    }
+}
+
 const CONFLICT: Status = Status::RESERVATION_CONFLICT.dnr();
 const INVALID: Status = Status::INVALID_FIELD.dnr();
 
@@ -189,7 +190,7 @@ pub fn register(st: &State, me: &HostId, cdw10: u32, data: &[u8], ptpl_capable: 
     if cdw10 & 0x3fff_fff0 != 0 {
         return Err(INVALID);
     }
-    let mut out = Change { state: st.clone(), notices: Vec::new(), aborted: Vec::new() };
+    let mut out = Change::of(st.clone());
     let s = &mut out.state;
     match cdw10 & 7 {
         0 => match s.registrant(me) {
@@ -222,7 +223,7 @@ pub fn acquire(st: &State, me: &HostId, cdw10: u32, data: &[u8]) -> Result<Chang
         return Err(INVALID);
     }
     st.keyed(me, crkey, false)?;
-    let mut out = Change { state: st.clone(), notices: Vec::new(), aborted: Vec::new() };
+    let mut out = Change::of(st.clone());
     match cdw10 & 7 {
         0 => match out.state.holder {
             None => out.state.holder = Some(Holder { host: *me, rtype }),
@@ -310,7 +311,7 @@ pub fn release(st: &State, me: &HostId, cdw10: u32, data: &[u8]) -> Result<Chang
         return Err(INVALID);
     }
     st.keyed(me, crkey, false)?;
-    let mut out = Change { state: st.clone(), notices: Vec::new(), aborted: Vec::new() };
+    let mut out = Change::of(st.clone());
     let s = &mut out.state;
     match cdw10 & 7 {
         0 => {
@@ -551,11 +552,11 @@ impl Reservation {
         if on && !self.ptpl_capable() {
             return Err(INVALID);
         }
-        self.apply(|st, _| Ok(Change { state: State { ptpl: on, ..st.clone() }, notices: vec![], aborted: vec![] }))
-            .map(drop)
+        self.apply(|st, _| Ok(Change::of(State { ptpl: on, ..st.clone() }))).map(drop)
     }
 
-    /// Warns, once, that a host asked for PTPL where it cannot be kept.
+    /// True the first time it is asked: for the one warning that a host asked for PTPL where it
+    /// cannot be kept.
     pub fn warn_ptpl_once(&self) -> bool {
         !std::mem::replace(&mut self.inner().ptpl_warned, true)
     }

@@ -195,6 +195,17 @@ pub fn put_str(field: &mut [u8], s: &str, pad: u8) {
     field[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 
+/// Lower-case hex digits of an identifier (as nvme-cli prints an NGUID or EUI-64).
+pub fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A 16-byte identifier in the 8-4-4-4-12 form of RFC 4122 (namespace UUIDs, host IDs).
+pub fn uuid_text(id: &[u8; 16]) -> String {
+    let h = hex(id);
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
 /// Reads a NUL-terminated (or full-width) string field; `None` when it is not UTF-8.
 pub fn get_str(field: &[u8]) -> Option<&str> {
     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());

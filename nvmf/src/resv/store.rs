@@ -56,10 +56,10 @@ impl FileStore {
     fn encode(&self, st: &State) -> String {
         let mut s = format!("{MAGIC}\nsubnqn {}\nnsid {}\ngeneration {}\n", self.subnqn, self.nsid, st.generation);
         for r in &st.registrants {
-            s += &format!("registrant {} {:#x}\n", hex(&r.host), r.key);
+            s += &format!("registrant {} {:#x}\n", crate::wire::hex(&r.host), r.key);
         }
         if let Some(h) = st.holder {
-            s += &format!("holder {} {}\n", hex(&h.host), h.rtype as u8);
+            s += &format!("holder {} {}\n", crate::wire::hex(&h.host), h.rtype as u8);
         }
         let crc = p2pnvmf_config::dhchap::crc32(s.as_bytes());
         s + &format!("crc32 {crc:08x}\n")
@@ -146,10 +146,6 @@ impl Store for FileStore {
         // The rename (or removal) itself survives a power loss once the directory is synced.
         fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| self.io(e))
     }
-}
-
-fn hex(id: &HostId) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unhex(s: &str) -> Option<HostId> {
