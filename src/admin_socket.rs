@@ -146,10 +146,12 @@ pub fn render(v: &Value) -> String {
                 s(&ns["buffers"])
             );
             out += &format!(
-                "             uuid {}  nguid {}  eui64 {}\n",
+                "             uuid {}  nguid {}  eui64 {}  ANA group {} {}\n",
                 s(&ns["uuid"]),
                 s(&ns["nguid"]),
-                s(&ns["eui64"])
+                s(&ns["eui64"]),
+                s(&ns["ana_group"]),
+                s(&ns["ana_state"])
             );
             let r = &ns["reservation"];
             let regs = list(r, "registrants");

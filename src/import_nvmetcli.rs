@@ -63,6 +63,8 @@ pub fn import(json: &str) -> Result<Imported, String> {
 
     // Ports → listeners; which subsystems each port exposes.
     let mut exposed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // ANA group → its state → the ports that give it so.
+    let mut ana: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
     let mut listeners = String::new();
     for (i, p) in list(&root, "ports").iter().enumerate() {
         let id = p.get("portid").map_or_else(|| format!("#{i}"), |v| v.to_string().trim_matches('"').to_string());
@@ -122,11 +124,7 @@ pub fn import(json: &str) -> Result<Imported, String> {
         for g in list(p, "ana_groups") {
             let state = attr(g, "ana", "state").unwrap_or_default();
             let grpid = g.get("grpid").map(ToString::to_string).unwrap_or_default();
-            if state != "optimized" || grpid != "1" {
-                notes.push(format!(
-                    "{what}: ANA group {grpid} state '{state}': ANA is not supported yet (every path is optimized)"
-                ));
-            }
+            ana.entry(grpid).or_default().entry(state).or_default().push(id.clone());
         }
         listeners.push('\n');
         for s in list(p, "subsystems").iter().filter_map(Value::as_str) {
@@ -136,7 +134,26 @@ pub fn import(json: &str) -> Result<Imported, String> {
     if listeners.is_empty() {
         return Err("no tcp or rdma port to listen on: nothing could be served".into());
     }
-
+    // nvmet keeps ANA states per port; a p2pnvmf head has one per group for all its listeners.
+    let mut groups = Vec::new();
+    for (grpid, states) in &ana {
+        let valid = grpid.parse::<u32>().is_ok_and(|g| (1..=p2pnvmf_config::ANA_GROUPS).contains(&g));
+        match states.iter().collect::<Vec<_>>()[..] {
+            [(state, _)] if valid && p2pnvmf_config::AnaState::parse(state).is_some() => {
+                if state != "optimized" {
+                    groups.push(format!("{grpid} = {}", quoted(state)));
+                }
+            }
+            _ => {
+                let by_port: Vec<String> =
+                    states.iter().map(|(st, ports)| format!("'{st}' on port {}", ports.join(", "))).collect();
+                notes.push(format!(
+                    "ANA group {grpid}: {}: a p2pnvmf head gives a group one state on all its listeners; left optimized",
+                    by_port.join("; ")
+                ));
+            }
+        }
+    }
     // Hosts with secrets, by NQN.
     let keys: BTreeMap<&str, HostKeys> =
         list(&root, "hosts").iter().filter_map(|h| Some((h.get("nqn")?.as_str()?, host_keys(h)))).collect();
@@ -165,11 +182,14 @@ pub fn import(json: &str) -> Result<Imported, String> {
         }
         let ports: Vec<String> = ports.iter().map(|p| quoted(p)).collect();
         let _ = writeln!(subsystems, "listeners = [{}]", ports.join(", "));
-        for (a, default) in [("cntlid_min", "1"), ("cntlid_max", "65519"), ("pi_enable", "0"), ("qid_max", "128")] {
+        for a in ["cntlid_min", "cntlid_max"] {
+            if let Some(v) = attr(s, "attr", a).filter(|v| v.parse::<u16>().is_ok()) {
+                let _ = writeln!(subsystems, "{a} = {v}");
+            }
+        }
+        for (a, default) in [("pi_enable", "0"), ("qid_max", "128")] {
             if let Some(v) = attr(s, "attr", a).filter(|v| v != default) {
-                notes.push(format!(
-                    "{what}: attr.{a} {v}: not carried over (p2pnvmf: [limits] and dynamic controller IDs)"
-                ));
+                notes.push(format!("{what}: attr.{a} {v}: not carried over (p2pnvmf: [limits])"));
             }
         }
         // What p2pnvmf reports itself: NVMe 1.3, no IEEE OUI, its own firmware revision.
@@ -246,7 +266,7 @@ pub fn import(json: &str) -> Result<Imported, String> {
             }
             let grpid = n.get("ana_grpid").map(ToString::to_string).or_else(|| attr(n, "ana", "grpid"));
             if let Some(g) = grpid.filter(|g| g != "1") {
-                notes.push(format!("{ns}: ANA group {g}: ANA is not supported yet"));
+                let _ = writeln!(subsystems, "ana_group = {g}");
             }
             if attr(n, "resv", "enable").is_some_and(|v| v == "0") {
                 notes.push(format!("{ns}: resv.enable 0: p2pnvmf answers reservation commands on every namespace"));
@@ -261,6 +281,9 @@ pub fn import(json: &str) -> Result<Imported, String> {
     out.push('\n');
     out += &listeners;
     out += &subsystems;
+    if !groups.is_empty() {
+        let _ = writeln!(out, "[ana]\ngroups = {{ {} }}", groups.join(", "));
+    }
     Ok(Imported { toml: out, notes })
 }
 
@@ -280,11 +303,12 @@ mod tests {
       ],
       "ports": [
         {"addr": {"adrfam": "ipv4", "traddr": "192.0.2.10", "treq": "not specified", "trsvcid": "4420", "trtype": "tcp"},
-         "ana_groups": [{"ana": {"state": "optimized"}, "grpid": 1}],
+         "ana_groups": [{"ana": {"state": "optimized"}, "grpid": 1}, {"ana": {"state": "inaccessible"}, "grpid": 3}],
          "param": {"inline_data_size": "-1", "pi_enable": "0"}, "portid": 1, "referrals": [],
          "subsystems": ["blktests-subsystem-1", "nqn.2026-12.io.example:any"]},
         {"addr": {"adrfam": "ipv4", "traddr": "192.0.2.10", "treq": "not specified", "trsvcid": "4421", "trtype": "rdma"},
-         "ana_groups": [{"ana": {"state": "optimized"}, "grpid": 1}, {"ana": {"state": "inaccessible"}, "grpid": 2}],
+         "ana_groups": [{"ana": {"state": "optimized"}, "grpid": 1}, {"ana": {"state": "inaccessible"}, "grpid": 2},
+                        {"ana": {"state": "optimized"}, "grpid": 3}],
          "param": {"inline_data_size": "16384", "pi_enable": "0"}, "portid": 2,
          "referrals": [{"addr": {"traddr": "192.0.2.11", "trsvcid": "4420", "trtype": "tcp"}, "name": "other"}],
          "subsystems": ["blktests-subsystem-1", "nqn.2026-12.io.example:pt"]},
@@ -292,7 +316,7 @@ mod tests {
       ],
       "subsystems": [
         {"allowed_hosts": ["nqn.2014-08.org.nvmexpress:uuid:0f01fb42-9f7f-4856-b0b3-51e60b8de349", "nqn.2014-08.org.nvmexpress:uuid:plain"],
-         "attr": {"allow_any_host": "0", "cntlid_max": "65519", "cntlid_min": "1", "firmware": "6.12.118",
+         "attr": {"allow_any_host": "0", "cntlid_max": "2000", "cntlid_min": "1001", "firmware": "6.12.118",
                   "model": "Linux", "pi_enable": "0", "qid_max": "128", "serial": "8b6c1f0c9a0e7d21", "version": "1.3"},
          "namespaces": [
            {"ana": {"grpid": "1"}, "ana_grpid": 1,
@@ -346,12 +370,11 @@ mod tests {
         assert!(cfg.subsystems[1].allow_any_host);
         for want in [
             "port 2: referral other to 192.0.2.11:4420: referrals are not supported",
-            "port 2: ANA group 2 state 'inaccessible': ANA is not supported yet",
+            "ANA group 3: 'inaccessible' on port 1; 'optimized' on port 2: a p2pnvmf head gives a group one state",
             "port 3: transport 'fc' (p2pnvmf serves tcp and rdma): left out",
             "subsystem blktests-subsystem-1: attr.firmware '6.12.118': p2pnvmf reports its own",
             "subsystem nqn.2026-12.io.example:any: attr.version '1.4': p2pnvmf reports its own",
             "subsystem blktests-subsystem-1: host nqn.2014-08.org.nvmexpress:uuid:0f01fb42-9f7f-4856-b0b3-51e60b8de349: dhchap hash 'hmac(sha512)'",
-            "subsystem blktests-subsystem-1 namespace 2: ANA group 2: ANA is not supported yet",
             "subsystem blktests-subsystem-1 namespace 1: resv.enable 0: p2pnvmf answers reservation commands on every namespace",
             "subsystem blktests-subsystem-1 namespace 3: disabled in nvmet: left out",
             "subsystem nqn.2026-12.io.example:nowhere: on no tcp or rdma port (the kernel does not serve it): left out",
@@ -360,7 +383,11 @@ mod tests {
             assert!(imported.notes.iter().any(|n| n.starts_with(want)), "no note '{want}' in {:#?}", imported.notes);
             assert!(imported.toml.contains(&format!("# not carried over: {want}")), "{}", imported.toml);
         }
-        assert_eq!(imported.notes.len(), 11, "{:#?}", imported.notes);
+        assert_eq!(imported.notes.len(), 10, "{:#?}", imported.notes);
+        // ANA: the group both ports agree on, the namespace's group, the controller IDs.
+        assert_eq!(cfg.ana.groups, [(2, p2pnvmf_config::AnaState::Inaccessible)].into_iter().collect());
+        assert_eq!((s.namespaces[0].ana_group, s.namespaces[1].ana_group), (1, 2));
+        assert_eq!((s.cntlid_min, s.cntlid_max), (1001, 2000));
     }
 
     #[test]

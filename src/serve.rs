@@ -9,6 +9,7 @@ use anyhow::Context;
 use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config};
+use p2pnvmf_nvmf::ana;
 use p2pnvmf_nvmf::buffers::{self, NsBuffers, NsStorage};
 use p2pnvmf_nvmf::resv::{FileStore, Reservation};
 use p2pnvmf_nvmf::wire::uuid_text;
@@ -129,6 +130,8 @@ fn persistent_reservation(dir: &Path, subnqn: &str, nsid: u32) -> anyhow::Result
 struct Live {
     subsystems: HashMap<String, (p2pnvmf_config::Subsystem, Arc<Subsystem>)>,
     p2p: Result<Arc<P2p>, String>,
+    /// This head's ANA groups (the target's), which namespaces are placed in.
+    ana: Arc<ana::Groups>,
 }
 
 impl Live {
@@ -136,7 +139,7 @@ impl Live {
     fn build(&self, cfg: &Config) -> anyhow::Result<Live> {
         let port_id =
             |name: &str| cfg.listeners.iter().position(|l| l.name == name).map(|i| i as u16 + 1).expect("validated");
-        let mut next = Live { subsystems: HashMap::new(), p2p: self.p2p.clone() };
+        let mut next = Live { subsystems: HashMap::new(), p2p: self.p2p.clone(), ana: self.ana.clone() };
         for s in &cfg.subsystems {
             let old = self.subsystems.get(&s.nqn);
             if let Some((old_cfg, live)) = old.filter(|(c, _)| c == s) {
@@ -162,6 +165,7 @@ impl Live {
                     }
                 };
                 ns.ids = namespace_ids(&s.nqn, n);
+                ns.ana = self.ana.get(n.ana_group).expect("group IDs are checked by the configuration").clone();
                 ns.buffers = ns_buffers(&self.p2p, &s.nqn, n)?;
                 namespaces.push(ns);
             }
@@ -173,6 +177,7 @@ impl Live {
                 hosts: s.hosts.clone(),
                 ports: s.listeners.as_ref().map(|l| l.iter().map(|n| port_id(n)).collect()),
                 namespaces,
+                cntlids: s.cntlid_min..=s.cntlid_max,
                 stats: IoStats::default(),
             });
             info!(
@@ -255,8 +260,14 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
         ));
     }
     if new.subsystems == cfg.subsystems {
-        info!("{why}: {} unchanged", path.display());
-        return Ok(format!("{} unchanged", path.display()));
+        let moved = apply_ana(&new.ana, target);
+        *cfg = new;
+        if moved.is_empty() {
+            info!("{why}: {} unchanged", path.display());
+            return Ok(format!("{} unchanged", path.display()));
+        }
+        info!("{why}: {} applied", path.display());
+        return Ok(format!("{} applied: ANA groups changed {moved:?}", path.display()));
     }
     match live.build(&new) {
         Ok(next) => {
@@ -272,6 +283,7 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
                 .collect();
             target.reconfigure(next.list());
             *live = next;
+            let moved = apply_ana(&new.ana, target);
             // Warned once: what the running configuration already had was said before.
             for w in new.warnings.iter().filter(|w| !cfg.warnings.iter().any(|o| o.message == w.message)) {
                 warn!("{why}: {w}");
@@ -279,12 +291,20 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
             *cfg = new;
             info!("{why}: {} applied", path.display());
             Ok(format!(
-                "{} applied: subsystems added {added:?}, removed {removed:?}, changed {changed:?}",
+                "{} applied: subsystems added {added:?}, removed {removed:?}, changed {changed:?}, ANA groups changed {moved:?}",
                 path.display()
             ))
         }
         Err(e) => refused(format!("{e:#}")),
     }
+}
+
+/// Sets this head's ANA group states to `[ana]`'s (a group not named: optimized); hosts of the
+/// groups that changed get an ANA Change notice. Returns those groups.
+fn apply_ana(cfg: &p2pnvmf_config::Ana, target: &Target) -> Vec<u32> {
+    (1..=ana::MAX_GROUPS)
+        .filter(|id| target.set_ana_state(*id, cfg.groups.get(id).copied().unwrap_or(ana::State::Optimized)))
+        .collect()
 }
 
 /// What `p2pnvmf status` shows: listeners, subsystems and their namespaces' buffers, connected
@@ -337,6 +357,7 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
                     json!({"nsid": n.nsid, "backend": backend, "device": device,
                            "size": ns.map(|n| n.backend.size_bytes()), "buffers": buffers,
                            "uuid": ids.uuid_text(), "nguid": ids.nguid_text(), "eui64": ids.eui64_text(),
+                           "ana_group": n.ana_group, "ana_state": ns.map(|n| n.ana.state().as_str()),
                            "reservation": ns.map(reservation_status)})
                 })
                 .collect();
@@ -401,8 +422,9 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
         warn!("{w}");
     }
     let p2p = discover_p2p(&cfg);
-    let mut live = Live { subsystems: HashMap::new(), p2p: p2p.clone() }.build(&cfg)?;
-    let target = Target::with_limits(live.list(), ports(&cfg), core_limits(&cfg.limits));
+    let ana = ana::Groups::new(|id| cfg.ana.groups.get(&id).copied().unwrap_or(ana::State::Optimized));
+    let mut live = Live { subsystems: HashMap::new(), p2p: p2p.clone(), ana: ana.clone() }.build(&cfg)?;
+    let target = Target::with(live.list(), ports(&cfg), core_limits(&cfg.limits), ana);
     if let Ok(p) = p2p {
         target.set_p2p(p);
     }

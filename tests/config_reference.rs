@@ -61,6 +61,7 @@ fn the_readme_reference_lists_exactly_what_the_parser_accepts() {
         "metrics",
         "limits",
         "reservations",
+        "ana",
     ]
     .into();
     assert_eq!(readme.keys().map(String::as_str).collect::<BTreeSet<_>>(), tables, "tables in the README");

@@ -104,6 +104,8 @@ pub struct Namespace {
     pub uuid: Option<[u8; 16]>,
     pub nguid: Option<[u8; 16]>,
     pub eui64: Option<[u8; 8]>,
+    /// `ana_group`: its ANA group (1 to [`ANA_GROUPS`], default 1).
+    pub ana_group: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +119,66 @@ pub struct Subsystem {
     /// Names of the listeners it is exposed on; `None` for all.
     pub listeners: Option<Vec<String>>,
     pub namespaces: Vec<Namespace>,
+    /// `cntlid_min`, `cntlid_max`: the controller IDs this head gives (default 1 to FFEFh).
+    pub cntlid_min: u16,
+    pub cntlid_max: u16,
+}
+
+/// ANA groups a head has (ANAGRPMAX), as the core's.
+pub const ANA_GROUPS: u32 = 128;
+/// Namespaces a subsystem may hold (MNAN).
+pub const MAX_NAMESPACES: usize = 1024;
+
+/// An ANA group's state on this head (NVMe Base 2.0, 8.1.2), with its ANAS value (Figure 221).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum AnaState {
+    Optimized = 0x01,
+    NonOptimized = 0x02,
+    Inaccessible = 0x03,
+    PersistentLoss = 0x04,
+    Change = 0x0f,
+}
+
+impl AnaState {
+    pub const ALL: [AnaState; 5] = [
+        AnaState::Optimized,
+        AnaState::NonOptimized,
+        AnaState::Inaccessible,
+        AnaState::PersistentLoss,
+        AnaState::Change,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnaState::Optimized => "optimized",
+            AnaState::NonOptimized => "non-optimized",
+            AnaState::Inaccessible => "inaccessible",
+            AnaState::PersistentLoss => "persistent-loss",
+            AnaState::Change => "change",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<AnaState> {
+        AnaState::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+
+    pub fn from_u8(v: u8) -> Option<AnaState> {
+        AnaState::ALL.into_iter().find(|a| *a as u8 == v)
+    }
+}
+
+impl std::fmt::Display for AnaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `[ana]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ana {
+    /// `groups`: this head's state of each group; a group not named is optimized.
+    pub groups: std::collections::BTreeMap<u32, AnaState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +192,7 @@ pub struct Config {
     /// `[reservations] state_dir`: where namespaces keep registrations and reservations that
     /// persist through power loss (PTPL); without it they end with the process.
     pub reservations_state_dir: Option<PathBuf>,
+    pub ana: Ana,
     /// What was accepted but deserves the operator's eye, with its place in the file.
     pub warnings: Vec<ConfigError>,
 }

@@ -10,7 +10,10 @@ use toml::Spanned;
 use crate::dhchap::{self, DHGROUP_NULL, Host, Secret};
 use crate::pci::{Kind, PciAddr, Spec};
 
-use crate::{Backend, Buffers, Config, ConfigError, Limits, Listener, Namespace, P2p, Subsystem, Transport};
+use crate::{
+    ANA_GROUPS, Ana, AnaState, Backend, Buffers, Config, ConfigError, Limits, Listener, MAX_NAMESPACES, Namespace, P2p,
+    Subsystem, Transport,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +26,14 @@ struct RawConfig {
     metrics: Option<RawMetrics>,
     limits: Option<RawLimits>,
     reservations: Option<RawReservations>,
+    ana: Option<RawAna>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAna {
+    #[serde(default)]
+    groups: std::collections::BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +102,8 @@ struct RawSubsystem {
     listeners: Option<Spanned<toml::Value>>,
     #[serde(default)]
     namespace: Vec<Spanned<RawNamespace>>,
+    cntlid_min: Option<Spanned<i64>>,
+    cntlid_max: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -117,6 +130,7 @@ struct RawNamespace {
     uuid: Option<Spanned<String>>,
     nguid: Option<Spanned<String>>,
     eui64: Option<Spanned<String>>,
+    ana_group: Option<Spanned<i64>>,
 }
 
 struct Ctx<'a> {
@@ -197,8 +211,12 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         None => None,
     };
     unique_namespace_ids(&cx, &raw, &subsystems)?;
+    let ana = match &raw.ana {
+        Some(r) => ana(&cx, r)?,
+        None => Ana::default(),
+    };
     let warnings = cx.warnings.into_inner();
-    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits, reservations_state_dir, warnings })
+    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits, reservations_state_dir, ana, warnings })
 }
 
 /// An integer key within `lo..=hi`, or `default` when absent.
@@ -251,6 +269,26 @@ fn limits(cx: &Ctx, r: &RawLimits) -> Result<Limits, ConfigError> {
         )? as u32,
         r2t_data,
     })
+}
+
+/// `[ana] groups = { 1 = "optimized", ... }`: this head's state of each ANA group.
+fn ana(cx: &Ctx, r: &RawAna) -> Result<Ana, ConfigError> {
+    let mut groups = std::collections::BTreeMap::new();
+    // toml keeps no span for a table key: the value's line names it.
+    for (key, v) in &r.groups {
+        let id = key.parse::<u32>().ok().filter(|id| (1..=ANA_GROUPS).contains(id)).ok_or_else(|| {
+            cx.err(v.span(), format!("ana.groups: '{key}' is not an ANA group ID (1 to {ANA_GROUPS})"))
+        })?;
+        let state = AnaState::parse(v.get_ref()).ok_or_else(|| {
+            let names: Vec<_> = AnaState::ALL.iter().map(|s| format!("\"{}\"", s.as_str())).collect();
+            cx.err(
+                v.span(),
+                format!("ana.groups.{key}: unknown state '{}' (expected {})", v.get_ref(), names.join(", ")),
+            )
+        })?;
+        groups.insert(id, state);
+    }
+    Ok(Ana { groups })
 }
 
 fn p2p(cx: &Ctx, r: &RawP2p) -> Result<P2p, ConfigError> {
@@ -483,7 +521,28 @@ fn subsystem(cx: &Ctx, i: usize, s: &Spanned<RawSubsystem>, listeners: &[Listene
         namespaces.push(ns);
     }
     namespaces.sort_by_key(|n| n.nsid);
-    Ok(Subsystem { nqn, serial, model, allow_any_host: r.allow_any_host, hosts, listeners, namespaces })
+    if namespaces.len() > MAX_NAMESPACES {
+        let why = format!("{key}: {} namespaces, more than the {MAX_NAMESPACES} a subsystem holds", namespaces.len());
+        return Err(cx.err(s.span(), why));
+    }
+    // As Linux's nvmet attr_cntlid_min/max: heads serving one subsystem give disjoint ranges.
+    let cntlid_min = ranged(cx, &format!("{key}.cntlid_min"), r.cntlid_min.as_ref(), 1, 0xffef, 1)? as u16;
+    let cntlid_max = ranged(cx, &format!("{key}.cntlid_max"), r.cntlid_max.as_ref(), 1, 0xffef, 0xffef)? as u16;
+    if cntlid_min > cntlid_max {
+        let at = r.cntlid_max.as_ref().or(r.cntlid_min.as_ref()).map_or(s.span(), |v| v.span());
+        return Err(cx.err(at, format!("{key}: cntlid_min {cntlid_min} is above cntlid_max {cntlid_max}")));
+    }
+    Ok(Subsystem {
+        nqn,
+        serial,
+        model,
+        allow_any_host: r.allow_any_host,
+        hosts,
+        listeners,
+        namespaces,
+        cntlid_min,
+        cntlid_max,
+    })
 }
 
 /// `hosts = [...]` (no secrets) and `[[subsystem.host]]` tables, each host once.
@@ -663,7 +722,8 @@ fn namespace(cx: &Ctx, key: &str, n: &Spanned<RawNamespace>) -> Result<Namespace
         .transpose()?;
     let nguid = r.nguid.as_ref().map(|v| hex_id(cx, &format!("{key}.nguid"), v, "32 hex digits")).transpose()?;
     let eui64 = r.eui64.as_ref().map(|v| hex_id(cx, &format!("{key}.eui64"), v, "16 hex digits")).transpose()?;
-    Ok(Namespace { nsid, backend, buffers, provider, uuid, nguid, eui64 })
+    let ana_group = ranged(cx, &format!("{key}.ana_group"), r.ana_group.as_ref(), 1, ANA_GROUPS.into(), 1)? as u32;
+    Ok(Namespace { nsid, backend, buffers, provider, uuid, nguid, eui64, ana_group })
 }
 
 #[cfg(test)]
@@ -885,6 +945,45 @@ mod tests {
     fn not_yet_implemented_is_refused_not_ignored() {
         let e = err("[[listener]]\ntransport = \"iwarp\"\naddress = \"10.0.0.1\"\n");
         assert!(e.message.contains("unknown transport 'iwarp'"), "{e}");
+    }
+
+    #[test]
+    fn ana_groups_states_and_controller_id_ranges() {
+        let sub = "[[subsystem]]\nnqn = \"nqn.a\"\nallow_any_host = true\ncntlid_min = 100\ncntlid_max = 199\n\
+                   [[subsystem.namespace]]\nnsid = 1\nbackend = \"ram\"\nsize = 4096\nana_group = 2\n";
+        let ana = "[ana]\ngroups = { 1 = \"inaccessible\", 2 = \"non-optimized\" }\n";
+        let c = parse(&format!("{LISTENER}{sub}{ana}"), "t").unwrap();
+        assert_eq!((c.subsystems[0].cntlid_min, c.subsystems[0].cntlid_max), (100, 199));
+        assert_eq!(c.subsystems[0].namespaces[0].ana_group, 2);
+        let want = [(1, AnaState::Inaccessible), (2, AnaState::NonOptimized)];
+        assert_eq!(c.ana.groups, want.into_iter().collect());
+        let d = parse(&format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.a\"\nallow_any_host = true\n"), "t").unwrap();
+        assert_eq!((d.subsystems[0].cntlid_min, d.subsystems[0].cntlid_max, &d.ana), (1, 0xffef, &Ana::default()));
+        for (bad, line, msg) in [
+            ("[ana]\ngroups = { 0 = \"optimized\" }\n", 6, "ana.groups: '0' is not an ANA group ID (1 to 128)"),
+            ("[ana]\ngroups = { x = \"optimized\" }\n", 6, "ana.groups: 'x' is not an ANA group ID"),
+            (
+                "[ana]\ngroups = { 1 = \"active\" }\n",
+                6,
+                "ana.groups.1: unknown state 'active' (expected \"optimized\", \"non-optimized\"",
+            ),
+            ("[ana]\nstate = 1\n", 6, "unknown field `state`"),
+        ] {
+            let e = err(&format!("{LISTENER}{bad}"));
+            assert!(e.message.contains(msg) && e.line == line, "{bad}: {e}");
+        }
+        for (bad, msg) in [
+            ("cntlid_min = 0\n", "subsystem[0].cntlid_min: 0 is not from 1 to 65519"),
+            ("cntlid_max = 65520\n", "subsystem[0].cntlid_max: 65520 is not from 1 to 65519"),
+            ("cntlid_min = 10\ncntlid_max = 9\n", "subsystem[0]: cntlid_min 10 is above cntlid_max 9"),
+            (
+                "[[subsystem.namespace]]\nnsid = 1\nbackend = \"ram\"\nsize = 4096\nana_group = 129\n",
+                "subsystem[0].namespace[0].ana_group: 129 is not from 1 to 128",
+            ),
+        ] {
+            let e = err(&format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.a\"\nallow_any_host = true\n{bad}"));
+            assert!(e.message.contains(msg), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use crate::Status;
 use crate::ctrl::{AERL, Controller, VERSION, feat};
 use crate::response::Response;
 use crate::subsystem::Subsystem;
 use crate::target::Target;
 use crate::wire::{Sqe, io_opcode, put_str};
+use crate::{Status, ana};
 
 pub mod opcode {
     pub const GET_LOG_PAGE: u8 = 0x02;
@@ -37,6 +37,7 @@ pub mod lid {
     pub const FIRMWARE_SLOT: u8 = 0x03;
     pub const CHANGED_NS_LIST: u8 = 0x04;
     pub const COMMAND_EFFECTS: u8 = 0x05;
+    pub const ANA: u8 = 0x0c;
     pub const DISCOVERY: u8 = 0x70;
     pub const RESERVATION_NOTIFICATION: u8 = 0x80;
 }
@@ -152,6 +153,7 @@ fn identify(ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) -> Response {
                 // RESCAP: every reservation type, IEKEY as NVMe 1.3 defines it, and PTPL
                 // where a state directory keeps it.
                 page[31] = 0xfe | u8::from(ns.resv.ptpl_capable());
+                put32(&mut page, 92, ns.ana.id); // ANAGRPID
                 page[104..120].copy_from_slice(&ns.ids.nguid);
                 page[120..128].copy_from_slice(&ns.ids.eui64);
                 put32(&mut page, 128, (ns.lba_shift) << 16); // LBAF0: LBADS
@@ -197,20 +199,27 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     put_str(&mut page[24..64], model, b' ');
     put_str(&mut page[64..72], FIRMWARE_REVISION, b' ');
     page[72] = 6; // RAB
-    // CMIC: several ports (listeners) and several controllers reach the subsystem.
-    page[76] = 1 | 1 << 1;
+    // CMIC: several ports (listeners) and several controllers (heads) reach the subsystem,
+    // which reports ANA.
+    page[76] = 1 | 1 << 1 | 1 << 3;
     let params = ctrl.port.params;
     // MDTS in units of the 4 KiB minimum page size, as a power of two.
     page[77] = (params.max_xfer / 4096).max(1).ilog2() as u8;
     put16(page, 78, ctrl.cntlid);
     put32(page, 80, VERSION);
-    put32(page, 92, if ctrl.is_discovery() { 1 << 31 } else { 1 << 8 }); // OAES
+    // OAES: discovery log changes; namespace attribute and ANA changes.
+    put32(page, 92, if ctrl.is_discovery() { 1 << 31 } else { 1 << 8 | 1 << 11 });
     page[111] = if ctrl.is_discovery() { 2 } else { 1 }; // CNTRLTYPE
     page[258] = AERL;
     page[260] = 1 << 1 | 1; // FRMW: one slot, slot 1 read-only
     page[261] = 1 << 1 | 1 << 2; // LPA: command effects log, extended data for Get Log Page
     page[263] = 0; // NPSS
     put16(page, 320, 10); // KAS: keep-alive granularity 10 × 100 ms
+    page[342] = ana::TRANSITION_SECS; // ANATT
+    // ANACAP: every state reported; a reload may move a namespace to another group.
+    page[343] = 0b1_1111;
+    put32(page, 344, ana::MAX_GROUPS); // ANAGRPMAX
+    put32(page, 348, ana::MAX_GROUPS); // NANAGRPID
     page[512] = 6 << 4 | 6; // SQES
     page[513] = 4 << 4 | 4; // CQES
     put16(page, 514, ctrl.limits().queue_entries); // MAXCMD
@@ -221,7 +230,7 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
         let dsm_wz = s.namespaces.iter().filter_map(|n| n.backend.device()).fold(1 << 2 | 1 << 3, |a, d| a & d.oncs);
         put16(page, 520, 1 | dsm_wz | 1 << 5); // ... and Reservations
         page[525] = s.namespaces.iter().any(|n| n.backend.volatile_write_cache()).into(); // VWC
-        put32(page, 540, s.namespaces.len() as u32); // MNAN
+        put32(page, 540, ana::MAX_NAMESPACES); // MNAN
     }
     // SGLS: supported; keyed data blocks (bit 2) on RDMA; offsets in SGL data blocks (bit 20).
     let keyed = if params.keyed_sgls { 1 << 2 } else { 0 };
@@ -276,6 +285,12 @@ fn get_log_page(target: &Target, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) 
         (lid::RESERVATION_NOTIFICATION, Some(_)) => {
             page[..64].copy_from_slice(&ctrl.take_reservation_notice());
             &page[..64]
+        }
+        (lid::ANA, Some(s)) => {
+            // LSP bit 0: Return Groups Only.
+            let groups_only = (sqe.cdw10.get() >> 8) & 1 != 0;
+            let log = ana::log_page(s.namespaces.iter().map(|n| (n.nsid, &n.ana)), groups_only);
+            return copy_log(&log, offset, len, data);
         }
         (lid::COMMAND_EFFECTS, Some(_)) => {
             command_effects(&mut page);

@@ -45,6 +45,11 @@ const AEC_DISCOVERY_LOG_CHANGE: u32 = 1 << 31;
 pub const AEN_NS_ATTRIBUTE_CHANGED: u32 = 0x02 | 0x04 << 16;
 /// Async Event Configuration bit enabling Namespace Attribute Notices (Figure 326).
 const AEC_NS_ATTRIBUTE: u32 = 1 << 8;
+/// Completion DW0 of an Asymmetric Namespace Access Change notice (Figure 151): type 2
+/// (notice), information 03h, log page 0Ch.
+pub const AEN_ANA_CHANGE: u32 = 0x02 | 0x03 << 8 | 0x0c << 16;
+/// Async Event Configuration bit enabling ANA Change Notices (Figure 326).
+pub const AEC_ANA_CHANGE: u32 = 1 << 11;
 /// Completion DW0 of a Reservation Log Page Available event (Figure 151): type 6 (I/O command
 /// specific status), information 00h, log page 80h.
 pub const AEN_RESERVATION_LOG: u32 = 0x06 | 0x80 << 16;
@@ -220,6 +225,10 @@ impl Controller {
             st.changed_ns.extend(&changed);
             drop(st);
             self.notify(AEN_NS_ATTRIBUTE_CHANGED);
+        }
+        // A namespace kept but moved to another ANA group: the ANA log says so.
+        if old.namespaces.iter().any(|o| new.ns(o.nsid).is_some_and(|n| n.ana.id != o.ana.id)) {
+            self.notify(AEN_ANA_CHANGE);
         }
         changed
     }
@@ -476,6 +485,7 @@ impl Controller {
         let enabled = match event {
             AEN_DISCOVERY_LOG_CHANGE => st.async_event_config & AEC_DISCOVERY_LOG_CHANGE != 0,
             AEN_NS_ATTRIBUTE_CHANGED => st.async_event_config & AEC_NS_ATTRIBUTE != 0,
+            AEN_ANA_CHANGE => st.async_event_config & AEC_ANA_CHANGE != 0,
             _ => true,
         };
         // One of a kind is enough: the host reads the log page to learn what changed.

@@ -249,10 +249,11 @@ impl IoState {
         let nsid = req.sqe.nsid.get();
         match planned {
             Planned::FlushAll => {
-                // Namespaces a reservation keeps this host from writing are not flushed (nor
-                // counted for a Preempt and Abort: a flush changes no data).
+                // Namespaces this head does not serve now, or a reservation keeps this host from
+                // writing, are not flushed (nor counted for a Preempt and Abort: a flush changes
+                // no data).
                 let mut writable = Vec::new();
-                for ns in &subsys.namespaces {
+                for ns in subsys.namespaces.iter().filter(|ns| ns.ana.admit().is_ok()) {
                     if let Ok(i) = enter(&mut self.cmds.views, ns, host, Group::Write) {
                         self.cmds.leave(i);
                         writable.push(ns);
@@ -296,8 +297,8 @@ impl IoState {
         }
     }
 
-    /// Checks an I/O command against its namespace and its reservation and says what it
-    /// submits.
+    /// Checks an I/O command against its namespace, the path (its ANA group's state on this
+    /// head) and its reservation, and says what it submits.
     fn plan(
         &mut self,
         subsys: &Subsystem,
@@ -315,6 +316,7 @@ impl IoState {
             return Ok((Planned::FlushAll, None));
         }
         let ns = subsys.ns(nsid).ok_or(Status::INVALID_NAMESPACE.dnr())?;
+        ns.ana.admit()?;
         let entered = match Group::of(sqe.opcode) {
             Some(group) => Some(enter(&mut self.cmds.views, ns, host, group)?),
             None => None,

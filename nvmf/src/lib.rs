@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ana;
 pub mod auth;
 pub mod buffers;
 pub mod ctrl;

@@ -174,6 +174,8 @@ pub struct Namespace {
     /// Its registrations and reservation, shared by every controller (kept by a reload that
     /// keeps the namespace).
     pub resv: Arc<crate::resv::Reservation>,
+    /// Its ANA group on this head (whose state every path of the head reports).
+    pub ana: Arc<crate::ana::Group>,
 }
 
 /// A namespace's I/O metrics, labelled `subnqn` and `nsid`: `p2pnvmf_io_commands_total` and
@@ -285,7 +287,8 @@ impl Namespace {
         let metrics = NsMetrics::new(subnqn, nsid);
         let ids = NsIds::derived(subnqn, nsid);
         let (buffers, resv) = (crate::buffers::NsBuffers::Host, Arc::default());
-        Namespace { nsid, backend, lba_shift, ids, buffers, metrics, resv }
+        let ana = crate::ana::Group::standalone(1);
+        Namespace { nsid, backend, lba_shift, ids, buffers, metrics, resv, ana }
     }
 
     pub fn block_size(&self) -> u32 {

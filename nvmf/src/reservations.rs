@@ -52,6 +52,10 @@ pub(crate) fn execute(target: &Target, ctrl: &Controller, subsys: &Subsystem, re
         req.response = Response::status(Status::INVALID_NAMESPACE.dnr());
         return None;
     };
+    if let Err(s) = ns.ana.admit() {
+        req.response = Response::status(s);
+        return None;
+    }
     let len = req.len();
     let Some(data) = req.data_mut() else {
         warn!(nsid = ns.nsid, len, "no data buffer of the command's length");

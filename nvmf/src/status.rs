@@ -7,6 +7,7 @@ pub mod sct {
     pub const GENERIC: u8 = 0;
     pub const COMMAND_SPECIFIC: u8 = 1;
     pub const MEDIA: u8 = 2;
+    pub const PATH: u8 = 3;
 }
 
 /// The status field of a CQE without the phase bit: SC in bits 7:0, SCT in 10:8, DNR in 14.
@@ -61,6 +62,9 @@ codes! {
     WRITE_FAULT = (sct::MEDIA, 0x80, "Write Fault");
     UNRECOVERED_READ_ERROR = (sct::MEDIA, 0x81, "Unrecovered Read Error");
     COMPARE_FAILURE = (sct::MEDIA, 0x85, "Compare Failure");
+    ANA_PERSISTENT_LOSS = (sct::PATH, 0x01, "Asymmetric Access Persistent Loss");
+    ANA_INACCESSIBLE = (sct::PATH, 0x02, "Asymmetric Access Inaccessible");
+    ANA_TRANSITION = (sct::PATH, 0x03, "Asymmetric Access Transition");
 }
 
 impl Status {

@@ -69,8 +69,14 @@ pub struct Subsystem {
     pub ports: Option<Vec<u16>>,
     /// Sorted by NSID.
     pub namespaces: Vec<Namespace>,
+    /// Controller IDs this head gives the subsystem's controllers: heads serving one subsystem
+    /// give disjoint ranges, since a host refuses a second controller with an ID it knows.
+    pub cntlids: std::ops::RangeInclusive<u16>,
     pub stats: IoStats,
 }
+
+/// Dynamic controller IDs range over 1..=FFEFh (NVMe Base 2.0, Figure 275, CNTLID).
+pub const CNTLIDS: std::ops::RangeInclusive<u16> = 1..=0xffef;
 
 /// Host I/O counters for the SMART log. Relaxed atomics: counts, not synchronisation.
 #[derive(Debug, Default)]
@@ -121,6 +127,7 @@ impl Subsystem {
             hosts: Vec::new(),
             ports: None,
             namespaces,
+            cntlids: CNTLIDS,
             stats: IoStats::default(),
         }
     }

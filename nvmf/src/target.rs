@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use tracing::{info, warn};
 
 use crate::Status;
+use crate::ana;
 use crate::ctrl::{Controller, Limits, Who};
-use crate::subsystem::{DISCOVERY_NQN, Port, Subsystem};
+use crate::subsystem::{CNTLIDS, DISCOVERY_NQN, Port, Subsystem};
 use crate::wire::{ConnectData, get_str};
 
 /// A Connect refusal: the status and, for Connect Invalid Parameters, the IATTR/IPO in DW0.
@@ -58,17 +59,17 @@ pub struct Target {
     genctr: AtomicU64,
     p2p: std::sync::OnceLock<Arc<p2pnvmf_p2p::plan::P2p>>,
     pub limits: Limits,
+    /// This head's ANA groups, whose states its namespaces report.
+    pub ana: Arc<ana::Groups>,
 }
-
-/// Dynamic controller IDs range over 1..=0xffef (NVMe Base 2.0, Figure 275, CNTLID).
-const MAX_CNTLID: u16 = 0xffef;
 
 impl Target {
     pub fn new(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>) -> Arc<Self> {
-        Self::with_limits(subsystems, ports, Limits::default())
+        Self::with(subsystems, ports, Limits::default(), ana::Groups::new(|_| ana::State::Optimized))
     }
 
-    pub fn with_limits(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>, limits: Limits) -> Arc<Self> {
+    /// A target with `limits` whose namespaces are in groups of `ana`.
+    pub fn with(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>, limits: Limits, ana: Arc<ana::Groups>) -> Arc<Self> {
         Arc::new(Target {
             subsystems: RwLock::new(subsystems),
             withdrawn: Mutex::default(),
@@ -77,7 +78,29 @@ impl Target {
             genctr: AtomicU64::new(1),
             p2p: std::sync::OnceLock::new(),
             limits,
+            ana,
         })
+    }
+
+    /// Sets ANA group `id`'s state on this head; when it changes, every controller of a
+    /// subsystem with a namespace in the group gets an ANA Change notice (and reads log 0Ch).
+    /// Returns whether it changed.
+    pub fn set_ana_state(&self, id: u32, state: ana::State) -> bool {
+        let Some(group) = self.ana.get(id) else { return false };
+        let was = group.state();
+        if !self.ana.set(id, state) {
+            return false;
+        }
+        let mut told = 0;
+        for c in self.controllers() {
+            let Some(s) = c.subsystem() else { continue };
+            if s.namespaces.iter().any(|n| Arc::ptr_eq(&n.ana, group)) {
+                c.notify(crate::ctrl::AEN_ANA_CHANGE);
+                told += 1;
+            }
+        }
+        info!(group = id, from = %was, to = %state, controllers = told, "ANA state changed");
+        true
     }
 
     /// The p2p state namespaces with p2p buffers draw on (set once at start).
@@ -192,11 +215,16 @@ impl Target {
             );
             return Err(ConnectError::new(Status::CONNECT_CONTROLLER_BUSY));
         }
-        let cntlid = (0..MAX_CNTLID)
-            .map(|i| (reg.next - 1 + i) % MAX_CNTLID + 1)
-            .find(|id| !reg.ctrls.contains_key(id))
-            .ok_or(ConnectError::new(Status::CONNECT_CONTROLLER_BUSY))?;
-        reg.next = cntlid % MAX_CNTLID + 1;
+        // The next free ID of the subsystem's range, from where the last one was given.
+        let ids = subsys.as_ref().map_or(CNTLIDS, |s| s.cntlids.clone());
+        let (lo, span) = (u32::from(*ids.start()), ids.len() as u32);
+        let from = u32::from(reg.next).saturating_sub(lo);
+        let Some(cntlid) = (0..span).map(|i| (lo + (from + i) % span) as u16).find(|id| !reg.ctrls.contains_key(id))
+        else {
+            warn!(subnqn, hostnqn, ids = ?ids, "Connect refused: every controller ID of the subsystem's range is in use");
+            return Err(ConnectError::new(Status::CONNECT_CONTROLLER_BUSY));
+        };
+        reg.next = if cntlid >= *CNTLIDS.end() { 1 } else { cntlid + 1 };
         let ctrl = Arc::new(Controller::new(
             cntlid,
             subsys,

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use p2pnvmf_nvmf::ana::{self, Groups};
 use p2pnvmf_nvmf::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, Sqe, get_str, put_str, sgl};
 use p2pnvmf_nvmf::{
     Backend, BackendQueue, DISCOVERY_NQN, DataPlan, Exec, IoDone, IoError, IoRequest, IoStats, Limits, Namespace, Op,
@@ -116,6 +117,7 @@ fn subsystem(nqn: &str, any: bool, ports: Option<Vec<u16>>) -> Arc<Subsystem> {
         hosts: vec![p2pnvmf_nvmf::Host::open(HOST)],
         ports,
         namespaces: vec![ns],
+        cntlids: p2pnvmf_nvmf::subsystem::CNTLIDS,
         stats: IoStats::default(),
     })
 }
@@ -308,7 +310,7 @@ async fn identify_controller_namespace_and_lists() {
     assert_eq!(get_str(&page[768..1024]), Some(OPEN));
     assert_eq!(u32::from_le_bytes(page[1792..1796].try_into().unwrap()), 516);
     assert_eq!(u32::from_le_bytes(page[516..520].try_into().unwrap()), 1, "NN");
-    assert_eq!(page[76], 0b11, "CMIC: multi-port, multi-controller (no ANA)");
+    assert_eq!(page[76], 0b1011, "CMIC: multi-port, multi-controller, ANA");
     id.cdw10 = 0.into();
     id.nsid = 1.into();
     done(exec(&mut q, &id, &mut page));
@@ -401,7 +403,7 @@ async fn discovery_log_lists_what_the_host_may_see() {
 #[tokio::test]
 async fn limits_are_refused_with_the_spec_status() {
     let lim = Limits { controllers_per_subsystem: 1, io_queues: 2, queue_entries: 64 };
-    let t = Target::with_limits(vec![subsystem(OPEN, true, None)], vec![port(1)], lim);
+    let t = Target::with(vec![subsystem(OPEN, true, None)], vec![port(1)], lim, Groups::new(|_| ana::State::Optimized));
     let (mut q, cntlid) = admin(&t, 1, OPEN);
     // One controller per subsystem: another host's Connect gets Controller Busy.
     let r = connect(&mut Queue::new(t.clone(), port(1)), 0, OPEN, OTHER_HOST, 0xffff);
@@ -986,4 +988,88 @@ async fn preempt_and_abort_completes_after_the_preempted_hosts_commands_in_fligh
     // B, unregistered, may read under Write Exclusive again but not write.
     assert!(matches!(submit(&mut b, 4, &rw(0x02, 0, 1), &mut r, 512), Exec::Submitted));
     assert_eq!(done(submit(&mut b, 5, &rw(0x01, 0, 1), &mut w, 512)).status, Status::RESERVATION_CONFLICT.dnr());
+}
+
+#[tokio::test]
+async fn ana_states_reach_identify_the_log_page_events_and_the_io_path() {
+    // Namespace 1 in group 3 of a head whose group 3 starts non-optimized.
+    let groups = Groups::new(|id| if id == 3 { ana::State::NonOptimized } else { ana::State::Optimized });
+    let mut sub = Arc::into_inner(subsystem(OPEN, true, None)).unwrap();
+    sub.namespaces[0].ana = groups.get(3).unwrap().clone();
+    let t = Target::with(vec![Arc::new(sub)], vec![port(1)], Limits::default(), groups);
+    let (mut a, cntlid) = admin(&t, 1, OPEN);
+    let mut q = io_queue(&t, cntlid);
+    let mut id = vec![0u8; 4096];
+    let mut identify = sqe(0x06);
+    identify.cdw10 = 1.into();
+    done(exec(&mut a, &identify, &mut id));
+    let le32 = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    assert_eq!(id[76] & 0b1011, 0b1011, "CMIC: multi-port, multi-controller, ANA");
+    assert_eq!(le32(&id, 92) & 1 << 11, 1 << 11, "OAES: ANA change notices");
+    assert_eq!((id[342], id[343]), (10, 0b1_1111), "ANATT, ANACAP");
+    assert_eq!((le32(&id, 344), le32(&id, 348), le32(&id, 540)), (128, 128, 1024), "ANAGRPMAX, NANAGRPID, MNAN");
+    (identify.cdw10, identify.nsid) = (0.into(), 1.into());
+    done(exec(&mut a, &identify, &mut id));
+    assert_eq!(le32(&id, 92), 3, "ANAGRPID");
+    let page = log_page(&mut a, 0x0c);
+    assert_eq!((u16::from_le_bytes([page[8], page[9]]), le32(&page, 16), le32(&page, 20)), (1, 3, 1));
+    assert_eq!((page[32], le32(&page, 48)), (ana::State::NonOptimized as u8, 1));
+    let mut block = vec![0u8; 512];
+    assert!(done(exec(&mut q, &rw(0x02, 0, 1), &mut block)).status.is_success(), "non-optimized serves I/O");
+
+    // The host enables ANA change notices and waits; the head stops serving group 3.
+    let mut aec = sqe(0x09);
+    (aec.cdw10, aec.cdw11) = (0x0b.into(), (1 << 11).into());
+    assert!(done(exec(&mut a, &aec, &mut [])).status.is_success());
+    let mut aer = sqe(0x0c);
+    aer.cid = 40.into();
+    assert!(matches!(exec(&mut a, &aer, &mut []), Exec::Submitted));
+    assert!(t.set_ana_state(1, ana::State::Inaccessible));
+    let quiet = tokio::time::timeout(Duration::from_millis(50), a.io_ready()).await;
+    assert!(quiet.is_err(), "no namespace of the subsystem is in group 1: no notice");
+    assert!(t.set_ana_state(3, ana::State::Inaccessible));
+    assert!(!t.set_ana_state(3, ana::State::Inaccessible), "the same state is no change");
+    tokio::time::timeout(Duration::from_secs(1), a.io_ready()).await.expect("an event");
+    let mut events = Vec::new();
+    a.reap(&mut |c| events.push((c.tag, c.req.response.result)));
+    assert_eq!(events, [(40, 0x000c_0302)], "notice, ANA change, log page 0Ch");
+    let page = log_page(&mut a, 0x0c);
+    assert_eq!(page[32], ana::State::Inaccessible as u8);
+    assert!(u64::from_le_bytes(page[..8].try_into().unwrap()) > 0, "the change count moved");
+    // I/O, reservation commands and a flush of every namespace: the path status, no DNR, so
+    // the host retries on another path; admin commands still work.
+    let inaccessible = Status::new(3, 0x02);
+    assert_eq!(done(exec(&mut q, &rw(0x02, 0, 1), &mut block)).status, inaccessible);
+    assert_eq!(done(exec(&mut q, &rw(0x01, 0, 1), &mut block)).status, inaccessible);
+    assert_eq!(done(resv(&mut q, 0x0d, 0, &[0, 1])).status, inaccessible);
+    let mut flush_all = rw(0x00, 0, 1);
+    flush_all.nsid = u32::MAX.into();
+    assert!(done(exec(&mut q, &flush_all, &mut [])).status.is_success(), "nothing this head serves to flush");
+    done(exec(&mut a, &identify, &mut id));
+    assert_eq!(le32(&id, 92), 3);
+    t.set_ana_state(3, ana::State::Change);
+    assert_eq!(done(exec(&mut q, &rw(0x02, 0, 1), &mut block)).status, Status::new(3, 0x03));
+    t.set_ana_state(3, ana::State::PersistentLoss);
+    assert_eq!(done(exec(&mut q, &rw(0x02, 0, 1), &mut block)).status, Status::new(3, 0x01));
+    t.set_ana_state(3, ana::State::Optimized);
+    assert!(done(exec(&mut q, &rw(0x01, 0, 1), &mut block)).status.is_success());
+    // RGO: the group without its NSID list.
+    let mut glp = sqe(0x02);
+    glp.cdw10 = (0x0c | 1 << 8 | 7 << 16).into();
+    let mut rgo = vec![0u8; 32];
+    done(exec(&mut a, &glp, &mut rgo));
+    assert_eq!((le32(&rgo, 16), le32(&rgo, 20)), (3, 0));
+}
+
+#[tokio::test]
+async fn controller_ids_come_from_the_subsystems_range() {
+    let mut sub = Arc::into_inner(subsystem(OPEN, true, None)).unwrap();
+    sub.cntlids = 100..=101;
+    let t = Target::new(vec![Arc::new(sub)], vec![port(1)]);
+    let mut held: Vec<(Queue, u16)> = (0..2).map(|_| admin(&t, 1, OPEN)).collect();
+    assert_eq!(held.iter().map(|h| h.1).collect::<Vec<_>>(), [100, 101]);
+    let r = connect(&mut Queue::new(t.clone(), port(1)), 0, OPEN, HOST, 0xffff);
+    assert_eq!(r.status, Status::CONNECT_CONTROLLER_BUSY.dnr(), "the range is used up");
+    held.remove(0);
+    assert_eq!(admin(&t, 1, OPEN).1, 100, "a freed ID is given again");
 }
