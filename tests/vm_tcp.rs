@@ -76,6 +76,12 @@ fn vm_two_controllers_and_two_host_identities_share_a_namespace() {
 
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_ana_two_heads_one_device_the_host_follows_their_states() {
+    tcp_scenario("ana", "ana.sh").timeout(std::time::Duration::from_secs(500)).run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
 fn vm_import_nvmetcli_keeps_what_the_host_sees() {
     tcp_scenario("import-nvmetcli", "import-nvmetcli.sh").run_ok();
 }

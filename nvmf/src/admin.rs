@@ -224,7 +224,8 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     page[513] = 4 << 4 | 4; // CQES
     put16(page, 514, ctrl.limits().queue_entries); // MAXCMD
     if let Some(s) = ctrl.subsystem() {
-        put32(page, 516, s.namespaces.last().map_or(0, |n| n.nsid)); // NN
+        // NN: the largest NSID, at least MNAN (a host checks MNAN <= NN), as nvmet reports.
+        put32(page, 516, s.namespaces.last().map_or(0, |n| n.nsid).max(ana::MAX_NAMESPACES));
         // ONCS: Compare (done by the target), Dataset Management and Write Zeroes where every
         // NVMe device behind a namespace has them, Reservations (kept by the target).
         let dsm_wz = s.namespaces.iter().filter_map(|n| n.backend.device()).fold(1 << 2 | 1 << 3, |a, d| a & d.oncs);

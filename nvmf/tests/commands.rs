@@ -309,7 +309,7 @@ async fn identify_controller_namespace_and_lists() {
     assert_eq!(page[111], 1, "I/O controller");
     assert_eq!(get_str(&page[768..1024]), Some(OPEN));
     assert_eq!(u32::from_le_bytes(page[1792..1796].try_into().unwrap()), 516);
-    assert_eq!(u32::from_le_bytes(page[516..520].try_into().unwrap()), 1, "NN");
+    assert_eq!(u32::from_le_bytes(page[516..520].try_into().unwrap()), 1024, "NN: at least MNAN");
     assert_eq!(page[76], 0b1011, "CMIC: multi-port, multi-controller, ANA");
     id.cdw10 = 0.into();
     id.nsid = 1.into();

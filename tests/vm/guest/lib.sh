@@ -60,13 +60,15 @@ nvme_connect_dev() {
     die "no block device appeared after connecting to $nqn over $t"
 }
 
-# nvme_connect_ctrl TRANSPORT PORT NQN [nvme connect args]: connects (as this host unless the
-# args name another with --hostnqn/--hostid) and prints the new controller (nvmeX).
+# nvme_connect_ctrl TRANSPORT PORT NQN [nvme connect args]: connects to $TARGET_ADDR (default
+# the guest's address) as this host (unless the args name another with --hostnqn/--hostid) and
+# prints the new controller (nvmeX).
 nvme_connect_ctrl() {
     local t=$1 port=$2 nqn=$3 before after c; shift 3
     [[ " $* " == *" --hostnqn="* ]] || set -- $(nvme_host_args) "$@"
     before=$(ls /sys/class/nvme)
-    nvme connect -t "$t" -a "$GUEST_IP" -s "$port" -n "$nqn" "$@" >&2 || die "nvme connect -t $t -s $port -n $nqn $* failed"
+    nvme connect -t "$t" -a "${TARGET_ADDR:-$GUEST_IP}" -s "$port" -n "$nqn" "$@" >&2 \
+        || die "nvme connect -t $t -a ${TARGET_ADDR:-$GUEST_IP} -s $port -n $nqn $* failed"
     after=$(ls /sys/class/nvme)
     c=$(comm -13 <(echo "$before" | sort) <(echo "$after" | sort) | head -n1)
     [[ -n $c ]] || die "no new controller after connecting to $nqn over $t port $port"
@@ -129,13 +131,45 @@ stop_target() {
     [[ $rc -eq 0 ]] || die "p2pnvmf exited with $rc after SIGTERM"
 }
 
-# On failure, show what the target logged.
+# --- several heads (high availability): each its own process, admin socket and log ----------
+declare -A HEAD_PID=()
+
+# start_head NAME CONFIG ADDR PORT: serves CONFIG as head NAME (admin socket /tmp/NAME.sock — the
+# 9p run directory takes no sockets —, log /tmp/scn/NAME.log), waits until it listens on ADDR:PORT.
+start_head() {
+    local name=$1 cfg=$2 addr=$3 port=$4 i
+    RUST_LOG=${RUST_LOG:-info} "$P2PNVMF_BIN" serve --config "$cfg" --admin-socket "/tmp/$name.sock" \
+        >>"/tmp/scn/$name.log" 2>&1 &
+    HEAD_PID[$name]=$!
+    for i in $(seq 200); do
+        (exec 3<>"/dev/tcp/$addr/$port") 2>/dev/null && return 0
+        kill -0 "${HEAD_PID[$name]}" 2>/dev/null || { tail -n 20 "/tmp/scn/$name.log" >&2; die "head $name exited at start-up"; }
+        sleep 0.05
+    done
+    die "head $name did not listen on $addr:$port"
+}
+
+# head_ctl NAME status|reload [args]: p2pnvmf's own command against head NAME.
+head_ctl() { local name=$1; shift; "$P2PNVMF_BIN" "$@" --socket "/tmp/$name.sock"; }
+
+# kill_head NAME: SIGKILL, as a crash.
+kill_head() {
+    kill -KILL "${HEAD_PID[$1]}"
+    wait "${HEAD_PID[$1]}" 2>/dev/null || true
+    unset "HEAD_PID[$1]"
+}
+
+# On failure, show what the target (and each head) logged.
 _on_exit() {
-    local rc=$?
+    local rc=$? h
     if [[ $rc -ne 0 && -s $TARGET_LOG ]]; then
         echo "--- last lines of the target log ---"
         tail -n 40 "$TARGET_LOG"
     fi
+    for h in "${!HEAD_PID[@]}"; do
+        [[ $rc -ne 0 ]] && { echo "--- last lines of head $h's log ---"; tail -n 30 "/tmp/scn/$h.log"; }
+        kill -KILL "${HEAD_PID[$h]}" 2>/dev/null
+    done
     [[ -n $TARGET_PID ]] && kill -KILL "$TARGET_PID" 2>/dev/null
     return $rc
 }
