@@ -169,6 +169,19 @@ pub fn render(v: &Value) -> String {
             }
         }
     }
+    if let Some(c) = v.get("cluster") {
+        let lease = match c["serving_for_ms"].as_u64() {
+            Some(ms) => format!("lease {} (serving for {ms} ms more unless renewed)", s(&c["lease"])),
+            None => "no lease: fenced, every group inaccessible here".into(),
+        };
+        out += &format!("cluster: head {} of etcd {}; {lease}\n", s(&c["name"]), s(&c["etcd"]));
+        if let Some(e) = c["etcd_error"].as_str() {
+            out += &format!("  etcd: {e}\n");
+        }
+        for g in list(c, "groups") {
+            out += &format!("  ANA group {:<3} owner {:<12} here {}\n", s(&g["group"]), s(&g["owner"]), s(&g["state"]));
+        }
+    }
     out += "controllers:\n";
     for c in list(v, "controllers") {
         let queues = list(&c, "io_queues");

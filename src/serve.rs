@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
+use p2pnvmf_cluster::Cluster;
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config};
 use p2pnvmf_nvmf::ana;
 use p2pnvmf_nvmf::buffers::{self, NsBuffers, NsStorage};
@@ -253,14 +254,23 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
         || new.metrics_listen != cfg.metrics_listen
         || new.limits != cfg.limits
         || new.reservations_state_dir != cfg.reservations_state_dir
+        || new.cluster != cfg.cluster
     {
         return refused(format!(
-            "[p2p], [metrics], [limits] or [reservations] changed in {}; restart to apply",
+            "[p2p], [metrics], [limits], [reservations] or [cluster] changed in {}; restart to apply",
+            path.display()
+        ));
+    }
+    if cfg.cluster.is_some()
+        && let Some(g) = ana_groups(&new).difference(&ana_groups(cfg)).next()
+    {
+        return refused(format!(
+            "{}: ANA group {g} is new; the cluster takes groups at start: restart to apply",
             path.display()
         ));
     }
     if new.subsystems == cfg.subsystems {
-        let moved = apply_ana(&new.ana, target);
+        let moved = apply_ana(&new, target);
         *cfg = new;
         if moved.is_empty() {
             info!("{why}: {} unchanged", path.display());
@@ -283,7 +293,7 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
                 .collect();
             target.reconfigure(next.list());
             *live = next;
-            let moved = apply_ana(&new.ana, target);
+            let moved = apply_ana(&new, target);
             // Warned once: what the running configuration already had was said before.
             for w in new.warnings.iter().filter(|w| !cfg.warnings.iter().any(|o| o.message == w.message)) {
                 warn!("{why}: {w}");
@@ -301,10 +311,19 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
 
 /// Sets this head's ANA group states to `[ana]`'s (a group not named: optimized); hosts of the
 /// groups that changed get an ANA Change notice. Returns those groups.
-fn apply_ana(cfg: &p2pnvmf_config::Ana, target: &Target) -> Vec<u32> {
+fn apply_ana(cfg: &Config, target: &Target) -> Vec<u32> {
+    if cfg.cluster.is_some() {
+        return Vec::new();
+    }
+    let cfg = &cfg.ana;
     (1..=ana::MAX_GROUPS)
         .filter(|id| target.set_ana_state(*id, cfg.groups.get(id).copied().unwrap_or(ana::State::Optimized)))
         .collect()
+}
+
+/// The ANA groups the configuration's namespaces are in.
+fn ana_groups(cfg: &Config) -> std::collections::BTreeSet<u32> {
+    cfg.subsystems.iter().flat_map(|s| s.namespaces.iter().map(|n| n.ana_group)).collect()
 }
 
 /// What `p2pnvmf status` shows: listeners, subsystems and their namespaces' buffers, connected
@@ -428,6 +447,11 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
     if let Ok(p) = p2p {
         target.set_p2p(p);
     }
+    // Before any listener: the cluster's groups are Inaccessible until this head holds a lease.
+    let cluster = cfg.cluster.as_ref().map(|c| {
+        info!(name = c.name, etcd = ?c.etcd, lease_ttl_s = c.lease_ttl_secs, groups = ?ana_groups(&cfg), "joining the cluster");
+        Cluster::start(c, target.clone(), ana_groups(&cfg))
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();
     for port in target.ports.clone() {
@@ -483,7 +507,11 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
             }
             Some(ask) = asks.recv() => match ask {
                 Ask::Status(reply) => {
-                    let _ = reply.send(status(&cfg, &live, &target));
+                    let mut v = status(&cfg, &live, &target);
+                    if let Some(c) = &cluster {
+                        v["cluster"] = c.status();
+                    }
+                    let _ = reply.send(v);
                 }
                 Ask::Reload(reply) => {
                     let _ = reply.send(reload_notified("admin socket", &mut cfg, &mut live));
@@ -492,6 +520,11 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
         }
     }
     systemd.send("STOPPING=1\nSTATUS=stopping: closing connections, flushing namespaces");
+    // Groups handed over first (Inaccessible here, the lease revoked), while hosts still
+    // reach this head for the ANA Change that sends them elsewhere.
+    if let Some(c) = &cluster {
+        c.stop().await;
+    }
     let _ = stop_tx.send(true);
     while listeners.join_next().await.is_some() {}
     if let Some(a) = admin {

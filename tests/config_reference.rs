@@ -62,6 +62,7 @@ fn the_readme_reference_lists_exactly_what_the_parser_accepts() {
         "limits",
         "reservations",
         "ana",
+        "cluster",
     ]
     .into();
     assert_eq!(readme.keys().map(String::as_str).collect::<BTreeSet<_>>(), tables, "tables in the README");

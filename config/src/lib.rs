@@ -174,6 +174,21 @@ impl std::fmt::Display for AnaState {
     }
 }
 
+/// The `[cluster]` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// `etcd`: client URLs (http://HOST:PORT) of the etcd cluster.
+    pub etcd: Vec<String>,
+    /// `name`: this head's name, unique in the cluster.
+    pub name: String,
+    /// `lease_ttl`: the lease a head holds its groups with (whole seconds, default 5).
+    pub lease_ttl_secs: u32,
+    /// `standby`: what this head reports for a group another head owns.
+    pub standby: AnaState,
+    /// `prefix`: where in etcd's key space this cluster keeps its state (default "/p2pnvmf").
+    pub prefix: String,
+}
+
 /// The `[ana]` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ana {
@@ -193,6 +208,8 @@ pub struct Config {
     /// persist through power loss (PTPL); without it they end with the process.
     pub reservations_state_dir: Option<PathBuf>,
     pub ana: Ana,
+    /// `[cluster]`: several heads serving the same storage, sharing state through etcd.
+    pub cluster: Option<Cluster>,
     /// What was accepted but deserves the operator's eye, with its place in the file.
     pub warnings: Vec<ConfigError>,
 }

@@ -11,8 +11,8 @@ use crate::dhchap::{self, DHGROUP_NULL, Host, Secret};
 use crate::pci::{Kind, PciAddr, Spec};
 
 use crate::{
-    ANA_GROUPS, Ana, AnaState, Backend, Buffers, Config, ConfigError, Limits, Listener, MAX_NAMESPACES, Namespace, P2p,
-    Subsystem, Transport,
+    ANA_GROUPS, Ana, AnaState, Backend, Buffers, Cluster, Config, ConfigError, Limits, Listener, MAX_NAMESPACES,
+    Namespace, P2p, Subsystem, Transport,
 };
 
 #[derive(Deserialize)]
@@ -27,6 +27,17 @@ struct RawConfig {
     limits: Option<RawLimits>,
     reservations: Option<RawReservations>,
     ana: Option<RawAna>,
+    cluster: Option<Spanned<RawCluster>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    etcd: Spanned<Vec<Spanned<String>>>,
+    name: Spanned<String>,
+    lease_ttl: Option<Spanned<toml::Value>>,
+    standby: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -215,8 +226,16 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         Some(r) => ana(&cx, r)?,
         None => Ana::default(),
     };
+    let cluster = match &raw.cluster {
+        Some(r) => Some(cluster(&cx, r)?),
+        None => None,
+    };
+    if let (Some(_), Some(a)) = (&cluster, raw.ana.as_ref().and_then(|a| a.groups.values().next())) {
+        let why = "ana.groups: with [cluster] the cluster decides the groups' states (the owner optimized, the others cluster.standby)";
+        return Err(cx.err(a.span(), why.into()));
+    }
     let warnings = cx.warnings.into_inner();
-    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits, reservations_state_dir, ana, warnings })
+    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits, reservations_state_dir, ana, cluster, warnings })
 }
 
 /// An integer key within `lo..=hi`, or `default` when absent.
@@ -289,6 +308,67 @@ fn ana(cx: &Ctx, r: &RawAna) -> Result<Ana, ConfigError> {
         groups.insert(id, state);
     }
     Ok(Ana { groups })
+}
+
+/// `[cluster]`: etcd endpoints, this head's name, the lease, what a non-owner reports.
+fn cluster(cx: &Ctx, c: &Spanned<RawCluster>) -> Result<Cluster, ConfigError> {
+    let r = c.get_ref();
+    if r.etcd.get_ref().is_empty() {
+        return Err(cx.err(r.etcd.span(), "cluster.etcd: no endpoint (e.g. [\"http://10.0.0.1:2379\"])".into()));
+    }
+    let mut etcd = Vec::new();
+    for e in r.etcd.get_ref() {
+        let url = e.get_ref();
+        let ok = url.strip_prefix("http://").is_some_and(|hp| {
+            hp.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok())
+        });
+        if !ok {
+            let why = format!("cluster.etcd: '{url}' is not http://HOST:PORT (TLS to etcd is not supported yet)");
+            return Err(cx.err(e.span(), why));
+        }
+        etcd.push(url.clone());
+    }
+    let name = r.name.get_ref();
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 63 || !name.chars().all(valid) {
+        let why = format!("cluster.name: '{name}' is not 1 to 63 letters, digits, '.', '_' or '-'");
+        return Err(cx.err(r.name.span(), why));
+    }
+    let lease_ttl = match &r.lease_ttl {
+        None => 5,
+        Some(v) => {
+            let secs = match v.get_ref() {
+                toml::Value::Integer(i) => Some(*i),
+                toml::Value::String(s) => s.strip_suffix('s').and_then(|n| n.trim().parse().ok()),
+                _ => None,
+            };
+            secs.filter(|s| (2..=60).contains(s)).ok_or_else(|| {
+                cx.err(v.span(), "cluster.lease_ttl: not whole seconds from 2 to 60 (e.g. \"5s\")".into())
+            })? as u32
+        }
+    };
+    let standby = match r.standby.as_ref() {
+        None => AnaState::NonOptimized,
+        Some(v) => match AnaState::parse(v.get_ref()) {
+            Some(s @ (AnaState::NonOptimized | AnaState::Inaccessible)) => s,
+            _ => {
+                let why = format!(
+                    "cluster.standby: '{}' is not \"non-optimized\" or \"inaccessible\" (what a head reports for a group another head owns)",
+                    v.get_ref()
+                );
+                return Err(cx.err(v.span(), why));
+            }
+        },
+    };
+    let prefix = match r.prefix.as_ref() {
+        None => "/p2pnvmf".to_string(),
+        Some(v) if v.get_ref().starts_with('/') && !v.get_ref().ends_with('/') => v.get_ref().clone(),
+        Some(v) => {
+            let why = format!("cluster.prefix: '{}' does not start with '/' or ends with one", v.get_ref());
+            return Err(cx.err(v.span(), why));
+        }
+    };
+    Ok(Cluster { etcd, name: name.clone(), lease_ttl_secs: lease_ttl, standby, prefix })
 }
 
 fn p2p(cx: &Ctx, r: &RawP2p) -> Result<P2p, ConfigError> {
@@ -982,6 +1062,53 @@ mod tests {
             ),
         ] {
             let e = err(&format!("{LISTENER}[[subsystem]]\nnqn = \"nqn.a\"\nallow_any_host = true\n{bad}"));
+            assert!(e.message.contains(msg), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cluster_section() {
+        let c = parse(
+            &format!(
+                "{LISTENER}[cluster]\netcd = [\"http://10.0.0.1:2379\", \"http://etcd2:2379\"]\nname = \"head-a\"\n"
+            ),
+            "t",
+        )
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!(c.etcd, ["http://10.0.0.1:2379", "http://etcd2:2379"]);
+        assert_eq!(
+            (c.name.as_str(), c.lease_ttl_secs, c.standby, c.prefix.as_str()),
+            ("head-a", 5, AnaState::NonOptimized, "/p2pnvmf")
+        );
+        let c = parse(
+            &format!("{LISTENER}[cluster]\netcd = [\"http://e:1\"]\nname = \"b\"\nlease_ttl = \"3s\"\nstandby = \"inaccessible\"\nprefix = \"/x/y\"\n"),
+            "t",
+        )
+        .unwrap()
+        .cluster
+        .unwrap();
+        assert_eq!((c.lease_ttl_secs, c.standby, c.prefix.as_str()), (3, AnaState::Inaccessible, "/x/y"));
+        let base = "[cluster]\netcd = [\"http://e:1\"]\nname = \"b\"\n";
+        for (bad, msg) in [
+            ("[cluster]\netcd = []\nname = \"b\"\n", "cluster.etcd: no endpoint"),
+            (
+                "[cluster]\netcd = [\"https://e:1\"]\nname = \"b\"\n",
+                "cluster.etcd: 'https://e:1' is not http://HOST:PORT",
+            ),
+            ("[cluster]\netcd = [\"http://e\"]\nname = \"b\"\n", "is not http://HOST:PORT"),
+            ("[cluster]\netcd = [\"http://e:1\"]\nname = \"a b\"\n", "cluster.name: 'a b' is not"),
+            (&format!("{base}lease_ttl = \"1s\"\n"), "cluster.lease_ttl: not whole seconds from 2 to 60"),
+            (&format!("{base}lease_ttl = \"5m\"\n"), "cluster.lease_ttl"),
+            (&format!("{base}standby = \"optimized\"\n"), "cluster.standby: 'optimized' is not"),
+            (&format!("{base}prefix = \"p2pnvmf\"\n"), "cluster.prefix: 'p2pnvmf' does not start with '/'"),
+            (
+                &format!("{base}[ana]\ngroups = {{ 1 = \"optimized\" }}\n"),
+                "ana.groups: with [cluster] the cluster decides",
+            ),
+        ] {
+            let e = err(&format!("{LISTENER}{bad}"));
             assert!(e.message.contains(msg), "{bad}: {e}");
         }
     }

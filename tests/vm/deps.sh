@@ -16,7 +16,10 @@ PKGS=(qemu-system-x86 busybox-static nvme-cli rdma-core ibverbs-providers ibverb
       # for its xfs tests.
       gawk xfsprogs
       # The media-errors scenario's dm "error" target.
-      dmsetup)
+      dmsetup
+      # High availability: etcd for the cluster tests (p2pnvmf-cluster's and the VM's), socat
+      # as a relay to etcd that the HA scenario stops to cut a head off.
+      etcd-server etcd-client socat)
 
 die() { echo "tests/vm/deps.sh: $*" >&2; exit 1; }
 

@@ -1,0 +1,399 @@
+//! Several heads serving the same storage (a shared block device, a dual-ported SSD): each ANA
+//! group is owned by one head at a time through etcd, which the owner reports Optimized and
+//! the others `standby`. Nothing of our own keeps cluster state: one key per group names its
+//! owner and lives under the owner's etcd lease; whoever creates the key while it is absent
+//! owns the group (a transaction on its create revision).
+//!
+//! Fencing: a head that cannot renew its lease stops serving every group (Inaccessible) before
+//! etcd can expire the lease and let another head take over — see [`fence::fence_at`].
+
+pub mod fence;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
+    Txn, TxnOp, WatchOptions, WatchStream,
+};
+use p2pnvmf_nvmf::Target;
+use p2pnvmf_nvmf::ana::State;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tracing::{info, warn};
+
+/// How long one etcd request may take before the connection counts as broken.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between attempts to reach etcd.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// What `p2pnvmf status` shows of the cluster.
+#[derive(Debug, Clone, Default)]
+struct Shown {
+    lease: Option<i64>,
+    /// Until when this head may serve what it owns (none when fenced).
+    fence_at: Option<Instant>,
+    owners: BTreeMap<u32, String>,
+    etcd_error: Option<String>,
+}
+
+/// A running head's membership; dropping it does not stop it (see [`Cluster::stop`]).
+#[derive(Debug)]
+pub struct Cluster {
+    cfg: p2pnvmf_config::Cluster,
+    groups: BTreeSet<u32>,
+    target: Arc<Target>,
+    shown: Arc<Mutex<Shown>>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// Joins the cluster of `cfg` for `groups` (the ANA groups this head's namespaces are in):
+    /// until this head holds a lease, they are Inaccessible here.
+    pub fn start(cfg: &p2pnvmf_config::Cluster, target: Arc<Target>, groups: BTreeSet<u32>) -> Cluster {
+        for &g in &groups {
+            target.set_ana_state(g, State::Inaccessible);
+        }
+        let shown = Arc::new(Mutex::new(Shown::default()));
+        let (stop, stopped) = watch::channel(false);
+        let head = Head {
+            cfg: cfg.clone(),
+            groups: groups.clone(),
+            target: target.clone(),
+            ttl: Duration::from_secs(cfg.lease_ttl_secs.into()),
+            lease: None,
+            owners: BTreeMap::new(),
+            shown: shown.clone(),
+            endpoint: 0,
+        };
+        let task = tokio::spawn(head.run(stopped));
+        Cluster { cfg: cfg.clone(), groups, target, shown, stop, task: Mutex::new(Some(task)) }
+    }
+
+    /// Leaves the cluster: this head's groups go Inaccessible here and its lease is revoked, so
+    /// another head takes them over at once (a planned shutdown).
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// The cluster as `p2pnvmf status` shows it.
+    pub fn status(&self) -> serde_json::Value {
+        let s = self.shown.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let groups: Vec<_> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let state = self.target.ana.get(*g).map(|gr| gr.state().as_str());
+                serde_json::json!({"group": g, "owner": s.owners.get(g), "state": state})
+            })
+            .collect();
+        let valid_ms = s.fence_at.map(|f| f.saturating_duration_since(Instant::now()).as_millis() as u64);
+        serde_json::json!({"name": self.cfg.name, "etcd": self.cfg.etcd, "lease": s.lease.map(|l| format!("{l:x}")),
+                           "lease_ttl_s": self.cfg.lease_ttl_secs, "serving_for_ms": valid_ms,
+                           "etcd_error": s.etcd_error, "groups": groups})
+    }
+}
+
+/// This head's lease: its ID and until when it may serve under it.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    id: i64,
+    fence_at: Instant,
+}
+
+struct Head {
+    cfg: p2pnvmf_config::Cluster,
+    groups: BTreeSet<u32>,
+    target: Arc<Target>,
+    ttl: Duration,
+    lease: Option<Lease>,
+    /// Each group's owner as etcd last said (absent: nobody).
+    owners: BTreeMap<u32, String>,
+    shown: Arc<Mutex<Shown>>,
+    /// The etcd member last talked to (index into the endpoints).
+    endpoint: usize,
+}
+
+/// Why a connection to etcd was given up (the lease may still be valid: the head reconnects).
+type Broken = String;
+
+impl Head {
+    fn owner_key(&self, group: u32) -> String {
+        format!("{}/ana/{group}/owner", self.cfg.prefix)
+    }
+
+    fn group_of(&self, key: &[u8]) -> Option<u32> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&format!("{}/ana/", self.cfg.prefix))?;
+        rest.strip_suffix("/owner")?.parse().ok()
+    }
+
+    /// Sets every group's state from what this head knows: Inaccessible without a valid lease,
+    /// Optimized where it owns the group, `standby` elsewhere.
+    fn apply(&self) {
+        for &g in &self.groups {
+            let state = match self.lease {
+                None => State::Inaccessible,
+                Some(_) if self.owners.get(&g) == Some(&self.cfg.name) => State::Optimized,
+                Some(_) => self.cfg.standby,
+            };
+            self.target.set_ana_state(g, state);
+        }
+        let mut s = self.shown.lock().unwrap_or_else(|e| e.into_inner());
+        s.lease = self.lease.map(|l| l.id);
+        s.fence_at = self.lease.map(|l| l.fence_at);
+        s.owners = self.owners.clone();
+    }
+
+    fn shown_error(&self, e: Option<String>) {
+        self.shown.lock().unwrap_or_else(|e| e.into_inner()).etcd_error = e;
+    }
+
+    /// Stops serving: the lease can no longer be trusted to outlive the next moment.
+    fn fence(&mut self, why: &str) {
+        if let Some(l) = self.lease.take() {
+            warn!(lease = format_args!("{:x}", l.id), "cluster: fenced ({why}): every group inaccessible on this head");
+        }
+        self.owners.retain(|_, o| *o != self.cfg.name);
+        self.apply();
+    }
+
+    /// When the fence falls, if there is a lease to lose.
+    fn fence_deadline(&self) -> Option<Instant> {
+        self.lease.map(|l| l.fence_at)
+    }
+
+    async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        loop {
+            let why = match self.session(&mut stop).await {
+                Ok(()) => return,
+                Err(why) => why,
+            };
+            warn!(etcd = ?self.cfg.etcd, "cluster: etcd: {why}; reconnecting (serving on until the fence)");
+            self.shown_error(Some(why));
+            tokio::select! {
+                _ = sleep(RETRY) => {}
+                _ = sleep_until_opt(self.fence_deadline()) => self.fence("lease not renewed in time"),
+                _ = stop.changed() => {
+                    self.leave(None).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Connects (as long as the lease allows) and serves; Ok when asked to stop.
+    async fn session(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Broken> {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(REQUEST_TIMEOUT)
+            .with_timeout(REQUEST_TIMEOUT)
+            .with_require_leader(true)
+            .with_keep_alive(Duration::from_secs(1), REQUEST_TIMEOUT);
+        let (endpoints, from, fence) = (self.cfg.etcd.clone(), self.endpoint, self.fence_deadline());
+        let client = tokio::select! {
+            c = connect(endpoints, from, opts) => match c {
+                Ok((c, at)) => {
+                    self.endpoint = at;
+                    c
+                }
+                Err(why) => {
+                    self.endpoint = (from + 1) % self.cfg.etcd.len();
+                    return Err(why);
+                }
+            },
+            _ = sleep_until_opt(fence) => {
+                self.fence("lease not renewed in time");
+                return Err("lease not renewed in time".into());
+            }
+            _ = stop.changed() => {
+                self.leave(None).await;
+                return Ok(());
+            }
+        };
+        self.serve(client, stop).await
+    }
+
+    /// Leaves: Inaccessible here first, then the lease revoked so its keys go at once.
+    async fn leave(&mut self, client: Option<&mut Client>) {
+        let lease = self.lease;
+        self.fence("leaving the cluster");
+        if let (Some(c), Some(l)) = (client, lease) {
+            match timeout(REQUEST_TIMEOUT, c.lease_revoke(l.id)).await {
+                Ok(Ok(_)) => info!(lease = format_args!("{:x}", l.id), "cluster: lease revoked; groups released"),
+                _ => warn!("cluster: could not revoke the lease: its groups move when it expires"),
+            }
+        }
+    }
+
+    /// One connection's life: the lease (kept or new), its keep-alives, the owners read and
+    /// watched, groups taken when free. Returns Ok when asked to stop.
+    async fn serve(&mut self, mut client: Client, stop: &mut watch::Receiver<bool>) -> Result<(), Broken> {
+        let lease = match self.lease {
+            Some(l) => l,
+            None => {
+                let asked = Instant::now();
+                let r =
+                    timed(client.lease_grant(self.ttl.as_secs() as i64, None)).await?.map_err(failed("lease grant"))?;
+                let ttl = Duration::from_secs(r.ttl().max(0) as u64);
+                let l = Lease { id: r.id(), fence_at: fence::fence_at(asked, ttl) };
+                info!(lease = format_args!("{:x}", l.id), ttl_s = ttl.as_secs(), "cluster: lease granted");
+                self.lease = Some(l);
+                l
+            }
+        };
+        let (mut keeper, mut renewals): (LeaseKeeper, LeaseKeepAliveStream) =
+            timed(client.lease_keep_alive(lease.id)).await?.map_err(failed("lease keep-alive"))?;
+        let prefix = format!("{}/ana/", self.cfg.prefix);
+        let r = timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
+            .await?
+            .map_err(failed("reading the owners"))?;
+        let rev = r.header().map_or(0, |h| h.revision());
+        self.owners.clear();
+        for kv in r.kvs() {
+            let (Some(g), Ok(owner)) = (self.group_of(kv.key()), kv.value_str()) else { continue };
+            if owner == self.cfg.name && kv.lease() != lease.id {
+                // Ours from a lease this head gave up (fenced): let it go now, not at its expiry.
+                let _ = timed(client.lease_revoke(kv.lease())).await;
+                continue;
+            }
+            self.owners.insert(g, owner.to_string());
+        }
+        let mut events: WatchStream =
+            timed(client.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1))))
+                .await?
+                .map_err(failed("watching the owners"))?;
+        self.shown_error(None);
+        for g in self.groups.clone() {
+            if !self.owners.contains_key(&g) {
+                self.campaign(&mut client, g).await?;
+            }
+        }
+        self.apply();
+        let renew_every = self.ttl / 3;
+        let mut next_renewal = Instant::now();
+        // Send times of keep-alives not yet answered, oldest first.
+        let mut sent = std::collections::VecDeque::new();
+        loop {
+            tokio::select! {
+                _ = sleep_until(next_renewal) => {
+                    next_renewal = Instant::now() + renew_every;
+                    sent.push_back(Instant::now());
+                    timed(keeper.keep_alive()).await?.map_err(failed("lease keep-alive"))?;
+                }
+                m = renewals.message() => {
+                    let resp = m.map_err(failed("lease keep-alive"))?.ok_or("lease keep-alive: stream ended")?;
+                    let asked = sent.pop_front().unwrap_or_else(Instant::now);
+                    if resp.ttl() <= 0 {
+                        self.fence("etcd says the lease expired");
+                        return Err("lease expired".into());
+                    }
+                    if let Some(l) = &mut self.lease {
+                        l.fence_at = fence::fence_at(asked, Duration::from_secs(resp.ttl() as u64));
+                    }
+                    self.apply();
+                }
+                m = events.message() => {
+                    let resp = m.map_err(failed("watch"))?.ok_or("watch: stream ended")?;
+                    let mut free = Vec::new();
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let Some(g) = self.group_of(kv.key()) else { continue };
+                        match ev.event_type() {
+                            EventType::Put => {
+                                let owner = kv.value_str().unwrap_or_default().to_string();
+                                info!(group = g, owner, "cluster: group owned");
+                                self.owners.insert(g, owner);
+                            }
+                            EventType::Delete => {
+                                info!(group = g, was = self.owners.get(&g).map(String::as_str), "cluster: group free");
+                                self.owners.remove(&g);
+                                free.push(g);
+                            }
+                        }
+                    }
+                    // Not ours any more: no longer Optimized here before anything else.
+                    self.apply();
+                    free.retain(|g| self.groups.contains(g));
+                    for g in free {
+                        self.campaign(&mut client, g).await?;
+                    }
+                    self.apply();
+                }
+                _ = sleep_until_opt(self.fence_deadline()) => {
+                    self.fence("lease not renewed in time");
+                    return Err("lease not renewed in time".into());
+                }
+                _ = stop.changed() => {
+                    self.leave(Some(&mut client)).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Takes group `g` if nobody owns it: its owner key created under this head's lease.
+    async fn campaign(&mut self, client: &mut Client, g: u32) -> Result<(), Broken> {
+        let Some(lease) = self.lease else { return Ok(()) };
+        let key = self.owner_key(g);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), self.cfg.name.clone(), Some(PutOptions::new().with_lease(lease.id)))])
+            .or_else([TxnOp::get(key, None)]);
+        let r = timed(client.txn(txn)).await?.map_err(|e| format!("taking group {g}: {e}"))?;
+        if r.succeeded() {
+            info!(group = g, lease = format_args!("{:x}", lease.id), "cluster: this head owns the group");
+            self.owners.insert(g, self.cfg.name.clone());
+        }
+        Ok(())
+    }
+}
+
+/// A client of the first member from `from` on that answers with a leader, and its index: a
+/// member gone (killed, cut off, out of quorum) is passed over at once instead of being tried
+/// again by a balancer while the lease runs down.
+async fn connect(endpoints: Vec<String>, from: usize, opts: ConnectOptions) -> Result<(Client, usize), Broken> {
+    let n = endpoints.len();
+    let mut why = Vec::new();
+    for i in 0..n {
+        let at = (from + i) % n;
+        let url = &endpoints[at];
+        let attempt = async {
+            let mut c = Client::connect([url], Some(opts.clone())).await?;
+            c.status().await?;
+            Ok::<_, etcd_client::Error>(c)
+        };
+        match timeout(REQUEST_TIMEOUT, attempt).await {
+            Ok(Ok(c)) => {
+                if i > 0 {
+                    info!(etcd = url, "cluster: talking to this etcd member");
+                }
+                return Ok((c, at));
+            }
+            Ok(Err(e)) => why.push(format!("{url}: {e}")),
+            Err(_) => why.push(format!("{url}: no answer in {REQUEST_TIMEOUT:?}")),
+        }
+    }
+    Err(format!("no etcd member answers: {}", why.join("; ")))
+}
+
+/// An etcd error as the reason a connection was given up.
+fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> Broken {
+    move |e| format!("{what}: {e}")
+}
+
+/// An etcd request with [`REQUEST_TIMEOUT`].
+async fn timed<T>(f: impl std::future::Future<Output = T>) -> Result<T, Broken> {
+    timeout(REQUEST_TIMEOUT, f).await.map_err(|_| format!("no answer in {REQUEST_TIMEOUT:?}"))
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

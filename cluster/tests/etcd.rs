@@ -1,0 +1,268 @@
+//! Heads against a real etcd (Debian's etcd-server, installed by tests/vm/deps.sh), each
+//! through a relay this test can cut like a network partition: bytes stop flowing both ways
+//! while the connections stay open.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use p2pnvmf_cluster::Cluster;
+use p2pnvmf_nvmf::Target;
+use p2pnvmf_nvmf::ana::State;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::{Instant, sleep};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Members of one etcd cluster on loopback, killed with the test.
+struct Etcd {
+    members: Vec<(String, u16, u16, Option<Child>)>,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    fn start(n: usize) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("p2pnvmf-etcd-{}-{}", std::process::id(), free_port()));
+        let members: Vec<_> = (0..n).map(|i| (format!("m{i}"), free_port(), free_port(), None)).collect();
+        let mut e = Etcd { members, dir };
+        for i in 0..n {
+            e.spawn(i);
+        }
+        for i in 0..n {
+            e.wait_ready(i);
+        }
+        e
+    }
+
+    fn initial_cluster(&self) -> String {
+        let m: Vec<_> = self.members.iter().map(|(n, _, p, _)| format!("{n}=http://127.0.0.1:{p}")).collect();
+        m.join(",")
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let cluster = self.initial_cluster();
+        let (name, client, peer, _) = &self.members[i];
+        let child = Command::new("etcd")
+            .args(["--name", name, "--data-dir"])
+            .arg(self.dir.join(name))
+            .args(["--listen-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args(["--advertise-client-urls", &format!("http://127.0.0.1:{client}")])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args(["--initial-cluster", &cluster, "--initial-cluster-state", "new"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (Debian's etcd-server: tests/vm/deps.sh installs it)");
+        self.members[i].3 = Some(child);
+    }
+
+    fn wait_ready(&self, i: usize) {
+        let port = self.members[i].1;
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("etcd member {i} did not listen on {port}");
+    }
+
+    fn client_addr(&self, i: usize) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.members[i].1))
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.members[i].3.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP relay to etcd that can be cut: while cut, nothing it reads is forwarded and new
+/// connections are held without reaching etcd, as packets lost in a partition.
+struct Relay {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+}
+
+impl Relay {
+    async fn start(upstream: SocketAddr) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let o = open.clone();
+        tokio::spawn(async move {
+            while let Ok((down, _)) = l.accept().await {
+                let o = o.clone();
+                tokio::spawn(async move {
+                    while !o.load(Ordering::SeqCst) {
+                        sleep(Duration::from_millis(10)).await;
+                    }
+                    let Ok(up) = TcpStream::connect(upstream).await else { return };
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::spawn(pump(dr, uw, o.clone()));
+                    tokio::spawn(pump(ur, dw, o));
+                });
+            }
+        });
+        Relay { addr, open }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn cut(&self, cut: bool) {
+        self.open.store(!cut, Ordering::SeqCst);
+    }
+}
+
+async fn pump(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, open: Arc<AtomicBool>) {
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Cut: what was read is lost, like packets dropped on the way.
+        if open.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn head(name: &str, etcd: Vec<String>, ttl: u32) -> (Arc<Target>, Cluster) {
+    let target = Target::new(Vec::new(), Vec::new());
+    let cfg = p2pnvmf_config::Cluster {
+        etcd,
+        name: name.into(),
+        lease_ttl_secs: ttl,
+        standby: State::NonOptimized,
+        prefix: "/test".into(),
+    };
+    let c = Cluster::start(&cfg, target.clone(), BTreeSet::from([1, 2]));
+    (target, c)
+}
+
+fn state(t: &Target, g: u32) -> State {
+    t.ana.get(g).unwrap().state()
+}
+
+async fn until(what: &str, limit: Duration, f: impl Fn() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "{what}: not within {limit:?}");
+        sleep(Duration::from_millis(5)).await;
+    }
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_from_etcd_fences_itself_before_another_takes_over() {
+    let etcd = Etcd::start(1);
+    let (ra, rb) = (Relay::start(etcd.client_addr(0)).await, Relay::start(etcd.client_addr(0)).await);
+    let (ta, a) = head("a", vec![ra.url()], 2);
+    until("a owns both groups", Duration::from_secs(10), || {
+        state(&ta, 1) == State::Optimized && state(&ta, 2) == State::Optimized
+    })
+    .await;
+    let (tb, b) = head("b", vec![rb.url()], 2);
+    until("b stands by", Duration::from_secs(10), || state(&tb, 1) == State::NonOptimized).await;
+    assert_eq!(b.status()["groups"][0]["owner"], "a");
+
+    // Sample both heads every millisecond while a is cut off.
+    let (sa, sb) = (ta.clone(), tb.clone());
+    let sampler = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(6) {
+            samples.push((t0.elapsed(), state(&sa, 1), state(&sb, 1)));
+            sleep(Duration::from_millis(1)).await;
+        }
+        samples
+    });
+    ra.cut(true);
+    let samples = sampler.await.unwrap();
+    let both = samples.iter().filter(|(_, x, y)| *x == State::Optimized && *y == State::Optimized).count();
+    assert_eq!(both, 0, "a moment with two Optimized owners");
+    let fenced = samples.iter().find(|s| s.1 == State::Inaccessible).expect("a fenced itself").0;
+    let taken = samples.iter().find(|s| s.2 == State::Optimized).expect("b took the group over").0;
+    eprintln!("cut at 0: a inaccessible after {fenced:?}, b optimized after {taken:?}");
+    assert!(fenced < taken && fenced < Duration::from_secs(2), "a fenced at {fenced:?}, b took over at {taken:?}");
+    assert!(a.status()["serving_for_ms"].is_null(), "a shows no lease: {}", a.status());
+
+    // The link comes back: a stands by, b keeps the group (no flapping back).
+    ra.cut(false);
+    until("a stands by again", Duration::from_secs(10), || state(&ta, 1) == State::NonOptimized).await;
+    sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        (state(&ta, 1), state(&tb, 1), state(&tb, 2)),
+        (State::NonOptimized, State::Optimized, State::Optimized)
+    );
+
+    // b leaves (a planned stop revokes its lease): a takes over at once, not after a TTL.
+    let t0 = Instant::now();
+    b.stop().await;
+    assert_eq!(state(&tb, 1), State::Inaccessible);
+    let took = until("a owns group 1 again", Duration::from_secs(10), || state(&ta, 1) == State::Optimized).await;
+    eprintln!("planned stop: a optimized {:?} after b left", t0.elapsed());
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_member_changes_nothing_and_lost_quorum_fences_until_it_returns() {
+    let mut etcd = Etcd::start(3);
+    let urls: Vec<String> = (0..3).map(|i| format!("http://{}", etcd.client_addr(i))).collect();
+    // The default lease: a member lost (perhaps the raft leader, perhaps the one a head talks
+    // to) must not outlast it.
+    let (ta, a) = head("a", urls.clone(), 5);
+    until("a owns group 1", Duration::from_secs(10), || state(&ta, 1) == State::Optimized).await;
+    let (tb, b) = head("b", urls, 5);
+    until("b stands by", Duration::from_secs(10), || state(&tb, 1) == State::NonOptimized).await;
+
+    // One member of three down (each head may have been talking to it): nothing changes.
+    etcd.kill(0);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        assert_eq!((state(&ta, 1), state(&tb, 1)), (State::Optimized, State::NonOptimized), "after {:?}", t0.elapsed());
+        sleep(Duration::from_millis(5)).await;
+    }
+    // Two down: no quorum, no renewal: both fence within the lease.
+    etcd.kill(1);
+    let fenced = until("both fenced", Duration::from_secs(5), || {
+        state(&ta, 1) == State::Inaccessible && state(&tb, 1) == State::Inaccessible
+    })
+    .await;
+    eprintln!("quorum lost: both heads inaccessible after {fenced:?}");
+    // Quorum back: one owner again.
+    etcd.spawn(0);
+    etcd.spawn(1);
+    let back = until("one owner again", Duration::from_secs(30), || {
+        let (x, y) = (state(&ta, 1), state(&tb, 1));
+        (x == State::Optimized) != (y == State::Optimized) && x != State::Inaccessible && y != State::Inaccessible
+    })
+    .await;
+    eprintln!("quorum back: one owner after {back:?}");
+    a.stop().await;
+    b.stop().await;
+}
