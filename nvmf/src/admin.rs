@@ -290,7 +290,10 @@ fn get_log_page(target: &Target, ctrl: &Controller, sqe: &Sqe, data: &mut [u8]) 
         (lid::ANA, Some(s)) => {
             // LSP bit 0: Return Groups Only.
             let groups_only = (sqe.cdw10.get() >> 8) & 1 != 0;
-            let log = ana::log_page(s.namespaces.iter().map(|n| (n.nsid, &n.ana)), groups_only);
+            let mut log = ana::log_page(s.namespaces.iter().map(|n| (n.nsid, &n.ana)), groups_only);
+            // The page is as long as the host sizes it from Identify (nvme-cli reads it in 4 KiB
+            // pieces up to there): zeroes after the descriptors.
+            log.resize(ana::MAX_LOG_LEN.max(log.len()), 0);
             return copy_log(&log, offset, len, data);
         }
         (lid::COMMAND_EFFECTS, Some(_)) => {

@@ -19,6 +19,9 @@ pub const MAX_GROUPS: u32 = p2pnvmf_config::ANA_GROUPS;
 /// connect, so it stays fixed whatever a reload adds.
 pub const MAX_NAMESPACES: u32 = p2pnvmf_config::MAX_NAMESPACES as u32;
 
+/// The ANA log page's length as a host sizes it: header, NANAGRPID descriptors, MNAN NSIDs.
+pub const MAX_LOG_LEN: usize = 16 + MAX_GROUPS as usize * 32 + MAX_NAMESPACES as usize * 4;
+
 /// Transition time (ANATT, seconds): how long a host waits for a group in Change before it
 /// gives the path up.
 pub const TRANSITION_SECS: u8 = 10;

@@ -1059,6 +1059,15 @@ async fn ana_states_reach_identify_the_log_page_events_and_the_io_path() {
     let mut rgo = vec![0u8; 32];
     done(exec(&mut a, &glp, &mut rgo));
     assert_eq!((le32(&rgo, 16), le32(&rgo, 20)), (3, 0));
+    // Read in 4 KiB pieces as nvme-cli does, up to the length Identify implies: zeroes past
+    // the descriptors, Invalid Field only beyond.
+    let mut piece = vec![0xffu8; 4096];
+    glp.cdw10 = (0x0c | 1023 << 16).into();
+    (glp.cdw12, glp.cdw13) = (8192.into(), 0.into());
+    assert!(done(exec(&mut a, &glp, &mut piece)).status.is_success());
+    assert!(piece.iter().all(|&b| b == 0));
+    glp.cdw12 = (16 + 128 * 32 + 1024 * 4 + 4).into();
+    assert_eq!(done(exec(&mut a, &glp, &mut piece)).status, Status::INVALID_FIELD.dnr());
 }
 
 #[tokio::test]

@@ -138,11 +138,12 @@ declare -A HEAD_PID=()
 # 9p run directory takes no sockets —, log /tmp/scn/NAME.log), waits until it listens on ADDR:PORT.
 start_head() {
     local name=$1 cfg=$2 addr=$3 port=$4 i
+    rm -f "/tmp/$name.sock"
     RUST_LOG=${RUST_LOG:-info} "$P2PNVMF_BIN" serve --config "$cfg" --admin-socket "/tmp/$name.sock" \
         >>"/tmp/scn/$name.log" 2>&1 &
     HEAD_PID[$name]=$!
     for i in $(seq 200); do
-        (exec 3<>"/dev/tcp/$addr/$port") 2>/dev/null && return 0
+        (exec 3<>"/dev/tcp/$addr/$port") 2>/dev/null && [[ -S /tmp/$name.sock ]] && return 0
         kill -0 "${HEAD_PID[$name]}" 2>/dev/null || { tail -n 20 "/tmp/scn/$name.log" >&2; die "head $name exited at start-up"; }
         sleep 0.05
     done
@@ -199,10 +200,11 @@ CFG
 }
 
 # fio_verify DEV BS [JOBS] [MIB] [OFFSET_MIB]: MIB (64) MiB of random writes from OFFSET_MIB (0; split over JOBS disjoint regions) then
-# crc32c verify, at queue depth 32 per job; fails on any verify error.
+# crc32c verify, at queue depth 32 per job (ioengine $FIO_ENGINE, default libaio); fails on any
+# verify error.
 fio_verify() {
     local dev=$1 bs=$2 jobs=${3:-1} mib=${4:-64} off=${5:-0} out
-    out=$(fio --name="verify-$bs" --filename="$dev" --ioengine=libaio --direct=1 --rw=randwrite \
+    out=$(fio --name="verify-$bs" --filename="$dev" --ioengine="${FIO_ENGINE:-libaio}" --direct=1 --rw=randwrite \
         --bs="$bs" --offset="${off}M" --size=$((mib / jobs))M --offset_increment=$((mib / jobs))M --numjobs="$jobs" \
         --group_reporting --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --verify_dump=0 --output-format=terse --terse-version=3 2>&1) || { echo "$out"; die "fio verify at $bs on $dev failed"; }

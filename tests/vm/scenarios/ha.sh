@@ -1,0 +1,202 @@
+# High availability through etcd: heads A and B (two p2pnvmf processes on two addresses) serve
+# one subsystem over one shared block device, each ANA group owned by one head under an etcd
+# lease (one etcd member in the guest; each head reaches it through its own socat relay, which
+# the scenario stops to cut that head off). The Linux host multipaths natively; fio verifies
+# through the head device (io_uring, QD32) the whole time.
+#   kill:      the owner is SIGKILLed: I/O goes on through the other head, which takes the group
+#              over when the lease expires; times from the kill to the first completion on the
+#              other path and to the host seeing it optimized, over $HA_RUNS runs; the killed
+#              head restarts and rejoins as standby.
+#   partition: the owner's link to etcd is cut while the host still reaches it: a watcher reads
+#              both heads' ANA logs every 50 ms (ana-watch, through the host's passthrough) and
+#              must never see two optimized; the cut head turns inaccessible first (by the
+#              watcher and by both heads' logs on the guest's clock); the link comes back: no flap.
+NQN=nqn.2026-12.io.p2pnvmf:ha
+UUID=6c4f3a21-8d5e-4b9f-a02c-3d4e5f6a7b81
+A_IP=$GUEST_IP
+B_IP=10.0.2.16
+RUNS=${HA_RUNS:-5}
+export FIO_ENGINE=io_uring
+
+modprobe brd rd_nr=1 rd_size=131072 || die "modprobe brd"
+ip addr add "$B_IP/24" dev eth0 || die "second address for head B"
+sleep 0.5
+
+step "etcd (one member) and a relay to it per head"
+etcd --name e0 --data-dir /tmp/etcd0 --listen-client-urls http://127.0.0.1:2379 \
+    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
+    --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e0=http://127.0.0.1:2380 \
+    >/tmp/scn/etcd.log 2>&1 &
+for i in $(seq 200); do etcdctl --endpoints=127.0.0.1:2379 endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
+etcdctl --endpoints=127.0.0.1:2379 endpoint health || die "etcd did not come up"
+socat TCP-LISTEN:23791,fork,reuseaddr TCP:127.0.0.1:2379 & 
+socat TCP-LISTEN:23792,fork,reuseaddr TCP:127.0.0.1:2379 &
+# cut NAME on|off: stops (SIGSTOP) or resumes head NAME's relay and its connections.
+relay_port() { if [[ $1 == a ]]; then echo 23791; else echo 23792; fi; }
+cut() { pkill "-$([[ $2 == on ]] && echo STOP || echo CONT)" -f "TCP-LISTEN:$(relay_port "$1")" || die "relay of $1"; }
+
+# head_config NAME ADDR CNTLID_MIN
+head_config() {
+    cat >"/tmp/scn/$1.toml" <<CFG
+[[listener]]
+name = "tcp"
+transport = "tcp"
+address = "$2"
+port = 4420
+
+[[listener]]
+name = "rdma"
+transport = "rdma"
+address = "$2"
+port = 4421
+
+[[subsystem]]
+nqn = "$NQN"
+serial = "HA0002"
+allow_any_host = true
+cntlid_min = $3
+cntlid_max = $(($3 + 999))
+
+[[subsystem.namespace]]
+nsid = 1
+backend = "file"
+path = "/dev/ram0"
+uuid = "$UUID"
+
+[cluster]
+etcd = ["http://127.0.0.1:$(relay_port "$1")"]
+name = "$1"
+lease_ttl = "5s"
+CFG
+}
+addr_of() { if [[ $1 == a ]]; then echo "$A_IP"; else echo "$B_IP"; fi; }
+# owner: the head etcd names as group 1's owner.
+owner() { etcdctl --endpoints=127.0.0.1:2379 get --print-value-only /p2pnvmf/ana/1/owner; }
+other() { if [[ $1 == a ]]; then echo b; else echo a; fi; }
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+
+# path_of CTRL, ana_of PATH, ios PATH, wait_ana PATH STATE: as in ana.sh.
+path_of() {
+    local b
+    for b in /sys/block/nvme*c*n*; do
+        [[ -e $b && $(cat "$b/uuid" 2>/dev/null) == "$UUID" && $(readlink -f "$b/device") == */$1 ]] && { echo "${b##*/}"; return; }
+    done
+    die "no path of $UUID on $1"
+}
+ana_of() { cat "/sys/block/$1/ana_state"; }
+ios() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
+wait_ana() {
+    local i
+    for i in $(seq 300); do [[ $(ana_of "$1") == "$2" ]] && return 0; sleep 0.05; done
+    die "path $1 is '$(ana_of "$1")', not '$2', 15 s on"
+}
+# log_state CTRL: group 1's state in the ANA log page the head behind CTRL returns now.
+log_state() { nvme ana-log "/dev/$1" 2>/dev/null | awk 'tolower($0) ~ /state/ && match($0, /non-optimized|optimized|inaccessible|persistent-loss|change/) { print substr($0, RSTART, RLENGTH); exit }' || true; }
+
+head_config a "$A_IP" 1
+head_config b "$B_IP" 1001
+start_head a /tmp/scn/a.toml "$A_IP" 4420
+for i in $(seq 100); do [[ $(owner) == a ]] && break; sleep 0.1; done
+[[ $(owner) == a ]] || die "head A did not take group 1"
+start_head b /tmp/scn/b.toml "$B_IP" 4420
+for i in $(seq 100); do
+    status=$(head_ctl b status)
+    grep -q "ANA group 1   owner a            here non-optimized" <<<"$status" && break
+    sleep 0.1
+done
+echo "$status" | sed -n '/^cluster/,/^controllers/p'
+grep -q "ANA group 1   owner a            here non-optimized" <<<"$status" || die "head B's status does not name A the owner"
+
+# verify_loop DEV: fio verify rounds until /tmp/stop-fio exists; a failed round leaves
+# /tmp/fio.fail.
+verify_loop() {
+    rm -f /tmp/stop-fio /tmp/fio.fail
+    while [[ ! -e /tmp/stop-fio ]]; do
+        fio_verify "$1" 16k 2 64 >>/tmp/scn/fio.log 2>&1 || { touch /tmp/fio.fail; return; }
+    done
+}
+stop_verify() {
+    touch /tmp/stop-fio
+    wait "$1"
+    [[ ! -e /tmp/fio.fail ]] || { tail -n 30 /tmp/scn/fio.log; die "fio verify failed: $2"; }
+    echo "fio: $(grep -c '^fio ' /tmp/scn/fio.log) verify rounds passed so far"
+}
+
+for t in tcp rdma; do
+    port=$([[ $t == rdma ]] && echo 4421 || echo 4420)
+    step "$t: a path to each head; the owner optimized, the other non-optimized"
+    declare -A C P
+    for h in a b; do
+        C[$h]=$(TARGET_ADDR=$(addr_of $h) nvme_connect_ctrl "$t" "$port" "$NQN" --reconnect-delay=1 --ctrl-loss-tmo=-1)
+    done
+    sleep 0.5
+    for h in a b; do P[$h]=$(path_of "${C[$h]}"); done
+    head=$(for b in /sys/block/nvme*n*; do [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && $(cat "$b/uuid") == "$UUID" ]] && echo "${b##*/}"; done)
+    o=$(owner)
+    wait_ana "${P[$o]}" optimized; wait_ana "${P[$(other "$o")]}" non-optimized
+    nvme list-subsys "/dev/$head"
+    nvme ana-log "/dev/${C[a]}"
+    [[ $(log_state "${C[$o]}") == optimized ]] || die "the owner's ANA log does not say optimized"
+
+    step "$t: $RUNS runs: the owner SIGKILLed under fio verify (io_uring, QD32)"
+    verify_loop "/dev/$head" &
+    fio_pid=$!
+    sleep 2
+    firsts=(); takes=()
+    for run in $(seq "$RUNS"); do
+        o=$(owner); n=$(other "$o")
+        c0=$(ios "${P[$n]}")
+        t0=$(now_ms)
+        kill_head "$o"
+        while (( $(ios "${P[$n]}") <= c0 )); do sleep 0.01; done
+        t1=$(now_ms)
+        wait_ana "${P[$n]}" optimized
+        t2=$(now_ms)
+        [[ $(owner) == "$n" ]] || die "etcd names $(owner), not $n, as the owner after $o died"
+        firsts+=($((t1 - t0))); takes+=($((t2 - t0)))
+        echo "run $run: $o killed; first completion through $n after $((t1 - t0)) ms; $n optimized at the host after $((t2 - t0)) ms"
+        start_head "$o" "/tmp/scn/$o.toml" "$(addr_of "$o")" 4420
+        wait_ana "${P[$o]}" non-optimized
+    done
+    stop_verify "$fio_pid" "across the kills"
+    sort_ms() { tr ' ' '\n' | sort -n | tr '\n' ' '; }
+    echo "$t kill to first completion on the other path (ms, sorted): $(echo "${firsts[*]}" | sort_ms)"
+    echo "$t kill to the other head optimized at the host (ms, sorted): $(echo "${takes[*]}" | sort_ms)"
+
+    step "$t: $RUNS runs: the owner cut off from etcd while the host reaches it"
+    verify_loop "/dev/$head" &
+    fio_pid=$!
+    for run in $(seq "$RUNS"); do
+        o=$(owner); n=$(other "$o")
+        # The watcher: both heads' ANA logs, read through the host's admin passthrough every
+        # 50 ms (ana-watch prints each change; exits 1 if a sample saw both optimized).
+        rm -f /tmp/stop-watch
+        "$P2PNVMF_ANA_WATCH" --period-ms 50 --until /tmp/stop-watch "/dev/${C[$o]}" "/dev/${C[$n]}" >/tmp/watch.log &
+        watch_pid=$!
+        sleep 0.5
+        t0=$(now_ms)
+        cut "$o" on
+        wait_ana "${P[$n]}" optimized
+        cut "$o" off
+        wait_ana "${P[$o]}" non-optimized
+        sleep 5
+        touch /tmp/stop-watch
+        wait "$watch_pid" || { cat /tmp/watch.log; die "run $run: the watcher saw both heads optimized"; }
+        fenced=$(awk -v t0="$t0" '$2 == "inaccessible" { print $1 - t0; exit }' /tmp/watch.log)
+        taken=$(awk -v t0="$t0" '$3 == "optimized" { print $1 - t0; exit }' /tmp/watch.log)
+        [[ -n $fenced && -n $taken ]] && (( fenced <= taken )) || { cat /tmp/watch.log; die "run $run: $o not inaccessible ($fenced ms) before $n optimized ($taken ms)"; }
+        # The heads' own moments, on the guest's one clock.
+        at() {  # milliseconds of the day of head $1's last change of group 1 from $2 to $3
+            grep "ANA state changed group=1 from=$2 to=$3" "/tmp/scn/$1.log" | tail -n1 \
+                | awk '{ split(substr($1, 12, 15), t, ":"); printf "%d\n", ((t[1] * 60 + t[2]) * 60 + t[3]) * 1000 }'
+        }
+        gap=$(( $(at "$n" non-optimized optimized) - $(at "$o" optimized inaccessible) ))
+        (( gap > 0 )) || die "run $run: $n logged optimized $((-gap)) ms before $o logged inaccessible"
+        flaps=$(awk '/^samples/ { next } $3 == "optimized" { on = 1; next } on { n++ } END { print n + 0 }' /tmp/watch.log)
+        (( flaps == 0 )) || { cat /tmp/watch.log; die "run $run: $n's state changed $flaps times after it took over"; }
+        echo "run $run: $o cut off; its log inaccessible after $fenced ms, $n's optimized after $taken ms ($o fenced $gap ms before $n took over, by their logs); $(tail -n1 /tmp/watch.log); link back: $o non-optimized, no flap"
+        [[ $(owner) == "$n" ]] || die "etcd names $(owner) the owner"
+    done
+    stop_verify "$fio_pid" "across the partitions"
+    nvme disconnect -n "$NQN" >/dev/null || die "disconnect $NQN"
+done
