@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use p2pnvmf_backend::nvme::ns::NvmeVfio;
 use p2pnvmf_backend::{FileBackend, RamBackend};
-use p2pnvmf_cluster::Cluster;
+use p2pnvmf_cluster::{Cluster, Shared};
 use p2pnvmf_config::{Backend as BackendCfg, Buffers, Config};
 use p2pnvmf_nvmf::ana;
 use p2pnvmf_nvmf::buffers::{self, NsBuffers, NsStorage};
@@ -133,6 +133,8 @@ struct Live {
     p2p: Result<Arc<P2p>, String>,
     /// This head's ANA groups (the target's), which namespaces are placed in.
     ana: Arc<ana::Groups>,
+    /// With `[cluster]`: where namespaces keep their reservations (etcd).
+    cluster: Option<Arc<Shared>>,
 }
 
 impl Live {
@@ -140,7 +142,12 @@ impl Live {
     fn build(&self, cfg: &Config) -> anyhow::Result<Live> {
         let port_id =
             |name: &str| cfg.listeners.iter().position(|l| l.name == name).map(|i| i as u16 + 1).expect("validated");
-        let mut next = Live { subsystems: HashMap::new(), p2p: self.p2p.clone(), ana: self.ana.clone() };
+        let mut next = Live {
+            subsystems: HashMap::new(),
+            p2p: self.p2p.clone(),
+            ana: self.ana.clone(),
+            cluster: self.cluster.clone(),
+        };
         for s in &cfg.subsystems {
             let old = self.subsystems.get(&s.nqn);
             if let Some((old_cfg, live)) = old.filter(|(c, _)| c == s) {
@@ -159,7 +166,9 @@ impl Live {
                         let backend = open_backend(&self.p2p, &s.nqn, n.nsid, &n.backend)?;
                         info!(subnqn = %s.nqn, nsid = n.nsid, size = backend.size_bytes(), backend = ?n.backend, "namespace ready");
                         let mut ns = Namespace::new(&s.nqn, n.nsid, backend);
-                        if let Some(dir) = &cfg.reservations_state_dir {
+                        if let Some(shared) = &self.cluster {
+                            ns.resv = Arc::new(Reservation::persistent(Box::new(shared.store(&s.nqn, n.nsid)))?);
+                        } else if let Some(dir) = &cfg.reservations_state_dir {
                             ns.resv = Arc::new(persistent_reservation(dir, &s.nqn, n.nsid)?);
                         }
                         ns
@@ -442,15 +451,17 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
     }
     let p2p = discover_p2p(&cfg);
     let ana = ana::Groups::new(|id| cfg.ana.groups.get(&id).copied().unwrap_or(ana::State::Optimized));
-    let mut live = Live { subsystems: HashMap::new(), p2p: p2p.clone(), ana: ana.clone() }.build(&cfg)?;
+    let shared = cfg.cluster.as_ref().map(Shared::new);
+    let mut live =
+        Live { subsystems: HashMap::new(), p2p: p2p.clone(), ana: ana.clone(), cluster: shared.clone() }.build(&cfg)?;
     let target = Target::with(live.list(), ports(&cfg), core_limits(&cfg.limits), ana);
     if let Ok(p) = p2p {
         target.set_p2p(p);
     }
     // Before any listener: the cluster's groups are Inaccessible until this head holds a lease.
-    let cluster = cfg.cluster.as_ref().map(|c| {
+    let cluster = cfg.cluster.as_ref().zip(shared).map(|(c, shared)| {
         info!(name = c.name, etcd = ?c.etcd, lease_ttl_s = c.lease_ttl_secs, groups = ?ana_groups(&cfg), "joining the cluster");
-        Cluster::start(c, target.clone(), ana_groups(&cfg))
+        Cluster::start(c, target.clone(), ana_groups(&cfg), shared)
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();

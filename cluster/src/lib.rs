@@ -8,6 +8,9 @@
 //! etcd can expire the lease and let another head take over — see [`fence::fence_at`].
 
 pub mod fence;
+mod store;
+
+pub use store::{EtcdStore, Shared};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -24,7 +27,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tracing::{info, warn};
 
 /// How long one etcd request may take before the connection counts as broken.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Between attempts to reach etcd.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -52,7 +55,13 @@ pub struct Cluster {
 impl Cluster {
     /// Joins the cluster of `cfg` for `groups` (the ANA groups this head's namespaces are in):
     /// until this head holds a lease, they are Inaccessible here.
-    pub fn start(cfg: &p2pnvmf_config::Cluster, target: Arc<Target>, groups: BTreeSet<u32>) -> Cluster {
+    /// `shared`: what the namespaces' reservation stores (made from it) share with the session.
+    pub fn start(
+        cfg: &p2pnvmf_config::Cluster,
+        target: Arc<Target>,
+        groups: BTreeSet<u32>,
+        shared: Arc<Shared>,
+    ) -> Cluster {
         for &g in &groups {
             target.set_ana_state(g, State::Inaccessible);
         }
@@ -67,6 +76,7 @@ impl Cluster {
             owners: BTreeMap::new(),
             shown: shown.clone(),
             endpoint: 0,
+            shared,
         };
         let task = tokio::spawn(head.run(stopped));
         Cluster { cfg: cfg.clone(), groups, target, shown, stop, task: Mutex::new(Some(task)) }
@@ -118,6 +128,7 @@ struct Head {
     shown: Arc<Mutex<Shown>>,
     /// The etcd member last talked to (index into the endpoints).
     endpoint: usize,
+    shared: Arc<Shared>,
 }
 
 /// Why a connection to etcd was given up (the lease may still be valid: the head reconnects).
@@ -215,7 +226,10 @@ impl Head {
                 return Ok(());
             }
         };
-        self.serve(client, stop).await
+        self.shared.connected(Some(client.clone()));
+        let r = self.serve(client, stop).await;
+        self.shared.connected(None);
+        r
     }
 
     /// Leaves: Inaccessible here first, then the lease revoked so its keys go at once.
@@ -248,13 +262,20 @@ impl Head {
         };
         let (mut keeper, mut renewals): (LeaseKeeper, LeaseKeepAliveStream) =
             timed(client.lease_keep_alive(lease.id)).await?.map_err(failed("lease keep-alive"))?;
-        let prefix = format!("{}/ana/", self.cfg.prefix);
+        // Owners and reservations, read at one revision and watched from the next.
+        let prefix = format!("{}/", self.cfg.prefix);
         let r = timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
             .await?
-            .map_err(failed("reading the owners"))?;
+            .map_err(failed("reading the cluster's state"))?;
         let rev = r.header().map_or(0, |h| h.revision());
         self.owners.clear();
         for kv in r.kvs() {
+            if let Ok(key) = kv.key_str()
+                && key.starts_with(&self.shared.resv_prefix())
+            {
+                self.shared.observed(&self.target, key, Some(kv.value()), kv.mod_revision(), false);
+                continue;
+            }
             let (Some(g), Ok(owner)) = (self.group_of(kv.key()), kv.value_str()) else { continue };
             if owner == self.cfg.name && kv.lease() != lease.id {
                 // Ours from a lease this head gave up (fenced): let it go now, not at its expiry.
@@ -302,6 +323,13 @@ impl Head {
                     let mut free = Vec::new();
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
+                        if let Ok(key) = kv.key_str()
+                            && key.starts_with(&self.shared.resv_prefix())
+                        {
+                            let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                            self.shared.observed(&self.target, key, value, kv.mod_revision(), true);
+                            continue;
+                        }
                         let Some(g) = self.group_of(kv.key()) else { continue };
                         match ev.event_type() {
                             EventType::Put => {
@@ -382,7 +410,7 @@ async fn connect(endpoints: Vec<String>, from: usize, opts: ConnectOptions) -> R
 }
 
 /// An etcd error as the reason a connection was given up.
-fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> Broken {
+pub(crate) fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> Broken {
     move |e| format!("{what}: {e}")
 }
 

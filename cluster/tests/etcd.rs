@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use p2pnvmf_cluster::Cluster;
+use p2pnvmf_cluster::{Cluster, Shared};
 use p2pnvmf_nvmf::Target;
 use p2pnvmf_nvmf::ana::State;
+use p2pnvmf_nvmf::resv::{self, Reservation};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, sleep};
@@ -159,7 +160,7 @@ fn head(name: &str, etcd: Vec<String>, ttl: u32) -> (Arc<Target>, Cluster) {
         standby: State::NonOptimized,
         prefix: "/test".into(),
     };
-    let c = Cluster::start(&cfg, target.clone(), BTreeSet::from([1, 2]));
+    let c = Cluster::start(&cfg, target.clone(), BTreeSet::from([1, 2]), Shared::new(&cfg));
     (target, c)
 }
 
@@ -265,4 +266,97 @@ async fn a_lost_member_changes_nothing_and_lost_quorum_fences_until_it_returns()
     eprintln!("quorum back: one owner after {back:?}");
     a.stop().await;
     b.stop().await;
+}
+
+/// A head serving namespace 1 of NQN, its reservation kept in etcd.
+fn resv_head(name: &str, etcd: Vec<String>) -> (Arc<Target>, Cluster) {
+    let cfg = p2pnvmf_config::Cluster {
+        etcd,
+        name: name.into(),
+        lease_ttl_secs: 5,
+        standby: State::NonOptimized,
+        prefix: "/resv-test".into(),
+    };
+    let shared = Shared::new(&cfg);
+    let mut ns = p2pnvmf_nvmf::Namespace::new(NQN, 1, Arc::new(p2pnvmf_nvmf::Null));
+    ns.resv = Arc::new(Reservation::persistent(Box::new(shared.store(NQN, 1))).unwrap());
+    let target = Target::new(vec![Arc::new(p2pnvmf_nvmf::Subsystem::open(NQN, vec![ns]))], Vec::new());
+    let c = Cluster::start(&cfg, target.clone(), BTreeSet::from([1]), shared);
+    (target, c)
+}
+
+const NQN: &str = "nqn.2026-12.io.p2pnvmf:resv";
+const H1: [u8; 16] = [1; 16];
+const H2: [u8; 16] = [2; 16];
+const H3: [u8; 16] = [3; 16];
+
+fn resv_of(t: &Target) -> Arc<Reservation> {
+    t.subsystems()[0].ns(1).unwrap().resv.clone()
+}
+
+fn keys(a: u64, b: u64) -> Vec<u8> {
+    [a.to_le_bytes(), b.to_le_bytes()].concat()
+}
+
+/// A reservation change on a runtime worker (a shared store waits for etcd in place).
+async fn on(
+    t: &Arc<Target>,
+    rule: impl Fn(&resv::State, bool) -> Result<resv::Change, p2pnvmf_nvmf::Status> + Send + 'static,
+) {
+    let r = resv_of(t);
+    tokio::spawn(async move { r.apply(rule).map(drop) }).await.unwrap().expect("the change is made");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_made_through_one_head_fences_on_the_other() {
+    let etcd = Etcd::start(1);
+    let url = vec![format!("http://{}", etcd.client_addr(0))];
+    let (ta, a) = resv_head("a", url.clone());
+    let (tb, b) = resv_head("b", url);
+    until("both heads serve", Duration::from_secs(10), || {
+        state(&ta, 1) != State::Inaccessible && state(&tb, 1) != State::Inaccessible
+    })
+    .await;
+
+    // Host 1 registers and takes Write Exclusive through head A.
+    on(&ta, |st, cap| resv::register(st, &H1, 0, &keys(0, 1), cap)).await;
+    on(&ta, |st, _| resv::acquire(st, &H1, 1 << 8, &keys(1, 0))).await;
+    until("head B sees host 1's reservation", Duration::from_secs(5), || resv_of(&tb).state().holder.is_some()).await;
+    let (rb, ra) = (resv_of(&tb), resv_of(&ta));
+    assert_eq!(rb.state(), ra.state());
+    let (_, v) = rb.verdict(&H2);
+    assert_eq!(
+        v.of(resv::Group::Write),
+        Err(p2pnvmf_nvmf::Status::RESERVATION_CONFLICT.dnr()),
+        "host 2 may not write through B"
+    );
+    assert_eq!(v.of(resv::Group::Read), Ok(()), "but may read");
+
+    // Hosts 2 and 3 register at once through both heads: one transaction loses the race, sees
+    // the newer state and applies its command to it again.
+    let (x, y) = (ta.clone(), tb.clone());
+    tokio::join!(
+        on(&x, |st, cap| resv::register(st, &H3, 0, &keys(0, 3), cap)),
+        on(&y, |st, cap| resv::register(st, &H2, 0, &keys(0, 2), cap)),
+    );
+    until("both heads see three registrants", Duration::from_secs(5), || {
+        ra.state().registrants.len() == 3 && rb.state().registrants.len() == 3
+    })
+    .await;
+
+    // Head A dies; host 2 preempts host 1 through head B.
+    a.stop().await;
+    drop(ta);
+    on(&tb, |st, _| resv::acquire(st, &H2, 1 | 1 << 8, &keys(2, 1))).await;
+    let st = rb.state();
+    assert_eq!(st.holder.map(|h| h.host), Some(H2));
+    assert!(!st.registrants.iter().any(|r| r.host == H1), "host 1's registration is gone");
+    assert_eq!(rb.verdict(&H2).1.of(resv::Group::Write), Ok(()));
+
+    // A head that starts later reads the state before it serves.
+    let (tc, c) = resv_head("c", vec![format!("http://{}", etcd.client_addr(0))]);
+    until("head C serves", Duration::from_secs(10), || state(&tc, 1) != State::Inaccessible).await;
+    assert_eq!(resv_of(&tc).state(), st);
+    b.stop().await;
+    c.stop().await;
 }

@@ -230,6 +230,10 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         Some(r) => Some(cluster(&cx, r)?),
         None => None,
     };
+    if let (Some(_), Some(r)) = (&cluster, &raw.reservations) {
+        let why = "reservations.state_dir: with [cluster] registrations and reservations are kept in etcd";
+        return Err(cx.err(r.state_dir.span(), why.into()));
+    }
     if let (Some(_), Some(a)) = (&cluster, raw.ana.as_ref().and_then(|a| a.groups.values().next())) {
         let why = "ana.groups: with [cluster] the cluster decides the groups' states (the owner optimized, the others cluster.standby)";
         return Err(cx.err(a.span(), why.into()));
@@ -1107,6 +1111,7 @@ mod tests {
                 &format!("{base}[ana]\ngroups = {{ 1 = \"optimized\" }}\n"),
                 "ana.groups: with [cluster] the cluster decides",
             ),
+            (&format!("{base}[reservations]\nstate_dir = \"/var/lib/x\"\n"), "reservations.state_dir: with [cluster]"),
         ] {
             let e = err(&format!("{LISTENER}{bad}"));
             assert!(e.message.contains(msg), "{bad}: {e}");

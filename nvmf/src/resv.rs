@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::Status;
 use crate::wire::io_opcode as opcode;
-pub use store::{FileStore, Store, StoreError};
+pub use store::{FileStore, Record, Store, StoreError};
 
 /// A host identifier (the 128-bit Host Identifier of Connect).
 pub type HostId = [u8; 16];
@@ -505,20 +505,37 @@ impl Reservation {
     /// Returns the change, and for a Preempt and Abort what to wait for.
     pub fn apply(
         &self,
-        rule: impl FnOnce(&State, bool) -> Result<Change, Status>,
+        rule: impl Fn(&State, bool) -> Result<Change, Status>,
     ) -> Result<(Change, Option<Drain>), Status> {
         let mut inner = self.inner();
-        let change = rule(&inner.state, self.ptpl_capable())?;
-        if let Some(store) = &self.store
-            && (change.state.ptpl || inner.state.ptpl)
-            && change.state != inner.state
-        {
-            let kept = change.state.ptpl.then_some(&change.state);
-            store.save(kept).map_err(|e| {
-                tracing::error!("reservation state not persisted, command refused: {e}");
-                Status::INTERNAL_ERROR
-            })?;
-        }
+        // A shared store may have moved on under another head: the command is applied again
+        // to the state it holds (a few times at most: each retry follows a change made).
+        let mut tries = 0;
+        let change = loop {
+            let change = rule(&inner.state, self.ptpl_capable())?;
+            let Some(store) = &self.store else { break change };
+            let shared = store.shared();
+            if change.state == inner.state || !(shared || change.state.ptpl || inner.state.ptpl) {
+                break change;
+            }
+            let kept = (shared || change.state.ptpl).then_some(&change.state);
+            match store.save(kept, &change.notices) {
+                Ok(()) => break change,
+                Err(StoreError::Stale(newer)) if tries < 8 => {
+                    tries += 1;
+                    inner.state = newer.unwrap_or_default();
+                    self.version.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(StoreError::Unavailable(why)) => {
+                    tracing::warn!("reservation state not kept, command refused (retryable): {why}");
+                    return Err(Status::ANA_TRANSITION);
+                }
+                Err(e) => {
+                    tracing::error!("reservation state not persisted, command refused: {e}");
+                    return Err(Status::INTERNAL_ERROR);
+                }
+            }
+        };
         inner.state = change.state.clone();
         let drain = (!change.aborted.is_empty()).then(|| {
             inner.draining.extend(&change.aborted);
@@ -533,6 +550,17 @@ impl Reservation {
         // After the state: a queue that counted a command before this sees the new version.
         self.version.fetch_add(1, Ordering::SeqCst);
         Ok((change, drain))
+    }
+
+    /// A state another head made current in the shared store, if `newer` (asked while no
+    /// command of this head changes the state) says there is one: taken as it is, queues see
+    /// the new version and decide again. Returns the state it replaced.
+    pub fn observe(&self, newer: impl FnOnce() -> Option<State>) -> Option<State> {
+        let mut inner = self.inner();
+        let state = newer()?;
+        let old = std::mem::replace(&mut inner.state, state);
+        self.version.fetch_add(1, Ordering::SeqCst);
+        Some(old)
     }
 
     /// A Preempt and Abort's wait is over: the preempted hosts' commands run again (as the

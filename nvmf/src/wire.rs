@@ -200,6 +200,18 @@ pub fn hex(id: &[u8]) -> String {
     id.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `N` bytes from exactly 2N hex digits, as [`hex`] writes them.
+pub fn unhex<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N || !s.is_ascii() {
+        return None;
+    }
+    let mut id = [0u8; N];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
+    }
+    Some(id)
+}
+
 /// A 16-byte identifier in the 8-4-4-4-12 form of RFC 4122 (namespace UUIDs, host IDs).
 pub fn uuid_text(id: &[u8; 16]) -> String {
     let h = hex(id);

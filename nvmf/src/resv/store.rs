@@ -8,7 +8,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::{Holder, HostId, RType, Registrant, State};
+use super::{Holder, RType, Registrant, State};
 
 /// Why a reservation state could not be loaded or kept.
 #[derive(Debug, thiserror::Error)]
@@ -17,31 +17,51 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: line {line}: {why}; the file is refused, not served from (move it away to start without it)")]
     Damaged { path: PathBuf, line: usize, why: String },
+    /// A shared store changed since this head last saw it: the newer state, to apply the
+    /// command to again.
+    #[error("changed by another head")]
+    Stale(Option<State>),
+    /// A shared store cannot be reached now (the command may be retried, here or elsewhere).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Keeps one namespace's reservation state.
 pub trait Store: Send + Sync + fmt::Debug {
     /// What was kept, `None` when nothing was.
     fn load(&self) -> Result<Option<State>, StoreError>;
-    /// Keeps `state` (PTPL on) or forgets what was kept (`None`: PTPL turned off).
-    fn save(&self, state: Option<&State>) -> Result<(), StoreError>;
+    /// Keeps `state` (PTPL on, or any state in a shared store) or forgets what was kept
+    /// (`None`: PTPL turned off); `notices` are the change's, for other heads' hosts.
+    fn save(&self, state: Option<&State>, notices: &[super::Notice]) -> Result<(), StoreError>;
+    /// Shared by several heads: every change is saved, PTPL or not (the state is the cluster's,
+    /// and a change another head made first comes back as [`StoreError::Stale`]).
+    fn shared(&self) -> bool {
+        false
+    }
 }
 
 const MAGIC: &str = "p2pnvmf-reservation 1";
 
-/// One file per namespace, naming the namespace it belongs to.
+/// The text form of a namespace's reservation state, naming the namespace it belongs to: a
+/// line per fact, then a CRC-32 of all before it. Files and cluster stores keep it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub subnqn: String,
+    pub nsid: u32,
+}
+
+/// One file per namespace.
 #[derive(Debug)]
 pub struct FileStore {
     path: PathBuf,
-    subnqn: String,
-    nsid: u32,
+    record: Record,
 }
 
 impl FileStore {
     /// The file of namespace `nsid` of `subnqn` under `dir`.
     pub fn new(dir: &Path, subnqn: &str, nsid: u32) -> FileStore {
         let name: String = subnqn.chars().map(|c| if c == '/' { '_' } else { c }).collect();
-        FileStore { path: dir.join(format!("{name}.ns{nsid}.resv")), subnqn: subnqn.into(), nsid }
+        FileStore { path: dir.join(format!("{name}.ns{nsid}.resv")), record: Record { subnqn: subnqn.into(), nsid } }
     }
 
     pub fn path(&self) -> &Path {
@@ -51,10 +71,15 @@ impl FileStore {
     fn io(&self, source: std::io::Error) -> StoreError {
         StoreError::Io { path: self.path.clone(), source }
     }
+}
 
-    /// The file's text for `st`: a line per fact, then a CRC-32 of all before it.
-    fn encode(&self, st: &State) -> String {
+impl Record {
+    /// The text for `st` (PTPL off is said; a file only ever holds a state with PTPL on).
+    pub fn encode(&self, st: &State) -> String {
         let mut s = format!("{MAGIC}\nsubnqn {}\nnsid {}\ngeneration {}\n", self.subnqn, self.nsid, st.generation);
+        if !st.ptpl {
+            s += "ptpl 0\n";
+        }
         for r in &st.registrants {
             s += &format!("registrant {} {:#x}\n", crate::wire::hex(&r.host), r.key);
         }
@@ -65,8 +90,9 @@ impl FileStore {
         s + &format!("crc32 {crc:08x}\n")
     }
 
-    fn decode(&self, text: &str) -> Result<State, StoreError> {
-        let damaged = |line: usize, why: String| StoreError::Damaged { path: self.path.clone(), line, why };
+    /// The state `text` holds; `origin` (a file, a key) names it in errors.
+    pub fn decode(&self, text: &str, origin: &Path) -> Result<State, StoreError> {
+        let damaged = |line: usize, why: String| StoreError::Damaged { path: origin.to_path_buf(), line, why };
         let body_end = text.rfind("crc32 ").ok_or_else(|| damaged(text.lines().count(), "no crc32 line".into()))?;
         let (body, tail) = text.split_at(body_end);
         let last = body.lines().count() + 1;
@@ -88,8 +114,9 @@ impl FileStore {
                 (Some("generation"), Some(g), None, None) => {
                     st.generation = g.parse().map_err(|_| bad("generation"))?
                 }
+                (Some("ptpl"), Some(p @ ("0" | "1")), None, None) => st.ptpl = p == "1",
                 (Some("registrant"), Some(h), Some(k), None) => {
-                    let host = unhex(h).ok_or_else(|| bad("host identifier"))?;
+                    let host = crate::wire::unhex(h).ok_or_else(|| bad("host identifier"))?;
                     let key = k.strip_prefix("0x").and_then(|k| u64::from_str_radix(k, 16).ok());
                     let key = key.ok_or_else(|| bad("key"))?;
                     if st.registrants.iter().any(|r| r.host == host) {
@@ -98,7 +125,7 @@ impl FileStore {
                     st.registrants.push(Registrant { host, key });
                 }
                 (Some("holder"), Some(h), Some(t), None) => {
-                    let host = unhex(h).ok_or_else(|| bad("host identifier"))?;
+                    let host = crate::wire::unhex(h).ok_or_else(|| bad("host identifier"))?;
                     let rtype = t.parse().ok().and_then(RType::from_u8).ok_or_else(|| bad("reservation type"))?;
                     if !st.registrants.iter().any(|r| r.host == host) {
                         return Err(bad("the holder is not registered"));
@@ -118,13 +145,13 @@ impl FileStore {
 impl Store for FileStore {
     fn load(&self) -> Result<Option<State>, StoreError> {
         match fs::read_to_string(&self.path) {
-            Ok(text) => self.decode(&text).map(Some),
+            Ok(text) => self.record.decode(&text, &self.path).map(Some),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(self.io(e)),
         }
     }
 
-    fn save(&self, state: Option<&State>) -> Result<(), StoreError> {
+    fn save(&self, state: Option<&State>, _notices: &[super::Notice]) -> Result<(), StoreError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         match state {
             Some(st) => {
@@ -132,7 +159,7 @@ impl Store for FileStore {
                 let tmp = self.path.with_extension("resv.tmp");
                 let write = || -> std::io::Result<()> {
                     let mut f = fs::File::create(&tmp)?;
-                    f.write_all(self.encode(st).as_bytes())?;
+                    f.write_all(self.record.encode(st).as_bytes())?;
                     f.sync_all()?;
                     fs::rename(&tmp, &self.path)
                 };
@@ -146,15 +173,4 @@ impl Store for FileStore {
         // The rename (or removal) itself survives a power loss once the directory is synced.
         fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| self.io(e))
     }
-}
-
-fn unhex(s: &str) -> Option<HostId> {
-    if s.len() != 32 || !s.is_ascii() {
-        return None;
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).ok()?;
-    }
-    Some(id)
 }

@@ -369,3 +369,79 @@ moved() {
     wget -qO- http://127.0.0.1:9464/metrics | awk -v m="memory=\"$1\"" \
         'index($0, "p2pnvmf_backend_bytes_total{") == 1 && index($0, m) { s += $NF } END { printf "%d\n", s }'
 }
+
+# --- heads of one subsystem over /dev/ram0, and the host's paths to them (ana.sh, ha.sh) ----
+# head_config FILE ADDR CNTLID_MIN: listeners tcp 4420 and rdma 4421 on ADDR, subsystem $NQN
+# (controller IDs from CNTLID_MIN) with one namespace on /dev/ram0 of UUID $UUID; the caller
+# appends [ana] or [cluster].
+head_config() {
+    cat >"$1" <<CFG
+[[listener]]
+name = "tcp"
+transport = "tcp"
+address = "$2"
+port = 4420
+
+[[listener]]
+name = "rdma"
+transport = "rdma"
+address = "$2"
+port = 4421
+
+[[subsystem]]
+nqn = "$NQN"
+serial = "HA0001"
+allow_any_host = true
+cntlid_min = $3
+cntlid_max = $(($3 + 999))
+
+[[subsystem.namespace]]
+nsid = 1
+backend = "file"
+path = "/dev/ram0"
+uuid = "$UUID"
+
+CFG
+}
+# path_of CTRL: the host's hidden disk of namespace $UUID on controller CTRL (nvmeXcYnZ).
+path_of() {
+    local b
+    for b in /sys/block/nvme*c*n*; do
+        [[ -e $b && $(cat "$b/uuid" 2>/dev/null) == "$UUID" && $(readlink -f "$b/device") == */$1 ]] && { echo "${b##*/}"; return; }
+    done
+    die "no path of $UUID on $1"
+}
+# head_dev: the multipath head device (nvmeXnY) of namespace $UUID.
+head_dev() {
+    local b
+    for b in /sys/block/nvme*n*; do
+        [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && $(cat "$b/uuid") == "$UUID" ]] && echo "${b##*/}"
+    done
+    return 0
+}
+# ana_of PATH: the ANA state the host holds for a path; wait_ana PATH STATE: until it is STATE.
+ana_of() { cat "/sys/block/$1/ana_state"; }
+wait_ana() {
+    local i
+    for i in $(seq 300); do [[ $(ana_of "$1") == "$2" ]] && return 0; sleep 0.05; done
+    die "path $1 is '$(ana_of "$1")', not '$2', 15 s on"
+}
+# ios PATH: reads + writes completed on a path, as the host's block layer counts them.
+ios() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
+
+# --- reservations through nvme-cli (reservations.sh, ha.sh) --------------------------------
+# resv CMD ARGS: nvme resv-CMD, which must succeed.
+resv() { local cmd=$1; shift; nvme "resv-$cmd" "$@" >/dev/null || die "nvme resv-$cmd $* failed"; }
+# may OP DEV: whether this host's 4 KiB direct read/write at block 64 of DEV succeeds; a refusal
+# must be the block layer's reservation conflict (EBADE).
+may() {
+    local out rc=0
+    if [[ $1 == read ]]; then
+        out=$(dd if="$2" of=/dev/null bs=4k skip=64 count=1 iflag=direct 2>&1) || rc=$?
+    else
+        out=$(dd if=/dev/zero of="$2" bs=4k seek=64 count=1 oflag=direct conv=notrunc 2>&1) || rc=$?
+    fi
+    if [[ $rc -eq 0 ]]; then echo yes; return; fi
+    grep -q "Invalid exchange" <<<"$out" || die "$1 on $2 failed otherwise than with a reservation conflict: $out"
+    echo no
+}

@@ -15,61 +15,15 @@ ip addr add "$B_IP/24" dev eth0 || die "second address for head B"
 # rxe follows eth0's addresses (a GID for B's): give it a moment before B's RDMA listener binds.
 sleep 0.5
 
-# head_config NAME ADDR CNTLID_MIN STATE: listeners tcp 4420 and rdma 4421 on ADDR, the shared
-# namespace, controller IDs from CNTLID_MIN, group 1 in STATE.
-head_config() {
-    cat >"/tmp/scn/$1.toml" <<CFG
-[[listener]]
-name = "tcp"
-transport = "tcp"
-address = "$2"
-port = 4420
-
-[[listener]]
-name = "rdma"
-transport = "rdma"
-address = "$2"
-port = 4421
-
-[[subsystem]]
-nqn = "$NQN"
-serial = "HA0001"
-allow_any_host = true
-cntlid_min = $3
-cntlid_max = $(($3 + 999))
-
-[[subsystem.namespace]]
-nsid = 1
-backend = "file"
-path = "/dev/ram0"
-uuid = "$UUID"
-
-[ana]
-groups = { 1 = "$4" }
-CFG
+# ana_config NAME ADDR CNTLID_MIN STATE: head NAME's configuration, group 1 in STATE.
+ana_config() {
+    head_config "/tmp/scn/$1.toml" "$2" "$3"
+    printf '[ana]\ngroups = { 1 = "%s" }\n' "$4" >> "/tmp/scn/$1.toml"
 }
 port_of() { if [[ $1 == rdma ]]; then echo 4421; else echo 4420; fi; }
 
-# path_of CTRL: the host's hidden disk of the namespace on controller CTRL (nvmeXcYnZ).
-path_of() {
-    local b
-    for b in /sys/block/nvme*c*n*; do
-        [[ -e $b && $(cat "$b/uuid" 2>/dev/null) == "$UUID" && $(readlink -f "$b/device") == */$1 ]] && { echo "${b##*/}"; return; }
-    done
-    die "no path of $UUID on $1"
-}
-# ana_of PATH: the ANA state the host holds for a path; wait_ana PATH STATE: until it is STATE.
-ana_of() { cat "/sys/block/$1/ana_state"; }
-wait_ana() {
-    local i
-    for i in $(seq 100); do [[ $(ana_of "$1") == "$2" ]] && return 0; sleep 0.1; done
-    die "path $1 is '$(ana_of "$1")', not '$2', 10 s after the change"
-}
-# ios PATH: reads + writes completed on a path, as the host's block layer counts them.
-ios() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
-
-head_config a "$A_IP" 1 optimized
-head_config b "$B_IP" 1001 non-optimized
+ana_config a "$A_IP" 1 optimized
+ana_config b "$B_IP" 1001 non-optimized
 start_head a /tmp/scn/a.toml "$A_IP" 4420
 start_head b /tmp/scn/b.toml "$B_IP" 4420
 
@@ -80,7 +34,7 @@ for t in tcp rdma; do
     cb=$(TARGET_ADDR=$B_IP nvme_connect_ctrl "$t" "$port" "$NQN" --reconnect-delay=1)
     sleep 0.5
     pa=$(path_of "$ca"); pb=$(path_of "$cb")
-    heads=$(for b in /sys/block/nvme*n*; do [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && $(cat "$b/uuid") == "$UUID" ]] && echo "${b##*/}"; done)
+    heads=$(head_dev)
     [[ $(wc -w <<<"$heads") -eq 1 ]] || die "expected one head device for $NQN, found: $heads"
     head=$heads
     echo "head /dev/$head: path $pa via $ca (head A, cntlid $(cat /sys/class/nvme/$ca/cntlid)), $pb via $cb (head B, cntlid $(cat /sys/class/nvme/$cb/cntlid))"
@@ -127,7 +81,7 @@ ca=$(TARGET_ADDR=$A_IP nvme_connect_ctrl tcp 4420 "$NQN" --reconnect-delay=1)
 cb=$(TARGET_ADDR=$B_IP nvme_connect_ctrl tcp 4420 "$NQN" --reconnect-delay=1)
 sleep 0.5
 pa=$(path_of "$ca"); pb=$(path_of "$cb")
-head=$(for b in /sys/block/nvme*n*; do [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && $(cat "$b/uuid") == "$UUID" ]] && echo "${b##*/}"; done)
+head=$(head_dev)
 (fio_verify "/dev/$head" 16k 2 96 >/tmp/fio.out 2>&1; echo $? >/tmp/fio.rc) &
 fio_pid=$!
 sleep 2

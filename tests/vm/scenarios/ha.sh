@@ -11,6 +11,8 @@
 #              both heads' ANA logs every 50 ms (ana-watch, through the host's passthrough) and
 #              must never see two optimized; the cut head turns inaccessible first (by the
 #              watcher and by both heads' logs on the guest's clock); the link comes back: no flap.
+#   reservations: host 1 through head A holds Write Exclusive; host 2 through head B gets
+#              Reservation Conflict on writes; head A dies; host 2 preempts through head B.
 NQN=nqn.2026-12.io.p2pnvmf:ha
 UUID=6c4f3a21-8d5e-4b9f-a02c-3d4e5f6a7b81
 A_IP=$GUEST_IP
@@ -35,39 +37,10 @@ socat TCP-LISTEN:23792,fork,reuseaddr TCP:127.0.0.1:2379 &
 relay_port() { if [[ $1 == a ]]; then echo 23791; else echo 23792; fi; }
 cut() { pkill "-$([[ $2 == on ]] && echo STOP || echo CONT)" -f "TCP-LISTEN:$(relay_port "$1")" || die "relay of $1"; }
 
-# head_config NAME ADDR CNTLID_MIN
-head_config() {
-    cat >"/tmp/scn/$1.toml" <<CFG
-[[listener]]
-name = "tcp"
-transport = "tcp"
-address = "$2"
-port = 4420
-
-[[listener]]
-name = "rdma"
-transport = "rdma"
-address = "$2"
-port = 4421
-
-[[subsystem]]
-nqn = "$NQN"
-serial = "HA0002"
-allow_any_host = true
-cntlid_min = $3
-cntlid_max = $(($3 + 999))
-
-[[subsystem.namespace]]
-nsid = 1
-backend = "file"
-path = "/dev/ram0"
-uuid = "$UUID"
-
-[cluster]
-etcd = ["http://127.0.0.1:$(relay_port "$1")"]
-name = "$1"
-lease_ttl = "5s"
-CFG
+# cluster_config NAME ADDR CNTLID_MIN: head NAME's configuration, in the cluster through its relay.
+cluster_config() {
+    head_config "/tmp/scn/$1.toml" "$2" "$3"
+    printf '[cluster]\netcd = ["http://127.0.0.1:%s"]\nname = "%s"\nlease_ttl = "5s"\n' "$(relay_port "$1")" "$1" >> "/tmp/scn/$1.toml"
 }
 addr_of() { if [[ $1 == a ]]; then echo "$A_IP"; else echo "$B_IP"; fi; }
 # owner: the head etcd names as group 1's owner.
@@ -75,26 +48,11 @@ owner() { etcdctl --endpoints=127.0.0.1:2379 get --print-value-only /p2pnvmf/ana
 other() { if [[ $1 == a ]]; then echo b; else echo a; fi; }
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
-# path_of CTRL, ana_of PATH, ios PATH, wait_ana PATH STATE: as in ana.sh.
-path_of() {
-    local b
-    for b in /sys/block/nvme*c*n*; do
-        [[ -e $b && $(cat "$b/uuid" 2>/dev/null) == "$UUID" && $(readlink -f "$b/device") == */$1 ]] && { echo "${b##*/}"; return; }
-    done
-    die "no path of $UUID on $1"
-}
-ana_of() { cat "/sys/block/$1/ana_state"; }
-ios() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
-wait_ana() {
-    local i
-    for i in $(seq 300); do [[ $(ana_of "$1") == "$2" ]] && return 0; sleep 0.05; done
-    die "path $1 is '$(ana_of "$1")', not '$2', 15 s on"
-}
 # log_state CTRL: group 1's state in the ANA log page the head behind CTRL returns now.
 log_state() { nvme ana-log "/dev/$1" 2>/dev/null | awk 'tolower($0) ~ /state/ && match($0, /non-optimized|optimized|inaccessible|persistent-loss|change/) { print substr($0, RSTART, RLENGTH); exit }' || true; }
 
-head_config a "$A_IP" 1
-head_config b "$B_IP" 1001
+cluster_config a "$A_IP" 1
+cluster_config b "$B_IP" 1001
 start_head a /tmp/scn/a.toml "$A_IP" 4420
 for i in $(seq 100); do [[ $(owner) == a ]] && break; sleep 0.1; done
 [[ $(owner) == a ]] || die "head A did not take group 1"
@@ -131,7 +89,7 @@ for t in tcp rdma; do
     done
     sleep 0.5
     for h in a b; do P[$h]=$(path_of "${C[$h]}"); done
-    head=$(for b in /sys/block/nvme*n*; do [[ ${b##*/} =~ ^nvme[0-9]+n[0-9]+$ && $(cat "$b/uuid") == "$UUID" ]] && echo "${b##*/}"; done)
+    head=$(head_dev)
     o=$(owner)
     wait_ana "${P[$o]}" optimized; wait_ana "${P[$(other "$o")]}" non-optimized
     nvme list-subsys "/dev/$head"
@@ -200,3 +158,32 @@ for t in tcp rdma; do
     stop_verify "$fio_pid" "across the partitions"
     nvme disconnect -n "$NQN" >/dev/null || die "disconnect $NQN"
 done
+
+step "reservations across heads (nvme_core multipath=N: a block device per controller)"
+HOST2NQN=nqn.2014-08.org.nvmexpress:uuid:3a5c7e91-2b4d-4f60-8a1c-9e0d2f3b4c5d
+HOST2ID=3a5c7e91-2b4d-4f60-8a1c-9e0d2f3b4c5d
+modprobe -r nvme_tcp nvme_rdma nvme_fabrics nvme_core || die "unloading the host's nvme modules"
+modprobe nvme_core multipath=N && modprobe nvme_tcp && modprobe nvme_rdma || die "reloading nvme_core multipath=N"
+c1=$(TARGET_ADDR=$A_IP nvme_connect_ctrl tcp 4420 "$NQN")
+c2=$(TARGET_ADDR=$B_IP nvme_connect_ctrl tcp 4420 "$NQN" --hostnqn="$HOST2NQN" --hostid="$HOST2ID")
+for _ in $(seq 50); do [[ -n $(ns_dev "$c1" 1) && -n $(ns_dev "$c2" 1) ]] && break; sleep 0.1; done
+d1=$(ns_dev "$c1" 1); d2=$(ns_dev "$c2" 1)
+echo "host 1: $c1 ($d1) to head A; host 2: $c2 ($d2) to head B"
+resv register "$d1" --nrkey=0xa1 --rrega=0
+resv acquire "$d1" --crkey=0xa1 --rtype=1 --racqa=0
+resv register "$d2" --nrkey=0xb2 --rrega=0
+nvme resv-report "$d2" --eds | tee /tmp/report.txt
+grep -q "rtype *: 1" /tmp/report.txt || die "head B does not report host 1's Write Exclusive"
+[[ $(may read "$d2") == yes ]] || die "host 2 may not read through head B"
+[[ $(may write "$d2") == no ]] || die "host 2 wrote through head B despite host 1's Write Exclusive (taken through A)"
+[[ $(may write "$d1") == yes ]] || die "host 1 may not write through head A"
+grep -q "reservation changed by another head" /tmp/scn/b.log || die "head B did not take the change from etcd"
+step "head A dies; host 2 preempts host 1 through head B"
+kill_head a
+resv acquire "$d2" --crkey=0xb2 --prkey=0xa1 --rtype=1 --racqa=1
+nvme resv-report "$d2" --eds | tee /tmp/report.txt
+[[ $(grep -c "rkey" /tmp/report.txt) -eq 1 ]] || die "host 1's registration survived the preempt"
+[[ $(may write "$d2") == yes ]] || die "host 2 may not write after its preempt"
+echo "host 2 holds the reservation through head B after head A died"
+etcdctl --endpoints=127.0.0.1:2379 get --prefix /p2pnvmf/resv/ --print-value-only | head -n 20
+nvme disconnect -n "$NQN" >/dev/null || die "disconnect $NQN"

@@ -72,20 +72,6 @@ attach() {
 }
 # report DEV: nvme resv-report --eds, the lines blktests nvme/054 compares.
 report() { nvme resv-report "$1" --eds | grep -v hostid | grep -E "gen|rtype|regctl|regctlext|cntlid|rcsts|rkey"; }
-resv() { local cmd=$1; shift; nvme "resv-$cmd" "$@" >/dev/null || die "nvme resv-$cmd $* failed"; }
-# may OP DEV: whether this host's 4 KiB direct read/write at block 64 of DEV succeeds; a refusal
-# must be the block layer's reservation conflict (EBADE).
-may() {
-    local out rc=0
-    if [[ $1 == read ]]; then
-        out=$(dd if="$2" of=/dev/null bs=4k skip=64 count=1 iflag=direct 2>&1) || rc=$?
-    else
-        out=$(dd if=/dev/zero of="$2" bs=4k seek=64 count=1 oflag=direct conv=notrunc 2>&1) || rc=$?
-    fi
-    if [[ $rc -eq 0 ]]; then echo yes; return; fi
-    grep -q "Invalid exchange" <<<"$out" || die "$1 on $2 failed otherwise than with a reservation conflict: $out"
-    echo no
-}
 
 step "blktests nvme/054's sequence over NVMe/RDMA, compared with the kernel target's output (054.out)"
 mkdir -p /tmp/bt && tar xzf "$BLKTESTS_TAR" -C /tmp/bt blktests/tests/nvme/054.out || die "054.out from $BLKTESTS_TAR"
