@@ -20,8 +20,9 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
     Txn, TxnOp, WatchOptions, WatchStream,
 };
-use p2pnvmf_nvmf::Target;
 use p2pnvmf_nvmf::ana::State;
+use p2pnvmf_nvmf::discovery::PeerPort;
+use p2pnvmf_nvmf::{Target, TrType};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tracing::{info, warn};
@@ -77,6 +78,7 @@ impl Cluster {
             shown: shown.clone(),
             endpoint: 0,
             shared,
+            peers: BTreeMap::new(),
         };
         let task = tokio::spawn(head.run(stopped));
         Cluster { cfg: cfg.clone(), groups, target, shown, stop, task: Mutex::new(Some(task)) }
@@ -129,6 +131,8 @@ struct Head {
     /// The etcd member last talked to (index into the endpoints).
     endpoint: usize,
     shared: Arc<Shared>,
+    /// Other heads' listeners, by head (their registration keys).
+    peers: BTreeMap<String, Vec<PeerPort>>,
 }
 
 /// Why a connection to etcd was given up (the lease may still be valid: the head reconnects).
@@ -144,9 +148,32 @@ impl Head {
         rest.strip_suffix("/owner")?.parse().ok()
     }
 
+    /// A head's listener registration (`None`: the head is gone): kept for the discovery log.
+    /// False when `key` is no head's.
+    fn peer(&mut self, key: &[u8], value: Option<&[u8]>) -> bool {
+        let heads = format!("{}/heads/", self.cfg.prefix);
+        let Some(name) = std::str::from_utf8(key).ok().and_then(|k| k.strip_prefix(&heads)) else { return false };
+        if name == self.cfg.name {
+            return true;
+        }
+        match value {
+            Some(v) => {
+                let ports = parse_listeners(name, &String::from_utf8_lossy(v));
+                info!(head = name, listeners = ports.len(), "cluster: head's listeners registered");
+                self.peers.insert(name.to_string(), ports);
+            }
+            None => {
+                info!(head = name, "cluster: head gone (its lease ended)");
+                self.peers.remove(name);
+            }
+        }
+        true
+    }
+
     /// Sets every group's state from what this head knows: Inaccessible without a valid lease,
     /// Optimized where it owns the group, `standby` elsewhere.
     fn apply(&self) {
+        self.target.set_peers(self.peers.values().flatten().cloned().collect());
         for &g in &self.groups {
             let state = match self.lease {
                 None => State::Inaccessible,
@@ -262,18 +289,28 @@ impl Head {
         };
         let (mut keeper, mut renewals): (LeaseKeeper, LeaseKeepAliveStream) =
             timed(client.lease_keep_alive(lease.id)).await?.map_err(failed("lease keep-alive"))?;
-        // Owners and reservations, read at one revision and watched from the next.
+        // This head's listeners, for the other heads' discovery logs (gone with the lease).
+        let me = format!("{}/heads/{}", self.cfg.prefix, self.cfg.name);
+        let listeners = listeners_text(&self.target);
+        timed(client.put(me, listeners, Some(PutOptions::new().with_lease(lease.id))))
+            .await?
+            .map_err(failed("registering the listeners"))?;
+        // Owners, reservations and heads, read at one revision and watched from the next.
         let prefix = format!("{}/", self.cfg.prefix);
         let r = timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
             .await?
             .map_err(failed("reading the cluster's state"))?;
         let rev = r.header().map_or(0, |h| h.revision());
         self.owners.clear();
+        self.peers.clear();
         for kv in r.kvs() {
             if let Ok(key) = kv.key_str()
                 && key.starts_with(&self.shared.resv_prefix())
             {
                 self.shared.observed(&self.target, key, Some(kv.value()), kv.mod_revision(), false);
+                continue;
+            }
+            if self.peer(kv.key(), Some(kv.value())) {
                 continue;
             }
             let (Some(g), Ok(owner)) = (self.group_of(kv.key()), kv.value_str()) else { continue };
@@ -328,6 +365,9 @@ impl Head {
                         {
                             let value = (ev.event_type() == EventType::Put).then(|| kv.value());
                             self.shared.observed(&self.target, key, value, kv.mod_revision(), true);
+                            continue;
+                        }
+                        if self.peer(kv.key(), (ev.event_type() == EventType::Put).then(|| kv.value())) {
                             continue;
                         }
                         let Some(g) = self.group_of(kv.key()) else { continue };
@@ -409,6 +449,55 @@ async fn connect(endpoints: Vec<String>, from: usize, opts: ConnectOptions) -> R
     Err(format!("no etcd member answers: {}", why.join("; ")))
 }
 
+/// This head's listeners and the subsystems on each, as other heads read them: a line per
+/// listener, `port ID TRANSPORT ADDRESS SERVICE`, then `subsystem ID NQN` lines (tabs apart).
+fn listeners_text(target: &Target) -> String {
+    let subsystems = target.subsystems();
+    let mut s = String::new();
+    for p in &target.ports {
+        s += &format!("port\t{}\t{}\t{}\t{}\n", p.id, p.trtype.as_str(), p.traddr, p.trsvcid);
+        for sub in subsystems.iter().filter(|sub| sub.on_port(p.id)) {
+            s += &format!("subsystem\t{}\t{}\n", p.id, sub.nqn);
+        }
+    }
+    s
+}
+
+/// Another head's listeners from their text. Port IDs are the head's own, moved into a range of
+/// its name's (IDs are per subsystem port; the heads' own ones all start at 1).
+fn parse_listeners(head: &str, text: &str) -> Vec<PeerPort> {
+    let base = 0x8000 | (u16::from(head.bytes().fold(0u8, |h, b| h.wrapping_mul(31).wrapping_add(b)) & 0x7f) << 8);
+    let mut ports: Vec<PeerPort> = Vec::new();
+    for line in text.lines() {
+        match line.split('\t').collect::<Vec<_>>()[..] {
+            ["port", id, t, addr, svc] => {
+                let trtype = match t {
+                    "tcp" => TrType::Tcp,
+                    "rdma" => TrType::Rdma,
+                    _ => continue,
+                };
+                let Ok(id) = id.parse::<u16>() else { continue };
+                ports.push(PeerPort {
+                    head: head.into(),
+                    portid: base | (id & 0xff),
+                    trtype,
+                    traddr: addr.into(),
+                    trsvcid: svc.into(),
+                    subsystems: Vec::new(),
+                });
+            }
+            ["subsystem", id, nqn] => {
+                let Ok(id) = id.parse::<u16>() else { continue };
+                if let Some(p) = ports.iter_mut().find(|p| p.portid == base | (id & 0xff)) {
+                    p.subsystems.push(nqn.into());
+                }
+            }
+            _ => {}
+        }
+    }
+    ports
+}
+
 /// An etcd error as the reason a connection was given up.
 pub(crate) fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> Broken {
     move |e| format!("{what}: {e}")
@@ -423,5 +512,35 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2pnvmf_nvmf::{Port, Subsystem, TransportParams};
+
+    #[test]
+    fn a_heads_listeners_read_back_as_peer_ports() {
+        let params = TransportParams { ioccsz: 4, max_xfer: 4096, msdbd: 1, keyed_sgls: false };
+        let port = |id, trtype, svc: &str| Port { id, trtype, traddr: "10.0.2.16".into(), trsvcid: svc.into(), params };
+        let mut only_tcp = Subsystem::open("nqn.x:b", Vec::new());
+        only_tcp.ports = Some(vec![1]);
+        let t = Target::new(
+            vec![Arc::new(Subsystem::open("nqn.x:a b", Vec::new())), Arc::new(only_tcp)],
+            vec![port(1, TrType::Tcp, "4420"), port(2, TrType::Rdma, "4421")],
+        );
+        let peers = parse_listeners("head-b", &listeners_text(&t));
+        let got: Vec<_> =
+            peers.iter().map(|p| (p.portid & 0xff, p.trtype, p.trsvcid.as_str(), p.subsystems.clone())).collect();
+        assert_eq!(
+            got,
+            [
+                (1, TrType::Tcp, "4420", vec!["nqn.x:a b".to_string(), "nqn.x:b".to_string()]),
+                (2, TrType::Rdma, "4421", vec!["nqn.x:a b".to_string()]),
+            ]
+        );
+        assert!(peers.iter().all(|p| p.portid & 0x8000 != 0 && p.head == "head-b"));
+        assert!(parse_listeners("x", "port\tz\ttcp\ta\t1\nnonsense\nport\t1\tfc\ta\t1\n").is_empty());
     }
 }

@@ -199,9 +199,10 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     put_str(&mut page[24..64], model, b' ');
     put_str(&mut page[64..72], FIRMWARE_REVISION, b' ');
     page[72] = 6; // RAB
-    // CMIC: several ports (listeners) and several controllers (heads) reach the subsystem,
-    // which reports ANA.
-    page[76] = 1 | 1 << 1 | 1 << 3;
+    // CMIC: several ports (listeners) and several controllers (heads) reach the subsystem;
+    // an NVM subsystem reports ANA (a discovery controller has no namespaces: a host checks
+    // MNAN against NN when CMIC says ANA).
+    page[76] = 1 | 1 << 1 | if ctrl.is_discovery() { 0 } else { 1 << 3 };
     let params = ctrl.port.params;
     // MDTS in units of the 4 KiB minimum page size, as a power of two.
     page[77] = (params.max_xfer / 4096).max(1).ilog2() as u8;
@@ -215,11 +216,6 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
     page[261] = 1 << 1 | 1 << 2; // LPA: command effects log, extended data for Get Log Page
     page[263] = 0; // NPSS
     put16(page, 320, 10); // KAS: keep-alive granularity 10 × 100 ms
-    page[342] = ana::TRANSITION_SECS; // ANATT
-    // ANACAP: every state reported; a reload may move a namespace to another group.
-    page[343] = 0b1_1111;
-    put32(page, 344, ana::MAX_GROUPS); // ANAGRPMAX
-    put32(page, 348, ana::MAX_GROUPS); // NANAGRPID
     page[512] = 6 << 4 | 6; // SQES
     page[513] = 4 << 4 | 4; // CQES
     put16(page, 514, ctrl.limits().queue_entries); // MAXCMD
@@ -232,6 +228,11 @@ fn identify_controller(ctrl: &Controller, page: &mut [u8; PAGE]) {
         put16(page, 520, 1 | dsm_wz | 1 << 5); // ... and Reservations
         page[525] = s.namespaces.iter().any(|n| n.backend.volatile_write_cache()).into(); // VWC
         put32(page, 540, ana::MAX_NAMESPACES); // MNAN
+        page[342] = ana::TRANSITION_SECS; // ANATT
+        // ANACAP: every state reported; a reload may move a namespace to another group.
+        page[343] = 0b1_1111;
+        put32(page, 344, ana::MAX_GROUPS); // ANAGRPMAX
+        put32(page, 348, ana::MAX_GROUPS); // NANAGRPID
     }
     // SGLS: supported; keyed data blocks (bit 2) on RDMA; offsets in SGL data blocks (bit 20).
     let keyed = if params.keyed_sgls { 1 << 2 } else { 0 };

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use crate::Status;
 use crate::ana;
 use crate::ctrl::{Controller, Limits, Who};
+use crate::discovery::PeerPort;
 use crate::subsystem::{CNTLIDS, DISCOVERY_NQN, Port, Subsystem};
 use crate::wire::{ConnectData, get_str};
 
@@ -61,6 +62,8 @@ pub struct Target {
     pub limits: Limits,
     /// This head's ANA groups, whose states its namespaces report.
     pub ana: Arc<ana::Groups>,
+    /// Other heads' listeners (from the cluster), listed in the discovery log too.
+    peers: RwLock<Vec<PeerPort>>,
 }
 
 impl Target {
@@ -79,6 +82,7 @@ impl Target {
             p2p: std::sync::OnceLock::new(),
             limits,
             ana,
+            peers: RwLock::default(),
         })
     }
 
@@ -154,11 +158,31 @@ impl Target {
                 Some(_) => {}
             }
         }
+        self.discovery_changed(&format!("{} subsystem(s)", subsystems.len()));
+    }
+
+    /// The discovery log changed: its generation moves on and discovery controllers get a
+    /// Discovery Log Page Change notice.
+    fn discovery_changed(&self, why: &str) {
         let generation = self.genctr.fetch_add(1, Ordering::Relaxed) + 1;
-        info!(generation, subsystems = subsystems.len(), "discovery log changed");
-        for c in ctrls.iter().filter(|c| c.is_discovery()) {
+        info!(generation, "discovery log changed: {why}");
+        for c in self.controllers().iter().filter(|c| c.is_discovery()) {
             c.notify(crate::ctrl::AEN_DISCOVERY_LOG_CHANGE);
         }
+    }
+
+    /// The listeners other heads serve now (the cluster's view); a change reaches discovery
+    /// controllers as a Discovery Log Page Change.
+    pub fn set_peers(&self, peers: Vec<PeerPort>) {
+        let mut cur = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if *cur == peers {
+            return;
+        }
+        let heads: std::collections::BTreeSet<&str> = peers.iter().map(|p| p.head.as_str()).collect();
+        let why = format!("peer heads {heads:?}, {} listener(s)", peers.len());
+        *cur = peers;
+        drop(cur);
+        self.discovery_changed(&why);
     }
 
     pub fn port(&self, id: u16) -> Option<&Port> {
@@ -328,6 +352,14 @@ impl Target {
 
     /// The discovery log page for `hostnqn`, as it stands now.
     pub fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
-        crate::discovery::log(&self.subsystems(), &self.ports, hostnqn, self.generation(), self.limits.queue_entries)
+        let peers = self.peers.read().unwrap_or_else(|e| e.into_inner()).clone();
+        crate::discovery::log(
+            &self.subsystems(),
+            &self.ports,
+            &peers,
+            hostnqn,
+            self.generation(),
+            self.limits.queue_entries,
+        )
     }
 }

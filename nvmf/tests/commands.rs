@@ -1008,6 +1008,11 @@ async fn ana_states_reach_identify_the_log_page_events_and_the_io_path() {
     assert_eq!(le32(&id, 92) & 1 << 11, 1 << 11, "OAES: ANA change notices");
     assert_eq!((id[342], id[343]), (10, 0b1_1111), "ANATT, ANACAP");
     assert_eq!((le32(&id, 344), le32(&id, 348), le32(&id, 540)), (128, 128, 1024), "ANAGRPMAX, NANAGRPID, MNAN");
+    // A discovery controller has no namespaces and says no ANA (a host would check its MNAN).
+    let (mut disc, _) = admin(&t, 1, p2pnvmf_nvmf::DISCOVERY_NQN);
+    let mut did = vec![0u8; 4096];
+    done(exec(&mut disc, &identify, &mut did));
+    assert_eq!((did[76] & 1 << 3, le32(&did, 540)), (0, 0), "discovery: CMIC without ANA, MNAN 0");
     (identify.cdw10, identify.nsid) = (0.into(), 1.into());
     done(exec(&mut a, &identify, &mut id));
     assert_eq!(le32(&id, 92), 3, "ANAGRPID");

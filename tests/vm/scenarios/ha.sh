@@ -65,6 +65,14 @@ done
 echo "$status" | sed -n '/^cluster/,/^controllers/p'
 grep -q "ANA group 1   owner a            here non-optimized" <<<"$status" || die "head B's status does not name A the owner"
 
+# entries ADDR: the discovery log records head ADDR's discovery controller (TCP 4420) returns.
+entries() { nvme discover -t tcp -a "$1" -s 4420 $(nvme_host_args) | grep -c "^=====Discovery Log Entry"; }
+step "discovery: each head lists both heads' listeners and refers to the other's discovery service"
+nvme discover -t tcp -a "$A_IP" -s 4420 $(nvme_host_args) | tee /tmp/disc.txt | grep -E "^(=====|trtype|subtype|traddr|trsvcid|subnqn)"
+# A's two listeners, B's two, a referral to each of B's.
+[[ $(entries "$A_IP") == 6 && $(entries "$B_IP") == 6 ]] || die "a head's discovery log does not list both heads (A: $(entries "$A_IP"), B: $(entries "$B_IP") records)"
+grep -q "traddr: *$B_IP" /tmp/disc.txt || die "head A's discovery log lacks head B's address"
+
 # verify_loop DEV: fio verify rounds until /tmp/stop-fio exists; a failed round leaves
 # /tmp/fio.fail.
 verify_loop() {
@@ -185,5 +193,8 @@ nvme resv-report "$d2" --eds | tee /tmp/report.txt
 [[ $(grep -c "rkey" /tmp/report.txt) -eq 1 ]] || die "host 1's registration survived the preempt"
 [[ $(may write "$d2") == yes ]] || die "host 2 may not write after its preempt"
 echo "host 2 holds the reservation through head B after head A died"
+for _ in $(seq 100); do [[ $(entries "$B_IP") == 2 ]] && break; sleep 0.1; done
+[[ $(entries "$B_IP") == 2 ]] || die "head B's discovery log still lists head A $(entries "$B_IP") records"
+echo "head B's discovery log: its own 2 listeners once head A's lease ended"
 etcdctl --endpoints=127.0.0.1:2379 get --prefix /p2pnvmf/resv/ --print-value-only | head -n 20
 nvme disconnect -n "$NQN" >/dev/null || die "disconnect $NQN"
