@@ -22,6 +22,12 @@ pub enum Ask {
     Status(oneshot::Sender<Value>),
     /// Ok: what the reload changed; Err: why it was refused.
     Reload(oneshot::Sender<Result<String, String>>),
+    /// A planned move of an ANA group to another head (`p2pnvmf ana move`).
+    AnaMove {
+        group: u32,
+        to: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
 }
 
 /// Creates the socket at `path`, taking over a stale one (nobody answers) but never a live
@@ -67,7 +73,7 @@ async fn answer(stream: UnixStream, asks: mpsc::Sender<Ask>) {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     // One short line: a client cannot make the target buffer more.
-    if BufReader::new(rd.take(64)).read_line(&mut line).await.is_err() {
+    if BufReader::new(rd.take(128)).read_line(&mut line).await.is_err() {
         return;
     }
     let answer = match line.trim() {
@@ -89,7 +95,24 @@ async fn answer(stream: UnixStream, asks: mpsc::Sender<Ask>) {
                 Err(why) => json!({"reloaded": false, "message": why}),
             }
         }
-        other => json!({"error": format!("unknown request '{other}': status or reload")}),
+        other if other.starts_with("ana-move ") => {
+            let mut w = other.split_whitespace().skip(1);
+            match (w.next().and_then(|g| g.parse().ok()), w.next(), w.next()) {
+                (Some(group), Some(to), None) => {
+                    let (tx, rx) = oneshot::channel();
+                    let r = match asks.send(Ask::AnaMove { group, to: to.to_string(), reply: tx }).await {
+                        Ok(()) => rx.await.unwrap_or_else(|_| Err("the target is stopping".into())),
+                        Err(_) => Err("the target is stopping".into()),
+                    };
+                    match r {
+                        Ok(what) => json!({"moved": true, "message": what}),
+                        Err(why) => json!({"moved": false, "message": why}),
+                    }
+                }
+                _ => json!({"error": "ana-move takes a group number and a head name"}),
+            }
+        }
+        other => json!({"error": format!("unknown request '{other}': status, reload or ana-move")}),
     };
     let _ = wr.write_all(format!("{answer}\n").as_bytes()).await;
 }

@@ -43,6 +43,11 @@ enum Command {
         #[arg(long, default_value = admin_socket::DEFAULT_PATH)]
         socket: PathBuf,
     },
+    /// ANA groups of a cluster of heads.
+    Ana {
+        #[command(subcommand)]
+        command: AnaCommand,
+    },
     /// Validate a configuration file without serving.
     CheckConfig { file: PathBuf },
     /// Turn a kernel nvmet configuration saved by `nvmetcli save` (JSON) into p2pnvmf's
@@ -62,6 +67,18 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AnaCommand {
+    /// Move ANA group GROUP to head HEAD while I/O runs: the owner reports Change and hands the
+    /// group over, HEAD takes it and reports Optimized; prints how long it took.
+    Move {
+        group: u32,
+        head: String,
+        #[arg(long, default_value = admin_socket::DEFAULT_PATH)]
+        socket: PathBuf,
     },
 }
 
@@ -90,6 +107,15 @@ fn main() -> anyhow::Result<()> {
         Command::Status { socket, json } => {
             let v = admin_socket::ask(&socket, "status")?;
             print!("{}", if json { format!("{v:#}\n") } else { admin_socket::render(&v) });
+            Ok(())
+        }
+        Command::Ana { command: AnaCommand::Move { group, head, socket } } => {
+            let v = admin_socket::ask(&socket, &format!("ana-move {group} {head}"))?;
+            let message = v["message"].as_str().unwrap_or_default();
+            if v["moved"].as_bool() != Some(true) {
+                anyhow::bail!("move refused: {message}");
+            }
+            println!("{message}");
             Ok(())
         }
         Command::Reload { socket } => {

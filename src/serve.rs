@@ -527,6 +527,23 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
                 Ask::Reload(reply) => {
                     let _ = reply.send(reload_notified("admin socket", &mut cfg, &mut live));
                 }
+                Ask::AnaMove { group, to, reply } => match &cluster {
+                    Some(c) => {
+                        info!(group, to, "planned move asked for");
+                        let moving = c.move_group(group, to);
+                        tokio::spawn(async move {
+                            let r = moving.await;
+                            match &r {
+                                Ok(what) => info!("planned move: {what}"),
+                                Err(why) => warn!("planned move: {why}"),
+                            }
+                            let _ = reply.send(r);
+                        });
+                    }
+                    None => {
+                        let _ = reply.send(Err("no [cluster]: ANA states come from [ana] groups (change them by reload)".into()));
+                    }
+                },
             },
         }
     }

@@ -29,6 +29,8 @@ use tracing::{info, warn};
 
 /// How long one etcd request may take before the connection counts as broken.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a planned move may take before it is withdrawn.
+pub const MOVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Between attempts to reach etcd.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -79,6 +81,7 @@ impl Cluster {
             endpoint: 0,
             shared,
             peers: BTreeMap::new(),
+            moves: BTreeMap::new(),
         };
         let task = tokio::spawn(head.run(stopped));
         Cluster { cfg: cfg.clone(), groups, target, shown, stop, task: Mutex::new(Some(task)) }
@@ -91,6 +94,60 @@ impl Cluster {
         let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(t) = task {
             let _ = t.await;
+        }
+    }
+
+    /// Moves group `group` to head `to` (`p2pnvmf ana move`): a move key under a lease of its
+    /// own names `to`; the owner goes to Change and hands the group over, `to` takes it, the
+    /// others stand aside. Waits until `to` owns it (or gives up after [`MOVE_TIMEOUT`],
+    /// withdrawing the move), then removes the key. Runs on a connection of its own.
+    pub fn move_group(
+        &self,
+        group: u32,
+        to: String,
+    ) -> impl std::future::Future<Output = Result<String, String>> + Send + 'static {
+        let cfg = self.cfg.clone();
+        async move {
+            let opts = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT).with_timeout(REQUEST_TIMEOUT);
+            let (mut c, _) = connect(cfg.etcd.clone(), 0, opts).await?;
+            let get = |c: &mut Client, key: String| {
+                let mut c = c.clone();
+                async move {
+                    let r = timed(c.get(key, None)).await?.map_err(failed("reading"))?;
+                    Ok::<_, Broken>(r.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+                }
+            };
+            let owner_key = format!("{}/ana/{group}/owner", cfg.prefix);
+            if get(&mut c, format!("{}/heads/{to}", cfg.prefix)).await?.is_none() {
+                return Err(format!("no live head named '{to}' in the cluster"));
+            }
+            let from = get(&mut c, owner_key.clone()).await?;
+            if from.as_deref() == Some(to.as_str()) {
+                return Ok(format!("group {group} is {to}'s already"));
+            }
+            let t0 = Instant::now();
+            let lease =
+                timed(c.lease_grant(MOVE_TIMEOUT.as_secs() as i64 * 2, None)).await?.map_err(failed("lease grant"))?;
+            let move_key = format!("{}/ana/{group}/move", cfg.prefix);
+            timed(c.put(move_key.clone(), to.clone(), Some(PutOptions::new().with_lease(lease.id()))))
+                .await?
+                .map_err(failed("writing the move"))?;
+            let mut moved = false;
+            while t0.elapsed() < MOVE_TIMEOUT {
+                if get(&mut c, owner_key.clone()).await?.as_deref() == Some(to.as_str()) {
+                    moved = true;
+                    break;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+            let _ = timed(c.lease_revoke(lease.id())).await;
+            let was = from.unwrap_or_else(|| "nobody".into());
+            match moved {
+                true => Ok(format!("group {group} moved from {was} to {to} in {} ms", t0.elapsed().as_millis())),
+                false => Err(format!(
+                    "group {group}: {to} did not take it from {was} in {MOVE_TIMEOUT:?}; the move is withdrawn"
+                )),
+            }
         }
     }
 
@@ -133,6 +190,8 @@ struct Head {
     shared: Arc<Shared>,
     /// Other heads' listeners, by head (their registration keys).
     peers: BTreeMap<String, Vec<PeerPort>>,
+    /// Planned moves under way: group → the head it goes to (`ana move`).
+    moves: BTreeMap<u32, String>,
 }
 
 /// Why a connection to etcd was given up (the lease may still be valid: the head reconnects).
@@ -146,6 +205,42 @@ impl Head {
     fn group_of(&self, key: &[u8]) -> Option<u32> {
         let rest = std::str::from_utf8(key).ok()?.strip_prefix(&format!("{}/ana/", self.cfg.prefix))?;
         rest.strip_suffix("/owner")?.parse().ok()
+    }
+
+    /// A planned move's key (`PREFIX/ana/G/move` = the head the group goes to): kept, and where
+    /// this head owns the group, handed over. False when `key` is no move's.
+    async fn planned(&mut self, client: &mut Client, key: &[u8], value: Option<&[u8]>) -> Result<bool, Broken> {
+        let Some(g) = self.move_group_of(key) else { return Ok(false) };
+        let Some(to) = value.map(|v| String::from_utf8_lossy(v).into_owned()) else {
+            self.moves.remove(&g);
+            return Ok(true);
+        };
+        info!(group = g, to, "cluster: planned move");
+        self.moves.insert(g, to.clone());
+        if to != self.cfg.name && self.owners.get(&g) == Some(&self.cfg.name) {
+            self.hand_over(client, g).await?;
+        }
+        Ok(true)
+    }
+
+    /// Gives group `g` up for a planned move: Change here first (hosts hold their I/O for the
+    /// transition instead of failing over), then the owner key deleted while it is still this
+    /// lease's; the head named by the move takes it, others stand aside.
+    async fn hand_over(&mut self, client: &mut Client, g: u32) -> Result<(), Broken> {
+        let Some(lease) = self.lease else { return Ok(()) };
+        self.target.set_ana_state(g, State::Change);
+        let key = self.owner_key(g);
+        let txn = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, lease.id)])
+            .and_then([TxnOp::delete(key, None)]);
+        timed(client.txn(txn)).await?.map_err(|e| format!("handing group {g} over: {e}"))?;
+        info!(group = g, to = self.moves.get(&g).map(String::as_str), "cluster: group handed over");
+        Ok(())
+    }
+
+    fn move_group_of(&self, key: &[u8]) -> Option<u32> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&format!("{}/ana/", self.cfg.prefix))?;
+        rest.strip_suffix("/move")?.parse().ok()
     }
 
     /// A head's listener registration (`None`: the head is gone): kept for the discovery log.
@@ -303,6 +398,7 @@ impl Head {
         let rev = r.header().map_or(0, |h| h.revision());
         self.owners.clear();
         self.peers.clear();
+        self.moves.clear();
         for kv in r.kvs() {
             if let Ok(key) = kv.key_str()
                 && key.starts_with(&self.shared.resv_prefix())
@@ -311,6 +407,10 @@ impl Head {
                 continue;
             }
             if self.peer(kv.key(), Some(kv.value())) {
+                continue;
+            }
+            if let Some(g) = self.move_group_of(kv.key()) {
+                self.moves.insert(g, String::from_utf8_lossy(kv.value()).into_owned());
                 continue;
             }
             let (Some(g), Ok(owner)) = (self.group_of(kv.key()), kv.value_str()) else { continue };
@@ -367,7 +467,15 @@ impl Head {
                             self.shared.observed(&self.target, key, value, kv.mod_revision(), true);
                             continue;
                         }
-                        if self.peer(kv.key(), (ev.event_type() == EventType::Put).then(|| kv.value())) {
+                        let value = (ev.event_type() == EventType::Put).then(|| kv.value());
+                        if self.peer(kv.key(), value) {
+                            continue;
+                        }
+                        if self.planned(&mut client, kv.key(), value).await? {
+                            // A move withdrawn (or done) may leave a group free for anyone.
+                            if value.is_none() && let Some(g) = self.move_group_of(kv.key()) {
+                                free.push(g);
+                            }
                             continue;
                         }
                         let Some(g) = self.group_of(kv.key()) else { continue };
@@ -407,6 +515,9 @@ impl Head {
     /// Takes group `g` if nobody owns it: its owner key created under this head's lease.
     async fn campaign(&mut self, client: &mut Client, g: u32) -> Result<(), Broken> {
         let Some(lease) = self.lease else { return Ok(()) };
+        if self.owners.contains_key(&g) || self.moves.get(&g).is_some_and(|to| *to != self.cfg.name) {
+            return Ok(());
+        }
         let key = self.owner_key(g);
         let txn = Txn::new()
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])

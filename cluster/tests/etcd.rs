@@ -360,3 +360,47 @@ async fn a_reservation_made_through_one_head_fences_on_the_other() {
     b.stop().await;
     c.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_move_hands_the_group_to_the_named_head_and_back() {
+    let etcd = Etcd::start(1);
+    let url = vec![format!("http://{}", etcd.client_addr(0))];
+    let (ta, a) = head("a", url.clone(), 5);
+    until("a owns group 1", Duration::from_secs(10), || state(&ta, 1) == State::Optimized).await;
+    let (tb, b) = head("b", url, 5);
+    until("b stands by", Duration::from_secs(10), || state(&tb, 1) == State::NonOptimized).await;
+    assert!(a.move_group(1, "c".into()).await.unwrap_err().contains("no live head named 'c'"));
+
+    let (sa, sb) = (ta.clone(), tb.clone());
+    let sampler = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(3) {
+            let s = (state(&sa, 1), state(&sb, 1));
+            if seen.last() != Some(&s) {
+                seen.push(s);
+            }
+            sleep(Duration::from_micros(200)).await;
+        }
+        seen
+    });
+    // Asked through the head that gives the group up, then back through the other.
+    let moved = a.move_group(1, "b".into()).await.expect("moved to b");
+    eprintln!("{moved}");
+    assert_eq!((state(&ta, 1), state(&tb, 1)), (State::NonOptimized, State::Optimized));
+    assert_eq!(state(&tb, 2), State::NonOptimized, "group 2 stays a's");
+    let seen = sampler.await.unwrap();
+    eprintln!("states (a, b) as they changed: {seen:?}");
+    assert!(!seen.contains(&(State::Optimized, State::Optimized)), "{seen:?}");
+    assert!(a.move_group(1, "b".into()).await.unwrap().contains("b's already"));
+    let back = b.move_group(1, "a".into()).await.expect("failback to a");
+    eprintln!("{back}");
+    assert_eq!((state(&ta, 1), state(&tb, 1)), (State::Optimized, State::NonOptimized));
+    // The move keys are gone with their lease: a group freed later goes to whoever is first.
+    a.stop().await;
+    until("b takes both groups when a leaves", Duration::from_secs(5), || {
+        state(&tb, 1) == State::Optimized && state(&tb, 2) == State::Optimized
+    })
+    .await;
+    b.stop().await;
+}

@@ -11,6 +11,7 @@
 #              both heads' ANA logs every 50 ms (ana-watch, through the host's passthrough) and
 #              must never see two optimized; the cut head turns inaccessible first (by the
 #              watcher and by both heads' logs on the guest's clock); the link comes back: no flap.
+#   move:      `p2pnvmf ana move` to the other head and back (failback) while fio verifies.
 #   reservations: host 1 through head A holds Write Exclusive; host 2 through head B gets
 #              Reservation Conflict on writes; head A dies; host 2 preempts through head B.
 NQN=nqn.2026-12.io.p2pnvmf:ha
@@ -164,6 +165,24 @@ for t in tcp rdma; do
         [[ $(owner) == "$n" ]] || die "etcd names $(owner) the owner"
     done
     stop_verify "$fio_pid" "across the partitions"
+
+    step "$t: planned move (p2pnvmf ana move) and failback while fio verifies"
+    verify_loop "/dev/$head" &
+    fio_pid=$!
+    sleep 2
+    o=$(owner); n=$(other "$o")
+    c0=$(ios "${P[$n]}")
+    out=$(head_ctl "$o" ana move 1 "$n") || die "ana move 1 $n: $out"
+    echo "$out"
+    wait_ana "${P[$n]}" optimized; wait_ana "${P[$o]}" non-optimized
+    [[ $(owner) == "$n" ]] || die "etcd names $(owner) the owner after the move"
+    sleep 2
+    (( $(ios "${P[$n]}") > c0 )) || die "no I/O through $n after the move"
+    out=$(head_ctl "$n" ana move 1 "$o") || die "ana move 1 $o: $out"
+    echo "failback: $out"
+    wait_ana "${P[$o]}" optimized; wait_ana "${P[$n]}" non-optimized
+    grep -q "from=optimized to=change" "/tmp/scn/$o.log" || die "$o did not report Change while handing the group over"
+    stop_verify "$fio_pid" "across the planned moves"
     nvme disconnect -n "$NQN" >/dev/null || die "disconnect $NQN"
 done
 
