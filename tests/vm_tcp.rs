@@ -94,6 +94,12 @@ fn vm_ha_owner_killed_or_cut_off_from_etcd_io_goes_on() {
 
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_ha_etcd_member_lost_changes_nothing_quorum_lost_fences() {
+    tcp_scenario("ha-quorum", "ha-quorum.sh").timeout(std::time::Duration::from_secs(600)).run_ok();
+}
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
 fn vm_import_nvmetcli_keeps_what_the_host_sees() {
     tcp_scenario("import-nvmetcli", "import-nvmetcli.sh").run_ok();
 }

@@ -445,3 +445,18 @@ may() {
     grep -q "Invalid exchange" <<<"$out" || die "$1 on $2 failed otherwise than with a reservation conflict: $out"
     echo no
 }
+
+# verify_loop DEV: fio verify rounds until /tmp/stop-fio exists; a failed round leaves
+# /tmp/fio.fail.
+verify_loop() {
+    rm -f /tmp/stop-fio /tmp/fio.fail
+    while [[ ! -e /tmp/stop-fio ]]; do
+        fio_verify "$1" 16k 2 64 >>/tmp/scn/fio.log 2>&1 || { touch /tmp/fio.fail; return; }
+    done
+}
+stop_verify() {
+    touch /tmp/stop-fio
+    wait "$1"
+    [[ ! -e /tmp/fio.fail ]] || { tail -n 30 /tmp/scn/fio.log; die "fio verify failed: $2"; }
+    echo "fio: $(grep -c '^fio ' /tmp/scn/fio.log) verify rounds passed so far"
+}

@@ -74,21 +74,6 @@ nvme discover -t tcp -a "$A_IP" -s 4420 $(nvme_host_args) | tee /tmp/disc.txt | 
 [[ $(entries "$A_IP") == 6 && $(entries "$B_IP") == 6 ]] || die "a head's discovery log does not list both heads (A: $(entries "$A_IP"), B: $(entries "$B_IP") records)"
 grep -q "traddr: *$B_IP" /tmp/disc.txt || die "head A's discovery log lacks head B's address"
 
-# verify_loop DEV: fio verify rounds until /tmp/stop-fio exists; a failed round leaves
-# /tmp/fio.fail.
-verify_loop() {
-    rm -f /tmp/stop-fio /tmp/fio.fail
-    while [[ ! -e /tmp/stop-fio ]]; do
-        fio_verify "$1" 16k 2 64 >>/tmp/scn/fio.log 2>&1 || { touch /tmp/fio.fail; return; }
-    done
-}
-stop_verify() {
-    touch /tmp/stop-fio
-    wait "$1"
-    [[ ! -e /tmp/fio.fail ]] || { tail -n 30 /tmp/scn/fio.log; die "fio verify failed: $2"; }
-    echo "fio: $(grep -c '^fio ' /tmp/scn/fio.log) verify rounds passed so far"
-}
-
 for t in tcp rdma; do
     port=$([[ $t == rdma ]] && echo 4421 || echo 4420)
     step "$t: a path to each head; the owner optimized, the other non-optimized"
