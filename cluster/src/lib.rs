@@ -57,7 +57,8 @@ pub struct Cluster {
 
 impl Cluster {
     /// Joins the cluster of `cfg` for `groups` (the ANA groups this head's namespaces are in):
-    /// until this head holds a lease, they are Inaccessible here.
+    /// until this head holds a lease, they are Inaccessible here. Needs a multi-thread runtime
+    /// (reservation state is taken off the worker threads: `block_in_place`).
     /// `shared`: what the namespaces' reservation stores (made from it) share with the session.
     pub fn start(
         cfg: &p2pnvmf_config::Cluster,
@@ -266,13 +267,17 @@ impl Head {
     }
 
     /// Sets every group's state from what this head knows: Inaccessible without a valid lease,
-    /// Optimized where it owns the group, `standby` elsewhere.
+    /// Optimized where it owns the group (Change while handing it over), `standby` elsewhere.
     fn apply(&self) {
         self.target.set_peers(self.peers.values().flatten().cloned().collect());
         for &g in &self.groups {
+            let mine = self.owners.get(&g) == Some(&self.cfg.name);
+            let leaving = self.moves.get(&g).is_some_and(|to| *to != self.cfg.name);
             let state = match self.lease {
                 None => State::Inaccessible,
-                Some(_) if self.owners.get(&g) == Some(&self.cfg.name) => State::Optimized,
+                // Handed over, until etcd says the key is gone: still Change.
+                Some(_) if mine && leaving => State::Change,
+                Some(_) if mine => State::Optimized,
                 Some(_) => self.cfg.standby,
             };
             self.target.set_ana_state(g, state);
@@ -403,7 +408,11 @@ impl Head {
             if let Ok(key) = kv.key_str()
                 && key.starts_with(&self.shared.resv_prefix())
             {
-                self.shared.observed(&self.target, key, Some(kv.value()), kv.mod_revision(), false);
+                // Takes the namespace's lock, which a reservation command may hold: off the
+                // worker thread, so the tasks queued on it run meanwhile.
+                tokio::task::block_in_place(|| {
+                    self.shared.observed(&self.target, key, Some(kv.value()), kv.mod_revision(), false)
+                });
                 continue;
             }
             if self.peer(kv.key(), Some(kv.value())) {
@@ -464,7 +473,9 @@ impl Head {
                             && key.starts_with(&self.shared.resv_prefix())
                         {
                             let value = (ev.event_type() == EventType::Put).then(|| kv.value());
-                            self.shared.observed(&self.target, key, value, kv.mod_revision(), true);
+                            tokio::task::block_in_place(|| {
+                                self.shared.observed(&self.target, key, value, kv.mod_revision(), true)
+                            });
                             continue;
                         }
                         let value = (ev.event_type() == EventType::Put).then(|| kv.value());

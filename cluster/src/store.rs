@@ -175,8 +175,29 @@ impl Store for EtcdStore {
     fn save(&self, state: Option<&State>, notices: &[Notice]) -> Result<(), StoreError> {
         let unavailable = |why: String| StoreError::Unavailable(format!("etcd {}: {why}", self.key));
         let client = self.shared.client.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut client = client.ok_or_else(|| unavailable("not connected".into()))?;
+        let client = client.ok_or_else(|| unavailable("not connected".into()))?;
         let handle = tokio::runtime::Handle::try_current().map_err(|e| unavailable(e.to_string()))?;
+        // The command's queue waits for etcd (reservation commands only, never I/O), and for
+        // another command's transaction on this key: its worker thread (with the tasks queued
+        // on it) is handed over to the runtime meanwhile, so nothing waits behind it.
+        tokio::task::block_in_place(|| self.transact(&handle, client, state, notices))
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+}
+
+impl EtcdStore {
+    /// The transaction on the key's revision as this head saw it, run to its end on `handle`.
+    fn transact(
+        &self,
+        handle: &tokio::runtime::Handle,
+        mut client: Client,
+        state: Option<&State>,
+        notices: &[Notice],
+    ) -> Result<(), StoreError> {
+        let unavailable = |why: String| StoreError::Unavailable(format!("etcd {}: {why}", self.key));
         let mut rev = self.revision.lock().unwrap_or_else(|e| e.into_inner());
         let put = match state {
             Some(st) => TxnOp::put(self.key.clone(), encode(&self.record, st, &self.shared.head, notices), None),
@@ -186,13 +207,10 @@ impl Store for EtcdStore {
             .when([Compare::mod_revision(self.key.clone(), CompareOp::Equal, *rev)])
             .and_then([put])
             .or_else([TxnOp::get(self.key.clone(), None)]);
-        // The command's queue waits for etcd (reservation commands only, never I/O): its
-        // worker thread is handed over to the runtime's other tasks meanwhile.
-        let r = tokio::task::block_in_place(|| {
-            handle.block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await })
-        })
-        .map_err(|_| unavailable(format!("no answer in {REQUEST_TIMEOUT:?}")))?
-        .map_err(|e| unavailable(failed("transaction")(e)))?;
+        let r = handle
+            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, client.txn(txn)).await })
+            .map_err(|_| unavailable(format!("no answer in {REQUEST_TIMEOUT:?}")))?
+            .map_err(|e| unavailable(failed("transaction")(e)))?;
         if r.succeeded() {
             *rev = r.header().map_or(*rev, |h| h.revision());
             return Ok(());
@@ -212,9 +230,5 @@ impl Store for EtcdStore {
                 Err(StoreError::Stale(Some(st)))
             }
         }
-    }
-
-    fn shared(&self) -> bool {
-        true
     }
 }

@@ -501,42 +501,69 @@ impl Reservation {
     }
 
     /// Applies a command's change made by `rule` from the current state: persisted first while
-    /// PTPL is on (or as it turns off), a failure to persist leaving everything as it was.
-    /// Returns the change, and for a Preempt and Abort what to wait for.
+    /// PTPL is on (or as it turns off), a failure to persist leaving everything as it was; in a
+    /// shared store, always. Returns the change, and for a Preempt and Abort what to wait for.
     pub fn apply(
         &self,
         rule: impl Fn(&State, bool) -> Result<Change, Status>,
     ) -> Result<(Change, Option<Drain>), Status> {
-        let mut inner = self.inner();
-        // A shared store may have moved on under another head: the command is applied again
-        // to the state it holds (a few times at most: each retry follows a change made).
-        let mut tries = 0;
-        let change = loop {
-            let change = rule(&inner.state, self.ptpl_capable())?;
-            let Some(store) = &self.store else { break change };
-            let shared = store.shared();
-            if change.state == inner.state || !(shared || change.state.ptpl || inner.state.ptpl) {
-                break change;
-            }
-            let kept = (shared || change.state.ptpl).then_some(&change.state);
-            match store.save(kept, &change.notices) {
-                Ok(()) => break change,
-                Err(StoreError::Stale(newer)) if tries < 8 => {
-                    tries += 1;
-                    inner.state = newer.unwrap_or_default();
-                    self.version.fetch_add(1, Ordering::SeqCst);
-                }
-                Err(StoreError::Unavailable(why)) => {
-                    tracing::warn!("reservation state not kept, command refused (retryable): {why}");
-                    return Err(Status::ANA_TRANSITION);
-                }
-                Err(e) => {
-                    tracing::error!("reservation state not persisted, command refused: {e}");
-                    return Err(Status::INTERNAL_ERROR);
-                }
-            }
+        let store = match &self.store {
+            Some(store) if store.shared() => return self.apply_shared(store.as_ref(), rule),
+            other => other,
         };
+        let mut inner = self.inner();
+        let change = rule(&inner.state, self.ptpl_capable())?;
+        if let Some(store) = store
+            && (change.state.ptpl || inner.state.ptpl)
+            && change.state != inner.state
+        {
+            let kept = change.state.ptpl.then_some(&change.state);
+            store.save(kept, &change.notices).map_err(|e| store_failure(&e))?;
+        }
         inner.state = change.state.clone();
+        Ok(self.commit(&mut inner, change))
+    }
+
+    /// [`Reservation::apply`] with a store other heads share: the state is not held locked
+    /// while the store answers (this head's I/O and the cluster's watch go on); the store's
+    /// transaction on its revision decides between changes, and a change another head made
+    /// first is applied to again (a few times at most: each retry follows a change made).
+    fn apply_shared(
+        &self,
+        store: &dyn Store,
+        rule: impl Fn(&State, bool) -> Result<Change, Status>,
+    ) -> Result<(Change, Option<Drain>), Status> {
+        for _ in 0..8 {
+            let base = self.inner().state.clone();
+            let change = rule(&base, true)?;
+            if change.state != base {
+                match store.save(Some(&change.state), &change.notices) {
+                    Ok(()) => {}
+                    Err(StoreError::Stale(newer)) => {
+                        let mut inner = self.inner();
+                        if inner.state == base {
+                            inner.state = newer.unwrap_or_default();
+                            self.version.fetch_add(1, Ordering::SeqCst);
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(store_failure(&e)),
+                }
+            }
+            let mut inner = self.inner();
+            // A state taken from the store meanwhile was made after this one (the store's
+            // revisions order them): it stays.
+            if inner.state == base {
+                inner.state = change.state.clone();
+            }
+            return Ok(self.commit(&mut inner, change));
+        }
+        tracing::warn!("reservation: the shared state kept changing under 8 tries; command refused (retryable)");
+        Err(Status::ANA_TRANSITION)
+    }
+
+    /// A change made current: the Preempt and Abort wait set up, the version moved on.
+    fn commit(&self, inner: &mut Inner, change: Change) -> (Change, Option<Drain>) {
         let drain = (!change.aborted.is_empty()).then(|| {
             inner.draining.extend(&change.aborted);
             let counters = inner
@@ -549,7 +576,7 @@ impl Reservation {
         });
         // After the state: a queue that counted a command before this sees the new version.
         self.version.fetch_add(1, Ordering::SeqCst);
-        Ok((change, drain))
+        (change, drain)
     }
 
     /// A state another head made current in the shared store, if `newer` (asked while no
@@ -587,6 +614,21 @@ impl Reservation {
     /// cannot be kept.
     pub fn warn_ptpl_once(&self) -> bool {
         !std::mem::replace(&mut self.inner().ptpl_warned, true)
+    }
+}
+
+/// The status a command gets when its state could not be kept: retryable where the store is
+/// out of reach for now (the host may try another path), Internal Error otherwise.
+fn store_failure(e: &StoreError) -> Status {
+    match e {
+        StoreError::Unavailable(why) => {
+            tracing::warn!("reservation state not kept, command refused (retryable): {why}");
+            Status::ANA_TRANSITION
+        }
+        e => {
+            tracing::error!("reservation state not persisted, command refused: {e}");
+            Status::INTERNAL_ERROR
+        }
     }
 }
 
