@@ -460,8 +460,9 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
     }
     // Before any listener: the cluster's groups are Inaccessible until this head holds a lease.
     let cluster = cfg.cluster.as_ref().zip(shared).map(|(c, shared)| {
-        info!(name = c.name, etcd = ?c.etcd, lease_ttl_s = c.lease_ttl_secs, groups = ?ana_groups(&cfg), "joining the cluster");
-        Cluster::start(c, target.clone(), ana_groups(&cfg), shared)
+        let groups = ana_groups(&cfg);
+        info!(name = c.name, etcd = ?c.etcd, lease_ttl_s = c.lease_ttl_secs, ?groups, "joining the cluster");
+        Cluster::start(c, target.clone(), groups, shared)
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();

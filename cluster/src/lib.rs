@@ -203,9 +203,14 @@ impl Head {
         format!("{}/ana/{group}/owner", self.cfg.prefix)
     }
 
-    fn group_of(&self, key: &[u8]) -> Option<u32> {
+    /// The group of a key `PREFIX/ana/G/<what>` (`owner`, `move`).
+    fn group_key(&self, key: &[u8], what: &str) -> Option<u32> {
         let rest = std::str::from_utf8(key).ok()?.strip_prefix(&format!("{}/ana/", self.cfg.prefix))?;
-        rest.strip_suffix("/owner")?.parse().ok()
+        rest.strip_suffix(what)?.strip_suffix('/')?.parse().ok()
+    }
+
+    fn group_of(&self, key: &[u8]) -> Option<u32> {
+        self.group_key(key, "owner")
     }
 
     /// A planned move's key (`PREFIX/ana/G/move` = the head the group goes to): kept, and where
@@ -240,8 +245,7 @@ impl Head {
     }
 
     fn move_group_of(&self, key: &[u8]) -> Option<u32> {
-        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&format!("{}/ana/", self.cfg.prefix))?;
-        rest.strip_suffix("/move")?.parse().ok()
+        self.group_key(key, "move")
     }
 
     /// A head's listener registration (`None`: the head is gone): kept for the discovery log.
@@ -263,13 +267,18 @@ impl Head {
                 self.peers.remove(name);
             }
         }
+        self.publish_peers();
         true
+    }
+
+    /// The peers' listeners to the target's discovery log (which says whether they changed).
+    fn publish_peers(&self) {
+        self.target.set_peers(self.peers.values().flatten().cloned().collect());
     }
 
     /// Sets every group's state from what this head knows: Inaccessible without a valid lease,
     /// Optimized where it owns the group (Change while handing it over), `standby` elsewhere.
     fn apply(&self) {
-        self.target.set_peers(self.peers.values().flatten().cloned().collect());
         for &g in &self.groups {
             let mine = self.owners.get(&g) == Some(&self.cfg.name);
             let leaving = self.moves.get(&g).is_some_and(|to| *to != self.cfg.name);
@@ -430,6 +439,8 @@ impl Head {
             }
             self.owners.insert(g, owner.to_string());
         }
+        // Heads gone while this head was away are gone from its discovery log too.
+        self.publish_peers();
         let mut events: WatchStream =
             timed(client.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1))))
                 .await?
