@@ -103,3 +103,22 @@ fn vm_nvme_vfio_queues_beyond_the_ssds_queue_pairs_share_one() {
         .timeout(std::time::Duration::from_secs(300))
         .run_ok();
 }
+
+#[test]
+#[ignore = "boots a VM: run by tests/run.sh"]
+fn vm_ha_dual_ported_ssd_each_head_its_controller_and_cmb() {
+    // One SSD, two controllers on their own root ports (own IOMMU groups): one per head.
+    let ssd = Nvme { serial: "DUALSSD1".into(), size_mib: 256, cmb_mib: Some(32), block_size: None };
+    let topo = Topology::new()
+        .iommu()
+        .root_port("rp1")
+        .root_port("rp2")
+        .dual_ported_nvme("ssd", &[("ctl0", "rp1"), ("ctl1", "rp2")], ssd)
+        .nic("pcie.0");
+    Scenario::new("ha-dual-port", topo, "ha-dual-port.sh")
+        .qemu_trace(&["pci_nvme_map_addr_cmb", "pci_nvme_err_*"])
+        .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .env("DUAL_RUNS", std::env::var("DUAL_RUNS").unwrap_or_else(|_| "1".into()))
+        .timeout(std::time::Duration::from_secs(900))
+        .run_ok();
+}

@@ -201,14 +201,15 @@ CFG
 
 # fio_verify DEV BS [JOBS] [MIB] [OFFSET_MIB]: MIB (64) MiB of random writes from OFFSET_MIB (0; split over JOBS disjoint regions) then
 # crc32c verify, at queue depth 32 per job (ioengine $FIO_ENGINE, default libaio); fails on any
-# verify error.
+# verify error. With FIO_VERIFY_ONLY=1, only the verify of what the same call wrote last.
 fio_verify() {
     local dev=$1 bs=$2 jobs=${3:-1} mib=${4:-64} off=${5:-0} out
     out=$(fio --name="verify-$bs" --filename="$dev" --ioengine="${FIO_ENGINE:-libaio}" --direct=1 --rw=randwrite \
         --bs="$bs" --offset="${off}M" --size=$((mib / jobs))M --offset_increment=$((mib / jobs))M --numjobs="$jobs" \
-        --group_reporting --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --group_reporting --iodepth=32 --verify=crc32c --do_verify=1 --verify_fatal=1 ${FIO_VERIFY_ONLY:+--verify_only} \
         --verify_dump=0 --output-format=terse --terse-version=3 2>&1) || { echo "$out"; die "fio verify at $bs on $dev failed"; }
     # terse v3: field 5 is the error, 6 and 8 read KiB and IOPS, 47 and 49 write KiB and IOPS.
+    # (fio counts the writes it skips with --verify_only as done.)
     awk -F';' -v bs="$bs" -v jobs="$jobs" -v kib=$((mib << 10)) '$5 != 0 || $47 != kib || $6 != kib { exit 1 }
         { printf "fio %s x%d jobs: wrote %s KiB (%s IOPS), verified %s KiB (%s IOPS)\n", bs, jobs, $47, $49, $6, $8 }' < <(grep '^3;' <<<"$out") \
         || { echo "$out"; die "fio reported an error at $bs"; }
@@ -356,13 +357,18 @@ read 128k 8 1"
     nvme_disconnect_nqn "$nqn" >/dev/null
 }
 
-# trace_bytes: bytes of NVMe DMA qemu traced as addressed to the device's own CMB
-# (pci_nvme_map_addr_cmb, with Scenario::qemu_trace).
+# trace_bytes [BUS SIZE [FROM]]: bytes of NVMe DMA qemu traced as addressed to a device's own CMB
+# (pci_nvme_map_addr_cmb, with Scenario::qemu_trace); with BUS and SIZE, only those into the CMB
+# at that bus address; with FROM (a trace_size), only those traced since.
 trace_bytes() {
     sleep 0.5  # qemu's log is written from its I/O thread
     [[ -f /tmp/scn/qemu-trace.log ]] || { echo 0; return; }
-    awk '/pci_nvme_map_addr_cmb/ { for (i = 1; i < NF; i++) if ($i == "len") s += $(i + 1) } END { printf "%d\n", s }' /tmp/scn/qemu-trace.log
+    tail -c +$((${3:-0} + 1)) /tmp/scn/qemu-trace.log | awk -v lo="${1:-0}" -v n="${2:-0}" '/pci_nvme_map_addr_cmb/ {
+        for (i = 1; i < NF; i++) { if ($i == "addr") a = strtonum($(i + 1)); if ($i == "len") l = $(i + 1) }
+        if (n == 0 || (a >= lo && a < lo + n)) s += l } END { printf "%d\n", s }'
 }
+# trace_size: how far qemu's trace log reaches now (a mark for trace_bytes).
+trace_size() { sleep 0.5; stat -c %s /tmp/scn/qemu-trace.log 2>/dev/null || echo 0; }
 # moved MEMORY: bytes the target's backends moved through MEMORY (a provider's PCI address, or
 # host), from its metrics on 127.0.0.1:9464.
 moved() {
@@ -371,9 +377,9 @@ moved() {
 }
 
 # --- heads of one subsystem over /dev/ram0, and the host's paths to them (ana.sh, ha.sh) ----
-# head_config FILE ADDR CNTLID_MIN: listeners tcp 4420 and rdma 4421 on ADDR, subsystem $NQN
-# (controller IDs from CNTLID_MIN) with one namespace on /dev/ram0 of UUID $UUID; the caller
-# appends [ana] or [cluster].
+# head_config FILE ADDR CNTLID_MIN [BACKEND]: listeners tcp 4420 and rdma 4421 on ADDR, subsystem
+# $NQN (controller IDs from CNTLID_MIN) with one namespace of UUID $UUID on BACKEND (its lines,
+# `\n`-separated; /dev/ram0 by default); the caller appends [ana] or [cluster].
 head_config() {
     cat >"$1" <<CFG
 [[listener]]
@@ -397,8 +403,7 @@ cntlid_max = $(($3 + 999))
 
 [[subsystem.namespace]]
 nsid = 1
-backend = "file"
-path = "/dev/ram0"
+$(printf "${4:-backend = \"file\"\\npath = \"/dev/ram0\"}")
 uuid = "$UUID"
 
 CFG

@@ -81,6 +81,7 @@ enum Device {
     SwitchUpstream { id: String, bus: Bus },
     SwitchDownstream { id: String, bus: Bus, chassis: u32 },
     Nvme { id: String, bus: Bus, nvme: Nvme, failing: Failing, props: Vec<String> },
+    DualPorted { id: String, controllers: Vec<(String, Bus)>, nvme: Nvme },
     Nic { bus: Bus },
     Ivshmem { id: String, bus: Bus, size_mib: u32 },
 }
@@ -133,6 +134,16 @@ impl Topology {
             failing: Failing::default(),
             props: Vec::new(),
         });
+        self
+    }
+
+    /// A dual-ported SSD: qemu's `nvme-subsys` `id` with one controller per `(id, port)` of
+    /// `controllers`, each with serial `nvme.serial` and `nvme.cmb_mib` of CMB, all attached to
+    /// one shared namespace (nsid 1, `nvme.size_mib`, NMIC set): the medium two heads of an HA
+    /// pair both reach, each through its own controller.
+    pub fn dual_ported_nvme(mut self, id: &str, controllers: &[(&str, &str)], nvme: Nvme) -> Self {
+        let controllers = controllers.iter().map(|(c, on)| ((*c).to_owned(), Bus::from(*on))).collect();
+        self.devices.push(Device::DualPorted { id: id.into(), controllers, nvme });
         self
     }
 
@@ -210,18 +221,7 @@ impl Topology {
                     format!("xio3130-downstream,id={id},bus={},chassis={chassis},slot={chassis}", bus.qemu_name()),
                 ),
                 Device::Nvme { id, bus, nvme, failing, props } => {
-                    let img = run_dir.join(format!("{id}.img"));
-                    let f = std::fs::File::create(&img).map_err(|e| RigError::io(&img, e))?;
-                    f.set_len(nvme.size_mib << 20).map_err(|e| RigError::io(&img, e))?;
-                    let file = match failing.blkdebug_config() {
-                        Some(conf) => {
-                            let path = run_dir.join(format!("{id}.blkdebug"));
-                            std::fs::write(&path, conf).map_err(|e| RigError::io(&path, e))?;
-                            format!("blkdebug:{}:{}", path.display(), img.display())
-                        }
-                        None => img.display().to_string(),
-                    };
-                    push("-drive", format!("file={file},if=none,id=drv-{id},format=raw"));
+                    push("-drive", drive(run_dir, id, nvme.size_mib, failing)?);
                     let mut d = format!("nvme,id={id},bus={},serial={},drive=drv-{id}", bus.qemu_name(), nvme.serial);
                     if let Some(cmb) = nvme.cmb_mib {
                         let _ = write!(d, ",cmb_size_mb={cmb}");
@@ -233,6 +233,25 @@ impl Topology {
                         let _ = write!(d, ",{p}");
                     }
                     push("-device", d);
+                }
+                Device::DualPorted { id, controllers, nvme } => {
+                    push("-device", format!("nvme-subsys,id={id}"));
+                    for (c, bus) in controllers {
+                        let mut d = format!("nvme,id={c},bus={},serial={},subsys={id}", bus.qemu_name(), nvme.serial);
+                        if let Some(cmb) = nvme.cmb_mib {
+                            let _ = write!(d, ",cmb_size_mb={cmb}");
+                        }
+                        push("-device", d);
+                    }
+                    let first = controllers.first().map(|(c, _)| c.as_str()).ok_or_else(|| {
+                        RigError::Topology(format!("dual-ported SSD {id} has no controller"))
+                    })?;
+                    push("-drive", drive(run_dir, id, nvme.size_mib, &Failing::default())?);
+                    let mut ns = format!("nvme-ns,drive=drv-{id},bus={first},nsid=1,shared=on");
+                    if let Some(bs) = nvme.block_size {
+                        let _ = write!(ns, ",logical_block_size={bs},physical_block_size={bs}");
+                    }
+                    push("-device", ns);
                 }
                 Device::Ivshmem { id, bus, size_mib } => {
                     push("-object", format!("memory-backend-ram,id=mem-{id},size={size_mib}M"));
@@ -252,6 +271,23 @@ impl Topology {
         }
         Ok(args)
     }
+}
+
+/// The `-drive` value of SSD `id`'s medium: a sparse image of `size_mib` in `run_dir`, behind
+/// blkdebug when sectors fail.
+fn drive(run_dir: &Path, id: &str, size_mib: u64, failing: &Failing) -> Result<String, RigError> {
+    let img = run_dir.join(format!("{id}.img"));
+    let f = std::fs::File::create(&img).map_err(|e| RigError::io(&img, e))?;
+    f.set_len(size_mib << 20).map_err(|e| RigError::io(&img, e))?;
+    let file = match failing.blkdebug_config() {
+        Some(conf) => {
+            let path = run_dir.join(format!("{id}.blkdebug"));
+            std::fs::write(&path, conf).map_err(|e| RigError::io(&path, e))?;
+            format!("blkdebug:{}:{}", path.display(), img.display())
+        }
+        None => img.display().to_string(),
+    };
+    Ok(format!("file={file},if=none,id=drv-{id},format=raw"))
 }
 
 /// A guest script to run on a topology, with a time bound.
@@ -679,6 +715,31 @@ mod tests {
         assert_eq!(conf.matches("[inject-error]").count(), 2);
         assert!(conf.contains("event = \"read_aio\"\nerrno = \"5\"\nsector = \"2048\""), "{conf}");
         assert!(conf.contains("event = \"write_aio\"\nerrno = \"5\"\nsector = \"4096\""), "{conf}");
+    }
+
+    #[test]
+    fn a_dual_ported_ssd_is_one_subsystem_with_a_shared_namespace() {
+        let dir = std::env::temp_dir().join("p2pnvmf-vmrig-unit-dual");
+        std::fs::create_dir_all(&dir).unwrap();
+        let nvme = Nvme { serial: "DUAL1".into(), size_mib: 2, cmb_mib: Some(16), block_size: Some(4096) };
+        let t = Topology::new()
+            .root_port("rp1")
+            .root_port("rp2")
+            .dual_ported_nvme("ssd", &[("ctl0", "rp1"), ("ctl1", "rp2")], nvme)
+            .nic("pcie.0");
+        let args = t.qemu_args(&dir).unwrap();
+        let devices: Vec<&str> = args.chunks(2).filter(|c| c[0] == "-device").map(|c| c[1].as_str()).collect();
+        assert_eq!(
+            devices[2..6],
+            [
+                "nvme-subsys,id=ssd",
+                "nvme,id=ctl0,bus=rp1,serial=DUAL1,subsys=ssd,cmb_size_mb=16",
+                "nvme,id=ctl1,bus=rp2,serial=DUAL1,subsys=ssd,cmb_size_mb=16",
+                "nvme-ns,drive=drv-ssd,bus=ctl0,nsid=1,shared=on,logical_block_size=4096,physical_block_size=4096",
+            ]
+        );
+        assert!(args.contains(&format!("file={},if=none,id=drv-ssd,format=raw", dir.join("ssd.img").display())));
+        assert_eq!(std::fs::metadata(dir.join("ssd.img")).unwrap().len(), 2 << 20);
     }
 
     #[test]
