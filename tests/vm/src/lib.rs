@@ -243,9 +243,10 @@ impl Topology {
                         }
                         push("-device", d);
                     }
-                    let first = controllers.first().map(|(c, _)| c.as_str()).ok_or_else(|| {
-                        RigError::Topology(format!("dual-ported SSD {id} has no controller"))
-                    })?;
+                    let first = controllers
+                        .first()
+                        .map(|(c, _)| c.as_str())
+                        .ok_or_else(|| RigError::Topology(format!("dual-ported SSD {id} has no controller")))?;
                     push("-drive", drive(run_dir, id, nvme.size_mib, &Failing::default())?);
                     let mut ns = format!("nvme-ns,drive=drv-{id},bus={first},nsid=1,shared=on");
                     if let Some(bs) = nvme.block_size {
