@@ -502,6 +502,11 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
         Some(p) => {
             systemd.send("RELOADING=1\nSTATUS=reloading the configuration");
             let r = reload(why, p, cfg, live, &target);
+            if r.is_ok()
+                && let Some(c) = &cluster
+            {
+                c.subsystems_changed();
+            }
             systemd.send(&serving(&target));
             r
         }

@@ -53,6 +53,8 @@ pub struct Cluster {
     shown: Arc<Mutex<Shown>>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Tells the session to register this head's listeners again.
+    listeners_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Cluster {
@@ -83,9 +85,19 @@ impl Cluster {
             shared,
             peers: BTreeMap::new(),
             moves: BTreeMap::new(),
+            joined: false,
+            listeners_changed: Arc::default(),
+            registered: String::new(),
         };
+        let listeners_changed = head.listeners_changed.clone();
         let task = tokio::spawn(head.run(stopped));
-        Cluster { cfg: cfg.clone(), groups, target, shown, stop, task: Mutex::new(Some(task)) }
+        Cluster { cfg: cfg.clone(), groups, target, shown, stop, task: Mutex::new(Some(task)), listeners_changed }
+    }
+
+    /// The target's subsystems changed (a reload): other heads' discovery logs learn which of
+    /// them this head serves on which listener.
+    pub fn subsystems_changed(&self) {
+        self.listeners_changed.notify_one();
     }
 
     /// Leaves the cluster: this head's groups go Inaccessible here and its lease is revoked, so
@@ -193,10 +205,37 @@ struct Head {
     peers: BTreeMap<String, Vec<PeerPort>>,
     /// Planned moves under way: group → the head it goes to (`ana move`).
     moves: BTreeMap<u32, String>,
+    /// Whether this head has read the cluster's state once (a reconnect is no restart).
+    joined: bool,
+    listeners_changed: Arc<tokio::sync::Notify>,
+    /// What this head registered of its listeners last.
+    registered: String,
+}
+
+/// Why a head stops serving under its lease.
+#[derive(Debug, Clone, Copy)]
+enum Fence {
+    /// No renewal answered in time: etcd may expire the lease soon.
+    Late,
+    /// etcd answered a renewal: the lease is gone.
+    Expired,
+    /// Asked to stop.
+    Leaving,
+}
+
+impl Fence {
+    /// The metric's label and what the log says.
+    fn says(self) -> (&'static str, &'static str) {
+        match self {
+            Fence::Late => ("renewal_late", "lease not renewed in time"),
+            Fence::Expired => ("lease_expired", "etcd says the lease expired"),
+            Fence::Leaving => ("leaving", "leaving the cluster"),
+        }
+    }
 }
 
 /// Why a connection to etcd was given up (the lease may still be valid: the head reconnects).
-type Broken = String;
+pub(crate) type Broken = String;
 
 impl Head {
     fn owner_key(&self, group: u32) -> String {
@@ -248,11 +287,15 @@ impl Head {
         self.group_key(key, "move")
     }
 
+    /// The head a registration key `PREFIX/heads/<name>` names.
+    fn head_of<'k>(&self, key: &'k [u8]) -> Option<&'k str> {
+        std::str::from_utf8(key).ok()?.strip_prefix(&self.cfg.prefix)?.strip_prefix("/heads/")
+    }
+
     /// A head's listener registration (`None`: the head is gone): kept for the discovery log.
     /// False when `key` is no head's.
     fn peer(&mut self, key: &[u8], value: Option<&[u8]>) -> bool {
-        let heads = format!("{}/heads/", self.cfg.prefix);
-        let Some(name) = std::str::from_utf8(key).ok().and_then(|k| k.strip_prefix(&heads)) else { return false };
+        let Some(name) = self.head_of(key) else { return false };
         if name == self.cfg.name {
             return true;
         }
@@ -291,6 +334,8 @@ impl Head {
             };
             self.target.set_ana_state(g, state);
         }
+        let left = self.lease.map_or(Duration::ZERO, |l| l.fence_at.saturating_duration_since(Instant::now()));
+        metrics::gauge!("p2pnvmf_cluster_serving_for_seconds").set(left.as_secs_f64());
         let mut s = self.shown.lock().unwrap_or_else(|e| e.into_inner());
         s.lease = self.lease.map(|l| l.id);
         s.fence_at = self.lease.map(|l| l.fence_at);
@@ -302,9 +347,11 @@ impl Head {
     }
 
     /// Stops serving: the lease can no longer be trusted to outlive the next moment.
-    fn fence(&mut self, why: &str) {
+    fn fence(&mut self, why: Fence) {
         if let Some(l) = self.lease.take() {
+            let (code, why) = why.says();
             warn!(lease = format_args!("{:x}", l.id), "cluster: fenced ({why}): every group inaccessible on this head");
+            metrics::counter!("p2pnvmf_cluster_fences_total", "reason" => code).increment(1);
         }
         self.owners.retain(|_, o| *o != self.cfg.name);
         self.apply();
@@ -322,10 +369,11 @@ impl Head {
                 Err(why) => why,
             };
             warn!(etcd = ?self.cfg.etcd, "cluster: etcd: {why}; reconnecting (serving on until the fence)");
+            metrics::counter!("p2pnvmf_cluster_etcd_errors_total").increment(1);
             self.shown_error(Some(why));
             tokio::select! {
                 _ = sleep(RETRY) => {}
-                _ = sleep_until_opt(self.fence_deadline()) => self.fence("lease not renewed in time"),
+                _ = sleep_until_opt(self.fence_deadline()) => self.fence(Fence::Late),
                 _ = stop.changed() => {
                     self.leave(None).await;
                     return;
@@ -354,7 +402,7 @@ impl Head {
                 }
             },
             _ = sleep_until_opt(fence) => {
-                self.fence("lease not renewed in time");
+                self.fence(Fence::Late);
                 return Err("lease not renewed in time".into());
             }
             _ = stop.changed() => {
@@ -371,7 +419,7 @@ impl Head {
     /// Leaves: Inaccessible here first, then the lease revoked so its keys go at once.
     async fn leave(&mut self, client: Option<&mut Client>) {
         let lease = self.lease;
-        self.fence("leaving the cluster");
+        self.fence(Fence::Leaving);
         if let (Some(c), Some(l)) = (client, lease) {
             match timeout(REQUEST_TIMEOUT, c.lease_revoke(l.id)).await {
                 Ok(Ok(_)) => info!(lease = format_args!("{:x}", l.id), "cluster: lease revoked; groups released"),
@@ -398,18 +446,20 @@ impl Head {
         };
         let (mut keeper, mut renewals): (LeaseKeeper, LeaseKeepAliveStream) =
             timed(client.lease_keep_alive(lease.id)).await?.map_err(failed("lease keep-alive"))?;
-        // This head's listeners, for the other heads' discovery logs (gone with the lease).
-        let me = format!("{}/heads/{}", self.cfg.prefix, self.cfg.name);
-        let listeners = listeners_text(&self.target);
-        timed(client.put(me, listeners, Some(PutOptions::new().with_lease(lease.id))))
-            .await?
-            .map_err(failed("registering the listeners"))?;
+        let registered_at = self.register(&mut client, lease.id).await?;
         // Owners, reservations and heads, read at one revision and watched from the next.
         let prefix = format!("{}/", self.cfg.prefix);
         let r = timed(client.get(prefix.clone(), Some(GetOptions::new().with_prefix())))
             .await?
             .map_err(failed("reading the cluster's state"))?;
         let rev = r.header().map_or(0, |h| h.revision());
+        // No other head registered before this one: nothing served the subsystems, which is a
+        // power loss for their hosts — reservations without PTPL end.
+        let power_lost = !self.joined
+            && !r.kvs().iter().any(|kv| {
+                self.head_of(kv.key()).is_some_and(|h| h != self.cfg.name) && kv.create_revision() < registered_at
+            });
+        self.joined = true;
         self.owners.clear();
         self.peers.clear();
         self.moves.clear();
@@ -417,6 +467,9 @@ impl Head {
             if let Ok(key) = kv.key_str()
                 && key.starts_with(&self.shared.resv_prefix())
             {
+                if power_lost && self.shared.end_without_ptpl(&mut client, key, kv.value(), kv.mod_revision()).await? {
+                    continue;
+                }
                 // Takes the namespace's lock, which a reservation command may hold: off the
                 // worker thread, so the tasks queued on it run meanwhile.
                 tokio::task::block_in_place(|| {
@@ -467,7 +520,7 @@ impl Head {
                     let resp = m.map_err(failed("lease keep-alive"))?.ok_or("lease keep-alive: stream ended")?;
                     let asked = sent.pop_front().unwrap_or_else(Instant::now);
                     if resp.ttl() <= 0 {
-                        self.fence("etcd says the lease expired");
+                        self.fence(Fence::Expired);
                         return Err("lease expired".into());
                     }
                     if let Some(l) = &mut self.lease {
@@ -522,8 +575,14 @@ impl Head {
                     }
                     self.apply();
                 }
+                _ = self.listeners_changed.notified() => {
+                    if listeners_text(&self.target) != self.registered {
+                        self.register(&mut client, lease.id).await?;
+                        info!("cluster: this head's listeners registered again (its subsystems changed)");
+                    }
+                }
                 _ = sleep_until_opt(self.fence_deadline()) => {
-                    self.fence("lease not renewed in time");
+                    self.fence(Fence::Late);
                     return Err("lease not renewed in time".into());
                 }
                 _ = stop.changed() => {
@@ -532,6 +591,18 @@ impl Head {
                 }
             }
         }
+    }
+
+    /// Registers this head's listeners and the subsystems on each under `lease` (gone with it),
+    /// for the other heads' discovery logs; returns the revision of the registration.
+    async fn register(&mut self, client: &mut Client, lease: i64) -> Result<i64, Broken> {
+        let me = format!("{}/heads/{}", self.cfg.prefix, self.cfg.name);
+        let listeners = listeners_text(&self.target);
+        let r = timed(client.put(me, listeners.clone(), Some(PutOptions::new().with_lease(lease))))
+            .await?
+            .map_err(failed("registering the listeners"))?;
+        self.registered = listeners;
+        Ok(r.header().map_or(0, |h| h.revision()))
     }
 
     /// Takes group `g` if nobody owns it: its owner key created under this head's lease.
@@ -637,7 +708,7 @@ pub(crate) fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> Broke
 }
 
 /// An etcd request with [`REQUEST_TIMEOUT`].
-async fn timed<T>(f: impl std::future::Future<Output = T>) -> Result<T, Broken> {
+pub(crate) async fn timed<T>(f: impl std::future::Future<Output = T>) -> Result<T, Broken> {
     timeout(REQUEST_TIMEOUT, f).await.map_err(|_| format!("no answer in {REQUEST_TIMEOUT:?}"))
 }
 

@@ -67,6 +67,41 @@ impl Shared {
         }
     }
 
+    /// The namespace a key `PREFIX/resv/<subnqn>/<nsid>` is of.
+    fn record_of(&self, key: &str) -> Option<Record> {
+        let (subnqn, nsid) = key.strip_prefix(&self.resv_prefix())?.rsplit_once('/')?;
+        Some(Record { subnqn: subnqn.into(), nsid: nsid.parse().ok()? })
+    }
+
+    /// After a power loss (no head served the subsystem: the whole cluster restarted), a
+    /// reservation state without PTPL ends, as on a single target (NVMe Base 2.0, 8.19): its
+    /// key is deleted if it is still at `mod_revision`. Whether it was.
+    pub(crate) async fn end_without_ptpl(
+        &self,
+        client: &mut Client,
+        key: &str,
+        value: &[u8],
+        mod_revision: i64,
+    ) -> Result<bool, crate::Broken> {
+        let Some(record) = self.record_of(key) else { return Ok(false) };
+        match decode(&record, key, value) {
+            Ok((st, ..)) if !st.ptpl => {}
+            _ => return Ok(false),
+        }
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, mod_revision)])
+            .and_then([TxnOp::delete(key, None)]);
+        let r = crate::timed(client.txn(txn)).await?.map_err(failed("ending a reservation without PTPL"))?;
+        if r.succeeded() {
+            tracing::info!(
+                subnqn = record.subnqn,
+                nsid = record.nsid,
+                "cluster: reservation ended: PTPL off and no head was serving (the whole cluster restarted)"
+            );
+        }
+        Ok(r.succeeded())
+    }
+
     pub(crate) fn connected(&self, client: Option<Client>) {
         *self.client.lock().unwrap_or_else(|e| e.into_inner()) = client;
     }
@@ -75,16 +110,13 @@ impl Shared {
     /// namespace's state here if newer than what this head has, and the notices it carries
     /// told to this head's controllers of those hosts (`notify`: not for the first read).
     pub(crate) fn observed(&self, target: &Target, key: &str, value: Option<&[u8]>, mod_revision: i64, notify: bool) {
-        let Some((subnqn, nsid)) = key.strip_prefix(&self.resv_prefix()).and_then(|k| k.rsplit_once('/')) else {
-            return;
-        };
-        let Ok(nsid) = nsid.parse::<u32>() else { return };
+        let Some(record) = self.record_of(key) else { return };
+        let (subnqn, nsid) = (record.subnqn.as_str(), record.nsid);
         let Some(ns) =
             target.subsystems().into_iter().find(|s| s.nqn == subnqn).and_then(|s| s.ns(nsid).map(|n| n.resv.clone()))
         else {
             return;
         };
-        let record = Record { subnqn: subnqn.into(), nsid };
         let revision = self.revision(key);
         let mut by_other = None;
         let replaced = ns.observe(|| {

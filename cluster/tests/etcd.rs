@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use p2pnvmf_cluster::{Cluster, Shared};
-use p2pnvmf_nvmf::Target;
 use p2pnvmf_nvmf::ana::State;
 use p2pnvmf_nvmf::resv::{self, Reservation};
+use p2pnvmf_nvmf::{Port, Subsystem, Target, TrType, TransportParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{Instant, sleep};
@@ -359,6 +359,90 @@ async fn a_reservation_made_through_one_head_fences_on_the_other() {
     assert_eq!(resv_of(&tc).state(), st);
     b.stop().await;
     c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_without_ptpl_ends_when_the_whole_cluster_restarts() {
+    let etcd = Etcd::start(1);
+    let url = vec![format!("http://{}", etcd.client_addr(0))];
+    let serving = |t: &Arc<Target>| state(t, 1) != State::Inaccessible;
+    let (ta, a) = resv_head("a", url.clone());
+    let (tb, b) = resv_head("b", url.clone());
+    until("both heads serve", Duration::from_secs(10), || serving(&ta) && serving(&tb)).await;
+    // PTPL off (CPTPL 0 leaves it as it was: off).
+    on(&ta, |st, cap| resv::register(st, &H1, 0, &keys(0, 1), cap)).await;
+    on(&ta, |st, _| resv::acquire(st, &H1, 1 << 8, &keys(1, 0))).await;
+    until("head B sees it", Duration::from_secs(5), || resv_of(&tb).state().holder.is_some()).await;
+    // One head restarting while the other serves is no power loss: the state stays.
+    a.stop().await;
+    let (ta, a) = resv_head("a", url.clone());
+    until("head A serves again", Duration::from_secs(10), || serving(&ta)).await;
+    assert!(resv_of(&ta).state().holder.is_some(), "a head restarted beside a live one kept the reservation");
+    // Every head stops: the next one to start finds no head before it, a power loss.
+    a.stop().await;
+    b.stop().await;
+    let (tc, c) = resv_head("c", url.clone());
+    until("head C serves", Duration::from_secs(10), || serving(&tc)).await;
+    assert_eq!(resv_of(&tc).state(), resv::State::default(), "the reservation without PTPL ended");
+
+    // With PTPL on (CPTPL 11b), it survives the same restart.
+    on(&tc, |st, cap| resv::register(st, &H2, 3 << 30, &keys(0, 2), cap)).await;
+    on(&tc, |st, _| resv::acquire(st, &H2, 1 << 8, &keys(2, 0))).await;
+    let kept = resv_of(&tc).state();
+    assert!(kept.ptpl && kept.holder.is_some());
+    c.stop().await;
+    let (td, d) = resv_head("d", url);
+    until("head D serves", Duration::from_secs(10), || serving(&td)).await;
+    assert_eq!(resv_of(&td).state(), kept, "the reservation with PTPL survived");
+    d.stop().await;
+}
+
+/// A head with one NVMe/TCP port on `addr` serving (namespace-less) subsystems `nqns`.
+fn port_head(name: &str, addr: &str, etcd: Vec<String>, nqns: &[&str]) -> (Arc<Target>, Cluster) {
+    let params = TransportParams { ioccsz: 4, max_xfer: 4096, msdbd: 1, keyed_sgls: false };
+    let port = Port { id: 1, trtype: TrType::Tcp, traddr: addr.into(), trsvcid: "4420".into(), params };
+    let target = Target::new(subsystems(nqns), vec![port]);
+    let cfg = p2pnvmf_config::Cluster {
+        etcd,
+        name: name.into(),
+        lease_ttl_secs: 5,
+        standby: State::NonOptimized,
+        prefix: "/disc-test".into(),
+    };
+    let c = Cluster::start(&cfg, target.clone(), BTreeSet::from([1]), Shared::new(&cfg));
+    (target, c)
+}
+
+fn subsystems(nqns: &[&str]) -> Vec<Arc<Subsystem>> {
+    nqns.iter().map(|n| Arc::new(Subsystem::open(n, Vec::new()))).collect()
+}
+
+/// How many records of head `t`'s discovery log name subsystem `nqn`.
+fn listed(t: &Target, nqn: &str) -> usize {
+    t.discovery_log("nqn.2014-08.org.nvmexpress:uuid:test").windows(nqn.len()).filter(|w| *w == nqn.as_bytes()).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subsystem_added_by_reload_reaches_the_other_heads_discovery_log() {
+    let etcd = Etcd::start(1);
+    let url = vec![format!("http://{}", etcd.client_addr(0))];
+    let (ta, a) = port_head("a", "10.0.2.15", url.clone(), &["nqn.x:one"]);
+    let (tb, b) = port_head("b", "10.0.2.16", url, &["nqn.x:one"]);
+    until("B lists its port and A's for the subsystem both serve", Duration::from_secs(10), || {
+        listed(&tb, "nqn.x:one") == 2
+    })
+    .await;
+    // Both heads reloaded with a second subsystem, B first.
+    tb.reconfigure(subsystems(&["nqn.x:one", "nqn.x:two"]));
+    b.subsystems_changed();
+    ta.reconfigure(subsystems(&["nqn.x:one", "nqn.x:two"]));
+    sleep(Duration::from_millis(500)).await;
+    assert_eq!(listed(&tb, "nqn.x:two"), 1, "B lists only its own port until A registers again");
+    a.subsystems_changed();
+    until("B lists A's port for the new subsystem", Duration::from_secs(5), || listed(&tb, "nqn.x:two") == 2).await;
+    assert_eq!(listed(&ta, "nqn.x:two"), 2, "and A lists B's");
+    a.stop().await;
+    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,6 +73,9 @@ impl Target {
 
     /// A target with `limits` whose namespaces are in groups of `ana`.
     pub fn with(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>, limits: Limits, ana: Arc<ana::Groups>) -> Arc<Self> {
+        for n in subsystems.iter().flat_map(|s| &s.namespaces) {
+            ana_gauge(n.ana.id, n.ana.state());
+        }
         Arc::new(Target {
             subsystems: RwLock::new(subsystems),
             withdrawn: Mutex::default(),
@@ -104,6 +107,7 @@ impl Target {
             }
         }
         info!(group = id, from = %was, to = %state, controllers = told, "ANA state changed");
+        ana_gauge(id, state);
         true
     }
 
@@ -362,4 +366,8 @@ impl Target {
             self.limits.queue_entries,
         )
     }
+}
+/// `p2pnvmf_ana_state{group}`: the group's state on this head, as its ANAS value.
+fn ana_gauge(group: u32, state: ana::State) {
+    metrics::gauge!("p2pnvmf_ana_state", "group" => group.to_string()).set(f64::from(state as u8));
 }

@@ -42,6 +42,14 @@ cut() { pkill "-$([[ $2 == on ]] && echo STOP || echo CONT)" -f "TCP-LISTEN:$(re
 cluster_config() {
     head_config "/tmp/scn/$1.toml" "$2" "$3"
     printf '[cluster]\netcd = ["http://127.0.0.1:%s"]\nname = "%s"\nlease_ttl = "5s"\n' "$(relay_port "$1")" "$1" >> "/tmp/scn/$1.toml"
+    printf '\n[metrics]\nlisten = "127.0.0.1:%s"\n' "$(metrics_port "$1")" >> "/tmp/scn/$1.toml"
+}
+# fences: both heads' fences for a late renewal since they started.
+fences() { echo $(( $(metric a 'p2pnvmf_cluster_fences_total{reason="renewal_late"}') + $(metric b 'p2pnvmf_cluster_fences_total{reason="renewal_late"}') )); }
+metrics_port() { if [[ $1 == a ]]; then echo 9464; else echo 9465; fi; }
+# metric NAME SERIES: the value head NAME's metrics give the series SERIES (name{labels}), or 0.
+metric() {
+    wget -qO- "http://127.0.0.1:$(metrics_port "$1")/metrics" | awk -v p="$2 " 'index($0, p) == 1 { v = $NF } END { print v + 0 }'
 }
 addr_of() { if [[ $1 == a ]]; then echo "$A_IP"; else echo "$B_IP"; fi; }
 # owner: the head etcd names as group 1's owner.
@@ -116,6 +124,7 @@ for t in tcp rdma; do
     echo "$t kill to the other head optimized at the host (ms, sorted): $(echo "${takes[*]}" | sort_ms)"
 
     step "$t: $RUNS runs: the owner cut off from etcd while the host reaches it"
+    fences0=$(fences)
     verify_loop "/dev/$head" &
     fio_pid=$!
     for run in $(seq "$RUNS"); do
@@ -150,6 +159,14 @@ for t in tcp rdma; do
         [[ $(owner) == "$n" ]] || die "etcd names $(owner) the owner"
     done
     stop_verify "$fio_pid" "across the partitions"
+    # The heads' metrics say the same: one fence per cut, the owner's group optimized, the
+    # other's non-optimized (ANAS values 1 and 2).
+    fences=$(( $(fences) - fences0 ))
+    o=$(owner)
+    echo "metrics: $fences fences (renewal late) in $RUNS cuts; group 1 state $(metric "$o" 'p2pnvmf_ana_state{group="1"}') on $o, $(metric "$(other "$o")" 'p2pnvmf_ana_state{group="1"}') on $(other "$o"); $o may serve $(metric "$o" p2pnvmf_cluster_serving_for_seconds) s more without a renewal"
+    (( fences == RUNS )) || die "the heads counted $fences fences for $RUNS cuts"
+    [[ $(metric "$o" 'p2pnvmf_ana_state{group="1"}') == 1 && $(metric "$(other "$o")" 'p2pnvmf_ana_state{group="1"}') == 2 ]] \
+        || die "p2pnvmf_ana_state does not show the owner optimized and the other non-optimized"
 
     step "$t: planned move (p2pnvmf ana move) and failback while fio verifies"
     verify_loop "/dev/$head" &
