@@ -434,6 +434,56 @@ wait_ana() {
 # ios PATH: reads + writes completed on a path, as the host's block layer counts them.
 ios() { awk '{ print $1 + $5 }' "/sys/block/$1/stat"; }
 
+# --- heads a and b ($A_IP, $B_IP) in a cluster through etcd (ha.sh, ha-dual-port.sh) --------
+# etcd_member: one etcd member on 127.0.0.1:2379, up.
+etcd_member() {
+    etcd --name e0 --data-dir /tmp/etcd0 --listen-client-urls http://127.0.0.1:2379 \
+        --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
+        --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e0=http://127.0.0.1:2380 \
+        >/tmp/scn/etcd.log 2>&1 &
+    for _ in $(seq 200); do etcdctl --endpoints=127.0.0.1:2379 endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
+    etcdctl --endpoints=127.0.0.1:2379 endpoint health || die "etcd did not come up"
+}
+# owner: the head etcd names as group 1's owner.
+owner() { etcdctl --endpoints=127.0.0.1:2379 get --print-value-only /p2pnvmf/ana/1/owner; }
+other() { if [[ $1 == a ]]; then echo b; else echo a; fi; }
+addr_of() { if [[ $1 == a ]]; then echo "$A_IP"; else echo "$B_IP"; fi; }
+now_ms() { echo $(($(date +%s%N) / 1000000)); }
+# connect_heads TRANSPORT PORT: a path to each head (controllers C[a], C[b], the host's paths
+# P[a], P[b], the multipath device $head); the owner's path optimized, the other's not.
+declare -A C P
+connect_heads() {
+    local h
+    for h in a b; do
+        C[$h]=$(TARGET_ADDR=$(addr_of $h) nvme_connect_ctrl "$1" "$2" "$NQN" --reconnect-delay=1 --ctrl-loss-tmo=-1)
+    done
+    sleep 0.5
+    for h in a b; do P[$h]=$(path_of "${C[$h]}"); done
+    head=$(head_dev)
+    wait_ana "${P[$(owner)]}" optimized; wait_ana "${P[$(other "$(owner)")]}" non-optimized
+    nvme list-subsys "/dev/$head"
+}
+# kill_owner RUN: SIGKILLs group 1's owner $o under I/O; the other head $n takes over. Sets
+# first_ms (to the first completion on $n's path) and taken_ms (to $n optimized at the host).
+kill_owner() {
+    local c0 t0 t1
+    o=$(owner); n=$(other "$o")
+    c0=$(ios "${P[$n]}")
+    t0=$(now_ms)
+    kill_head "$o"
+    while (( $(ios "${P[$n]}") <= c0 )); do sleep 0.01; done
+    t1=$(now_ms)
+    wait_ana "${P[$n]}" optimized
+    first_ms=$((t1 - t0)); taken_ms=$(($(now_ms) - t0))
+    [[ $(owner) == "$n" ]] || die "etcd names $(owner), not $n, as the owner after $o died"
+    echo "run $1: $o killed; first completion through $n after $first_ms ms; $n optimized at the host after $taken_ms ms"
+}
+# rejoin NAME: head NAME started again; it stands by (non-optimized).
+rejoin() {
+    start_head "$1" "/tmp/scn/$1.toml" "$(addr_of "$1")" 4420
+    wait_ana "${P[$1]}" non-optimized
+}
+
 # --- reservations through nvme-cli (reservations.sh, ha.sh) --------------------------------
 # resv CMD ARGS: nvme resv-CMD, which must succeed.
 resv() { local cmd=$1; shift; nvme "resv-$cmd" "$@" >/dev/null || die "nvme resv-$cmd $* failed"; }

@@ -42,16 +42,7 @@ done
 cmb_bytes() { trace_bytes "${CMB_BUS[$1]}" "${CMB_SIZE[$1]}" "$2"; }
 
 step "etcd; heads A and B, each on its own controller with its CMB as buffers"
-etcd --name e0 --data-dir /tmp/etcd0 --listen-client-urls http://127.0.0.1:2379 \
-    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
-    --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e0=http://127.0.0.1:2380 \
-    >/tmp/scn/etcd.log 2>&1 &
-for _ in $(seq 200); do etcdctl --endpoints=127.0.0.1:2379 endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
-etcdctl --endpoints=127.0.0.1:2379 endpoint health || die "etcd did not come up"
-owner() { etcdctl --endpoints=127.0.0.1:2379 get --print-value-only /p2pnvmf/ana/1/owner; }
-other() { if [[ $1 == a ]]; then echo b; else echo a; fi; }
-addr_of() { if [[ $1 == a ]]; then echo "$A_IP"; else echo "$B_IP"; fi; }
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
+etcd_member
 # carried_by NAME: 3 s of fio while head NAME serves; qemu's trace must show DMA into NAME's CMB
 # alone over NVMe/TCP (its buffers there), into no CMB over rxe (host memory: rxe cannot reach it).
 carried_by() {
@@ -88,16 +79,7 @@ done
 for t in tcp rdma; do
     port=$([[ $t == rdma ]] && echo 4421 || echo 4420)
     step "$t: a path to each head; the owner optimized, the other non-optimized"
-    declare -A C P
-    for h in a b; do
-        C[$h]=$(TARGET_ADDR=$(addr_of $h) nvme_connect_ctrl "$t" "$port" "$NQN" --reconnect-delay=1 --ctrl-loss-tmo=-1)
-    done
-    sleep 0.5
-    for h in a b; do P[$h]=$(path_of "${C[$h]}"); done
-    head=$(head_dev)
-    o=$(owner)
-    wait_ana "${P[$o]}" optimized; wait_ana "${P[$(other "$o")]}" non-optimized
-    nvme list-subsys "/dev/$head"
+    connect_heads "$t" "$port"
     dd if="/dev/$head" of=/tmp/readback bs=1M skip=192 count=16 iflag=direct status=none || die "reading the pattern through the heads"
     cmp /tmp/pattern /tmp/readback || die "$t: the heads read other bytes than the kernel wrote to the SSD"
 
@@ -106,19 +88,9 @@ for t in tcp rdma; do
     fio_pid=$!
     carried_by "$(owner)"
     for run in $(seq "$RUNS"); do
-        o=$(owner); n=$(other "$o")
-        c0=$(ios "${P[$n]}")
-        t0=$(now_ms)
-        kill_head "$o"
-        while (( $(ios "${P[$n]}") <= c0 )); do sleep 0.01; done
-        t1=$(now_ms)
-        wait_ana "${P[$n]}" optimized
-        t2=$(now_ms)
-        [[ $(owner) == "$n" ]] || die "etcd names $(owner), not $n, as the owner after $o died"
-        echo "run $run: $o killed; first completion through $n after $((t1 - t0)) ms; $n optimized at the host after $((t2 - t0)) ms"
+        kill_owner "$run"
         carried_by "$n"
-        start_head "$o" "/tmp/scn/$o.toml" "$(addr_of "$o")" 4420
-        wait_ana "${P[$o]}" non-optimized
+        rejoin "$o"
         echo "run $run: $o restarted on ${CTL[$o]} as the kill left it, non-optimized"
     done
 

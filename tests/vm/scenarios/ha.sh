@@ -26,12 +26,7 @@ ip addr add "$B_IP/24" dev eth0 || die "second address for head B"
 sleep 0.5
 
 step "etcd (one member) and a relay to it per head"
-etcd --name e0 --data-dir /tmp/etcd0 --listen-client-urls http://127.0.0.1:2379 \
-    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
-    --initial-advertise-peer-urls http://127.0.0.1:2380 --initial-cluster e0=http://127.0.0.1:2380 \
-    >/tmp/scn/etcd.log 2>&1 &
-for i in $(seq 200); do etcdctl --endpoints=127.0.0.1:2379 endpoint health >/dev/null 2>&1 && break; sleep 0.1; done
-etcdctl --endpoints=127.0.0.1:2379 endpoint health || die "etcd did not come up"
+etcd_member
 socat TCP-LISTEN:23791,fork,reuseaddr TCP:127.0.0.1:2379 & 
 socat TCP-LISTEN:23792,fork,reuseaddr TCP:127.0.0.1:2379 &
 # cut NAME on|off: stops (SIGSTOP) or resumes head NAME's relay and its connections.
@@ -51,11 +46,6 @@ metrics_port() { if [[ $1 == a ]]; then echo 9464; else echo 9465; fi; }
 metric() {
     wget -qO- "http://127.0.0.1:$(metrics_port "$1")/metrics" | awk -v p="$2 " 'index($0, p) == 1 { v = $NF } END { print v + 0 }'
 }
-addr_of() { if [[ $1 == a ]]; then echo "$A_IP"; else echo "$B_IP"; fi; }
-# owner: the head etcd names as group 1's owner.
-owner() { etcdctl --endpoints=127.0.0.1:2379 get --print-value-only /p2pnvmf/ana/1/owner; }
-other() { if [[ $1 == a ]]; then echo b; else echo a; fi; }
-now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
 # log_state CTRL: group 1's state in the ANA log page the head behind CTRL returns now.
 log_state() { nvme ana-log "/dev/$1" 2>/dev/null | awk 'tolower($0) ~ /state/ && match($0, /non-optimized|optimized|inaccessible|persistent-loss|change/) { print substr($0, RSTART, RLENGTH); exit }' || true; }
@@ -85,16 +75,8 @@ grep -q "traddr: *$B_IP" /tmp/disc.txt || die "head A's discovery log lacks head
 for t in tcp rdma; do
     port=$([[ $t == rdma ]] && echo 4421 || echo 4420)
     step "$t: a path to each head; the owner optimized, the other non-optimized"
-    declare -A C P
-    for h in a b; do
-        C[$h]=$(TARGET_ADDR=$(addr_of $h) nvme_connect_ctrl "$t" "$port" "$NQN" --reconnect-delay=1 --ctrl-loss-tmo=-1)
-    done
-    sleep 0.5
-    for h in a b; do P[$h]=$(path_of "${C[$h]}"); done
-    head=$(head_dev)
+    connect_heads "$t" "$port"
     o=$(owner)
-    wait_ana "${P[$o]}" optimized; wait_ana "${P[$(other "$o")]}" non-optimized
-    nvme list-subsys "/dev/$head"
     nvme ana-log "/dev/${C[a]}"
     [[ $(log_state "${C[$o]}") == optimized ]] || die "the owner's ANA log does not say optimized"
 
@@ -104,19 +86,9 @@ for t in tcp rdma; do
     sleep 2
     firsts=(); takes=()
     for run in $(seq "$RUNS"); do
-        o=$(owner); n=$(other "$o")
-        c0=$(ios "${P[$n]}")
-        t0=$(now_ms)
-        kill_head "$o"
-        while (( $(ios "${P[$n]}") <= c0 )); do sleep 0.01; done
-        t1=$(now_ms)
-        wait_ana "${P[$n]}" optimized
-        t2=$(now_ms)
-        [[ $(owner) == "$n" ]] || die "etcd names $(owner), not $n, as the owner after $o died"
-        firsts+=($((t1 - t0))); takes+=($((t2 - t0)))
-        echo "run $run: $o killed; first completion through $n after $((t1 - t0)) ms; $n optimized at the host after $((t2 - t0)) ms"
-        start_head "$o" "/tmp/scn/$o.toml" "$(addr_of "$o")" 4420
-        wait_ana "${P[$o]}" non-optimized
+        kill_owner "$run"
+        firsts+=("$first_ms"); takes+=("$taken_ms")
+        rejoin "$o"
     done
     stop_verify "$fio_pid" "across the kills"
     sort_ms() { tr ' ' '\n' | sort -n | tr '\n' ' '; }
