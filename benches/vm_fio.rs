@@ -3,8 +3,9 @@
 //! namespace; null_blk with 0.5 ms completions through our file backend), fio with io_uring.
 //! Every job runs BENCH_RUNS times (default 3), kernel and ours interleaved, BENCH_RUNTIME
 //! seconds each (default 5). Writes `target/bench/vm_fio.{json,md,png}` and prints the table:
-//! medians with min and max, and ours / kernel per row. Under TCG only ratios within one run
-//! mean anything.
+//! medians with min and max, and ours / kernel per row, CPU-µs per I/O for the QD1 and QD32
+//! rows, and our target's system calls per I/O (counted by perf in a pass of their own). Under
+//! TCG only ratios within one run mean anything.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -21,6 +22,8 @@ enum Metric {
     MibPerSec,
     /// Latency percentile (submission to completion, as the application sees it), in µs.
     Lat(&'static str, &'static str),
+    /// CPU time per I/O, in µs (see [`cpu_per_io`]).
+    CpuPerIo,
 }
 
 impl Metric {
@@ -29,15 +32,18 @@ impl Metric {
             Metric::Iops => "IOPS",
             Metric::MibPerSec => "MiB/s",
             Metric::Lat(name, _) => name,
+            Metric::CpuPerIo => "CPU µs/IO",
         }
     }
 
     fn higher_is_better(self) -> bool {
-        !matches!(self, Metric::Lat(..))
+        !matches!(self, Metric::Lat(..) | Metric::CpuPerIo)
     }
 
+    /// The metric from one side (read or write) of fio's JSON; not for CPU.
     fn of(self, side: &Value) -> Option<f64> {
         match self {
+            Metric::CpuPerIo => None,
             Metric::Iops => side["iops"].as_f64(),
             Metric::MibPerSec => side["bw"].as_f64().map(|kib| kib / 1024.0),
             // Total latency, not completion latency: the kernel's TCP host may finish a command
@@ -47,11 +53,12 @@ impl Metric {
     }
 }
 
-const QD1: [Metric; 4] = [
+const QD1: [Metric; 5] = [
     Metric::Iops,
     Metric::Lat("p50 µs", "50.000000"),
     Metric::Lat("p99 µs", "99.000000"),
     Metric::Lat("p99.9 µs", "99.900000"),
+    Metric::CpuPerIo,
 ];
 
 /// The table's rows: (our backing, the kernel's backing, job, metrics).
@@ -60,7 +67,7 @@ fn rows() -> Vec<(&'static str, &'static str, &'static str, Vec<Metric>)> {
     for ours in ["brd", "ram"] {
         v.push((ours, "brd", "qd1-randread", QD1.to_vec()));
         for job in ["qd32x2-randread", "qd32x2-randwrite", "qd32x1-randread"] {
-            v.push((ours, "brd", job, vec![Metric::Iops]));
+            v.push((ours, "brd", job, vec![Metric::Iops, Metric::CpuPerIo]));
         }
         for job in ["seq128k-read", "seq128k-write"] {
             v.push((ours, "brd", job, vec![Metric::MibPerSec]));
@@ -86,11 +93,51 @@ fn values(dir: &Path, t: &str, backing: &str, job: &str, who: &str, metric: Metr
         let path = dir.join(format!("{t}.{backing}.{job}.{who}.{run}.json"));
         let Ok(text) = std::fs::read_to_string(&path) else { break };
         let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let side = if job.contains("write") { "write" } else { "read" };
-        let x = metric.of(&doc["jobs"][0][side]).unwrap_or_else(|| panic!("{}: no {}", path.display(), metric.name()));
-        v.push(x);
+        let x = match metric {
+            Metric::CpuPerIo => cpu_per_io(&path, &dir.join(format!("{t}.idle.{run}")), &doc, who == "ours"),
+            _ => {
+                let side = if job.contains("write") { "write" } else { "read" };
+                metric.of(&doc["jobs"][0][side])
+            }
+        };
+        v.push(x.unwrap_or_else(|| panic!("{}: no {}", path.display(), metric.name())));
     }
     v
+}
+
+/// `key value` pairs of a file the scenario wrote.
+fn pairs(path: &Path) -> Option<BTreeMap<String, f64>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words.chunks(2).map(|kv| Some((kv.first()?.to_string(), kv.get(1)?.parse().ok()?))).collect()
+}
+
+/// I/Os fio completed (reads and writes).
+fn ios(doc: &Value) -> Option<f64> {
+    let job = &doc["jobs"][0];
+    Some(job["read"]["total_ios"].as_f64()? + job["write"]["total_ios"].as_f64()?)
+}
+
+/// CPU-µs per I/O of the run whose fio JSON is `json`: the guest's kernel time (system, irq,
+/// softirq — the kernel target, the host's initiator and fio's system calls) plus, for our
+/// target, its user time, less the kernel time the idle baseline `idle` shows for as long,
+/// over fio's I/Os. The host side is in both targets' figures alike.
+fn cpu_per_io(json: &Path, idle: &Path, doc: &Value, ours: bool) -> Option<f64> {
+    let run = pairs(&PathBuf::from(format!("{}.cpu", json.display())))?;
+    let idle = pairs(idle)?;
+    let idle_per_ns = idle.get("kernel_ticks")? / idle.get("ns")?;
+    let user = if ours { *run.get("target_user_ticks")? } else { 0.0 };
+    let ticks = run.get("kernel_ticks")? + user - idle_per_ns * run.get("ns")?;
+    Some(ticks / run.get("hz")? * 1e6 / ios(doc)?)
+}
+
+/// Our target's system calls per I/O in the counting pass of `job` over `t`.
+fn syscalls_per_io(dir: &Path, t: &str, job: &str) -> Option<f64> {
+    let perf = std::fs::read_to_string(dir.join(format!("{t}.brd.{job}.syscalls"))).ok()?;
+    let count: f64 = perf.lines().find(|l| l.contains("raw_syscalls:sys_enter"))?.split(',').next()?.parse().ok()?;
+    let doc: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{t}.brd.{job}.syscalls.json"))).ok()?).ok()?;
+    Some(count / ios(&doc)?)
 }
 
 fn stats(mut v: Vec<f64>) -> Value {
@@ -152,6 +199,19 @@ fn main() {
             }
         }
     }
+    let mut syscalls = BTreeMap::new();
+    let _ = writeln!(
+        table,
+        "\n| transport | fio job (brd, ours: file backend) | system calls per I/O: kernel | p2pnvmf |\n|---|---|---|---|"
+    );
+    for t in ["rdma", "tcp"] {
+        for job in ["qd1-randread", "qd32x2-randread"] {
+            let n = syscalls_per_io(&dir, t, job);
+            let shown = n.map_or_else(|| "not counted (perf)".to_string(), |n| format!("{n:.2}"));
+            let _ = writeln!(table, "| {t} | {job} | 0 (in the kernel) | {shown} |");
+            syscalls.insert(format!("{t}.{job}"), n);
+        }
+    }
     let rss: BTreeMap<String, u64> = out
         .console
         .lines()
@@ -171,7 +231,7 @@ fn main() {
     let report = json!({
         "date": date.unwrap_or_default(),
         "command": format!("BENCH_RUNTIME={runtime} BENCH_RUNS={runs} cargo bench --bench vm_fio"),
-        "runtime_s": runtime, "runs": runs, "rss_kib": rss, "rows": rows_json,
+        "runtime_s": runtime, "runs": runs, "rss_kib": rss, "rows": rows_json, "syscalls_per_io": syscalls,
     });
     let dest = repo_root().join("target/bench");
     std::fs::create_dir_all(&dest).expect("target/bench");

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draws the ratios of `cargo bench --bench vm_fio` (target/bench/vm_fio.json) as a PNG: one bar
-per row, p2pnvmf / kernel, RDMA and TCP side by side; 1.0 is parity. Latency rows are inverted
-(kernel / ours) so that longer bars are better everywhere."""
+per row, p2pnvmf / kernel, RDMA and TCP side by side; 1.0 is parity. Latency and CPU rows are
+inverted (kernel / ours) so that longer bars are better everywhere."""
 import json
 import sys
 

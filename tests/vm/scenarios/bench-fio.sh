@@ -4,7 +4,9 @@
 #   null  kernel on /dev/nullb0 | p2pnvmf file backend on /dev/nullb1 (null_blk, completions
 #         after a fixed 0.5 ms: what concurrency inside a queue is worth)
 # Every device stays connected; runs are interleaved (kernel, then ours, job by job) and repeated
-# BENCH_RUNS times. Each run leaves fio's JSON in /tmp/scn/results/<transport>.<backing>.<job>.<run>.json;
+# BENCH_RUNS times. Each run leaves fio's JSON in /tmp/scn/results/<transport>.<backing>.<job>.<run>.json
+# and the CPU it took beside it (.cpu; the idle baseline per transport and run in <transport>.idle.<run>);
+# a last pass counts our target's system calls per I/O (.syscalls);
 # the host side (benches/vm_fio.rs) computes medians and ratios. First, our target's RSS idle and
 # with 8 controllers x 4 I/O queues connected, per transport.
 RUNTIME=${BENCH_RUNTIME:-5}
@@ -81,11 +83,28 @@ declare -A JOB=(
 BRD_JOBS="qd1-randread qd32x2-randread qd32x2-randwrite qd32x1-randread seq128k-read seq128k-write"
 NULL_JOBS="qd1-randread qd32x1-randread"
 
-run_fio() {  # DEVICE JOB RESULT
+# CPU accounting (ticks of /proc/stat): the guest's kernel time — system, irq, softirq: the
+# kernel target, the host's initiator and fio's system calls alike — and our target's user
+# time; its idle share is measured per transport and run with every device connected.
+kernel_ticks() { awk '/^cpu / { print $4 + $7 + $8 }' /proc/stat; }
+target_user_ticks() { awk '{ print $14 }' "/proc/$TARGET_PID/stat"; }
+now_ns() { date +%s%N; }
+
+run_fio() {  # DEVICE JOB RESULT: fio's JSON in RESULT, the CPU it took beside it (RESULT.cpu)
+    local k0 u0 t0
+    read -r k0 u0 t0 < <(echo "$(kernel_ticks) $(target_user_ticks) $(now_ns)")
     fio --name="$2" --filename="$1" --ioengine=io_uring --direct=1 --size=64M --runtime="$RUNTIME" \
         --time_based --group_reporting --lat_percentiles=1 --output-format=json ${JOB[$2]} >"$3.tmp" 2>/dev/null \
         || die "fio $2 on $1 failed"
+    echo "kernel_ticks $(($(kernel_ticks) - k0)) target_user_ticks $(($(target_user_ticks) - u0)) ns $(($(now_ns) - t0)) hz $(getconf CLK_TCK)" >"$3.cpu"
     mv "$3.tmp" "$3"
+}
+# idle_baseline FILE: the kernel ticks of 5 s with nothing running, every device connected.
+idle_baseline() {
+    local k0 t0
+    read -r k0 t0 < <(echo "$(kernel_ticks) $(now_ns)")
+    sleep 5
+    echo "kernel_ticks $(($(kernel_ticks) - k0)) ns $(($(now_ns) - t0)) hz $(getconf CLK_TCK)" >"$1"
 }
 
 prefilled=
@@ -100,6 +119,7 @@ for run in $(seq "$RUNS"); do
             done
             prefilled=1
         fi
+        idle_baseline "$OUT/$t.idle.$run"
         for job in $BRD_JOBS; do
             for who in kernel ours; do run_fio "${DEV[brd.$who]}" "$job" "$OUT/$t.brd.$job.$who.$run.json"; done
             run_fio "${DEV[ram.ours]}" "$job" "$OUT/$t.ram.$job.ours.$run.json"
@@ -109,6 +129,24 @@ for run in $(seq "$RUNS"); do
         done
         disconnect_all
     done
+done
+
+# System calls per I/O of our target (the kernel target makes none: it runs in the kernel),
+# counted by perf on the tracepoint in a pass of their own, so that the timed runs above do not
+# carry perf's cost.
+mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+for t in rdma tcp; do
+    step "system calls per I/O over $t"
+    if [[ $t == rdma ]]; then connect_all rdma 4430 4420; else connect_all tcp 4431 4421; fi
+    for job in qd1-randread qd32x2-randread; do
+        perf stat -e raw_syscalls:sys_enter -x, -o "$OUT/$t.brd.$job.syscalls" -p "$TARGET_PID" &
+        perf_pid=$!
+        sleep 1  # perf attaches to every thread first
+        run_fio "${DEV[brd.ours]}" "$job" "$OUT/$t.brd.$job.syscalls.json"
+        kill -INT "$perf_pid"
+        wait "$perf_pid" || true
+    done
+    disconnect_all
 done
 
 stop_target
