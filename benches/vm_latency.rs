@@ -2,8 +2,9 @@
 //! depth 1 against the kernel target and p2pnvmf (RAM namespace) over TCP and RDMA; our
 //! target traces each command, so each command's time splits into inside the target (capsule
 //! received → answer written or posted) and outside it (answer → the next capsule: wire, host,
-//! fio and every wake-up on the way). Prints percentiles of both beside fio's latency, and the
-//! top of a CPU profile of the target during the TCP run. `TARGET_WORKERS=N` runs the target
+//! fio and every wake-up on the way). Prints percentiles of both beside fio's latency, the
+//! target's system calls per I/O by name (a third, counted run), and the top of a CPU profile
+//! of the target during the TCP run. `TARGET_WORKERS=N` runs the target
 //! with N tokio worker threads; `PIN_CPU=C` pins fio and our target to CPU C.
 
 use p2pnvmf_vmrig::{Scenario, Topology};
@@ -41,6 +42,31 @@ fn fio_lat(path: &std::path::Path) -> String {
         p("99.000000"),
         p("99.900000")
     )
+}
+
+/// The target's system calls per fio I/O by name, most frequent first (the counting run).
+fn syscalls(dir: &std::path::Path, t: &str) -> String {
+    let (Ok(perf), Ok(fio)) = (
+        std::fs::read_to_string(dir.join(format!("{t}.syscalls.txt"))),
+        std::fs::read_to_string(dir.join(format!("{t}.ours-syscalls.json"))),
+    ) else {
+        return "not counted".into();
+    };
+    let doc: Value = serde_json::from_str(&fio).expect("fio json");
+    let ios = doc["jobs"][0]["read"]["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
+    let mut counts: Vec<(f64, &str)> = perf
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(',');
+            let n = f.next()?.parse::<f64>().ok()?;
+            let name = f.nth(1)?.strip_prefix("syscalls:sys_enter_")?;
+            (n > 0.0).then_some((n, name))
+        })
+        .collect();
+    counts.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total: f64 = counts.iter().map(|c| c.0).sum();
+    let top: Vec<String> = counts.iter().take(8).map(|(n, name)| format!("{name} {:.2}", n / ios)).collect();
+    format!("{:.2} in all: {}", total / ios, top.join(", "))
 }
 
 fn main() {
@@ -86,6 +112,7 @@ fn main() {
         println!("{t}: p2pnvmf traced: {}", fio_lat(&out.run_dir.join(format!("{t}.ours-traced.json"))));
         println!("{t}:   {}", summary("inside the target (capsule in -> answer out)", &mut inside));
         println!("{t}:   {}", summary("outside (answer out -> next capsule in)", &mut outside));
+        println!("{t}:   system calls per I/O: {}", syscalls(&out.run_dir, t));
     }
     if let Ok(perf) = std::fs::read_to_string(out.run_dir.join("perf.txt")) {
         println!("CPU profile of the target during the TCP run (perf, cpu-clock):\n{perf}");

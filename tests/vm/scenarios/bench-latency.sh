@@ -3,7 +3,7 @@
 # figures) and tracing each command with microsecond timestamps to the guest's tmpfs (the
 # split of each command's time into inside the target and outside it; tracing itself slows
 # the inside). A CPU profile (perf, software clock, flat) of the quiet target during the TCP
-# run. TARGET_WORKERS sets the target's tokio worker threads (default: one per CPU); PIN_CPU
+# run; a third run counts the target's system calls by name (perf on their tracepoints). TARGET_WORKERS sets the target's tokio worker threads (default: one per CPU); PIN_CPU
 # pins fio and our target to that CPU (the kernel target's work follows the host's).
 RUNTIME=${BENCH_RUNTIME:-4}
 KNQN=nqn.2026-11.io.p2pnvmf:kernel-lat
@@ -33,12 +33,12 @@ for t in tcp rdma; do
     dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
     qd1 "$dev" "/tmp/scn/$t.kernel.json"
     nvme_disconnect_nqn "$KNQN" >/dev/null
-    for mode in quiet traced; do
+    for mode in quiet traced syscalls; do
         step "p2pnvmf over $t, $mode"
-        if [[ $mode == quiet ]]; then
-            RUST_LOG=warn start_target /tmp/scn/target.toml 4421
-        else
+        if [[ $mode == traced ]]; then
             RUST_LOG=warn,p2pnvmf_transport=trace start_target /tmp/scn/target.toml 4421
+        else
+            RUST_LOG=warn start_target /tmp/scn/target.toml 4421
         fi
         [[ -n ${PIN_CPU:-} ]] && taskset -a -p -c "$PIN_CPU" "$TARGET_PID" >/dev/null
         dev=$(nvme_connect_dev "$t" "$oport" "$NQN" -i 1)
@@ -48,7 +48,15 @@ for t in tcp rdma; do
             perf record -q -e cpu-clock -F 2000 -o /tmp/perf.data -p "$TARGET_PID" -- sleep "$RUNTIME" 2>/dev/null &
             perf_pid=$!
         fi
+        if [[ $mode == syscalls ]]; then
+            # Each system call of the target's threads by name, counted on its tracepoint.
+            mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
+            perf stat -e 'syscalls:sys_enter_*' -x, -o "/tmp/scn/$t.syscalls.txt" -p "$TARGET_PID" &
+            perf_pid=$!
+            sleep 2
+        fi
         qd1 "$dev" "/tmp/scn/$t.ours-$mode.json"
+        [[ $mode == syscalls ]] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
         echo "mark $t end" >>"$TARGET_LOG"
         if [[ $t == tcp && $mode == quiet ]]; then
             wait "$perf_pid" || true
