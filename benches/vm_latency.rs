@@ -4,8 +4,9 @@
 //! received → answer written or posted) and outside it (answer → the next capsule: wire, host,
 //! fio and every wake-up on the way). Prints percentiles of both beside fio's latency, the
 //! target's system calls per I/O by name (a third, counted run), and the top of a CPU profile
-//! of the target during the TCP run. `TARGET_WORKERS=N` runs the target
-//! with N tokio worker threads; `PIN_CPU=C` pins fio and our target to CPU C.
+//! of the target during the TCP run. `RDMA_BUSY_POLL=1` turns on the RDMA listener's
+//! `busy_poll`; `TARGET_WORKERS=N` runs the target with N tokio worker threads; `PIN_CPU=C` pins
+//! fio and our target to CPU C.
 
 use p2pnvmf_vmrig::{Scenario, Topology};
 use serde_json::Value;
@@ -73,7 +74,7 @@ fn main() {
     let mut scn = Scenario::new("bench-latency", Topology::nic_only(), "bench-latency.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .timeout(std::time::Duration::from_secs(900));
-    for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU"] {
+    for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU", "RDMA_BUSY_POLL"] {
         if let Ok(v) = std::env::var(key) {
             scn = scn.env(key, v);
         }

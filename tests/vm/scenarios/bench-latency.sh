@@ -3,7 +3,8 @@
 # figures) and tracing each command with microsecond timestamps to the guest's tmpfs (the
 # split of each command's time into inside the target and outside it; tracing itself slows
 # the inside). A CPU profile (perf, software clock, flat) of the quiet target during the TCP
-# run; a third run counts the target's system calls by name (perf on their tracepoints). TARGET_WORKERS sets the target's tokio worker threads (default: one per CPU); PIN_CPU
+# run; a third run counts the target's system calls by name (perf on their tracepoints).
+# RDMA_BUSY_POLL=1 turns on the RDMA listener's busy_poll. TARGET_WORKERS sets the target's tokio worker threads (default: one per CPU); PIN_CPU
 # pins fio and our target to that CPU (the kernel target's work follows the host's).
 RUNTIME=${BENCH_RUNTIME:-4}
 KNQN=nqn.2026-11.io.p2pnvmf:kernel-lat
@@ -14,6 +15,8 @@ nvmet_kernel_subsys "$KNQN" /dev/ram0
 nvmet_kernel_port 1 rdma 4430 "$KNQN"
 nvmet_kernel_port 2 tcp 4431 "$KNQN"
 rdma_config /tmp/scn/target.toml "$NQN"
+# RDMA_BUSY_POLL=1: the RDMA listener polls its completion queues instead of sleeping on them.
+[[ -n ${RDMA_BUSY_POLL:-} ]] && sed -i '/^transport = "rdma"$/a busy_poll = true' /tmp/scn/target.toml
 [[ -n ${TARGET_WORKERS:-} ]] && export TOKIO_WORKER_THREADS=$TARGET_WORKERS
 # The log goes to the guest's tmpfs: a line per event over 9p would cost more than the I/O.
 TARGET_LOG=/tmp/target.log
