@@ -73,9 +73,7 @@ impl Target {
 
     /// A target with `limits` whose namespaces are in groups of `ana`.
     pub fn with(subsystems: Vec<Arc<Subsystem>>, ports: Vec<Port>, limits: Limits, ana: Arc<ana::Groups>) -> Arc<Self> {
-        for n in subsystems.iter().flat_map(|s| &s.namespaces) {
-            ana_gauge(n.ana.id, n.ana.state());
-        }
+        ana_gauges(&subsystems);
         Arc::new(Target {
             subsystems: RwLock::new(subsystems),
             withdrawn: Mutex::default(),
@@ -135,6 +133,7 @@ impl Target {
     /// Attribute Changed event); the discovery log generation moves on and discovery
     /// controllers get a Discovery Log Page Change notice.
     pub fn reconfigure(&self, subsystems: Vec<Arc<Subsystem>>) {
+        ana_gauges(&subsystems);
         let old =
             std::mem::replace(&mut *self.subsystems.write().unwrap_or_else(|e| e.into_inner()), subsystems.clone());
         {
@@ -367,7 +366,16 @@ impl Target {
         )
     }
 }
+
 /// `p2pnvmf_ana_state{group}`: the group's state on this head, as its ANAS value.
 fn ana_gauge(group: u32, state: ana::State) {
     metrics::gauge!("p2pnvmf_ana_state", "group" => group.to_string()).set(f64::from(state as u8));
+}
+
+/// The gauge of every group a namespace of `subsystems` is in (at start, and after a reload that
+/// may bring a namespace in a group that had none).
+fn ana_gauges(subsystems: &[Arc<Subsystem>]) {
+    for n in subsystems.iter().flat_map(|s| &s.namespaces) {
+        ana_gauge(n.ana.id, n.ana.state());
+    }
 }

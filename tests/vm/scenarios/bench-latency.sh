@@ -4,8 +4,9 @@
 # split of each command's time into inside the target and outside it; tracing itself slows
 # the inside). A CPU profile (perf, software clock, flat) of the quiet target during the TCP
 # run; a third run counts the target's system calls by name (perf on their tracepoints).
-# RDMA_BUSY_POLL=1 turns on the RDMA listener's busy_poll. TARGET_WORKERS sets the target's tokio worker threads (default: one per CPU); PIN_CPU
-# pins fio and our target to that CPU (the kernel target's work follows the host's).
+# RDMA_BUSY_POLL=1 turns on the RDMA listener's busy_poll. TARGET_WORKERS sets the target's
+# tokio worker threads (default: one per CPU); PIN_CPU pins fio and our target to that CPU (the
+# kernel target's work follows the host's).
 RUNTIME=${BENCH_RUNTIME:-4}
 KNQN=nqn.2026-11.io.p2pnvmf:kernel-lat
 NQN=nqn.2026-11.io.p2pnvmf:lat
