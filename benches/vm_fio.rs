@@ -2,10 +2,11 @@
 //! (rxe) and TCP, on the same kinds of backing (brd through our file backend and our RAM
 //! namespace; null_blk with 0.5 ms completions through our file backend), fio with io_uring.
 //! Every job runs BENCH_RUNS times (default 3), kernel and ours interleaved, BENCH_RUNTIME
-//! seconds each (default 5). Writes `target/bench/vm_fio.{json,md,png}` and prints the table:
-//! medians with min and max, and ours / kernel per row, CPU-µs per I/O for the QD1 and QD32
-//! rows, and our target's system calls per I/O (counted by perf in a pass of their own). Under
-//! TCG only ratios within one run mean anything.
+//! seconds each (default 5), then ours again in poll mode (its poller pinned to CPU `POLL_CPU`,
+//! default 1). Writes `target/bench/vm_fio.{json,md,png}` and prints the table: medians with
+//! min and max, ours / kernel per row for both modes, CPU-µs per I/O for the QD1 and QD32 rows,
+//! and our target's system calls per I/O (counted by perf in a pass of their own). Under TCG
+//! only ratios within one run mean anything.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -94,7 +95,7 @@ fn values(dir: &Path, t: &str, backing: &str, job: &str, who: &str, metric: Metr
         let Ok(text) = std::fs::read_to_string(&path) else { break };
         let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let x = match metric {
-            Metric::CpuPerIo => cpu_per_io(&path, &dir.join(format!("{t}.idle.{run}")), &doc, who == "ours"),
+            Metric::CpuPerIo => cpu_per_io(&path, &dir.join(format!("{t}.idle.{run}")), &doc, who != "kernel"),
             _ => {
                 let side = if job.contains("write") { "write" } else { "read" };
                 metric.of(&doc["jobs"][0][side])
@@ -131,17 +132,21 @@ fn cpu_per_io(json: &Path, idle: &Path, doc: &Value, ours: bool) -> Option<f64> 
     Some(ticks / run.get("hz")? * 1e6 / ios(doc)?)
 }
 
-/// Our target's system calls per I/O in the counting pass of `job` over `t`.
-fn syscalls_per_io(dir: &Path, t: &str, job: &str) -> Option<f64> {
-    let perf = std::fs::read_to_string(dir.join(format!("{t}.brd.{job}.syscalls"))).ok()?;
+/// Our target's system calls per I/O in the counting pass of `job` over `t` in `mode` (`ours`:
+/// the default, or `poll`).
+fn syscalls_per_io(dir: &Path, t: &str, job: &str, mode: &str) -> Option<f64> {
+    let perf = std::fs::read_to_string(dir.join(format!("{t}.brd.{job}.{mode}.syscalls"))).ok()?;
     let count: f64 = perf.lines().find(|l| l.contains("raw_syscalls:sys_enter"))?.split(',').next()?.parse().ok()?;
     let doc: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{t}.brd.{job}.syscalls.json"))).ok()?).ok()?;
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{t}.brd.{job}.{mode}.syscalls.json"))).ok()?)
+            .ok()?;
     Some(count / ios(&doc)?)
 }
 
 fn stats(mut v: Vec<f64>) -> Value {
-    assert!(!v.is_empty(), "no runs");
+    if v.is_empty() {
+        return Value::Null;
+    }
     v.sort_by(f64::total_cmp);
     json!({ "median": v[v.len() / 2], "min": v[0], "max": v[v.len() - 1], "runs": v.len() })
 }
@@ -153,10 +158,12 @@ fn fmt(x: f64) -> String {
 fn main() {
     let runtime = std::env::var("BENCH_RUNTIME").unwrap_or_else(|_| "5".into());
     let runs = std::env::var("BENCH_RUNS").unwrap_or_else(|_| "3".into());
+    let poll_cpu = std::env::var("POLL_CPU").unwrap_or_else(|_| "1".into());
     let scn = Scenario::new("bench-fio", Topology::nic_only(), "bench-fio.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .env("BENCH_RUNTIME", runtime.clone())
         .env("BENCH_RUNS", runs.clone())
+        .env("POLL_CPU", poll_cpu.clone())
         .timeout(std::time::Duration::from_secs(5400))
         // brd devices, a RAM namespace and 32 RDMA queues' data areas at once.
         .memory(4096);
@@ -164,8 +171,8 @@ fn main() {
     let dir = out.run_dir.join("results");
 
     let mut table = String::from(
-        "| transport | backing | fio job | metric | kernel median (min–max) | p2pnvmf median (min–max) | ours / kernel |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| transport | backing | fio job | metric | kernel median (min–max) | p2pnvmf median (min–max) | ours / kernel | p2pnvmf poll mode | poll / kernel |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     let mut rows_json = Vec::new();
     for t in ["rdma", "tcp"] {
@@ -173,28 +180,29 @@ fn main() {
             for m in metrics {
                 let k = stats(values(&dir, t, kernel_backing, job, "kernel", m));
                 let o = stats(values(&dir, t, ours_backing, job, "ours", m));
-                let ratio = o["median"].as_f64().expect("number") / k["median"].as_f64().expect("number");
-                let cell = |s: &Value| {
-                    format!(
-                        "{} ({}–{})",
-                        fmt(s["median"].as_f64().expect("number")),
-                        fmt(s["min"].as_f64().expect("number")),
-                        fmt(s["max"].as_f64().expect("number"))
-                    )
+                let p = stats(values(&dir, t, ours_backing, job, "poll", m));
+                let ratio = |s: &Value| Some(s["median"].as_f64()? / k["median"].as_f64()?);
+                let cell = |s: &Value| match (s["median"].as_f64(), s["min"].as_f64(), s["max"].as_f64()) {
+                    (Some(med), Some(min), Some(max)) => format!("{} ({}–{})", fmt(med), fmt(min), fmt(max)),
+                    _ => "-".into(),
                 };
                 let better = if m.higher_is_better() { "" } else { " (lower is better)" };
+                let shown = |r: Option<f64>| r.map_or_else(|| "-".into(), |r| format!("{r:.2}{better}"));
                 let _ = writeln!(
                     table,
-                    "| {t} | {} | {job} | {} | {} | {} | {ratio:.2}{better} |",
+                    "| {t} | {} | {job} | {} | {} | {} | {} | {} | {} |",
                     backing_label(ours_backing),
                     m.name(),
                     cell(&k),
-                    cell(&o)
+                    cell(&o),
+                    shown(ratio(&o)),
+                    cell(&p),
+                    shown(ratio(&p)),
                 );
                 rows_json.push(json!({
                     "transport": t, "backing": ours_backing, "kernel_backing": kernel_backing, "job": job,
                     "metric": m.name(), "higher_is_better": m.higher_is_better(),
-                    "kernel": k, "ours": o, "ratio": ratio,
+                    "kernel": k, "ours": o, "ratio": ratio(&o), "poll": p, "poll_ratio": ratio(&p),
                 }));
             }
         }
@@ -202,14 +210,17 @@ fn main() {
     let mut syscalls = BTreeMap::new();
     let _ = writeln!(
         table,
-        "\n| transport | fio job (brd, ours: file backend) | system calls per I/O: kernel | p2pnvmf |\n|---|---|---|---|"
+        "\n| transport | fio job (brd, ours: file backend) | system calls per I/O: kernel | p2pnvmf | poll mode |\n|---|---|---|---|---|"
     );
     for t in ["rdma", "tcp"] {
         for job in ["qd1-randread", "qd32x2-randread"] {
-            let n = syscalls_per_io(&dir, t, job);
-            let shown = n.map_or_else(|| "not counted (perf)".to_string(), |n| format!("{n:.2}"));
-            let _ = writeln!(table, "| {t} | {job} | 0 (in the kernel) | {shown} |");
-            syscalls.insert(format!("{t}.{job}"), n);
+            let mut cells = Vec::new();
+            for mode in ["ours", "poll"] {
+                let n = syscalls_per_io(&dir, t, job, mode);
+                cells.push(n.map_or_else(|| "not counted (perf)".to_string(), |n| format!("{n:.2}")));
+                syscalls.insert(format!("{t}.{job}.{mode}"), n);
+            }
+            let _ = writeln!(table, "| {t} | {job} | 0 (in the kernel) | {} | {} |", cells[0], cells[1]);
         }
     }
     let rss: BTreeMap<String, u64> = out
@@ -230,7 +241,7 @@ fn main() {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
     let report = json!({
         "date": date.unwrap_or_default(),
-        "command": format!("BENCH_RUNTIME={runtime} BENCH_RUNS={runs} cargo bench --bench vm_fio"),
+        "command": format!("BENCH_RUNTIME={runtime} BENCH_RUNS={runs} POLL_CPU={poll_cpu} cargo bench --bench vm_fio"),
         "runtime_s": runtime, "runs": runs, "rss_kib": rss, "rows": rows_json, "syscalls_per_io": syscalls,
     });
     let dest = repo_root().join("target/bench");

@@ -4,9 +4,10 @@
 //! received → answer written or posted) and outside it (answer → the next capsule: wire, host,
 //! fio and every wake-up on the way). Prints percentiles of both beside fio's latency, the
 //! target's system calls per I/O by name (a third, counted run), and the top of a CPU profile
-//! of the target during the TCP run. `RDMA_BUSY_POLL=1` turns on the RDMA listener's
-//! `busy_poll`; `TARGET_WORKERS=N` runs the target with N tokio worker threads; `PIN_CPU=C` pins
-//! fio and our target to CPU C.
+//! of the target during the TCP run, and a fourth, quiet run in poll mode (the poller pinned to
+//! CPU `POLL_CPU`, default 1). `POLL=1` runs the other three in poll mode too; `TARGET_WORKERS=N`
+//! runs the target with N tokio worker threads; `PIN_CPU=C` pins fio and our target to CPU C;
+//! `FIO_CPU=C` pins fio alone, for every target.
 
 use p2pnvmf_vmrig::{Scenario, Topology};
 use serde_json::Value;
@@ -74,7 +75,7 @@ fn main() {
     let mut scn = Scenario::new("bench-latency", Topology::nic_only(), "bench-latency.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .timeout(std::time::Duration::from_secs(900));
-    for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU", "RDMA_BUSY_POLL"] {
+    for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU", "FIO_CPU", "POLL", "POLL_CPU"] {
         if let Ok(v) = std::env::var(key) {
             scn = scn.env(key, v);
         }
@@ -111,6 +112,7 @@ fn main() {
         println!("{t}: kernel target: {}", fio_lat(&out.run_dir.join(format!("{t}.kernel.json"))));
         println!("{t}: p2pnvmf:        {}", fio_lat(&out.run_dir.join(format!("{t}.ours-quiet.json"))));
         println!("{t}: p2pnvmf traced: {}", fio_lat(&out.run_dir.join(format!("{t}.ours-traced.json"))));
+        println!("{t}: p2pnvmf poll:   {}", fio_lat(&out.run_dir.join(format!("{t}.ours-poll.json"))));
         println!("{t}:   {}", summary("inside the target (capsule in -> answer out)", &mut inside));
         println!("{t}:   {}", summary("outside (answer out -> next capsule in)", &mut outside));
         println!("{t}:   system calls per I/O: {}", syscalls(&out.run_dir, t));

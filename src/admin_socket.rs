@@ -248,5 +248,24 @@ pub fn render(v: &Value) -> String {
         s(&f["controller"]),
         s(&f["request"])
     );
+    let pollers = list(v, "pollers");
+    if !pollers.is_empty() {
+        out += "pollers (poll mode):
+";
+        for p in pollers {
+            let share = p["busy_share"].as_f64().unwrap_or(0.0) * 100.0;
+            out += &format!(
+                "  poller {} on CPU {}  {} connection(s)  busy {share:.1}% (last second)  busy {:.1} s, idle {:.1} s in all\n",
+                s(&p["poller"]),
+                match p["cpu"].as_u64() {
+                    Some(c) => c.to_string(),
+                    None => "any".into(),
+                },
+                s(&p["connections"]),
+                p["busy_seconds"].as_f64().unwrap_or(0.0),
+                p["idle_seconds"].as_f64().unwrap_or(0.0),
+            );
+        }
+    }
     out
 }

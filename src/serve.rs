@@ -18,6 +18,7 @@ use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, NsIds, Port, Subsystem, 
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
 use p2pnvmf_transport::Transport;
+use p2pnvmf_transport::poll::Pollers;
 use p2pnvmf_transport::rdma::RdmaParams;
 use p2pnvmf_transport::tcp::TcpParams;
 use tokio::signal::unix::{SignalKind, signal};
@@ -215,7 +216,6 @@ fn transport(l: &p2pnvmf_config::Listener, lim: &p2pnvmf_config::Limits) -> Box<
         }
         p2pnvmf_config::Transport::Rdma => Box::new(RdmaParams {
             max_icd: l.inline_data_size,
-            busy_poll: l.busy_poll,
             srq: l.srq_size.map(|n| n as usize),
             max_connections,
             ..RdmaParams::default()
@@ -264,9 +264,10 @@ fn reload(why: &str, path: &Path, cfg: &mut Config, live: &mut Live, target: &Ta
         || new.limits != cfg.limits
         || new.reservations_state_dir != cfg.reservations_state_dir
         || new.cluster != cfg.cluster
+        || new.performance != cfg.performance
     {
         return refused(format!(
-            "[p2p], [metrics], [limits], [reservations] or [cluster] changed in {}; restart to apply",
+            "[p2p], [metrics], [limits], [reservations], [cluster] or [performance] changed in {}; restart to apply",
             path.display()
         ));
     }
@@ -349,7 +350,7 @@ fn reservation_status(ns: &Namespace) -> serde_json::Value {
                        "holder": st.holder.map(|h| uuid_text(&h.host)), "registrants": registrants, "ptpl": st.ptpl})
 }
 
-fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
+fn status(cfg: &Config, live: &Live, target: &Target, pollers: Option<&Pollers>) -> serde_json::Value {
     use serde_json::json;
     // Ports are the listeners in order (`ports`): their transport names come from the core.
     let listeners: Vec<_> = cfg
@@ -425,8 +426,18 @@ fn status(cfg: &Config, live: &Live, target: &Target) -> serde_json::Value {
         }
     };
     let [namespace, controller, request] = p2pnvmf_nvmf::buffers::fallback_counts();
+    let pollers: Vec<_> = pollers
+        .map(Pollers::status)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| {
+            json!({"poller": p.index, "cpu": p.cpu, "connections": p.connections, "busy_share": p.busy_share,
+                   "busy_seconds": p.busy_seconds, "idle_seconds": p.idle_seconds})
+        })
+        .collect();
     json!({"listeners": listeners, "subsystems": subsystems, "controllers": controllers, "p2p": p2p,
-           "fallbacks": {"namespace": namespace, "controller": controller, "request": request}})
+           "fallbacks": {"namespace": namespace, "controller": controller, "request": request},
+           "pollers": pollers})
 }
 
 pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> anyhow::Result<()> {
@@ -464,6 +475,10 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
         info!(name = c.name, etcd = ?c.etcd, lease_ttl_s = c.lease_ttl_secs, ?groups, "joining the cluster");
         Cluster::start(c, target.clone(), groups, shared)
     });
+    let pollers = match cfg.performance.poll {
+        true => Some(Pollers::start(&cfg.performance.cores).context("[performance] poll: starting the pollers")?),
+        false => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();
     for port in target.ports.clone() {
@@ -475,7 +490,7 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
             .bind(addr)
             .with_context(|| format!("listener {name}: binding {kind} on {addr}"))?;
         info!(%addr, port = port.id, "{kind} listener ready");
-        let serving = bound.serve(target.clone(), port, stop_rx.clone());
+        let serving = bound.serve(target.clone(), port, stop_rx.clone(), pollers.clone());
         listeners.spawn(async move {
             if let Err(e) = serving.await {
                 error!("listener {name}: {kind} on {addr}: {e}");
@@ -524,7 +539,7 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
             }
             Some(ask) = asks.recv() => match ask {
                 Ask::Status(reply) => {
-                    let mut v = status(&cfg, &live, &target);
+                    let mut v = status(&cfg, &live, &target, pollers.as_deref());
                     if let Some(c) = &cluster {
                         v["cluster"] = c.status();
                     }
@@ -561,6 +576,8 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
     }
     let _ = stop_tx.send(true);
     while listeners.join_next().await.is_some() {}
+    // Their connections have ended with the listeners.
+    drop(pollers);
     if let Some(a) = admin {
         let _ = a.await;
     }

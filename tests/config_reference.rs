@@ -63,6 +63,7 @@ fn the_readme_reference_lists_exactly_what_the_parser_accepts() {
         "reservations",
         "ana",
         "cluster",
+        "performance",
     ]
     .into();
     assert_eq!(readme.keys().map(String::as_str).collect::<BTreeSet<_>>(), tables, "tables in the README");

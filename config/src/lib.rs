@@ -51,8 +51,6 @@ pub struct Listener {
     pub port: u16,
     /// RDMA: in-capsule data accepted on I/O queues (advertised as IOCCSZ).
     pub inline_data_size: u32,
-    /// RDMA: poll completion queues instead of waiting on completion channels.
-    pub busy_poll: bool,
     /// RDMA: receive through one shared receive queue per device, of this many capsules.
     pub srq_size: Option<u32>,
 }
@@ -189,6 +187,17 @@ pub struct Cluster {
     pub prefix: String,
 }
 
+/// The `[performance]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Performance {
+    /// `poll`: connections are served by polling threads that never sleep (each keeps a CPU
+    /// busy) instead of the interrupt-driven default.
+    pub poll: bool,
+    /// `cores`: the CPUs the polling threads are pinned to, one thread each; empty: one thread,
+    /// not pinned.
+    pub cores: Vec<usize>,
+}
+
 /// The `[ana]` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ana {
@@ -210,6 +219,7 @@ pub struct Config {
     pub ana: Ana,
     /// `[cluster]`: several heads serving the same storage, sharing state through etcd.
     pub cluster: Option<Cluster>,
+    pub performance: Performance,
     /// What was accepted but deserves the operator's eye, with its place in the file.
     pub warnings: Vec<ConfigError>,
 }

@@ -12,7 +12,7 @@ use crate::pci::{Kind, PciAddr, Spec};
 
 use crate::{
     ANA_GROUPS, Ana, AnaState, Backend, Buffers, Cluster, Config, ConfigError, Limits, Listener, MAX_NAMESPACES,
-    Namespace, P2p, Subsystem, Transport,
+    Namespace, P2p, Performance, Subsystem, Transport,
 };
 
 #[derive(Deserialize)]
@@ -28,6 +28,14 @@ struct RawConfig {
     reservations: Option<RawReservations>,
     ana: Option<RawAna>,
     cluster: Option<Spanned<RawCluster>>,
+    performance: Option<RawPerformance>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPerformance {
+    poll: Option<Spanned<bool>>,
+    cores: Option<Spanned<Vec<Spanned<i64>>>>,
 }
 
 #[derive(Deserialize)]
@@ -94,7 +102,6 @@ struct RawListener {
     address: Spanned<String>,
     port: Option<Spanned<i64>>,
     inline_data_size: Option<Spanned<i64>>,
-    busy_poll: Option<Spanned<bool>>,
     srq_size: Option<Spanned<i64>>,
 }
 
@@ -238,8 +245,23 @@ pub(crate) fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
         let why = "ana.groups: with [cluster] the cluster decides the groups' states (the owner optimized, the others cluster.standby)";
         return Err(cx.err(a.span(), why.into()));
     }
+    let performance = match &raw.performance {
+        Some(r) => performance(&cx, r)?,
+        None => Performance::default(),
+    };
     let warnings = cx.warnings.into_inner();
-    Ok(Config { listeners, subsystems, p2p, metrics_listen, limits, reservations_state_dir, ana, cluster, warnings })
+    Ok(Config {
+        listeners,
+        subsystems,
+        p2p,
+        metrics_listen,
+        limits,
+        reservations_state_dir,
+        ana,
+        cluster,
+        performance,
+        warnings,
+    })
 }
 
 /// An integer key within `lo..=hi`, or `default` when absent.
@@ -258,6 +280,29 @@ fn bytes(v: &toml::Value) -> Result<u64, String> {
         toml::Value::String(s) => crate::parse_size(s),
         _ => Err("expected a number of bytes or a string like \"1GiB\"".into()),
     }
+}
+
+fn performance(cx: &Ctx, r: &RawPerformance) -> Result<Performance, ConfigError> {
+    let poll = r.poll.as_ref().is_some_and(|p| *p.get_ref());
+    let mut cores = Vec::new();
+    if let Some(list) = &r.cores {
+        if !poll {
+            return Err(cx.err(list.span(), "performance.cores: the CPUs of polling threads: needs poll = true".into()));
+        }
+        if list.get_ref().is_empty() {
+            return Err(
+                cx.err(list.span(), "performance.cores: empty (leave it out for one thread, not pinned)".into())
+            );
+        }
+        for c in list.get_ref() {
+            let cpu = ranged(cx, "performance.cores", Some(c), 0, 4095, 0)? as usize;
+            if cores.contains(&cpu) {
+                return Err(cx.err(c.span(), format!("performance.cores: CPU {cpu} is named twice")));
+            }
+            cores.push(cpu);
+        }
+    }
+    Ok(Performance { poll, cores })
 }
 
 fn limits(cx: &Ctx, r: &RawLimits) -> Result<Limits, ConfigError> {
@@ -456,8 +501,7 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
     let name = r.name.as_ref().map_or_else(|| format!("listener{i}"), |n| n.get_ref().clone());
     if transport == Transport::Tcp {
         let span = r.inline_data_size.as_ref().map(|v| (v.span(), "inline_data_size"));
-        let span = span.or_else(|| r.srq_size.as_ref().map(|v| (v.span(), "srq_size")));
-        if let Some((span, key)) = span.or_else(|| r.busy_poll.as_ref().map(|v| (v.span(), "busy_poll"))) {
+        if let Some((span, key)) = span.or_else(|| r.srq_size.as_ref().map(|v| (v.span(), "srq_size"))) {
             return Err(cx.err(span, format!("listener[{i}].{key}: applies to rdma listeners only")));
         }
     }
@@ -477,12 +521,11 @@ fn listener(cx: &Ctx, i: usize, l: &Spanned<RawListener>) -> Result<Listener, Co
                 )
             })?,
     };
-    let busy_poll = r.busy_poll.as_ref().is_some_and(|b| *b.get_ref());
     let srq_size = match &r.srq_size {
         None => None,
         Some(v) => Some(ranged(cx, &format!("listener[{i}].srq_size"), Some(v), 16, 16384, 0)? as u32),
     };
-    Ok(Listener { name, transport, address, port, inline_data_size, busy_poll, srq_size })
+    Ok(Listener { name, transport, address, port, inline_data_size, srq_size })
 }
 
 fn ascii_field(cx: &Ctx, key: &str, v: &Spanned<String>, max: usize) -> Result<String, ConfigError> {
@@ -1155,17 +1198,36 @@ mod tests {
     #[test]
     fn rdma_listener_options() {
         let rdma = "[[listener]]\ntransport = \"rdma\"\naddress = \"10.0.0.1\"\n";
-        let c = parse(&format!("{rdma}inline_data_size = 16384\nbusy_poll = true\n"), "t").unwrap();
-        assert_eq!((c.listeners[0].inline_data_size, c.listeners[0].busy_poll), (16384, true));
+        let c = parse(&format!("{rdma}inline_data_size = 16384\n"), "t").unwrap();
+        assert_eq!(c.listeners[0].inline_data_size, 16384);
         assert_eq!(parse(rdma, "t").unwrap().listeners[0].inline_data_size, 8192);
         let c = parse(&format!("{rdma}srq_size = 256\n"), "t").unwrap();
         assert_eq!(c.listeners[0].srq_size, Some(256));
         assert!(err(&format!("{rdma}srq_size = 8\n")).message.contains("srq_size: 8 is not from 16 to 16384"));
         let e = err(&format!("{rdma}inline_data_size = 16400\n"));
         assert!(e.message.contains("inline_data_size: 16400 must be a multiple of 16 from 0 to 16384"), "{e}");
-        let e = err(&format!("{LISTENER}busy_poll = true\n"));
-        assert!(e.message.contains("listener[0].busy_poll: applies to rdma listeners only"), "{e}");
+        let e = err(&format!("{LISTENER}srq_size = 64\n"));
+        assert!(e.message.contains("listener[0].srq_size: applies to rdma listeners only"), "{e}");
         assert_eq!(e.line, 5);
+    }
+
+    #[test]
+    fn performance_poll_mode_and_its_cores() {
+        assert_eq!(parse(LISTENER, "t").unwrap().performance, Performance::default());
+        let c = parse(&format!("{LISTENER}[performance]\npoll = true\n"), "t").unwrap();
+        assert_eq!(c.performance, Performance { poll: true, cores: vec![] });
+        let c = parse(&format!("{LISTENER}[performance]\npoll = true\ncores = [1, 3]\n"), "t").unwrap();
+        assert_eq!(c.performance.cores, vec![1, 3]);
+        let e = err(&format!("{LISTENER}[performance]\ncores = [1]\n"));
+        assert!(e.message.contains("performance.cores: the CPUs of polling threads: needs poll = true"), "{e}");
+        assert_eq!(e.line, 6);
+        let e = err(&format!("{LISTENER}[performance]\npoll = true\ncores = [1, 1]\n"));
+        assert!(e.message.contains("performance.cores: CPU 1 is named twice"), "{e}");
+        let e = err(&format!("{LISTENER}[performance]\npoll = true\ncores = [-1]\n"));
+        assert!(e.message.contains("performance.cores: -1 is not from 0 to 4095"), "{e}");
+        let e = err(&format!("{LISTENER}[performance]\npoll = true\ncores = []\n"));
+        assert!(e.message.contains("performance.cores: empty"), "{e}");
+        assert!(err(&format!("{LISTENER}[performance]\npollers = 2\n")).message.contains("unknown field `pollers`"));
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! NVMe-oF transports: [`tcp`] (NVMe/TCP) and [`rdma`] (NVMe/RDMA over RDMA CM, with
 //! libibverbs and librdmacm loaded at run time), each a [`Transport`] the target listens on.
-//! Unsafe code is confined to `rdma::sys`, the verbs owners (`rdma::cm`, `rdma::qp`,
-//! `rdma::srq`) and the CPU's CRC32C instruction.
+//! Connections run on the runtime's worker threads, woken by the kernel, or in poll mode on
+//! polling threads of their own ([`poll`]). Unsafe code is confined to `rdma::sys`, the verbs
+//! owners (`rdma::cm`, `rdma::qp`, `rdma::srq`), the CPU's CRC32C instruction and pinning a
+//! poller to its CPU.
 #![deny(unsafe_code)]
 
 pub mod crc32c;
+pub mod poll;
 pub mod rdma;
 pub mod tcp;
 
@@ -35,6 +38,12 @@ pub type Serving = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 /// A bound listener.
 pub trait Listening: Send {
     /// Serves `port` of `target` until `shutdown` turns true, then waits for every connection
-    /// to finish.
-    fn serve(self: Box<Self>, target: Arc<Target>, port: Port, shutdown: watch::Receiver<bool>) -> Serving;
+    /// to finish. Connections run on `pollers` when given (poll mode), else on the runtime.
+    fn serve(
+        self: Box<Self>,
+        target: Arc<Target>,
+        port: Port,
+        shutdown: watch::Receiver<bool>,
+        pollers: Option<Arc<poll::Pollers>>,
+    ) -> Serving;
 }

@@ -202,6 +202,22 @@ CFG
 # fio_verify DEV BS [JOBS] [MIB] [OFFSET_MIB]: MIB (64) MiB of random writes from OFFSET_MIB (0; split over JOBS disjoint regions) then
 # crc32c verify, at queue depth 32 per job (ioengine $FIO_ENGINE, default libaio); fails on any
 # verify error. With FIO_VERIFY_ONLY=1, only the verify of what the same call wrote last.
+# poll_mode CONFIG [CORES]: the target serves its connections from polling threads
+# ([performance] poll; CORES like "[1]" pins them).
+poll_mode() {
+    printf '\n[performance]\npoll = true\n%s\n' "${2:+cores = $2}" >>"$1"
+}
+
+# check_pollers MIN: the target's status shows poller 0 serving at least MIN queues and busy
+# for part of what it has run.
+check_pollers() {
+    local line
+    line=$("$P2PNVMF_BIN" status | grep "^  poller 0 ") || die "p2pnvmf status shows no poller"
+    echo "$line" >&2
+    awk -v min="$1" '{ for (i = 3; i <= NF; i++) { if ($i == "connection(s)") c = $(i - 1); if ($i == "s," && $(i - 2) == "busy") b = $(i - 1) } }
+        END { exit !(c >= min && b > 0) }' <<<"$line" || die "poller 0: fewer than $1 queues, or never busy"
+}
+
 fio_verify() {
     local dev=$1 bs=$2 jobs=${3:-1} mib=${4:-64} off=${5:-0} out
     out=$(fio --name="verify-$bs" --filename="$dev" --ioengine="${FIO_ENGINE:-libaio}" --direct=1 --rw=randwrite \

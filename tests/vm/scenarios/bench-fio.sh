@@ -4,13 +4,16 @@
 #   null  kernel on /dev/nullb0 | p2pnvmf file backend on /dev/nullb1 (null_blk, completions
 #         after a fixed 0.5 ms: what concurrency inside a queue is worth)
 # Every device stays connected; runs are interleaved (kernel, then ours, job by job) and repeated
-# BENCH_RUNS times. Each run leaves fio's JSON in /tmp/scn/results/<transport>.<backing>.<job>.<run>.json
+# BENCH_RUNS times. After each transport's turn of a run, our target restarts in poll mode
+# ([performance] poll, its poller pinned to CPU POLL_CPU, default 1) for the same jobs on its
+# namespaces ("poll" in the file names), then back in the default mode. Each run leaves fio's JSON in /tmp/scn/results/<transport>.<backing>.<job>.<run>.json
 # and the CPU it took beside it (.cpu; the idle baseline per transport and run in <transport>.idle.<run>);
 # a last pass counts our target's system calls per I/O (.syscalls);
 # the host side (benches/vm_fio.rs) computes medians and ratios. First, our target's RSS idle and
 # with 8 controllers x 4 I/O queues connected, per transport.
 RUNTIME=${BENCH_RUNTIME:-5}
 RUNS=${BENCH_RUNS:-3}
+POLL_CPU=${POLL_CPU:-1}
 OUT=/tmp/scn/results
 mkdir -p "$OUT"
 KBRD=nqn.2026-11.io.p2pnvmf:kernel-brd
@@ -60,15 +63,36 @@ done
 # One transport at a time: the same subsystem over RDMA and TCP would be two paths of one
 # multipath device.
 declare -A DEV
+connect_ours() {  # TRANSPORT OPORT: our devices as ours (default mode) or poll
+    local who=${3:-ours}
+    DEV[brd.$who]=$(nvme_connect_dev "$1" "$2" "$OBRD" -i 2)
+    DEV[ram.$who]=$(nvme_connect_dev "$1" "$2" "$ORAM" -i 2)
+    DEV[null.$who]=$(nvme_connect_dev "$1" "$2" "$ONULL" -i 2)
+    # The RAM namespace starts empty with each target (zeroes cost less): fill what is read.
+    dd if=/dev/urandom of="${DEV[ram.$who]}" bs=1M count=64 oflag=direct status=none || die "prefill ${DEV[ram.$who]}"
+}
 connect_all() {  # TRANSPORT KPORT OPORT
     DEV[brd.kernel]=$(nvme_connect_dev "$1" "$2" "$KBRD" -i 2)
     DEV[null.kernel]=$(nvme_connect_dev "$1" "$2" "$KNULL" -i 2)
-    DEV[brd.ours]=$(nvme_connect_dev "$1" "$3" "$OBRD" -i 2)
-    DEV[ram.ours]=$(nvme_connect_dev "$1" "$3" "$ORAM" -i 2)
-    DEV[null.ours]=$(nvme_connect_dev "$1" "$3" "$ONULL" -i 2)
+    connect_ours "$1" "$3"
+}
+disconnect_ours() {
+    for n in "$OBRD" "$ORAM" "$ONULL"; do nvme disconnect -n "$n" >/dev/null; done
 }
 disconnect_all() {
-    for n in "$KBRD" "$KNULL" "$OBRD" "$ORAM" "$ONULL"; do nvme disconnect -n "$n" >/dev/null; done
+    for n in "$KBRD" "$KNULL"; do nvme disconnect -n "$n" >/dev/null; done
+    disconnect_ours
+}
+cp /tmp/scn/target.toml /tmp/scn/poll.toml
+poll_mode /tmp/scn/poll.toml "[$POLL_CPU]"
+# in_poll_mode: our target restarted in poll mode (or back: in_poll_mode off).
+in_poll_mode() {
+    stop_target
+    if [[ ${1:-on} == on ]]; then
+        RUST_LOG=warn start_target /tmp/scn/poll.toml 4421
+    else
+        RUST_LOG=warn start_target /tmp/scn/target.toml 4421
+    fi
 }
 
 # name: fio options (4k unless said; QD32 x2 jobs run on both CPUs, so on both I/O queues)
@@ -113,8 +137,8 @@ for run in $(seq "$RUNS"); do
         step "run $run over $t"
         if [[ $t == rdma ]]; then connect_all rdma 4430 4420; else connect_all tcp 4431 4421; fi
         if [[ -z $prefilled ]]; then
-            # brd and RAM namespaces return zeroes for blocks never written: fill the region read.
-            for k in brd.kernel brd.ours ram.ours; do
+            # brd returns zeroes for blocks never written: fill the region read.
+            for k in brd.kernel brd.ours; do
                 dd if=/dev/urandom of="${DEV[$k]}" bs=1M count=64 oflag=direct status=none || die "prefill ${DEV[$k]}"
             done
             prefilled=1
@@ -128,6 +152,15 @@ for run in $(seq "$RUNS"); do
             for who in kernel ours; do run_fio "${DEV[null.$who]}" "$job" "$OUT/$t.null.$job.$who.$run.json"; done
         done
         disconnect_all
+        step "run $run over $t, our target in poll mode"
+        in_poll_mode on
+        connect_ours "$t" "$([[ $t == rdma ]] && echo 4420 || echo 4421)" poll
+        for job in $BRD_JOBS; do
+            for b in brd ram; do run_fio "${DEV[$b.poll]}" "$job" "$OUT/$t.$b.$job.poll.$run.json"; done
+        done
+        for job in $NULL_JOBS; do run_fio "${DEV[null.poll]}" "$job" "$OUT/$t.null.$job.poll.$run.json"; done
+        disconnect_ours
+        in_poll_mode off
     done
 done
 
@@ -135,18 +168,21 @@ done
 # counted by perf on the tracepoint in a pass of their own, so that the timed runs above do not
 # carry perf's cost.
 mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || true
-for t in rdma tcp; do
-    step "system calls per I/O over $t"
-    if [[ $t == rdma ]]; then connect_all rdma 4430 4420; else connect_all tcp 4431 4421; fi
-    for job in qd1-randread qd32x2-randread; do
-        perf stat -e raw_syscalls:sys_enter -x, -o "$OUT/$t.brd.$job.syscalls" -p "$TARGET_PID" &
-        perf_pid=$!
-        sleep 1  # perf attaches to every thread first
-        run_fio "${DEV[brd.ours]}" "$job" "$OUT/$t.brd.$job.syscalls.json"
-        kill -INT "$perf_pid"
-        wait "$perf_pid" || true
+for mode in ours poll; do
+    [[ $mode == poll ]] && in_poll_mode on
+    for t in rdma tcp; do
+        step "system calls per I/O over $t ($mode)"
+        connect_ours "$t" "$([[ $t == rdma ]] && echo 4420 || echo 4421)" "$mode"
+        for job in qd1-randread qd32x2-randread; do
+            perf stat -e raw_syscalls:sys_enter -x, -o "$OUT/$t.brd.$job.$mode.syscalls" -p "$TARGET_PID" &
+            perf_pid=$!
+            sleep 1  # perf attaches to every thread first
+            run_fio "${DEV[brd.$mode]}" "$job" "$OUT/$t.brd.$job.$mode.syscalls.json"
+            kill -INT "$perf_pid"
+            wait "$perf_pid" || true
+        done
+        disconnect_ours
     done
-    disconnect_all
 done
 
 stop_target

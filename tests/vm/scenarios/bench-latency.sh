@@ -4,10 +4,12 @@
 # split of each command's time into inside the target and outside it; tracing itself slows
 # the inside). A CPU profile (perf, software clock, flat) of the quiet target during the TCP
 # run; a third run counts the target's system calls by name (perf on their tracepoints).
-# RDMA_BUSY_POLL=1 turns on the RDMA listener's busy_poll. TARGET_WORKERS sets the target's
-# tokio worker threads (default: one per CPU); PIN_CPU pins fio and our target to that CPU (the
-# kernel target's work follows the host's).
+# A fourth run is our target in poll mode, quiet (its poller pinned to CPU POLL_CPU, default 1);
+# POLL=1 runs the other three in poll mode too. TARGET_WORKERS sets the target's tokio worker
+# threads (default: one per CPU); PIN_CPU pins fio and our target to that CPU (the kernel
+# target's work follows the host's); FIO_CPU pins fio alone, for every target.
 RUNTIME=${BENCH_RUNTIME:-4}
+echo "bench-clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 KNQN=nqn.2026-11.io.p2pnvmf:kernel-lat
 NQN=nqn.2026-11.io.p2pnvmf:lat
 modprobe brd rd_nr=1 rd_size=131072
@@ -16,14 +18,16 @@ nvmet_kernel_subsys "$KNQN" /dev/ram0
 nvmet_kernel_port 1 rdma 4430 "$KNQN"
 nvmet_kernel_port 2 tcp 4431 "$KNQN"
 rdma_config /tmp/scn/target.toml "$NQN"
-# RDMA_BUSY_POLL=1: the RDMA listener polls its completion queues instead of sleeping on them.
-[[ -n ${RDMA_BUSY_POLL:-} ]] && sed -i '/^transport = "rdma"$/a busy_poll = true' /tmp/scn/target.toml
+cp /tmp/scn/target.toml /tmp/scn/poll.toml
+poll_mode /tmp/scn/poll.toml "[${POLL_CPU:-1}]"
+[[ -n ${POLL:-} ]] && cp /tmp/scn/poll.toml /tmp/scn/target.toml
 [[ -n ${TARGET_WORKERS:-} ]] && export TOKIO_WORKER_THREADS=$TARGET_WORKERS
 # The log goes to the guest's tmpfs: a line per event over 9p would cost more than the I/O.
 TARGET_LOG=/tmp/target.log
 
 PIN=()
 [[ -n ${PIN_CPU:-} ]] && PIN=(taskset -c "$PIN_CPU")
+[[ -n ${FIO_CPU:-} ]] && PIN=(taskset -c "$FIO_CPU")
 qd1() {  # DEVICE RESULT
     "${PIN[@]}" fio --name=qd1 --filename="$1" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=1 \
         --size=64M --runtime="$RUNTIME" --time_based --lat_percentiles=1 --output-format=json >"$2" \
@@ -37,10 +41,12 @@ for t in tcp rdma; do
     dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
     qd1 "$dev" "/tmp/scn/$t.kernel.json"
     nvme_disconnect_nqn "$KNQN" >/dev/null
-    for mode in quiet traced syscalls; do
+    for mode in quiet traced syscalls poll; do
         step "p2pnvmf over $t, $mode"
         if [[ $mode == traced ]]; then
             RUST_LOG=warn,p2pnvmf_transport=trace start_target /tmp/scn/target.toml 4421
+        elif [[ $mode == poll ]]; then
+            RUST_LOG=warn start_target /tmp/scn/poll.toml 4421
         else
             RUST_LOG=warn start_target /tmp/scn/target.toml 4421
         fi

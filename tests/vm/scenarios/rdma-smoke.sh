@@ -13,19 +13,22 @@ verify_rw "$dev" 16
 nvme_disconnect_nqn "$NQN"
 stop_target
 
-step "16 KiB in-capsule data and busy-polled completions"
-sed -i 's/^port = 4420$/port = 4420\ninline_data_size = 16384\nbusy_poll = true/' /tmp/scn/target.toml
+step "16 KiB in-capsule data, poll mode: completion queues polled by a poller"
+cp /tmp/scn/target.toml /tmp/scn/interrupt.toml
+sed -i 's/^port = 4420$/port = 4420\ninline_data_size = 16384/' /tmp/scn/target.toml
+poll_mode /tmp/scn/target.toml
 start_target /tmp/scn/target.toml 4421
 dev=$(nvme_connect_dev rdma 4420 "$NQN")
-grep -q "RDMA queue accepted qid=1 .*busy_poll=true" "$TARGET_LOG" || die "I/O queue not in busy-poll mode"
+grep -q "RDMA queue accepted qid=1 .*polled=true" "$TARGET_LOG" || die "I/O queue not polled"
 nvme id-ctrl "$dev" | grep "^ioccsz *: 1028" || die "IOCCSZ is not 1028 (16 KiB in-capsule data)"
 verify_rw "$dev" 8
 fio_verify "$dev" 4k
+check_pollers 3
 nvme_disconnect_nqn "$NQN"
 stop_target
 
 step "one shared receive queue of 512 capsules for all queues"
-sed -i 's/^busy_poll = true$/srq_size = 512/' /tmp/scn/target.toml
+sed 's/^port = 4420$/port = 4420\nsrq_size = 512/' /tmp/scn/interrupt.toml >/tmp/scn/target.toml
 start_target /tmp/scn/target.toml 4421
 dev=$(nvme_connect_dev rdma 4420 "$NQN" -i 2)
 grep -q "shared receive queue created entries=512" "$TARGET_LOG" || die "no shared receive queue"

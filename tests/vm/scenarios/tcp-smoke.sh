@@ -1,5 +1,5 @@
 # Our target over NVMe/TCP, the shortest useful path: discover, connect, 16 MiB
-# write/read/compare, disconnect, clean shutdown.
+# write/read/compare, disconnect, clean shutdown; then the same in poll mode, with fio's verify.
 NQN=nqn.2026-11.io.p2pnvmf:smoke
 tcp_config /tmp/scn/target.toml "$NQN"
 start_target /tmp/scn/target.toml
@@ -9,6 +9,17 @@ step "connect"
 dev=$(nvme_connect_dev tcp 4420 "$NQN")
 step "verify 16 MiB on $dev"
 verify_rw "$dev" 16
+nvme_disconnect_nqn "$NQN"
+stop_target
+
+step "poll mode: the queues on a poller pinned to CPU 1"
+poll_mode /tmp/scn/target.toml "[1]"
+start_target /tmp/scn/target.toml
+grep -q "poller started poller=0 cpu=Some(1)" "$TARGET_LOG" || die "no poller on CPU 1"
+dev=$(nvme_connect_dev tcp 4420 "$NQN")
+verify_rw "$dev" 8
+fio_verify "$dev" 4k 2
+check_pollers 3
 nvme_disconnect_nqn "$NQN"
 stop_target
 step "done"

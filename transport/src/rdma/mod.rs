@@ -27,11 +27,13 @@ use std::sync::Arc;
 use p2pnvmf_nvmf::buffers::Mover;
 use p2pnvmf_nvmf::queue::{self, CtrlWatch};
 use p2pnvmf_nvmf::{Port, Queue, Target, TrType, TransportParams};
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, warn};
 use zerocopy::IntoBytes;
 
+use crate::poll::{self, Pollers};
 use crate::{Listening, Serving, Transport};
 pub use cm::Listener;
 use cm::{Event, next_event};
@@ -47,8 +49,6 @@ pub struct RdmaParams {
     pub max_icd: u32,
     /// Largest transfer of one command.
     pub max_xfer: u32,
-    /// Poll completion queues (for dedicated cores) instead of sleeping on completion channels.
-    pub busy_poll: bool,
     /// Receive capsules through one shared receive queue per device, of this many entries.
     pub srq: Option<usize>,
     /// Queues the listener holds at once; connect requests beyond are rejected.
@@ -57,7 +57,7 @@ pub struct RdmaParams {
 
 impl Default for RdmaParams {
     fn default() -> Self {
-        RdmaParams { max_icd: 8192, max_xfer: 1 << 20, busy_poll: false, srq: None, max_connections: 1024 }
+        RdmaParams { max_icd: 8192, max_xfer: 1 << 20, srq: None, max_connections: 1024 }
     }
 }
 
@@ -85,8 +85,14 @@ struct Bound {
 }
 
 impl Listening for Bound {
-    fn serve(self: Box<Self>, target: Arc<Target>, port: Port, shutdown: watch::Receiver<bool>) -> Serving {
-        Box::pin(serve(self.listener, target, port, self.params, shutdown))
+    fn serve(
+        self: Box<Self>,
+        target: Arc<Target>,
+        port: Port,
+        shutdown: watch::Receiver<bool>,
+        pollers: Option<Arc<Pollers>>,
+    ) -> Serving {
+        Box::pin(serve(self.listener, target, port, self.params, shutdown, pollers))
     }
 }
 
@@ -117,13 +123,15 @@ enum CmNote {
     Disconnected(&'static str),
 }
 
-/// Accepts RDMA connections until `shutdown`, then waits for every queue to close.
+/// Accepts RDMA connections until `shutdown`, then waits for every queue to close. With
+/// `pollers`, each queue runs on one and polls its completion queue there.
 async fn serve(
     listener: Listener,
     target: Arc<Target>,
     port: Port,
     params: RdmaParams,
     shutdown: watch::Receiver<bool>,
+    pollers: Option<Arc<Pollers>>,
 ) -> io::Result<()> {
     // The channel fd stays open until `listener` drops, after `afd` (dropped first below).
     #[allow(unsafe_code)]
@@ -144,7 +152,8 @@ async fn serve(
                         error!(port = port.id, "RDMA device removed under the listener: it stops; rdma-core keeps the device open until the target exits, so restart it once the device is back");
                         break 'events;
                     }
-                    handle_event(&listener, ev, &target, &port, &params, &shutdown, &mut conns, &mut tasks, &mut srqs);
+                    let on = Serve { target: &target, port: &port, params: &params, shutdown: &shutdown, pollers: pollers.as_deref() };
+                    handle_event(&listener, ev, &on, &mut conns, &mut tasks, &mut srqs);
                 }
                 guard.clear_ready();
             }
@@ -160,14 +169,19 @@ async fn serve(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What a listener serves its queues with.
+struct Serve<'a> {
+    target: &'a Arc<Target>,
+    port: &'a Port,
+    params: &'a RdmaParams,
+    shutdown: &'a watch::Receiver<bool>,
+    pollers: Option<&'a Pollers>,
+}
+
 fn handle_event(
     l: &Listener,
     ev: Event,
-    target: &Arc<Target>,
-    port: &Port,
-    params: &RdmaParams,
-    shutdown: &watch::Receiver<bool>,
+    on: &Serve,
     conns: &mut HashMap<usize, mpsc::UnboundedSender<CmNote>>,
     tasks: &mut JoinSet<()>,
     srqs: &mut HashMap<usize, Arc<srq::SharedRecv>>,
@@ -185,25 +199,25 @@ fn handle_event(
         cm_event::CONNECT_REQUEST
             if {
                 while tasks.try_join_next().is_some() {}
-                tasks.len() >= params.max_connections
+                tasks.len() >= on.params.max_connections
             } =>
         {
             warn!(
-                port = port.id,
-                limit = params.max_connections,
+                port = on.port.id,
+                limit = on.params.max_connections,
                 "RDMA connect request rejected (no resources): the listener holds limits.connections_per_listener queues"
             );
             qp::reject(l.api, ev.id, RejectStatus::NoResources.private_data().as_bytes());
         }
-        cm_event::CONNECT_REQUEST => match accept(l.api, &ev, target, port, params, srqs) {
+        cm_event::CONNECT_REQUEST => match accept(l.api, &ev, on, srqs) {
             Ok(conn) => {
                 let (tx, rx) = mpsc::unbounded_channel();
                 conns.insert(key, tx);
                 let span = queue::span(TrType::Rdma, &ev.peer.map_or_else(|| conn.peer.clone(), |p| p.to_string()));
-                tasks.spawn(conn.run(rx, shutdown.clone()).instrument(span));
+                poll::place(on.pollers, tasks, conn.run(rx, on.shutdown.clone()).instrument(span));
             }
             Err((status, why)) => {
-                warn!(port = port.id, ?status, "RDMA connect request rejected: {why}");
+                warn!(port = on.port.id, ?status, "RDMA connect request rejected: {why}");
                 qp::reject(l.api, ev.id, status.private_data().as_bytes());
             }
         },
@@ -213,6 +227,14 @@ fn handle_event(
         cm_event::DEVICE_REMOVAL => note(conns, CmNote::Disconnected("RDMA device removed")),
         cm_event::TIMEWAIT_EXIT => debug!("RDMA CM timewait exit"),
         other => debug!(event = other, status = ev.status, "RDMA CM event ignored"),
+    }
+}
+
+/// Readiness of a completion channel; never, without one.
+async fn readable(afd: Option<&AsyncFd<cm::Fd>>) -> io::Result<AsyncFdReadyGuard<'_, cm::Fd>> {
+    match afd {
+        Some(a) => a.readable().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -230,7 +252,8 @@ struct Conn {
     reqs: Requests,
     qp: Qp,
     peer: String,
-    busy_poll: bool,
+    /// Poll mode: the completion queue is polled on every turn of the poller, never armed.
+    polled: bool,
     events: Vec<request::Event>,
 }
 
@@ -240,11 +263,11 @@ type Refusal = (RejectStatus, String);
 fn accept(
     api: &'static Api,
     ev: &Event,
-    target: &Arc<Target>,
-    port: &Port,
-    params: &RdmaParams,
+    on: &Serve,
     srqs: &mut HashMap<usize, Arc<srq::SharedRecv>>,
 ) -> Result<Conn, Refusal> {
+    let (target, port, params) = (on.target, on.port, on.params);
+    let polled = on.pollers.is_some();
     let req = wire::parse_request(&ev.private, &target.limits)
         .map_err(|s| (s, format!("private data {:02x?}", ev.private)))?;
     let no_res = |e: io::Error| (RejectStatus::NoResources, e.to_string());
@@ -291,7 +314,7 @@ fn accept(
     let large = LARGE_BUFFER.clamp(small, max_xfer);
     let buffers = [(depth, small), ((depth / 8).max(4), large), ((depth / 64).max(2), max_xfer)];
     let size = QpSize { depth, capsule, requests, buffers, send_wrs };
-    let (mut qp, buffers) = Qp::create(api, ev.id, size, shared, params.busy_poll).map_err(no_res)?;
+    let (mut qp, buffers) = Qp::create(api, ev.id, size, shared, polled).map_err(no_res)?;
     let mut queue = Queue::new(target.clone(), port.clone());
     if let Some(peer) = ev.peer {
         queue.set_peer(peer.to_string());
@@ -302,24 +325,8 @@ fn accept(
     let reqs = Requests::new(queue, buffers, lim);
     let rep = wire::accept(req.depth);
     qp.accept(rep.as_bytes(), ird, ord).map_err(no_res)?;
-    info!(
-        qid = req.qid,
-        depth,
-        hrqsize = req.hrqsize,
-        ord,
-        ird,
-        requests,
-        send_wrs,
-        busy_poll = params.busy_poll,
-        "RDMA queue accepted"
-    );
-    Ok(Conn {
-        reqs,
-        qp,
-        peer: format!("qid {} (cm id {:p})", req.qid, ev.id),
-        busy_poll: params.busy_poll,
-        events: Vec::with_capacity(64),
-    })
+    info!(qid = req.qid, depth, hrqsize = req.hrqsize, ord, ird, requests, send_wrs, polled, "RDMA queue accepted");
+    Ok(Conn { reqs, qp, peer: format!("qid {} (cm id {:p})", req.qid, ev.id), polled, events: Vec::with_capacity(64) })
 }
 
 impl Conn {
@@ -327,6 +334,9 @@ impl Conn {
     fn poll(&mut self) -> io::Result<()> {
         self.events.clear();
         self.qp.poll(&mut self.events)?;
+        if !self.events.is_empty() {
+            poll::did_work();
+        }
         for &ev in &self.events {
             self.reqs.on_event(&mut self.qp, ev)?;
         }
@@ -334,23 +344,28 @@ impl Conn {
     }
 
     async fn run(mut self, mut notes: mpsc::UnboundedReceiver<CmNote>, mut shutdown: watch::Receiver<bool>) {
-        #[allow(unsafe_code)]
-        // SAFETY: the completion channel fd stays open until `self.qp` drops, after `afd`.
-        let afd = match unsafe { cm::watch(self.qp.channel_fd()) } {
-            Ok(a) => a,
-            Err(e) => return warn!(peer = %self.peer, "registering the completion channel: {e}"),
+        // Poll mode: no completion channel to wait on.
+        let afd = if self.polled {
+            None
+        } else {
+            #[allow(unsafe_code)]
+            // SAFETY: the completion channel fd stays open until `self.qp` drops, after `afd`.
+            match unsafe { cm::watch(self.qp.channel_fd()) } {
+                Ok(a) => Some(a),
+                Err(e) => return warn!(peer = %self.peer, "registering the completion channel: {e}"),
+            }
         };
         let mut ctrl = CtrlWatch::default();
         let why = loop {
             ctrl.follow(&self.reqs.queue);
             tokio::select! {
-                // Busy-poll mode: poll between every other readiness check.
-                () = tokio::task::yield_now(), if self.busy_poll => {
+                // Poll mode: the completion queue on every turn of the poller.
+                () = poll::next_turn(), if self.polled => {
                     if let Err(e) = self.poll() {
                         break format!("{e}");
                     }
                 }
-                guard = afd.readable(), if !self.busy_poll => {
+                guard = readable(afd.as_ref()), if !self.polled => {
                     match guard {
                         Ok(mut g) => {
                             g.clear_ready();
@@ -372,8 +387,10 @@ impl Conn {
                 _ = shutdown.wait_for(|s| *s) => break "target shutting down".to_string(),
             }
             // Commands the backends finished: woken for them, or inline while we handled the rest.
-            if let Err(e) = self.reqs.reap(&mut self.qp) {
-                break format!("{e}");
+            match self.reqs.reap(&mut self.qp) {
+                Ok(0) => {}
+                Ok(_) => poll::did_work(),
+                Err(e) => break format!("{e}"),
             }
         };
         let who = self.reqs.queue.controller().map(|c| (c.cntlid, c.subnqn().to_string()));

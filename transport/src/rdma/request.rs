@@ -428,9 +428,10 @@ impl Requests {
     }
 
     /// Commands the backends finished.
-    pub fn reap(&mut self, v: &mut impl Verbs) -> Result<(), Fatal> {
+    pub fn reap(&mut self, v: &mut impl Verbs) -> Result<usize, Fatal> {
         let mut done = std::mem::take(&mut self.reaped);
         self.queue.reap(&mut |c| done.push(c));
+        let n = done.len();
         for c in done.drain(..) {
             let r = &mut self.reqs[usize::from(c.tag)];
             if r.state != State::Executing {
@@ -444,7 +445,7 @@ impl Requests {
             self.complete(c.tag, resp);
         }
         self.reaped = done;
-        self.process(v)
+        self.process(v).map(|()| n)
     }
 
     /// Advances every waiting request that can move now, until nothing can.

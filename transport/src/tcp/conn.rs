@@ -282,6 +282,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Conn<R, W> {
                     return Ok(());
                 }
             }
+            crate::poll::did_work();
             // Every PDU already here, then every finished command, then one write.
             while !self.wire.rd.buffer().is_empty() {
                 if self.read_pdu().await? {

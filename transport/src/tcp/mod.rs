@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use p2pnvmf_nvmf::queue;
 use p2pnvmf_nvmf::{Port, Target, TrType, TransportParams};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, warn};
 
+use crate::poll::{self, Pollers};
 use crate::{Listening, Serving, Transport};
 
 /// Per-listener NVMe/TCP settings.
@@ -63,10 +64,16 @@ struct Bound {
 }
 
 impl Listening for Bound {
-    fn serve(self: Box<Self>, target: Arc<Target>, port: Port, shutdown: watch::Receiver<bool>) -> Serving {
+    fn serve(
+        self: Box<Self>,
+        target: Arc<Target>,
+        port: Port,
+        shutdown: watch::Receiver<bool>,
+        pollers: Option<Arc<Pollers>>,
+    ) -> Serving {
         Box::pin(async move {
             let listener = TcpListener::from_std(self.listener)?;
-            serve(listener, target, port, self.params, shutdown).await;
+            serve(listener, target, port, self.params, shutdown, pollers).await;
             Ok(())
         })
     }
@@ -78,13 +85,14 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Accepts connections on `listener` until `shutdown` turns true, then waits for every
-/// connection task to finish.
+/// connection task to finish. A connection is served where `pollers` places it.
 async fn serve(
     listener: TcpListener,
     target: Arc<Target>,
     port: Port,
     params: TcpParams,
     shutdown: watch::Receiver<bool>,
+    pollers: Option<Arc<Pollers>>,
 ) {
     let mut conns = JoinSet::new();
     let mut stop = shutdown.clone();
@@ -99,8 +107,22 @@ async fn serve(
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
-                    let run = conn::run(stream.into_split(), peer, target.clone(), port.clone(), params, shutdown.clone());
-                    conns.spawn(run.instrument(queue::span(TrType::Tcp, &peer)));
+                    // Registered again with the driver of the thread that serves it.
+                    let stream = match stream.into_std() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            warn!(port = port.id, %peer, "connection closed: taking it from the listener's driver: {e}");
+                            continue;
+                        }
+                    };
+                    let (target, port, shutdown) = (target.clone(), port.clone(), shutdown.clone());
+                    let run = async move {
+                        match TcpStream::from_std(stream) {
+                            Ok(s) => conn::run(s.into_split(), peer, target, port, params, shutdown).await,
+                            Err(e) => warn!(port = port.id, "connection closed: registering its socket: {e}"),
+                        }
+                    };
+                    poll::place(pollers.as_deref(), &mut conns, run.instrument(queue::span(TrType::Tcp, &peer)));
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.

@@ -1,0 +1,344 @@
+//! Poll mode (`[performance] poll = true`): connections served by polling threads that never
+//! sleep. Each poller is an OS thread running a current-thread tokio runtime that is never
+//! parked: its I/O driver is polled with a zero timeout on every turn, so a socket's data, an
+//! io_uring completion or (RDMA) a completion-queue entry is found by the thread that owns the
+//! connection, with no interrupt-driven wake-up and no hand-off to another thread between
+//! receive and completion. A task that polls (an RDMA queue's completion queue) comes back on
+//! every turn without a system call ([`next_turn`]). The price is a CPU per poller, busy at 100%; each poller's busy
+//! share (turns in which a connection did work) is in `status` and the metrics.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+thread_local! {
+    /// Work done on this thread: events a connection handled (bumped by the transports).
+    static WORK: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Tells this thread's poller that the turn did work (PDUs read, completions handled); on
+/// other threads it counts for nobody.
+pub fn did_work() {
+    WORK.with(|w| w.set(w.get().wrapping_add(1)));
+}
+
+/// How often a poller publishes its busy share.
+const WINDOW: Duration = Duration::from_secs(1);
+
+/// Runs a listener's connection on a poller (poll mode) or on the runtime.
+pub(crate) fn place<F>(pollers: Option<&Pollers>, set: &mut JoinSet<()>, conn: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match pollers {
+        Some(p) => p.spawn(set, conn),
+        None => drop(set.spawn(conn)),
+    }
+}
+
+/// One poller's figures, written by its thread, read by `status` and the metrics.
+#[derive(Debug, Default)]
+struct Figures {
+    connections: AtomicUsize,
+    busy_ns: AtomicU64,
+    idle_ns: AtomicU64,
+    /// Busy share of the last window, in parts per million.
+    recent_ppm: AtomicU64,
+}
+
+/// What `status` shows of one poller.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PollerStatus {
+    pub index: usize,
+    pub cpu: Option<usize>,
+    pub connections: usize,
+    pub busy_seconds: f64,
+    pub idle_seconds: f64,
+    /// Busy share over the last second.
+    pub busy_share: f64,
+}
+
+struct Poller {
+    handle: Handle,
+    cpu: Option<usize>,
+    figures: Arc<Figures>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The polling threads, started once; connections are placed on the least loaded.
+pub struct Pollers {
+    pollers: Vec<Poller>,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Pollers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pollers").field("cpus", &self.pollers.iter().map(|p| p.cpu).collect::<Vec<_>>()).finish()
+    }
+}
+
+impl Pollers {
+    /// One poller per CPU in `cores`, pinned to it; with none, one poller not pinned. The
+    /// error names the CPU a thread could not be pinned to.
+    pub fn start(cores: &[usize]) -> io::Result<Arc<Pollers>> {
+        let cpus: Vec<Option<usize>> =
+            if cores.is_empty() { vec![None] } else { cores.iter().copied().map(Some).collect() };
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut pollers = Vec::new();
+        for (index, cpu) in cpus.into_iter().enumerate() {
+            let figures = Arc::new(Figures::default());
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (f, s) = (figures.clone(), stop.clone());
+            let thread = std::thread::Builder::new().name(format!("p2pnvmf-poll{index}")).spawn(move || {
+                let rt = cpu
+                    .map_or(Ok(()), pin)
+                    .map_err(|e| {
+                        io::Error::new(
+                            e.kind(),
+                            format!("performance.cores: pinning poller {index} to CPU {}: {e}", cpu.unwrap_or(0)),
+                        )
+                    })
+                    .and_then(|()| tokio::runtime::Builder::new_current_thread().enable_all().build());
+                match rt {
+                    Ok(rt) => {
+                        let _ = tx.send(Ok(rt.handle().clone()));
+                        rt.block_on(spin(index, &f, &s));
+                    }
+                    Err(e) => drop(tx.send(Err(e))),
+                }
+            })?;
+            let handle = rx.recv().map_err(|_| io::Error::other("poller thread ended at start"))??;
+            info!(poller = index, cpu = ?cpu, "poller started");
+            pollers.push(Poller { handle, cpu, figures, thread: Some(thread) });
+        }
+        Ok(Arc::new(Pollers { pollers, stop }))
+    }
+
+    /// Runs `conn` on the poller with the fewest connections, for as long as it lasts.
+    pub fn spawn<F>(&self, set: &mut JoinSet<()>, conn: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let p = self.pollers.iter().min_by_key(|p| p.figures.connections.load(Relaxed)).expect("at least one poller");
+        let counted = Counted::new(p.figures.clone());
+        set.spawn_on(
+            async move {
+                let _counted = counted;
+                conn.await
+            },
+            &p.handle,
+        );
+    }
+
+    pub fn status(&self) -> Vec<PollerStatus> {
+        self.pollers
+            .iter()
+            .enumerate()
+            .map(|(index, p)| PollerStatus {
+                index,
+                cpu: p.cpu,
+                connections: p.figures.connections.load(Relaxed),
+                busy_seconds: p.figures.busy_ns.load(Relaxed) as f64 / 1e9,
+                idle_seconds: p.figures.idle_ns.load(Relaxed) as f64 / 1e9,
+                busy_share: p.figures.recent_ppm.load(Relaxed) as f64 / 1e6,
+            })
+            .collect()
+    }
+}
+
+impl Drop for Pollers {
+    /// Stops the threads (their connections were waited for by the listeners).
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        for p in &mut self.pollers {
+            if let Some(t) = p.thread.take()
+                && t.join().is_err()
+            {
+                warn!(cpu = ?p.cpu, "a poller thread panicked");
+            }
+        }
+    }
+}
+
+/// A connection counted on its poller while it lives.
+struct Counted(Arc<Figures>);
+
+impl Counted {
+    fn new(f: Arc<Figures>) -> Counted {
+        f.connections.fetch_add(1, Relaxed);
+        Counted(f)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Comes back on the poller's next turn: the task is queued again at once (not deferred to
+/// after the driver's poll, as `yield_now` is), so polling a completion queue or the clock
+/// costs no system call; the runtime still polls its driver (epoll with a zero timeout, timers)
+/// every `event_interval` task polls.
+pub(crate) async fn next_turn() {
+    let mut queued = false;
+    std::future::poll_fn(|cx| {
+        if queued {
+            return std::task::Poll::Ready(());
+        }
+        queued = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// A cheap monotonic tick count for accounting each turn: the TSC where there is one (no
+/// system call, unlike a clock that is not in the vDSO); turned into seconds once a window.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn ticks() -> u64 {
+    // SAFETY: RDTSC reads a counter; it has no preconditions on x86_64.
+    unsafe { std::arch::x86_64::_rdtsc() }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn ticks() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// Turns between looks at the clock.
+const CLOCK_EVERY: u32 = 1024;
+
+/// The poller's own task: comes back on every turn, so the runtime never parks, and accounts
+/// each turn (the tasks polled since its last one, the driver's poll) busy or idle by whether
+/// a connection did work in it; once a window, the ticks become seconds.
+async fn spin(index: usize, f: &Figures, stop: &AtomicBool) {
+    let label = index.to_string();
+    let share = metrics::gauge!("p2pnvmf_poller_busy_share", "poller" => label.clone());
+    let conns = metrics::gauge!("p2pnvmf_poller_connections", "poller" => label);
+    let (mut window_start, mut last) = (Instant::now(), ticks());
+    let (mut busy, mut idle, mut turns) = (0u64, 0u64, 0u32);
+    let mut seen = WORK.get();
+    while !stop.load(Relaxed) {
+        next_turn().await;
+        let t = ticks();
+        let turn = t.wrapping_sub(last);
+        last = t;
+        let work = WORK.get();
+        if work != seen {
+            seen = work;
+            busy += turn;
+        } else {
+            idle += turn;
+        }
+        turns += 1;
+        if turns < CLOCK_EVERY {
+            continue;
+        }
+        turns = 0;
+        let window = window_start.elapsed();
+        if window >= WINDOW {
+            let ns = window.as_nanos() as u64;
+            let busy_ns = (u128::from(ns) * u128::from(busy) / u128::from((busy + idle).max(1))) as u64;
+            f.busy_ns.fetch_add(busy_ns, Relaxed);
+            f.idle_ns.fetch_add(ns - busy_ns, Relaxed);
+            let ppm = busy_ns.saturating_mul(1_000_000) / ns.max(1);
+            f.recent_ppm.store(ppm, Relaxed);
+            share.set(ppm as f64 / 1e6);
+            conns.set(f.connections.load(Relaxed) as f64);
+            (window_start, busy, idle) = (Instant::now(), 0, 0);
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+#[allow(unsafe_code)]
+fn pin(cpu: usize) -> io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it (checked above);
+    // sched_setaffinity reads the set we pass, of its size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A poller serves a connection placed on it (an echo over loopback TCP, registered with
+    /// the poller's own driver), counts it while it lives and accounts its turns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_poller_serves_its_connections_and_accounts_its_turns() {
+        let pollers = Pollers::start(&[]).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut got = [0u8; 5];
+            for _ in 0..100 {
+                s.write_all(b"hello").await.unwrap();
+                s.read_exact(&mut got).await.unwrap();
+                assert_eq!(&got, b"hello");
+            }
+        });
+        let (std_stream, _) = tokio::task::block_in_place(|| listener.accept()).unwrap();
+        std_stream.set_nonblocking(true).unwrap();
+        let mut set = JoinSet::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        pollers.spawn(&mut set, async move {
+            let _ = tx.send(std::thread::current().name().map(str::to_string));
+            let mut s = tokio::net::TcpStream::from_std(std_stream).unwrap();
+            let mut buf = [0u8; 64];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        did_work();
+                        s.write_all(&buf[..n]).await.unwrap();
+                    }
+                }
+            }
+        });
+        assert_eq!(rx.await.unwrap().as_deref(), Some("p2pnvmf-poll0"));
+        assert_eq!(pollers.status()[0].connections, 1);
+        client.await.unwrap();
+        set.join_next().await.unwrap().unwrap();
+        assert_eq!(pollers.status()[0].connections, 0);
+        // Published once the first window (a second) has passed.
+        let deadline = Instant::now() + 3 * WINDOW;
+        let st = loop {
+            let st = pollers.status().remove(0);
+            if st.busy_seconds + st.idle_seconds > 0.0 || Instant::now() > deadline {
+                break st;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(st.busy_seconds > 0.0 && st.idle_seconds > st.busy_seconds, "{st:?}");
+        assert_eq!(st.cpu, None);
+    }
+
+    #[test]
+    fn a_cpu_out_of_range_is_refused_naming_the_key() {
+        let e = Pollers::start(&[libc::CPU_SETSIZE as usize]).unwrap_err();
+        assert!(e.to_string().contains("performance.cores: pinning poller 0 to CPU 1024"), "{e}");
+    }
+}
