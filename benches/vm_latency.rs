@@ -5,7 +5,7 @@
 //! fio and every wake-up on the way). Prints percentiles of both beside fio's latency, the
 //! target's system calls per I/O by name (a third, counted run), and the top of a CPU profile
 //! of the target during the TCP run, and a fourth, quiet run in poll mode (the poller pinned to
-//! CPU `POLL_CPU`, default 1). `POLL=1` runs the other three in poll mode too; `TARGET_WORKERS=N`
+//! CPU `POLL_CPU`, default 1). `POLL=1` runs the first two in poll mode and leaves out the others; `TARGET_WORKERS=N`
 //! runs the target with N tokio worker threads; `PIN_CPU=C` pins fio and our target to CPU C;
 //! `FIO_CPU=C` pins fio alone, for every target.
 
@@ -112,7 +112,10 @@ fn main() {
         println!("{t}: kernel target: {}", fio_lat(&out.run_dir.join(format!("{t}.kernel.json"))));
         println!("{t}: p2pnvmf:        {}", fio_lat(&out.run_dir.join(format!("{t}.ours-quiet.json"))));
         println!("{t}: p2pnvmf traced: {}", fio_lat(&out.run_dir.join(format!("{t}.ours-traced.json"))));
-        println!("{t}: p2pnvmf poll:   {}", fio_lat(&out.run_dir.join(format!("{t}.ours-poll.json"))));
+        let poll = out.run_dir.join(format!("{t}.ours-poll.json"));
+        if poll.exists() {
+            println!("{t}: p2pnvmf poll:   {}", fio_lat(&poll));
+        }
         println!("{t}:   {}", summary("inside the target (capsule in -> answer out)", &mut inside));
         println!("{t}:   {}", summary("outside (answer out -> next capsule in)", &mut outside));
         println!("{t}:   system calls per I/O: {}", syscalls(&out.run_dir, t));

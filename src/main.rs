@@ -98,8 +98,12 @@ fn main() -> anyhow::Result<()> {
                 Some(path) => p2pnvmf_config::Config::load(path)?,
                 None => p2pnvmf_config::Config::default_config(),
             };
+            // In poll mode with cores named, those are the pollers' alone.
+            let pollers = cfg.performance.cores.clone();
+            p2pnvmf_transport::poll::keep_off(&pollers);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                .on_thread_start(move || p2pnvmf_transport::poll::keep_off(&pollers))
                 .build()
                 .context("starting the tokio runtime")?;
             rt.block_on(serve::run(cfg, config, &admin_socket))

@@ -261,6 +261,33 @@ async fn spin(index: usize, f: &Figures, stop: &AtomicBool) {
     }
 }
 
+/// Keeps the calling thread off the pollers' CPUs (`cores`), so the target's other threads
+/// (the runtime's workers: listeners, keep-alive timers, admin) do not take turns on a poller's
+/// CPU; a no-op when no CPU would be left.
+#[allow(unsafe_code)]
+pub fn keep_off(cores: &[usize]) {
+    if cores.is_empty() {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls read and write one set of
+    // their size; CPU_CLR and CPU_COUNT stay within it (indices checked).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return warn!("reading this thread's CPUs: {}", io::Error::last_os_error());
+        }
+        for &c in cores.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+            libc::CPU_CLR(c, &mut set);
+        }
+        if libc::CPU_COUNT(&set) == 0 {
+            return;
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            warn!("keeping a thread off the pollers' CPUs {cores:?}: {}", io::Error::last_os_error());
+        }
+    }
+}
+
 /// Pins the calling thread to `cpu`.
 #[allow(unsafe_code)]
 fn pin(cpu: usize) -> io::Result<()> {

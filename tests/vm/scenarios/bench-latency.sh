@@ -5,7 +5,7 @@
 # the inside). A CPU profile (perf, software clock, flat) of the quiet target during the TCP
 # run; a third run counts the target's system calls by name (perf on their tracepoints).
 # A fourth run is our target in poll mode, quiet (its poller pinned to CPU POLL_CPU, default 1);
-# POLL=1 runs the other three in poll mode too. TARGET_WORKERS sets the target's tokio worker
+# POLL=1 runs the first two in poll mode too, and leaves out the counted run and the fourth. TARGET_WORKERS sets the target's tokio worker
 # threads (default: one per CPU); PIN_CPU pins fio and our target to that CPU (the kernel
 # target's work follows the host's); FIO_CPU pins fio alone, for every target.
 RUNTIME=${BENCH_RUNTIME:-4}
@@ -41,7 +41,10 @@ for t in tcp rdma; do
     dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
     qd1 "$dev" "/tmp/scn/$t.kernel.json"
     nvme_disconnect_nqn "$KNQN" >/dev/null
-    for mode in quiet traced syscalls poll; do
+    # perf's start and stop patch kernel text (static keys), which under TCG races with a vCPU
+    # spinning in a poller (seen: an int3 oops in __schedule): no counted run in poll mode.
+    for mode in quiet traced ${POLL:+skip} syscalls poll; do
+        [[ $mode == skip ]] && break
         step "p2pnvmf over $t, $mode"
         if [[ $mode == traced ]]; then
             RUST_LOG=warn,p2pnvmf_transport=trace start_target /tmp/scn/target.toml 4421
