@@ -110,7 +110,10 @@ impl Pollers {
                 match rt {
                     Ok(rt) => {
                         let _ = tx.send(Ok(rt.handle().clone()));
-                        rt.block_on(spin(index, &f, &s));
+                        // A task, not the future block_on polls: a task that wakes itself is
+                        // queued again at once, where waking block_on's future would go through
+                        // the driver (an eventfd write and an epoll_wait per turn).
+                        rt.block_on(async move { drop(tokio::spawn(spin(index, f, s)).await) });
                     }
                     Err(e) => drop(tx.send(Err(e))),
                 }
@@ -222,7 +225,7 @@ const CLOCK_EVERY: u32 = 1024;
 /// The poller's own task: comes back on every turn, so the runtime never parks, and accounts
 /// each turn (the tasks polled since its last one, the driver's poll) busy or idle by whether
 /// a connection did work in it; once a window, the ticks become seconds.
-async fn spin(index: usize, f: &Figures, stop: &AtomicBool) {
+async fn spin(index: usize, f: Arc<Figures>, stop: Arc<AtomicBool>) {
     let label = index.to_string();
     let share = metrics::gauge!("p2pnvmf_poller_busy_share", "poller" => label.clone());
     let conns = metrics::gauge!("p2pnvmf_poller_connections", "poller" => label);
