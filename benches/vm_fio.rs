@@ -159,7 +159,7 @@ fn main() {
     let runtime = std::env::var("BENCH_RUNTIME").unwrap_or_else(|_| "5".into());
     let runs = std::env::var("BENCH_RUNS").unwrap_or_else(|_| "3".into());
     let poll_cpu = std::env::var("POLL_CPU").unwrap_or_else(|_| "1".into());
-    let scn = Scenario::new("bench-fio", Topology::nic_only(), "bench-fio.sh")
+    let scn = Scenario::new("bench-fio", Topology::nic_only().steady_clock(), "bench-fio.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .env("BENCH_RUNTIME", runtime.clone())
         .env("BENCH_RUNS", runs.clone())

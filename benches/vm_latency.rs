@@ -33,16 +33,20 @@ fn summary(name: &str, v: &mut [f64]) -> String {
     format!("{name}: n {} p50 {:.0} p99 {:.0} p99.9 {:.0} µs", v.len(), pct(v, 50.0), pct(v, 99.0), pct(v, 99.9))
 }
 
+/// fio's figures of a run, and the IPIs per I/O during it (counted beside its JSON).
 fn fio_lat(path: &std::path::Path) -> String {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fio result")).expect("fio json");
     let r = &doc["jobs"][0]["read"];
     let p = |k: &str| r["lat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
+    let ipis = std::fs::read_to_string(format!("{}.ipis", path.display())).ok().and_then(|t| t.trim().parse::<f64>().ok());
+    let ios = r["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
     format!(
-        "IOPS {:.0}, latency p50 {:.0} p99 {:.0} p99.9 {:.0} µs",
+        "IOPS {:.0}, latency p50 {:.0} p99 {:.0} p99.9 {:.0} µs, IPIs per I/O {}",
         r["iops"].as_f64().unwrap_or(0.0),
         p("50.000000"),
         p("99.000000"),
-        p("99.900000")
+        p("99.900000"),
+        ipis.map_or_else(|| "-".into(), |n| format!("{:.2}", n / ios))
     )
 }
 
@@ -72,7 +76,7 @@ fn syscalls(dir: &std::path::Path, t: &str) -> String {
 }
 
 fn main() {
-    let mut scn = Scenario::new("bench-latency", Topology::nic_only(), "bench-latency.sh")
+    let mut scn = Scenario::new("bench-latency", Topology::nic_only().steady_clock(), "bench-latency.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .timeout(std::time::Duration::from_secs(900));
     for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU", "FIO_CPU", "POLL", "POLL_CPU"] {

@@ -13,6 +13,7 @@
 # with 8 controllers x 4 I/O queues connected, per transport.
 RUNTIME=${BENCH_RUNTIME:-5}
 RUNS=${BENCH_RUNS:-3}
+echo "bench-clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 POLL_CPU=${POLL_CPU:-1}
 OUT=/tmp/scn/results
 mkdir -p "$OUT"
@@ -212,4 +213,5 @@ for t in rdma tcp; do
             on && $2 == pid { n++ } END { printf "%d,,raw_syscalls:sys_enter\n", n }' >"$OUT/$t.brd.$job.poll.syscalls"
     done
 done
+echo "bench-clocksource at the end $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 step "done"

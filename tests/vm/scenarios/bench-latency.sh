@@ -28,10 +28,16 @@ TARGET_LOG=/tmp/target.log
 PIN=()
 [[ -n ${PIN_CPU:-} ]] && PIN=(taskset -c "$PIN_CPU")
 [[ -n ${FIO_CPU:-} ]] && PIN=(taskset -c "$FIO_CPU")
-qd1() {  # DEVICE RESULT
+# Inter-processor interrupts so far (rescheduling, function calls, TLB shootdowns; all CPUs):
+# each is a wake-up of another vCPU, which under TCG costs far more than on hardware.
+ipis() { awk '$1 ~ /^(RES|CAL|TLB):$/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts; }
+qd1() {  # DEVICE RESULT: fio's JSON, and the IPIs during it beside it (RESULT.ipis)
+    local i0
+    i0=$(ipis)
     "${PIN[@]}" fio --name=qd1 --filename="$1" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=1 \
         --size=64M --runtime="$RUNTIME" --time_based --lat_percentiles=1 --output-format=json >"$2" \
         || die "fio on $1"
+    echo $(($(ipis) - i0)) >"$2.ipis"
 }
 for t in tcp rdma; do
     kport=$([[ $t == rdma ]] && echo 4430 || echo 4431)
@@ -80,5 +86,6 @@ for t in tcp rdma; do
         stop_target
     done
 done
+echo "bench-clocksource at the end $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 cp "$TARGET_LOG" /tmp/scn/target.log
 step "done"
