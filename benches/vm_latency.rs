@@ -38,7 +38,8 @@ fn fio_lat(path: &std::path::Path) -> String {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fio result")).expect("fio json");
     let r = &doc["jobs"][0]["read"];
     let p = |k: &str| r["lat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
-    let ipis = std::fs::read_to_string(format!("{}.ipis", path.display())).ok().and_then(|t| t.trim().parse::<f64>().ok());
+    let ipis =
+        std::fs::read_to_string(format!("{}.ipis", path.display())).ok().and_then(|t| t.trim().parse::<f64>().ok());
     let ios = r["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
     format!(
         "IOPS {:.0}, latency p50 {:.0} p99 {:.0} p99.9 {:.0} µs, IPIs per I/O {}",

@@ -345,15 +345,14 @@ impl Conn {
 
     async fn run(mut self, mut notes: mpsc::UnboundedReceiver<CmNote>, mut shutdown: watch::Receiver<bool>) {
         // Poll mode: no completion channel to wait on.
-        let afd = if self.polled {
-            None
-        } else {
+        let afd = match self.qp.channel_fd() {
+            None => None,
             #[allow(unsafe_code)]
             // SAFETY: the completion channel fd stays open until `self.qp` drops, after `afd`.
-            match unsafe { cm::watch(self.qp.channel_fd()) } {
+            Some(fd) => match unsafe { cm::watch(fd) } {
                 Ok(a) => Some(a),
                 Err(e) => return warn!(peer = %self.peer, "registering the completion channel: {e}"),
-            }
+            },
         };
         let mut ctrl = CtrlWatch::default();
         let why = loop {

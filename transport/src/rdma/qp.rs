@@ -74,7 +74,8 @@ pub struct Qp {
     /// The data area's range (its windows are lent out), for its lkey.
     data: MappingPin,
     size: QpSize,
-    busy_poll: bool,
+    /// Poll mode: no completion channel; the CQ is polled, never armed.
+    polled: bool,
 }
 
 // SAFETY: the verbs objects are used only by the task that owns the Qp.
@@ -117,7 +118,7 @@ impl Qp {
         id: *mut sys::RdmaCmId,
         size: QpSize,
         shared: Option<Arc<SharedRecv>>,
-        busy_poll: bool,
+        polled: bool,
     ) -> io::Result<(Qp, Vec<Vec<Window>>)> {
         let recv_area = if shared.is_some() { 0 } else { size.depth * size.capsule };
         let ctrl_len = recv_area + size.requests * 16;
@@ -152,7 +153,7 @@ impl Qp {
             ctrl,
             data: pin,
             size,
-            busy_poll,
+            polled,
         };
         // SAFETY: a connect request's id carries its device context.
         let verbs = unsafe { (*id).verbs };
@@ -162,8 +163,10 @@ impl Qp {
             if matches!(qp.recv, Recv::Own) {
                 qp.pd = sys::check_ptr("ibv_alloc_pd", (api.ibv_alloc_pd)(verbs))?;
             }
-            qp.channel = sys::check_ptr("ibv_create_comp_channel", (api.ibv_create_comp_channel)(verbs))?;
-            sys::set_nonblocking((*qp.channel).fd)?;
+            if !polled {
+                qp.channel = sys::check_ptr("ibv_create_comp_channel", (api.ibv_create_comp_channel)(verbs))?;
+                sys::set_nonblocking((*qp.channel).fd)?;
+            }
             // Room beyond the depth: with a shared receive queue a host may overrun its own.
             let cqe = (2 * size.depth + size.send_wrs) as i32;
             qp.cq = sys::check_ptr("ibv_create_cq", (api.ibv_create_cq)(verbs, cqe, ptr::null_mut(), qp.channel, 0))?;
@@ -247,9 +250,10 @@ impl Qp {
     }
 
     /// The completion channel's descriptor, for tokio (owned by the Qp).
-    pub fn channel_fd(&self) -> RawFd {
-        // SAFETY: the channel lives as long as self.
-        unsafe { (*self.channel).fd }
+    /// The completion channel's descriptor; none in poll mode.
+    pub fn channel_fd(&self) -> Option<RawFd> {
+        // SAFETY: a channel, when there is one, lives as long as self.
+        (!self.channel.is_null()).then(|| unsafe { (*self.channel).fd })
     }
 
     /// The device's name, for the p2p decision.
@@ -338,7 +342,7 @@ impl Qp {
             (Some(p), Some(n)) => (p, n),
             _ => return Err(io::Error::other("provider lacks poll_cq/req_notify_cq")),
         };
-        if !self.busy_poll {
+        if !self.polled {
             let mut cq: *mut sys::IbvCq = ptr::null_mut();
             let mut ctx: *mut c_void = ptr::null_mut();
             // SAFETY: non-blocking channel; one event acked per event taken; our CQ re-armed.
