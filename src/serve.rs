@@ -17,10 +17,10 @@ use p2pnvmf_nvmf::wire::uuid_text;
 use p2pnvmf_nvmf::{Backend, IoStats, Limits, Namespace, NsIds, Port, Subsystem, Target};
 use p2pnvmf_p2p::pci::Sysfs;
 use p2pnvmf_p2p::plan::P2p;
-use p2pnvmf_transport::Transport;
 use p2pnvmf_transport::poll::Pollers;
 use p2pnvmf_transport::rdma::RdmaParams;
 use p2pnvmf_transport::tcp::TcpParams;
+use p2pnvmf_transport::{Service, Transport};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
@@ -490,7 +490,8 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
             .bind(addr)
             .with_context(|| format!("listener {name}: binding {kind} on {addr}"))?;
         info!(%addr, port = port.id, "{kind} listener ready");
-        let serving = bound.serve(target.clone(), port, stop_rx.clone(), pollers.clone());
+        let serving =
+            bound.serve(Service { target: target.clone(), port, shutdown: stop_rx.clone(), pollers: pollers.clone() });
         listeners.spawn(async move {
             if let Err(e) = serving.await {
                 error!("listener {name}: {kind} on {addr}: {e}");

@@ -35,15 +35,18 @@ pub trait Transport: Send + Sync + std::fmt::Debug {
 /// A listener's work: accepting connections and serving their queues until shutdown.
 pub type Serving = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
 
+/// What a listener serves: `port` of `target` until `shutdown` turns true; in poll mode its
+/// connections run on `pollers`, else on the runtime.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub target: Arc<Target>,
+    pub port: Port,
+    pub shutdown: watch::Receiver<bool>,
+    pub pollers: Option<Arc<poll::Pollers>>,
+}
+
 /// A bound listener.
 pub trait Listening: Send {
-    /// Serves `port` of `target` until `shutdown` turns true, then waits for every connection
-    /// to finish. Connections run on `pollers` when given (poll mode), else on the runtime.
-    fn serve(
-        self: Box<Self>,
-        target: Arc<Target>,
-        port: Port,
-        shutdown: watch::Receiver<bool>,
-        pollers: Option<Arc<poll::Pollers>>,
-    ) -> Serving;
+    /// Serves `service` until its shutdown, then waits for every connection to finish.
+    fn serve(self: Box<Self>, service: Service) -> Serving;
 }

@@ -34,7 +34,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use zerocopy::IntoBytes;
 
 use crate::poll::{self, Pollers};
-use crate::{Listening, Serving, Transport};
+use crate::{Listening, Service, Serving, Transport};
 pub use cm::Listener;
 use cm::{Event, next_event};
 use qp::{Qp, QpSize};
@@ -85,14 +85,8 @@ struct Bound {
 }
 
 impl Listening for Bound {
-    fn serve(
-        self: Box<Self>,
-        target: Arc<Target>,
-        port: Port,
-        shutdown: watch::Receiver<bool>,
-        pollers: Option<Arc<Pollers>>,
-    ) -> Serving {
-        Box::pin(serve(self.listener, target, port, self.params, shutdown, pollers))
+    fn serve(self: Box<Self>, service: Service) -> Serving {
+        Box::pin(serve(self.listener, self.params, service))
     }
 }
 
@@ -123,16 +117,10 @@ enum CmNote {
     Disconnected(&'static str),
 }
 
-/// Accepts RDMA connections until `shutdown`, then waits for every queue to close. With
-/// `pollers`, each queue runs on one and polls its completion queue there.
-async fn serve(
-    listener: Listener,
-    target: Arc<Target>,
-    port: Port,
-    params: RdmaParams,
-    shutdown: watch::Receiver<bool>,
-    pollers: Option<Arc<Pollers>>,
-) -> io::Result<()> {
+/// Accepts RDMA connections until shutdown, then waits for every queue to close. With the
+/// service's pollers, each queue runs on one and polls its completion queue there.
+async fn serve(listener: Listener, params: RdmaParams, service: Service) -> io::Result<()> {
+    let Service { target, port, shutdown, pollers } = service;
     // The channel fd stays open until `listener` drops, after `afd` (dropped first below).
     #[allow(unsafe_code)]
     // SAFETY: as above.

@@ -5,17 +5,16 @@ pub mod pdu;
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use p2pnvmf_nvmf::queue;
-use p2pnvmf_nvmf::{Port, Target, TrType, TransportParams};
+use p2pnvmf_nvmf::{TrType, TransportParams};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, warn};
 
-use crate::poll::{self, Pollers};
-use crate::{Listening, Serving, Transport};
+use crate::poll;
+use crate::{Listening, Service, Serving, Transport};
 
 /// Per-listener NVMe/TCP settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,16 +63,10 @@ struct Bound {
 }
 
 impl Listening for Bound {
-    fn serve(
-        self: Box<Self>,
-        target: Arc<Target>,
-        port: Port,
-        shutdown: watch::Receiver<bool>,
-        pollers: Option<Arc<Pollers>>,
-    ) -> Serving {
+    fn serve(self: Box<Self>, service: Service) -> Serving {
         Box::pin(async move {
             let listener = TcpListener::from_std(self.listener)?;
-            serve(listener, target, port, self.params, shutdown, pollers).await;
+            serve(listener, self.params, service).await;
             Ok(())
         })
     }
@@ -84,16 +77,10 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await;
 }
 
-/// Accepts connections on `listener` until `shutdown` turns true, then waits for every
-/// connection task to finish. A connection is served where `pollers` places it.
-async fn serve(
-    listener: TcpListener,
-    target: Arc<Target>,
-    port: Port,
-    params: TcpParams,
-    shutdown: watch::Receiver<bool>,
-    pollers: Option<Arc<Pollers>>,
-) {
+/// Accepts connections on `listener` until shutdown, then waits for every connection task to
+/// finish. A connection is served where the service's pollers place it.
+async fn serve(listener: TcpListener, params: TcpParams, service: Service) {
+    let Service { target, port, shutdown, pollers } = service;
     let mut conns = JoinSet::new();
     let mut stop = shutdown.clone();
     loop {
