@@ -1,11 +1,12 @@
 //! Poll mode (`[performance] poll = true`): connections served by polling threads that never
 //! sleep. Each poller is an OS thread running a current-thread tokio runtime that is never
-//! parked: its I/O driver is polled with a zero timeout on every turn, so a socket's data, an
-//! io_uring completion or (RDMA) a completion-queue entry is found by the thread that owns the
-//! connection, with no interrupt-driven wake-up and no hand-off to another thread between
-//! receive and completion. A task that polls (an RDMA queue's completion queue) comes back on
-//! every turn without a system call ([`next_turn`]). The price is a CPU per poller, busy at 100%; each poller's busy
-//! share (turns in which a connection did work) is in `status` and the metrics.
+//! parked: its own task and any task that polls (an RDMA queue's completion queue) come back
+//! on every turn without a system call ([`next_turn`]), and its I/O driver is polled with a
+//! zero timeout every 61 task polls, so a socket's data or an io_uring completion is found by
+//! the thread that owns the connection, with no interrupt-driven wake-up and no hand-off to
+//! another thread between receive and completion. The price is a CPU per poller, busy at 100%;
+//! each poller's busy share (turns in which a connection did work) is in `status` and the
+//! metrics.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -91,12 +92,12 @@ impl Pollers {
     pub fn start(cores: &[usize]) -> io::Result<Arc<Pollers>> {
         let cpus: Vec<Option<usize>> =
             if cores.is_empty() { vec![None] } else { cores.iter().copied().map(Some).collect() };
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut pollers = Vec::new();
+        // Built as it goes: a poller that fails to start stops those started before it (Drop).
+        let mut all = Pollers { pollers: Vec::new(), stop: Arc::new(AtomicBool::new(false)) };
         for (index, cpu) in cpus.into_iter().enumerate() {
             let figures = Arc::new(Figures::default());
             let (tx, rx) = std::sync::mpsc::channel();
-            let (f, s) = (figures.clone(), stop.clone());
+            let (f, s) = (figures.clone(), all.stop.clone());
             let thread = std::thread::Builder::new().name(format!("p2pnvmf-poll{index}")).spawn(move || {
                 let rt = cpu
                     .map_or(Ok(()), pin)
@@ -120,9 +121,9 @@ impl Pollers {
             })?;
             let handle = rx.recv().map_err(|_| io::Error::other("poller thread ended at start"))??;
             info!(poller = index, cpu = ?cpu, "poller started");
-            pollers.push(Poller { handle, cpu, figures, thread: Some(thread) });
+            all.pollers.push(Poller { handle, cpu, figures, thread: Some(thread) });
         }
-        Ok(Arc::new(Pollers { pollers, stop }))
+        Ok(Arc::new(all))
     }
 
     /// Runs `conn` on the poller with the fewest connections, for as long as it lasts.
