@@ -266,8 +266,8 @@ async fn spin(index: usize, f: Arc<Figures>, stop: Arc<AtomicBool>) {
 }
 
 /// Keeps the calling thread off the pollers' CPUs (`cores`), so the target's other threads
-/// (the runtime's workers: listeners, keep-alive timers, admin) do not take turns on a poller's
-/// CPU; a no-op when no CPU would be left.
+/// (the runtime's workers: listeners, admin socket, metrics, cluster) do not take turns on a
+/// poller's CPU; a no-op when no CPU would be left.
 #[allow(unsafe_code)]
 pub fn keep_off(cores: &[usize]) {
     if cores.is_empty() {
