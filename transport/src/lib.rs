@@ -2,8 +2,8 @@
 //! libibverbs and librdmacm loaded at run time), each a [`Transport`] the target listens on.
 //! Connections run on the runtime's worker threads, woken by the kernel, or in poll mode on
 //! polling threads of their own ([`poll`]). Unsafe code is confined to `rdma::sys`, the verbs
-//! owners (`rdma::cm`, `rdma::qp`, `rdma::srq`), the CPU's CRC32C instruction and pinning a
-//! poller to its CPU.
+//! owners (`rdma::cm`, `rdma::qp`, `rdma::srq`), the CPU's CRC32C instruction, and in `poll`
+//! the CPU-affinity calls and the TSC read.
 #![deny(unsafe_code)]
 
 pub mod crc32c;

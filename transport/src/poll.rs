@@ -273,9 +273,9 @@ pub fn keep_off(cores: &[usize]) {
     if cores.is_empty() {
         return;
     }
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the calls read and write one set of
-    // their size; CPU_CLR and CPU_COUNT stay within it (indices checked).
-    unsafe {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity writes one set of the
+    // size given; CPU_CLR and CPU_COUNT stay within it (indices checked).
+    let set = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return warn!("reading this thread's CPUs: {}", io::Error::last_os_error());
@@ -286,9 +286,10 @@ pub fn keep_off(cores: &[usize]) {
         if libc::CPU_COUNT(&set) == 0 {
             return;
         }
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            warn!("keeping a thread off the pollers' CPUs {cores:?}: {}", io::Error::last_os_error());
-        }
+        set
+    };
+    if let Err(e) = set_affinity(&set) {
+        warn!("keeping a thread off the pollers' CPUs {cores:?}: {e}");
     }
 }
 
@@ -298,14 +299,21 @@ fn pin(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it (checked above);
-    // sched_setaffinity reads the set we pass, of its size.
-    unsafe {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays within it (checked above).
+    let set = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        set
+    };
+    set_affinity(&set)
+}
+
+/// Runs the calling thread on the CPUs of `set`.
+#[allow(unsafe_code)]
+fn set_affinity(set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: sched_setaffinity reads one set of the size given, which `set` is.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }

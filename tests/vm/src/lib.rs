@@ -195,10 +195,10 @@ impl Topology {
     }
 
     /// The kernel command line this topology needs beyond the rig's own.
-    /// For benchmarks: the guest keeps the TSC as its clocksource. Under TCG the clocksource
-    /// watchdog may find the TSC skewed at some point of a run and switch to the HPET, after
-    /// which every clock_gettime is a system call (seen: 13 to 182 per I/O in a target that
-    /// made none the boot before); the hardware this stands for has an invariant TSC.
+    /// For benchmarks: the guest keeps the TSC as its clocksource. Some boots without it made
+    /// every clock_gettime a system call (13 to 182 per I/O in a target that made none the boot
+    /// before), most likely the clocksource watchdog dropping the TSC under TCG's jitter (the
+    /// guest's log level hides its message); the hardware this stands for has an invariant TSC.
     pub fn steady_clock(mut self) -> Self {
         self.steady_clock = true;
         self
