@@ -33,7 +33,7 @@ fn vm_p2p_cmb_through_vfio() {
 }
 
 #[test]
-#[ignore = "boots a VM: run by tests/run.sh"]
+#[ignore = "boots a VM with the P2PDMA guest kernel: run by tests/run.sh --full"]
 fn vm_p2pmem_ssds_dma_through_the_cmb_with_the_kernel_driver() {
     let topo = Topology::new()
         .root_port("rp1")
@@ -46,7 +46,7 @@ fn vm_p2pmem_ssds_dma_through_the_cmb_with_the_kernel_driver() {
         .qemu_trace(&["pci_nvme_map_addr_cmb", "pci_nvme_err_*"])
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         // Seconds per side-by-side measurement (p2p, host memory, the kernel's nvmet).
-        .env("P2PMEM_BENCH_RUNTIME", std::env::var("P2PMEM_BENCH_RUNTIME").unwrap_or_else(|_| "3".into()))
+        .size("P2PMEM_BENCH_RUNTIME", 3)
         .timeout(std::time::Duration::from_secs(900))
         .run_ok();
 }

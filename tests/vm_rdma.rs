@@ -17,7 +17,10 @@ fn vm_rdma_smoke() {
 #[test]
 #[ignore = "boots a VM: run by tests/run.sh"]
 fn vm_rdma_io() {
-    rdma_scenario("rdma-io", "rdma-io.sh").timeout(std::time::Duration::from_secs(900)).run_ok();
+    rdma_scenario("rdma-io", "rdma-io.sh")
+        .size("RDMA_CYCLES", 100)
+        .timeout(std::time::Duration::from_secs(900))
+        .run_ok();
 }
 
 #[test]

@@ -487,6 +487,13 @@ impl Scenario {
         self
     }
 
+    /// Passes the host's `key` on to the scenario, `ci` when it is not set: how a scenario's
+    /// repetitions stay small in CI and grow in the full run (`tests/run.sh --full` sets them).
+    pub fn size(self, key: &str, ci: u32) -> Self {
+        let value = std::env::var(key).unwrap_or_else(|_| ci.to_string());
+        self.env(key, value)
+    }
+
     /// Makes the host binary `path` runnable in the guest as `$key`.
     pub fn binary(mut self, key: &str, path: impl Into<PathBuf>) -> Self {
         self.binaries.push((key.into(), path.into()));
@@ -638,14 +645,17 @@ impl Scenario {
             Ok(out) => out,
             Err(e) => panic!("scenario {}: {e}", self.name),
         };
-        eprintln!(
-            "scenario {}: exit {:?}, boot {:?}s, {:.1}s in all (logs in {})",
+        // Straight to stderr, past the test harness's capture: the suite's log shows what each
+        // scenario took, passed or not (what the CI time budget is made of).
+        let line = format!(
+            "scenario {}: exit {:?}, boot {:?}s, {:.1}s in all (logs in {})\n",
             self.name,
             out.exit_code,
             out.boot_secs,
             out.elapsed.as_secs_f64(),
             out.run_dir.display()
         );
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         if !out.passed() {
             panic!(
                 "scenario {} failed ({}); console tail:\n{}",
