@@ -2,12 +2,13 @@
 //! depth 1 against the kernel target and p2pnvmf (RAM namespace) over TCP and RDMA; our
 //! target traces each command, so each command's time splits into inside the target (capsule
 //! received → answer written or posted) and outside it (answer → the next capsule: wire, host,
-//! fio and every wake-up on the way). Prints percentiles of both beside fio's latency, the
-//! target's system calls per I/O by name (a third, counted run), and the top of a CPU profile
-//! of the target during the TCP run, and a fourth, quiet run in poll mode (the poller pinned to
-//! CPU `POLL_CPU`, default 1). `POLL=1` runs the first two in poll mode and leaves out the others; `TARGET_WORKERS=N`
-//! runs the target with N tokio worker threads; `PIN_CPU=C` pins fio and our target to CPU C;
-//! `FIO_CPU=C` pins fio alone, for every target.
+//! fio and every wake-up on the way). Prints the price of a thread's wake-up on one CPU and
+//! across two (`wake-cost`, with the IPIs it caused), percentiles of both splits beside fio's
+//! latency, the target's system calls per I/O by name (a third, counted run), the top of a CPU
+//! profile of the target during the TCP run, and a fourth, quiet run in poll mode (the poller
+//! pinned to CPU `POLL_CPU`, default 1). `POLL=1` runs the first two in poll mode and leaves
+//! out the others; `TARGET_WORKERS=N` runs the target with N tokio worker threads; `PIN_CPU=C`
+//! pins fio and our target to CPU C; `FIO_CPU=C` pins fio alone, for every target.
 
 use p2pnvmf_vmrig::{Scenario, Topology};
 use serde_json::Value;
@@ -79,6 +80,7 @@ fn syscalls(dir: &std::path::Path, t: &str) -> String {
 fn main() {
     let mut scn = Scenario::new("bench-latency", Topology::nic_only().steady_clock(), "bench-latency.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
+        .binary("P2PNVMF_WAKE_COST", env!("CARGO_BIN_EXE_wake-cost"))
         .timeout(std::time::Duration::from_secs(900));
     for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU", "FIO_CPU", "POLL", "POLL_CPU"] {
         if let Ok(v) = std::env::var(key) {
@@ -86,6 +88,8 @@ fn main() {
         }
     }
     let out = scn.run_ok();
+    let wake = std::fs::read_to_string(out.run_dir.join("wake-cost.txt")).expect("wake-cost's figures");
+    println!("thread wake-ups (wake-cost):\n{}", wake.trim_end());
     let log = std::fs::read_to_string(out.run_dir.join("target.log")).expect("target log");
     for t in ["tcp", "rdma"] {
         let (start, end) = (format!("mark {t} start"), format!("mark {t} end"));

@@ -293,9 +293,9 @@ pub fn keep_off(cores: &[usize]) {
     }
 }
 
-/// Pins the calling thread to `cpu`.
+/// Pins the calling thread to `cpu` (also `wake-cost`'s threads).
 #[allow(unsafe_code)]
-fn pin(cpu: usize) -> io::Result<()> {
+pub fn pin(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }

@@ -4,6 +4,7 @@
 # split of each command's time into inside the target and outside it; tracing itself slows
 # the inside). A CPU profile (perf, software clock, flat) of the quiet target during the TCP
 # run; a third run counts the target's system calls by name (perf on their tracepoints).
+# First, wake-cost prices a thread's wake-up on one CPU and across the two.
 # A fourth run is our target in poll mode, quiet (its poller pinned to CPU POLL_CPU, default 1);
 # POLL=1 runs the first two in poll mode too, and leaves out the counted run and the fourth. TARGET_WORKERS sets the target's tokio worker
 # threads (default: one per CPU); PIN_CPU pins fio and our target to that CPU (the kernel
@@ -31,6 +32,15 @@ PIN=()
 # Inter-processor interrupts so far (rescheduling, function calls, TLB shootdowns; all CPUs):
 # each is a wake-up of another vCPU, which under TCG costs far more than on hardware.
 ipis() { awk '$1 ~ /^(RES|CAL|TLB):$/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts; }
+# The price of a wake-up, to weigh the IPIs counted per I/O: a thread waking another on the
+# same CPU (a context switch) and on the other CPU (an IPI to an idle vCPU), with the IPIs seen.
+for cpus in "0 0" "0 1"; do
+    i0=$(ipis)
+    # shellcheck disable=SC2086
+    line=$("$P2PNVMF_WAKE_COST" $cpus --loops 20000) || die "wake-cost $cpus"
+    echo "$line, IPIs per round trip $(awk -v n=$(($(ipis) - i0)) 'BEGIN { printf "%.2f", n / 21000 }')" \
+        | tee -a /tmp/scn/wake-cost.txt
+done
 qd1() {  # DEVICE RESULT: fio's JSON, and the IPIs during it beside it (RESULT.ipis)
     local i0
     i0=$(ipis)

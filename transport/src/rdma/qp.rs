@@ -249,7 +249,6 @@ impl Qp {
         unsafe { (self.api.rdma_disconnect)(self.id) };
     }
 
-    /// The completion channel's descriptor, for tokio (owned by the Qp).
     /// The completion channel's descriptor; none in poll mode.
     pub fn channel_fd(&self) -> Option<RawFd> {
         // SAFETY: a channel, when there is one, lives as long as self.
@@ -334,7 +333,7 @@ impl Qp {
         sys::check("ibv_post_send", unsafe { f(self.qp(), wr, &mut bad) })
     }
 
-    /// Drains the completion queue into `out`; in channel mode, takes the channel's events and
+    /// Drains the completion queue into `out`; in channel mode, takes the channel's event and
     /// re-arms the CQ first so no completion is missed.
     pub fn poll(&mut self, out: &mut Vec<Event>) -> io::Result<()> {
         let ops = self.ops();
@@ -345,9 +344,12 @@ impl Qp {
         if !self.polled {
             let mut cq: *mut sys::IbvCq = ptr::null_mut();
             let mut ctx: *mut c_void = ptr::null_mut();
-            // SAFETY: non-blocking channel; one event acked per event taken; our CQ re-armed.
+            // One read: the channel is this CQ's alone, and an armed CQ raises one event and
+            // disarms until the re-arm below, so no second event can wait behind the first (a
+            // second read would only return EAGAIN: a system call per wake-up for nothing).
+            // SAFETY: non-blocking channel; the event taken is acked; our CQ re-armed.
             unsafe {
-                while (self.api.ibv_get_cq_event)(self.channel, &mut cq, &mut ctx) == 0 {
+                if (self.api.ibv_get_cq_event)(self.channel, &mut cq, &mut ctx) == 0 {
                     (self.api.ibv_ack_cq_events)(cq, 1);
                 }
                 sys::check("ibv_req_notify_cq", notify(self.cq, 0))?;
