@@ -8,7 +8,8 @@
 //! profile of the target during the TCP run, and a fourth, quiet run in poll mode (the poller
 //! pinned to CPU `POLL_CPU`, default 1). `POLL=1` runs the first two in poll mode and leaves
 //! out the others; `TARGET_WORKERS=N` runs the target with N tokio worker threads; `PIN_CPU=C`
-//! pins fio and our target to CPU C; `FIO_CPU=C` pins fio alone, for every target.
+//! pins fio and our target to CPU C; `FIO_CPU=C` pins fio alone, for every target; `HOST_POLL=1`
+//! has the host poll (a poll queue and fio's `--hipri`), for every target.
 
 use p2pnvmf_vmrig::{Scenario, Topology};
 use serde_json::Value;
@@ -82,7 +83,7 @@ fn main() {
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .binary("P2PNVMF_WAKE_COST", env!("CARGO_BIN_EXE_wake-cost"))
         .timeout(std::time::Duration::from_secs(900));
-    for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU", "FIO_CPU", "POLL", "POLL_CPU"] {
+    for key in ["BENCH_RUNTIME", "TARGET_WORKERS", "PIN_CPU", "FIO_CPU", "POLL", "POLL_CPU", "HOST_POLL"] {
         if let Ok(v) = std::env::var(key) {
             scn = scn.env(key, v);
         }

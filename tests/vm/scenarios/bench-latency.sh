@@ -8,7 +8,10 @@
 # A fourth run is our target in poll mode, quiet (its poller pinned to CPU POLL_CPU, default 1);
 # POLL=1 runs the first two in poll mode too, and leaves out the counted run and the fourth. TARGET_WORKERS sets the target's tokio worker
 # threads (default: one per CPU); PIN_CPU pins fio and our target to that CPU (the kernel
-# target's work follows the host's); FIO_CPU pins fio alone, for every target.
+# target's work follows the host's); FIO_CPU pins fio alone, for every target. HOST_POLL=1: the
+# host polls (a poll queue, nvme connect -P 1, and fio --hipri), for every target: no target's
+# answer then wakes a sleeping fio (on hardware the host is another machine; here its wake-ups
+# are the target's IPIs too).
 RUNTIME=${BENCH_RUNTIME:-4}
 echo "bench-clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 KNQN=nqn.2026-11.io.p2pnvmf:kernel-lat
@@ -45,7 +48,7 @@ qd1() {  # DEVICE RESULT: fio's JSON, and the IPIs during it beside it (RESULT.i
     local i0
     i0=$(ipis)
     "${PIN[@]}" fio --name=qd1 --filename="$1" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=1 \
-        --size=64M --runtime="$RUNTIME" --time_based --lat_percentiles=1 --output-format=json >"$2" \
+        --size=64M --runtime="$RUNTIME" --time_based --lat_percentiles=1 ${HOST_POLL:+--hipri} --output-format=json >"$2" \
         || die "fio on $1"
     echo $(($(ipis) - i0)) >"$2.ipis"
 }
@@ -53,7 +56,7 @@ for t in tcp rdma; do
     kport=$([[ $t == rdma ]] && echo 4430 || echo 4431)
     oport=$([[ $t == rdma ]] && echo 4420 || echo 4421)
     step "kernel over $t"
-    dev=$(nvme_connect_dev "$t" "$kport" "$KNQN" -i 1)
+    dev=$(nvme_connect_dev "$t" "$kport" "$KNQN" -i 1 ${HOST_POLL:+-P 1})
     dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
     qd1 "$dev" "/tmp/scn/$t.kernel.json"
     nvme_disconnect_nqn "$KNQN" >/dev/null
@@ -70,7 +73,7 @@ for t in tcp rdma; do
             RUST_LOG=warn start_target /tmp/scn/target.toml 4421
         fi
         [[ -n ${PIN_CPU:-} ]] && taskset -a -p -c "$PIN_CPU" "$TARGET_PID" >/dev/null
-        dev=$(nvme_connect_dev "$t" "$oport" "$NQN" -i 1)
+        dev=$(nvme_connect_dev "$t" "$oport" "$NQN" -i 1 ${HOST_POLL:+-P 1})
         dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
         echo "mark $t start" >>"$TARGET_LOG"
         if [[ $t == tcp && $mode == quiet ]]; then
