@@ -67,6 +67,7 @@ fn rows() -> Vec<(&'static str, &'static str, &'static str, Vec<Metric>)> {
     let mut v = Vec::new();
     for ours in ["brd", "ram"] {
         v.push((ours, "brd", "qd1-randread", QD1.to_vec()));
+        v.push((ours, "brd", "qd1-randread-hostpoll", QD1.to_vec()));
         for job in ["qd32x2-randread", "qd32x2-randwrite", "qd32x1-randread"] {
             v.push((ours, "brd", job, vec![Metric::Iops, Metric::CpuPerIo]));
         }

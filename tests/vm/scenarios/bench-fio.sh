@@ -66,15 +66,15 @@ done
 declare -A DEV
 connect_ours() {  # TRANSPORT OPORT: our devices as ours (default mode) or poll
     local who=${3:-ours}
-    DEV[brd.$who]=$(nvme_connect_dev "$1" "$2" "$OBRD" -i 2)
-    DEV[ram.$who]=$(nvme_connect_dev "$1" "$2" "$ORAM" -i 2)
-    DEV[null.$who]=$(nvme_connect_dev "$1" "$2" "$ONULL" -i 2)
+    DEV[brd.$who]=$(nvme_connect_dev "$1" "$2" "$OBRD" -i 2 -P 1)
+    DEV[ram.$who]=$(nvme_connect_dev "$1" "$2" "$ORAM" -i 2 -P 1)
+    DEV[null.$who]=$(nvme_connect_dev "$1" "$2" "$ONULL" -i 2 -P 1)
     # The RAM namespace starts empty with each target (zeroes cost less): fill what is read.
     dd if=/dev/urandom of="${DEV[ram.$who]}" bs=1M count=64 oflag=direct status=none || die "prefill ${DEV[ram.$who]}"
 }
 connect_all() {  # TRANSPORT KPORT OPORT
-    DEV[brd.kernel]=$(nvme_connect_dev "$1" "$2" "$KBRD" -i 2)
-    DEV[null.kernel]=$(nvme_connect_dev "$1" "$2" "$KNULL" -i 2)
+    DEV[brd.kernel]=$(nvme_connect_dev "$1" "$2" "$KBRD" -i 2 -P 1)
+    DEV[null.kernel]=$(nvme_connect_dev "$1" "$2" "$KNULL" -i 2 -P 1)
     connect_ours "$1" "$3"
 }
 disconnect_ours() {
@@ -96,16 +96,20 @@ in_poll_mode() {
     fi
 }
 
-# name: fio options (4k unless said; QD32 x2 jobs run on both CPUs, so on both I/O queues)
+# name: fio options (4k unless said; QD32 x2 jobs run on both CPUs, so on both I/O queues; every
+# connection has a poll queue beside them, used by --hipri alone)
 declare -A JOB=(
     [qd1-randread]="--rw=randread --bs=4k --iodepth=1 --numjobs=1"
+    # The host polls its poll queue (nvme connect -P 1) instead of sleeping until the answer:
+    # no target's answer wakes a halted vCPU for it (on hardware the host is another machine).
+    [qd1-randread-hostpoll]="--rw=randread --bs=4k --iodepth=1 --numjobs=1 --hipri"
     [qd32x2-randread]="--rw=randread --bs=4k --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split"
     [qd32x2-randwrite]="--rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split"
     [qd32x1-randread]="--rw=randread --bs=4k --iodepth=32 --numjobs=1 --cpus_allowed=0"
     [seq128k-read]="--rw=read --bs=128k --iodepth=16 --numjobs=1"
     [seq128k-write]="--rw=write --bs=128k --iodepth=16 --numjobs=1"
 )
-BRD_JOBS="qd1-randread qd32x2-randread qd32x2-randwrite qd32x1-randread seq128k-read seq128k-write"
+BRD_JOBS="qd1-randread qd1-randread-hostpoll qd32x2-randread qd32x2-randwrite qd32x1-randread seq128k-read seq128k-write"
 NULL_JOBS="qd1-randread qd32x1-randread"
 
 # CPU accounting (ticks of /proc/stat): the guest's kernel time — system, irq, softirq: the
