@@ -42,7 +42,7 @@ if $full; then
     echo "== P2PDMA guest kernel (tests/vm/build-p2pdma-kernel.sh)"
     tests/vm/build-p2pdma-kernel.sh
     echo "== VM end-to-end suite (full)"
-    BT_ALL=1 HA_RUNS=3 DUAL_RUNS=1 RDMA_CYCLES=500 \
+    BT_ALL=1 HA_RUNS=3 RDMA_CYCLES=500 \
         cargo test --workspace --locked -- --ignored --test-threads=1
 else
     echo "== VM end-to-end suite (CI; tests/run.sh --full for all of it)"

@@ -13,7 +13,7 @@ NQN=nqn.2026-12.io.p2pnvmf:ha
 UUID=8e6f5c43-af70-4db1-c24e-5f6a7b8c9da3
 A_IP=$GUEST_IP
 B_IP=10.0.2.16
-RUNS=${DUAL_RUNS:-1}
+RUNS=${DUAL_RUNS:?its size comes from the test (Scenario::size)}
 export FIO_ENGINE=io_uring
 
 ip addr add "$B_IP/24" dev eth0 || die "second address for head B"

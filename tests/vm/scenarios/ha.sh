@@ -18,7 +18,7 @@ NQN=nqn.2026-12.io.p2pnvmf:ha
 UUID=6c4f3a21-8d5e-4b9f-a02c-3d4e5f6a7b81
 A_IP=$GUEST_IP
 B_IP=10.0.2.16
-RUNS=${HA_RUNS:-1}
+RUNS=${HA_RUNS:?its size comes from the test (Scenario::size)}
 export FIO_ENGINE=io_uring
 
 modprobe brd rd_nr=1 rd_size=131072 || die "modprobe brd"

@@ -10,7 +10,7 @@
 CMBP2P=nqn.2026-11.io.p2pnvmf:cmb-p2p
 CMBHOST=nqn.2026-11.io.p2pnvmf:cmb-host
 PEERP2P=nqn.2026-11.io.p2pnvmf:peer-p2p
-BENCH_RUNTIME=${P2PMEM_BENCH_RUNTIME:-3}
+BENCH_RUNTIME=${P2PMEM_BENCH_RUNTIME:?its size comes from the test (Scenario::size)}
 
 cmb=$(nvme_with_cmb)
 peer=$(grep -lx 0x010802 /sys/bus/pci/devices/*/class | grep -v "$cmb" | cut -d/ -f6)

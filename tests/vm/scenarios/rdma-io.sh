@@ -21,7 +21,7 @@ dev=$(nvme_connect_dev rdma 4420 "$NQN" -i 2)
 verify_rw "$dev" 4
 nvme_disconnect_nqn "$NQN"
 
-CYCLES=${RDMA_CYCLES:-100}
+CYCLES=${RDMA_CYCLES:?its size comes from the test (Scenario::size)}
 step "$CYCLES connect/disconnect cycles"
 # Two warm-up cycles first: allocator and provider caches settle.
 for i in 1 2; do nvme_connect_dev rdma 4420 "$NQN" -i 2 >/dev/null; nvme_disconnect_nqn "$NQN" >/dev/null; done
