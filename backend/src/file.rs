@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use p2pnvmf_nvmf::buffers::RequestFallbacks;
-use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoError, IoRequest, Op};
+use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoError, IoRequest, Op, Reaping};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::{info, warn};
 
@@ -273,9 +273,9 @@ impl Backend for FileBackend {
         Ok(self.file.sync_data()?)
     }
 
-    fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
+    fn open_queue(self: Arc<Self>, depth: usize, reaping: Reaping) -> Result<Box<dyn BackendQueue>, IoError> {
         let ring = match self.engine {
-            Engine::IoUring => Some(Ring::new(2 * depth as u32)?),
+            Engine::IoUring => Some(Ring::new(2 * depth as u32, reaping)?),
             Engine::Sync => None,
         };
         Ok(Box::new(FileQueue { file: self, ring, moved: Moved::default(), fallbacks: RequestFallbacks::default() }))
@@ -489,7 +489,7 @@ mod tests {
         let path = temp(&format!("{engine:?}"), &std::env::temp_dir());
         {
             let f = Arc::new(FileBackend::open_with(&path, Some(1 << 20), engine).unwrap());
-            let mut q = f.clone().open_queue(32).unwrap();
+            let mut q = f.clone().open_queue(32, Reaping::Signalled).unwrap();
             let d = run(&mut *q, 1, Op::Write { offset: 4096, len: 8192 }, Some(filled(8192, 0xab)));
             d.result.unwrap();
             assert_eq!(d.buf.unwrap().len(), 8192, "the window comes back");
@@ -497,7 +497,7 @@ mod tests {
         }
         let f = Arc::new(FileBackend::open_with(&path, None, engine).unwrap());
         assert_eq!(f.size_bytes(), 1 << 20);
-        let mut q = f.clone().open_queue(32).unwrap();
+        let mut q = f.clone().open_queue(32, Reaping::Signalled).unwrap();
         let d = run(&mut *q, 3, Op::Read { offset: 4096, len: 8192 }, Some(filled(8192, 0)));
         d.result.unwrap();
         assert!(d.buf.unwrap().bytes().iter().all(|&b| b == 0xab));
@@ -519,6 +519,44 @@ mod tests {
         roundtrip(Engine::IoUring);
     }
 
+    /// Polled (a poller's queue): `poll_ready` looks at the ring's completion queue itself —
+    /// no runtime here, so the ring's descriptor is never registered with one — and while an
+    /// operation is in flight asks to be polled again at once; idle, it asks for nothing.
+    #[test]
+    fn a_polled_ring_is_looked_at_each_turn_and_never_waited_on() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        uring::available().expect("io_uring on the test machine");
+        let path = temp("polled", &std::env::temp_dir());
+        let f = Arc::new(FileBackend::open_with(&path, Some(1 << 20), Engine::IoUring).unwrap());
+        let mut q = f.clone().open_queue(4, Reaping::Polled).unwrap();
+        let count = Arc::new(Count(0.into()));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(q.poll_ready(&mut cx).is_pending());
+        assert_eq!(count.0.load(Ordering::Relaxed), 0, "idle: no turn asked for");
+        let req = IoRequest { tag: 9, op: Op::Write { offset: 0, len: 4096 }, buf: Some(filled(4096, 0x5a)) };
+        assert!(q.submit(req).is_none(), "in flight");
+        let start = std::time::Instant::now();
+        let mut turns = 0;
+        while q.poll_ready(&mut cx).is_pending() {
+            turns += 1;
+            assert_eq!(count.0.load(Ordering::Relaxed), turns, "each look that found nothing asks for the next turn");
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "no completion");
+        }
+        let mut got = None;
+        q.reap(&mut |d| got = Some(d));
+        let d = got.expect("ready means a completion to reap");
+        assert_eq!(d.tag, 9);
+        d.result.unwrap();
+        assert_eq!(q.in_flight(), 0);
+        std::fs::remove_file(&path).unwrap();
+    }
+
     #[test]
     fn pread_fallback_roundtrip() {
         roundtrip(Engine::Sync);
@@ -528,7 +566,7 @@ mod tests {
     fn a_queue_keeps_many_operations_in_flight_and_completes_each_once() {
         let path = temp("many", &std::env::temp_dir());
         let f = Arc::new(FileBackend::open_with(&path, Some(1 << 20), Engine::IoUring).unwrap());
-        let mut q = f.clone().open_queue(64).unwrap();
+        let mut q = f.clone().open_queue(64, Reaping::Signalled).unwrap();
         for tag in 0..64u16 {
             assert!(
                 q.submit(IoRequest {
@@ -563,7 +601,7 @@ mod tests {
         assert!(shm.is_dir(), "/dev/shm on the test machine");
         let path = temp("zero", shm);
         let f = Arc::new(FileBackend::open_with(&path, Some(1 << 20), Engine::IoUring).unwrap());
-        let mut q = f.clone().open_queue(8).unwrap();
+        let mut q = f.clone().open_queue(8, Reaping::Signalled).unwrap();
         run(&mut *q, 1, Op::Write { offset: 0, len: 65536 }, Some(filled(65536, 0x5a))).result.unwrap();
         run(&mut *q, 2, Op::WriteZeroes { offset: 4096, len: 8192 }, None).result.unwrap();
         assert!(f.refuses(Zeroing::ZeroRange) && !f.refuses(Zeroing::PunchHole));
@@ -583,7 +621,7 @@ mod tests {
         let f = Arc::new(FileBackend::open_with(&path, Some(4 << 20), Engine::IoUring).unwrap());
         let pool = p2pnvmf_p2p::pool::ChunkPool::host(1 << 18, 16).unwrap();
         let mut slab = pool.take(16);
-        let mut q = f.clone().open_queue(16).unwrap();
+        let mut q = f.clone().open_queue(16, Reaping::Signalled).unwrap();
         for tag in 0..16u16 {
             let mut w = slab.get(1 << 18).unwrap();
             w.bytes_mut().fill(7);
@@ -596,7 +634,7 @@ mod tests {
         // do the windows go home.
         drop(q);
         assert_eq!(pool.free_chunks(), 16);
-        let mut q = f.clone().open_queue(1).unwrap();
+        let mut q = f.clone().open_queue(1, Reaping::Signalled).unwrap();
         let back = run(&mut *q, 0, Op::Read { offset: 0, len: 4 << 20 }, Some(filled(4 << 20, 0))).buf.unwrap();
         for region in back.bytes().chunks(1 << 18) {
             assert!(region.iter().all(|&b| b == 7) || region.iter().all(|&b| b == 0), "a write was cut short");
@@ -635,7 +673,7 @@ mod tests {
         let at = w.as_ptr();
         for engine in [Engine::IoUring, Engine::Sync] {
             let f = Arc::new(FileBackend::open_with(&path, None, engine).unwrap());
-            let mut q = f.clone().open_queue(4).unwrap();
+            let mut q = f.clone().open_queue(4, Reaping::Signalled).unwrap();
             let d = run(&mut *q, 1, Op::Write { offset: 1 << 16, len: 1 << 16 }, Some(w));
             d.result.unwrap();
             w = d.buf.unwrap();

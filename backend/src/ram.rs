@@ -5,7 +5,7 @@ use std::io;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 
-use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoError, IoRequest, Op};
+use p2pnvmf_nvmf::{Backend, BackendQueue, IoDone, IoError, IoRequest, Op, Reaping};
 
 const CHUNK_SHIFT: u32 = 16;
 const CHUNK: usize = 1 << CHUNK_SHIFT;
@@ -119,7 +119,7 @@ impl Backend for RamBackend {
         Ok(())
     }
 
-    fn open_queue(self: Arc<Self>, _depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
+    fn open_queue(self: Arc<Self>, _depth: usize, _: Reaping) -> Result<Box<dyn BackendQueue>, IoError> {
         Ok(Box::new(RamQueue(self)))
     }
 }

@@ -1,5 +1,6 @@
 //! An io_uring for one queue of a backend: many operations in flight, completions reaped when
-//! the ring's descriptor turns readable. Every operation's context — the data window its
+//! the ring's descriptor turns readable, or on a poller when its completion queue (shared
+//! memory) holds some. Every operation's context — the data window its
 //! buffer points into — is owned by the ring's table from submission to completion, and
 //! dropping the ring waits for every operation, so the kernel never touches memory that was
 //! given back or freed.
@@ -9,6 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::task::{Context, Poll};
 
 use io_uring::{IoUring, opcode, squeue, types};
+use p2pnvmf_nvmf::Reaping;
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tokio::io::unix::AsyncFd;
 
@@ -76,18 +78,31 @@ pub(crate) struct Ring<T> {
     /// Registered fixed buffers: the mapping each slot holds alive.
     fixed: Vec<MappingPin>,
     fixed_ok: bool,
+    reaping: Reaping,
 }
 
 impl<T: Lends> Ring<T> {
-    pub fn new(entries: u32) -> io::Result<Ring<T>> {
+    pub fn new(entries: u32, reaping: Reaping) -> io::Result<Ring<T>> {
         let ring = IoUring::new(entries.next_power_of_two().clamp(8, 4096))?;
         // Sparse fixed-buffer table (5.13+); without it, plain buffers serve every operation.
         let fixed_ok = ring.submitter().register_buffers_sparse(FIXED_SLOTS).is_ok();
-        Ok(Ring { ready: None, ring, ops: Vec::new(), free: Vec::new(), in_flight: 0, fixed: Vec::new(), fixed_ok })
+        let (ops, free, fixed) = (Vec::new(), Vec::new(), Vec::new());
+        Ok(Ring { ready: None, ring, ops, free, in_flight: 0, fixed, fixed_ok, reaping })
     }
 
-    /// Ready when completions wait (the ring's descriptor polls readable then).
+    /// Ready when completions wait: the ring's descriptor polls readable then, or — polled —
+    /// its completion queue holds an entry (a look at shared memory, no system call; while
+    /// operations are in flight the task is polled again on the next turn).
     pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.reaping == Reaping::Polled {
+            if !self.ring.completion().is_empty() || !self.ring.submission().is_empty() {
+                return Poll::Ready(());
+            }
+            if self.in_flight > 0 {
+                cx.waker().wake_by_ref();
+            }
+            return Poll::Pending;
+        }
         if self.ready.is_none() {
             // SAFETY: the descriptor belongs to `self.ring`, which outlives the registration
             // (field order: `ready` drops first).

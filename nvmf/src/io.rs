@@ -13,7 +13,7 @@ use p2pnvmf_p2p::mem::{MappingPin, Window};
 use tracing::warn;
 
 use crate::Status;
-use crate::ns::{BackendQueue, IoDone, IoError, IoRequest, Namespace, Op};
+use crate::ns::{BackendQueue, IoDone, IoError, IoRequest, Namespace, Op, Reaping};
 use crate::request::{Completion, Exec, Request};
 use crate::response::Response;
 use crate::resv::{Group, HostId, Reservation, Verdict};
@@ -373,12 +373,13 @@ impl IoState {
             Some(i) => &mut self.queues[i],
             None if ns.backend.opens_slowly() && tokio::runtime::Handle::try_current().is_ok() => {
                 let backend = ns.backend.clone();
-                let task = tokio::task::spawn_blocking(move || backend.open_queue(depth));
+                let reaping = Reaping::here();
+                let task = tokio::task::spawn_blocking(move || backend.open_queue(depth, reaping));
                 let backend = ns.backend.clone();
                 self.opening.push(Opening { nsid: ns.nsid, backend, task, done: None, waiting: vec![req] });
                 return;
             }
-            None => match Arc::clone(&ns.backend).open_queue(depth) {
+            None => match Arc::clone(&ns.backend).open_queue(depth, Reaping::here()) {
                 Ok(q) => self.add_queue(ns.nsid, ns.backend.clone(), q),
                 Err(e) => {
                     warn!(nsid = ns.nsid, "opening the namespace's backend for this queue: {e}");

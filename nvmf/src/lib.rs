@@ -31,7 +31,7 @@ pub mod wire;
 pub use auth::Host;
 pub use ctrl::{Controller, Limits};
 pub use data::DataPlan;
-pub use ns::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Namespace, NsIds, Null, Op};
+pub use ns::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Namespace, NsIds, Null, Op, Reaping};
 pub use queue::Queue;
 pub use request::{Completion, Exec, Request};
 pub use response::Response;

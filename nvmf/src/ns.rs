@@ -112,8 +112,9 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn volatile_write_cache(&self) -> bool;
     /// Flushes from outside any queue (at shutdown); may block.
     fn flush(&self) -> Result<(), IoError>;
-    /// This backend's side of one I/O queue of `depth` commands.
-    fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError>;
+    /// This backend's side of one I/O queue of `depth` commands, its completions found as
+    /// `reaping` says.
+    fn open_queue(self: Arc<Self>, depth: usize, reaping: Reaping) -> Result<Box<dyn BackendQueue>, IoError>;
     /// Whether [`Backend::open_queue`] blocks for a while (admin commands to a device): the
     /// core then opens the queue off the queue's task, its first operations waiting for it.
     fn opens_slowly(&self) -> bool {
@@ -140,6 +141,35 @@ pub struct DeviceFacts {
     pub dlfeat: u8,
     /// Identify Controller ONCS: what the device supports.
     pub oncs: u16,
+}
+
+/// How a backend queue's owner learns of its completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaping {
+    /// The owner's task sleeps until the backend signals (an interrupt's eventfd, the
+    /// io_uring's descriptor turning readable).
+    Signalled,
+    /// The owner runs on a poller (poll mode): [`BackendQueue::poll_ready`] looks for
+    /// completions where the device posts them (a completion queue in memory) and, while
+    /// operations are in flight, has the task polled again on the next turn; the device
+    /// raises no interrupt where it can be told not to.
+    Polled,
+}
+
+thread_local! {
+    static POLLER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Reaping {
+    /// How queues opened from this thread reap: polled on a poller's thread.
+    pub fn here() -> Reaping {
+        if POLLER.get() { Reaping::Polled } else { Reaping::Signalled }
+    }
+
+    /// Marks the calling thread a poller's (its runtime never sleeps).
+    pub fn mark_poller_thread() {
+        POLLER.set(true);
+    }
 }
 
 /// Where one queue submits operations and collects their completions (SPDK's
@@ -331,7 +361,7 @@ impl Backend for Null {
     fn flush(&self) -> Result<(), IoError> {
         Ok(())
     }
-    fn open_queue(self: Arc<Self>, _: usize) -> Result<Box<dyn BackendQueue>, IoError> {
+    fn open_queue(self: Arc<Self>, _: usize, _: Reaping) -> Result<Box<dyn BackendQueue>, IoError> {
         Ok(Box::new(NullQueue))
     }
 }

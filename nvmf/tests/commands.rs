@@ -8,7 +8,7 @@ use p2pnvmf_nvmf::ana::{self, Groups};
 use p2pnvmf_nvmf::wire::{ConnectData, DiscoveryLogEntry, DiscoveryLogHeader, Sqe, get_str, put_str, sgl};
 use p2pnvmf_nvmf::{
     Backend, BackendQueue, DISCOVERY_NQN, DataPlan, Exec, IoDone, IoError, IoRequest, IoStats, Limits, Namespace, Op,
-    Port, Queue, Request, Response, Status, Subsystem, Target, TrType, TransportParams,
+    Port, Queue, Reaping, Request, Response, Status, Subsystem, Target, TrType, TransportParams,
 };
 use p2pnvmf_p2p::mem::Window;
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
@@ -50,7 +50,7 @@ impl Backend for Mem {
     fn flush(&self) -> Result<(), IoError> {
         Ok(())
     }
-    fn open_queue(self: Arc<Self>, _: usize) -> Result<Box<dyn BackendQueue>, IoError> {
+    fn open_queue(self: Arc<Self>, _: usize, _: Reaping) -> Result<Box<dyn BackendQueue>, IoError> {
         let (held, hold) = match &self.1 {
             Some(h) => (h.clone(), true),
             None => (Held::default(), false),
@@ -801,12 +801,12 @@ impl Backend for SlowOpen {
     fn flush(&self) -> Result<(), IoError> {
         Ok(())
     }
-    fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
+    fn open_queue(self: Arc<Self>, depth: usize, reaping: Reaping) -> Result<Box<dyn BackendQueue>, IoError> {
         std::thread::sleep(OPENING);
         if let Some(fail) = self.fail {
             return Err(fail());
         }
-        self.mem.clone().open_queue(depth)
+        self.mem.clone().open_queue(depth, reaping)
     }
     fn opens_slowly(&self) -> bool {
         true

@@ -4,7 +4,10 @@
 //! on every turn without a system call ([`next_turn`]), and its I/O driver is polled with a
 //! zero timeout every 61 task polls, so a socket's data or an io_uring completion is found by
 //! the thread that owns the connection, with no interrupt-driven wake-up and no hand-off to
-//! another thread between receive and completion. The price is a CPU per poller, busy at 100%;
+//! another thread between receive and completion. A backend queue opened on a poller is polled
+//! too ([`p2pnvmf_nvmf::Reaping::Polled`]): its completion queue — an io_uring's, an NVMe SSD's
+//! — is looked at in memory on every turn while operations are in flight, and an SSD's queue
+//! pair of its own raises no interrupt. The price is a CPU per poller, busy at 100%;
 //! each poller's busy share (turns in which a connection did work) is in `status` and the
 //! metrics.
 
@@ -110,6 +113,8 @@ impl Pollers {
                     .and_then(|()| tokio::runtime::Builder::new_current_thread().enable_all().build());
                 match rt {
                     Ok(rt) => {
+                        // Backend queues opened here are looked at each turn, not waited on.
+                        p2pnvmf_nvmf::Reaping::mark_poller_thread();
                         let _ = tx.send(Ok(rt.handle().clone()));
                         // A task, not the future block_on polls: a task that wakes itself is
                         // queued again at once, where waking block_on's future would go through
@@ -344,7 +349,7 @@ mod tests {
         let mut set = JoinSet::new();
         let (tx, rx) = tokio::sync::oneshot::channel();
         pollers.spawn(&mut set, async move {
-            let _ = tx.send(std::thread::current().name().map(str::to_string));
+            let _ = tx.send((std::thread::current().name().map(str::to_string), p2pnvmf_nvmf::Reaping::here()));
             let mut s = tokio::net::TcpStream::from_std(std_stream).unwrap();
             let mut buf = [0u8; 64];
             loop {
@@ -357,7 +362,10 @@ mod tests {
                 }
             }
         });
-        assert_eq!(rx.await.unwrap().as_deref(), Some("p2pnvmf-poll0"));
+        let (thread, reaping) = rx.await.unwrap();
+        assert_eq!(thread.as_deref(), Some("p2pnvmf-poll0"));
+        assert_eq!(reaping, p2pnvmf_nvmf::Reaping::Polled, "backend queues opened on a poller are polled");
+        assert_eq!(p2pnvmf_nvmf::Reaping::here(), p2pnvmf_nvmf::Reaping::Signalled, "elsewhere they are not");
         assert_eq!(pollers.status()[0].connections, 1);
         client.await.unwrap();
         set.join_next().await.unwrap().unwrap();

@@ -17,6 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use p2pnvmf_nvmf::Reaping;
 use p2pnvmf_nvmf::wire::{Cqe, Sqe};
 pub use p2pnvmf_p2p::addr::Addressing;
 use p2pnvmf_p2p::addr::{BusAddr, Iova};
@@ -695,16 +696,18 @@ impl Controller {
         }
     }
 
-    /// Creates an I/O queue pair of `entries`; `None` when every granted pair is in use.
-    pub fn create_io_queue(&self, entries: u16) -> Result<Option<QueuePair>, Error> {
+    /// Creates an I/O queue pair of `entries`, its completions raising its interrupt vector
+    /// when `interrupts` (else it is only ever polled); `None` when every granted pair is in use.
+    pub fn create_io_queue(&self, entries: u16, interrupts: bool) -> Result<Option<QueuePair>, Error> {
         let Some(qid) = self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).pop() else { return Ok(None) };
         let entries = entries.clamp(2, self.cap.max_entries().min(4096) as u16);
         let sq_len = (usize::from(entries) * SQE_SIZE).next_multiple_of(PAGE);
         let cq_len = (usize::from(entries) * CQE_SIZE).next_multiple_of(PAGE);
         // INTx has one vector, 0, for every queue.
         let vector = if matches!(self.irqs, Irqs::Msix(_)) { qid } else { 0 };
+        let vector = interrupts.then_some(vector);
         let created = self.dma(sq_len + cq_len).and_then(|m| {
-            self.admin_cmd(spec::create_cq(qid, u32::from(entries), m.addr(sq_len), Some(vector)))?;
+            self.admin_cmd(spec::create_cq(qid, u32::from(entries), m.addr(sq_len), vector))?;
             if let Err(e) = self.admin_cmd(spec::create_sq(qid, u32::from(entries), m.addr(0), qid)) {
                 let _ = self.admin_cmd(spec::delete_queue(admin::DELETE_CQ, qid));
                 return Err(e);
@@ -724,14 +727,15 @@ impl Controller {
     /// more than one granted pair is free; the last granted one is created shared, and target
     /// queues beyond the granted pairs share it. Waits up to `limit` for a pair to be given back
     /// only when even the shared one takes no more sharers (CIDs); `None` when none was in
-    /// time. Blocks: for callers off the runtime's workers.
-    pub fn open_pair(&self, entries: u16, limit: Duration) -> Result<Option<Pair>, Error> {
+    /// time. A pair of its own raises interrupts unless `reaping` is polled; the shared one
+    /// always does (a sharer may sleep on them). Blocks: for callers off the runtime's workers.
+    pub fn open_pair(&self, entries: u16, limit: Duration, reaping: Reaping) -> Result<Option<Pair>, Error> {
         let deadline = Instant::now() + limit;
         let mut waited = false;
         loop {
             let free = self.free_qids.lock().unwrap_or_else(|e| e.into_inner()).len();
             if free > 1
-                && let Some(q) = self.create_io_queue(entries)?
+                && let Some(q) = self.create_io_queue(entries, reaping == Reaping::Signalled)?
             {
                 return Ok(Some(Pair::Own(q)));
             }
@@ -745,7 +749,7 @@ impl Controller {
                     return Ok(Some(Pair::Shared(share)));
                 }
                 if free == 1
-                    && let Some(q) = self.create_io_queue(SHARED_ENTRIES)?
+                    && let Some(q) = self.create_io_queue(SHARED_ENTRIES, true)?
                 {
                     let s = SharedPair::new(q);
                     *shared = Arc::downgrade(&s);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use p2pnvmf_nvmf::buffers::RequestFallbacks;
 use p2pnvmf_nvmf::wire::{Cqe, Sqe, io_opcode as opcode};
-use p2pnvmf_nvmf::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Op, Status};
+use p2pnvmf_nvmf::{Backend, BackendQueue, DeviceFacts, IoDone, IoError, IoRequest, Op, Reaping, Status};
 use p2pnvmf_p2p::addr::{BusAddr, Iova};
 use p2pnvmf_p2p::mem::{MappingPin, Window};
 use p2pnvmf_p2p::pci::{PciAddr, Sysfs};
@@ -116,7 +116,8 @@ impl Backend for NvmeVfio {
     fn flush(&self) -> Result<(), IoError> {
         let mut sync = self.sync.lock().unwrap_or_else(|e| e.into_inner());
         if sync.is_none() {
-            *sync = self.ctrl.create_io_queue(2)?;
+            // Waited for by polling: no interrupts.
+            *sync = self.ctrl.create_io_queue(2, false)?;
         }
         let q = sync
             .as_mut()
@@ -131,16 +132,19 @@ impl Backend for NvmeVfio {
         true
     }
 
-    fn open_queue(self: Arc<Self>, depth: usize) -> Result<Box<dyn BackendQueue>, IoError> {
+    fn open_queue(self: Arc<Self>, depth: usize, reaping: Reaping) -> Result<Box<dyn BackendQueue>, IoError> {
         let depth = depth.clamp(1, 1023) as u16;
-        let q = self.ctrl.open_pair(depth + 1, QUEUE_PAIR_WAIT)?.ok_or_else(|| {
+        let q = self.ctrl.open_pair(depth + 1, QUEUE_PAIR_WAIT, reaping)?.ok_or_else(|| {
             IoError::Unavailable(format!(
                 "{}: every granted I/O queue pair is in use and the shared one is full (none given back within \
                  {QUEUE_PAIR_WAIT:?})",
                 self.ctrl.pci
             ))
         })?;
-        let irq = self.ctrl.irq(q.qid())?;
+        let irq = match reaping {
+            Reaping::Signalled => Irq::Fd(Some(self.ctrl.irq(q.qid())?)),
+            Reaping::Polled => Irq::Polled,
+        };
         // One PRP list (or DSM range) page per command.
         let lists = self.ctrl.dma(usize::from(depth) * PAGE)?;
         let slots = (0..depth).map(|_| Slot::default()).collect();
@@ -149,7 +153,7 @@ impl Backend for NvmeVfio {
             ns: self,
             q: Some(q),
             cqes: Vec::with_capacity(usize::from(depth)),
-            irq: Irq::Fd(Some(irq)),
+            irq,
             slots,
             free: (0..depth).rev().collect(),
             waiting: VecDeque::new(),
@@ -199,6 +203,9 @@ enum Irq {
     /// Registered with tokio on first poll (the queue is created outside the runtime's task).
     Fd(Option<OwnedFd>),
     Async(AsyncFd<std::fs::File>),
+    /// On a poller: the CQ is looked at on every turn, and a pair of its own raises no
+    /// interrupt.
+    Polled,
 }
 
 /// One target I/O queue's queue pair on the SSD. `ns` is the last field: the queue may hold
@@ -577,7 +584,19 @@ impl BackendQueue for NvmeQueue {
         if self.q.as_ref().is_some_and(|q| q.has_inbox(cx.waker())) {
             return Poll::Ready(());
         }
-        let Irq::Async(fd) = &self.irq else { unreachable!("set above") };
+        let fd = match &self.irq {
+            Irq::Async(fd) => fd,
+            Irq::Polled => {
+                if self.q.as_ref().is_some_and(Pair::posted) {
+                    return Poll::Ready(());
+                }
+                if self.in_flight > 0 {
+                    cx.waker().wake_by_ref();
+                }
+                return Poll::Pending;
+            }
+            Irq::Fd(_) => unreachable!("registered above"),
+        };
         loop {
             let mut guard = match fd.poll_read_ready(cx) {
                 Poll::Ready(Ok(g)) => g,

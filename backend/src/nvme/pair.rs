@@ -168,6 +168,14 @@ impl Pair {
         }
     }
 
+    /// Whether the CQ holds a completion not taken yet (for any sharer): a poller's look.
+    pub fn posted(&self) -> bool {
+        match self {
+            Pair::Own(q) => q.posted(),
+            Pair::Shared(s) => s.pair.lock().q.as_ref().is_some_and(QueuePair::posted),
+        }
+    }
+
     /// Whether this queue has something to reap that its interrupt does not say: completions
     /// another sharer took from the CQ, or room they made in the SQ; otherwise `waker` is woken
     /// when there is. Always false for a pair of its own.

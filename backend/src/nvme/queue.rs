@@ -86,13 +86,22 @@ impl QueuePair {
         self.regs.write32(self.sq_doorbell, u32::from(self.sq_tail));
     }
 
+    /// DW3 of the entry at the head when the controller posted it (its phase tag current).
+    fn head(&self) -> Option<u32> {
+        let dw3 = self.mem.read32(self.cq + usize::from(self.cq_head) * CQE_SIZE + 12);
+        ((dw3 >> 16) & 1 == u32::from(self.phase)).then_some(dw3)
+    }
+
+    /// Whether the controller posted a completion not taken yet (a look at the head entry's
+    /// phase tag: what a poller does each turn).
+    pub fn posted(&self) -> bool {
+        self.head().is_some()
+    }
+
     /// The next completion, if the controller posted one.
     pub fn poll(&mut self) -> Option<Cqe> {
+        let dw3 = self.head()?;
         let at = self.cq + usize::from(self.cq_head) * CQE_SIZE;
-        let dw3 = self.mem.read32(at + 12);
-        if (dw3 >> 16) & 1 != u32::from(self.phase) {
-            return None;
-        }
         // The rest of the entry is read only after its phase tag says it is complete.
         fence(Ordering::Acquire);
         let dw2 = self.mem.read32(at + 8);
@@ -155,10 +164,11 @@ mod tests {
         let mut second = [0; 4];
         mem.read_bytes(64, &mut second);
         assert_eq!(second[2..4], 1u16.to_le_bytes(), "cid of the second entry");
-        assert!(q.poll().is_none(), "nothing posted yet");
+        assert!(!q.posted() && q.poll().is_none(), "nothing posted yet");
         for (slot, cid) in [(0u16, 2u16), (1, 0), (2, 1)] {
             post(&mem, 4096, slot, cid, slot + 1, true, 0);
         }
+        assert!(q.posted(), "a completion at the head");
         let cids: Vec<u16> = std::iter::from_fn(|| q.poll()).map(|c| c.cid.get()).collect();
         assert_eq!(cids, [2, 0, 1], "completion order");
         q.ring_cq();
@@ -170,6 +180,6 @@ mod tests {
         let c = q.poll().unwrap();
         assert_eq!((c.cid.get(), status(&c), c.result.get()), (7, 0x2, 0xabcd));
         assert_eq!(q.poll().unwrap().cid.get(), 8, "phase flipped after the wrap");
-        assert!(q.poll().is_none(), "a stale entry from the first round is not taken");
+        assert!(!q.posted() && q.poll().is_none(), "a stale entry from the first round is not taken");
     }
 }

@@ -1,7 +1,8 @@
 # The nvme-vfio backend on Debian's kernel with the guest IOMMU: the target takes an NVMe SSD
 # from the kernel (only once the kernel let go of it), identifies it as the kernel did, serves
-# its namespace over NVMe/TCP and RDMA with fio verify, and gives it back at exit, when the
-# kernel's driver reads the bytes written through the target.
+# its namespace over NVMe/TCP and RDMA with fio verify — in poll mode too, where the SSD's I/O
+# queues raise no interrupt (/proc/interrupts) — and gives it back at exit, when the kernel's
+# driver reads the bytes written through the target.
 
 NQN=nqn.2026-11.io.p2pnvmf:vfio-ssd
 ssd=$(grep -lx 0x010802 /sys/bus/pci/devices/*/class | head -n1 | cut -d/ -f6)
@@ -84,16 +85,44 @@ for k in ('critical_warning', 'temperature', 'avail_spare', 'spare_thresh', 'per
     assert local_s[k] == host_s[k], k
 PY
 
-for t in tcp rdma; do
-    port=$([[ $t == rdma ]] && echo 4420 || echo 4421)
-    step "$t: fio verify through the target onto the SSD"
-    dev=$(nvme_connect_dev "$t" "$port" "$NQN" -i 2)
-    fio_verify "$dev" 4k 2 32
-    fio_verify "$dev" 128k 1 32
-    nvme_disconnect_nqn "$NQN" >/dev/null
-done
+# Interrupts the SSD raised on its I/O queues' MSI-X vectors (1 and up; 0 is the admin
+# queue's), as the kernel counts them for vfio-pci.
+ssd_io_irqs() {
+    awk -v pci="$ssd" 'index($0, "vfio-msix[") && index($0, pci) && !index($0, "vfio-msix[0]") {
+        for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts
+}
+# verify_both MiB: fio verify through the target onto the SSD over both transports.
+verify_both() {
+    local t port dev
+    for t in tcp rdma; do
+        port=$([[ $t == rdma ]] && echo 4420 || echo 4421)
+        step "$t: fio verify through the target onto the SSD"
+        dev=$(nvme_connect_dev "$t" "$port" "$NQN" -i 2)
+        fio_verify "$dev" 4k 2 "$1"
+        fio_verify "$dev" 128k 1 "$1"
+        nvme_disconnect_nqn "$NQN" >/dev/null
+    done
+}
+irq0=$(ssd_io_irqs)
+verify_both 32
+irq1=$(ssd_io_irqs)
+echo "the SSD's I/O interrupts during the verify runs: $((irq1 - irq0))"
+(( irq1 > irq0 )) || die "no interrupt from the SSD's I/O queues in the default mode"
 # The SSD reached every buffer where it was (RDMA's data area, NVMe/TCP's slot buffers).
 ! grep "bounce buffer" "$TARGET_LOG" || die "data went through bounce buffers"
+
+step "poll mode: the poller looks at the SSD's completion queues itself; the SSD raises no I/O interrupt"
+stop_target
+cp /tmp/scn/target.toml /tmp/scn/poll.toml
+poll_mode /tmp/scn/poll.toml "[1]"
+start_target /tmp/scn/poll.toml 4421
+irq0=$(ssd_io_irqs)
+verify_both 16
+irq1=$(ssd_io_irqs)
+echo "the SSD's I/O interrupts during the poll-mode verify runs: $((irq1 - irq0))"
+(( irq1 == irq0 )) || die "the SSD raised $((irq1 - irq0)) I/O interrupts in poll mode"
+stop_target
+start_target /tmp/scn/target.toml 4421
 
 step "10 connect/disconnect cycles: the SSD's queues, lists and mappings are given back"
 # VmLck counts what VFIO pins for the SSD's DMA: a queue's memory must be unpinned at its close.

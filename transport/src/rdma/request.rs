@@ -718,7 +718,11 @@ mod tests {
         fn flush(&self) -> Result<(), p2pnvmf_nvmf::IoError> {
             Ok(())
         }
-        fn open_queue(self: Arc<Self>, _: usize) -> Result<Box<dyn BackendQueue>, p2pnvmf_nvmf::IoError> {
+        fn open_queue(
+            self: Arc<Self>,
+            _: usize,
+            _: p2pnvmf_nvmf::Reaping,
+        ) -> Result<Box<dyn BackendQueue>, p2pnvmf_nvmf::IoError> {
             Ok(Box::new(SlowQueue(self.0.clone())))
         }
     }
