@@ -379,6 +379,10 @@ impl Conn {
                 Ok(_) => poll::did_work(),
                 Err(e) => break format!("{e}"),
             }
+            // The round's RDMA READs, WRITEs and SENDs go to the device together.
+            if let Err(e) = self.qp.flush() {
+                break format!("{e}");
+            }
         };
         let who = self.reqs.queue.controller().map(|c| (c.cntlid, c.subnqn().to_string()));
         info!(peer = %self.peer, ?who, qid = self.reqs.queue.qid(), "RDMA queue closing: {why}");

@@ -76,6 +76,10 @@ pub struct Qp {
     size: QpSize,
     /// Poll mode: no completion channel; the CQ is polled, never armed.
     polled: bool,
+    /// Send-queue work requests of this round, each with its one SGE, posted as one chain by
+    /// [`Qp::flush`]: one `ibv_post_send` per round — with rxe, one doorbell system call —
+    /// instead of one per response. Room for the whole send queue, so it never grows.
+    batch: Vec<(sys::IbvSendWr, sys::IbvSge)>,
 }
 
 // SAFETY: the verbs objects are used only by the task that owns the Qp.
@@ -154,6 +158,7 @@ impl Qp {
             data: pin,
             size,
             polled,
+            batch: Vec::with_capacity(size.send_wrs),
         };
         // SAFETY: a connect request's id carries its device context.
         let verbs = unsafe { (*id).verbs };
@@ -309,11 +314,11 @@ impl Qp {
         }
     }
 
-    fn send_wr(wr_id: u64, opcode: u32, sge: &mut sys::IbvSge, signaled: bool) -> sys::IbvSendWr {
+    fn send_wr(wr_id: u64, opcode: u32, signaled: bool) -> sys::IbvSendWr {
         sys::IbvSendWr {
             wr_id,
             next: ptr::null_mut(),
-            sg_list: sge,
+            sg_list: ptr::null_mut(),
             num_sge: 1,
             opcode,
             send_flags: if signaled { sys::IBV_SEND_SIGNALED } else { 0 },
@@ -324,13 +329,31 @@ impl Qp {
         }
     }
 
-    fn post(&self, wr: &mut sys::IbvSendWr) -> io::Result<()> {
-        let mut bad = ptr::null_mut();
+    /// Posts the round's work requests (in the order they came) as one chain.
+    pub fn flush(&mut self) -> io::Result<()> {
+        let n = self.batch.len();
+        if n == 0 {
+            return Ok(());
+        }
         let f = self.ops().post_send.ok_or_else(|| io::Error::other("provider has no post_send"))?;
-        // SAFETY: every SGE in the chain points into registered memory and lives on the
-        // caller's stack until this returns; providers copy WRs at post time. The windows the
-        // SGEs point into stay with their requests until the completions come back.
-        sys::check("ibv_post_send", unsafe { f(self.qp(), wr, &mut bad) })
+        let base = self.batch.as_mut_ptr();
+        // SAFETY: every index is below `n`, the vector's length; the pointers into it stay
+        // valid until the post returns (nothing touches the vector meanwhile).
+        let head = unsafe {
+            for i in 0..n {
+                let e = &mut *base.add(i);
+                e.0.sg_list = &mut e.1;
+                e.0.next = if i + 1 < n { &mut (*base.add(i + 1)).0 } else { ptr::null_mut() };
+            }
+            &mut (*base).0
+        };
+        let mut bad = ptr::null_mut();
+        // SAFETY: every SGE points into registered memory (checked as each was queued);
+        // providers copy WRs at post time. The windows the SGEs point into stay with their
+        // requests until the completions come back.
+        let r = sys::check("ibv_post_send", unsafe { f(self.qp(), head, &mut bad) });
+        self.batch.clear();
+        r
     }
 
     /// Drains the completion queue into `out`; in channel mode, takes the channel's event and
@@ -401,11 +424,12 @@ impl Verbs for Qp {
     }
 
     fn post_read(&mut self, req: u16, buf: &Window, len: usize, remote: &Keyed, mr: Mr) -> io::Result<()> {
-        let mut sge = self.data_sge(buf, len, mr)?;
-        let mut w = Self::send_wr(wr::READ | u64::from(req), sys::wr_opcode::RDMA_READ, &mut sge, true);
+        let sge = self.data_sge(buf, len, mr)?;
+        let mut w = Self::send_wr(wr::READ | u64::from(req), sys::wr_opcode::RDMA_READ, true);
         w.rdma_remote_addr = remote.addr;
         w.rdma_rkey = remote.key;
-        self.post(&mut w)
+        self.batch.push((w, sge));
+        Ok(())
     }
 
     fn post_send(
@@ -417,23 +441,21 @@ impl Verbs for Qp {
     ) -> io::Result<()> {
         let off = self.recv_area() + usize::from(req) * 16;
         self.ctrl.write_bytes(off, cqe.as_bytes());
-        let mut rsp_sge = self.ctrl_sge(off, 16);
-        let mut send = Self::send_wr(wr::SEND | u64::from(req), sys::wr_opcode::SEND, &mut rsp_sge, true);
+        let rsp_sge = self.ctrl_sge(off, 16);
+        let mut send = Self::send_wr(wr::SEND | u64::from(req), sys::wr_opcode::SEND, true);
         if let Some(key) = invalidate {
             send.opcode = sys::wr_opcode::SEND_WITH_INV;
             send.invalidate_rkey = key;
         }
-        match write {
-            Some((buf, len, k, mr)) => {
-                let mut data_sge = self.data_sge(buf, len, mr)?;
-                let mut w = Self::send_wr(0, sys::wr_opcode::RDMA_WRITE, &mut data_sge, false);
-                w.rdma_remote_addr = k.addr;
-                w.rdma_rkey = k.key;
-                w.next = &mut send;
-                self.post(&mut w)
-            }
-            None => self.post(&mut send),
+        if let Some((buf, len, k, mr)) = write {
+            let data_sge = self.data_sge(buf, len, mr)?;
+            let mut w = Self::send_wr(0, sys::wr_opcode::RDMA_WRITE, false);
+            w.rdma_remote_addr = k.addr;
+            w.rdma_rkey = k.key;
+            self.batch.push((w, data_sge));
         }
+        self.batch.push((send, rsp_sge));
+        Ok(())
     }
 
     fn capsule(&self, idx: usize) -> &[u8] {

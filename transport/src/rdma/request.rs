@@ -45,8 +45,9 @@ pub enum Mr {
     DmaBuf(u32),
 }
 
-/// What the state machine asks of the queue pair. The real one posts verbs work requests;
-/// tests use a fake that records them.
+/// What the state machine asks of the queue pair. The real one queues send-queue work
+/// requests and posts each round's together (`Qp::flush`, by the queue's task); tests use a
+/// fake that records them.
 pub trait Verbs {
     /// Gives receive buffer `idx` back to the device.
     fn post_recv(&mut self, idx: usize) -> io::Result<()>;
