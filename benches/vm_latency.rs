@@ -9,7 +9,8 @@
 //! pinned to CPU `POLL_CPU`, default 1). `POLL=1` runs the first two in poll mode and leaves
 //! out the others; `TARGET_WORKERS=N` runs the target with N tokio worker threads; `PIN_CPU=C`
 //! pins fio and our target to CPU C; `FIO_CPU=C` pins fio alone, for every target; `HOST_POLL=1`
-//! has the host poll (a poll queue and fio's `--hipri`), for every target.
+//! has the host poll (a poll queue and fio's `--hipri`), for every target; `IDLE_POLL=1` boots
+//! the guest with `idle=poll` (idle vCPUs spin: no wake-up finds one asleep in qemu).
 
 use p2pnvmf_vmrig::{Scenario, Topology};
 use serde_json::Value;
@@ -79,7 +80,11 @@ fn syscalls(dir: &std::path::Path, t: &str) -> String {
 }
 
 fn main() {
-    let mut scn = Scenario::new("bench-latency", Topology::nic_only().steady_clock(), "bench-latency.sh")
+    let mut topology = Topology::nic_only().steady_clock();
+    if std::env::var("IDLE_POLL").is_ok_and(|v| v == "1") {
+        topology = topology.idle_poll();
+    }
+    let mut scn = Scenario::new("bench-latency", topology, "bench-latency.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .binary("P2PNVMF_WAKE_COST", env!("CARGO_BIN_EXE_wake-cost"))
         .timeout(std::time::Duration::from_secs(900));

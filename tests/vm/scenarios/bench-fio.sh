@@ -6,7 +6,8 @@
 # Every device stays connected; runs are interleaved (kernel, then ours, job by job) and repeated
 # BENCH_RUNS times. After each transport's turn of a run, our target restarts in poll mode
 # ([performance] poll, its poller pinned to CPU POLL_CPU, default 1) for the same jobs on its
-# namespaces ("poll" in the file names), then back in the default mode. Each run leaves fio's JSON in /tmp/scn/results/<transport>.<backing>.<job>.<run>.json
+# namespaces ("poll" in the file names), then back in the default mode. The host-polling job
+# (fio --hipri) runs in a pass of its own, on connections with a poll queue. Each run leaves fio's JSON in /tmp/scn/results/<transport>.<backing>.<job>.<run>.json
 # and the CPU it took beside it (.cpu; the idle baseline per transport and run in <transport>.idle.<run>);
 # a last pass counts our target's system calls per I/O (.syscalls);
 # the host side (benches/vm_fio.rs) computes medians and ratios. First, our target's RSS idle and
@@ -64,17 +65,21 @@ done
 # One transport at a time: the same subsystem over RDMA and TCP would be two paths of one
 # multipath device.
 declare -A DEV
-connect_ours() {  # TRANSPORT OPORT: our devices as ours (default mode) or poll
+# Connections have two I/O queues (one per CPU); those of the host-polling pass also a poll
+# queue (QUEUES="-i 2 -P 1"), which the other jobs' connections go without: an idle poll queue
+# is not free (over RDMA it cost our target's QD32 writes about a tenth in an A/B).
+QUEUES="-i 2"
+connect_ours() {  # TRANSPORT OPORT [ours|poll]: our devices in the default mode or poll mode
     local who=${3:-ours}
-    DEV[brd.$who]=$(nvme_connect_dev "$1" "$2" "$OBRD" -i 2 -P 1)
-    DEV[ram.$who]=$(nvme_connect_dev "$1" "$2" "$ORAM" -i 2 -P 1)
-    DEV[null.$who]=$(nvme_connect_dev "$1" "$2" "$ONULL" -i 2 -P 1)
+    DEV[brd.$who]=$(nvme_connect_dev "$1" "$2" "$OBRD" $QUEUES)
+    DEV[ram.$who]=$(nvme_connect_dev "$1" "$2" "$ORAM" $QUEUES)
+    DEV[null.$who]=$(nvme_connect_dev "$1" "$2" "$ONULL" $QUEUES)
     # The RAM namespace starts empty with each target (zeroes cost less): fill what is read.
     dd if=/dev/urandom of="${DEV[ram.$who]}" bs=1M count=64 oflag=direct status=none || die "prefill ${DEV[ram.$who]}"
 }
 connect_all() {  # TRANSPORT KPORT OPORT
-    DEV[brd.kernel]=$(nvme_connect_dev "$1" "$2" "$KBRD" -i 2 -P 1)
-    DEV[null.kernel]=$(nvme_connect_dev "$1" "$2" "$KNULL" -i 2 -P 1)
+    DEV[brd.kernel]=$(nvme_connect_dev "$1" "$2" "$KBRD" $QUEUES)
+    DEV[null.kernel]=$(nvme_connect_dev "$1" "$2" "$KNULL" $QUEUES)
     connect_ours "$1" "$3"
 }
 disconnect_ours() {
@@ -96,12 +101,12 @@ in_poll_mode() {
     fi
 }
 
-# name: fio options (4k unless said; QD32 x2 jobs run on both CPUs, so on both I/O queues; every
-# connection has a poll queue beside them, used by --hipri alone)
+# name: fio options (4k unless said; QD32 x2 jobs run on both CPUs, so on both I/O queues)
 declare -A JOB=(
     [qd1-randread]="--rw=randread --bs=4k --iodepth=1 --numjobs=1"
-    # The host polls its poll queue (nvme connect -P 1) instead of sleeping until the answer:
-    # no target's answer wakes a halted vCPU for it (on hardware the host is another machine).
+    # The host polls its poll queue (nvme connect -P 1; a pass of its own) instead of sleeping
+    # until the answer: no target's answer wakes a halted vCPU for it (on hardware the host is
+    # another machine).
     [qd1-randread-hostpoll]="--rw=randread --bs=4k --iodepth=1 --numjobs=1 --hipri"
     [qd32x2-randread]="--rw=randread --bs=4k --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split"
     [qd32x2-randwrite]="--rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split"
@@ -109,8 +114,9 @@ declare -A JOB=(
     [seq128k-read]="--rw=read --bs=128k --iodepth=16 --numjobs=1"
     [seq128k-write]="--rw=write --bs=128k --iodepth=16 --numjobs=1"
 )
-BRD_JOBS="qd1-randread qd1-randread-hostpoll qd32x2-randread qd32x2-randwrite qd32x1-randread seq128k-read seq128k-write"
+BRD_JOBS="qd1-randread qd32x2-randread qd32x2-randwrite qd32x1-randread seq128k-read seq128k-write"
 NULL_JOBS="qd1-randread qd32x1-randread"
+HOSTPOLL_JOBS="qd1-randread-hostpoll"
 
 # CPU accounting (ticks of /proc/stat): the guest's kernel time — system, irq, softirq: the
 # kernel target, the host's initiator and fio's system calls alike — and our target's user
@@ -139,8 +145,11 @@ idle_baseline() {
 prefilled=
 for run in $(seq "$RUNS"); do
     for t in rdma tcp; do
+        kport=$([[ $t == rdma ]] && echo 4430 || echo 4431)
+        oport=$([[ $t == rdma ]] && echo 4420 || echo 4421)
         step "run $run over $t"
-        if [[ $t == rdma ]]; then connect_all rdma 4430 4420; else connect_all tcp 4431 4421; fi
+        QUEUES="-i 2"
+        connect_all "$t" "$kport" "$oport"
         if [[ -z $prefilled ]]; then
             # brd returns zeroes for blocks never written: fill the region read.
             for k in brd.kernel brd.ours; do
@@ -157,14 +166,26 @@ for run in $(seq "$RUNS"); do
             for who in kernel ours; do run_fio "${DEV[null.$who]}" "$job" "$OUT/$t.null.$job.$who.$run.json"; done
         done
         disconnect_all
+        step "run $run over $t, the host polling"
+        QUEUES="-i 2 -P 1"
+        connect_all "$t" "$kport" "$oport"
+        for job in $HOSTPOLL_JOBS; do
+            for who in kernel ours; do run_fio "${DEV[brd.$who]}" "$job" "$OUT/$t.brd.$job.$who.$run.json"; done
+            run_fio "${DEV[ram.ours]}" "$job" "$OUT/$t.ram.$job.ours.$run.json"
+        done
+        disconnect_all
         step "run $run over $t, our target in poll mode"
         in_poll_mode on
-        connect_ours "$t" "$([[ $t == rdma ]] && echo 4420 || echo 4421)" poll
-        for job in $BRD_JOBS; do
-            for b in brd ram; do run_fio "${DEV[$b.poll]}" "$job" "$OUT/$t.$b.$job.poll.$run.json"; done
+        for pass in default hostpoll; do
+            if [[ $pass == default ]]; then QUEUES="-i 2" jobs=$BRD_JOBS; else QUEUES="-i 2 -P 1" jobs=$HOSTPOLL_JOBS; fi
+            connect_ours "$t" "$oport" poll
+            for job in $jobs; do
+                for b in brd ram; do run_fio "${DEV[$b.poll]}" "$job" "$OUT/$t.$b.$job.poll.$run.json"; done
+            done
+            [[ $pass == default ]] && for job in $NULL_JOBS; do run_fio "${DEV[null.poll]}" "$job" "$OUT/$t.null.$job.poll.$run.json"; done
+            disconnect_ours
         done
-        for job in $NULL_JOBS; do run_fio "${DEV[null.poll]}" "$job" "$OUT/$t.null.$job.poll.$run.json"; done
-        disconnect_ours
+        QUEUES="-i 2"
         in_poll_mode off
     done
 done

@@ -93,6 +93,8 @@ pub struct Topology {
     iommu: bool,
     /// The guest's TSC taken as reliable (`tsc=reliable`): see [`Topology::steady_clock`].
     steady_clock: bool,
+    /// Idle vCPUs spin instead of halting (`idle=poll`): see [`Topology::idle_poll`].
+    idle_poll: bool,
     chassis: u32,
 }
 
@@ -204,6 +206,15 @@ impl Topology {
         self
     }
 
+    /// For a benchmark's experiment: the guest's idle loop spins (`idle=poll`) instead of
+    /// halting the vCPU. Under TCG a halted vCPU is a qemu thread asleep, and waking it for an
+    /// interrupt from the other vCPU costs some 40 µs (`wake-cost`), where waking an idle core
+    /// of the hardware this stands for costs a few; with it, no wake-up finds a vCPU asleep.
+    pub fn idle_poll(mut self) -> Self {
+        self.idle_poll = true;
+        self
+    }
+
     pub fn kernel_args(&self) -> String {
         let mut args = Vec::new();
         if self.iommu {
@@ -211,6 +222,9 @@ impl Topology {
         }
         if self.steady_clock {
             args.push("tsc=reliable");
+        }
+        if self.idle_poll {
+            args.push("idle=poll");
         }
         args.join(" ")
     }
@@ -720,6 +734,7 @@ mod tests {
         assert_eq!(devices[10], "nvme,id=other,bus=rp2,serial=N2,drive=drv-other");
         assert_eq!(t.kernel_args(), "intel_iommu=on");
         assert_eq!(Topology::nic_only().iommu().steady_clock().kernel_args(), "intel_iommu=on tsc=reliable");
+        assert_eq!(Topology::nic_only().steady_clock().idle_poll().kernel_args(), "tsc=reliable idle=poll");
         assert_eq!(std::fs::metadata(dir.join("cmb.img")).unwrap().len(), 1 << 20);
     }
 
