@@ -186,6 +186,8 @@ impl Cluster {
 #[derive(Debug, Clone, Copy)]
 struct Lease {
     id: i64,
+    /// As granted (each renewal restores it).
+    ttl: Duration,
     fence_at: Instant,
 }
 
@@ -438,14 +440,22 @@ impl Head {
                 let r =
                     timed(client.lease_grant(self.ttl.as_secs() as i64, None)).await?.map_err(failed("lease grant"))?;
                 let ttl = Duration::from_secs(r.ttl().max(0) as u64);
-                let l = Lease { id: r.id(), fence_at: fence::fence_at(asked, ttl) };
+                let l = Lease { id: r.id(), ttl, fence_at: fence::fence_at(asked, ttl) };
                 info!(lease = format_args!("{:x}", l.id), ttl_s = ttl.as_secs(), "cluster: lease granted");
                 self.lease = Some(l);
                 l
             }
         };
+        // Opening the keep-alive stream renews the lease (it waits for the first answer, whose
+        // TTL is not 0): counted toward the fence, so that after a failover to another member
+        // the renewal is not left waiting behind the session's other requests, which wait for
+        // the cluster's new leader.
+        let asked = Instant::now();
         let (mut keeper, mut renewals): (LeaseKeeper, LeaseKeepAliveStream) =
             timed(client.lease_keep_alive(lease.id)).await?.map_err(failed("lease keep-alive"))?;
+        if let Some(l) = &mut self.lease {
+            l.fence_at = fence::fence_at(asked, l.ttl);
+        }
         let registered_at = self.register(&mut client, lease.id).await?;
         // Owners, reservations and heads, read at one revision and watched from the next.
         let prefix = format!("{}/", self.cfg.prefix);
