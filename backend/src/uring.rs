@@ -95,13 +95,8 @@ impl<T: Lends> Ring<T> {
     /// operations are in flight the task is polled again on the next turn).
     pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.reaping == Reaping::Polled {
-            if !self.ring.completion().is_empty() || !self.ring.submission().is_empty() {
-                return Poll::Ready(());
-            }
-            if self.in_flight > 0 {
-                cx.waker().wake_by_ref();
-            }
-            return Poll::Pending;
+            let found = !self.ring.completion().is_empty() || !self.ring.submission().is_empty();
+            return Reaping::look(cx, found, self.in_flight > 0);
         }
         if self.ready.is_none() {
             // SAFETY: the descriptor belongs to `self.ring`, which outlives the registration

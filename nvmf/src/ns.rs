@@ -170,6 +170,19 @@ impl Reaping {
     pub fn mark_poller_thread() {
         POLLER.set(true);
     }
+
+    /// A polled queue's [`BackendQueue::poll_ready`]: ready when its look found a completion
+    /// (`found`); otherwise, while operations are in flight, the task is polled again on the
+    /// poller's next turn, and an idle queue asks for nothing.
+    pub fn look(cx: &mut Context<'_>, found: bool, in_flight: bool) -> Poll<()> {
+        if found {
+            return Poll::Ready(());
+        }
+        if in_flight {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    }
 }
 
 /// Where one queue submits operations and collects their completions (SPDK's

@@ -2,8 +2,8 @@
 //! sleep. Each poller is an OS thread running a current-thread tokio runtime that is never
 //! parked: its own task and any task that polls (an RDMA queue's completion queue) come back
 //! on every turn without a system call ([`next_turn`]), and its I/O driver is polled with a
-//! zero timeout every 61 task polls, so a socket's data or an io_uring completion is found by
-//! the thread that owns the connection, with no interrupt-driven wake-up and no hand-off to
+//! zero timeout every 61 task polls, so a socket's data is found by the thread that owns the
+//! connection, with no interrupt-driven wake-up and no hand-off to
 //! another thread between receive and completion. A backend queue opened on a poller is polled
 //! too ([`p2pnvmf_nvmf::Reaping::Polled`]): its completion queue — an io_uring's, an NVMe SSD's
 //! — is looked at in memory on every turn while operations are in flight, and an SSD's queue

@@ -586,15 +586,7 @@ impl BackendQueue for NvmeQueue {
         }
         let fd = match &self.irq {
             Irq::Async(fd) => fd,
-            Irq::Polled => {
-                if self.q.as_ref().is_some_and(Pair::posted) {
-                    return Poll::Ready(());
-                }
-                if self.in_flight > 0 {
-                    cx.waker().wake_by_ref();
-                }
-                return Poll::Pending;
-            }
+            Irq::Polled => return Reaping::look(cx, self.q.as_ref().is_some_and(Pair::posted), self.in_flight > 0),
             Irq::Fd(_) => unreachable!("registered above"),
         };
         loop {
