@@ -2,8 +2,10 @@
 //! depth 1 against the kernel target and p2pnvmf (RAM namespace) over TCP and RDMA; our
 //! target traces each command, so each command's time splits into inside the target (capsule
 //! received → answer written or posted) and outside it (answer → the next capsule: wire, host,
-//! fio and every wake-up on the way). Prints the price of a thread's wake-up on one CPU and
-//! across two (`wake-cost`, with the IPIs it caused), percentiles of both splits beside fio's
+//! fio and every wake-up on the way); the kernel target's commands split the same way from its
+//! own tracepoints (`nvmet_req_init` → `nvmet_req_complete`, in a traced run of its own).
+//! Prints the price of a thread's wake-up on one CPU and across two (`wake-cost`, with the IPIs
+//! it caused), percentiles of both splits beside fio's
 //! latency, the target's system calls per I/O by name (a third, counted run), the top of a CPU
 //! profile of the target during the TCP run, and a fourth, quiet run in poll mode (the poller
 //! pinned to CPU `POLL_CPU`, default 1). `POLL=1` runs the first two in poll mode and leaves
@@ -36,7 +38,8 @@ fn summary(name: &str, v: &mut [f64]) -> String {
     format!("{name}: n {} p50 {:.0} p99 {:.0} p99.9 {:.0} µs", v.len(), pct(v, 50.0), pct(v, 99.0), pct(v, 99.9))
 }
 
-/// fio's figures of a run, and the IPIs per I/O during it (counted beside its JSON).
+/// fio's figures of a run, the IPIs per I/O during it and, in poll mode, the poller's busy
+/// time per I/O (both written beside its JSON).
 fn fio_lat(path: &std::path::Path) -> String {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fio result")).expect("fio json");
     let r = &doc["jobs"][0]["read"];
@@ -44,8 +47,12 @@ fn fio_lat(path: &std::path::Path) -> String {
     let ipis =
         std::fs::read_to_string(format!("{}.ipis", path.display())).ok().and_then(|t| t.trim().parse::<f64>().ok());
     let ios = r["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
+    let busy = std::fs::read_to_string(format!("{}.busy", path.display()))
+        .ok()
+        .and_then(|t| t.trim().parse::<f64>().ok())
+        .map_or_else(String::new, |s| format!(", poller busy {:.0} µs per I/O", s * 1e6 / ios));
     format!(
-        "IOPS {:.0}, latency p50 {:.0} p99 {:.0} p99.9 {:.0} µs, IPIs per I/O {}",
+        "IOPS {:.0}, latency p50 {:.0} p99 {:.0} p99.9 {:.0} µs, IPIs per I/O {}{busy}",
         r["iops"].as_f64().unwrap_or(0.0),
         p("50.000000"),
         p("99.000000"),
@@ -79,6 +86,25 @@ fn syscalls(dir: &std::path::Path, t: &str) -> String {
     format!("{:.2} in all: {}", total / ios, top.join(", "))
 }
 
+/// Splits a run's events — (µs, true) where a read begins, (µs, false) where its answer is
+/// done — into each read's time inside (begin → done) and outside (done → the next begin).
+fn split(events: impl Iterator<Item = (f64, bool)>) -> (Vec<f64>, Vec<f64>) {
+    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    let (mut last_begin, mut last_done) = (None, None);
+    for (ts, begins) in events {
+        if begins {
+            if let Some(d) = last_done.take() {
+                outside.push(ts - d);
+            }
+            last_begin = Some(ts);
+        } else if let Some(b) = last_begin.take() {
+            inside.push(ts - b);
+            last_done = Some(ts);
+        }
+    }
+    (inside, outside)
+}
+
 fn main() {
     let mut topology = Topology::nic_only().steady_clock();
     if std::env::var("IDLE_POLL").is_ok_and(|v| v == "1") {
@@ -102,37 +128,56 @@ fn main() {
         // The traced run is the second between its marks.
         let traced = log.match_indices(&start).nth(1).map_or("", |(i, _)| &log[i..]);
         let lines: Vec<&str> = traced.lines().take_while(|l| !l.contains(&end)).collect();
-        // The event that starts a command, and the one that hands its answer to the wire.
-        let (begin, done) = match t {
-            "tcp" => ("capsule", "batch written"),
+        // The event that starts a read, the one that hands its answer to the transport (where
+        // the kernel's nvmet_req_complete is) and, over TCP, the one that writes it.
+        let (begin, answered) = match t {
+            "tcp" => ("capsule", "answer queued"),
             _ => ("rdma request: new", "to=Completing"),
         };
-        let (mut inside, mut outside) = (Vec::new(), Vec::new());
-        let mut last_begin = None;
-        let mut last_done = None;
-        for l in &lines {
-            let Some(ts) = micros(l) else { continue };
-            if l.contains(begin) && l.contains("opcode=2") {
-                if let Some(d) = last_done.take() {
-                    outside.push(ts - d);
+        let events = |done: &'static str| {
+            lines.iter().filter_map(move |l| {
+                let ts = micros(l)?;
+                if l.contains(begin) && l.contains("opcode=2") {
+                    Some((ts, true))
+                } else {
+                    l.contains(done).then_some((ts, false))
                 }
-                last_begin = Some(ts);
-            } else if l.contains(done)
-                && let Some(b) = last_begin.take()
-            {
-                inside.push(ts - b);
-                last_done = Some(ts);
+            })
+        };
+        let kernel_trace =
+            std::fs::read_to_string(out.run_dir.join(format!("{t}.kernel-trace.txt"))).unwrap_or_default();
+        let kernel_events = kernel_trace.lines().filter_map(|l| {
+            let (head, rest) = l.split_once(": nvmet_req_")?;
+            let ts = head.rsplit(' ').next()?.parse::<f64>().ok()? * 1e6;
+            let qid = rest.split("qid=").nth(1)?.split(',').next()?;
+            match (rest.starts_with("init"), qid) {
+                (_, "0") => None,
+                (true, _) => rest.contains("nvme_cmd_read").then_some((ts, true)),
+                (false, _) => Some((ts, false)),
             }
-        }
+        });
         println!("{t}: kernel target: {}", fio_lat(&out.run_dir.join(format!("{t}.kernel.json"))));
+        println!("{t}: kernel traced: {}", fio_lat(&out.run_dir.join(format!("{t}.kernel-traced.json"))));
         println!("{t}: p2pnvmf:        {}", fio_lat(&out.run_dir.join(format!("{t}.ours-quiet.json"))));
         println!("{t}: p2pnvmf traced: {}", fio_lat(&out.run_dir.join(format!("{t}.ours-traced.json"))));
         let poll = out.run_dir.join(format!("{t}.ours-poll.json"));
         if poll.exists() {
             println!("{t}: p2pnvmf poll:   {}", fio_lat(&poll));
         }
-        println!("{t}:   {}", summary("inside the target (capsule in -> answer out)", &mut inside));
-        println!("{t}:   {}", summary("outside (answer out -> next capsule in)", &mut outside));
+        let (mut inside, mut outside) = split(kernel_events);
+        println!("{t}:   kernel: {}", summary("inside (nvmet_req_init -> nvmet_req_complete)", &mut inside));
+        println!("{t}:   kernel: {}", summary("outside (complete -> next read's init)", &mut outside));
+        let (mut inside, mut outside) = split(events(answered));
+        println!("{t}:   ours:   {}", summary("inside (command in -> answer to the transport)", &mut inside));
+        println!("{t}:   ours:   {}", summary("outside (answer to the transport -> next command in)", &mut outside));
+        if t == "tcp" {
+            let (mut inside, mut outside) = split(events("batch written"));
+            println!("{t}:   ours:   {}", summary("inside to the wire (capsule in -> answer written)", &mut inside));
+            println!(
+                "{t}:   ours:   {}",
+                summary("outside the wire (answer written -> next capsule in)", &mut outside)
+            );
+        }
         println!("{t}:   system calls per I/O: {}", syscalls(&out.run_dir, t));
     }
     if let Ok(perf) = std::fs::read_to_string(out.run_dir.join("perf.txt")) {

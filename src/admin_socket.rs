@@ -255,7 +255,7 @@ pub fn render(v: &Value) -> String {
         for p in pollers {
             let share = p["busy_share"].as_f64().unwrap_or(0.0) * 100.0;
             out += &format!(
-                "  poller {} on CPU {}  {} connection(s)  busy {share:.1}% (last second)  busy {:.1} s, idle {:.1} s in all\n",
+                "  poller {} on CPU {}  {} connection(s)  busy {share:.1}% (last second)  busy {:.3} s, idle {:.3} s in all\n",
                 s(&p["poller"]),
                 match p["cpu"].as_u64() {
                     Some(c) => c.to_string(),

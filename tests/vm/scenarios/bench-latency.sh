@@ -2,11 +2,14 @@
 # (brd) and p2pnvmf (RAM namespace) over TCP and RDMA. Our target runs twice: quiet (fio's
 # figures) and tracing each command with microsecond timestamps to the guest's tmpfs (the
 # split of each command's time into inside the target and outside it; tracing itself slows
-# the inside). A CPU profile (perf, software clock, flat) of the quiet target during the TCP
-# run; a third run counts the target's system calls by name (perf on their tracepoints).
+# the inside). The kernel target runs twice too: quiet, and with its own tracepoints on
+# (nvmet_req_init and nvmet_req_complete: the same split, from the kernel's events). A CPU
+# profile (perf, software clock, flat) of the quiet target during the TCP run; a third run
+# counts the target's system calls by name (perf on their tracepoints).
 # First, wake-cost prices a thread's wake-up on one CPU and across the two.
 # A fourth run is our target in poll mode, quiet (its poller pinned to CPU POLL_CPU, default 1);
-# POLL=1 runs the first two in poll mode too, and leaves out the counted run and the fourth. TARGET_WORKERS sets the target's tokio worker
+# POLL=1 runs the first two in poll mode too, and leaves out the profile, the counted run and
+# the fourth. TARGET_WORKERS sets the target's tokio worker
 # threads (default: one per CPU); PIN_CPU pins fio and our target to that CPU (the kernel
 # target's work follows the host's); FIO_CPU pins fio alone, for every target. HOST_POLL=1: the
 # host polls (a poll queue, nvme connect -P 1, and fio --hipri), for every target: no target's
@@ -46,13 +49,41 @@ for cpus in "0 0" "0 1"; do
     echo "$line, IPIs per round trip $(awk -v n=$(($(ipis) - i0)) -v r=$((WAKE_LOOPS + 1000)) 'BEGIN { printf "%.2f", n / r }')" \
         | tee -a /tmp/scn/wake-cost.txt
 done
-qd1() {  # DEVICE RESULT: fio's JSON, and the IPIs during it beside it (RESULT.ipis)
-    local i0
+# nvmet_trace on | FILE: the kernel target's own tracepoints around each command — nvmet_req_init
+# (the command parsed) and nvmet_req_complete (done, before its transport sends the answer) —
+# on, or off and saved to FILE. Only while no poller spins: enabling patches kernel text.
+nvmet_trace() {
+    local t=/sys/kernel/tracing e
+    mountpoint -q "$t" || mount -t tracefs nodev "$t"
+    for e in nvmet_req_init nvmet_req_complete; do
+        echo "$([[ $1 == on ]] && echo 1 || echo 0)" >"$t/events/nvmet/$e/enable"
+    done
+    if [[ $1 == on ]]; then
+        echo 8192 >"$t/buffer_size_kb"
+        echo >"$t/trace"
+    else
+        cp "$t/trace" "$1"
+    fi
+}
+# poller_busy: seconds poller 0 has spent in turns that did work (status; published once a
+# second), or nothing when the target runs no poller.
+poller_busy() {
+    "$P2PNVMF_BIN" status 2>/dev/null | awk '$1 == "poller" && $2 == "0" {
+        for (i = 3; i <= NF; i++) if ($i == "s," && $(i - 2) == "busy") print $(i - 1) }' || true
+}
+qd1() {  # DEVICE RESULT: fio's JSON, the IPIs during it beside it (RESULT.ipis) and, in poll
+    # mode, poller 0's busy seconds during it (RESULT.busy: its turns that did work, no tracing)
+    local i0 b0
     i0=$(ipis)
+    b0=$(poller_busy)
     "${PIN[@]}" fio --name=qd1 --filename="$1" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=1 \
         --size=64M --runtime="$RUNTIME" --time_based --lat_percentiles=1 ${HOST_POLL:+--hipri} --output-format=json >"$2" \
         || die "fio on $1"
     echo $(($(ipis) - i0)) >"$2.ipis"
+    if [[ -n $b0 ]]; then
+        sleep 1.2  # the window that holds fio's end is published
+        awk -v a="$b0" -v b="$(poller_busy)" 'BEGIN { print b - a }' >"$2.busy"
+    fi
 }
 for t in tcp rdma; do
     kport=$([[ $t == rdma ]] && echo 4430 || echo 4431)
@@ -61,9 +92,14 @@ for t in tcp rdma; do
     dev=$(nvme_connect_dev "$t" "$kport" "$KNQN" -i 1 ${HOST_POLL:+-P 1})
     dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
     qd1 "$dev" "/tmp/scn/$t.kernel.json"
+    step "kernel over $t, traced"
+    nvmet_trace on
+    qd1 "$dev" "/tmp/scn/$t.kernel-traced.json"
+    nvmet_trace "/tmp/scn/$t.kernel-trace.txt"
     nvme_disconnect_nqn "$KNQN" >/dev/null
     # perf's start and stop patch kernel text (static keys), which under TCG races with a vCPU
-    # spinning in a poller (seen: an int3 oops in __schedule): no counted run in poll mode.
+    # spinning in a poller (seen: an int3 oops in __schedule): no counted run and no profile in
+    # poll mode.
     for mode in quiet traced ${POLL:+skip} syscalls poll; do
         [[ $mode == skip ]] && break
         step "p2pnvmf over $t, $mode"
@@ -78,7 +114,8 @@ for t in tcp rdma; do
         dev=$(nvme_connect_dev "$t" "$oport" "$NQN" -i 1 ${HOST_POLL:+-P 1})
         dd if=/dev/urandom of="$dev" bs=1M count=64 oflag=direct status=none
         echo "mark $t start" >>"$TARGET_LOG"
-        if [[ $t == tcp && $mode == quiet ]]; then
+        profile=$([[ $t == tcp && $mode == quiet && -z ${POLL:-} ]] && echo 1 || true)
+        if [[ -n $profile ]]; then
             perf record -q -e cpu-clock -F 2000 -o /tmp/perf.data -p "$TARGET_PID" -- sleep "$RUNTIME" 2>/dev/null &
             perf_pid=$!
         fi
@@ -92,7 +129,7 @@ for t in tcp rdma; do
         qd1 "$dev" "/tmp/scn/$t.ours-$mode.json"
         [[ $mode == syscalls ]] && { kill -INT "$perf_pid"; wait "$perf_pid" || true; }
         echo "mark $t end" >>"$TARGET_LOG"
-        if [[ $t == tcp && $mode == quiet ]]; then
+        if [[ -n $profile ]]; then
             wait "$perf_pid" || true
             perf report -q -i /tmp/perf.data --no-children --sort dso,sym -g none --stdio 2>/dev/null \
                 | grep -v '^$' | head -n 30 >/tmp/scn/perf.txt || true
