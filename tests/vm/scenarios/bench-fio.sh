@@ -101,13 +101,16 @@ in_poll_mode() {
     fi
 }
 
+# The QD1 jobs run on the CPU that is not the poller's, for every target: a spinning poller and
+# fio on one vCPU would take turns by time slices (on hardware the host is another machine).
+QD1_CPU=$((POLL_CPU == 0 ? 1 : 0))
 # name: fio options (4k unless said; QD32 x2 jobs run on both CPUs, so on both I/O queues)
 declare -A JOB=(
-    [qd1-randread]="--rw=randread --bs=4k --iodepth=1 --numjobs=1"
+    [qd1-randread]="--rw=randread --bs=4k --iodepth=1 --numjobs=1 --cpus_allowed=$QD1_CPU"
     # The host polls its poll queue (nvme connect -P 1; a pass of its own) instead of sleeping
     # until the answer: no target's answer wakes a halted vCPU for it (on hardware the host is
     # another machine).
-    [qd1-randread-hostpoll]="--rw=randread --bs=4k --iodepth=1 --numjobs=1 --hipri"
+    [qd1-randread-hostpoll]="--rw=randread --bs=4k --iodepth=1 --numjobs=1 --hipri --cpus_allowed=$QD1_CPU"
     [qd32x2-randread]="--rw=randread --bs=4k --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split"
     [qd32x2-randwrite]="--rw=randwrite --bs=4k --iodepth=32 --numjobs=2 --cpus_allowed=0-1 --cpus_allowed_policy=split"
     [qd32x1-randread]="--rw=randread --bs=4k --iodepth=32 --numjobs=1 --cpus_allowed=0"
