@@ -39,20 +39,21 @@ fn summary(name: &str, v: &mut [f64]) -> String {
 }
 
 /// fio's figures of a run, the IPIs per I/O during it and, in poll mode, the poller's busy
-/// time per I/O (both written beside its JSON).
+/// time per I/O and how often it was preempted (all written beside its JSON).
 fn fio_lat(path: &std::path::Path) -> String {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("fio result")).expect("fio json");
     let r = &doc["jobs"][0]["read"];
     let p = |k: &str| r["lat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
-    let ipis =
-        std::fs::read_to_string(format!("{}.ipis", path.display())).ok().and_then(|t| t.trim().parse::<f64>().ok());
+    let beside = |ext: &str| {
+        std::fs::read_to_string(format!("{}.{ext}", path.display())).ok().and_then(|t| t.trim().parse::<f64>().ok())
+    };
     let ios = r["total_ios"].as_f64().unwrap_or(0.0).max(1.0);
-    let busy = std::fs::read_to_string(format!("{}.busy", path.display()))
-        .ok()
-        .and_then(|t| t.trim().parse::<f64>().ok())
-        .map_or_else(String::new, |s| format!(", poller busy {:.0} µs per I/O", s * 1e6 / ios));
+    let ipis = beside("ipis");
+    let busy = beside("busy").map_or_else(String::new, |s| format!(", poller busy {:.0} µs per I/O", s * 1e6 / ios));
+    let preempted = beside("preempted")
+        .map_or_else(String::new, |n| format!(", poller preempted {n:.0} times ({:.2} per I/O)", n / ios));
     format!(
-        "IOPS {:.0}, latency p50 {:.0} p99 {:.0} p99.9 {:.0} µs, IPIs per I/O {}{busy}",
+        "IOPS {:.0}, latency p50 {:.0} p99 {:.0} p99.9 {:.0} µs, IPIs per I/O {}{busy}{preempted}",
         r["iops"].as_f64().unwrap_or(0.0),
         p("50.000000"),
         p("99.000000"),

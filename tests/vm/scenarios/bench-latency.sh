@@ -71,16 +71,29 @@ poller_busy() {
     "$P2PNVMF_BIN" status 2>/dev/null | awk '$1 == "poller" && $2 == "0" {
         for (i = 3; i <= NF; i++) if ($i == "s," && $(i - 2) == "busy") print $(i - 1) }' || true
 }
+# poller_preempted: how often poller 0's thread lost its CPU to another (its involuntary
+# context switches), or nothing when the target runs no poller.
+poller_preempted() {
+    local comm
+    [[ -n $TARGET_PID ]] || return 0
+    for comm in /proc/"$TARGET_PID"/task/*/comm; do
+        [[ $(cat "$comm" 2>/dev/null) == p2pnvmf-poll0 ]] || continue
+        awk '/^nonvoluntary_ctxt_switches/ { print $2 }' "${comm%comm}status"
+    done
+}
 qd1() {  # DEVICE RESULT: fio's JSON, the IPIs during it beside it (RESULT.ipis) and, in poll
     # mode, poller 0's busy seconds during it (RESULT.busy: its turns that did work, no tracing)
-    local i0 b0
+    # and the times it was preempted (RESULT.preempted)
+    local i0 b0 p0
     i0=$(ipis)
     b0=$(poller_busy)
+    p0=$(poller_preempted)
     "${PIN[@]}" fio --name=qd1 --filename="$1" --ioengine=io_uring --direct=1 --rw=randread --bs=4k --iodepth=1 \
         --size=64M --runtime="$RUNTIME" --time_based --lat_percentiles=1 ${HOST_POLL:+--hipri} --output-format=json >"$2" \
         || die "fio on $1"
     echo $(($(ipis) - i0)) >"$2.ipis"
     if [[ -n $b0 ]]; then
+        echo $(($(poller_preempted) - p0)) >"$2.preempted"
         sleep 1.2  # the window that holds fio's end is published
         awk -v a="$b0" -v b="$(poller_busy)" 'BEGIN { print b - a }' >"$2.busy"
     fi
