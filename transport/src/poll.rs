@@ -1,7 +1,8 @@
 //! Poll mode (`[performance] poll = true`): connections served by polling threads that never
 //! sleep. Each poller is an OS thread running a current-thread tokio runtime that is never
-//! parked: its own task and any task that polls (an RDMA queue's completion queue) come back
-//! on every turn without a system call ([`next_turn`]), and its I/O driver is polled with a
+//! parked: its own task comes back on every turn without a system call ([`next_turn`]) and
+//! looks at the RDMA queues' completion queues for their tasks, waking a queue's task only when
+//! it finds completions ([`Watch`]), and its I/O driver is polled with a
 //! zero timeout every 61 task polls, so a socket's data is found by the thread that owns the
 //! connection, with no interrupt-driven wake-up and no hand-off to
 //! another thread between receive and completion. A backend queue opened on a poller is polled
@@ -11,11 +12,12 @@
 //! each poller's busy share (turns in which a connection did work) is in `status` and the
 //! metrics.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::task::Waker;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,80 @@ use tracing::{info, warn};
 thread_local! {
     /// Work done on this thread: events a connection handled (bumped by the transports).
     static WORK: Cell<u64> = const { Cell::new(0) };
+    /// What this poller looks at for its tasks on every turn ([`Watch`]).
+    static WATCHED: RefCell<Vec<Arc<Watched>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Something a poller looks at on every turn on behalf of a task — an RDMA completion queue in
+/// memory — taking what it finds for the task (`true`: found something).
+pub trait Look: Send + Sync {
+    fn look(&self) -> bool;
+}
+
+struct Watched {
+    look: Arc<dyn Look>,
+    found: AtomicBool,
+    gone: AtomicBool,
+    waker: std::sync::Mutex<Option<Waker>>,
+}
+
+/// A task's [`Look`], registered with the poller of the thread that makes it: the poller looks
+/// on every turn and wakes the task only when it finds something, so a task with nothing to
+/// do is not polled at all (each idle queue polled on every turn made a turn as long as the
+/// queues served). Dropping the watch unregisters it before the next look.
+pub struct Watch(Arc<Watched>);
+
+impl Watch {
+    pub fn new(look: Arc<dyn Look>) -> Watch {
+        let w = Arc::new(Watched {
+            look,
+            found: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            waker: std::sync::Mutex::new(None),
+        });
+        WATCHED.with(|all| all.borrow_mut().push(w.clone()));
+        Watch(w)
+    }
+
+    /// Ready once a look has found something since the last time it was.
+    pub async fn found(&self) {
+        std::future::poll_fn(|cx| {
+            if self.0.found.swap(false, Relaxed) {
+                return std::task::Poll::Ready(());
+            }
+            *self.0.waker.lock().unwrap_or_else(|e| e.into_inner()) = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watch").field("found", &self.0.found.load(Relaxed)).finish()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.0.gone.store(true, Relaxed);
+    }
+}
+
+/// One turn's looks: the watches of this thread whose tasks have not been told yet.
+fn look_all() {
+    WATCHED.with(|all| {
+        let mut all = all.borrow_mut();
+        all.retain(|w| !w.gone.load(Relaxed));
+        for w in all.iter().filter(|w| !w.found.load(Relaxed)) {
+            if w.look.look() {
+                w.found.store(true, Relaxed);
+                if let Some(k) = w.waker.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    k.wake();
+                }
+            }
+        }
+    });
 }
 
 /// Tells this thread's poller that the turn did work (PDUs read, completions handled); on
@@ -240,6 +316,7 @@ async fn spin(index: usize, f: Arc<Figures>, stop: Arc<AtomicBool>) {
     let mut seen = WORK.get();
     while !stop.load(Relaxed) {
         next_turn().await;
+        look_all();
         let t = ticks();
         let turn = t.wrapping_sub(last);
         last = t;
@@ -327,6 +404,50 @@ fn set_affinity(set: &libc::cpu_set_t) -> io::Result<()> {
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A watched task sleeps while its look finds nothing — the poller looks on every turn —
+    /// is woken once it finds something, and a dropped watch is looked at no more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_watched_task_sleeps_until_its_look_finds_something() {
+        #[derive(Default)]
+        struct Flag {
+            looks: AtomicUsize,
+            ready: AtomicBool,
+        }
+        impl Look for Flag {
+            fn look(&self) -> bool {
+                self.looks.fetch_add(1, Relaxed);
+                self.ready.swap(false, Relaxed)
+            }
+        }
+        let pollers = Pollers::start(&[]).unwrap();
+        let flag = Arc::new(Flag::default());
+        let polls = Arc::new(AtomicUsize::new(0));
+        let (f, p) = (flag.clone(), polls.clone());
+        let mut set = JoinSet::new();
+        pollers.spawn(&mut set, async move {
+            let watch = Watch::new(f);
+            // Counts the task's polls: one to start, one per wake-up.
+            std::future::poll_fn(|cx| {
+                p.fetch_add(1, Relaxed);
+                let found = std::pin::pin!(watch.found());
+                found.poll(cx)
+            })
+            .await;
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while flag.looks.load(Relaxed) < 1000 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(flag.looks.load(Relaxed) >= 1000, "the poller looks on every turn");
+        assert_eq!(polls.load(Relaxed), 1, "a task whose look finds nothing is not polled again");
+        flag.ready.store(true, Relaxed);
+        tokio::time::timeout(Duration::from_secs(5), set.join_next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(polls.load(Relaxed), 2, "woken once, and found it");
+        let looks = flag.looks.load(Relaxed);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(flag.looks.load(Relaxed), looks, "the dropped watch is looked at no more");
+    }
 
     /// A poller serves a connection placed on it (an echo over loopback TCP, registered with
     /// the poller's own driver), counts it while it lives and accounts its turns.

@@ -218,6 +218,14 @@ fn handle_event(
     }
 }
 
+/// Completions the poller found; never, without a watch (interrupt mode).
+async fn found(watch: Option<&poll::Watch>) {
+    match watch {
+        Some(w) => w.found().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Readiness of a completion channel; never, without one.
 async fn readable(afd: Option<&AsyncFd<cm::Fd>>) -> io::Result<AsyncFdReadyGuard<'_, cm::Fd>> {
     match afd {
@@ -240,7 +248,8 @@ struct Conn {
     reqs: Requests,
     qp: Qp,
     peer: String,
-    /// Poll mode: the completion queue is polled on every turn of the poller, never armed.
+    /// Poll mode: the poller looks at the completion queue on every turn (never armed) and
+    /// wakes the queue's task when it finds completions.
     polled: bool,
     events: Vec<request::Event>,
 }
@@ -318,9 +327,13 @@ fn accept(
 }
 
 impl Conn {
-    /// Polls the completion queue and feeds every completion to the requests.
-    fn poll(&mut self) -> io::Result<()> {
+    /// Polls the completion queue — after what the poller found in it, in poll mode — and feeds
+    /// every completion to the requests.
+    fn poll(&mut self, found: Option<&qp::CqLook>) -> io::Result<()> {
         self.events.clear();
+        if let Some(f) = found {
+            f.take(&mut self.events)?;
+        }
         self.qp.poll(&mut self.events)?;
         if !self.events.is_empty() {
             poll::did_work();
@@ -342,13 +355,19 @@ impl Conn {
                 Err(e) => return warn!(peer = %self.peer, "registering the completion channel: {e}"),
             },
         };
+        // Poll mode: the poller looks at the completion queue on every turn and wakes this task
+        // when it finds completions.
+        let look = match self.polled.then(|| self.qp.cq_look()).transpose() {
+            Ok(l) => l.map(Arc::new),
+            Err(e) => return warn!(peer = %self.peer, "polling the completion queue: {e}"),
+        };
+        let watch = look.as_ref().map(|l| poll::Watch::new(l.clone()));
         let mut ctrl = CtrlWatch::default();
         let why = loop {
             ctrl.follow(&self.reqs.queue);
             tokio::select! {
-                // Poll mode: the completion queue on every turn of the poller.
-                () = poll::next_turn(), if self.polled => {
-                    if let Err(e) = self.poll() {
+                () = found(watch.as_ref()) => {
+                    if let Err(e) = self.poll(look.as_deref()) {
                         break format!("{e}");
                     }
                 }
@@ -356,7 +375,7 @@ impl Conn {
                     match guard {
                         Ok(mut g) => {
                             g.clear_ready();
-                            if let Err(e) = self.poll() {
+                            if let Err(e) = self.poll(None) {
                                 break format!("{e}");
                             }
                         }
@@ -392,6 +411,8 @@ impl Conn {
         for idx in held {
             qp::return_receive(&mut self.qp, idx);
         }
+        // The poller looks no more before the CQ goes with the Qp.
+        drop(watch);
         self.qp.disconnect();
         drop(afd);
     }

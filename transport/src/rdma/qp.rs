@@ -10,6 +10,7 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use p2pnvmf_nvmf::wire::Cqe;
 use p2pnvmf_p2p::mem::{Mapping, MappingPin, Window};
@@ -385,27 +386,90 @@ impl Qp {
             if n < 0 {
                 return Err(io::Error::other("ibv_poll_cq failed"));
             }
-            for wc in &wcs[..n as usize] {
-                if wc.status != sys::IBV_WC_SUCCESS {
-                    if wc.status == sys::IBV_WC_WR_FLUSH_ERR {
-                        continue;
-                    }
-                    return Err(io::Error::other(format!(
-                        "work completion status {} (wr {:#x}, vendor {})",
-                        wc.status, wc.wr_id, wc.vendor_err
-                    )));
-                }
-                let idx = wc.wr_id & !wr::KIND;
-                out.push(match wc.wr_id & wr::KIND {
-                    wr::RECV => Event::Recv { idx: idx as usize, len: wc.byte_len as usize },
-                    wr::READ => Event::ReadDone { req: idx as u16 },
-                    _ => Event::SendDone { req: idx as u16 },
-                });
-            }
+            events(&wcs[..n as usize], out)?;
             if (n as usize) < wcs.len() {
                 return Ok(());
             }
         }
+    }
+
+    /// Poll mode: what the poller looks at for this queue ([`CqLook`]).
+    pub fn cq_look(&self) -> io::Result<CqLook> {
+        let poll_cq = self.ops().poll_cq.ok_or_else(|| io::Error::other("provider lacks poll_cq"))?;
+        Ok(CqLook { cq: self.cq, poll_cq, found: std::sync::Mutex::new(Vec::new()), failed: AtomicBool::new(false) })
+    }
+}
+
+/// Events of work completions; a failed one is an error, one flushed by the queue's end is not.
+fn events(wcs: &[sys::IbvWc], out: &mut Vec<Event>) -> io::Result<()> {
+    for wc in wcs {
+        if wc.status != sys::IBV_WC_SUCCESS {
+            if wc.status == sys::IBV_WC_WR_FLUSH_ERR {
+                continue;
+            }
+            return Err(io::Error::other(format!(
+                "work completion status {} (wr {:#x}, vendor {})",
+                wc.status, wc.wr_id, wc.vendor_err
+            )));
+        }
+        let idx = wc.wr_id & !wr::KIND;
+        out.push(match wc.wr_id & wr::KIND {
+            wr::RECV => Event::Recv { idx: idx as usize, len: wc.byte_len as usize },
+            wr::READ => Event::ReadDone { req: idx as u16 },
+            _ => Event::SendDone { req: idx as u16 },
+        });
+    }
+    Ok(())
+}
+
+/// A queue's completion queue as its poller looks at it on every turn: the completions it
+/// finds wait here for the queue's task ([`CqLook::take`]), which is woken only then.
+pub struct CqLook {
+    cq: *mut sys::IbvCq,
+    poll_cq: sys::PollCq,
+    found: std::sync::Mutex<Vec<sys::IbvWc>>,
+    failed: AtomicBool,
+}
+
+// SAFETY: the CQ is looked at only on the poller's thread, by its spin task or the queue's task
+// (never at once: one thread), and never after the queue's watch is dropped, which the queue
+// does before its Qp destroys the CQ.
+unsafe impl Send for CqLook {}
+// SAFETY: as for Send; the completions found are behind a mutex.
+unsafe impl Sync for CqLook {}
+
+impl crate::poll::Look for CqLook {
+    fn look(&self) -> bool {
+        let mut wcs = [sys::IbvWc::default(); 32];
+        // SAFETY: `wcs` has room for 32 entries; the CQ is live (see Send).
+        let n = unsafe { (self.poll_cq)(self.cq, wcs.len() as i32, wcs.as_mut_ptr()) };
+        if n < 0 {
+            self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            return true;
+        }
+        if n > 0 {
+            self.found.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&wcs[..n as usize]);
+        }
+        n > 0
+    }
+}
+
+impl CqLook {
+    /// The events of the completions the poller found since the last take.
+    pub fn take(&self, out: &mut Vec<Event>) -> io::Result<()> {
+        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::other("ibv_poll_cq failed"));
+        }
+        let mut found = self.found.lock().unwrap_or_else(|e| e.into_inner());
+        let r = events(&found, out);
+        found.clear();
+        r
+    }
+}
+
+impl std::fmt::Debug for CqLook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CqLook").field("cq", &self.cq).finish()
     }
 }
 
