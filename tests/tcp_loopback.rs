@@ -213,6 +213,11 @@ fn status_and_reload_through_the_admin_socket() {
         let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         (out.status.success(), text)
     };
+    // The admin socket comes up beside the listeners, not necessarily before them.
+    let start = Instant::now();
+    while !cli(&["status"]).0 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
     let (ok, json) = cli(&["status", "--json"]);
     assert!(ok, "{json}");
