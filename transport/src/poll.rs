@@ -52,7 +52,12 @@ struct Watched {
 pub struct Watch(Arc<Watched>);
 
 impl Watch {
-    pub fn new(look: Arc<dyn Look>) -> Watch {
+    /// Registers `look` with this thread's poller; off a poller's thread nobody would look, so
+    /// that is an error.
+    pub fn new(look: Arc<dyn Look>) -> io::Result<Watch> {
+        if p2pnvmf_nvmf::Reaping::here() != p2pnvmf_nvmf::Reaping::Polled {
+            return Err(io::Error::other("a watch made off a poller's thread"));
+        }
         let w = Arc::new(Watched {
             look,
             found: AtomicBool::new(false),
@@ -60,7 +65,7 @@ impl Watch {
             waker: std::sync::Mutex::new(None),
         });
         WATCHED.with(|all| all.borrow_mut().push(w.clone()));
-        Watch(w)
+        Ok(Watch(w))
     }
 
     /// Ready once a look has found something since the last time it was.
@@ -425,8 +430,9 @@ mod tests {
         let polls = Arc::new(AtomicUsize::new(0));
         let (f, p) = (flag.clone(), polls.clone());
         let mut set = JoinSet::new();
+        assert!(Watch::new(flag.clone()).is_err(), "off a poller's thread nobody would look");
         pollers.spawn(&mut set, async move {
-            let watch = Watch::new(f);
+            let watch = Watch::new(f).unwrap();
             // Counts the task's polls: one to start, one per wake-up.
             std::future::poll_fn(|cx| {
                 p.fetch_add(1, Relaxed);

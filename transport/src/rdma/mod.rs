@@ -358,10 +358,13 @@ impl Conn {
         // Poll mode: the poller looks at the completion queue on every turn and wakes this task
         // when it finds completions.
         let look = match self.polled.then(|| self.qp.cq_look()).transpose() {
-            Ok(l) => l.map(Arc::new),
+            Ok(l) => l,
             Err(e) => return warn!(peer = %self.peer, "polling the completion queue: {e}"),
         };
-        let watch = look.as_ref().map(|l| poll::Watch::new(l.clone()));
+        let watch = match look.as_ref().map(|l| poll::Watch::new(l.clone())).transpose() {
+            Ok(w) => w,
+            Err(e) => return warn!(peer = %self.peer, "polling the completion queue: {e}"),
+        };
         let mut ctrl = CtrlWatch::default();
         let why = loop {
             ctrl.follow(&self.reqs.queue);
@@ -411,7 +414,6 @@ impl Conn {
         for idx in held {
             qp::return_receive(&mut self.qp, idx);
         }
-        // The poller looks no more before the CQ goes with the Qp.
         drop(watch);
         self.qp.disconnect();
         drop(afd);

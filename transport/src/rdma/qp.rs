@@ -10,7 +10,6 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::ptr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use p2pnvmf_nvmf::wire::Cqe;
 use p2pnvmf_p2p::mem::{Mapping, MappingPin, Window};
@@ -77,6 +76,9 @@ pub struct Qp {
     size: QpSize,
     /// Poll mode: no completion channel; the CQ is polled, never armed.
     polled: bool,
+    /// Poll mode: the CQ as the poller looks at it ([`Qp::cq_look`]), disarmed before the CQ
+    /// is destroyed.
+    look: Option<Arc<CqLook>>,
     /// Send-queue work requests of this round, each with its one SGE, posted as one chain by
     /// [`Qp::flush`]: one `ibv_post_send` per round — with rxe, one doorbell system call —
     /// instead of one per response. Room for the whole send queue, so it never grows.
@@ -88,6 +90,10 @@ unsafe impl Send for Qp {}
 
 impl Drop for Qp {
     fn drop(&mut self) {
+        // No look reaches the CQ once it is gone, whoever still holds the look.
+        if let Some(l) = &self.look {
+            l.disarm();
+        }
         // SAFETY: each handle was created for this Qp and is destroyed once, QP first.
         unsafe {
             if self.qp_created {
@@ -159,6 +165,7 @@ impl Qp {
             data: pin,
             size,
             polled,
+            look: None,
             batch: Vec::with_capacity(size.send_wrs),
         };
         // SAFETY: a connect request's id carries its device context.
@@ -393,10 +400,16 @@ impl Qp {
         }
     }
 
-    /// Poll mode: what the poller looks at for this queue ([`CqLook`]).
-    pub fn cq_look(&self) -> io::Result<CqLook> {
+    /// Poll mode: what the poller looks at for this queue ([`CqLook`]); the same one each time.
+    pub fn cq_look(&mut self) -> io::Result<Arc<CqLook>> {
+        if let Some(l) = &self.look {
+            return Ok(l.clone());
+        }
         let poll_cq = self.ops().poll_cq.ok_or_else(|| io::Error::other("provider lacks poll_cq"))?;
-        Ok(CqLook { cq: self.cq, poll_cq, found: std::sync::Mutex::new(Vec::new()), failed: AtomicBool::new(false) })
+        let state = LookState { cq: self.cq, found: Vec::new(), failed: false };
+        let l = Arc::new(CqLook { poll_cq, state: std::sync::Mutex::new(state) });
+        self.look = Some(l.clone());
+        Ok(l)
     }
 }
 
@@ -423,53 +436,69 @@ fn events(wcs: &[sys::IbvWc], out: &mut Vec<Event>) -> io::Result<()> {
 }
 
 /// A queue's completion queue as its poller looks at it on every turn: the completions it
-/// finds wait here for the queue's task ([`CqLook::take`]), which is woken only then.
+/// finds wait here for the queue's task ([`CqLook::take`]), which is woken only then. Made by
+/// [`Qp::cq_look`]; once the Qp is gone a look finds nothing.
 pub struct CqLook {
-    cq: *mut sys::IbvCq,
     poll_cq: sys::PollCq,
-    found: std::sync::Mutex<Vec<sys::IbvWc>>,
-    failed: AtomicBool,
+    state: std::sync::Mutex<LookState>,
 }
 
-// SAFETY: the CQ is looked at only on the poller's thread, by its spin task or the queue's task
-// (never at once: one thread), and never after the queue's watch is dropped, which the queue
-// does before its Qp destroys the CQ.
+struct LookState {
+    /// Null once the Qp has destroyed it.
+    cq: *mut sys::IbvCq,
+    found: Vec<sys::IbvWc>,
+    failed: bool,
+}
+
+// SAFETY: the CQ pointer is used only under the mutex, and the Qp nulls it under the mutex
+// before destroying the CQ, so a look from any thread polls a live CQ or none.
 unsafe impl Send for CqLook {}
-// SAFETY: as for Send; the completions found are behind a mutex.
+// SAFETY: as for Send: all state is behind the mutex.
 unsafe impl Sync for CqLook {}
 
 impl crate::poll::Look for CqLook {
     fn look(&self) -> bool {
+        let mut st = self.state();
+        if st.cq.is_null() {
+            return false;
+        }
         let mut wcs = [sys::IbvWc::default(); 32];
-        // SAFETY: `wcs` has room for 32 entries; the CQ is live (see Send).
-        let n = unsafe { (self.poll_cq)(self.cq, wcs.len() as i32, wcs.as_mut_ptr()) };
+        // SAFETY: `wcs` has room for 32 entries; the CQ is live while non-null (see Send).
+        let n = unsafe { (self.poll_cq)(st.cq, wcs.len() as i32, wcs.as_mut_ptr()) };
         if n < 0 {
-            self.failed.store(true, std::sync::atomic::Ordering::Relaxed);
+            st.failed = true;
             return true;
         }
-        if n > 0 {
-            self.found.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(&wcs[..n as usize]);
-        }
+        st.found.extend_from_slice(&wcs[..n as usize]);
         n > 0
     }
 }
 
 impl CqLook {
+    fn state(&self) -> std::sync::MutexGuard<'_, LookState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The CQ is about to be destroyed: no look polls it from now on.
+    fn disarm(&self) {
+        self.state().cq = ptr::null_mut();
+    }
+
     /// The events of the completions the poller found since the last take.
     pub fn take(&self, out: &mut Vec<Event>) -> io::Result<()> {
-        if self.failed.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut st = self.state();
+        if st.failed {
             return Err(io::Error::other("ibv_poll_cq failed"));
         }
-        let mut found = self.found.lock().unwrap_or_else(|e| e.into_inner());
-        let r = events(&found, out);
-        found.clear();
+        let r = events(&st.found, out);
+        st.found.clear();
         r
     }
 }
 
 impl std::fmt::Debug for CqLook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CqLook").field("cq", &self.cq).finish()
+        f.debug_struct("CqLook").field("cq", &self.state().cq).finish()
     }
 }
 
@@ -580,5 +609,42 @@ pub fn return_receive(qp: &mut Qp, idx: usize) {
         && let Err(e) = qp.post_recv(idx)
     {
         warn!("returning receive buffer {idx}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::poll::Look;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    static POLLS: AtomicUsize = AtomicUsize::new(0);
+
+    /// A provider's poll_cq with one receive completion on every call.
+    unsafe extern "C" fn one_recv(_: *mut sys::IbvCq, n: i32, wc: *mut sys::IbvWc) -> i32 {
+        POLLS.fetch_add(1, Relaxed);
+        assert!(n >= 1);
+        // SAFETY: the caller gives room for `n` entries.
+        unsafe { *wc = sys::IbvWc { wr_id: wr::RECV | 7, byte_len: 72, ..Default::default() } };
+        1
+    }
+
+    /// What a look finds waits for the queue's task as events; once disarmed (the Qp destroys
+    /// its CQ) a look no longer calls into the provider.
+    #[test]
+    fn a_look_keeps_what_it_finds_and_never_polls_a_destroyed_cq() {
+        let mut fake = 0u8;
+        let state = LookState { cq: (&raw mut fake).cast(), found: Vec::new(), failed: false };
+        let l = CqLook { poll_cq: one_recv, state: std::sync::Mutex::new(state) };
+        assert!(l.look() && l.look());
+        let mut out = Vec::new();
+        l.take(&mut out).unwrap();
+        assert_eq!(out, vec![Event::Recv { idx: 7, len: 72 }; 2]);
+        l.take(&mut out).unwrap();
+        assert_eq!(out.len(), 2, "taken once");
+        l.disarm();
+        let polls = POLLS.load(Relaxed);
+        assert!(!l.look());
+        assert_eq!(POLLS.load(Relaxed), polls, "a disarmed look does not reach the provider");
     }
 }
