@@ -43,10 +43,20 @@ pub fn bind(path: &Path) -> Result<UnixListener, String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| format!("{shown}: {e}"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| format!("{shown}: making it the service user's alone: {e}"))?;
-    Ok(listener)
+    // Bound under a name of its own and made the service user's before it takes `path`: nobody
+    // else can connect in between.
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".{}.new", std::process::id()));
+    let aside = std::path::PathBuf::from(aside);
+    let _ = std::fs::remove_file(&aside);
+    let listener = UnixListener::bind(&aside).map_err(|e| format!("{}: {e}", aside.display()))?;
+    let placed = std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("{}: making it the service user's alone: {e}", aside.display()))
+        .and_then(|()| std::fs::rename(&aside, path).map_err(|e| format!("{shown}: {e}")));
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&aside);
+    }
+    placed.map(|()| listener)
 }
 
 /// Answers connections until `stop`; removes the socket file then.
@@ -268,4 +278,27 @@ pub fn render(v: &Value) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_is_the_service_users_from_the_start_and_a_live_one_is_never_taken() {
+        let dir = std::env::temp_dir().join(format!("p2pnvmf-admin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("admin.sock");
+        let first = bind(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["admin.sock"], "bound aside, then renamed: nothing left beside it");
+        let err = bind(&path).unwrap_err();
+        assert!(err.ends_with("admin.sock: another p2pnvmf answers there"), "{err}");
+        // Its target gone, the file left behind is taken over.
+        drop(first);
+        assert!(path.exists());
+        bind(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
