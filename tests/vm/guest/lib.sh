@@ -1,6 +1,8 @@
 # Helpers for guest scenarios (bash, in the chroot of the host root). Sourced by scenario.sh.
 
-GUEST_IP=10.0.2.15
+# The address targets listen on and hosts connect to: eth0's, or with a host VM the target
+# VM's address on the link between the two (the rig sets RIG_TARGET_IP).
+GUEST_IP=${RIG_TARGET_IP:-10.0.2.15}
 HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:5c1f0a52-6d5e-4c3b-9d7a-0b0e3f2a9c41
 HOSTID=5c1f0a52-6d5e-4c3b-9d7a-0b0e3f2a9c41
 
@@ -30,6 +32,29 @@ nvmet_kernel_port() {
     echo "$GUEST_IP" > "$p/addr_traddr"
     echo "$3" > "$p/addr_trsvcid"
     ln -s "/sys/kernel/config/nvmet/subsystems/$4" "$p/subsystems/$4"
+}
+
+# --- two VMs (Scenario::remote_host): they meet through files in the shared run directory ----
+# publish FILE TEXT: FILE appears whole, with TEXT (written aside, then renamed).
+publish() { echo "$2" >"$1.tmp" && mv "$1.tmp" "$1"; }
+# nap SECONDS: sleeps without a process — bash's read timing out on a FIFO nobody writes. A
+# forked sleep costs the guest milliseconds of CPU under TCG (fork, exec, new code translated),
+# which a loop waiting through a benchmark's run must not add to what it measures.
+nap() {
+    if [[ -z ${_NAP_FD:-} ]]; then
+        mkfifo /tmp/.nap
+        exec {_NAP_FD}<>/tmp/.nap
+    fi
+    read -r -t "$1" -u "$_NAP_FD" || true
+}
+# await FILE [SECONDS]: waits up to SECONDS (600) for the other VM to publish FILE.
+await() {
+    local i
+    for ((i = 0; i < ${2:-600} * 20; i++)); do
+        [[ -e $1 ]] && return 0
+        nap 0.05
+    done
+    die "waited ${2:-600} s for $1"
 }
 
 nvme_host_args() { echo "--hostnqn=$HOSTNQN --hostid=$HOSTID"; }
@@ -208,14 +233,24 @@ poll_mode() {
     printf '\n[performance]\npoll = true\n%s\n' "${2:+cores = $2}" >>"$1"
 }
 
+# poller0 [STATUS]: poller 0's queues and busy seconds from `status` (or from STATUS, its
+# line), as "QUEUES BUSY"; nothing when the target runs no poller.
+poller0() {
+    local line=${1:-}
+    [[ -n $line ]] || line=$("$P2PNVMF_BIN" status 2>/dev/null | grep "^  poller 0 ") || return 0
+    awk '{ for (i = 3; i <= NF; i++) { if ($i == "connection(s)") c = $(i - 1); if ($i == "s," && $(i - 2) == "busy") b = $(i - 1) } }
+        END { print c, b }' <<<"$line"
+}
+
 # check_pollers MIN: the target's status shows poller 0 serving at least MIN queues and busy
 # for part of what it has run.
 check_pollers() {
-    local line
+    local line c b
     line=$("$P2PNVMF_BIN" status | grep "^  poller 0 ") || die "p2pnvmf status shows no poller"
     echo "$line" >&2
-    awk -v min="$1" '{ for (i = 3; i <= NF; i++) { if ($i == "connection(s)") c = $(i - 1); if ($i == "s," && $(i - 2) == "busy") b = $(i - 1) } }
-        END { exit !(c >= min && b > 0) }' <<<"$line" || die "poller 0: fewer than $1 queues, or never busy"
+    read -r c b < <(poller0 "$line")
+    awk -v c="$c" -v b="$b" -v min="$1" 'BEGIN { exit !(c >= min && b > 0) }' \
+        || die "poller 0: fewer than $1 queues, or never busy"
 }
 
 fio_verify() {

@@ -67,10 +67,7 @@ nvmet_trace() {
 }
 # poller_busy: seconds poller 0 has spent in turns that did work (status; published once a
 # second), or nothing when the target runs no poller.
-poller_busy() {
-    "$P2PNVMF_BIN" status 2>/dev/null | awk '$1 == "poller" && $2 == "0" {
-        for (i = 3; i <= NF; i++) if ($i == "s," && $(i - 2) == "busy") print $(i - 1) }' || true
-}
+poller_busy() { poller0 | cut -s -d' ' -f2; }
 # poller_preempted: how often poller 0's thread lost its CPU to another (its involuntary
 # context switches), or nothing when the target runs no poller.
 poller_preempted() {

@@ -21,6 +21,14 @@ pub const GUEST_IP: &str = "10.0.2.15";
 /// Where the run directory appears in the guest.
 const GUEST_RUN_DIR: &str = "/tmp/scn";
 
+/// With a host VM ([`Scenario::remote_host`]): the target VM's and the host VM's addresses on
+/// the link between them (scenarios see the first as `RIG_TARGET_IP`, lib.sh's `GUEST_IP`).
+pub const TARGET_LINK_IP: &str = "10.0.3.1";
+pub const HOST_LINK_IP: &str = "10.0.3.2";
+
+/// The first bytes of a link NIC's MAC, by which the guest's init finds it.
+const LINK_MAC_PREFIX: &str = "52:54:00:0a";
+
 /// Where a device plugs in: the root complex or a named port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bus {
@@ -340,6 +348,68 @@ pub struct Scenario {
     pub kernel: Kernel,
     /// qemu trace events (see [`Scenario::qemu_trace`]).
     pub trace: Vec<String>,
+    /// The host VM's script (see [`Scenario::remote_host`]).
+    pub host_script: Option<String>,
+    /// The target VM's vCPU with a host CPU to itself (see [`Scenario::dedicated_vcpu`]).
+    pub dedicated_vcpu: Option<u32>,
+}
+
+/// One VM of a run: the target VM (the scenario's topology) or the host VM beside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vm {
+    Target,
+    Host,
+}
+
+impl Vm {
+    /// Its entry script and exit code file in the run directory (the host VM's are named by
+    /// the init's `rig.entry`; the target VM's are the init's default).
+    fn entry(self) -> &'static str {
+        match self {
+            Vm::Target => "scenario",
+            Vm::Host => "host",
+        }
+    }
+
+    fn rc_file(self) -> &'static str {
+        match self {
+            Vm::Target => "rc",
+            Vm::Host => "host.rc",
+        }
+    }
+
+    fn console_file(self) -> &'static str {
+        match self {
+            Vm::Target => "console.log",
+            Vm::Host => "host-console.log",
+        }
+    }
+
+    fn link_ip(self) -> &'static str {
+        match self {
+            Vm::Target => TARGET_LINK_IP,
+            Vm::Host => HOST_LINK_IP,
+        }
+    }
+}
+
+/// The qemu arguments of `vm`'s end of the link between two VMs: a virtio NIC with the link's
+/// MAC prefix on qemu's `stream` netdev, the target VM's qemu listening on the Unix socket
+/// `sock` and the host VM's connecting to it. A stream, not datagrams: a burst larger than the
+/// receiving qemu takes in at once waits in the socket instead of being dropped (soft-RoCE
+/// recovers a lost packet only after its retransmission timeout: a UDP link made an RDMA fill
+/// of 64 MiB take over a minute).
+fn link_args(vm: Vm, sock: &Path) -> Vec<String> {
+    let (server, n) = match vm {
+        Vm::Target => ("on", 1),
+        Vm::Host => ("off", 2),
+    };
+    vec![
+        "-netdev".into(),
+        format!("stream,id=link,server={server},addr.type=unix,addr.path={}", sock.display()),
+        "-device".into(),
+        format!("virtio-net-pci,netdev=link,mac={LINK_MAC_PREFIX}:00:0{n},bus=pcie.0"),
+    ]
 }
 
 /// What a run produced.
@@ -481,6 +551,8 @@ impl Scenario {
             memory_mib: 2048,
             kernel: Kernel::Debian,
             trace: Vec::new(),
+            host_script: None,
+            dedicated_vcpu: None,
         }
     }
 
@@ -525,9 +597,77 @@ impl Scenario {
         self
     }
 
-    /// The guest entry point: environment, the helper library, then the scenario script, all
-    /// from the run directory (`/tmp/scn` in the guest).
-    fn guest_entry(&self) -> String {
+    /// A second VM beside this one, standing for a remote host: one vCPU, 1 GiB, the kernel
+    /// arguments of this topology's clock, running `script` (from `tests/vm/scenarios/`) from
+    /// the same run directory, where the two scripts meet through files. A link between the
+    /// two VMs (a Unix stream socket between the two qemus) carries TCP and soft-RoCE
+    /// (rxe1 in both); the target VM is at [`TARGET_LINK_IP`], the host VM at [`HOST_LINK_IP`],
+    /// and both scripts see the first as `RIG_TARGET_IP`. Each VM keeps its own console
+    /// (`console.log`, `host-console.log`); the run passes when both scripts exit 0, and once
+    /// either VM has stopped the other gets a minute more.
+    pub fn remote_host(mut self, script: &str) -> Self {
+        self.host_script = Some(script.into());
+        self
+    }
+
+    /// The target VM's vCPU `vcpu` gets the host's last CPU to itself, and every other qemu
+    /// thread of the run (the other vCPUs, qemu's I/O threads, the host VM) the other CPUs:
+    /// for a poller on that vCPU, as a poller has a core of its own on hardware. Without it a
+    /// spinning vCPU shares a host CPU by time slices with whichever qemu thread the host's
+    /// scheduler puts beside it, and that thread waits its turn for milliseconds.
+    pub fn dedicated_vcpu(mut self, vcpu: u32) -> Self {
+        self.dedicated_vcpu = Some(vcpu);
+        self
+    }
+
+    /// Applies [`Scenario::dedicated_vcpu`] to the qemu processes `pids` (the target VM's
+    /// first), once the vCPU's thread is there (qemu names it `CPU N/TCG`).
+    fn dedicate(&self, vcpu: u32, pids: &[u32]) -> Result<(), RigError> {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpus < 2 {
+            return Err(RigError::Topology(format!("a dedicated vCPU needs 2 host CPUs, this host has {cpus}")));
+        }
+        let (own, rest) = ((cpus - 1).to_string(), format!("0-{}", cpus - 2));
+        let name = format!("CPU {vcpu}/TCG");
+        let tasks = |pid: u32| -> Vec<(String, String)> {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|t| {
+                    let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+                    (t.file_name().to_string_lossy().into_owned(), comm.trim().to_owned())
+                })
+                .collect()
+        };
+        let start = Instant::now();
+        while !tasks(pids[0]).iter().any(|(_, comm)| *comm == name) {
+            if start.elapsed() > Duration::from_secs(30) {
+                return Err(RigError::Topology(format!("qemu (pid {}) has no thread '{name}'", pids[0])));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (i, &pid) in pids.iter().enumerate() {
+            for (tid, comm) in tasks(pid) {
+                let mask = if i == 0 && comm == name { &own } else { &rest };
+                let out = Command::new("taskset")
+                    .args(["-p", "-c", mask, &tid])
+                    .output()
+                    .map_err(|e| RigError::io(Path::new("taskset"), e))?;
+                if !out.status.success() {
+                    return Err(RigError::Topology(format!(
+                        "taskset -p -c {mask} {tid} ({comm}): {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `vm`'s entry point: environment, the helper library, then its script, all from the run
+    /// directory (`/tmp/scn` in the guest).
+    fn guest_entry(&self, vm: Vm) -> String {
         let mut s = String::from("set -euo pipefail\n");
         for (k, v) in &self.env {
             let _ = writeln!(s, "export {k}={}", shell_quote(v));
@@ -536,12 +676,27 @@ impl Scenario {
             let name = path.file_name().map_or_else(|| k.clone(), |n| n.to_string_lossy().into_owned());
             let _ = writeln!(s, "export {k}={}", shell_quote(&format!("{GUEST_RUN_DIR}/bin/{name}")));
         }
+        if self.host_script.is_some() {
+            let _ = writeln!(s, "export RIG_TARGET_IP={TARGET_LINK_IP}");
+        }
+        let script = match vm {
+            Vm::Target => &self.script,
+            Vm::Host => self.host_script.as_ref().expect("a host VM has a script"),
+        };
         let _ = writeln!(s, "source {GUEST_RUN_DIR}/lib.sh");
-        let _ = writeln!(s, "source {GUEST_RUN_DIR}/{}", self.script);
+        let _ = writeln!(s, "source {GUEST_RUN_DIR}/{script}");
         s
     }
 
-    /// Fills the run directory: scripts, binaries (hard-linked where possible), entry point.
+    /// The VMs of this run.
+    fn vms(&self) -> &'static [Vm] {
+        match self.host_script {
+            Some(_) => &[Vm::Target, Vm::Host],
+            None => &[Vm::Target],
+        }
+    }
+
+    /// Fills the run directory: scripts, binaries (hard-linked where possible), entry points.
     fn stage(&self, repo: &Path, run_dir: &Path) -> Result<(), RigError> {
         let copy = |from: &Path, to: &Path| -> Result<(), RigError> {
             if std::fs::hard_link(from, to).is_err() {
@@ -550,7 +705,9 @@ impl Scenario {
             Ok(())
         };
         copy(&repo.join("tests/vm/guest/lib.sh"), &run_dir.join("lib.sh"))?;
-        copy(&repo.join("tests/vm/scenarios").join(&self.script), &run_dir.join(&self.script))?;
+        for script in std::iter::once(&self.script).chain(&self.host_script) {
+            copy(&repo.join("tests/vm/scenarios").join(script), &run_dir.join(script))?;
+        }
         let bin = run_dir.join("bin");
         std::fs::create_dir_all(&bin).map_err(|e| RigError::io(&bin, e))?;
         for (k, path) in &self.binaries {
@@ -558,12 +715,15 @@ impl Scenario {
                 path.file_name().ok_or_else(|| RigError::Topology(format!("{k}: {} is not a file", path.display())))?;
             copy(path, &bin.join(name))?;
         }
-        let entry = run_dir.join("scenario.sh");
-        std::fs::write(&entry, self.guest_entry()).map_err(|e| RigError::io(&entry, e))
+        for &vm in self.vms() {
+            let entry = run_dir.join(format!("{}.sh", vm.entry()));
+            std::fs::write(&entry, self.guest_entry(vm)).map_err(|e| RigError::io(&entry, e))?;
+        }
+        Ok(())
     }
 
-    /// Boots the VM, runs the scenario and returns what happened. Errors are the rig's own
-    /// (missing prerequisites, build failures); a failing scenario is an `Outcome`.
+    /// Boots the VM (or both), runs the scenario and returns what happened. Errors are the
+    /// rig's own (missing prerequisites, build failures); a failing scenario is an `Outcome`.
     pub fn run(&self) -> Result<Outcome, RigError> {
         let qemu = find_in_path(QEMU, &std::env::var_os("PATH").unwrap_or_default(), "qemu-system-x86")?;
         let art = artifacts(self.kernel)?;
@@ -586,66 +746,137 @@ impl Scenario {
             self.name,
             kept.display()
         );
+        for &vm in self.vms() {
+            let _ = std::fs::remove_file(run_dir.join(vm.rc_file()));
+        }
         self.boot(&qemu, art, &run_dir)
     }
 
-    fn boot(&self, qemu: &Path, art: &Artifacts, run_dir: &Path) -> Result<Outcome, RigError> {
-        let console_path = run_dir.join("console.log");
-
+    /// The qemu command of `vm`; `link` is the link's socket when there is a host VM.
+    fn qemu_command(
+        &self,
+        qemu: &Path,
+        art: &Artifacts,
+        run_dir: &Path,
+        vm: Vm,
+        link: Option<&Path>,
+    ) -> Result<Command, RigError> {
+        let host_topology;
+        let (topology, cpus, memory_mib) = match vm {
+            Vm::Target => (&self.topology, 2, self.memory_mib),
+            Vm::Host => {
+                host_topology = Topology { steady_clock: self.topology.steady_clock, ..Topology::nic_only() };
+                (&host_topology, 1, 1024)
+            }
+        };
+        let mut kernel_args = format!("console=ttyS0 panic=-1 loglevel=4 {}", topology.kernel_args());
+        if link.is_some() {
+            let _ = write!(kernel_args, " rig.link={}/24", vm.link_ip());
+        }
+        if vm == Vm::Host {
+            let _ = write!(kernel_args, " rig.entry={}", vm.entry());
+        }
         let mut cmd = Command::new(qemu);
-        cmd.args(["-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2"])
-            .args(["-m", &self.memory_mib.to_string()])
+        // Named threads (`CPU N/TCG`), for Scenario::dedicated_vcpu.
+        cmd.args(["-name", &format!("{},debug-threads=on", vm.entry())])
+            .args(["-machine", "q35,accel=tcg", "-cpu", "max", "-smp", &cpus.to_string()])
+            .args(["-m", &memory_mib.to_string()])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .arg("-serial")
-            .arg(format!("file:{}", console_path.display()))
+            .arg(format!("file:{}", run_dir.join(vm.console_file()).display()))
             .arg("-kernel")
             .arg(&art.kernel)
             .arg("-initrd")
             .arg(&art.initramfs)
             .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 loglevel=4 {}", self.topology.kernel_args()))
+            .arg(kernel_args)
             .args([
                 "-virtfs",
                 "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
                 "-virtfs",
             ])
             .arg(format!("local,path={},mount_tag=run,security_model=none", run_dir.display()))
-            .args(self.topology.qemu_args(run_dir)?)
-            .args(self.trace.iter().flat_map(|e| ["-trace".to_owned(), e.clone()]))
-            .args(match self.trace.is_empty() {
-                true => Vec::new(),
-                false => vec!["-D".to_owned(), run_dir.join("qemu-trace.log").display().to_string()],
-            })
+            .args(topology.qemu_args(run_dir)?)
+            .args(link.map(|sock| link_args(vm, sock)).unwrap_or_default())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        if vm == Vm::Target && !self.trace.is_empty() {
+            cmd.args(self.trace.iter().flat_map(|e| ["-trace".to_owned(), e.clone()]))
+                .arg("-D")
+                .arg(run_dir.join("qemu-trace.log"));
+        }
+        Ok(cmd)
+    }
 
+    fn boot(&self, qemu: &Path, art: &Artifacts, run_dir: &Path) -> Result<Outcome, RigError> {
+        let sock = run_dir.join("link.sock");
+        let link = self.host_script.as_ref().map(|_| sock.as_path());
+        let _ = std::fs::remove_file(&sock);
         let start = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| RigError::io(Path::new(QEMU), e))?;
-        let mut timed_out = false;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if start.elapsed() > self.timeout => {
-                    timed_out = true;
+        let mut children = Vec::new();
+        for &vm in self.vms() {
+            if vm == Vm::Host {
+                // The host VM's qemu connects at its start: the target VM's must listen first.
+                while !sock.exists() && start.elapsed() < Duration::from_secs(30) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            let mut cmd = self.qemu_command(qemu, art, run_dir, vm, link)?;
+            children.push((vm, cmd.spawn().map_err(|e| RigError::io(Path::new(QEMU), e))?, None));
+        }
+        if let Some(vcpu) = self.dedicated_vcpu {
+            let pids: Vec<u32> = children.iter().map(|c| c.1.id()).collect();
+            if let Err(e) = self.dedicate(vcpu, &pids) {
+                for (_, child, _) in &mut children {
                     let _ = child.kill();
                     let _ = child.wait();
-                    break;
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-                Err(e) => return Err(RigError::io(Path::new(QEMU), e)),
+                return Err(e);
             }
+        }
+        // Once one VM has stopped, the other (waiting on files the first will not write) gets
+        // this much longer.
+        const GRACE: Duration = Duration::from_secs(60);
+        let mut deadline = start + self.timeout;
+        let mut timed_out = false;
+        while children.iter().any(|c| c.2.is_none()) {
+            for (_, child, stopped) in children.iter_mut().filter(|c| c.2.is_none()) {
+                if let Some(status) = child.try_wait().map_err(|e| RigError::io(Path::new(QEMU), e))? {
+                    *stopped = Some(status);
+                    deadline = deadline.min(Instant::now() + GRACE);
+                }
+            }
+            if Instant::now() > deadline {
+                for (_, child, stopped) in children.iter_mut().filter(|c| c.2.is_none()) {
+                    timed_out = true;
+                    let _ = child.kill();
+                    *stopped = child.wait().ok();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
         let elapsed = start.elapsed();
-        let mut console = std::fs::read_to_string(&console_path).unwrap_or_default();
-        if let Some(mut err) = child.stderr.take() {
-            let mut qemu_err = String::new();
-            let _ = std::io::Read::read_to_string(&mut err, &mut qemu_err);
-            if !qemu_err.trim().is_empty() {
-                let _ = write!(console, "\n[qemu stderr]\n{qemu_err}");
+        let mut console = String::new();
+        let mut exit_code = Some(0);
+        for (vm, mut child, _) in children {
+            if vm == Vm::Host {
+                console.push_str("\n[host VM console]\n");
+            }
+            console.push_str(&std::fs::read_to_string(run_dir.join(vm.console_file())).unwrap_or_default());
+            if let Some(mut err) = child.stderr.take() {
+                let mut qemu_err = String::new();
+                let _ = std::io::Read::read_to_string(&mut err, &mut qemu_err);
+                if !qemu_err.trim().is_empty() {
+                    let _ = write!(console, "\n[qemu stderr]\n{qemu_err}");
+                }
+            }
+            let rc = std::fs::read_to_string(run_dir.join(vm.rc_file())).ok().and_then(|s| s.trim().parse().ok());
+            // The first VM that did not pass speaks for the run.
+            if exit_code == Some(0) {
+                exit_code = rc;
             }
         }
-        let exit_code = std::fs::read_to_string(run_dir.join("rc")).ok().and_then(|s| s.trim().parse().ok());
         let boot_secs = console
             .lines()
             .find_map(|l| l.strip_prefix("rig: ready after "))
@@ -817,9 +1048,32 @@ mod tests {
     }
 
     #[test]
+    fn the_host_vm_connects_to_the_link_the_target_vm_listens_on() {
+        let sock = Path::new("/r/link.sock");
+        let (target, host) = (link_args(Vm::Target, sock), link_args(Vm::Host, sock));
+        assert_eq!(target[1], "stream,id=link,server=on,addr.type=unix,addr.path=/r/link.sock");
+        assert_eq!(host[1], "stream,id=link,server=off,addr.type=unix,addr.path=/r/link.sock");
+        assert_eq!(target[3], format!("virtio-net-pci,netdev=link,mac={LINK_MAC_PREFIX}:00:01,bus=pcie.0"));
+        assert_eq!(host[3], format!("virtio-net-pci,netdev=link,mac={LINK_MAC_PREFIX}:00:02,bus=pcie.0"));
+    }
+
+    #[test]
+    fn a_host_vm_runs_its_own_script_and_both_know_the_target_address() {
+        let s = Scenario::new("x", Topology::nic_only(), "t.sh").remote_host("h.sh");
+        assert_eq!(s.vms(), [Vm::Target, Vm::Host]);
+        let (target, host) = (s.guest_entry(Vm::Target), s.guest_entry(Vm::Host));
+        for entry in [&target, &host] {
+            assert!(entry.contains(&format!("export RIG_TARGET_IP={TARGET_LINK_IP}\n")), "{entry}");
+        }
+        assert!(target.ends_with("source /tmp/scn/t.sh\n"), "{target}");
+        assert!(host.ends_with("source /tmp/scn/h.sh\n"), "{host}");
+        assert!(!Scenario::new("y", Topology::nic_only(), "t.sh").guest_entry(Vm::Target).contains("RIG_TARGET_IP"));
+    }
+
+    #[test]
     fn guest_entry_quotes_environment() {
         let s = Scenario::new("x", Topology::nic_only(), "a.sh").env("NQN", "it's").binary("BIN", "/t/debug/p2pnvmf");
-        let entry = s.guest_entry();
+        let entry = s.guest_entry(Vm::Target);
         assert!(entry.contains(r"export NQN='it'\''s'"), "{entry}");
         assert!(entry.contains("export BIN='/tmp/scn/bin/p2pnvmf'"), "{entry}");
         assert!(entry.ends_with("source /tmp/scn/lib.sh\nsource /tmp/scn/a.sh\n"), "{entry}");

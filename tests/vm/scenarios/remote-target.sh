@@ -1,0 +1,61 @@
+# The target VM of `vm_remote`: the kernel target (brd) and p2pnvmf (RAM namespace; in the
+# default mode and in poll mode, its poller on CPU POLL_CPU, default 1) serve in turn, BENCH_RUNS
+# rounds (default 3) in rotating order, each until the host VM (remote-host.sh) has run its fio
+# jobs against it. Phase N: this VM publishes ready.N ("ROUND NAME RDMA_PORT TCP_PORT NQN", or
+# "end"); around each job the host publishes begin.K (the job's result path), this VM samples
+# its CPU and answers begun.K, the host publishes end.K after fio, this VM writes RESULT.cpu
+# (its CPU ticks in the job: user, nice, system, irq, softirq — no host runs here, so all of it
+# is the target's) and answers ended.K; the host publishes done.N after the phase.
+ROUNDS=${BENCH_RUNS:-3}
+KNQN=nqn.2026-11.io.p2pnvmf:kernel-remote
+NQN=nqn.2026-11.io.p2pnvmf:remote
+modprobe brd rd_nr=1 rd_size=131072
+modprobe nvmet; modprobe nvmet-rdma; modprobe nvmet-tcp
+nvmet_kernel_subsys "$KNQN" /dev/ram0
+nvmet_kernel_port 1 rdma 4430 "$KNQN"
+nvmet_kernel_port 2 tcp 4431 "$KNQN"
+rdma_config /tmp/scn/target.toml "$NQN"
+cp /tmp/scn/target.toml /tmp/scn/poll.toml
+poll_mode /tmp/scn/poll.toml "[${POLL_CPU:-1}]"
+export RUST_LOG=warn
+
+busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+now_ns() { date +%s%N; }
+k=1
+# serve_jobs N: samples the CPU around each of the host's jobs until it publishes done.N.
+serve_jobs() {
+    local c0 t0
+    while [[ ! -e /tmp/scn/done.$1 ]]; do
+        if [[ ! -e /tmp/scn/begin.$k ]]; then
+            nap 0.05
+            continue
+        fi
+        read -r c0 t0 < <(echo "$(busy_ticks) $(now_ns)")
+        publish "/tmp/scn/begun.$k" ok
+        await "/tmp/scn/end.$k"
+        echo "busy_ticks $(($(busy_ticks) - c0)) ns $(($(now_ns) - t0)) hz $(getconf CLK_TCK)" >"$(cat "/tmp/scn/begin.$k").cpu"
+        publish "/tmp/scn/ended.$k" ok
+        k=$((k + 1))
+    done
+}
+
+phases=(kernel ours poll)
+n=0
+for round in $(seq "$ROUNDS"); do
+    for i in 0 1 2; do
+        phase=${phases[$(((i + round - 1) % 3))]}
+        n=$((n + 1))
+        step "round $round: $phase"
+        case $phase in
+        kernel) publish "/tmp/scn/ready.$n" "$round $phase 4430 4431 $KNQN" ;;
+        ours | poll)
+            start_target "/tmp/scn/$([[ $phase == poll ]] && echo poll || echo target).toml" 4421
+            publish "/tmp/scn/ready.$n" "$round $phase 4420 4421 $NQN"
+            ;;
+        esac
+        serve_jobs "$n"
+        [[ $phase == kernel ]] || stop_target
+    done
+done
+publish "/tmp/scn/ready.$((n + 1))" end
+step "done"
