@@ -6,7 +6,8 @@
 //! default 1). Writes `target/bench/vm_fio.{json,md,png}` and prints the table: medians with
 //! min and max, ours / kernel per row for both modes, CPU-µs per I/O for the QD1 and QD32 rows,
 //! and our target's system calls per I/O (counted by perf in a pass of their own). Under TCG
-//! only ratios within one run mean anything.
+//! only ratios within one run mean anything. `DEDICATED=1` gives the poller's vCPU a host CPU of
+//! its own, every other qemu thread the other (`Scenario::dedicated_vcpu`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -168,7 +169,7 @@ fn main() {
         .timeout(std::time::Duration::from_secs(5400))
         // brd devices, a RAM namespace and 32 RDMA queues' data areas at once.
         .memory(4096);
-    let out = scn.run_ok();
+    let out = scn.dedicated_poller_from_env(false).run_ok();
     let dir = out.run_dir.join("results");
 
     let mut table = String::from(

@@ -12,7 +12,8 @@
 //! out the others; `TARGET_WORKERS=N` runs the target with N tokio worker threads; `PIN_CPU=C`
 //! pins fio and our target to CPU C; `FIO_CPU=C` pins fio alone, for every target; `HOST_POLL=1`
 //! has the host poll (a poll queue and fio's `--hipri`), for every target; `IDLE_POLL=1` boots
-//! the guest with `idle=poll` (idle vCPUs spin: no wake-up finds one asleep in qemu).
+//! the guest with `idle=poll` (idle vCPUs spin: no wake-up finds one asleep in qemu);
+//! `DEDICATED=1` gives the poller's vCPU a host CPU of its own (`Scenario::dedicated_vcpu`).
 
 use p2pnvmf_vmrig::{Scenario, Topology};
 use serde_json::Value;
@@ -120,7 +121,7 @@ fn main() {
             scn = scn.env(key, v);
         }
     }
-    let out = scn.run_ok();
+    let out = scn.dedicated_poller_from_env(false).run_ok();
     let wake = std::fs::read_to_string(out.run_dir.join("wake-cost.txt")).expect("wake-cost's figures");
     println!("thread wake-ups (wake-cost):\n{}", wake.trim_end());
     let log = std::fs::read_to_string(out.run_dir.join("target.log")).expect("target log");

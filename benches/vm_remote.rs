@@ -66,11 +66,7 @@ fn main() {
             scn = scn.env(key, v);
         }
     }
-    if std::env::var("DEDICATED").map_or(true, |v| v != "0") {
-        let cpu = std::env::var("POLL_CPU").map_or(Ok(1), |v| v.parse()).expect("POLL_CPU is a vCPU number");
-        scn = scn.dedicated_vcpu(cpu);
-    }
-    let out = scn.run_ok();
+    let out = scn.dedicated_poller_from_env(true).run_ok();
     let mut table = String::from(
         "| transport | fio job | metric | kernel median (min–max) | p2pnvmf | ours / kernel | p2pnvmf poll mode | poll / kernel |\n\
          |---|---|---|---|---|---|---|---|\n",

@@ -479,6 +479,14 @@ pub async fn run(mut cfg: Config, path: Option<PathBuf>, admin_path: &Path) -> a
         true => Some(Pollers::start(&cfg.performance.cores).context("[performance] poll: starting the pollers")?),
         false => None,
     };
+    // Held until the target stops: dropping it puts the kernel's mask back.
+    let _unbound_work_off = match cfg.performance.isolate_cores {
+        true => Some(
+            p2pnvmf_transport::unbound_work::UnboundWorkOff::apply(Path::new("/sys"), &cfg.performance.cores)
+                .context("[performance] isolate_cores")?,
+        ),
+        false => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();
     for port in target.ports.clone() {

@@ -196,6 +196,9 @@ pub struct Performance {
     /// `cores`: the CPUs the polling threads are pinned to, one thread each; empty: one thread,
     /// not pinned.
     pub cores: Vec<usize>,
+    /// `isolate_cores`: while the target runs, the kernel's unbound work queues are kept off
+    /// `cores` (their CPU mask in sysfs; the one found is put back at exit).
+    pub isolate_cores: bool,
 }
 
 /// The `[ana]` section.

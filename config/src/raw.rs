@@ -36,6 +36,7 @@ struct RawConfig {
 struct RawPerformance {
     poll: Option<Spanned<bool>>,
     cores: Option<Spanned<Vec<Spanned<i64>>>>,
+    isolate_cores: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -302,7 +303,17 @@ fn performance(cx: &Ctx, r: &RawPerformance) -> Result<Performance, ConfigError>
             cores.push(cpu);
         }
     }
-    Ok(Performance { poll, cores })
+    let isolate_cores = match &r.isolate_cores {
+        Some(i) if *i.get_ref() && cores.is_empty() => {
+            return Err(cx.err(
+                i.span(),
+                "performance.isolate_cores: keeps the kernel's work off the pollers' CPUs: needs cores".into(),
+            ));
+        }
+        Some(i) => *i.get_ref(),
+        None => false,
+    };
+    Ok(Performance { poll, cores, isolate_cores })
 }
 
 fn limits(cx: &Ctx, r: &RawLimits) -> Result<Limits, ConfigError> {
@@ -1215,12 +1226,20 @@ mod tests {
     fn performance_poll_mode_and_its_cores() {
         assert_eq!(parse(LISTENER, "t").unwrap().performance, Performance::default());
         let c = parse(&format!("{LISTENER}[performance]\npoll = true\n"), "t").unwrap();
-        assert_eq!(c.performance, Performance { poll: true, cores: vec![] });
+        assert_eq!(c.performance, Performance { poll: true, cores: vec![], isolate_cores: false });
         let c = parse(&format!("{LISTENER}[performance]\npoll = true\ncores = [1, 3]\n"), "t").unwrap();
         assert_eq!(c.performance.cores, vec![1, 3]);
         let e = err(&format!("{LISTENER}[performance]\ncores = [1]\n"));
         assert!(e.message.contains("performance.cores: the CPUs of polling threads: needs poll = true"), "{e}");
         assert_eq!(e.line, 6);
+        let c =
+            parse(&format!("{LISTENER}[performance]\npoll = true\ncores = [1]\nisolate_cores = true\n"), "t").unwrap();
+        assert!(c.performance.isolate_cores);
+        let e = err(&format!("{LISTENER}[performance]\npoll = true\nisolate_cores = true\n"));
+        assert!(
+            e.message.contains("performance.isolate_cores: keeps the kernel's work off the pollers' CPUs: needs cores"),
+            "{e}"
+        );
         let e = err(&format!("{LISTENER}[performance]\npoll = true\ncores = [1, 1]\n"));
         assert!(e.message.contains("performance.cores: CPU 1 is named twice"), "{e}");
         let e = err(&format!("{LISTENER}[performance]\npoll = true\ncores = [-1]\n"));

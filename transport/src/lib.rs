@@ -10,6 +10,7 @@ pub mod crc32c;
 pub mod poll;
 pub mod rdma;
 pub mod tcp;
+pub mod unbound_work;
 
 use std::future::Future;
 use std::io;

@@ -228,9 +228,10 @@ CFG
 # crc32c verify, at queue depth 32 per job (ioengine $FIO_ENGINE, default libaio); fails on any
 # verify error. With FIO_VERIFY_ONLY=1, only the verify of what the same call wrote last.
 # poll_mode CONFIG [CORES]: the target serves its connections from polling threads
-# ([performance] poll; CORES like "[1]" pins them).
+# ([performance] poll; CORES like "[1]" pins them and keeps the kernel's unbound work off them).
 poll_mode() {
-    printf '\n[performance]\npoll = true\n%s\n' "${2:+cores = $2}" >>"$1"
+    printf '\n[performance]\npoll = true\n%s\n' "${2:+cores = $2
+isolate_cores = true}" >>"$1"
 }
 
 # poller0 [STATUS]: poller 0's queues and busy seconds from `status` (or from STATUS, its

@@ -620,6 +620,14 @@ impl Scenario {
         self
     }
 
+    /// For benchmarks: [`Scenario::dedicated_vcpu`] for the poller's vCPU (`POLL_CPU`, default
+    /// 1) when the environment's `DEDICATED` is `1`, or is unset and `default` holds.
+    pub fn dedicated_poller_from_env(self, default: bool) -> Self {
+        let on = std::env::var("DEDICATED").map_or(default, |v| v == "1");
+        let vcpu = std::env::var("POLL_CPU").map_or(Ok(1), |v| v.parse()).expect("POLL_CPU is a vCPU number");
+        if on { self.dedicated_vcpu(vcpu) } else { self }
+    }
+
     /// Applies [`Scenario::dedicated_vcpu`] to the qemu processes `pids` (the target VM's
     /// first), once the vCPU's thread is there (qemu names it `CPU N/TCG`).
     fn dedicate(&self, vcpu: u32, pids: &[u32]) -> Result<(), RigError> {
