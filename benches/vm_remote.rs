@@ -10,6 +10,8 @@
 //! time: nothing else runs there), and writes `target/bench/vm_remote.md`. The poller's vCPU
 //! has a host CPU to itself, every other qemu thread of both VMs the other
 //! ([`Scenario::dedicated_vcpu`]; `DEDICATED=0` leaves them all to the host's scheduler).
+//! `PROFILE=1` adds a system-wide CPU profile of the target VM during the QD1 runs of the
+//! kernel target and of ours in the default mode (printed for round 1).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -61,7 +63,7 @@ fn main() {
         .remote_host("remote-host.sh")
         .binary("P2PNVMF_BIN", env!("CARGO_BIN_EXE_p2pnvmf"))
         .timeout(std::time::Duration::from_secs(2400));
-    for key in ["BENCH_RUNTIME", "BENCH_RUNS", "POLL_CPU"] {
+    for key in ["BENCH_RUNTIME", "BENCH_RUNS", "POLL_CPU", "PROFILE"] {
         if let Ok(v) = std::env::var(key) {
             scn = scn.env(key, v);
         }
@@ -95,6 +97,12 @@ fn main() {
         }
     }
     println!("{table}");
+    for (t, target) in ["tcp", "rdma"].iter().flat_map(|t| ["kernel", "ours"].map(|o| (*t, o))) {
+        let perf = out.run_dir.join(format!("{target}.{t}.qd1-randread.1.json.perf.txt"));
+        if let Ok(text) = std::fs::read_to_string(perf) {
+            println!("the target VM's CPU profile during {target}'s QD1 reads over {t}, round 1:\n{text}");
+        }
+    }
     let dir = repo_root().join("target/bench");
     let _ = std::fs::create_dir_all(&dir);
     let md = dir.join("vm_remote.md");

@@ -6,6 +6,9 @@
 # its CPU and answers begun.K, the host publishes end.K after fio, this VM writes RESULT.cpu
 # (its CPU ticks in the job: user, nice, system, irq, softirq — no host runs here, so all of it
 # is the target's) and answers ended.K; the host publishes done.N after the phase.
+# PROFILE=1: a system-wide CPU profile of this VM (perf, cpu-clock at 999 Hz) during each QD1
+# run of the kernel target and of ours in the default mode, beside the result (RESULT.perf.txt;
+# not in poll mode: perf's start and stop patch kernel text, which races a spinning vCPU).
 ROUNDS=${BENCH_RUNS:-3}
 KNQN=nqn.2026-11.io.p2pnvmf:kernel-remote
 NQN=nqn.2026-11.io.p2pnvmf:remote
@@ -30,10 +33,23 @@ serve_jobs() {
             nap 0.05
             continue
         fi
+        result=$(cat "/tmp/scn/begin.$k")
+        perf_pid=
+        if [[ -n ${PROFILE:-} && $result == */[ko]*.qd1-* ]]; then
+            perf record -q -a -e cpu-clock -F 999 -o /tmp/perf.data 2>/dev/null &
+            perf_pid=$!
+            nap 1
+        fi
         read -r c0 t0 < <(echo "$(busy_ticks) $(now_ns)")
         publish "/tmp/scn/begun.$k" ok
         await "/tmp/scn/end.$k"
-        echo "busy_ticks $(($(busy_ticks) - c0)) ns $(($(now_ns) - t0)) hz $(getconf CLK_TCK)" >"$(cat "/tmp/scn/begin.$k").cpu"
+        echo "busy_ticks $(($(busy_ticks) - c0)) ns $(($(now_ns) - t0)) hz $(getconf CLK_TCK)" >"$result.cpu"
+        if [[ -n $perf_pid ]]; then
+            kill -INT "$perf_pid"
+            wait "$perf_pid" || true
+            perf report -q -i /tmp/perf.data --no-children --sort comm,dso,sym -g none --stdio 2>/dev/null \
+                | grep -v '^$' | sed -n 1,40p >"$result.perf.txt" || true
+        fi
         publish "/tmp/scn/ended.$k" ok
         k=$((k + 1))
     done
