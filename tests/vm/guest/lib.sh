@@ -303,6 +303,21 @@ size = "256MiB"
 CFG
 }
 
+# latency_targets KERNEL_NQN NQN: the two targets the latency benches set side by side — the
+# kernel's on brd (/dev/ram0; RDMA port 4430, TCP 4431) and ours (rdma_config: a RAM
+# namespace, RDMA 4420, TCP 4421) as /tmp/scn/target.toml and, in poll mode (the poller on
+# CPU POLL_CPU, default 1), /tmp/scn/poll.toml.
+latency_targets() {
+    modprobe brd rd_nr=1 rd_size=131072
+    modprobe nvmet; modprobe nvmet-rdma; modprobe nvmet-tcp
+    nvmet_kernel_subsys "$1" /dev/ram0
+    nvmet_kernel_port 1 rdma 4430 "$1"
+    nvmet_kernel_port 2 tcp 4431 "$1"
+    rdma_config /tmp/scn/target.toml "$2"
+    cp /tmp/scn/target.toml /tmp/scn/poll.toml
+    poll_mode /tmp/scn/poll.toml "[${POLL_CPU:-1}]"
+}
+
 # nvme_vfio_config FILE NQN PCI [LINE...]: rdma_config's listeners, and NQN's one namespace on the
 # SSD at PCI through the nvme-vfio backend, with each LINE (`key = value`) added to it.
 nvme_vfio_config() {

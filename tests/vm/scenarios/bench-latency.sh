@@ -19,14 +19,7 @@ RUNTIME=${BENCH_RUNTIME:-4}
 echo "bench-clocksource $(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 KNQN=nqn.2026-11.io.p2pnvmf:kernel-lat
 NQN=nqn.2026-11.io.p2pnvmf:lat
-modprobe brd rd_nr=1 rd_size=131072
-modprobe nvmet; modprobe nvmet-rdma; modprobe nvmet-tcp
-nvmet_kernel_subsys "$KNQN" /dev/ram0
-nvmet_kernel_port 1 rdma 4430 "$KNQN"
-nvmet_kernel_port 2 tcp 4431 "$KNQN"
-rdma_config /tmp/scn/target.toml "$NQN"
-cp /tmp/scn/target.toml /tmp/scn/poll.toml
-poll_mode /tmp/scn/poll.toml "[${POLL_CPU:-1}]"
+latency_targets "$KNQN" "$NQN"
 [[ -n ${POLL:-} ]] && cp /tmp/scn/poll.toml /tmp/scn/target.toml
 [[ -n ${TARGET_WORKERS:-} ]] && export TOKIO_WORKER_THREADS=$TARGET_WORKERS
 # The log goes to the guest's tmpfs: a line per event over 9p would cost more than the I/O.

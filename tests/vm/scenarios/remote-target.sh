@@ -12,14 +12,7 @@
 ROUNDS=${BENCH_RUNS:-3}
 KNQN=nqn.2026-11.io.p2pnvmf:kernel-remote
 NQN=nqn.2026-11.io.p2pnvmf:remote
-modprobe brd rd_nr=1 rd_size=131072
-modprobe nvmet; modprobe nvmet-rdma; modprobe nvmet-tcp
-nvmet_kernel_subsys "$KNQN" /dev/ram0
-nvmet_kernel_port 1 rdma 4430 "$KNQN"
-nvmet_kernel_port 2 tcp 4431 "$KNQN"
-rdma_config /tmp/scn/target.toml "$NQN"
-cp /tmp/scn/target.toml /tmp/scn/poll.toml
-poll_mode /tmp/scn/poll.toml "[${POLL_CPU:-1}]"
+latency_targets "$KNQN" "$NQN"
 export RUST_LOG=warn
 
 busy_ticks() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }

@@ -361,34 +361,27 @@ enum Vm {
     Host,
 }
 
+/// What names a VM's part of a run.
+struct VmNames {
+    /// Its entry script (`{entry}.sh`) in the run directory; the host VM's is named by the
+    /// init's `rig.entry`, the target VM's is the init's default.
+    entry: &'static str,
+    /// Where the init writes its script's exit code.
+    rc: &'static str,
+    console: &'static str,
+    /// Its address on the link between the two VMs.
+    link_ip: &'static str,
+}
+
 impl Vm {
-    /// Its entry script and exit code file in the run directory (the host VM's are named by
-    /// the init's `rig.entry`; the target VM's are the init's default).
-    fn entry(self) -> &'static str {
+    fn names(self) -> &'static VmNames {
+        const TARGET: VmNames =
+            VmNames { entry: "scenario", rc: "rc", console: "console.log", link_ip: TARGET_LINK_IP };
+        const HOST: VmNames =
+            VmNames { entry: "host", rc: "host.rc", console: "host-console.log", link_ip: HOST_LINK_IP };
         match self {
-            Vm::Target => "scenario",
-            Vm::Host => "host",
-        }
-    }
-
-    fn rc_file(self) -> &'static str {
-        match self {
-            Vm::Target => "rc",
-            Vm::Host => "host.rc",
-        }
-    }
-
-    fn console_file(self) -> &'static str {
-        match self {
-            Vm::Target => "console.log",
-            Vm::Host => "host-console.log",
-        }
-    }
-
-    fn link_ip(self) -> &'static str {
-        match self {
-            Vm::Target => TARGET_LINK_IP,
-            Vm::Host => HOST_LINK_IP,
+            Vm::Target => &TARGET,
+            Vm::Host => &HOST,
         }
     }
 }
@@ -724,7 +717,7 @@ impl Scenario {
             copy(path, &bin.join(name))?;
         }
         for &vm in self.vms() {
-            let entry = run_dir.join(format!("{}.sh", vm.entry()));
+            let entry = run_dir.join(format!("{}.sh", vm.names().entry));
             std::fs::write(&entry, self.guest_entry(vm)).map_err(|e| RigError::io(&entry, e))?;
         }
         Ok(())
@@ -755,7 +748,7 @@ impl Scenario {
             kept.display()
         );
         for &vm in self.vms() {
-            let _ = std::fs::remove_file(run_dir.join(vm.rc_file()));
+            let _ = std::fs::remove_file(run_dir.join(vm.names().rc));
         }
         self.boot(&qemu, art, &run_dir)
     }
@@ -779,19 +772,19 @@ impl Scenario {
         };
         let mut kernel_args = format!("console=ttyS0 panic=-1 loglevel=4 {}", topology.kernel_args());
         if link.is_some() {
-            let _ = write!(kernel_args, " rig.link={}/24", vm.link_ip());
+            let _ = write!(kernel_args, " rig.link={}/24", vm.names().link_ip);
         }
         if vm == Vm::Host {
-            let _ = write!(kernel_args, " rig.entry={}", vm.entry());
+            let _ = write!(kernel_args, " rig.entry={}", vm.names().entry);
         }
         let mut cmd = Command::new(qemu);
         // Named threads (`CPU N/TCG`), for Scenario::dedicated_vcpu.
-        cmd.args(["-name", &format!("{},debug-threads=on", vm.entry())])
+        cmd.args(["-name", &format!("{},debug-threads=on", vm.names().entry)])
             .args(["-machine", "q35,accel=tcg", "-cpu", "max", "-smp", &cpus.to_string()])
             .args(["-m", &memory_mib.to_string()])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .arg("-serial")
-            .arg(format!("file:{}", run_dir.join(vm.console_file()).display()))
+            .arg(format!("file:{}", run_dir.join(vm.names().console).display()))
             .arg("-kernel")
             .arg(&art.kernel)
             .arg("-initrd")
@@ -871,7 +864,7 @@ impl Scenario {
             if vm == Vm::Host {
                 console.push_str("\n[host VM console]\n");
             }
-            console.push_str(&std::fs::read_to_string(run_dir.join(vm.console_file())).unwrap_or_default());
+            console.push_str(&std::fs::read_to_string(run_dir.join(vm.names().console)).unwrap_or_default());
             if let Some(mut err) = child.stderr.take() {
                 let mut qemu_err = String::new();
                 let _ = std::io::Read::read_to_string(&mut err, &mut qemu_err);
@@ -879,7 +872,7 @@ impl Scenario {
                     let _ = write!(console, "\n[qemu stderr]\n{qemu_err}");
                 }
             }
-            let rc = std::fs::read_to_string(run_dir.join(vm.rc_file())).ok().and_then(|s| s.trim().parse().ok());
+            let rc = std::fs::read_to_string(run_dir.join(vm.names().rc)).ok().and_then(|s| s.trim().parse().ok());
             // The first VM that did not pass speaks for the run.
             if exit_code == Some(0) {
                 exit_code = rc;
