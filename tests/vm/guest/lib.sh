@@ -38,7 +38,7 @@ nvmet_kernel_port() {
 # publish FILE TEXT: FILE appears whole, with TEXT (written aside, then renamed).
 publish() { echo "$2" >"$1.tmp" && mv "$1.tmp" "$1"; }
 # nap SECONDS: sleeps without a process — bash's read timing out on a FIFO nobody writes. A
-# forked sleep costs the guest milliseconds of CPU under TCG (fork, exec, new code translated),
+# forked sleep is a fork and an exec each time (under TCG not cheap, not measured alone),
 # which a loop waiting through a benchmark's run must not add to what it measures.
 nap() {
     if [[ -z ${_NAP_FD:-} ]]; then
