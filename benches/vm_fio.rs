@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use p2pnvmf_vmrig::{Scenario, Topology, repo_root};
+use p2pnvmf_vmrig::{Scenario, Topology, read_pairs, repo_root};
 use serde_json::{Value, json};
 
 /// A measured quantity of a fio job and which way is better.
@@ -108,13 +108,6 @@ fn values(dir: &Path, t: &str, backing: &str, job: &str, who: &str, metric: Metr
     v
 }
 
-/// `key value` pairs of a file the scenario wrote.
-fn pairs(path: &Path) -> Option<BTreeMap<String, f64>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let words: Vec<&str> = text.split_whitespace().collect();
-    words.chunks(2).map(|kv| Some((kv.first()?.to_string(), kv.get(1)?.parse().ok()?))).collect()
-}
-
 /// I/Os fio completed (reads and writes).
 fn ios(doc: &Value) -> Option<f64> {
     let job = &doc["jobs"][0];
@@ -126,8 +119,8 @@ fn ios(doc: &Value) -> Option<f64> {
 /// target, its user time, less the kernel time the idle baseline `idle` shows for as long,
 /// over fio's I/Os. The host side is in both targets' figures alike.
 fn cpu_per_io(json: &Path, idle: &Path, doc: &Value, ours: bool) -> Option<f64> {
-    let run = pairs(&PathBuf::from(format!("{}.cpu", json.display())))?;
-    let idle = pairs(idle)?;
+    let run = read_pairs(&PathBuf::from(format!("{}.cpu", json.display())))?;
+    let idle = read_pairs(idle)?;
     let idle_per_ns = idle.get("kernel_ticks")? / idle.get("ns")?;
     let user = if ours { *run.get("target_user_ticks")? } else { 0.0 };
     let ticks = run.get("kernel_ticks")? + user - idle_per_ns * run.get("ns")?;

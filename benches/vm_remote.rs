@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use p2pnvmf_vmrig::{Scenario, Topology, repo_root};
+use p2pnvmf_vmrig::{Scenario, Topology, read_pairs, repo_root};
 use serde_json::Value;
 
 const JOBS: [&str; 3] = ["qd1-randread", "qd32-randread", "qd32-randwrite"];
@@ -34,11 +34,8 @@ fn figure(json: &Path, what: &str) -> Option<f64> {
         "p50 µs" => side["lat_ns"]["percentile"]["50.000000"].as_f64().map(|ns| ns / 1000.0),
         "p99 µs" => side["lat_ns"]["percentile"]["99.000000"].as_f64().map(|ns| ns / 1000.0),
         _ => {
-            let cpu = std::fs::read_to_string(format!("{}.cpu", json.display())).ok()?;
-            let mut f = cpu.split_whitespace();
-            let mut get = |k: &str| f.by_ref().skip_while(|w| *w != k).nth(1)?.parse::<f64>().ok();
-            let (ticks, hz) = (get("busy_ticks")?, get("hz")?);
-            Some(ticks / hz * 1e6 / ios)
+            let cpu = read_pairs(Path::new(&format!("{}.cpu", json.display())))?;
+            Some(cpu.get("busy_ticks")? / cpu.get("hz")? * 1e6 / ios)
         }
     }
 }
