@@ -10,8 +10,8 @@
 //! time: nothing else runs there), and writes `target/bench/vm_remote.md`. The poller's vCPU
 //! has a host CPU to itself, every other qemu thread of both VMs the other
 //! ([`Scenario::dedicated_vcpu`]; `DEDICATED=0` leaves them all to the host's scheduler).
-//! `PROFILE=1` adds a system-wide CPU profile of the target VM during the QD1 runs of the
-//! kernel target and of ours in the default mode (printed for round 1).
+//! `PROFILE=1` adds a system-wide CPU profile of the target VM during the runs of the kernel
+//! target and of ours in the default mode (printed for round 1).
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -94,10 +94,12 @@ fn main() {
         }
     }
     println!("{table}");
-    for (t, target) in ["tcp", "rdma"].iter().flat_map(|t| ["kernel", "ours"].map(|o| (*t, o))) {
-        let perf = out.run_dir.join(format!("{target}.{t}.qd1-randread.1.json.perf.txt"));
-        if let Ok(text) = std::fs::read_to_string(perf) {
-            println!("the target VM's CPU profile during {target}'s QD1 reads over {t}, round 1:\n{text}");
+    for t in ["tcp", "rdma"] {
+        for (job, target) in JOBS.iter().flat_map(|j| ["kernel", "ours"].map(|o| (*j, o))) {
+            let perf = out.run_dir.join(format!("{target}.{t}.{job}.1.json.perf.txt"));
+            if let Ok(text) = std::fs::read_to_string(perf) {
+                println!("the target VM's CPU profile during {target}'s {job} over {t}, round 1:\n{text}");
+            }
         }
     }
     let dir = repo_root().join("target/bench");

@@ -6,7 +6,7 @@
 # its CPU and answers begun.K, the host publishes end.K after fio, this VM writes RESULT.cpu
 # (its CPU ticks in the job: user, nice, system, irq, softirq — no host runs here, so all of it
 # is the target's) and answers ended.K; the host publishes done.N after the phase.
-# PROFILE=1: a system-wide CPU profile of this VM (perf, cpu-clock at 999 Hz) during each QD1
+# PROFILE=1: a system-wide CPU profile of this VM (perf, cpu-clock at 999 Hz) during each
 # run of the kernel target and of ours in the default mode, beside the result (RESULT.perf.txt;
 # not in poll mode: perf's start and stop patch kernel text, which races a spinning vCPU).
 ROUNDS=${BENCH_RUNS:-3}
@@ -28,7 +28,7 @@ serve_jobs() {
         fi
         result=$(cat "/tmp/scn/begin.$k")
         perf_pid=
-        if [[ -n ${PROFILE:-} && $result == */[ko]*.qd1-* ]]; then
+        if [[ -n ${PROFILE:-} && $result == */[ko]* ]]; then
             perf record -q -a -e cpu-clock -F 999 -o /tmp/perf.data 2>/dev/null &
             perf_pid=$!
             nap 1
@@ -40,8 +40,11 @@ serve_jobs() {
         if [[ -n $perf_pid ]]; then
             kill -INT "$perf_pid"
             wait "$perf_pid" || true
-            perf report -q -i /tmp/perf.data --no-children --sort comm,dso,sym -g none --stdio 2>/dev/null \
-                | grep -v '^$' | sed -n 1,40p >"$result.perf.txt" || true
+            # Each command's share first (our target's threads beside the kernel's), then symbols.
+            { perf report -q -i /tmp/perf.data --no-children --sort comm -g none --stdio 2>/dev/null \
+                | grep -v '^$' | sed -n 1,12p
+              perf report -q -i /tmp/perf.data --no-children --sort comm,dso,sym -g none --stdio 2>/dev/null \
+                | grep -v '^$' | sed -n 1,40p; } >"$result.perf.txt" || true
         fi
         publish "/tmp/scn/ended.$k" ok
         k=$((k + 1))
