@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use p2pnvmf_vmrig::{Scenario, Topology, read_pairs, repo_root};
+use p2pnvmf_vmrig::{Scenario, Topology, read_pairs, repo_root, write_bench_result};
 use serde_json::{Value, json};
 
 /// A measured quantity of a fio job and which way is better.
@@ -239,13 +239,12 @@ fn main() {
         "command": format!("BENCH_RUNTIME={runtime} BENCH_RUNS={runs} POLL_CPU={poll_cpu} cargo bench --bench vm_fio"),
         "runtime_s": runtime, "runs": runs, "rss_kib": rss, "rows": rows_json, "syscalls_per_io": syscalls,
     });
-    let dest = repo_root().join("target/bench");
-    std::fs::create_dir_all(&dest).expect("target/bench");
-    std::fs::write(dest.join("vm_fio.json"), serde_json::to_string_pretty(&report).expect("json")).expect("write json");
-    std::fs::write(dest.join("vm_fio.md"), &table).expect("write table");
+    let json = write_bench_result("vm_fio.json", &serde_json::to_string_pretty(&report).expect("json"));
+    write_bench_result("vm_fio.md", &table);
     println!("{table}");
-    match chart(&dest.join("vm_fio.json"), &dest.join("vm_fio.png")) {
-        Ok(()) => println!("chart: {}", dest.join("vm_fio.png").display()),
+    let png = json.with_extension("png");
+    match chart(&json, &png) {
+        Ok(()) => println!("chart: {}", png.display()),
         Err(e) => eprintln!("no chart: {e}"),
     }
 }

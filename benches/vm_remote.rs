@@ -16,7 +16,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use p2pnvmf_vmrig::{Scenario, Topology, read_pairs, repo_root};
+use p2pnvmf_vmrig::{Scenario, Topology, read_pairs, write_bench_result};
 use serde_json::Value;
 
 const JOBS: [&str; 3] = ["qd1-randread", "qd32-randread", "qd32-randwrite"];
@@ -102,9 +102,5 @@ fn main() {
             }
         }
     }
-    let dir = repo_root().join("target/bench");
-    let _ = std::fs::create_dir_all(&dir);
-    let md = dir.join("vm_remote.md");
-    std::fs::write(&md, &table).unwrap_or_else(|e| panic!("{}: {e}", md.display()));
-    println!("written to {}", md.display());
+    write_bench_result("vm_remote.md", &table);
 }

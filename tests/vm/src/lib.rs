@@ -8,6 +8,8 @@
 //! holds the scripts and our binaries (the guest's tmpfs on /tmp hides the host's /tmp, so
 //! nothing is run from its host path), the console log and anything the scenario writes.
 
+pub mod ftrace;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -465,6 +467,17 @@ pub fn read_pairs(path: &Path) -> Option<std::collections::BTreeMap<String, f64>
 /// The repository root (this crate lives in `tests/vm`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root exists")
+}
+
+/// Writes a benchmark's result as `target/bench/NAME` and says where.
+pub fn write_bench_result(name: &str, text: &str) -> PathBuf {
+    let dir = repo_root().join("target/bench");
+    let path = dir.join(name);
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, text))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    println!("written to {}", path.display());
+    path
 }
 
 struct Artifacts {
