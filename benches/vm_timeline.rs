@@ -9,6 +9,8 @@
 //! seconds (default 5); `HOST_POLL=1` has the host poll (a poll queue and fio's `--hipri`),
 //! `DEDICATED=1` gives the poller's vCPU a host CPU of its own. Writes
 //! `target/bench/vm_timeline.md`. Every figure is of a traced run: tracing slows both sides.
+//! Beside each target's pooled medians, the medians of each round's slowest 1% of commands:
+//! which stretches a tail is made of.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -47,7 +49,7 @@ fn main() {
     table.push('\n');
     for t in ["tcp", "rdma"] {
         for target in ["kernel", "poll"] {
-            let mut all: Vec<Io> = Vec::new();
+            let (mut all, mut tails): (Vec<Io>, Vec<Io>) = (Vec::new(), Vec::new());
             for round in (1..).take_while(|r| out.run_dir.join(format!("{t}.{target}.{r}.trace")).exists()) {
                 let base = format!("{t}.{target}.{round}");
                 let text = std::fs::read_to_string(out.run_dir.join(format!("{base}.trace"))).expect("trace");
@@ -55,9 +57,12 @@ fn main() {
                 let ios: Vec<Io> = ftrace::ios(text.lines().filter_map(Event::parse)).into_iter().skip(10).collect();
                 let (iops, p99) = fio(&out.run_dir.join(format!("{base}.json"))).unzip();
                 row(&mut table, t, target, &round.to_string(), iops, p99, &ios);
+                // Each round's own slowest: a round the rig slowed as a whole does not take the tail.
+                tails.extend(ftrace::slowest(&ios, 0.01));
                 all.extend(ios);
             }
             row(&mut table, t, target, "all", None, None, &all);
+            row(&mut table, t, target, "slowest 1% of each", None, None, &tails);
         }
     }
     println!("{table}");

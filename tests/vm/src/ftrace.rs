@@ -171,6 +171,15 @@ pub fn summary(ios: &[Io]) -> Summary {
     }
 }
 
+/// The slowest `share` of `ios` by period (submission to the next), slowest first: what a
+/// tail is made of, stretch by stretch.
+pub fn slowest(ios: &[Io], share: f64) -> Vec<Io> {
+    let mut v = ios.to_vec();
+    v.sort_by(|a, b| (b.next - b.submitted).total_cmp(&(a.next - a.submitted)));
+    v.truncate(((ios.len() as f64 * share).ceil() as usize).min(ios.len()));
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,6 +267,17 @@ mod tests {
             assert!(close(*got, want), "{name}: {got:?} against {want}");
         }
         assert!((s.period - 476.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn the_slowest_share_by_period() {
+        let io = |submitted: f64, next: f64| Io { submitted, next, ..Io::default() };
+        let ios: Vec<Io> = (0..200).map(|i| io(f64::from(i) * 10.0, f64::from(i) * 10.0 + f64::from(i % 7))).collect();
+        let tail = slowest(&ios, 0.01);
+        assert_eq!(tail.len(), 2);
+        assert!(tail.iter().all(|io| io.next - io.submitted == 6.0));
+        assert_eq!(slowest(&ios[..1], 0.01).len(), 1);
+        assert!(slowest(&[], 0.01).is_empty());
     }
 
     #[test]
