@@ -38,7 +38,10 @@ etcdctl --endpoints=$ENDPOINTS endpoint health || die "etcd did not come up"
 for h in a b; do
     addr=$([[ $h == a ]] && echo "$A_IP" || echo "$B_IP")
     head_config "/tmp/scn/$h.toml" "$addr" "$([[ $h == a ]] && echo 1 || echo 1001)"
-    printf '[cluster]\netcd = ["http://127.0.0.1:2379", "http://127.0.0.1:2381", "http://127.0.0.1:2383"]\nname = "%s"\n' "$h" >> "/tmp/scn/$h.toml"
+    # 10 s leases: killing etcd's leader costs a head an election (seen taking 1.5 s here) and a
+    # renewal that waits for it (2 s timed out once) before it renews — more than a 5 s lease's
+    # 3.75 s fence leaves under TCG.
+    printf '[cluster]\netcd = ["http://127.0.0.1:2379", "http://127.0.0.1:2381", "http://127.0.0.1:2383"]\nname = "%s"\nlease_ttl = "10s"\n' "$h" >> "/tmp/scn/$h.toml"
     start_head "$h" "/tmp/scn/$h.toml" "$addr" 4420
     [[ $h == a ]] && for _ in $(seq 100); do [[ $(owner) == a ]] && break; sleep 0.1; done
 done
