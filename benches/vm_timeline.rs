@@ -1,7 +1,8 @@
 //! `cargo bench --bench vm_timeline`: where each QD1 read's time goes, timed for the kernel
 //! target and ours in poll mode by the same events of the guest kernel's own trace
-//! (`bench-timeline.sh`, read by `p2pnvmf_vmrig::ftrace`): submitted → answered by the target
-//! (its transport's delivery, the host's work and the target's own), answered → at the host's
+//! (`bench-timeline.sh`, read by `p2pnvmf_vmrig::ftrace`): submitted → in the target (the
+//! host's send and the transport's delivery; not seen for ours over RDMA) → answered (the
+//! target's own work), answered → at the host's
 //! socket (over TCP: the answer's way through the target's send and the loopback), → completed
 //! (the host's receive work, and any wake-up of its CPU), completed → the next submission
 //! (fio's turn). fio 4k random reads at queue depth 1 on CPU `FIO_CPU` (default 0), the poller
