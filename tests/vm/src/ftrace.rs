@@ -74,8 +74,6 @@ pub struct Io {
     pub ipis: u32,
     /// fio went to sleep before the next submission (waited for the completion).
     pub fio_slept: bool,
-    /// The CPU `in_target` was seen on.
-    pub target_cpu: Option<u32>,
 }
 
 /// The commands on I/O queues in a trace, each closed by the next submission (the last,
@@ -102,11 +100,9 @@ pub fn ios<'a>(events: impl IntoIterator<Item = Event<'a>>) -> Vec<Io> {
             {
                 io.fio_slept = true
             }
-            "nvmet_req_init" if e.on_io_queue() && io.in_target.is_none() => {
-                (io.in_target, io.target_cpu) = (Some(e.us), Some(e.cpu))
-            }
+            "nvmet_req_init" if e.on_io_queue() && io.in_target.is_none() => io.in_target = Some(e.us),
             "sys_recvfrom" if exit && io.in_target.is_none() && e.ret().is_some_and(|r| r > 0) => {
-                (io.in_target, io.target_cpu) = (Some(e.us), Some(e.cpu))
+                io.in_target = Some(e.us)
             }
             "nvmet_req_complete" if e.on_io_queue() && io.answered.is_none() => io.answered = Some(e.us),
             "sys_writev" | "sys_write" if !exit && io.answered.is_none() => io.answered = Some(e.us),
@@ -248,7 +244,7 @@ mod tests {
         assert!(close(first.at_host, 30_031_674.0));
         assert!(close(first.completed, 30_031_819.0));
         assert!((first.next - 30_031_975.0).abs() < 0.01);
-        assert_eq!((first.ipis, first.fio_slept, first.target_cpu), (1, true, Some(1)));
+        assert_eq!((first.ipis, first.fio_slept), (1, true));
         // A receive that found nothing (EAGAIN) is not the command's arrival.
         assert!(close(ios[1].in_target, 30_032_386.0));
         assert_eq!((ios[1].ipis, ios[1].fio_slept), (0, false));
